@@ -1,0 +1,74 @@
+"""Adapter weights in and out: the trainable state of a compiled module as safetensors.
+
+Names follow the module path of the adapted layer (`model.layers.0.self_attn.q_proj.lora.A`);
+the set of tensors comes from the adapter modules' `adapter_parameters()` protocol.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from adaptc.errors import WeightsError
+from adaptc.methods.mixture import MixtureOfLora
+
+
+def adapter_modules(module: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in module.named_modules() if hasattr(m, "adapter_parameters")}
+
+
+def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{path}.{name}": param for path, m in adapter_modules(module).items()
+            for name, param in m.adapter_parameters().items()}
+
+
+def save_adapters(module: nn.Module, path: str | Path) -> Path:
+    """Write every adapter tensor to one safetensors file, atomically (temp file + rename)."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(module).items()}
+    if any(t.is_meta for t in tensors.values()):
+        raise WeightsError("cannot save adapters of a model on the meta device (it has no values)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", "producer": "adaptc"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_adapters(module: nn.Module, path: str | Path) -> None:
+    """Copy tensors from a safetensors file into the module's adapters; all or nothing."""
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
+    params = adapter_state_dict(module)
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+        raise WeightsError(f"{path}: adapter tensors do not match the compiled module "
+                           f"({len(missing)} missing, {len(extra)} unexpected; {detail})")
+    for name, param in params.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise WeightsError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
+                               f"the compiled module expects {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+
+
+def balance_loss(module: nn.Module) -> torch.Tensor:
+    """Σ over mixture sites of weight × load-balancing loss from the last forward pass."""
+    terms = [m.mixture.balance * m.balance_loss for m in module.modules()
+             if isinstance(m, MixtureOfLora) and m.balance_loss is not None]
+    return torch.stack(terms).sum() if terms else torch.zeros(())

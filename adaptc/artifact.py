@@ -1,0 +1,89 @@
+"""Train-mode artifacts: a directory a training script loads in one line (`adaptc.load`).
+
+    DIR/spec.adapt            the spec as compiled
+    DIR/model/                the base model as a Hugging Face checkpoint (config + safetensors)
+    DIR/adapters.safetensors  the adapter weights (initial, or as last saved)
+    DIR/manifest.json         spec, model source, mode, counts, tensor names, versions
+
+Loading rebuilds the graph from the spec and the checkpoint, so the loaded module is the
+same kind of object `adaptc.compile` returns (dropout follows train()/eval(), mixtures
+report their balance loss). The directory is written beside its destination and renamed
+into place, so a failure never leaves a half-written output.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.fx import GraphModule
+
+from adaptc.adapters import adapter_state_dict, load_adapters, save_adapters
+from adaptc.compiler import REPORT, compile
+from adaptc.errors import ArtifactError
+from adaptc.frontend.models import LoadedModel, load_checkpoint
+
+FORMAT = 1
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from adaptc import __version__
+    return {"adaptc": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: bool = False) -> Path:
+    """Write the artifact for a train-mode compilation into `out`, atomically."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
+    if model.on_meta:
+        raise ArtifactError(f"{out}: model '{model.source}' is on the meta device (shapes only); "
+                            "an artifact needs real weights")
+    if not hasattr(model.module, "save_pretrained"):
+        raise ArtifactError(f"{out}: artifacts need a Hugging Face model (save_pretrained); "
+                            f"got {type(model.module).__name__}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        fill(staging, gm, model)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def fill(folder: Path, gm: GraphModule, model: LoadedModel) -> None:
+    report = gm.meta[REPORT]
+    (folder / "spec.adapt").write_text(report.spec_source)
+    model.module.save_pretrained(folder / "model", safe_serialization=True)
+    save_adapters(gm, folder / "adapters.safetensors")
+    manifest = {
+        "format": FORMAT, "mode": report.mode, "spec": report.spec_path, "model": report.model,
+        "inputs": sorted(model.example_inputs), "counts": report.counts,
+        "trainable_params": report.trainable, "all_params": report.total,
+        "adapters": {k: list(v.shape) for k, v in adapter_state_dict(gm).items()},
+        "versions": versions(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load(folder: str | Path) -> GraphModule:
+    """Rebuild the trainable module from an artifact directory and load its adapter weights."""
+    folder = Path(folder)
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.is_file():
+        raise ArtifactError(f"{folder}: not an adaptc artifact (no manifest.json)")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_file}: unsupported artifact format {manifest.get('format')}")
+    gm = compile(load_checkpoint(folder / "model"), folder / "spec.adapt", manifest["mode"])
+    load_adapters(gm, folder / "adapters.safetensors")
+    return gm

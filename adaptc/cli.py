@@ -1,0 +1,105 @@
+"""The `adaptc` command line: compile, inspect, check, passes.
+
+User errors (spec, model, weights, output) print their message and exit 1 with no
+traceback; argument errors exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from adaptc.errors import AdaptcError
+from adaptc.frontend.models import DEFAULT_MODEL, PRESETS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except AdaptcError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="adaptc", description="Compile .adapt specs into "
+                                  "adapter graphs for parameter-efficient fine-tuning.")
+    sub = top.add_subparsers(required=True, metavar="COMMAND")
+    models = f"preset ({', '.join(PRESETS)}) or a checkpoint directory; default {DEFAULT_MODEL}"
+
+    comp = sub.add_parser("compile", help="compile a spec onto a model")
+    comp.add_argument("spec")
+    comp.add_argument("--model", default=DEFAULT_MODEL, help=models)
+    comp.add_argument("--mode", default="train", choices=("train", "infer"))
+    comp.add_argument("-o", "--output", help="write an artifact directory")
+    comp.add_argument("--force", action="store_true", help="replace an existing output")
+    comp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
+    comp.set_defaults(run=run_compile)
+
+    insp = sub.add_parser("inspect", help="show matched sites, parameter counts and one block")
+    insp.add_argument("spec")
+    insp.add_argument("--model", default=DEFAULT_MODEL, help=models)
+    insp.add_argument("--block", type=int, default=0, help="layer index whose graph to show")
+    insp.set_defaults(run=run_inspect)
+
+    check = sub.add_parser("check", help="parse and validate a spec without a model")
+    check.add_argument("spec")
+    check.set_defaults(run=run_check)
+
+    passes = sub.add_parser("passes", help="print the pass pipeline in order")
+    passes.add_argument("--mode", default="train", choices=("train", "infer"))
+    passes.set_defaults(run=run_passes)
+    return top
+
+
+def run_compile(args) -> int:
+    from adaptc.artifact import write_artifact
+    from adaptc.compiler import compile, prepare, report_of
+
+    if args.dump_passes:
+        os.environ["ADAPTC_DUMP"] = args.dump_passes
+    start = time.perf_counter()
+    ctx = prepare(args.model, args.spec, args.mode)
+    gm = compile(ctx.model, ctx.plan, args.mode)
+    report = report_of(gm)
+    print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
+          f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")
+    print("passes: " + " → ".join(report.pipeline))
+    print("  " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+    print(report.peft_line())
+    if args.output:
+        out = write_artifact(gm, ctx.model, args.output, force=args.force)
+        print(f"wrote {out}/ (spec.adapt, model/, adapters.safetensors, manifest.json); "
+              f"load it with adaptc.load({str(out)!r})")
+    return 0
+
+
+def run_inspect(args) -> int:
+    from adaptc.inspection import inspect
+
+    print(inspect(args.model, args.spec, block=args.block))
+    return 0
+
+
+def run_check(args) -> int:
+    from adaptc.spec import load_spec, lower
+
+    plan = lower(load_spec(args.spec))
+    mixture = " + mixture" if plan.mixture else ""
+    print(f"{args.spec}: ok ({len(plan.rules)} attach statements{mixture})")
+    return 0
+
+
+def run_passes(args) -> int:
+    from adaptc.passes import PassManager, default_pipeline
+
+    print(PassManager(default_pipeline(args.mode)).describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

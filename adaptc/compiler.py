@@ -1,0 +1,100 @@
+"""The compiler driver: spec + model → validated plan → site assignments → traced graph →
+passes → trainable GraphModule with a compile report attached (`gm.meta["adaptc.report"]`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from torch.fx import GraphModule
+
+from adaptc.errors import AdaptcError
+from adaptc.frontend.models import LoadedModel, load_model, wrap
+from adaptc.frontend.sites import layer_count, site_table
+from adaptc.frontend.targets import resolve
+from adaptc.frontend.trace import trace
+from adaptc.passes import CompileContext, PassManager, default_pipeline
+from adaptc.spec import compile_spec, load_spec, lower
+from adaptc.spec.ir import Plan
+
+REPORT = "adaptc.report"
+MODES = ("train", "infer")
+
+
+@dataclass
+class CompileReport:
+    """What a compilation did: per-site rows, pass counts, parameter totals."""
+
+    spec_path: str
+    spec_source: str
+    model: str
+    mode: str
+    sites: list[dict]
+    counts: dict[str, int]
+    trainable: int
+    total: int
+    pipeline: list[str] = field(default_factory=list)
+
+    def peft_line(self) -> str:
+        """The total in PEFT's `print_trainable_parameters` format."""
+        share = 100 * self.trainable / self.total if self.total else 0.0
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {share:.4f}")
+
+
+def as_plan(spec: str | Path | Plan) -> Plan:
+    """A Plan from a Plan, a path to a .adapt file, or spec text."""
+    if isinstance(spec, Plan):
+        return spec
+    if isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec
+                                  and spec.endswith(".adapt")):
+        return lower(load_spec(str(spec)))
+    return compile_spec(spec, "<string>")
+
+
+def as_model(model: str | nn.Module | LoadedModel, example_inputs: dict | None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model)
+    return wrap(model, example_inputs=example_inputs)
+
+
+def prepare(model, spec, mode: str, example_inputs: dict | None = None) -> CompileContext:
+    """Everything before tracing: the plan, the model, and where each method goes."""
+    if mode not in MODES:
+        raise AdaptcError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
+    if mode == "infer":
+        raise AdaptcError("--mode infer (merging and Triton fusion) is not available yet; "
+                          "compile with --mode train")
+    plan, loaded = as_plan(spec), as_model(model, example_inputs)
+    sites = site_table(loaded.module)
+    assignments = resolve(plan, sites, loaded.family)
+    return CompileContext(plan, loaded, assignments, mode, layer_count(sites))
+
+
+def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = None) -> GraphModule:
+    manager = PassManager(default_pipeline(ctx.mode))
+    if verify is not None:
+        manager.verify = verify
+    gm, counts = manager.run(gm, ctx)
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    gm.meta[REPORT] = CompileReport(ctx.plan.spec.path, ctx.plan.spec.source, ctx.model.source, ctx.mode, ctx.sites,
+                                    counts, trainable, sum(p.numel() for p in gm.parameters()),
+                                    [p.name for p in manager.passes])
+    return gm
+
+
+def compile(model, spec, mode: str = "train", *, example_inputs: dict | None = None,
+            verify: bool | None = None) -> GraphModule:
+    """Compile `spec` onto `model` (a preset name, checkpoint dir, or nn.Module).
+
+    mode="train" returns the unmerged graph: base parameters frozen, adapters trainable.
+    """
+    ctx = prepare(model, spec, mode, example_inputs)
+    return run_pipeline(trace(ctx.model), ctx, verify)
+
+
+def report_of(gm: GraphModule) -> CompileReport:
+    return gm.meta[REPORT]

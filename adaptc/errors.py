@@ -1,0 +1,87 @@
+"""The exception types adaptc raises to users.
+
+Every user-facing failure is an `AdaptcError` with a stable code; the CLI prints its
+message and exits non-zero without a traceback. Spec problems carry rendered diagnostics
+(file:line:col, source line, caret); model problems name the module or tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AdaptcError(Exception):
+    """Base class of every error meant for the user; `code` is stable across releases."""
+
+    code = "E000"
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One located problem in a spec file: where, what, and optional follow-up notes."""
+
+    path: str
+    source: str
+    line: int
+    column: int
+    end_column: int
+    code: str
+    message: str
+    notes: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        """`path:line:col: error[CODE]: message`, the source line, a caret under the span."""
+        lines = self.source.splitlines() or [""]
+        text = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        width = max(1, self.end_column - self.column)
+        gutter = f"{self.line:>4} | "
+        out = [
+            f"{self.path}:{self.line}:{self.column}: error[{self.code}]: {self.message}",
+            f"{gutter}{text}",
+            " " * (len(gutter) - 2) + "| " + " " * (self.column - 1) + "^" * width,
+        ]
+        out += [f"   = note: {note}" for note in self.notes]
+        return "\n".join(out)
+
+
+class SpecError(AdaptcError):
+    """A spec that does not parse or does not validate; holds one or more diagnostics."""
+
+    code = "E100"
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = list(diagnostics)
+        super().__init__("\n".join(d.render() for d in self.diagnostics))
+
+    @property
+    def first(self) -> Diagnostic:
+        return self.diagnostics[0]
+
+
+class ModelError(AdaptcError):
+    """A model that cannot be built, loaded or traced; the message names the part at fault."""
+
+    code = "E400"
+
+
+class WeightsError(AdaptcError):
+    """Adapter or checkpoint tensors that are missing, extra, or of the wrong shape."""
+
+    code = "E500"
+
+
+class ArtifactError(AdaptcError):
+    """An output directory that cannot be written or an artifact that cannot be read."""
+
+    code = "E600"
+
+
+class PassError(AdaptcError):
+    """A compiler pass failed; names the pass and those that ran before it, chains the cause."""
+
+    code = "E700"
+
+    def __init__(self, pass_name: str, ran_before: list[str], cause: BaseException):
+        self.pass_name = pass_name
+        self.ran_before = list(ran_before)
+        before = ", ".join(ran_before) or "none"
+        super().__init__(f"pass '{pass_name}' failed (after: {before}): {cause}")

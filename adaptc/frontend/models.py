@@ -1,0 +1,130 @@
+"""Model frontend: build or load the network a spec is compiled against.
+
+Three sources: built-in presets (small seeded random-init models that build in seconds
+on CPU, and full-size shapes on the `meta` device that cost no memory), a local Hugging
+Face checkpoint directory (config.json + safetensors), or any `nn.Module` from Python.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adaptc.errors import ModelError
+
+TINY = {"vocab_size": 512, "max_position_embeddings": 512}
+PRESETS: dict[str, tuple[str, dict, str]] = {
+    # name: (model_type, config overrides, device)
+    "llama": ("llama", {**TINY, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
+                        "num_attention_heads": 4, "num_key_value_heads": 2}, "cpu"),
+    "mistral": ("mistral", {**TINY, "hidden_size": 128, "intermediate_size": 344,
+                            "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "sliding_window": None}, "cpu"),
+    "qwen2": ("qwen2", {**TINY, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2}, "cpu"),
+    "gpt2": ("gpt2", {"vocab_size": 512, "n_positions": 512, "n_embd": 128, "n_layer": 2,
+                      "n_head": 4, "bos_token_id": 0, "eos_token_id": 0}, "cpu"),
+    "bert": ("bert", {**TINY, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
+                      "num_attention_heads": 4}, "cpu"),
+    "llama-7b": ("llama", {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                           "num_hidden_layers": 32, "num_attention_heads": 32,
+                           "num_key_value_heads": 32}, "meta"),
+    "llama-13b": ("llama", {"vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
+                            "num_hidden_layers": 40, "num_attention_heads": 40,
+                            "num_key_value_heads": 40}, "meta"),
+    "llama-70b": ("llama", {"vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672,
+                            "num_hidden_layers": 80, "num_attention_heads": 64,
+                            "num_key_value_heads": 8}, "meta"),
+}
+DEFAULT_MODEL = "llama"
+SEED = 0
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to trace: the module, example inputs, and where it came from."""
+
+    module: nn.Module
+    example_inputs: dict[str, torch.Tensor]
+    source: str  # preset name, checkpoint directory, or "python"
+    family: str | None = None  # config.model_type, used for role aliases
+    details: dict = field(default_factory=dict)
+
+    @property
+    def on_meta(self) -> bool:
+        return any(p.is_meta for p in self.module.parameters())
+
+
+def load_model(name_or_path: str, layers: int | None = None) -> LoadedModel:
+    """A preset by name or a local Hugging Face checkpoint directory; `layers` truncates depth."""
+    if name_or_path in PRESETS:
+        return build_preset(name_or_path, layers)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return load_checkpoint(path)
+    known = ", ".join(PRESETS)
+    raise ModelError(f"unknown model '{name_or_path}': not a preset ({known}) "
+                     "and not a checkpoint directory")
+
+
+def build_preset(name: str, layers: int | None = None) -> LoadedModel:
+    """Seeded random init on CPU, or allocation-free on `meta` for full-size shapes."""
+    from transformers import AutoConfig
+
+    model_type, overrides, device = PRESETS[name]
+    overrides = dict(overrides)
+    if layers is not None:
+        overrides["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
+    config = AutoConfig.for_model(model_type, **overrides)
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        module = model_class(config)(config)
+    return wrap(module.eval(), source=name)
+
+
+def model_class(config) -> type:
+    """The head a config asks for: causal LM for decoders, the bare encoder otherwise."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    archs = getattr(config, "architectures", None) or []
+    decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    if not archs:
+        decoder = config.model_type != "bert"
+    auto = AutoModelForCausalLM if decoder else AutoModel
+    return auto._model_mapping[type(config)]
+
+
+def load_checkpoint(path: Path) -> LoadedModel:
+    """Load config.json + safetensors weights from a local directory (no hub access)."""
+    from transformers import AutoConfig
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, json.JSONDecodeError, OSError) as err:
+        raise ModelError(f"{config_file}: cannot read the model config: {err}") from None
+    try:
+        module = model_class(config).from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"{path}: cannot load the checkpoint weights: {err}") from None
+    return wrap(module.eval(), source=str(path))
+
+
+def wrap(module: nn.Module, source: str = "python",
+         example_inputs: dict[str, torch.Tensor] | None = None) -> LoadedModel:
+    """Attach example inputs (token ids and mask, batch 2 × 8) to a Hugging Face-style model."""
+    config = getattr(module, "config", None)
+    if example_inputs is None:
+        if config is None or not hasattr(config, "vocab_size"):
+            raise ModelError(f"{type(module).__name__}: pass example_inputs (the model has no "
+                             "Hugging Face config to derive token inputs from)")
+        device = next(module.parameters()).device
+        ids = torch.randint(0, min(config.vocab_size, 100), (2, 8), device=device)
+        example_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    family = getattr(config, "model_type", None)
+    return LoadedModel(module, example_inputs, source, family)

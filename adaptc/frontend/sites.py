@@ -1,0 +1,58 @@
+"""The site table: every submodule a spec can target, read from the model's module tree.
+
+Target resolution runs on this table, before and independently of tracing, so that
+patterns, layer selections and shape checks are answered from module paths alone.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named submodule: `kind` is "linear" for nn.Linear / GPT-2 Conv1D, else "module"."""
+
+    path: str
+    type_name: str
+    kind: str
+    in_features: int | None
+    out_features: int | None
+    layer: int | None
+
+    def describe(self) -> str:
+        shape = f" {self.in_features}→{self.out_features}" if self.kind == "linear" else ""
+        return f"{self.path} ({self.type_name}{shape})"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a dense projection, or None; Conv1D stores its weight as [in, out]."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:
+        return weight.shape[0], weight.shape[1]
+    return None
+
+
+def site_table(model: nn.Module) -> list[Site]:
+    """All named submodules in definition order (the root excluded)."""
+    sites = []
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        shape = linear_shape(module)
+        index = LAYER_INDEX.search(path)
+        sites.append(Site(path, type(module).__name__, "linear" if shape else "module",
+                          shape[0] if shape else None, shape[1] if shape else None,
+                          int(index.group(1)) if index else None))
+    return sites
+
+
+def layer_count(sites: list[Site]) -> int:
+    layers = [s.layer for s in sites if s.layer is not None]
+    return max(layers) + 1 if layers else 0

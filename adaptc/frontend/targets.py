@@ -1,0 +1,140 @@
+"""Target resolution: spec patterns → sites, with role aliases and "did you mean" suggestions.
+
+A pattern is matched against module paths segment by segment from the end: a bare name
+matches a path suffix at dot boundaries (`q_proj` ~ `model.layers.3.self_attn.q_proj`) and
+`*` globs within a segment. Role aliases (`attn.q`, `ffn.*`, ...) expand per model family so
+one spec ports across architectures. Later statements override earlier ones per module and
+method; different methods on one module compose (LoRA inside the layer, adapter after it).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from adaptc.errors import Diagnostic, SpecError
+from adaptc.frontend.sites import Site, layer_count
+from adaptc.spec.ast import Span, Target
+from adaptc.spec.ir import Plan, Rule
+
+LLAMA_ALIASES = {
+    "attn": ["self_attn"], "attn.q": ["self_attn.q_proj"], "attn.k": ["self_attn.k_proj"],
+    "attn.v": ["self_attn.v_proj"], "attn.o": ["self_attn.o_proj"],
+    "attn.*": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    "ffn": ["mlp"], "ffn.gate": ["mlp.gate_proj"], "ffn.up": ["mlp.up_proj"],
+    "ffn.down": ["mlp.down_proj"], "ffn.*": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+}
+GPT2_ALIASES = {
+    "attn": ["attn"], "attn.q": ["attn.c_attn"], "attn.k": ["attn.c_attn"], "attn.v": ["attn.c_attn"],
+    "attn.qkv": ["attn.c_attn"], "attn.o": ["attn.c_proj"], "attn.*": ["attn.c_attn", "attn.c_proj"],
+    "ffn": ["mlp"], "ffn.up": ["mlp.c_fc"], "ffn.down": ["mlp.c_proj"],
+    "ffn.*": ["mlp.c_fc", "mlp.c_proj"],
+}
+BERT_ALIASES = {
+    "attn": ["attention.output.dense"], "attn.q": ["attention.self.query"],
+    "attn.k": ["attention.self.key"], "attn.v": ["attention.self.value"],
+    "attn.o": ["attention.output.dense"],
+    "attn.*": ["attention.self.query", "attention.self.key", "attention.self.value",
+               "attention.output.dense"],
+    "ffn": ["layer.*.output.dense"], "ffn.up": ["intermediate.dense"],
+    "ffn.down": ["layer.*.output.dense"], "ffn.*": ["intermediate.dense", "layer.*.output.dense"],
+}
+ALIASES = {"llama": LLAMA_ALIASES, "mistral": LLAMA_ALIASES, "qwen2": LLAMA_ALIASES,
+           "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES}
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One method placed on one site by one rule (after overrides)."""
+
+    site: Site
+    method: str
+    rule: Rule
+    target: Target
+
+
+def matches(pattern: str, path: str) -> bool:
+    """Suffix match at dot boundaries with per-segment globs."""
+    want, have = pattern.split("."), path.split(".")
+    return len(want) <= len(have) and all(
+        fnmatchcase(seg, pat) for seg, pat in zip(have[-len(want):], want))
+
+
+def expand(pattern: str, family: str | None) -> list[str]:
+    return ALIASES.get(family or "", {}).get(pattern, [pattern])
+
+
+def resolve(plan: Plan, sites: list[Site], family: str | None) -> list[Assignment]:
+    """Assign methods to sites; collect every located problem into one SpecError."""
+    n_layers = layer_count(sites)
+    chosen: dict[tuple[str, str], Assignment] = {}
+    problems: list[Diagnostic] = []
+    for rule in plan.rules:
+        for target in rule.targets:
+            found = match_target(plan, rule, target, sites, family, n_layers, problems)
+            for site in found:
+                chosen[(site.path, rule.config.method)] = Assignment(site, rule.config.method,
+                                                                     rule, target)
+    problems += shape_problems(plan, list(chosen.values()))
+    if problems:
+        raise SpecError(problems)
+    order = {s.path: i for i, s in enumerate(sites)}
+    return sorted(chosen.values(), key=lambda a: (order[a.site.path], a.method))
+
+
+def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], family: str | None,
+                 n_layers: int, problems: list[Diagnostic]) -> list[Site]:
+    patterns = expand(target.pattern, family)
+    found = [s for s in sites if any(matches(p, s.path) for p in patterns)]
+    if not found:
+        problems.append(no_match(plan, target, sites, family))
+        return []
+    if target.layers is not None:
+        picked = target.layers.pick(n_layers)
+        found = [s for s in found if s.layer in picked]
+        if not found:
+            problems.append(diag(plan, target.layers.span, "E304",
+                                 f"layer selection picks no layer of '{target.pattern}' "
+                                 f"(the model has layers 0..{n_layers - 1})"))
+            return []
+    usable = [s for s in found if s.kind in rule.config.adapts or "module" in rule.config.adapts]
+    globbed = "*" in target.pattern or len(patterns) > 1 or len(found) > 1
+    refused = [s for s in found if s not in usable]
+    if not usable or (refused and not globbed):
+        problems.append(diag(plan, target.span, "E302",
+                             f"{rule.config.method} cannot adapt {refused[0].describe()}: "
+                             f"it adapts {' and '.join(rule.config.adapts)} layers"))
+        return []
+    return usable
+
+
+def no_match(plan: Plan, target: Target, sites: list[Site], family: str | None) -> Diagnostic:
+    names = sorted({s.path.split(".")[-1] for s in sites} | set(ALIASES.get(family or "", {})))
+    close = difflib.get_close_matches(target.pattern, names, n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    suffixes = [s.path for s in sites if s.layer in (None, 0) and s.kind == "linear"]
+    nearest = difflib.get_close_matches(target.pattern, suffixes, n=5, cutoff=0.0)
+    notes = (f"nearest module names: {', '.join(nearest)}",) if nearest else ()
+    return diag(plan, target.span, "E301", f"'{target.pattern}' matches no module{hint}", notes)
+
+
+def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic]:
+    """Ranks that exceed a site's dimensions, reported once per rule."""
+    problems, seen = [], set()
+    for a in assignments:
+        r = getattr(a.rule.config, "r", None)
+        if r is None or a.site.kind != "linear" or a.rule.index in seen:
+            continue
+        limit = min(a.site.in_features, a.site.out_features)
+        if r > limit:
+            seen.add(a.rule.index)
+            problems.append(diag(plan, a.rule.span_of("r"), "E303",
+                                 f"r={r} exceeds min(in, out)={limit} of {a.site.describe()}; "
+                                 f"need 1 <= r <= {limit}"))
+    return problems
+
+
+def diag(plan: Plan, span: Span, code: str, message: str, notes: tuple[str, ...] = ()) -> Diagnostic:
+    return Diagnostic(plan.spec.path, plan.spec.source, span.line, span.column,
+                      span.end_column if span.end_line == span.line else span.column + 1,
+                      code, message, notes)

@@ -1,0 +1,63 @@
+"""Tracing: a model becomes a torch.fx GraphModule through `torch.export`.
+
+transformers 5 has no fx tracer and `symbolic_trace` fails on its attention code, while
+`torch.export` handles Llama, Mistral, Qwen2, GPT-2 and BERT, records each node's module
+path in `meta["nn_module_stack"]`, and gives dynamic batch and sequence dimensions.
+The base model is traced in eval mode: its own dropout is off in compiled graphs.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import GraphModule
+
+from adaptc.errors import ModelError
+from adaptc.frontend.models import LoadedModel
+
+
+def trace(model: LoadedModel) -> GraphModule:
+    """Export the model with dynamic batch and sequence dims; return a trainable GraphModule."""
+    module = model.module
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    module.eval()
+    try:
+        program = torch.export.export(module, (), dict(model.example_inputs),
+                                      dynamic_shapes=dynamic_shapes(model), strict=False)
+    except Exception as err:  # torch.export raises many types; all mean "cannot trace"
+        raise ModelError(describe_failure(module, err)) from err
+    graph_module = program.module()
+    # torch.export forbids train()/eval() on its modules; adapters need them for dropout.
+    for name in ("train", "eval"):
+        graph_module.__dict__.pop(name, None)
+    return graph_module
+
+
+def dynamic_shapes(model: LoadedModel) -> dict | None:
+    """Batch and sequence dims of every 2-D integer input are dynamic (sequence up to the limit)."""
+    config = getattr(model.module, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 4096)
+    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=limit)
+    shapes = {}
+    for name, value in model.example_inputs.items():
+        token_like = isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+        shapes[name] = {0: batch, 1: seq} if token_like else None
+    return shapes
+
+
+def describe_failure(module: nn.Module, err: Exception) -> str:
+    """Name the innermost submodule whose forward was running when tracing failed."""
+    names = {id(m): name for name, m in module.named_modules()}
+    culprit = None
+    for frame, _ in traceback.walk_tb(sys.exc_info()[2] or err.__traceback__):
+        owner = frame.f_locals.get("self")
+        if id(owner) in names:
+            culprit = (names[id(owner)] or "<root>", type(owner).__name__)
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = f" in module '{culprit[0]}' ({culprit[1]})" if culprit else ""
+    return f"cannot trace {type(module).__name__} with torch.export{where}: {first_line}"

@@ -1,0 +1,78 @@
+"""`adaptc inspect`: what a spec does to a model, as text.
+
+A table of adapted sites (module → method, statement line, shapes, trainable parameters),
+the total in PEFT's format, and one block's graph before and after the passes, side by side.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch.fx import GraphModule, Node
+
+from adaptc.compiler import prepare, report_of, run_pipeline
+from adaptc.frontend.trace import trace
+from adaptc.passes.graph import in_module
+
+COLUMN = 64
+
+
+def inspect(model, spec, block: int = 0, example_inputs: dict | None = None) -> str:
+    ctx = prepare(model, spec, "train", example_inputs)
+    prefix = block_prefix([a.site.path for a in ctx.assignments], block)
+    gm = trace(ctx.model)
+    before = block_lines(gm, prefix)
+    gm = run_pipeline(gm, ctx)
+    report = report_of(gm)
+    parts = [site_table(report.sites), report.peft_line()]
+    if prefix:
+        parts += ["", f"block {prefix}: original | rewritten", side_by_side(before, block_lines(gm, prefix))]
+    return "\n".join(parts)
+
+
+def block_prefix(paths: list[str], block: int) -> str | None:
+    """`model.layers.0` for block 0: the path up to the layer index of an adapted site."""
+    for path in paths:
+        found = re.search(rf"^(.*?\.{block})(\.|$)", path)
+        if found:
+            return found.group(1)
+    return None
+
+
+def site_table(rows: list[dict]) -> str:
+    header = f"{'module':<48} {'method':<16} {'line':>4} {'in→out':>12} {'params':>12}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        shape = f"{row['in']}→{row['out']}"
+        lines.append(f"{row['path']:<48} {row['method']:<16} {row['line']:>4} {shape:>12} "
+                     f"{row['params']:>12,}")
+    return "\n".join(lines)
+
+
+def block_lines(gm: GraphModule, prefix: str) -> list[str]:
+    return [describe(n) for n in gm.graph.nodes if prefix and in_module(n, prefix)]
+
+
+def describe(node: Node) -> str:
+    target = node.target if node.op == "call_module" else getattr(node.target, "__name__", node.target)
+    target = str(target).replace(".default", "")
+    args = ", ".join(str(a) for a in node.args)
+    return f"{node.name} = {target}({args})"
+
+
+def side_by_side(left: list[str], right: list[str]) -> str:
+    """Align the two listings; lines only on the right are the passes' insertions (+)."""
+    out = []
+    matcher = difflib.SequenceMatcher(a=left, b=right, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        width = max(i2 - i1, j2 - j1)
+        for k in range(width):
+            a = left[i1 + k] if i1 + k < i2 else ""
+            b = right[j1 + k] if j1 + k < j2 else ""
+            mark = " " if tag == "equal" else ("+" if not a else "~")
+            out.append(f"{clip(a):<{COLUMN}} {mark} {clip(b)}")
+    return "\n".join(out)
+
+
+def clip(text: str) -> str:
+    return text if len(text) <= COLUMN else text[:COLUMN - 1] + "…"

@@ -1,0 +1,46 @@
+"""The one interface every compiler pass implements, and the context passes share.
+
+A pass takes the GraphModule and the compile context and returns a `PassResult`: the
+module, whether it changed, and counts of what it did (`lora_inserted=64`) that tests
+assert and the CLI prints. Analyses are stored on nodes under `adaptc.*` meta keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch.fx import GraphModule
+
+from adaptc.frontend.models import LoadedModel
+from adaptc.frontend.targets import Assignment
+from adaptc.spec.ir import Plan
+
+# node.meta keys written by passes
+SITE = "adaptc.site"          # on a linear node: the Site it implements
+METHODS = "adaptc.methods"    # on a linear node: {method: Assignment} to insert there
+INSERTED = "adaptc.inserted"  # on nodes a pass added: the method name
+
+
+@dataclass
+class CompileContext:
+    """What passes may read besides the graph: the validated spec, the model, the assignments."""
+
+    plan: Plan
+    model: LoadedModel
+    assignments: list[Assignment]
+    mode: str = "train"
+    n_layers: int = 0  # depth of the whole model (site layers count from 0)
+    sites: list[dict] = field(default_factory=list)  # per inserted adapter, for reports
+
+
+@dataclass
+class PassResult:
+    module: GraphModule
+    changed: bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Pass(Protocol):
+    name: str
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult: ...

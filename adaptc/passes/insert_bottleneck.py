@@ -1,0 +1,73 @@
+"""Pass: add a bottleneck adapter on the output of every module assigned `adapter`.
+
+    sequential:  h = f(x);  h + <site>.adapter(h)
+    parallel:    f(x) + <site>.adapter(x)
+
+A module's boundary is read from the nodes traced inside it (`nn_module_stack`): its output
+is the one node used outside, its input the one floating-point tensor fed from outside.
+Deeper modules are adapted first, so an adapter on a block wraps those inside it.
+"""
+from __future__ import annotations
+
+from torch.fx import GraphModule, Node
+
+from adaptc.errors import ModelError
+from adaptc.methods.bottleneck import BottleneckAdapter
+from adaptc.passes.base import CompileContext, PassResult
+from adaptc.passes.graph import in_module, splice
+from adaptc.passes.insert_lora import report
+
+
+class InsertBottleneck:
+    name = "insert_bottleneck"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        todo = [a for a in ctx.assignments if a.method == "adapter"]
+        todo.sort(key=lambda a: -a.site.path.count("."))
+        for assignment in todo:
+            self.insert(gm, ctx, assignment)
+        return PassResult(gm, bool(todo), {"adapter_inserted": len(todo)})
+
+    def insert(self, gm: GraphModule, ctx: CompileContext, assignment) -> None:
+        site, config = assignment.site, assignment.rule.config
+        inside = [n for n in gm.graph.nodes if in_module(n, site.path)]
+        members = set(inside)
+        output = single(site.path, "output", [n for n in inside if any(u not in members for u in n.users)])
+        source = output
+        if config.placement == "parallel":
+            source = single(site.path, "tensor input", external_inputs(inside, members, output))
+        d_in, d_out = width(source, site.path), width(output, site.path)
+        like = output.meta["val"]
+        adapter = BottleneckAdapter(config, d_in, d_out, device=like.device, dtype=like.dtype)
+        splice(gm, output, source, f"{site.path}.adapter", adapter, "adapter", keep_users=members)
+        row = report(site, f"adapter/{config.placement}", assignment, adapter)
+        ctx.sites.append({**row, "in": d_in, "out": d_out})
+
+
+def external_inputs(inside: list[Node], members: set[Node], output: Node) -> list[Node]:
+    """Floating tensors of the output's rank that the module reads from outside."""
+    rank = output.meta["val"].dim()
+    seen = []
+    for node in inside:
+        for arg in node.all_input_nodes:
+            val = arg.meta.get("val")
+            if arg in members or arg in seen or arg.op == "get_attr" or val is None:
+                continue
+            if getattr(val, "is_floating_point", lambda: False)() and val.dim() == rank:
+                seen.append(arg)
+    return seen
+
+
+def single(path: str, what: str, nodes: list[Node]) -> Node:
+    if len(nodes) != 1 or "val" not in nodes[0].meta:
+        raise ModelError(f"cannot place an adapter on module '{path}': it has {len(nodes)} "
+                         f"{what}s in the traced graph (need exactly one); target one of its "
+                         "linear layers instead")
+    return nodes[0]
+
+
+def width(node: Node, path: str) -> int:
+    size = node.meta["val"].shape[-1]
+    if not isinstance(size, int):
+        raise ModelError(f"module '{path}': feature dimension is not static ({size})")
+    return size

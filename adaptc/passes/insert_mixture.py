@@ -1,0 +1,37 @@
+"""Pass: when the spec has a `mixture` statement, every LoRA site becomes a routed mixture of
+LoRA experts (the rank, alpha and dropout of its LoRA statement; experts per layer from the
+mixture statement).
+
+    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.moe(x)
+"""
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from adaptc.methods.mixture import MixtureOfLora
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.graph import LINEAR_OPS, factory, linear_input, splice
+from adaptc.passes.insert_lora import report
+
+
+class InsertMixture:
+    name = "insert_mixture"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        if ctx.plan.mixture is None:
+            return PassResult(gm, False, {"mixture_inserted": 0})
+        mixture = ctx.plan.mixture.config
+        count = 0
+        for node in list(gm.graph.nodes):
+            assignment = node.meta.get(METHODS, {}).get("lora")
+            if assignment is None:
+                continue
+            site = node.meta[SITE]
+            weight = node.args[LINEAR_OPS[node.target][1]].target
+            experts = mixture.experts_at(site.layer, ctx.n_layers)
+            adapter = MixtureOfLora(assignment.rule.config, mixture, experts, site.in_features,
+                                    site.out_features, **factory(gm, weight))
+            splice(gm, node, linear_input(node), f"{site.path}.moe", adapter, "moe")
+            ctx.sites.append(report(site, f"moe[{experts}]", assignment, adapter))
+            count += 1
+        return PassResult(gm, count > 0, {"mixture_inserted": count})

@@ -1,0 +1,46 @@
+"""The validated form of a spec that the compiler consumes (output of `spec.lower`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adaptc.spec.ast import Attach, Mixture, Span, Spec, Target
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A validated attach statement: where (targets) and what (a method config)."""
+
+    index: int  # position among the spec's statements; later rules override earlier ones
+    targets: tuple[Target, ...]
+    config: object  # a MethodConfig dataclass instance
+    statement: Attach
+
+    def span_of(self, key: str) -> Span:
+        """Where `key` was written, or the method name when the key took its default."""
+        for opt in self.statement.options:
+            if opt.key == key:
+                return opt.value.span
+        return self.statement.method_span
+
+
+@dataclass(frozen=True)
+class MixtureRule:
+    """A validated `mixture` statement."""
+
+    config: object  # MixtureConfig
+    statement: Mixture
+
+    def span_of(self, key: str) -> Span:
+        for opt in self.statement.options:
+            if opt.key == key:
+                return opt.value.span
+        return self.statement.kind_span
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole validated spec: attach rules in order and at most one mixture."""
+
+    spec: Spec
+    rules: tuple[Rule, ...]
+    mixture: MixtureRule | None
