@@ -49,8 +49,10 @@ def site_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def block_lines(gm: GraphModule, prefix: str) -> list[str]:
-    return [describe(n) for n in gm.graph.nodes if prefix and in_module(n, prefix)]
+def block_lines(gm: GraphModule, prefix: str) -> list[tuple[str, str]]:
+    """(node name, text) for the block's nodes, without export's runtime shape asserts."""
+    return [(n.name, describe(n)) for n in gm.graph.nodes
+            if prefix and in_module(n, prefix) and not str(n.target).startswith("aten._assert")]
 
 
 def describe(node: Node) -> str:
@@ -60,16 +62,17 @@ def describe(node: Node) -> str:
     return f"{node.name} = {target}({args})"
 
 
-def side_by_side(left: list[str], right: list[str]) -> str:
-    """Align the two listings; lines only on the right are the passes' insertions (+)."""
+def side_by_side(left: list[tuple[str, str]], right: list[tuple[str, str]]) -> str:
+    """Align the listings by node name: `+` marks nodes the passes inserted, `~` nodes
+    whose inputs they rewired."""
     out = []
-    matcher = difflib.SequenceMatcher(a=left, b=right, autojunk=False)
+    matcher = difflib.SequenceMatcher(a=[n for n, _ in left], b=[n for n, _ in right],
+                                      autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        width = max(i2 - i1, j2 - j1)
-        for k in range(width):
-            a = left[i1 + k] if i1 + k < i2 else ""
-            b = right[j1 + k] if j1 + k < j2 else ""
-            mark = " " if tag == "equal" else ("+" if not a else "~")
+        for k in range(max(i2 - i1, j2 - j1)):
+            a = left[i1 + k][1] if i1 + k < i2 else ""
+            b = right[j1 + k][1] if j1 + k < j2 else ""
+            mark = "+" if not a else ("-" if not b else (" " if a == b else "~"))
             out.append(f"{clip(a):<{COLUMN}} {mark} {clip(b)}")
     return "\n".join(out)
 

@@ -1,0 +1,75 @@
+"""Fused Triton kernels for adapter inference, one op per file, registered as torch custom ops.
+
+Importing this package registers:
+
+    torch.ops.adaptc.bottleneck_adapter   residual + U·act(D·x + b_D) + b_U          (bottleneck.py)
+    torch.ops.adaptc.mixture_lora         residual + s·Σ_e g_e(x)·B_e·A_e·x          (moe_lora.py)
+
+Each op runs its Triton kernels when `use_triton` says so and its pure-PyTorch reference
+otherwise; `register_fake` gives torch.export / torch.compile the output shape without running
+either. The helpers below are shared by the op modules, which are imported last for that reason.
+"""
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when triton's interpreter runs kernels on the CPU (TRITON_INTERPRET=1).
+
+    Triton reads the variable when a kernel is decorated, i.e. when the op modules are first
+    imported; it must be set before that for the kernels to be interpreted.
+    """
+    return bool(triton.knobs.runtime.interpret)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on `t` runs its Triton kernels (True) or its PyTorch reference (False).
+
+    Kernels run on CUDA tensors, and on any tensor under the interpreter except bfloat16 ones:
+    triton 3.9's interpreter computes `tl.dot` on the raw uint16 storage of bfloat16 blocks and
+    returns garbage, so those take the reference path.
+    """
+    if t.is_cuda:
+        return True
+    return interpreting() and t.dtype != torch.bfloat16
+
+
+def dot_precision() -> str:
+    """`tl.dot` input precision for float32 blocks, following torch's matmul precision setting.
+
+    torch multiplies float32 matrices in full precision unless told otherwise
+    (`torch.set_float32_matmul_precision`), so the kernels do too ("ieee"); fp16/bf16 blocks
+    ignore it.
+    """
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def dot_block(n: int) -> int:
+    """Block width covering `n` columns of a `tl.dot` operand: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def check_tensor(op: str, name: str, t: torch.Tensor, x: torch.Tensor,
+                 shape: tuple[int, ...]) -> None:
+    """Raise TypeError/ValueError naming `name` unless `t` has x's dtype and device and `shape`."""
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: `{name}` has dtype {t.dtype}, expected {x.dtype} (that of `x`)")
+    if t.device != x.device:
+        raise ValueError(f"{op}: `{name}` is on {t.device}, expected {x.device} (that of `x`)")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: `{name}` has shape {tuple(t.shape)}, expected {shape}")
+
+
+def check_input(op: str, x: torch.Tensor) -> None:
+    """Raise unless `x` is a floating-point tensor with a feature dimension."""
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: `x` must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: `x` must have shape [..., d_in], got a 0-d tensor")
+
+
+# Imported last: the op modules import the helpers above; importing them registers the ops.
+from adaptc.backends.triton import bottleneck, moe_lora  # noqa: E402
+
+__all__ = ["bottleneck", "check_input", "check_tensor", "dot_block", "dot_precision",
+           "interpreting", "moe_lora", "use_triton"]

@@ -1,0 +1,247 @@
+"""Fused bottleneck adapter (Houlsby / parallel adapters) for inference.
+
+    y = residual + U·act(D·x + b_D) + b_U
+
+    x [..., d_in], residual [..., d_out], D `down` [bottleneck, d_in], b_D `down_bias`
+    [bottleneck], U `up` [d_out, bottleneck], b_U `up_bias` [d_out];
+    act ∈ relu | gelu (exact, erf) | silu | tanh. Accumulation in float32; y has x's dtype and
+    residual's shape.
+
+Eager math: `adaptc.methods.bottleneck.BottleneckAdapter.forward`, plus the graph's residual add.
+
+Kernels: when the bottleneck fits in registers (≤ MAX_FUSED_BOTTLENECK = 128), one kernel does
+it all: a program takes BLOCK_T tokens, computes their hidden activations h [BLOCK_T, bottleneck]
+once, then walks the output features tile by tile (h·Uᵀ + b_U + residual). Keeping the walk over
+d_out inside the program means the down-projection is never recomputed and h never touches
+memory; the grid is then only ⌈T / BLOCK_T⌉ programs, which the autotuner offsets with small
+BLOCK_T. Wider bottlenecks take two launches of a generic linear kernel whose epilogues are
+constexpr flags: act(x·Dᵀ + b_D) into a hidden buffer in x's dtype, then hidden·Uᵀ + b_U +
+residual.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.nn import functional as F
+
+from adaptc.backends.triton import (check_input, check_tensor, dot_block, dot_precision,
+                                    interpreting, use_triton)
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+MAX_FUSED_BOTTLENECK = 128
+_OP = "bottleneck_adapter"
+
+
+# --------------------------------------------------------------------------- autotune configs
+
+def _fused_configs() -> list[triton.Config]:
+    """Tiles for the fused kernel: tokens per program, d_in step, d_out step."""
+    if interpreting():
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_N": 32})]
+    tiles = [(16, 64, 64), (16, 64, 128), (32, 64, 64), (32, 64, 128), (64, 32, 64), (64, 64, 128)]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for t, k, n in tiles for w, s in ((4, 3), (8, 2))]
+
+
+def _linear_configs() -> list[triton.Config]:
+    """Tiles for the unfused linear kernel: rows, columns and reduction step per program."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
+    tiles = [(32, 64, 32), (64, 64, 32), (64, 128, 32), (128, 64, 32), (128, 128, 64)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k in tiles for w, s in ((4, 3), (8, 3))]
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _activate(h, ACTIVATION: tl.constexpr):
+    """act(h) on a float32 block; "identity" passes it through."""
+    if ACTIVATION == "relu":
+        h = tl.maximum(h, 0.0)
+    elif ACTIVATION == "gelu":
+        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACTIVATION == "silu":
+        h = h * tl.sigmoid(h)
+    elif ACTIVATION == "tanh":
+        h = 2.0 * tl.sigmoid(2.0 * h) - 1.0
+    return h
+
+
+@triton.autotune(configs=_fused_configs(), key=["D_IN", "D_OUT", "BOTTLENECK"])
+@triton.jit
+def _bottleneck_fused_kernel(
+    x_ptr, res_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr, out_ptr,
+    T, D_IN, D_OUT, BOTTLENECK,
+    stride_xt, stride_xk, stride_rt, stride_rn,
+    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program: BLOCK_T tokens × all d_out features; h stays in registers."""
+    # ---- this program's tokens and the (padded) bottleneck columns
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    hid = tl.arange(0, BLOCK_B)
+    hid_mask = hid < BOTTLENECK
+
+    # ---- down-projection: acc = x · Dᵀ, float32 accumulator
+    acc = tl.zeros((BLOCK_T, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D_IN
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        down_t = tl.load(down_ptr + hid[None, :] * D_IN + ks[:, None],
+                         mask=hid_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(x, down_t, acc, input_precision=DOT_PRECISION)
+
+    # ---- bias + activation (padded columns stay act(0) = 0), rounded like the eager hidden state
+    acc += tl.load(down_bias_ptr + hid, mask=hid_mask, other=0.0).to(tl.float32)[None, :]
+    h = _activate(acc, ACTIVATION).to(up_ptr.dtype.element_ty)
+
+    # ---- up-projection + bias + residual, one d_out tile at a time
+    for n0 in range(0, D_OUT, BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N)
+        out_mask = outs < D_OUT
+        tile_mask = row_mask[:, None] & out_mask[None, :]
+        up_t = tl.load(up_ptr + outs[None, :] * BOTTLENECK + hid[:, None],
+                       mask=out_mask[None, :] & hid_mask[:, None], other=0.0)
+        y = tl.dot(h, up_t, input_precision=DOT_PRECISION)
+        y += tl.load(up_bias_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
+        y += tl.load(res_ptr + rows[:, None] * stride_rt + outs[None, :] * stride_rn,
+                     mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * D_OUT + outs[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.autotune(configs=_linear_configs(), key=["N", "K"])
+@triton.jit
+def _linear_kernel(
+    a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_rm, stride_rn,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[M, N] = act(a · wᵀ + bias) (+ residual when HAS_RESIDUAL); w [N, K] row-major."""
+    # ---- this program's output tile
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+
+    # ---- a · wᵀ, float32 accumulator
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_t = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
+                      mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(a, w_t, acc, input_precision=DOT_PRECISION)
+
+    # ---- epilogue: bias, activation, optional residual
+    acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _activate(acc, ACTIVATION)
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
+                       mask=tile_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=tile_mask)
+
+
+# --------------------------------------------------------------------------- reference and launcher
+
+def bottleneck_adapter_reference(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
+                                 down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+                                 activation: str) -> torch.Tensor:
+    """The op in plain PyTorch, float32 throughout, cast to x's dtype at the end."""
+    act = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}[activation]
+    hidden = act(F.linear(x.float(), down.float(), down_bias.float()))
+    update = F.linear(hidden, up.float(), up_bias.float())
+    return (residual.float() + update).to(x.dtype)
+
+
+def check_bottleneck_inputs(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
+                            down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+                            activation: str) -> None:
+    """Raise ValueError/TypeError naming the first tensor whose shape, dtype or device is off."""
+    check_input(_OP, x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_OP}: unknown activation {activation!r}; "
+                         f"expected one of {', '.join(ACTIVATIONS)}")
+    if down.dim() != 2 or up.dim() != 2:
+        raise ValueError(f"{_OP}: `down` and `up` must be 2-d, "
+                         f"got shapes {tuple(down.shape)} and {tuple(up.shape)}")
+    bottleneck, d_out = down.shape[0], up.shape[0]
+    check_tensor(_OP, "down", down, x, (bottleneck, x.shape[-1]))
+    check_tensor(_OP, "down_bias", down_bias, x, (bottleneck,))
+    check_tensor(_OP, "up", up, x, (d_out, bottleneck))
+    check_tensor(_OP, "up_bias", up_bias, x, (d_out,))
+    check_tensor(_OP, "residual", residual, x, (*x.shape[:-1], d_out))
+
+
+def bottleneck_adapter_triton(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
+                              down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+                              activation: str) -> torch.Tensor:
+    """Check the inputs, allocate y and run the kernels (fused when the bottleneck ≤ 128)."""
+    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation)
+    d_out, bottleneck = up.shape
+    x2, res2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, d_out)
+    out = torch.empty(residual.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 0:
+        return out
+    weights = (down.contiguous(), down_bias.contiguous(), up.contiguous(), up_bias.contiguous())
+    if bottleneck <= MAX_FUSED_BOTTLENECK:
+        _launch_fused(x2, res2, *weights, out.view(-1, d_out), activation)
+    else:
+        _launch_unfused(x2, res2, *weights, out.view(-1, d_out), activation)
+    return out
+
+
+def _launch_fused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
+                  down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+                  out: torch.Tensor, activation: str) -> None:
+    (tokens, d_in), (d_out, bottleneck) = x.shape, up.shape
+    _bottleneck_fused_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),)](
+        x, res, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
+        x.stride(0), x.stride(1), res.stride(0), res.stride(1),
+        ACTIVATION=activation, DOT_PRECISION=dot_precision(), BLOCK_B=dot_block(bottleneck))
+
+
+def _launch_unfused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
+                    down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+                    out: torch.Tensor, activation: str) -> None:
+    hidden = torch.empty((x.shape[0], down.shape[0]), dtype=x.dtype, device=x.device)
+    _launch_linear(x, down, down_bias, None, hidden, activation)
+    _launch_linear(hidden, up, up_bias, res, out, "identity")
+
+
+def _launch_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
+                   res: torch.Tensor | None, out: torch.Tensor, activation: str) -> None:
+    """out = act(a·wᵀ + bias) (+ res); res None drops the residual epilogue."""
+    (m, k), n = a.shape, w.shape[0]
+    res_strides = (res.stride(0), res.stride(1)) if res is not None else (0, 0)
+    _linear_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
+        a, w, bias, res, out, m, n, k, a.stride(0), a.stride(1), *res_strides,
+        ACTIVATION=activation, HAS_RESIDUAL=res is not None, DOT_PRECISION=dot_precision())
+
+
+# --------------------------------------------------------------------------- torch custom op
+
+@torch.library.custom_op("adaptc::bottleneck_adapter", mutates_args=())
+def bottleneck_adapter(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
+                       down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+                       activation: str) -> torch.Tensor:
+    """residual + up·act(down·x + down_bias) + up_bias, by kernels or reference (`use_triton`)."""
+    if use_triton(x):
+        return bottleneck_adapter_triton(x, residual, down, down_bias, up, up_bias, activation)
+    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation)
+    return bottleneck_adapter_reference(x, residual, down, down_bias, up, up_bias, activation)
+
+
+@bottleneck_adapter.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
+      up: torch.Tensor, up_bias: torch.Tensor, activation: str) -> torch.Tensor:
+    return residual.new_empty(residual.shape, dtype=x.dtype)

@@ -1,0 +1,302 @@
+"""Mixture of LoRA experts for inference, grouped by expert in the spirit of Punica's SGMV.
+
+    g = softmax over the top_k logits of W_g·x (float32), zero elsewhere  (top_k = E: soft routing)
+    y = residual + s·Σ_e g_e·B_e·A_e·x
+
+    x [..., in], residual [..., out], W_g `router` [E, in], A [E, r, in], B [E, out, r];
+    y has x's dtype and residual's shape. Limits: E ≤ MAX_EXPERTS, r ≤ MAX_RANK.
+
+Eager math: `adaptc.methods.mixture.MixtureOfLora.gates` / `forward` (plus the residual add).
+
+Pipeline over the T flattened tokens and their T·k (token, slot) assignments:
+  1. router kernel: logits, top-k by repeated argmax, softmax over the chosen → gates [T, E]
+     float32, experts [T, k] int32. One program holds BLOCK_T tokens × all E logits.
+  2. grouping (torch ops, no host sync): a stable argsort of the assignments by expert id gives
+     the token of each sorted row, and a bincount/cumsum the segment offsets [E+1].
+  3. shrink kernel, grid (token blocks, E): h = x[tokens] · A_eᵀ for the rows of segment e
+     → h [T·k, r] in x's dtype. Segments hold at most T rows, so the grid needs no host sync;
+     programs past their segment's end return at once.
+  4. expand kernel, grid (token blocks, out blocks, E): (h · B_eᵀ)·g[token, e]·s, added with
+     float32 atomics into the output rows, which start as a float32 copy of the residual.
+     Atomics keep memory at T·out (a deterministic reduction would need T·k·out); the price is
+     that for k > 1 the order of the k additions, hence the last bits, can vary run to run.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.nn import functional as F
+
+from adaptc.backends.triton import (check_input, check_tensor, dot_block, dot_precision,
+                                    interpreting, use_triton)
+
+MAX_EXPERTS = 64
+MAX_RANK = 128
+_OP = "mixture_lora"
+
+
+# --------------------------------------------------------------------------- autotune configs
+
+def _router_configs() -> list[triton.Config]:
+    """Tiles for the router: tokens per program and d_in step."""
+    if interpreting():
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 32})]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_K": k}, num_warps=w)
+            for t, k in ((16, 64), (32, 64), (64, 64), (64, 128)) for w in (4, 8)]
+
+
+def _shrink_configs() -> list[triton.Config]:
+    """Tiles for shrink: segment rows per program and d_in step."""
+    if interpreting():
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 32})]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for t, k in ((16, 128), (32, 64), (64, 64), (64, 128)) for w, s in ((4, 3), (8, 2))]
+
+
+def _expand_configs() -> list[triton.Config]:
+    """Tiles for expand: segment rows and output features per program."""
+    if interpreting():
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_N": 32})]
+    return [triton.Config({"BLOCK_T": t, "BLOCK_N": n}, num_warps=w)
+            for t, n in ((16, 128), (32, 64), (32, 128), (64, 64), (64, 128)) for w in (4, 8)]
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.autotune(configs=_router_configs(), key=["D_IN", "E"])
+@triton.jit
+def _router_kernel(
+    x_ptr, router_ptr, gates_ptr, experts_ptr,
+    T, D_IN, E, top_k,
+    stride_xt, stride_xk,
+    DOT_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """gates[t]: softmax over the top_k logits, 0 elsewhere; experts[t]: their ids, best first."""
+    # ---- this program's tokens; padded experts get logit -inf and are never chosen
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    ex = tl.arange(0, BLOCK_E)
+    ex_mask = ex < E
+
+    # ---- logits = x · W_gᵀ, float32 accumulator
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D_IN
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        router_t = tl.load(router_ptr + ex[None, :] * D_IN + ks[:, None],
+                           mask=ex_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(x, router_t, acc, input_precision=DOT_PRECISION)
+    logits = tl.where(ex_mask[None, :], acc, float("-inf"))
+
+    # ---- top-k: take the argmax k times, knocking each winner out with -inf
+    remaining = logits
+    for slot in range(top_k):
+        best = tl.argmax(remaining, axis=1, tie_break_left=True)
+        tl.store(experts_ptr + rows * top_k + slot, best, mask=row_mask)
+        remaining = tl.where(ex[None, :] == best[:, None], float("-inf"), remaining)
+
+    # ---- softmax over the chosen logits (the knocked-out ones), shifted by the best
+    chosen = (remaining == float("-inf")) & ex_mask[None, :]
+    p = tl.where(chosen, tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
+    gates = p / tl.sum(p, axis=1)[:, None]
+    tl.store(gates_ptr + rows[:, None] * E + ex[None, :], gates,
+             mask=row_mask[:, None] & ex_mask[None, :])
+
+
+@triton.autotune(configs=_shrink_configs(), key=["D_IN", "R"])
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, tokens_ptr, offsets_ptr, h_ptr,
+    D_IN, R,
+    stride_xt, stride_xk,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """h[row] = A_e · x[tokens[row]] for the sorted rows of expert e = program_id(1)."""
+    # ---- this program's rows of expert e's segment; nothing to do past its end
+    expert = tl.program_id(1)
+    first = tl.load(offsets_ptr + expert) + tl.program_id(0) * BLOCK_T
+    end = tl.load(offsets_ptr + expert + 1)
+    if first >= end:
+        return
+    rows = first + tl.arange(0, BLOCK_T)
+    row_mask = rows < end
+    tokens = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < R
+
+    # ---- gather the tokens' x rows and reduce against A_eᵀ, float32 accumulator
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    a_expert = a_ptr + expert * R * D_IN
+    for k0 in range(0, D_IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D_IN
+        x = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a_t = tl.load(a_expert + ranks[None, :] * D_IN + ks[:, None],
+                      mask=rank_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(x, a_t, acc, input_precision=DOT_PRECISION)
+    tl.store(h_ptr + rows[:, None] * R + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & rank_mask[None, :])
+
+
+@triton.autotune(configs=_expand_configs(), key=["D_OUT", "R"], restore_value=["out_ptr"])
+@triton.jit
+def _expand_kernel(
+    h_ptr, b_ptr, tokens_ptr, offsets_ptr, gates_ptr, out_ptr,
+    D_OUT, R, E, scale,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[token] += s·g[token, e]·(B_e · h[row]) for the rows of expert e = program_id(2)."""
+    # ---- this program's rows of expert e's segment and its output columns
+    expert = tl.program_id(2)
+    first = tl.load(offsets_ptr + expert) + tl.program_id(0) * BLOCK_T
+    end = tl.load(offsets_ptr + expert + 1)
+    if first >= end:
+        return
+    rows = first + tl.arange(0, BLOCK_T)
+    row_mask = rows < end
+    tokens = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < R
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_mask = outs < D_OUT
+
+    # ---- h · B_eᵀ over the whole rank, float32 accumulator
+    h = tl.load(h_ptr + rows[:, None] * R + ranks[None, :],
+                mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
+    b_t = tl.load(b_ptr + expert * D_OUT * R + outs[None, :] * R + ranks[:, None],
+                  mask=out_mask[None, :] & rank_mask[:, None], other=0.0)
+    y = tl.dot(h, b_t, input_precision=DOT_PRECISION)
+
+    # ---- weight by gate and scale, accumulate into the tokens' output rows
+    gate = tl.load(gates_ptr + tokens * E + expert, mask=row_mask, other=0.0)
+    y = y * (gate * scale)[:, None]
+    tl.atomic_add(out_ptr + tokens[:, None] * D_OUT + outs[None, :], y,
+                  mask=row_mask[:, None] & out_mask[None, :])
+
+
+# --------------------------------------------------------------------------- reference
+
+def route_reference(x: torch.Tensor, router: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Gates [..., E] in float32: softmax over the top_k logits, zero elsewhere."""
+    logits = F.linear(x.float(), router.float())
+    top, idx = logits.topk(top_k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
+
+
+def mixture_lora_reference(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor,
+                           A: torch.Tensor, B: torch.Tensor, scale: float,
+                           top_k: int) -> torch.Tensor:
+    """The op in plain PyTorch, float32 throughout, cast to x's dtype at the end."""
+    gates = route_reference(x, router, top_k)
+    low = torch.einsum("...i,eri->...er", x.float(), A.float()) * gates.unsqueeze(-1)
+    update = torch.einsum("...er,eor->...o", low, B.float())
+    return (residual.float() + scale * update).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- launchers
+
+def check_mixture_inputs(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor,
+                         A: torch.Tensor, B: torch.Tensor, top_k: int) -> None:
+    """Raise ValueError/TypeError naming the first argument that is off."""
+    check_input(_OP, x)
+    if A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"{_OP}: `A` and `B` must be 3-d, "
+                         f"got shapes {tuple(A.shape)} and {tuple(B.shape)}")
+    (experts, rank, _), d_out = A.shape, B.shape[1]
+    if not 1 <= experts <= MAX_EXPERTS:
+        raise ValueError(f"{_OP}: `A` holds {experts} experts; "
+                         f"the router kernel supports 1..{MAX_EXPERTS}")
+    if rank > MAX_RANK:
+        raise ValueError(f"{_OP}: `A` has rank {rank}; "
+                         f"the expand kernel supports ranks up to {MAX_RANK}")
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"{_OP}: top_k={top_k} must be between 1 and "
+                         f"the number of experts ({experts})")
+    check_tensor(_OP, "A", A, x, (experts, rank, x.shape[-1]))
+    check_tensor(_OP, "B", B, x, (experts, d_out, rank))
+    check_tensor(_OP, "router", router, x, (experts, x.shape[-1]))
+    check_tensor(_OP, "residual", residual, x, (*x.shape[:-1], d_out))
+
+
+def route_tokens(x: torch.Tensor, router: torch.Tensor,
+                 top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router kernel on x [T, in]: gates [T, E] float32, chosen experts [T, top_k] int32."""
+    (tokens, d_in), experts = x.shape, router.shape[0]
+    gates = torch.empty((tokens, experts), dtype=torch.float32, device=x.device)
+    chosen = torch.empty((tokens, top_k), dtype=torch.int32, device=x.device)
+    _router_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),)](
+        x, router.contiguous(), gates, chosen, tokens, d_in, experts, top_k,
+        x.stride(0), x.stride(1), DOT_PRECISION=dot_precision(), BLOCK_E=dot_block(experts))
+    return gates, chosen
+
+
+def group_by_expert(chosen: torch.Tensor,
+                    num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the T·k assignments by expert: each sorted row's token [T·k], offsets [E+1]; int32."""
+    flat = chosen.flatten().long()
+    order = torch.argsort(flat, stable=True)
+    tokens = (order // chosen.shape[1]).to(torch.int32)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return tokens, offsets
+
+
+def mixture_lora_triton(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor,
+                        A: torch.Tensor, B: torch.Tensor, scale: float,
+                        top_k: int) -> torch.Tensor:
+    """Check the inputs; route, group, shrink and expand into a float32 copy of the residual."""
+    check_mixture_inputs(x, residual, router, A, B, top_k)
+    experts, d_in, d_out = A.shape[0], A.shape[2], B.shape[1]
+    x2 = x.reshape(-1, d_in)
+    out = torch.empty((x2.shape[0], d_out), dtype=torch.float32, device=x.device)
+    out.copy_(residual.reshape(-1, d_out))
+    if x2.shape[0] > 0:
+        gates, chosen = route_tokens(x2, router, top_k)
+        tokens, offsets = group_by_expert(chosen, experts)
+        h = _shrink(x2, A.contiguous(), tokens, offsets)
+        _expand(h, B.contiguous(), tokens, offsets, gates, out, scale)
+    return out.to(x.dtype).reshape(residual.shape)
+
+
+def _shrink(x: torch.Tensor, A: torch.Tensor, tokens: torch.Tensor,
+            offsets: torch.Tensor) -> torch.Tensor:
+    """h [T·k, r] in x's dtype: row i is A_e·x[tokens[i]] for the segment e that holds it."""
+    (experts, rank, d_in), n_tokens = A.shape, x.shape[0]
+    h = torch.empty((tokens.shape[0], rank), dtype=x.dtype, device=x.device)
+    _shrink_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), experts)](
+        x, A, tokens, offsets, h, d_in, rank, x.stride(0), x.stride(1),
+        DOT_PRECISION=dot_precision(), BLOCK_R=dot_block(rank))
+    return h
+
+
+def _expand(h: torch.Tensor, B: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor,
+            gates: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """out[tokens[i]] += scale·g[tokens[i], e]·B_e·h[i], in float32."""
+    (experts, d_out, rank), n_tokens = B.shape, out.shape[0]
+    _expand_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),
+                                 triton.cdiv(d_out, meta["BLOCK_N"]), experts)](
+        h, B, tokens, offsets, gates, out, d_out, rank, experts, scale,
+        DOT_PRECISION=dot_precision(), BLOCK_R=dot_block(rank))
+
+
+# --------------------------------------------------------------------------- torch custom op
+
+@torch.library.custom_op("adaptc::mixture_lora", mutates_args=())
+def mixture_lora(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor, A: torch.Tensor,
+                 B: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
+    """residual + scale·Σ_e g_e·B_e·A_e·x, by kernels or reference (`use_triton`)."""
+    if use_triton(x):
+        return mixture_lora_triton(x, residual, router, A, B, scale, top_k)
+    check_mixture_inputs(x, residual, router, A, B, top_k)
+    return mixture_lora_reference(x, residual, router, A, B, scale, top_k)
+
+
+@mixture_lora.register_fake
+def _(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor, A: torch.Tensor,
+      B: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
+    return residual.new_empty(residual.shape, dtype=x.dtype)

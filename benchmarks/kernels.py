@@ -1,0 +1,115 @@
+"""Provider sweep for adaptc's fused Triton ops over the number of tokens.
+
+    python benchmarks/kernels.py [--tokens 16 256 4096] [--hidden 4096] [--dtype float16]
+
+Providers, side by side for each op and token count (milliseconds):
+    triton    the op's kernels (adaptc/backends/triton), on a GPU only
+    torch     the op's pure-PyTorch reference
+    compile   torch.compile(reference)
+
+On a GPU times are do_bench medians; on the CPU the best of a time.perf_counter loop (robust
+to other processes sharing the cores), and the triton provider is skipped with a note (the
+interpreter is a debugger, not a benchmark). Prints a table and writes nothing: copy rows into
+benchmarks/RESULTS.md by hand, with the date, device and versions printed above the table.
+"""
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.testing
+
+from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
+                                               bottleneck_adapter_triton)
+from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
+
+PROVIDERS = ("triton", "torch", "compile")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts to sweep")
+    parser.add_argument("--hidden", type=int, default=4096, help="d_in = d_out of the site")
+    parser.add_argument("--bottleneck", type=int, default=64)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="default: float16 on a GPU, float32 on the CPU")
+    return parser.parse_args()
+
+
+def bottleneck_inputs(tokens: int, args: argparse.Namespace, **factory) -> tuple:
+    """(x, residual, down, down_bias, up, up_bias, activation) for one site."""
+    d, b = args.hidden, args.bottleneck
+    return (torch.randn(tokens, d, **factory), torch.randn(tokens, d, **factory),
+            torch.randn(b, d, **factory) / d**0.5, torch.randn(b, **factory),
+            torch.randn(d, b, **factory) / b**0.5, torch.randn(d, **factory), "gelu")
+
+
+def mixture_inputs(tokens: int, args: argparse.Namespace, **factory) -> tuple:
+    """(x, residual, router, A, B, scale, top_k) for one site."""
+    d, e, r = args.hidden, args.experts, args.rank
+    return (torch.randn(tokens, d, **factory), torch.randn(tokens, d, **factory),
+            torch.randn(e, d, **factory) / d**0.5, torch.randn(e, r, d, **factory) / d**0.5,
+            torch.randn(e, d, r, **factory) / r**0.5, 2.0, args.top_k)
+
+
+def time_ms(fn: Callable[[], object], on_gpu: bool, repeat: int = 20) -> float:
+    """Milliseconds per fn() after a warm-up call (which compiles and autotunes)."""
+    if on_gpu:
+        return triton.testing.do_bench(fn, return_mode="median")
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def sweep(name: str, make: Callable, kernels: Callable, reference: Callable,
+          args: argparse.Namespace, factory: dict, on_gpu: bool) -> list[tuple]:
+    """One row (op, tokens, ms per provider; None when skipped) per token count."""
+    providers = {"triton": kernels if on_gpu else None, "torch": reference,
+                 "compile": torch.compile(reference)}
+    rows = []
+    for tokens in args.tokens:
+        inputs = make(tokens, args, **factory)
+        times = [None if fn is None else time_ms(lambda fn=fn: fn(*inputs), on_gpu)
+                 for fn in providers.values()]
+        rows.append((name, tokens, *times))
+    return rows
+
+
+def print_table(rows: list[tuple]) -> None:
+    print(f"{'op':<20}{'tokens':>8}" + "".join(f"{p:>10}" for p in PROVIDERS) + "   (ms)")
+    for name, tokens, *times in rows:
+        cells = "".join(f"{'-':>10}" if t is None else f"{t:>10.4f}" for t in times)
+        print(f"{name:<20}{tokens:>8}{cells}")
+
+
+def main() -> None:
+    args = parse_args()
+    on_gpu = torch.cuda.is_available()
+    device = torch.accelerator.current_accelerator() if on_gpu else torch.device("cpu")
+    dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
+    args.tokens = args.tokens or ([16, 64, 256, 1024, 4096, 16384] if on_gpu else [16, 64, 256])
+    name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, "
+          f"hidden {args.hidden}, bottleneck {args.bottleneck}, experts {args.experts}, "
+          f"rank {args.rank}, top_k {args.top_k}")
+    if not on_gpu:
+        print("note: no CUDA device, so the triton provider is skipped ('-')")
+    factory = {"device": device, "dtype": dtype}
+    with torch.inference_mode():
+        rows = sweep("bottleneck_adapter", bottleneck_inputs, bottleneck_adapter_triton,
+                     bottleneck_adapter_reference, args, factory, on_gpu)
+        rows += sweep("mixture_lora", mixture_inputs, mixture_lora_triton,
+                      mixture_lora_reference, args, factory, on_gpu)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Parity of the fused bottleneck-adapter op with its PyTorch reference and with the eager
+BottleneckAdapter (`residual + module(x)`), plus dispatch, input checks, export and compile.
+
+Kernels run under triton's interpreter (see conftest.py). Shapes are deliberately not multiples
+of the block sizes. Ground truth is the eager module in float32 holding the same dtype-rounded
+values as the kernel inputs.
+"""
+import pytest
+import torch
+from torch import nn
+
+from adaptc.backends.triton import bottleneck as op_module
+from adaptc.backends.triton import use_triton
+from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
+                                               bottleneck_adapter_triton)
+from adaptc.methods import AdapterConfig, BottleneckAdapter
+
+TOKENS, D_IN, D_OUT, BOTTLENECK = 37, 72, 100, 24
+WIDE_BOTTLENECK = 136  # > MAX_FUSED_BOTTLENECK: the two-launch path
+TOLERANCES = {  # outputs are O(1); half precision rounds the hidden state and the output once each
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.float16: {"atol": 1e-2, "rtol": 1e-2},
+    torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
+}
+BF16_SKIP = pytest.mark.skip(reason="triton 3.9's interpreter computes tl.dot on the raw uint16 "
+                                    "storage of bfloat16 blocks (garbage results); bf16 kernels "
+                                    "need a GPU")
+FP32 = TOLERANCES[torch.float32]
+KERNEL_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=BF16_SKIP)]
+
+
+def make_case(activation: str = "gelu", bottleneck: int = BOTTLENECK,
+              dtype: torch.dtype = torch.float32,
+              lead: tuple[int, ...] = (TOKENS,)) -> tuple[BottleneckAdapter, dict]:
+    """A float32 adapter with random non-zero weights rounded to `dtype`; op inputs in `dtype`."""
+    torch.manual_seed(0)
+    config = AdapterConfig(bottleneck=bottleneck, activation=activation)
+    adapter = BottleneckAdapter(config, D_IN, D_OUT)
+    with torch.no_grad():
+        adapter.down_bias.copy_(torch.randn(bottleneck) * 0.5)
+        adapter.up.copy_(torch.randn(D_OUT, bottleneck) / bottleneck**0.5)
+        adapter.up_bias.copy_(torch.randn(D_OUT) * 0.5)
+    adapter = adapter.to(dtype).float().requires_grad_(False)
+    inputs = {"x": torch.randn(*lead, D_IN).to(dtype),
+              "residual": torch.randn(*lead, D_OUT).to(dtype),
+              **{name: p.to(dtype) for name, p in adapter.named_parameters()},
+              "activation": activation}
+    return adapter, inputs
+
+
+def eager(adapter: BottleneckAdapter, inputs: dict) -> torch.Tensor:
+    return inputs["residual"].float() + adapter(inputs["x"].float())
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
+def test_fused_kernel_matches_reference_and_module(activation: str, dtype: torch.dtype) -> None:
+    adapter, inputs = make_case(activation, dtype=dtype)
+    out = bottleneck_adapter_triton(**inputs)
+    assert out.dtype == dtype and out.shape == (TOKENS, D_OUT)
+    torch.testing.assert_close(out, bottleneck_adapter_reference(**inputs), **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float(), eager(adapter, inputs), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_wide_bottleneck_takes_two_launches_and_matches(dtype: torch.dtype) -> None:
+    adapter, inputs = make_case("silu", WIDE_BOTTLENECK, dtype)
+    out = bottleneck_adapter_triton(**inputs)
+    torch.testing.assert_close(out, bottleneck_adapter_reference(**inputs), **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float(), eager(adapter, inputs), **TOLERANCES[dtype])
+
+
+def test_op_runs_kernels_on_leading_dims_and_no_tokens() -> None:
+    adapter, inputs = make_case("tanh", lead=(3, 5))
+    out = torch.ops.adaptc.bottleneck_adapter(**inputs)
+    torch.testing.assert_close(out, eager(adapter, inputs), **FP32)
+    _, empty = make_case(lead=(0,))
+    assert torch.ops.adaptc.bottleneck_adapter(**empty).shape == (0, D_OUT)
+
+
+def test_dispatch_follows_device_interpreter_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.zeros(2, 3)
+    assert use_triton(x)
+    assert not use_triton(x.bfloat16())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not use_triton(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_reference_path_matches_module(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(op_module, "bottleneck_adapter_triton", None)  # the kernels must not run
+    adapter, inputs = make_case("relu", dtype=dtype)
+    out = torch.ops.adaptc.bottleneck_adapter(**inputs)
+    torch.testing.assert_close(out.float(), eager(adapter, inputs), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize(("change", "error", "names"), [
+    ({"up": torch.zeros(D_OUT, BOTTLENECK + 1)}, ValueError, "`up`"),
+    ({"residual": torch.zeros(TOKENS, D_OUT + 1)}, ValueError, "`residual`"),
+    ({"down_bias": torch.zeros(BOTTLENECK, dtype=torch.float16)}, TypeError, "`down_bias`"),
+    ({"x": torch.zeros(TOKENS, D_IN, dtype=torch.int64)}, TypeError, "`x`"),
+    ({"activation": "swish"}, ValueError, "swish"),
+])
+@pytest.mark.parametrize("interpret", [True, False])
+def test_rejects_bad_inputs_naming_them(monkeypatch: pytest.MonkeyPatch, change: dict, error: type,
+                                        names: str, interpret: bool) -> None:
+    if not interpret:
+        monkeypatch.delenv("TRITON_INTERPRET")
+    _, inputs = make_case()
+    with pytest.raises(error, match=names):
+        torch.ops.adaptc.bottleneck_adapter(**{**inputs, **change})
+
+
+class AdapterSite(nn.Module):
+    """A linear site whose output gets a parallel bottleneck adapter through the custom op."""
+
+    def __init__(self, adapter: BottleneckAdapter):
+        super().__init__()
+        self.base = nn.Linear(D_IN, D_OUT)
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.adapter
+        return torch.ops.adaptc.bottleneck_adapter(x, self.base(x), a.down, a.down_bias, a.up,
+                                                   a.up_bias, a.config.activation)
+
+
+def test_exported_program_keeps_op_and_matches_eager() -> None:
+    adapter, inputs = make_case("gelu")
+    site = AdapterSite(adapter).eval()
+    exported = torch.export.export(site, (inputs["x"],))
+    targets = {node.target for node in exported.graph.nodes}
+    assert torch.ops.adaptc.bottleneck_adapter.default in targets
+    expected = site.base(inputs["x"]) + adapter(inputs["x"])
+    torch.testing.assert_close(exported.module()(inputs["x"]), expected, **FP32)
+
+
+@torch.no_grad()  # inference only: the op has no autograd formula
+def test_compiles_in_one_graph() -> None:
+    adapter, inputs = make_case("silu")
+    site = AdapterSite(adapter).eval()
+    compiled = torch.compile(site, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(inputs["x"]), site(inputs["x"]), **FP32)

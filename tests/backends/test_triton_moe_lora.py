@@ -1,0 +1,158 @@
+"""Parity of the grouped mixture-of-LoRA op with its PyTorch reference and with the eager
+MixtureOfLora (`residual + module(x)`, gates from `module.gates`), plus routing, grouping,
+dispatch, input checks, export and compile.
+
+Kernels run under triton's interpreter (see conftest.py). Shapes are deliberately not multiples
+of the block sizes (T=37, in=72, out=100, E=5, r=3). Ground truth is the eager module in float32
+holding the same dtype-rounded values as the kernel inputs, so both pick the same experts.
+"""
+import pytest
+import torch
+from torch import nn
+
+from adaptc.backends.triton import moe_lora as op_module
+from adaptc.backends.triton.moe_lora import (MAX_EXPERTS, group_by_expert,
+                                             mixture_lora_reference, mixture_lora_triton,
+                                             route_tokens)
+from adaptc.methods import LoraConfig, MixtureConfig, MixtureOfLora
+
+TOKENS, D_IN, D_OUT, EXPERTS, RANK = 37, 72, 100, 5, 3
+LORA = LoraConfig(r=RANK, alpha=6.0)  # scale 2
+TOLERANCES = {  # outputs are O(1); half precision rounds x·A, the update and the output
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.float16: {"atol": 1e-2, "rtol": 1e-2},
+    torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
+}
+BF16_SKIP = pytest.mark.skip(reason="triton 3.9's interpreter computes tl.dot on the raw uint16 "
+                                    "storage of bfloat16 blocks (garbage results); bf16 kernels "
+                                    "need a GPU")
+FP32 = TOLERANCES[torch.float32]
+KERNEL_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=BF16_SKIP)]
+TOP_KS = [1, 2, EXPERTS]  # EXPERTS: soft routing
+
+
+def make_case(top_k: int, dtype: torch.dtype = torch.float32, lead: tuple[int, ...] = (TOKENS,),
+              ) -> tuple[MixtureOfLora, dict]:
+    """A float32 mixture with random non-zero weights rounded to `dtype`; op inputs in `dtype`."""
+    torch.manual_seed(0)
+    mixture = MixtureConfig(k=top_k, experts=EXPERTS, router="soft" if top_k == EXPERTS else "topk")
+    module = MixtureOfLora(LORA, mixture, EXPERTS, D_IN, D_OUT)
+    with torch.no_grad():
+        module.B.copy_(torch.randn(EXPERTS, D_OUT, RANK))
+    module = module.to(dtype).float().requires_grad_(False)
+    inputs = {"x": torch.randn(*lead, D_IN).to(dtype),
+              "residual": torch.randn(*lead, D_OUT).to(dtype),
+              "router": module.router.to(dtype), "A": module.A.to(dtype), "B": module.B.to(dtype),
+              "scale": module.scale, "top_k": top_k}
+    return module, inputs
+
+
+def eager(module: MixtureOfLora, inputs: dict) -> torch.Tensor:
+    return inputs["residual"].float() + module(inputs["x"].float())
+
+
+@pytest.mark.parametrize("top_k", TOP_KS)
+def test_router_kernel_matches_module_gates(top_k: int) -> None:
+    module, inputs = make_case(top_k)
+    gates, chosen = route_tokens(inputs["x"], inputs["router"], top_k)
+    expected, _ = module.gates(inputs["x"])
+    torch.testing.assert_close(gates, expected, **FP32)
+    assert torch.equal(chosen.long(), expected.topk(top_k, dim=-1).indices)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("top_k", TOP_KS)
+def test_kernels_match_reference_and_module(top_k: int, dtype: torch.dtype) -> None:
+    module, inputs = make_case(top_k, dtype)
+    out = mixture_lora_triton(**inputs)
+    assert out.dtype == dtype and out.shape == (TOKENS, D_OUT)
+    torch.testing.assert_close(out, mixture_lora_reference(**inputs), **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float(), eager(module, inputs), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_all_tokens_routed_to_the_same_experts(top_k: int) -> None:
+    module, inputs = make_case(top_k)
+    inputs["x"] = torch.rand(TOKENS, D_IN) + 0.1  # positive, so the logit order is that of `weight`
+    weight = torch.tensor([-1.0, -2.0, 3.0, -3.0, 1.0])  # expert 2 first, then expert 4
+    inputs["router"] = weight[:, None] * torch.full((EXPERTS, D_IN), 0.05)
+    module.router.copy_(inputs["router"])
+    _, chosen = route_tokens(inputs["x"], inputs["router"], top_k)
+    _, offsets = group_by_expert(chosen, EXPERTS)
+    expected_counts = [0, 0, TOKENS, 0, TOKENS if top_k == 2 else 0]
+    assert offsets.diff().tolist() == expected_counts
+    out = mixture_lora_triton(**inputs)
+    torch.testing.assert_close(out, eager(module, inputs), **FP32)
+
+
+def test_group_by_expert_sorts_assignments_stably() -> None:
+    chosen = torch.tensor([[2, 0], [0, 1], [2, 1]], dtype=torch.int32)
+    tokens, offsets = group_by_expert(chosen, num_experts=4)
+    assert tokens.tolist() == [0, 1, 1, 2, 0, 2]
+    assert offsets.tolist() == [0, 2, 4, 6, 6]
+
+
+def test_op_runs_kernels_on_leading_dims_and_no_tokens() -> None:
+    module, inputs = make_case(2, lead=(3, 5))
+    out = torch.ops.adaptc.mixture_lora(**inputs)
+    torch.testing.assert_close(out, eager(module, inputs), **FP32)
+    _, empty = make_case(2, lead=(0,))
+    assert torch.ops.adaptc.mixture_lora(**empty).shape == (0, D_OUT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_reference_path_matches_module(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(op_module, "mixture_lora_triton", None)  # the kernels must not run
+    module, inputs = make_case(2, dtype)
+    out = torch.ops.adaptc.mixture_lora(**inputs)
+    torch.testing.assert_close(out.float(), eager(module, inputs), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize(("change", "error", "names"), [
+    ({"top_k": EXPERTS + 1}, ValueError, "top_k"),
+    ({"top_k": 0}, ValueError, "top_k"),
+    ({"A": torch.zeros(MAX_EXPERTS + 1, RANK, D_IN), "router": torch.zeros(MAX_EXPERTS + 1, D_IN),
+      "B": torch.zeros(MAX_EXPERTS + 1, D_OUT, RANK)}, ValueError, "experts"),
+    ({"B": torch.zeros(EXPERTS, D_OUT, RANK + 1)}, ValueError, "`B`"),
+    ({"router": torch.zeros(EXPERTS, D_IN, dtype=torch.float16)}, TypeError, "`router`"),
+    ({"residual": torch.zeros(TOKENS + 1, D_OUT)}, ValueError, "`residual`"),
+])
+@pytest.mark.parametrize("interpret", [True, False])
+def test_rejects_bad_inputs_naming_them(monkeypatch: pytest.MonkeyPatch, change: dict, error: type,
+                                        names: str, interpret: bool) -> None:
+    if not interpret:
+        monkeypatch.delenv("TRITON_INTERPRET")
+    _, inputs = make_case(2)
+    with pytest.raises(error, match=names):
+        torch.ops.adaptc.mixture_lora(**{**inputs, **change})
+
+
+class MixtureSite(nn.Module):
+    """A linear site whose output gets a routed LoRA update through the custom op."""
+
+    def __init__(self, mixture: MixtureOfLora):
+        super().__init__()
+        self.base = nn.Linear(D_IN, D_OUT)
+        self.mixture = mixture
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mixture
+        return torch.ops.adaptc.mixture_lora(x, self.base(x), m.router, m.A, m.B, m.scale, m.top_k)
+
+
+def test_exported_program_keeps_op_and_matches_eager() -> None:
+    module, inputs = make_case(2)
+    site = MixtureSite(module).eval()
+    exported = torch.export.export(site, (inputs["x"],))
+    assert torch.ops.adaptc.mixture_lora.default in {node.target for node in exported.graph.nodes}
+    expected = site.base(inputs["x"]) + module(inputs["x"])
+    torch.testing.assert_close(exported.module()(inputs["x"]), expected, **FP32)
+
+
+@torch.no_grad()  # inference only: the op has no autograd formula
+def test_compiles_in_one_graph() -> None:
+    module, inputs = make_case(EXPERTS)
+    site = MixtureSite(module).eval()
+    compiled = torch.compile(site, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(inputs["x"]), site(inputs["x"]), **FP32)

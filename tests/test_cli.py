@@ -1,0 +1,92 @@
+"""The command line end to end: compile with -o, load the artifact, train, save; errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import adaptc
+from adaptc.cli import main
+from helpers import lm_loss, next_token_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+CARD = str(ROOT / "specs" / "card.adapt")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaptc.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_compile_artifact_load_train_save(tmp_path, capsys):
+    out = tmp_path / "dist"
+    assert main(["compile", CARD, "--model", "llama", "--mode", "train", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lora_inserted=0" in printed and "mixture_inserted=8" in printed
+    assert "adapter_inserted=12" in printed and "trainable params:" in printed
+    assert {p.name for p in out.iterdir()} == {"spec.adapt", "model", "adapters.safetensors",
+                                                "manifest.json"}
+    gm = adaptc.load(out)
+    ids = next_token_batch()
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = lm_loss(gm, ids) + adaptc.balance_loss(gm)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    adaptc.save_adapters(gm, out / "adapters.safetensors")
+    again = adaptc.load(out)
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    gm.eval(), again.eval()
+    assert torch.equal(gm(**x).logits, again(**x).logits)
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli("compile", "specs/lora_qv.adapt", "-o", str(out))
+    assert result.returncode == 1 and "--force" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_spec_error_exits_1_without_traceback(tmp_path):
+    spec = tmp_path / "bad.adapt"
+    spec.write_text("q_proj: lora r=8\nv_proj: lora rank=8\n")
+    result = run_cli("compile", str(spec))
+    assert result.returncode == 1
+    assert f"{spec}:2:14: error[E202]" in result.stderr
+    assert "Traceback" not in result.stderr and "^^^^" in result.stderr
+
+
+def test_model_time_error_and_unknown_model(tmp_path):
+    spec = tmp_path / "x.adapt"
+    spec.write_text("qproj: lora\n")
+    result = run_cli("compile", str(spec))
+    assert result.returncode == 1 and f"{spec}:1:1: error[E301]" in result.stderr
+    result = run_cli("compile", "specs/lora_qv.adapt", "--model", "no-such-model")
+    assert result.returncode == 1 and "unknown model 'no-such-model'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_inspect_prints_sites_total_and_block(capsys):
+    assert main(["inspect", "specs/lora_qv.adapt", "--model", "llama", "--block", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.1.self_attn.v_proj" in text
+    assert "trainable params: 14,336 || all params: 871,552 || trainable%: 1.6449" in text
+    assert "block model.layers.1: original | rewritten" in text
+    inserted = [line for line in text.splitlines() if " + " in line]
+    assert len(inserted) == 4  # per site: the adapter call and the add
+    assert any("model.layers.1.self_attn.q_proj.lora(" in line for line in inserted)
+
+
+def test_check_and_passes(capsys):
+    assert main(["check", "specs/card.adapt"]) == 0
+    assert main(["passes"]) == 0
+    text = capsys.readouterr().out
+    assert "ok (2 attach statements + mixture)" in text and "insert_lora" in text

@@ -1,0 +1,81 @@
+"""LoRA in the compiled graph equals PEFT's LoraModel with identical weights (float32)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import adaptc
+from helpers import FAMILIES, inputs, main_output
+
+TOL = 1e-5
+TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj", "down_proj"],
+           "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value", "intermediate.dense"]}
+
+
+def peft_twin(model, targets, r, alpha, rslora=False):
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                        fan_in_fan_out=model.config.model_type == "gpt2", lora_dropout=0.0)
+    return get_peft_model(copy.deepcopy(model), config).eval()
+
+
+def randomize_and_copy(gm, peft_model, seed=0):
+    """Give our adapters random non-zero weights and copy them into PEFT's layers."""
+    gen = torch.Generator().manual_seed(seed)
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for path, module in adaptc.adapters.adapter_modules(gm).items():
+            site = path.rsplit(".", 1)[0]
+            module.A.copy_(torch.randn(module.A.shape, generator=gen) * 0.1)
+            module.B.copy_(torch.randn(module.B.shape, generator=gen) * 0.1)
+            layer = inner.get_submodule(site)
+            layer.lora_A["default"].weight.copy_(module.A)
+            layer.lora_B["default"].weight.copy_(module.B)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_equals_peft(tiny, family, rslora):
+    model = tiny(family)
+    targets = TARGETS[family]
+    spec = f"{','.join(targets)}: lora r=4 alpha=12{' rslora' if rslora else ''}"
+    gm = adaptc.compile(model, spec)
+    twin = peft_twin(model.module, targets, 4, 12, rslora)
+    randomize_and_copy(gm, twin)
+    x = inputs()
+    ours, theirs = main_output(gm(**x)), main_output(twin(**x))
+    assert (ours - theirs).abs().max().item() <= TOL
+    assert (ours - main_output(model.module(**x))).abs().max().item() > 1e-3  # adapters act
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_b_equals_base(tiny, family):
+    model = tiny(family)
+    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: lora r=8 alpha=16")
+    x = inputs()
+    assert torch.equal(main_output(gm(**x)), main_output(model.module(**x)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trainable_count_equals_peft(tiny, family):
+    model = tiny(family)
+    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: lora r=8 alpha=16")
+    twin = peft_twin(model.module, TARGETS[family], 8, 16)
+    theirs_trainable, theirs_all = twin.get_nb_trainable_parameters()
+    report = adaptc.report_of(gm)
+    assert (report.trainable, report.total) == (theirs_trainable, theirs_all)
+    assert {n for n, p in gm.named_parameters() if p.requires_grad} == set(
+        adaptc.adapter_state_dict(gm))
+
+
+def test_llama_7b_count_line_matches_peft():
+    from adaptc.frontend.models import build_preset
+    model = build_preset("llama-7b")
+    gm = adaptc.compile(model, "q_proj,v_proj: lora r=8 alpha=16")
+    line = adaptc.report_of(gm).peft_line()
+    assert line == "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622"
+    twin = get_peft_model(build_preset("llama-7b").module,
+                          LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    assert twin.get_nb_trainable_parameters() == (4_194_304, 6_742_609_920)
