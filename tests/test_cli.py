@@ -82,7 +82,7 @@ def test_inspect_prints_sites_total_and_block(capsys):
     assert "block model.layers.1: original | rewritten" in text
     inserted = [line for line in text.splitlines() if " + " in line]
     assert len(inserted) == 4  # per site: the adapter call and the add
-    assert any("model.layers.1.self_attn.q_proj.lora(" in line for line in inserted)
+    assert any("+ model_layers_1_self_attn_q_proj_lora = model.layers.1." in line for line in inserted)
 
 
 def test_check_and_passes(capsys):

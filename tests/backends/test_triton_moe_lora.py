@@ -31,8 +31,8 @@ KERNEL_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, mark
 TOP_KS = [1, 2, EXPERTS]  # EXPERTS: soft routing
 
 
-def make_case(top_k: int, dtype: torch.dtype = torch.float32, lead: tuple[int, ...] = (TOKENS,),
-              ) -> tuple[MixtureOfLora, dict]:
+def make_case(top_k: int, dtype: torch.dtype = torch.float32,
+              lead: tuple[int, ...] = (TOKENS,)) -> tuple[MixtureOfLora, dict]:
     """A float32 mixture with random non-zero weights rounded to `dtype`; op inputs in `dtype`."""
     torch.manual_seed(0)
     mixture = MixtureConfig(k=top_k, experts=EXPERTS, router="soft" if top_k == EXPERTS else "topk")

@@ -16,8 +16,9 @@ import triton
 def interpreting() -> bool:
     """True when triton's interpreter runs kernels on the CPU (TRITON_INTERPRET=1).
 
-    Triton reads the variable when a kernel is decorated, i.e. when the op modules are first
-    imported; it must be set before that for the kernels to be interpreted.
+    Triton reads the variable when it decorates a function: its own `triton.language` helpers
+    when triton is first imported, our kernels when the op modules are. It must be set before
+    both for the kernels to run interpreted.
     """
     return bool(triton.knobs.runtime.interpret)
 
