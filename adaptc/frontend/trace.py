@@ -16,11 +16,28 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from adaptc.errors import ModelError
+from adaptc.frontend.blocks import find_stack, replicate, shallow_model
 from adaptc.frontend.models import LoadedModel
 
 
-def trace(model: LoadedModel) -> GraphModule:
-    """Export the model with dynamic batch and sequence dims; return a trainable GraphModule."""
+def trace(model: LoadedModel, reuse_blocks: bool = True) -> GraphModule:
+    """Export with dynamic batch and sequence dims; return a trainable GraphModule.
+
+    With `reuse_blocks`, a stack of identical blocks is traced once and replicated
+    (see frontend/blocks.py); otherwise, or when that does not apply, the whole model.
+    """
+    if reuse_blocks:
+        stack = find_stack(model.module)
+        small = shallow_model(model, stack[0]) if stack else None
+        if small is not None:
+            gm = export(small)
+            if replicate(gm, model.module, stack[0], len(stack[1])):
+                gm.recompile()
+                return gm
+    return export(model)
+
+
+def export(model: LoadedModel) -> GraphModule:
     module = model.module
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "use_cache"):

@@ -1,0 +1,63 @@
+"""Tracing: block reuse gives the same graph behaviour as exporting the whole model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import adaptc
+from adaptc.frontend.blocks import find_stack
+from adaptc.frontend.models import build_preset, wrap
+from adaptc.frontend.trace import trace
+from helpers import inputs, main_output
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+def test_block_reuse_equals_whole_model_export(family):
+    model = build_preset(family, layers=3)
+    reused, whole = trace(model), trace(model, reuse_blocks=False)
+    x = inputs(batch=2, seq=9)
+    expected = main_output(model.module(**x))
+    assert torch.equal(main_output(reused(**x)), expected)
+    assert torch.equal(main_output(whole(**x)), expected)
+    assert dict(reused.named_parameters()).keys() == dict(whole.named_parameters()).keys()
+    assert len(reused.graph.nodes) == len(whole.graph.nodes)
+    for name, param in reused.named_parameters():  # the user's tensors, not copies
+        assert param is model.module.get_parameter(name)
+
+
+def test_dynamic_batch_and_sequence():
+    gm = trace(build_preset("llama", layers=2))
+    for batch, seq in [(1, 1), (5, 3), (2, 40)]:
+        ids = torch.randint(0, 512, (batch, seq))
+        assert gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (batch, seq, 512)
+
+
+class Uneven(nn.Module):
+    """A ModuleList whose blocks differ: block reuse must not apply."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4, bias=False)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_uneven_blocks_are_traced_whole():
+    model = Uneven()
+    assert find_stack(model) is None
+    gm = adaptc.compile(model, "blocks.*: lora r=2", example_inputs={"x": torch.randn(3, 4)})
+    x = torch.randn(5, 4)
+    assert torch.equal(gm(x=x), model(x))
+    assert wrap(model, example_inputs={"x": x}).family is None
+
+
+def test_llama_70b_compiles_on_meta():
+    gm = adaptc.compile("llama-70b", "attn.q,attn.v: lora r=8 alpha=16")
+    report = adaptc.report_of(gm)
+    # 80 layers × (8·(8192+8192) + 8·(8192+1024)) LoRA parameters
+    assert report.trainable == 80 * (8 * (8192 + 8192) + 8 * (8192 + 1024))
+    assert report.total == 68_976_648_192 + report.trainable
