@@ -56,14 +56,19 @@ def export(model: LoadedModel) -> GraphModule:
 
 
 def dynamic_shapes(model: LoadedModel) -> dict | None:
-    """Batch and sequence dims of every 2-D integer input are dynamic (sequence up to the limit)."""
+    """Batch and sequence dims of 2-D integer inputs are dynamic (sequence up to the position
+    limit); other tensors get a batch dim that export keeps dynamic where it can."""
     config = getattr(model.module, "config", None)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 4096)
     batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=limit)
     shapes = {}
     for name, value in model.example_inputs.items():
-        token_like = isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
-        shapes[name] = {0: batch, 1: seq} if token_like else None
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            shapes[name] = None
+        elif value.dim() == 2 and not value.is_floating_point():
+            shapes[name] = {0: batch, 1: seq}
+        else:
+            shapes[name] = {0: Dim.AUTO}
     return shapes
 
 
