@@ -1,0 +1,63 @@
+"""Model sources: local checkpoint directories, bad paths, and per-pass graph dumps."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import adaptc
+from adaptc.cli import main
+from adaptc.errors import ModelError, PassError
+from adaptc.frontend.models import load_model
+from adaptc.passes import CompileContext, PassManager
+
+
+def test_compile_from_checkpoint_directory(tiny, tmp_path, capsys):
+    model = tiny("gpt2")
+    model.module.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(str(tmp_path / "ckpt"))
+    ids = torch.randint(0, 512, (2, 5))
+    assert torch.equal(loaded.module(input_ids=ids).logits, model.module(input_ids=ids).logits)
+    spec = tmp_path / "s.adapt"
+    spec.write_text("attn.qkv: lora r=4\n")
+    assert main(["compile", str(spec), "--model", str(tmp_path / "ckpt"),
+                 "--dump-passes", str(tmp_path / "dump")]) == 0
+    assert "lora_inserted=2" in capsys.readouterr().out
+    dumps = sorted(p.name for p in (tmp_path / "dump").iterdir())
+    assert dumps[:2] == ["01_locate_sites.py", "02_insert_lora.py"]
+    assert "c_attn.lora" in (tmp_path / "dump" / "02_insert_lora.py").read_text()
+
+
+def test_bad_checkpoint_directories(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json: cannot read the model config"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelError, match="cannot load the checkpoint weights"):
+        load_model(str(tmp_path))
+
+
+class Broken:
+    name = "broken"
+
+    def run(self, gm, ctx):
+        raise RuntimeError("boom")
+
+
+class Fine:
+    name = "fine"
+
+    def run(self, gm, ctx):
+        from adaptc.passes import PassResult
+        return PassResult(gm, False)
+
+
+def test_pass_failure_names_the_pass_and_those_before(tiny):
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with pytest.raises(PassError, match=r"pass 'broken' failed \(after: fine\): boom") as info:
+        PassManager([Fine(), Broken()]).run(gm, CompileContext(None, None, []))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert adaptc.PassError is PassError
