@@ -10,6 +10,9 @@ from helpers import lm_loss, next_token_batch
 
 @pytest.mark.parametrize("spec", [
     "q_proj,v_proj: lora r=8 alpha=16",
+    "q_proj,v_proj: lora r=8 alpha=16 init=pissa",
+    "*_proj: lora r=8 alpha=16 freeze_a",
+    "*_proj: lora r=8 alpha=16 dora",
     "ffn: adapter bottleneck=32",
     "q_proj,v_proj: lora r=4 alpha=8; mixture moe k=2 experts=4",
 ])

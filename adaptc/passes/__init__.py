@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.freeze_base import FreezeBase
+from adaptc.passes.insert_dora import InsertDora
 from adaptc.passes.insert_bottleneck import InsertBottleneck
 from adaptc.passes.insert_lora import InsertLora
 from adaptc.passes.insert_mixture import InsertMixture
@@ -14,7 +15,8 @@ from adaptc.passes.verify import Verify
 def default_pipeline(mode: str = "train") -> list[Pass]:
     return [
         LocateSites(),       # bind resolved targets to traced linear nodes
-        InsertLora(),        # W₀x + s·B·A·x beside each LoRA site
+        InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
+        InsertDora(),        # LoRA sites with `dora`: magnitude × normalised (W₀ + s·B·A) x
         InsertMixture(),     # or, with a mixture statement, routed LoRA experts there
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)
         FreezeBase(),        # only adapter parameters train
