@@ -32,6 +32,7 @@ INITS = ("kaiming", "gaussian", "pissa")
 class LoraConfig:
     method: ClassVar[str] = "lora"
     adapts: ClassVar[tuple[str, ...]] = ("linear",)
+    rewrites_layer: ClassVar[bool] = True  # E305: one such method per linear layer
 
     r: int = option(8, "rank of the update B·A", low=1)
     alpha: float = option(8.0, "scale numerator: the update is multiplied by alpha/r", low=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.freeze_base import FreezeBase
 from adaptc.passes.insert_dora import InsertDora
+from adaptc.passes.insert_ia3 import InsertIa3
 from adaptc.passes.insert_bottleneck import InsertBottleneck
 from adaptc.passes.insert_lora import InsertLora
 from adaptc.passes.insert_mixture import InsertMixture
@@ -18,6 +19,7 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
         InsertDora(),        # LoRA sites with `dora`: magnitude × normalised (W₀ + s·B·A) x
         InsertMixture(),     # or, with a mixture statement, routed LoRA experts there
+        InsertIa3(),         # l ⊙ output (keys, values) or W₀(l ⊙ x) (FFN down projections)
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)
         FreezeBase(),        # only adapter parameters train
         Verify(),            # lint, reachability, recompile

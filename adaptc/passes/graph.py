@@ -51,6 +51,36 @@ def splice(gm: GraphModule, output: Node, adapter_input: Node, target: str, adap
     return total
 
 
+def wrap_output(gm: GraphModule, output: Node, target: str, adapter: nn.Module,
+                method: str) -> Node:
+    """Register `adapter` at `target`; every user of `output` reads `adapter(output)`."""
+    gm.add_submodule(target, adapter)
+    with gm.graph.inserting_after(output):
+        wrapped = gm.graph.call_module(target, (output,))
+    mark(wrapped, output, method)
+    output.replace_all_uses_with(wrapped, delete_user_cb=lambda user: user is not wrapped)
+    return wrapped
+
+
+def wrap_input(gm: GraphModule, node: Node, source: Node, target: str, adapter: nn.Module,
+               method: str) -> Node:
+    """Register `adapter` at `target`; `node` (only) reads `adapter(source)` for `source`."""
+    gm.add_submodule(target, adapter)
+    with gm.graph.inserting_before(node):
+        wrapped = gm.graph.call_module(target, (source,))
+    mark(wrapped, source, method)
+    node.replace_input_with(source, wrapped)
+    return wrapped
+
+
+def mark(new: Node, like: Node, method: str) -> None:
+    """Module path, inserting method and (same-shaped) value metadata for an inserted node."""
+    new.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
+    new.meta[INSERTED] = method
+    if "val" in like.meta:
+        new.meta["val"] = like.meta["val"]
+
+
 def linear_weight(node: Node) -> Node:
     """The get_attr node of the weight a linear node reads."""
     return node.args[LINEAR_OPS[node.target][1]]
