@@ -161,7 +161,9 @@ def test_every_semantic_code_is_exercised():
 # ---- notes --------------------------------------------------------------------------------
 
 def test_unknown_method_lists_known_ones():
-    assert only_problem("q: bottleneck").notes == ("known methods: adapter, lora",)
+    from adaptc.methods import METHODS
+    assert only_problem("q: bottleneck").notes == (f"known methods: {', '.join(sorted(METHODS))}",)
+    assert {"adapter", "lora"} <= set(METHODS)
 
 
 def test_unknown_kind_lists_known_ones():
