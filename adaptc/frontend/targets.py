@@ -124,7 +124,8 @@ def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic
     problems, seen = [], set()
     for a in assignments:
         r = getattr(a.rule.config, "r", None)
-        if r is None or a.site.kind != "linear" or a.rule.index in seen:
+        bounded = getattr(type(a.rule.config), "rank_bound", True)
+        if r is None or not bounded or a.site.kind != "linear" or a.rule.index in seen:
             continue
         limit = min(a.site.in_features, a.site.out_features)
         if r > limit:
