@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 
 from adaptc.errors import AdaptcError
 from adaptc.frontend.models import LoadedModel, load_model, wrap
-from adaptc.frontend.sites import layer_count, site_table
+from adaptc.frontend.sites import layer_count, parameter_table, site_table
 from adaptc.frontend.targets import resolve
 from adaptc.frontend.trace import trace
 from adaptc.passes import CompileContext, PassManager, default_pipeline
@@ -70,7 +70,7 @@ def prepare(model, spec, mode: str, example_inputs: dict | None = None) -> Compi
                           "compile with --mode train")
     plan, loaded = as_plan(spec), as_model(model, example_inputs)
     sites = site_table(loaded.module)
-    assignments = resolve(plan, sites, loaded.family)
+    assignments = resolve(plan, sites, loaded.family, parameter_table(loaded.module))
     return CompileContext(plan, loaded, assignments, mode, layer_count(sites))
 
 

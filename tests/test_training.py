@@ -15,6 +15,7 @@ CASES = [
     ("*_proj: lora r=8 alpha=16 dora", 1e-2, 0.8),
     ("*_proj: vera r=64", 5e-2, 0.8),  # VeRA trains vectors: higher rates, as in the paper
     ("ffn: adapter bottleneck=32", 1e-2, 0.8),
+    ("*norm*: train", 5e-2, 0.9),  # 640 numbers: like (IA)³, moves the loss only
     ("q_proj,v_proj: lora r=4 alpha=8; mixture moe k=2 experts=4", 1e-2, 0.8),
     # (IA)³ trains 944 numbers here (LoRA r=8 on q,v: 7,168) and only rescales activations
     # of a random tiny model: it is expected to move the loss, not to fit the task

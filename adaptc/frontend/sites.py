@@ -15,7 +15,8 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 @dataclass(frozen=True)
 class Site:
-    """A named submodule: `kind` is "linear" for nn.Linear / GPT-2 Conv1D, else "module"."""
+    """A named submodule: `kind` is "linear" for nn.Linear / GPT-2 Conv1D, else "module";
+    or, in the parameter table, a parameter (`kind` "parameter", `out_features` its size)."""
 
     path: str
     type_name: str
@@ -49,6 +50,16 @@ def site_table(model: nn.Module) -> list[Site]:
         index = LAYER_INDEX.search(path)
         sites.append(Site(path, type(module).__name__, "linear" if shape else "module",
                           shape[0] if shape else None, shape[1] if shape else None,
+                          int(index.group(1)) if index else None))
+    return sites
+
+
+def parameter_table(model: nn.Module) -> list[Site]:
+    """Every parameter (tied ones once) as a site of kind "parameter", for `train` statements."""
+    sites = []
+    for path, param in model.named_parameters():
+        index = LAYER_INDEX.search(path)
+        sites.append(Site(path, "Parameter", "parameter", None, param.numel(),
                           int(index.group(1)) if index else None))
     return sites
 

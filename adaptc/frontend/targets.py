@@ -60,18 +60,31 @@ def matches(pattern: str, path: str) -> bool:
         fnmatchcase(seg, pat) for seg, pat in zip(have[-len(want):], want))
 
 
+def owner_matches(pattern: str, path: str) -> bool:
+    """A parameter path matches when the pattern matches it or a module that owns it:
+    `*.bias` ~ `encoder.layer.0.output.dense.bias`, `*norm*` ~ `model.norm.weight`."""
+    parts = path.split(".")
+    return any(matches(pattern, ".".join(parts[:end])) for end in range(len(parts), 0, -1))
+
+
 def expand(pattern: str, family: str | None) -> list[str]:
     return ALIASES.get(family or "", {}).get(pattern, [pattern])
 
 
-def resolve(plan: Plan, sites: list[Site], family: str | None) -> list[Assignment]:
-    """Assign methods to sites; collect every located problem into one SpecError."""
+def resolve(plan: Plan, sites: list[Site], family: str | None,
+            params: list[Site] | None = None) -> list[Assignment]:
+    """Assign methods to sites; collect every located problem into one SpecError.
+
+    Methods that adapt parameters (`train`) are matched against `params`, the parameter
+    table, where a pattern names a parameter or any module that owns it."""
     n_layers = layer_count(sites)
+    params = params or []
     chosen: dict[tuple[str, str], Assignment] = {}
     problems: list[Diagnostic] = []
     for rule in plan.rules:
+        pool = params if "parameter" in rule.config.adapts else sites
         for target in rule.targets:
-            found = match_target(plan, rule, target, sites, family, n_layers, problems)
+            found = match_target(plan, rule, target, pool, family, n_layers, problems)
             for site in found:
                 chosen[(site.path, rule.config.method)] = Assignment(site, rule.config.method,
                                                                      rule, target)
@@ -79,14 +92,15 @@ def resolve(plan: Plan, sites: list[Site], family: str | None) -> list[Assignmen
     problems += layer_conflicts(plan, list(chosen.values()))
     if problems:
         raise SpecError(problems)
-    order = {s.path: i for i, s in enumerate(sites)}
+    order = {s.path: i for i, s in enumerate(sites + params)}
     return sorted(chosen.values(), key=lambda a: (order[a.site.path], a.method))
 
 
 def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], family: str | None,
                  n_layers: int, problems: list[Diagnostic]) -> list[Site]:
     patterns = expand(target.pattern, family)
-    found = [s for s in sites if any(matches(p, s.path) for p in patterns)]
+    test = owner_matches if "parameter" in rule.config.adapts else matches
+    found = [s for s in sites if any(test(p, s.path) for p in patterns)]
     if not found:
         problems.append(no_match(plan, target, sites, family))
         return []
@@ -110,13 +124,16 @@ def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], fami
 
 
 def no_match(plan: Plan, target: Target, sites: list[Site], family: str | None) -> Diagnostic:
-    names = sorted({s.path.split(".")[-1] for s in sites} | set(ALIASES.get(family or "", {})))
+    segments = {seg for s in sites for seg in s.path.split(".")[-2:] if not seg.isdigit()}
+    names = sorted(segments | set(ALIASES.get(family or "", {})))
     close = difflib.get_close_matches(target.pattern, names, n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    suffixes = [s.path for s in sites if s.layer in (None, 0) and s.kind == "linear"]
+    kinds = ("linear", "parameter")
+    suffixes = [s.path for s in sites if s.layer in (None, 0) and s.kind in kinds]
     nearest = difflib.get_close_matches(target.pattern, suffixes, n=5, cutoff=0.0)
-    notes = (f"nearest module names: {', '.join(nearest)}",) if nearest else ()
-    return diag(plan, target.span, "E301", f"'{target.pattern}' matches no module{hint}", notes)
+    what = "parameter" if sites and sites[0].kind == "parameter" else "module"
+    notes = (f"nearest {what} names: {', '.join(nearest)}",) if nearest else ()
+    return diag(plan, target.span, "E301", f"'{target.pattern}' matches no {what}{hint}", notes)
 
 
 def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic]:

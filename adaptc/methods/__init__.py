@@ -8,12 +8,13 @@ from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter, Ia3Config
 from adaptc.methods.lora import LoraAdapter, LoraConfig
 from adaptc.methods.mixture import MixtureConfig, MixtureOfLora
+from adaptc.methods.train import TrainConfig, TrainedParameters
 from adaptc.methods.vera import VeraAdapter, VeraConfig
 
 METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig, "ia3": Ia3Config,
-                            "vera": VeraConfig}
+                            "vera": VeraConfig, "train": TrainConfig}
 MIXTURES: dict[str, type] = {"moe": MixtureConfig}
 
 __all__ = ["METHODS", "MIXTURES", "AdapterConfig", "BottleneckAdapter", "DoraAdapter",
            "Ia3Adapter", "Ia3Config", "LoraAdapter", "LoraConfig", "MixtureConfig",
-           "MixtureOfLora", "VeraAdapter", "VeraConfig"]
+           "MixtureOfLora", "TrainConfig", "TrainedParameters", "VeraAdapter", "VeraConfig"]
