@@ -85,6 +85,7 @@ class VeraAdapter(nn.Module):
                                                 dtype=dtype))
         self.lambda_b = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._projections: tuple[VeraProjections, ...] = ()
 
     def forward(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         low = nn.functional.linear(self.dropout(x), A[:, :self.in_features])
@@ -93,13 +94,19 @@ class VeraAdapter(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lambda_d": self.lambda_d, "lambda_b": self.lambda_b}
 
-    def delta_weight(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    def share(self, projections: VeraProjections) -> None:
+        """Remember the shared pair for `merged` (in a tuple: it is registered once, at the
+        graph module's root, not as a submodule of every adapter)."""
+        self._projections = (projections,)
+
+    def delta_weight(self) -> torch.Tensor:
         """ΔW = diag(λ_b)·B[:out]·diag(λ_d)·A[:, :in] in float32, [out, in]."""
-        a = A[:, :self.in_features].float() * self.lambda_d.float()[:, None]
-        b = B[:self.out_features].float() * self.lambda_b.float()[:, None]
+        (shared,) = self._projections
+        a = shared.A[:, :self.in_features].float() * self.lambda_d.float()[:, None]
+        b = shared.B[:self.out_features].float() * self.lambda_b.float()[:, None]
         return b @ a
 
-    def merged(self, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-               B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W + ΔW, b) for `weight` [out, in] and the shared A, B; float32, cast back once."""
-        return (weight.float() + self.delta_weight(A, B)).to(weight.dtype), bias
+    def merged(self, weight: torch.Tensor, bias: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W + ΔW, b) for `weight` [out, in]; float32, cast back once."""
+        return (weight.float() + self.delta_weight()).to(weight.dtype), bias

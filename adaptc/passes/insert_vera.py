@@ -30,6 +30,7 @@ class InsertVera:
                 A, B = (gm.graph.get_attr(f"{name}.{t}") for t in ("A", "B"))
             adapter = VeraAdapter(config, site.in_features, site.out_features,
                                   **factory(gm, linear_weight(node).target))
+            adapter.share(gm.get_submodule(name))
             splice(gm, node, linear_input(node), f"{site.path}.vera", adapter, "vera",
                    extra_args=(A, B))
             ctx.sites.append(report(site, "vera", assignment, adapter))

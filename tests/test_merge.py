@@ -1,0 +1,73 @@
+"""Merge rules: each weight-space adapter's `merged(weight, bias)` folds it into the layer.
+
+The folded model is built by hand — a copy of the base model whose adapted layers get
+`merged(W, b)`, W being the [out, in] weight the graph's linear reads (PiSSA: the residual) —
+and must equal the unmerged compiled graph within 1e-5 (float32)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import adaptc
+from helpers import inputs, main_output
+
+TOL = 1e-5
+CASES = [
+    ("llama", "q_proj,v_proj: lora r=4 alpha=8"),
+    ("gpt2", "c_attn,c_fc: lora r=4 alpha=8 rslora"),
+    ("llama", "q_proj,down_proj: lora r=4 alpha=8 init=pissa"),
+    ("llama", "q_proj,v_proj,down_proj: lora r=4 alpha=8 dora"),
+    ("gpt2", "c_attn,mlp.c_proj: lora r=4 alpha=8 dora"),
+    ("bert", "query,intermediate.dense: lora r=4 alpha=8 dora init=pissa"),
+    ("llama", "k_proj,v_proj: ia3\ndown_proj: ia3 feedforward"),
+    ("gpt2", "c_attn: ia3\nmlp.c_proj: ia3 feedforward"),
+    ("bert", "key,value: ia3\noutput.dense: ia3 feedforward"),
+    ("llama", "q_proj,v_proj,down_proj: vera r=16"),
+    ("gpt2", "c_attn,c_fc: vera r=16"),
+]
+
+
+def perturb(gm, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(gm).values():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def fold_by_hand(model, gm):
+    """A copy of the base model with every adapted layer's weight and bias replaced by
+    `adapter.merged(W, b)`."""
+    folded = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, adapter in adaptc.adapters.adapter_modules(gm).items():
+            layer = folded.get_submodule(path.rsplit(".", 1)[0])
+            conv1d = type(layer).__name__ == "Conv1D"
+            read = getattr(adapter, "residual", layer.weight)  # what the graph's linear reads
+            weight, bias = adapter.merged(read.t() if conv1d else read, layer.bias)
+            layer.weight.copy_(weight.t() if conv1d else weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+    return folded
+
+
+@pytest.mark.parametrize("family,spec", CASES, ids=[f"{f}:{s}" for f, s in CASES])
+def test_merged_equals_unmerged(tiny, family, spec):
+    model = tiny(family)
+    gm = adaptc.compile(model, spec)
+    perturb(gm)
+    x = inputs()
+    unmerged = main_output(gm(**x))
+    folded = main_output(fold_by_hand(model.module, gm)(**x))
+    assert (unmerged - folded).abs().max().item() <= TOL
+    assert (unmerged - main_output(model.module(**x))).abs().max().item() > 1e-3
+
+
+def test_merged_casts_back_once(tiny):
+    """Folding happens in float32 and the result comes back in the weight's dtype."""
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=4 dora")
+    adapter = next(iter(adaptc.adapters.adapter_modules(gm).values()))
+    weight = torch.randn(128, 128).to(torch.bfloat16)
+    folded, bias = adapter.merged(weight, None)
+    assert folded.dtype == torch.bfloat16 and bias is None
