@@ -59,6 +59,12 @@ def load_adapters(module: nn.Module, path: str | Path) -> None:
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
+    load_adapter_tensors(module, tensors, str(path))
+
+
+def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` (adapter state names → values) into the module; all or nothing."""
+    path = source
     params = adapter_state_dict(module)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))

@@ -1,4 +1,4 @@
-"""The `adaptc` command line: compile, inspect, check, passes.
+"""The `adaptc` command line: compile, inspect, check, import-peft, export-peft, passes.
 
 User errors (spec, model, weights, output) print their message and exit 1 with no
 traceback; argument errors exit 2.
@@ -50,6 +50,20 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("spec")
     check.set_defaults(run=run_check)
 
+    imp = sub.add_parser("import-peft", help="print the spec equivalent to a PEFT adapter "
+                         "directory (adapter_config.json) for a model")
+    imp.add_argument("directory")
+    imp.add_argument("--model", default=DEFAULT_MODEL, help=models)
+    imp.add_argument("-o", "--output", help="also write the spec to this .adapt file")
+    imp.set_defaults(run=run_import_peft)
+
+    exp = sub.add_parser("export-peft", help="write an artifact's adapters as a PEFT adapter "
+                         "directory")
+    exp.add_argument("artifact", help="a directory written by `adaptc compile -o`")
+    exp.add_argument("output")
+    exp.add_argument("--task-type", help="PEFT task_type to record (e.g. CAUSAL_LM)")
+    exp.set_defaults(run=run_export_peft)
+
     passes = sub.add_parser("passes", help="print the pass pipeline in order")
     passes.add_argument("--mode", default="train", choices=("train", "infer"))
     passes.set_defaults(run=run_passes)
@@ -91,6 +105,27 @@ def run_check(args) -> int:
     plan = lower(load_spec(args.spec))
     mixture = " + mixture" if plan.mixture else ""
     print(f"{args.spec}: ok ({len(plan.rules)} attach statements{mixture})")
+    return 0
+
+
+def run_import_peft(args) -> int:
+    from pathlib import Path
+
+    from adaptc.peft_interop import spec_from_peft
+
+    spec = spec_from_peft(args.directory, args.model)
+    print(spec, end="")
+    if args.output:
+        Path(args.output).write_text(spec)
+    return 0
+
+
+def run_export_peft(args) -> int:
+    from adaptc.artifact import load
+    from adaptc.peft_interop import export_peft
+
+    out = export_peft(load(args.artifact), args.output, task_type=args.task_type)
+    print(f"wrote {out}/ (adapter_config.json, adapter_model.safetensors)")
     return 0
 
 

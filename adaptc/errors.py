@@ -75,6 +75,13 @@ class ArtifactError(AdaptcError):
     code = "E600"
 
 
+class InteropError(AdaptcError):
+    """A PEFT adapter directory adaptc cannot read or a compiled module it cannot write as one
+    without changing the model; the message names the option, module or method at fault."""
+
+    code = "E800"
+
+
 class PassError(AdaptcError):
     """A compiler pass failed; names the pass and those that ran before it, chains the cause."""
 

@@ -1,0 +1,463 @@
+"""PEFT interop: compiled adapters ⇄ PEFT adapter directories.
+
+A PEFT adapter directory is `adapter_config.json` + `adapter_model.safetensors`, with tensor
+names like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+
+Export (`export_peft`) writes a compiled module's `lora` (with rsLoRA, PiSSA, DoRA), `ia3` or
+`vera` adapters as one such directory; `PeftModel.from_pretrained` on it gives our outputs.
+Target modules are written as full module paths (PEFT matches them exactly), per-module
+ranks and alphas as `rank_pattern` / `alpha_pattern` entries.
+
+Import (`spec_from_peft`, `import_peft`) resolves the config against the model with PEFT's
+own matching rules (list entries: exact or `.suffix`; a string: a regex over the whole path;
+`layers_to_transform`; `rank_pattern`), writes an adapt spec that selects exactly those
+modules (short names when they are exact, full paths otherwise; checked by resolving it),
+compiles it and loads the weights. Anything PEFT would treat differently is an
+`InteropError` naming the option, never a silently different model: a `target_modules`
+entry that matches no module (PEFT skips it), an option adaptc does not implement, a
+PEFT type other than LORA, IA3 and VERA.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adaptc.adapters import adapter_modules, load_adapter_tensors
+from adaptc.errors import InteropError, SpecError, WeightsError
+from adaptc.frontend.models import LoadedModel
+from adaptc.frontend.sites import Site, site_table
+from adaptc.frontend.targets import ALIASES, matches, resolve
+from adaptc.methods.dora import DoraAdapter
+from adaptc.methods.ia3 import Ia3Adapter
+from adaptc.methods.lora import LoraAdapter
+from adaptc.methods.vera import VeraAdapter, VeraProjections
+
+PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
+
+
+# ---- export -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One adapted layer of a compiled module: its path, adapter, and weight layout."""
+
+    site: str
+    adapter: nn.Module
+    conv1d: bool  # GPT-2 Conv1D: PEFT's fan_in_fan_out
+
+
+def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None) -> Path:
+    """Write the module's adapters as a PEFT adapter directory `out`."""
+    entries = exported_entries(module)
+    kinds = {peft_kind(e.adapter) for e in entries}
+    if len(kinds) != 1:
+        raise InteropError("a PEFT adapter directory holds one method; this module has "
+                           f"{' and '.join(sorted(kinds))} adapters")
+    kind = kinds.pop()
+    config, tensors = EXPORTERS[kind](module, entries)
+    config.update({"peft_type": kind, "task_type": task_type, "base_model_name_or_path": None,
+                   "revision": None, "inference_mode": True, "modules_to_save": None,
+                   "fan_in_fan_out": one_value(entries, "fan_in_fan_out",
+                                               lambda e: e.conv1d)})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "producer": "adaptc"})
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def exported_entries(module: nn.Module) -> list[Entry]:
+    from adaptc.compiler import report_of
+
+    types = {row["path"]: row.get("type") for row in report_of(module).sites}
+    entries = []
+    for path, adapter in adapter_modules(module).items():
+        if peft_kind(adapter) is None:
+            raise InteropError(f"'{path}' is a {type(adapter).__name__}: PEFT has no "
+                               "equivalent adapter (export supports lora, dora, ia3, vera)")
+        site = path.rpartition(".")[0]
+        entries.append(Entry(site, adapter, types.get(site) == "Conv1D"))
+    if not entries:
+        raise InteropError("the module has no adapters to export")
+    return entries
+
+
+def peft_kind(adapter: nn.Module) -> str | None:
+    if isinstance(adapter, LoraAdapter):  # DoraAdapter too: use_dora
+        return "LORA"
+    if isinstance(adapter, Ia3Adapter):
+        return "IA3"
+    if isinstance(adapter, VeraAdapter):
+        return "VERA"
+    return None
+
+
+def one_value(entries: list[Entry], key: str, read) -> object:
+    """The value every entry shares for a PEFT-global option, or an InteropError."""
+    values = {read(e) for e in entries}
+    if len(values) > 1:
+        raise InteropError(f"PEFT has one '{key}' per adapter; these layers differ: "
+                           f"{', '.join(sorted(map(str, values)))}")
+    return values.pop()
+
+
+def number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def export_lora(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
+    def option(attr):
+        return lambda e: getattr(e.adapter.config, attr)
+
+    init = one_value(entries, "init_lora_weights", option("init"))
+    (r, alpha), _ = Counter((e.adapter.config.r, e.adapter.config.alpha)
+                            for e in entries).most_common(1)[0]
+    config = {
+        "r": r, "lora_alpha": number(alpha), "init_lora_weights": PEFT_INIT[init], "bias": "none",
+        "lora_dropout": number(one_value(entries, "lora_dropout", option("dropout"))),
+        "use_rslora": one_value(entries, "use_rslora", option("rslora")),
+        "use_dora": one_value(entries, "use_dora", lambda e: isinstance(e.adapter, DoraAdapter)),
+        "target_modules": sorted(e.site for e in entries),
+        "rank_pattern": {re.escape(e.site): e.adapter.config.r for e in entries
+                         if e.adapter.config.r != r},
+        "alpha_pattern": {re.escape(e.site): number(e.adapter.config.alpha) for e in entries
+                          if e.adapter.config.alpha != alpha}}
+    tensors = {}
+    for e in entries:
+        tensors[f"{PREFIX}{e.site}.lora_A.weight"] = e.adapter.A
+        tensors[f"{PREFIX}{e.site}.lora_B.weight"] = e.adapter.B
+        if isinstance(e.adapter, DoraAdapter):
+            tensors[f"{PREFIX}{e.site}.lora_magnitude_vector"] = e.adapter.magnitude
+    return config, tensors
+
+
+def export_ia3(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
+    config = {"target_modules": sorted(e.site for e in entries), "init_ia3_weights": True,
+              "feedforward_modules": sorted(e.site for e in entries
+                                            if e.adapter.config.feedforward)}
+    tensors = {f"{PREFIX}{e.site}.ia3_l": e.adapter.scale.reshape(
+        (1, -1) if e.adapter.config.feedforward else (-1, 1)) for e in entries}
+    return config, tensors
+
+
+def export_vera(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
+    r = one_value(entries, "r", lambda e: e.adapter.config.r)
+    seed = one_value(entries, "projection_prng_key", lambda e: e.adapter.config.seed)
+    config = {"r": r, "projection_prng_key": seed, "save_projection": True, "bias": "none",
+              "vera_dropout": number(one_value(entries, "vera_dropout",
+                                               lambda e: e.adapter.config.dropout)),
+              "d_initial": entries[0].adapter.config.d_init, "init_weights": True,
+              "target_modules": sorted(e.site for e in entries)}
+    (shared,) = entries[0].adapter._projections
+    tensors = {"base_model.vera_A": shared.A, "base_model.vera_B": shared.B}
+    for e in entries:
+        tensors[f"{PREFIX}{e.site}.vera_lambda_d"] = e.adapter.lambda_d
+        tensors[f"{PREFIX}{e.site}.vera_lambda_b"] = e.adapter.lambda_b
+    return config, tensors
+
+
+EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera}
+
+
+# ---- import: reading and checking the config ----------------------------------------------
+
+METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+            "auto_mapping", "peft_version"}
+ANY_VALUE = {"qalora_group_size", "megatron_core"}  # only read when another option is on
+HANDLED = {
+    "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
+             "target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform",
+             "layers_pattern", "fan_in_fan_out", "bias"},
+    "IA3": {"target_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
+    "VERA": {"r", "projection_prng_key", "d_initial", "vera_dropout", "save_projection",
+             "target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+             "init_weights", "bias"},
+}
+LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa"}
+
+
+def read_config(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InteropError(f"{path}: cannot read the PEFT adapter config: {err}") from None
+    kind = config.get("peft_type")
+    if kind not in HANDLED:
+        raise InteropError(f"{path}: peft_type {kind!r} is not supported (adaptc reads "
+                           f"{', '.join(HANDLED)})")
+    for key, value in config.items():
+        if key in METADATA or key in ANY_VALUE or key in HANDLED[kind]:
+            continue
+        if value not in (None, False, {}, [], ""):
+            raise InteropError(f"{path}: option {key}={value!r} is not supported by adaptc")
+    if config.get("bias", "none") != "none":
+        raise InteropError(f"{path}: option bias={config['bias']!r} is not supported by adaptc "
+                           "(write a `*.bias: train` statement alongside instead)")
+    return config
+
+
+def selected_sites(config: dict, sites: list[Site], where: str) -> list[Site]:
+    """The linear sites PEFT adapts for this config, in model order (PEFT's matching rules)."""
+    targets = config.get("target_modules")
+    if targets is None:
+        raise InteropError(f"{where}: target_modules is null (PEFT would pick per-model "
+                           "defaults); list the modules explicitly")
+    if isinstance(targets, str):
+        found = [s for s in sites if re.fullmatch(targets, s.path)]
+        if not found:
+            raise InteropError(f"{where}: target_modules regex {targets!r} matches no module")
+    else:
+        found = []
+        for entry in targets:
+            hits = [s for s in sites if s.path == entry or s.path.endswith(f".{entry}")]
+            if not hits:
+                raise InteropError(f"{where}: target_modules entry {entry!r} matches no module "
+                                   "of the model (PEFT would skip it silently)")
+            found += [s for s in hits if s not in found]
+        found = [s for s in found if in_layers(config, s.path)]  # lists only, as in PEFT
+    refused = [s for s in found if s.kind != "linear"]
+    if refused:
+        raise InteropError(f"{where}: target {refused[0].describe()} is not a linear layer; "
+                           "adaptc's PEFT import adapts linear layers only")
+    if not found:
+        raise InteropError(f"{where}: layers_to_transform leaves no module to adapt")
+    order = {s.path: i for i, s in enumerate(sites)}
+    return sorted(found, key=lambda s: order[s.path])
+
+
+def in_layers(config: dict, path: str) -> bool:
+    """PEFT's layers_to_transform / layers_pattern test for one module path."""
+    wanted = config.get("layers_to_transform")
+    if wanted is None or wanted == []:
+        return True
+    wanted = [wanted] if isinstance(wanted, int) else wanted
+    patterns = config.get("layers_pattern") or None
+    if patterns is None:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        found = next((m for p in patterns
+                      if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+    return found is not None and int(found.group("idx")) in wanted
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching `(.*\\.)?(key)$`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+# ---- import: options per module and tensor names -----------------------------------------
+
+def lora_options(config: dict, site: Site, where: str) -> str:
+    init = config.get("init_lora_weights", True)
+    if not (init is True or init is False or init in ("gaussian", "pissa")):
+        raise InteropError(f"{where}: init_lora_weights={init!r} is not supported (adaptc "
+                           "reads true, false, 'gaussian', 'pissa')")
+    r = pattern_value(config.get("rank_pattern") or {}, site.path, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, site.path,
+                          config.get("lora_alpha", 8))
+    words = [f"lora r={r} alpha={number(alpha)}"]
+    if config.get("lora_dropout"):
+        words.append(f"dropout={config['lora_dropout']}")
+    if config.get("use_rslora"):
+        words.append("rslora")
+    if config.get("use_dora"):
+        words.append("dora")
+    if LORA_INITS[init]:
+        words.append(f"init={LORA_INITS[init]}")
+    return " ".join(words)
+
+
+def feedforward(config: dict, path: str) -> bool:
+    """PEFT's IA3 test: a regex over the whole path, or `path.endswith(entry)` (no dot)."""
+    modules = config.get("feedforward_modules") or []
+    if isinstance(modules, str):
+        return re.fullmatch(modules, path) is not None
+    return any(path.endswith(entry) for entry in modules)
+
+
+def ia3_options(config: dict, site: Site, where: str) -> str:
+    return "ia3 feedforward" if feedforward(config, site.path) else "ia3"
+
+
+def vera_options(config: dict, site: Site, where: str) -> str:
+    words = [f"vera r={config.get('r', 256)} seed={config.get('projection_prng_key', 0)}",
+             f"d_init={config.get('d_initial', 0.1)}"]
+    if config.get("vera_dropout"):
+        words.append(f"dropout={config['vera_dropout']}")
+    return " ".join(words)
+
+
+OPTIONS = {"LORA": lora_options, "IA3": ia3_options, "VERA": vera_options}
+
+
+def tensor_names(kind: str, config: dict, path: str) -> dict[str, str]:
+    """PEFT tensor name → adaptc adapter state name, for one adapted module."""
+    peft = f"{PREFIX}{path}"
+    if kind == "LORA":
+        owner = "dora" if config.get("use_dora") else "lora"
+        names = {f"{peft}.lora_A.weight": f"{path}.{owner}.A",
+                 f"{peft}.lora_B.weight": f"{path}.{owner}.B"}
+        if config.get("use_dora"):
+            names[f"{peft}.lora_magnitude_vector"] = f"{path}.dora.magnitude"
+        return names
+    if kind == "IA3":
+        return {f"{peft}.ia3_l": f"{path}.ia3.scale"}
+    return {f"{peft}.vera_lambda_d": f"{path}.vera.lambda_d",
+            f"{peft}.vera_lambda_b": f"{path}.vera.lambda_b"}
+
+
+# ---- import: writing the spec -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeftImport:
+    """What a PEFT directory turns into: the spec text and how its tensors are named."""
+
+    kind: str
+    spec: str
+    names: dict[str, str]  # PEFT tensor name → adaptc adapter state name
+
+
+def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
+    where = str(Path(directory) / CONFIG)
+    config = read_config(directory)
+    kind = config["peft_type"]
+    sites = site_table(model.module)
+    chosen = selected_sites(config, sites, where)
+    groups: dict[str, list[str]] = {}
+    for site in chosen:
+        groups.setdefault(OPTIONS[kind](config, site, where), []).append(site.path)
+    spec = write_spec(kind, groups, sites, model.family)
+    names = {k: v for site in chosen for k, v in tensor_names(kind, config, site.path).items()}
+    return PeftImport(kind, spec, names)
+
+
+def write_spec(kind: str, groups: dict[str, list[str]], sites: list[Site],
+               family: str | None) -> str:
+    """One statement per distinct option set: short target names where they select exactly
+    the group (checked by resolving the spec), full module paths otherwise."""
+    header = f"# generated by adaptc from a PEFT adapter directory (peft_type {kind})"
+    short = [f"{', '.join(short_targets(paths, sites, family))}: {options}"
+             for options, paths in groups.items()]
+    text = "\n".join([header, *short]) + "\n"
+    if selects(text, groups, sites, family):
+        return text
+    full = [f"{', '.join(paths)}: {options}" for options, paths in groups.items()]
+    return "\n".join([header, *full]) + "\n"
+
+
+def short_targets(paths: list[str], sites: list[Site], family: str | None) -> list[str]:
+    """Targets for a group of module paths: per path, its shortest dotted suffix that matches
+    only paths of the group, with a layer selection where that makes it exact (`v_proj[1]`)."""
+    group, aliases = set(paths), set(ALIASES.get(family or "", {}))
+    layer_of = {s.path: s.layer for s in sites}
+    chosen: dict[str, set[int] | None] = {}
+    for path in paths:
+        suffix, layer = shortest_suffix(path, layer_of[path], group, sites, aliases)
+        if layer is None or chosen.get(suffix, set()) is None:
+            chosen[suffix] = None
+        else:
+            chosen.setdefault(suffix, set()).add(layer)
+    return [suffix if layers is None else f"{suffix}[{', '.join(map(str, sorted(layers)))}]"
+            for suffix, layers in chosen.items()]
+
+
+def shortest_suffix(path: str, layer: int | None, group: set[str], sites: list[Site],
+                    aliases: set[str]) -> tuple[str, int | None]:
+    parts = path.split(".")
+    for size in range(1, len(parts) + 1):
+        suffix = ".".join(parts[-size:])
+        if suffix in aliases or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", suffix):
+            continue
+        hits = [s for s in sites if matches(suffix, s.path)]
+        if all(s.path in group for s in hits):
+            return suffix, None
+        if layer is not None and all(s.path in group for s in hits if s.layer == layer):
+            return suffix, layer
+    return path, None
+
+
+def selects(text: str, groups: dict[str, list[str]], sites: list[Site],
+            family: str | None) -> bool:
+    """True when the spec resolves to exactly one statement per group's modules."""
+    from adaptc.spec import compile_spec
+
+    try:
+        assignments = resolve(compile_spec(text, "<peft>"), sites, family)
+    except SpecError:
+        return False
+    got = {a.site.path: a.rule.index for a in assignments}
+    want = {path: index for index, paths in enumerate(groups.values()) for path in paths}
+    return got == want
+
+
+# ---- import: entry points -----------------------------------------------------------------
+
+def spec_from_peft(directory: str | Path, model, example_inputs: dict | None = None) -> str:
+    """The adapt spec equivalent to a PEFT adapter directory, for `model` (a preset name,
+    checkpoint dir, nn.Module or LoadedModel)."""
+    from adaptc.compiler import as_model
+
+    return read_peft(directory, as_model(model, example_inputs)).spec
+
+
+def import_peft(model, directory: str | Path, example_inputs: dict | None = None):
+    """Compile the spec generated from a PEFT adapter directory onto `model` and load its
+    weights: the result computes what `PeftModel.from_pretrained(model, directory)` does."""
+    from adaptc.compiler import as_model, compile
+
+    loaded = as_model(model, example_inputs)
+    found = read_peft(directory, loaded)
+    gm = compile(loaded, found.spec)
+    tensors = read_weights(Path(directory) / WEIGHTS)
+    if found.kind == "VERA":
+        check_projections(gm, tensors, directory)
+    extra = sorted(set(tensors) - set(found.names))
+    missing = sorted(set(found.names) - set(tensors))
+    if missing or extra:
+        detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise WeightsError(f"{directory}/{WEIGHTS}: tensors do not match the adapter config "
+                           f"({len(missing)} missing, {len(extra)} unexpected; {detail})")
+    ours = {found.names[k]: v for k, v in tensors.items()}
+    if found.kind == "IA3":
+        ours = {k: v.reshape(-1) for k, v in ours.items()}
+    load_adapter_tensors(gm, ours, f"{directory}/{WEIGHTS}")
+    return gm
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise WeightsError(f"{path}: cannot read the PEFT adapter weights: {err}") from None
+    # older PEFT versions name DoRA's magnitude `...lora_magnitude_vector.weight`
+    return {k.removesuffix(".lora_magnitude_vector.weight") + ".lora_magnitude_vector"
+            if k.endswith(".lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
+
+
+def check_projections(gm: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
+    """VeRA's saved vera_A / vera_B (save_projection) must equal the ones adaptc regenerates."""
+    shared = [m for m in gm.children() if isinstance(m, VeraProjections)]
+    for name, attr in (("base_model.vera_A", "A"), ("base_model.vera_B", "B")):
+        saved = tensors.pop(name, None)
+        if saved is None:
+            continue
+        mine = getattr(shared[0], attr)
+        if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype), mine):
+            raise WeightsError(f"{directory}: the saved {name} differs from the projection "
+                               "adaptc regenerates from projection_prng_key")

@@ -1,0 +1,158 @@
+"""PEFT adapter directories both ways: export → PeftModel.from_pretrained gives our outputs;
+a PEFT directory → spec + weights gives PEFT's outputs; anything else is an InteropError."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, VeraConfig, get_peft_model
+
+import adaptc
+from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
+from helpers import inputs, main_output
+
+TOL = 1e-5
+
+
+def perturb(tensors, seed=0, scale=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.add_(torch.randn(tensor.shape, generator=gen) * scale)
+
+
+def close(a, b) -> float:
+    return (main_output(a) - main_output(b)).abs().max().item()
+
+
+# ---- export -------------------------------------------------------------------------------
+
+EXPORTS = [
+    ("llama", "q_proj,v_proj: lora r=4 alpha=8\nv_proj[1]: lora r=8 alpha=4"),
+    ("gpt2", "c_attn,c_fc: lora r=4 alpha=8 rslora"),
+    ("llama", "q_proj,down_proj: lora r=4 alpha=8 dora"),
+    ("llama", "q_proj,v_proj: lora r=4 alpha=8 init=pissa"),
+    ("bert", "key,value: ia3\noutput.dense: ia3 feedforward"),
+    ("llama", "q_proj,v_proj,down_proj: vera r=16 seed=3"),
+]
+
+
+@pytest.mark.parametrize("family,spec", EXPORTS, ids=[s.split(":")[0] + f"-{f}" for f, s in EXPORTS])
+def test_export_loads_in_peft(tiny, tmp_path, family, spec):
+    model = tiny(family)
+    gm = adaptc.compile(model, spec)
+    perturb(adaptc.adapter_state_dict(gm).values())
+    export_peft(gm, tmp_path)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path).eval()
+    x = inputs()
+    assert close(gm(**x), theirs(**x)) <= TOL
+    assert close(gm(**x), model.module(**x)) > 1e-3
+    assert theirs.get_nb_trainable_parameters()[0] in (0, adaptc.report_of(gm).trainable)
+
+
+def test_export_names_match_peft(tiny, tmp_path):
+    from safetensors.torch import load_file
+    gm = adaptc.compile(tiny("llama"), "q_proj[0]: lora r=2 dora")
+    export_peft(gm, tmp_path, task_type="CAUSAL_LM")
+    names = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    stem = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert names == {f"{stem}.lora_A.weight", f"{stem}.lora_B.weight",
+                     f"{stem}.lora_magnitude_vector"}
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("q_proj: lora r=2\nk_proj: ia3", "holds one method; this module has IA3 and LORA"),
+    ("q_proj: lora r=2\nv_proj: lora r=2 rslora", "one 'use_rslora' per adapter"),
+    ("ffn: adapter bottleneck=4", "BottleneckAdapter: PEFT has no equivalent"),
+    ("*norm*: train", "TrainedParameters: PEFT has no equivalent"),
+])
+def test_export_refuses_what_peft_cannot_hold(tiny, tmp_path, spec, message):
+    gm = adaptc.compile(tiny("llama"), spec)
+    with pytest.raises(adaptc.AdaptcError, match=message):
+        export_peft(gm, tmp_path)
+
+
+# ---- import -------------------------------------------------------------------------------
+
+def saved_peft(model, config, folder, seed=0):
+    twin = get_peft_model(copy.deepcopy(model.module), config)
+    perturb([p for p in twin.parameters() if p.requires_grad], seed)
+    twin.save_pretrained(folder)
+    return twin.eval()
+
+
+IMPORTS = [
+    ("llama", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                         rank_pattern={"layers.1.self_attn.v_proj": 8}, alpha_pattern={"q_proj": 16}),
+     "q_proj: lora r=4 alpha=16\nv_proj[0]: lora r=4 alpha=8\nv_proj[1]: lora r=8 alpha=8\n"),
+    ("llama", LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.1\.self_attn\.(k|o)_proj",
+                         use_dora=True),
+     "k_proj[1], o_proj[1]: lora r=4 alpha=8 dora"),
+    ("gpt2", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                        use_rslora=True), "c_attn: lora r=4 alpha=8 rslora"),
+    ("bert", LoraConfig(r=4, lora_alpha=8, target_modules=["dense"]), None),
+    ("bert", IA3Config(target_modules=["key", "value", "output.dense"],
+                       feedforward_modules=["output.dense"]), "output.dense: ia3 feedforward"),
+    ("llama", VeraConfig(r=8, target_modules=["q_proj", "down_proj"], projection_prng_key=5),
+     "q_proj, down_proj: vera r=8 seed=5"),
+]
+
+
+@pytest.mark.parametrize("family,config,fragment", IMPORTS,
+                         ids=[f"{f}-{type(c).__name__}-{i}" for i, (f, c, _) in enumerate(IMPORTS)])
+def test_import_equals_peft(tiny, tmp_path, family, config, fragment):
+    model = tiny(family)
+    twin = saved_peft(model, config, tmp_path)
+    spec = spec_from_peft(tmp_path, model)
+    if fragment:
+        assert fragment in spec
+    gm = import_peft(model, tmp_path)
+    x = inputs()
+    assert close(gm(**x), twin(**x)) <= TOL
+    assert adaptc.report_of(gm).trainable == twin.get_nb_trainable_parameters()[0]
+
+
+def test_import_layers_to_transform_writes_paths(tiny, tmp_path):
+    model = tiny("llama")
+    saved_peft(model, LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1]),
+               tmp_path)
+    spec = spec_from_peft(tmp_path, model)
+    assert spec.splitlines()[1] == "q_proj[1]: lora r=2 alpha=8"
+
+
+def broken(tmp_path, model, **changes):
+    saved_peft(model, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"target_modules": ["q_proj", "qproj"]}, "entry 'qproj' matches no module of the model"),
+    ({"target_modules": ["mlp"]}, "is not a linear layer"),
+    ({"target_modules": None}, "target_modules is null"),
+    ({"lora_bias": True}, "option lora_bias=True is not supported"),
+    ({"modules_to_save": ["lm_head"]}, "option modules_to_save"),
+    ({"bias": "all"}, "bias='all' is not supported"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
+    ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
+])
+def test_import_refuses_what_it_would_change(tiny, tmp_path, changes, message):
+    model = tiny("llama")
+    broken(tmp_path, model, **changes)
+    with pytest.raises(adaptc.AdaptcError, match=message):
+        import_peft(model, tmp_path)
+
+
+def test_cli_import_peft_prints_the_spec(tiny, tmp_path, capsys):
+    from adaptc.cli import main
+    model = tiny("llama")
+    saved_peft(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), tmp_path)
+    assert main(["import-peft", str(tmp_path), "--model", "llama"]) == 0
+    assert "q_proj, v_proj: lora r=2 alpha=4" in capsys.readouterr().out
