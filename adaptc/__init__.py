@@ -12,9 +12,10 @@ from adaptc.compiler import CompileReport, compile, report_of  # noqa: E402
 from adaptc.errors import (AdaptcError, ArtifactError, ModelError, PassError,  # noqa: E402
                            SpecError, WeightsError)
 from adaptc.inspection import inspect  # noqa: E402
+from adaptc.methods.adalora import AdaLoraAllocator, orth_loss  # noqa: E402
 from adaptc.optim import loraplus_param_groups  # noqa: E402
 
-__all__ = ["AdaptcError", "ArtifactError", "CompileReport", "ModelError", "PassError",
-           "SpecError", "WeightsError", "__version__", "adapter_state_dict", "balance_loss",
-           "compile", "inspect", "load", "load_adapters", "loraplus_param_groups", "report_of",
-           "save_adapters", "write_artifact"]
+__all__ = ["AdaLoraAllocator", "AdaptcError", "ArtifactError", "CompileReport", "ModelError",
+           "PassError", "SpecError", "WeightsError", "__version__", "adapter_state_dict",
+           "balance_loss", "compile", "inspect", "load", "load_adapters", "loraplus_param_groups",
+           "orth_loss", "report_of", "save_adapters", "write_artifact"]

@@ -84,8 +84,8 @@ def exported_entries(module: nn.Module) -> list[Entry]:
     entries = []
     for path, adapter in adapter_modules(module).items():
         if peft_kind(adapter) is None:
-            raise InteropError(f"'{path}' is a {type(adapter).__name__}: PEFT has no "
-                               "equivalent adapter (export supports lora, dora, ia3, vera)")
+            raise InteropError(f"'{path}' is a {type(adapter).__name__}: adaptc exports "
+                               "lora (with rslora, pissa, dora), ia3 and vera adapters to PEFT")
         site = path.rpartition(".")[0]
         entries.append(Entry(site, adapter, types.get(site) == "Conv1D"))
     if not entries:

@@ -26,6 +26,7 @@ CASES = [
     ("bert", "key,value: ia3\noutput.dense: ia3 feedforward"),
     ("llama", "q_proj,v_proj,down_proj: vera r=16"),
     ("gpt2", "c_attn,c_fc: vera r=16"),
+    ("llama", "q_proj,down_proj: adalora init_r=6 target_r=2 total_step=10"),
 ]
 
 

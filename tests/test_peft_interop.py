@@ -68,8 +68,9 @@ def test_export_names_match_peft(tiny, tmp_path):
 @pytest.mark.parametrize("spec,message", [
     ("q_proj: lora r=2\nk_proj: ia3", "holds one method; this module has IA3 and LORA"),
     ("q_proj: lora r=2\nv_proj: lora r=2 rslora", "one 'use_rslora' per adapter"),
-    ("ffn: adapter bottleneck=4", "BottleneckAdapter: PEFT has no equivalent"),
-    ("*norm*: train", "TrainedParameters: PEFT has no equivalent"),
+    ("ffn: adapter bottleneck=4", "BottleneckAdapter: adaptc exports lora"),
+    ("*norm*: train", "TrainedParameters: adaptc exports lora"),
+    ("q_proj: adalora total_step=5", "AdaLoraAdapter: adaptc exports lora"),
 ])
 def test_export_refuses_what_peft_cannot_hold(tiny, tmp_path, spec, message):
     gm = adaptc.compile(tiny("llama"), spec)

@@ -3,6 +3,7 @@ dataclass), its eager module (math and shapes in the docstring) and, where it ha
 merge rule. Eager adapter modules share one protocol: `adapter_parameters()` names the
 parameters the method added, so freezing, saving and merging never guess from names.
 """
+from adaptc.methods.adalora import AdaLoraAdapter, AdaLoraAllocator, AdaLoraConfig
 from adaptc.methods.bottleneck import AdapterConfig, BottleneckAdapter
 from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter, Ia3Config
@@ -12,9 +13,10 @@ from adaptc.methods.train import TrainConfig, TrainedParameters
 from adaptc.methods.vera import VeraAdapter, VeraConfig
 
 METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig, "ia3": Ia3Config,
-                            "vera": VeraConfig, "train": TrainConfig}
+                            "vera": VeraConfig, "adalora": AdaLoraConfig, "train": TrainConfig}
 MIXTURES: dict[str, type] = {"moe": MixtureConfig}
 
-__all__ = ["METHODS", "MIXTURES", "AdapterConfig", "BottleneckAdapter", "DoraAdapter",
-           "Ia3Adapter", "Ia3Config", "LoraAdapter", "LoraConfig", "MixtureConfig",
-           "MixtureOfLora", "TrainConfig", "TrainedParameters", "VeraAdapter", "VeraConfig"]
+__all__ = ["METHODS", "MIXTURES", "AdaLoraAdapter", "AdaLoraAllocator", "AdaLoraConfig",
+           "AdapterConfig", "BottleneckAdapter", "DoraAdapter", "Ia3Adapter", "Ia3Config",
+           "LoraAdapter", "LoraConfig", "MixtureConfig", "MixtureOfLora", "TrainConfig",
+           "TrainedParameters", "VeraAdapter", "VeraConfig"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.freeze_base import FreezeBase
+from adaptc.passes.insert_adalora import InsertAdaLora
 from adaptc.passes.insert_dora import InsertDora
 from adaptc.passes.insert_ia3 import InsertIa3
 from adaptc.passes.insert_bottleneck import InsertBottleneck
@@ -21,6 +22,7 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
         InsertDora(),        # LoRA sites with `dora`: magnitude × normalised (W₀ + s·B·A) x
         InsertMixture(),     # or, with a mixture statement, routed LoRA experts there
+        InsertAdaLora(),     # W₀x + (α/r₀)·P·(Λ ⊙ Q·x), triplets pruned by AdaLoraAllocator
         InsertVera(),        # W₀x + λ_b ⊙ B·(λ_d ⊙ A·x), A and B shared, frozen, from a seed
         InsertIa3(),         # l ⊙ output (keys, values) or W₀(l ⊙ x) (FFN down projections)
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)

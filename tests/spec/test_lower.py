@@ -121,6 +121,8 @@ INVALID = [
     ("q: lora\nmixture moe k=3 experts=[4, 2]", "E205", 2, 15, 16,
      "k=3 exceeds the number of experts (2)"),
     ("q: lora alpha=0 init=pissa", "E205", 1, 15, 16, "init=pissa needs alpha > 0"),
+    ("q: adalora", "E205", 1, 4, 11, "adalora needs total_step > 0"),
+    ("q: adalora total_step=10 tinit=10", "E205", 1, 32, 34, "leaves no budgeting phase"),
     # E206 duplicate key
     ("q: lora r=4 r=8", "E206", 1, 13, 14, "duplicate key 'r'"),
     ("q: lora\nmixture moe k=1 router=soft k=1", "E206", 2, 29, 30, "duplicate key 'k'"),

@@ -1,0 +1,33 @@
+"""Pass: add an AdaLoRA update beside every linear node assigned `adalora`.
+
+    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.adalora(x)
+
+The rank-budget schedule is not part of the graph: `adaptc.AdaLoraAllocator(module)` finds
+the inserted adapters and prunes their triplets during training.
+"""
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from adaptc.methods.adalora import AdaLoraAdapter
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.graph import factory, linear_input, linear_weight, splice
+from adaptc.passes.insert_lora import report
+
+
+class InsertAdaLora:
+    name = "insert_adalora"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        count = 0
+        for node in list(gm.graph.nodes):
+            assignment = node.meta.get(METHODS, {}).get("adalora")
+            if assignment is None:
+                continue
+            site = node.meta[SITE]
+            adapter = AdaLoraAdapter(assignment.rule.config, site.in_features, site.out_features,
+                                     **factory(gm, linear_weight(node).target))
+            splice(gm, node, linear_input(node), f"{site.path}.adalora", adapter, "adalora")
+            ctx.sites.append(report(site, "adalora", assignment, adapter))
+            count += 1
+        return PassResult(gm, count > 0, {"adalora_inserted": count})
