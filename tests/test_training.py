@@ -13,6 +13,7 @@ CASES = [
     ("q_proj,v_proj: lora r=8 alpha=16 init=pissa", 1e-2, 0.8),
     ("*_proj: lora r=8 alpha=16 freeze_a", 1e-2, 0.8),
     ("*_proj: lora r=8 alpha=16 dora", 1e-2, 0.8),
+    ("*_proj: quantize; *_proj: lora r=8 alpha=16", 1e-2, 0.8),  # QLoRA
     ("*_proj: vera r=64", 5e-2, 0.8),  # VeRA trains vectors: higher rates, as in the paper
     ("ffn: adapter bottleneck=32", 1e-2, 0.8),
     ("*norm*: train", 5e-2, 0.9),  # 640 numbers: like (IA)³, moves the loss only

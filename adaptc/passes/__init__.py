@@ -12,6 +12,7 @@ from adaptc.passes.insert_mixture import InsertMixture
 from adaptc.passes.insert_vera import InsertVera
 from adaptc.passes.locate_sites import LocateSites
 from adaptc.passes.manager import PassManager
+from adaptc.passes.quantize_weights import QuantizeWeights
 from adaptc.passes.train_parameters import TrainParameters
 from adaptc.passes.verify import Verify
 
@@ -26,6 +27,7 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
         InsertVera(),        # W₀x + λ_b ⊙ B·(λ_d ⊙ A·x), A and B shared, frozen, from a seed
         InsertIa3(),         # l ⊙ output (keys, values) or W₀(l ⊙ x) (FFN down projections)
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)
+        QuantizeWeights(),   # `quantize`: frozen weights stored as NF4, dequantised in the graph
         TrainParameters(),   # `train` statements: trainable copies of the selected parameters
         FreezeBase(),        # only adapter parameters train
         Verify(),            # lint, reachability, recompile

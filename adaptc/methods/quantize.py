@@ -1,0 +1,135 @@
+"""`quantize`: store frozen base weights in 4-bit NormalFloat (NF4) with double quantisation
+(QLoRA, Dettmers et al. 2023, arXiv:2305.14314) and dequantise them in the graph. With a
+`lora` statement on the same layers this is QLoRA: `*_proj: quantize` + `*_proj: lora r=8`.
+
+NF4 code q (16 values): the 2^4 quantiles of N(0, 1), built asymmetrically so 0 is exact,
+
+    q⁺ = Φ⁻¹(linspace(δ, ½, 9)[:-1]),  q⁻ = −Φ⁻¹(linspace(δ, ½, 8)[:-1]),  δ = 0.9677083,
+    q = sort(q⁺ ∪ {0} ∪ q⁻) / max|·|                           (bitsandbytes' table)
+
+Quantisation of W (flattened in storage order, blocks of `block` = 64 values):
+
+    c_b = max|W_b|,   i = argmin_k |W/c_b − q_k|   (4-bit index, two per byte)
+
+Double quantisation of the block constants c (blocks of `double_block` = 256):
+
+    μ = mean(c),  d_g = max|c_g − μ|,  c̃ = round(127·(c − μ)/d_g)  (int8)
+
+so a weight costs 4 + 8/64 + 32/(64·256) ≈ 4.127 bits instead of 4.5 (float32 constants)
+or 16/32. Dequantisation: W ≈ q[i]·(c̃·d_g/127 + μ). The second level is a symmetric
+linear int8 code per block, where bitsandbytes uses its dynamic 8-bit float map; both cost
+8 bits per constant.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from adaptc.methods.options import option
+
+OFFSET = 0.9677083
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 values in ascending order (float32), computed from normal quantiles."""
+    def ppf(p: torch.Tensor) -> torch.Tensor:
+        return math.sqrt(2) * torch.erfinv(2 * p - 1)
+
+    positive = ppf(torch.linspace(OFFSET, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -ppf(torch.linspace(OFFSET, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return (values / values.abs().max()).float()
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: ClassVar[str] = "quantize"
+    adapts: ClassVar[tuple[str, ...]] = ("linear",)
+
+    format: str = option("nf4", "storage format of the frozen weight", choices=("nf4",))
+    block: int = option(64, "values per NF4 block (one absmax constant each)", low=2)
+    double: bool = option(True, "quantise the block constants again (8-bit, QLoRA's double "
+                          "quantisation)")
+    double_block: int = option(256, "block constants per second-level block", low=2)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.block % 2:
+            return [("block", f"block={self.block} must be even (two 4-bit codes per byte)")]
+        return []
+
+
+def quantize_nf4(weight: torch.Tensor, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """NF4 codes and (double-quantised) block constants of `weight`; see the module doc."""
+    flat = weight.detach().float().reshape(-1)
+    pad = (-flat.numel()) % config.block
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, config.block)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    code = nf4_code().to(flat.device)
+    index = (scaled[..., None] - code).abs().argmin(dim=-1).to(torch.uint8).view(-1)
+    state = {"packed": (index[0::2] << 4) | index[1::2]}
+    if not config.double:
+        return {**state, "absmax": absmax}
+    mean = absmax.mean()
+    pad2 = (-absmax.numel()) % config.double_block
+    groups = torch.cat([absmax - mean, absmax.new_zeros(pad2)]).view(-1, config.double_block)
+    scale = groups.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    quantized = torch.round(127 * groups / scale[:, None]).to(torch.int8).view(-1)
+    return {**state, "absmax_q": quantized[:absmax.numel()], "absmax_scale": scale,
+            "absmax_mean": mean.reshape(1)}
+
+
+class Nf4Weight(nn.Module):
+    """A frozen weight stored as NF4 buffers; `forward()` (no inputs) returns the dequantised
+    weight in its original shape and dtype, so the graph reads `linear(x, <site>.nf4(), b)`.
+
+    Buffers: `packed` uint8 [n/2], and `absmax` float32 [n/block] or, with double
+    quantisation, `absmax_q` int8 [n/block], `absmax_scale` float32 [n/block/double_block],
+    `absmax_mean` float32 [1]; `code` (the 16 NF4 values) is a non-persistent buffer.
+    """
+
+    def __init__(self, weight: torch.Tensor, config: QuantizeConfig):
+        super().__init__()
+        self.config = config
+        self.shape, self.dtype = tuple(weight.shape), weight.dtype
+        if weight.device.type == "meta":
+            state = meta_state(weight.numel(), config)
+        else:
+            state = quantize_nf4(weight, config)
+        for name, tensor in state.items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("code", nf4_code().to(weight.device), persistent=False)
+
+    def absmax_values(self) -> torch.Tensor:
+        if not self.config.double:
+            return self.absmax
+        groups = self.absmax_q.float()
+        pad = (-groups.numel()) % self.config.double_block
+        groups = torch.cat([groups, groups.new_zeros(pad)]).view(-1, self.config.double_block)
+        values = (groups * (self.absmax_scale[:, None] / 127)).reshape(-1)
+        return values[:self.absmax_q.numel()] + self.absmax_mean
+
+    def forward(self) -> torch.Tensor:
+        index = torch.stack([self.packed >> 4, self.packed & 15], dim=1).reshape(-1).long()
+        blocks = self.code[index].view(-1, self.config.block) * self.absmax_values()[:, None]
+        numel = math.prod(self.shape)
+        return blocks.reshape(-1)[:numel].view(self.shape).to(self.dtype)
+
+    def stored_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "code")
+
+
+def meta_state(numel: int, config: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """Buffers of the right shapes and dtypes on `meta` (for counting full-size models)."""
+    blocks = -(-numel // config.block)
+    state = {"packed": torch.empty(blocks * config.block // 2, dtype=torch.uint8, device="meta")}
+    if not config.double:
+        return {**state, "absmax": torch.empty(blocks, device="meta")}
+    groups = -(-blocks // config.double_block)
+    return {**state, "absmax_q": torch.empty(blocks, dtype=torch.int8, device="meta"),
+            "absmax_scale": torch.empty(groups, device="meta"),
+            "absmax_mean": torch.empty(1, device="meta")}

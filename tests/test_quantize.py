@@ -1,0 +1,140 @@
+"""`quantize` (NF4 + double quantisation): the code equals QLoRA's table, quantise →
+dequantise equals a float64 reference written from the paper, QLoRA's output equals a folded
+float reference, and the storage is ≈ 4.127 bits per weight."""
+from __future__ import annotations
+
+import copy
+from statistics import NormalDist
+
+import pytest
+import torch
+
+import adaptc
+from adaptc.methods.lora import pissa_factors
+from adaptc.methods.quantize import Nf4Weight, QuantizeConfig, nf4_code
+from helpers import inputs, main_output
+
+# bitsandbytes' NF4 table (QLoRA, appendix E)
+BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+           -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+           0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+           0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def reference_code() -> list[float]:
+    """QLoRA §3: 8 positive and 7 negative normal quantiles, 0 exact, scaled to [-1, 1]."""
+    offset, ppf = 0.9677083, NormalDist().inv_cdf
+
+    def spaced(n):
+        return [offset + (0.5 - offset) * i / (n - 1) for i in range(n - 1)]
+
+    values = sorted([ppf(p) for p in spaced(9)] + [0.0] + [-ppf(p) for p in spaced(8)])
+    return [v / max(abs(v) for v in values) for v in values]
+
+
+def reference_roundtrip(weight: torch.Tensor, block: int, double: bool, double_block: int):
+    """Float64, block by block, as the paper describes (int8 second level as documented)."""
+    code = torch.tensor(reference_code(), dtype=torch.float64)
+    flat = weight.double().reshape(-1)
+    out = torch.empty_like(flat)
+    starts = range(0, flat.numel(), block)
+    absmax = torch.tensor([flat[s:s + block].abs().max().item() for s in starts],
+                          dtype=torch.float64)
+    if double:
+        absmax32 = absmax.float().double()
+        mean = absmax32.mean()
+        for g in range(0, len(absmax), double_block):
+            part = absmax32[g:g + double_block] - mean
+            scale = part.abs().max()
+            absmax[g:g + double_block] = torch.round(127 * part / scale) * scale / 127 + mean
+    for b, s in enumerate(starts):
+        chunk = flat[s:s + block]
+        scaled = chunk / chunk.abs().max()
+        index = (scaled[:, None] - code).abs().argmin(dim=1)
+        out[s:s + block] = code[index] * absmax[b]
+    return out.view(weight.shape)
+
+
+def test_nf4_code_is_qlora_table():
+    assert torch.allclose(nf4_code(), torch.tensor(BNB_NF4), atol=1e-6)
+    assert torch.allclose(torch.tensor(reference_code()).float(), torch.tensor(BNB_NF4),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,block,double", [((96, 80), 64, True), ((33, 7), 16, True),
+                                                ((128, 64), 64, False), ((700, 300), 64, True)])
+def test_roundtrip_equals_float64_reference(shape, block, double):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    config = QuantizeConfig(block=block, double=double, double_block=8 if shape == (33, 7) else 256)
+    mine = Nf4Weight(weight, config)()
+    expected = reference_roundtrip(weight, block, double, config.double_block)
+    assert mine.shape == weight.shape and mine.dtype == weight.dtype
+    assert (mine.double() - expected).abs().max().item() <= 1e-6
+    relative = ((weight - mine).norm() / weight.norm()).item()
+    assert relative < 0.12  # NF4 on normal weights: ~9% relative error
+
+
+def folded_reference(model, gm):
+    """Base model copy: each adapted layer gets merged(dequantised W, b) from a float64
+    reference of the NF4 round trip."""
+    folded = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, adapter in adaptc.adapters.adapter_modules(gm).items():
+            layer = folded.get_submodule(path.rsplit(".", 1)[0])
+            read = layer.weight
+            if adapter.config.init == "pissa":  # the quantised residual W − s·B₀·A₀
+                read = pissa_factors(layer.weight, adapter.config.r, adapter.scale)[2]
+            config = gm.get_submodule(path.rsplit(".", 1)[0] + ".nf4").config
+            dequantised = reference_roundtrip(read, config.block, config.double,
+                                              config.double_block).float()
+            weight, _ = adapter.merged(dequantised, layer.bias)
+            layer.weight.copy_(weight)
+    return folded
+
+
+@pytest.mark.parametrize("lora", ["lora r=4 alpha=8", "lora r=4 alpha=8 dora",
+                                  "lora r=4 alpha=8 init=pissa"])
+def test_qlora_equals_folded_reference(tiny, lora):
+    model = tiny("llama")
+    gm = adaptc.compile(model, f"q_proj,down_proj: quantize\nq_proj,down_proj: {lora}")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(gm).values():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    x = inputs()
+    expected = main_output(folded_reference(model.module, gm)(**x))
+    assert (main_output(gm(**x)) - expected).abs().max().item() <= 1e-5
+
+
+def test_pissa_residual_quantises_with_less_error(tiny):
+    """QLoRA + PiSSA quantises W − s·B·A: at init the model is closer to the base."""
+    model = tiny("llama")
+    x = inputs()
+    base = main_output(model.module(**x))
+    plain = adaptc.compile(model, "*_proj: quantize\n*_proj: lora r=16 alpha=16")
+    pissa = adaptc.compile(model, "*_proj: quantize\n*_proj: lora r=16 alpha=16 init=pissa")
+    error = [(main_output(gm(**x)) - base).norm().item() for gm in (plain, pissa)]
+    assert error[1] < error[0]
+
+
+def test_storage_is_about_4_127_bits_per_weight():
+    from adaptc.frontend.models import build_preset
+    gm = adaptc.compile(build_preset("llama-7b"), "*_proj: quantize\n*_proj: lora r=8 alpha=16")
+    counts = adaptc.report_of(gm).counts
+    numel = counts["weight_bytes_before"] / 4  # float32 presets
+    assert counts["quantize_inserted"] == 224
+    assert 8 * counts["weight_bytes_after"] / numel == pytest.approx(4.127, abs=0.002)
+    assert counts["weight_bytes_after"] < counts["weight_bytes_before"] / 7.7
+
+
+def test_quantized_weights_are_buffers_and_the_user_model_is_untouched(tiny):
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    gm = adaptc.compile(model, "q_proj: quantize\nq_proj: lora r=2")
+    assert not any("q_proj.weight" in n for n, _ in gm.named_parameters())
+    assert {n for n, _ in gm.named_buffers() if "q_proj.nf4" in n} == {
+        f"model.layers.{i}.self_attn.q_proj.nf4.{b}" for i in (0, 1)
+        for b in ("packed", "absmax_q", "absmax_scale", "absmax_mean", "code")}
+    assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
+    assert set(adaptc.adapter_state_dict(gm)) == {
+        f"model.layers.{i}.self_attn.q_proj.lora.{t}" for i in (0, 1) for t in "AB"}
