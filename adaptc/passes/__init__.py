@@ -6,19 +6,32 @@ from adaptc.passes.freeze_base import FreezeBase
 from adaptc.passes.insert_bottleneck import InsertBottleneck
 from adaptc.passes.insert_lora import InsertLora
 from adaptc.passes.insert_mixture import InsertMixture
+from adaptc.passes.load_adapters import LoadAdapters
 from adaptc.passes.locate_sites import LocateSites
+from adaptc.passes.lower_to_triton import LowerToTriton
 from adaptc.passes.manager import PassManager
+from adaptc.passes.merge_weights import MergeWeights
 from adaptc.passes.verify import Verify
 
 
 def default_pipeline(mode: str = "train") -> list[Pass]:
-    return [
+    """train: the adapted graph, adapters trainable. infer: the same graph with trained
+    weights, LoRA merged into the base weights and other adapters fused, nothing trainable."""
+    build = [
         LocateSites(),       # bind resolved targets to traced linear nodes
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site
         InsertMixture(),     # or, with a mixture statement, routed LoRA experts there
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)
-        FreezeBase(),        # only adapter parameters train
-        Verify(),            # lint, reachability, recompile
+        FreezeBase(),        # only adapter parameters train (infer: none)
+    ]
+    if mode == "train":
+        return [*build, Verify()]  # lint, reachability, recompile
+    return [
+        *build,
+        LoadAdapters(),      # trained adapter weights (--adapters), else the initial ones
+        MergeWeights(),      # W' = W₀ + s·B·A as a new parameter; the LoRA nodes go away
+        LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
+        Verify(),
     ]
 
 
