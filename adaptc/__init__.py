@@ -2,6 +2,8 @@
 
     gm = adaptc.compile("llama", "q_proj,v_proj: lora r=8 alpha=16", mode="train")
     adaptc.save_adapters(gm, "adapters.safetensors")
+    fast = adaptc.compile("llama", "q_proj,v_proj: lora r=8 alpha=16", mode="infer",
+                          adapters="adapters.safetensors")
 """
 __version__ = "0.1.0"
 
@@ -11,9 +13,10 @@ from adaptc.artifact import load, write_artifact  # noqa: E402
 from adaptc.compiler import CompileReport, compile, report_of  # noqa: E402
 from adaptc.errors import (AdaptcError, ArtifactError, ModelError, PassError,  # noqa: E402
                            SpecError, WeightsError)
+from adaptc.export import load_program, write_infer_artifact  # noqa: E402
 from adaptc.inspection import inspect  # noqa: E402
 
 __all__ = ["AdaptcError", "ArtifactError", "CompileReport", "ModelError", "PassError",
            "SpecError", "WeightsError", "__version__", "adapter_state_dict", "balance_loss",
-           "compile", "inspect", "load", "load_adapters", "report_of", "save_adapters",
-           "write_artifact"]
+           "compile", "inspect", "load", "load_adapters", "load_program", "report_of",
+           "save_adapters", "write_artifact", "write_infer_artifact"]
