@@ -73,7 +73,7 @@ def run_compile(args) -> int:
     if args.output:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
-    ctx = prepare(args.model, args.spec, args.mode)
+    ctx = prepare(args.model, Path(args.spec), args.mode)
     gm = compile(ctx.model, ctx.plan, args.mode, adapters=args.adapters)
     report = report_of(gm)
     print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
@@ -125,7 +125,7 @@ def write_infer(args, ctx, gm) -> None:
 def run_inspect(args) -> int:
     from adaptc.inspection import inspect
 
-    print(inspect(args.model, args.spec, block=args.block))
+    print(inspect(args.model, Path(args.spec), block=args.block))
     return 0
 
 

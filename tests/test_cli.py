@@ -90,3 +90,10 @@ def test_check_and_passes(capsys):
     assert main(["passes"]) == 0
     text = capsys.readouterr().out
     assert "ok (2 attach statements + mixture)" in text and "insert_lora" in text
+
+
+def test_spec_file_with_any_extension(tmp_path, capsys):
+    spec = tmp_path / "qv.spec"
+    spec.write_text("q_proj: lora r=2\n")
+    assert main(["compile", str(spec)]) == 0
+    assert "lora_inserted=4" in capsys.readouterr().out
