@@ -45,10 +45,14 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_adapters(module: nn.Module, path: str | Path) -> None:
-    """Copy tensors from a safetensors file into the module's adapters; all or nothing."""
+def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None:
+    """Copy tensors from a safetensors file into the module's adapters; all or nothing.
+
+    `prefix` is prepended to the file's names: a module that wraps the compiled model (the
+    KV-cache decoder holds it as `model`) loads a file saved from the unwrapped one.
+    """
     try:
-        tensors = load_file(str(path))
+        tensors = {prefix + k: v for k, v in load_file(str(path)).items()}
     except (OSError, SafetensorError) as err:
         raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
     params = adapter_state_dict(module)

@@ -55,6 +55,15 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("spec")
     check.set_defaults(run=run_check)
 
+    gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode)")
+    gen.add_argument("spec")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=models)
+    gen.add_argument("--adapters", metavar="FILE", help="trained adapter weights")
+    gen.add_argument("--prompt", required=True, help="token ids, e.g. '5 17 42'")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--max-cache-len", type=int, default=128)
+    gen.set_defaults(run=run_generate)
+
     passes = sub.add_parser("passes", help="print the pass pipeline in order")
     passes.add_argument("--mode", default="train", choices=("train", "infer"))
     passes.set_defaults(run=run_passes)
@@ -135,6 +144,19 @@ def run_check(args) -> int:
     plan = lower(load_spec(args.spec))
     mixture = " + mixture" if plan.mixture else ""
     print(f"{args.spec}: ok ({len(plan.rules)} attach statements{mixture})")
+    return 0
+
+
+def run_generate(args) -> int:
+    from adaptc.decode import compile_decoder
+
+    try:
+        prompt = [int(token) for token in args.prompt.replace(",", " ").split()]
+    except ValueError:
+        raise AdaptcError(f"--prompt takes token ids separated by spaces, got {args.prompt!r}") from None
+    decoder = compile_decoder(args.model, Path(args.spec), adapters=args.adapters,
+                              max_cache_len=args.max_cache_len)
+    print(" ".join(map(str, decoder.generate(prompt, args.max_new_tokens))))
     return 0
 
 

@@ -38,12 +38,14 @@ def trace(model: LoadedModel, reuse_blocks: bool = True) -> GraphModule:
     return export(model)
 
 
-def export(model: LoadedModel) -> GraphModule:
+def export(model: LoadedModel, shapes: dict | None = None) -> GraphModule:
+    """Export the whole model; `shapes` overrides the default dynamic dims."""
     module = model.module
     try:
         with tracing_state(module):
             program = torch.export.export(module, (), dict(model.example_inputs),
-                                          dynamic_shapes=dynamic_shapes(model), strict=False)
+                                          dynamic_shapes=shapes or dynamic_shapes(model),
+                                          strict=False)
     except Exception as err:  # torch.export raises many types; all mean "cannot trace"
         raise ModelError(describe_failure(module, err)) from err
     graph_module = program.module()
