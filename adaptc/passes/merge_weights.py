@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from adaptc.graph_attrs import bind
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
 from adaptc.passes.graph import LINEAR_OPS, aten
@@ -62,8 +63,8 @@ def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> 
                            "not a parameter; it cannot be merged")
     adapter = gm.get_submodule(call.target)
     target = merged_name(gm, weight, call.target, tied)
-    register(gm, target, merged_weight(gm.get_parameter(weight.target), adapter, linear.target),
-             users)
+    bind(gm, target, merged_weight(gm.get_parameter(weight.target), adapter, linear.target),
+         frozenset(users))
     if target != weight.target:
         with gm.graph.inserting_before(linear):
             fresh = gm.graph.get_attr(target)
@@ -90,15 +91,3 @@ def merged_name(gm: GraphModule, weight: Node, adapter_target: str, tied: set[in
     if len(weight.users) == 1 and id(gm.get_parameter(weight.target)) not in tied:
         return weight.target
     return f"{adapter_target.rpartition('.')[0]}.merged_weight"
-
-
-def register(gm: GraphModule, target: str, param: nn.Parameter, users: set[int]) -> None:
-    """Bind `param` at `target` in the graph module (rebinding the name if it exists)."""
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if id(owner) in users:
-        raise RuntimeError(f"{target}: the graph holds the user's module '{owner_path}'; "
-                           "merging there would change the user's model")
-    if name in owner._parameters:
-        del owner._parameters[name]
-    owner.register_parameter(name, param)
