@@ -15,8 +15,10 @@ from adaptc.errors import (AdaptcError, ArtifactError, ModelError, PassError,  #
                            SpecError, WeightsError)
 from adaptc.export import load_program, write_infer_artifact  # noqa: E402
 from adaptc.inspection import inspect  # noqa: E402
+from adaptc.optim import loraplus_param_groups  # noqa: E402
 
 __all__ = ["AdaptcError", "ArtifactError", "CompileReport", "ModelError", "PassError",
            "SpecError", "WeightsError", "__version__", "adapter_state_dict", "balance_loss",
-           "compile", "inspect", "load", "load_adapters", "load_program", "report_of",
-           "save_adapters", "write_artifact", "write_infer_artifact"]
+           "compile", "inspect", "load", "load_adapters", "load_program",
+           "loraplus_param_groups", "report_of", "save_adapters", "write_artifact",
+           "write_infer_artifact"]

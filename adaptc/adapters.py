@@ -1,7 +1,9 @@
 """Adapter weights in and out: the trainable state of a compiled module as safetensors.
 
 Names follow the module path of the adapted layer (`model.layers.0.self_attn.q_proj.lora.A`);
-the set of tensors comes from the adapter modules' `adapter_parameters()` protocol.
+the set of tensors comes from the adapter modules' protocol: `adapter_parameters()` (what
+trains) plus, where a module has it, `frozen_state()` (tensors that do not train but are
+needed to restore the adapter, such as LoRA-FA's frozen A).
 """
 from __future__ import annotations
 
@@ -23,8 +25,14 @@ def adapter_modules(module: nn.Module) -> dict[str, nn.Module]:
 
 
 def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{path}.{name}": param for path, m in adapter_modules(module).items()
-            for name, param in m.adapter_parameters().items()}
+    """Every tensor that restores the adapters: trainable ones, then frozen state."""
+    return {f"{path}.{name}": tensor for path, m in adapter_modules(module).items()
+            for name, tensor in adapter_tensors(m).items()}
+
+
+def adapter_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    frozen = module.frozen_state() if hasattr(module, "frozen_state") else {}
+    return {**module.adapter_parameters(), **frozen}
 
 
 def save_adapters(module: nn.Module, path: str | Path) -> Path:

@@ -7,19 +7,29 @@ import torch
 import adaptc
 from helpers import lm_loss, next_token_batch
 
+# (spec, learning rate, the loss after 50 steps must be below this share of the loss before)
+CASES = [
+    ("q_proj,v_proj: lora r=8 alpha=16", 1e-2, 0.8),
+    ("q_proj,v_proj: lora r=8 alpha=16 init=pissa", 1e-2, 0.8),
+    ("*_proj: lora r=8 alpha=16 freeze_a", 1e-2, 0.8),
+    ("*_proj: lora r=8 alpha=16 dora", 1e-2, 0.8),
+    ("*_proj: vera r=64", 5e-2, 0.8),  # VeRA trains vectors: higher rates, as in the paper
+    ("ffn: adapter bottleneck=32", 1e-2, 0.8),
+    ("q_proj,v_proj: lora r=4 alpha=8; mixture moe k=2 experts=4", 1e-2, 0.8),
+    # (IA)³ trains 944 numbers here (LoRA r=8 on q,v: 7,168) and only rescales activations
+    # of a random tiny model: it is expected to move the loss, not to fit the task
+    ("k_proj,v_proj: ia3; down_proj: ia3 feedforward", 5e-2, 0.95),
+]
 
-@pytest.mark.parametrize("spec", [
-    "q_proj,v_proj: lora r=8 alpha=16",
-    "ffn: adapter bottleneck=32",
-    "q_proj,v_proj: lora r=4 alpha=8; mixture moe k=2 experts=4",
-])
-def test_loss_goes_down(tiny, spec):
+
+@pytest.mark.parametrize("spec,lr,share", CASES, ids=[c[0] for c in CASES])
+def test_loss_goes_down(tiny, spec, lr, share):
     torch.manual_seed(0)
     gm = adaptc.compile(tiny("llama"), spec)
     gm.train()
     ids = next_token_batch()
     params = [p for p in gm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=lr)
     with torch.no_grad():
         before = lm_loss(gm, ids).item()
     for _ in range(50):
@@ -29,4 +39,4 @@ def test_loss_goes_down(tiny, spec):
         optimizer.step()
     with torch.no_grad():
         after = lm_loss(gm, ids).item()
-    assert after < 0.8 * before, (before, after)  # a drop of over 20% in 50 steps
+    assert after < share * before, (before, after)

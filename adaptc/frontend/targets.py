@@ -76,6 +76,7 @@ def resolve(plan: Plan, sites: list[Site], family: str | None) -> list[Assignmen
                 chosen[(site.path, rule.config.method)] = Assignment(site, rule.config.method,
                                                                      rule, target)
     problems += shape_problems(plan, list(chosen.values()))
+    problems += layer_conflicts(plan, list(chosen.values()))
     if problems:
         raise SpecError(problems)
     order = {s.path: i for i, s in enumerate(sites)}
@@ -123,7 +124,8 @@ def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic
     problems, seen = [], set()
     for a in assignments:
         r = getattr(a.rule.config, "r", None)
-        if r is None or a.site.kind != "linear" or a.rule.index in seen:
+        bounded = getattr(type(a.rule.config), "rank_bound", True)
+        if r is None or not bounded or a.site.kind != "linear" or a.rule.index in seen:
             continue
         limit = min(a.site.in_features, a.site.out_features)
         if r > limit:
@@ -132,6 +134,34 @@ def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic
                                  f"r={r} exceeds min(in, out)={limit} of {a.site.describe()}; "
                                  f"need 1 <= r <= {limit}"))
     return problems
+
+
+def layer_conflicts(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic]:
+    """E305: two methods that each rewrite a layer's own computation (`rewrites_layer`:
+    lora, ia3, vera, ...) on one linear layer; reported once per pair of statements."""
+    by_site: dict[str, list[Assignment]] = {}
+    for a in assignments:
+        if getattr(type(a.rule.config), "rewrites_layer", False):
+            by_site.setdefault(a.site.path, []).append(a)
+    problems, seen = [], set()
+    for path, found in by_site.items():
+        rules = tuple(sorted({a.rule.index for a in found}))
+        if len(found) < 2 or rules in seen:
+            continue
+        seen.add(rules)
+        later = max(found, key=lambda a: a.rule.index)
+        others = ", ".join(f"{a.method} (line {a.rule.statement.span.line})"
+                           for a in found if a is not later)
+        problems.append(diag(plan, later.target.span, "E305",
+                             f"'{path}' gets {later.method} here and {others}: a linear layer "
+                             "takes at most one of the weight-space methods",
+                             (f"weight-space methods: {', '.join(weight_space_methods())}",)))
+    return problems
+
+
+def weight_space_methods() -> list[str]:
+    from adaptc.methods import METHODS
+    return sorted(name for name, cls in METHODS.items() if getattr(cls, "rewrites_layer", False))
 
 
 def diag(plan: Plan, span: Span, code: str, message: str, notes: tuple[str, ...] = ()) -> Diagnostic:

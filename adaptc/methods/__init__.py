@@ -4,11 +4,16 @@ merge rule. Eager adapter modules share one protocol: `adapter_parameters()` nam
 parameters the method added, so freezing, saving and merging never guess from names.
 """
 from adaptc.methods.bottleneck import AdapterConfig, BottleneckAdapter
+from adaptc.methods.dora import DoraAdapter
+from adaptc.methods.ia3 import Ia3Adapter, Ia3Config
 from adaptc.methods.lora import LoraAdapter, LoraConfig
 from adaptc.methods.mixture import MixtureConfig, MixtureOfLora
+from adaptc.methods.vera import VeraAdapter, VeraConfig
 
-METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig}
+METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig, "ia3": Ia3Config,
+                            "vera": VeraConfig}
 MIXTURES: dict[str, type] = {"moe": MixtureConfig}
 
-__all__ = ["METHODS", "MIXTURES", "AdapterConfig", "BottleneckAdapter", "LoraAdapter",
-           "LoraConfig", "MixtureConfig", "MixtureOfLora"]
+__all__ = ["METHODS", "MIXTURES", "AdapterConfig", "BottleneckAdapter", "DoraAdapter",
+           "Ia3Adapter", "Ia3Config", "LoraAdapter", "LoraConfig", "MixtureConfig",
+           "MixtureOfLora", "VeraAdapter", "VeraConfig"]

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.freeze_base import FreezeBase
+from adaptc.passes.insert_dora import InsertDora
+from adaptc.passes.insert_ia3 import InsertIa3
 from adaptc.passes.insert_bottleneck import InsertBottleneck
 from adaptc.passes.insert_lora import InsertLora
 from adaptc.passes.insert_mixture import InsertMixture
+from adaptc.passes.insert_vera import InsertVera
 from adaptc.passes.load_adapters import LoadAdapters
 from adaptc.passes.locate_sites import LocateSites
 from adaptc.passes.lower_to_triton import LowerToTriton
@@ -19,8 +22,11 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
     weights, LoRA merged into the base weights and other adapters fused, nothing trainable."""
     build = [
         LocateSites(),       # bind resolved targets to traced linear nodes
-        InsertLora(),        # W₀x + s·B·A·x beside each LoRA site
+        InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
+        InsertDora(),        # LoRA sites with `dora`: magnitude × normalised (W₀ + s·B·A) x
         InsertMixture(),     # or, with a mixture statement, routed LoRA experts there
+        InsertVera(),        # W₀x + λ_b ⊙ B·(λ_d ⊙ A·x), A and B shared, frozen, from a seed
+        InsertIa3(),         # l ⊙ output (keys, values) or W₀(l ⊙ x) (FFN down projections)
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)
         FreezeBase(),        # only adapter parameters train (infer: none)
     ]

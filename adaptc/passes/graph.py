@@ -32,13 +32,13 @@ def in_module(node: Node, path: str) -> bool:
 
 
 def splice(gm: GraphModule, output: Node, adapter_input: Node, target: str, adapter: nn.Module,
-           method: str, keep_users: set[Node] = frozenset()) -> Node:
+           method: str, keep_users: set[Node] = frozenset(), extra_args: tuple = ()) -> Node:
     """Register `adapter` at `target` and make every user of `output` (but `keep_users`)
-    read `output + adapter(adapter_input)` instead."""
+    read `output + adapter(adapter_input, *extra_args)` instead."""
     gm.add_submodule(target, adapter)
     graph = gm.graph
     with graph.inserting_after(output):
-        delta = graph.call_module(target, (adapter_input,))
+        delta = graph.call_module(target, (adapter_input, *extra_args))
     with graph.inserting_after(delta):
         total = graph.call_function(aten.add.Tensor, (output, delta))
     for new in (delta, total):
@@ -49,6 +49,91 @@ def splice(gm: GraphModule, output: Node, adapter_input: Node, target: str, adap
     skip = {delta, total, *keep_users}
     output.replace_all_uses_with(total, delete_user_cb=lambda user: user not in skip)
     return total
+
+
+def wrap_output(gm: GraphModule, output: Node, target: str, adapter: nn.Module,
+                method: str) -> Node:
+    """Register `adapter` at `target`; every user of `output` reads `adapter(output)`."""
+    gm.add_submodule(target, adapter)
+    with gm.graph.inserting_after(output):
+        wrapped = gm.graph.call_module(target, (output,))
+    mark(wrapped, output, method)
+    output.replace_all_uses_with(wrapped, delete_user_cb=lambda user: user is not wrapped)
+    return wrapped
+
+
+def wrap_input(gm: GraphModule, node: Node, source: Node, target: str, adapter: nn.Module,
+               method: str) -> Node:
+    """Register `adapter` at `target`; `node` (only) reads `adapter(source)` for `source`."""
+    gm.add_submodule(target, adapter)
+    with gm.graph.inserting_before(node):
+        wrapped = gm.graph.call_module(target, (source,))
+    mark(wrapped, source, method)
+    node.replace_input_with(source, wrapped)
+    return wrapped
+
+
+def mark(new: Node, like: Node, method: str) -> None:
+    """Module path, inserting method and (same-shaped) value metadata for an inserted node."""
+    new.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
+    new.meta[INSERTED] = method
+    if "val" in like.meta:
+        new.meta["val"] = like.meta["val"]
+
+
+def linear_weight(node: Node) -> Node:
+    """The get_attr node of the weight a linear node reads."""
+    return node.args[LINEAR_OPS[node.target][1]]
+
+
+def linear_bias(node: Node) -> Node | None:
+    """The bias operand: aten.linear(x, W, b) or aten.addmm(b, x, W); None without bias."""
+    if node.target == aten.addmm.default:
+        return node.args[0]
+    return node.args[2] if len(node.args) > 2 else None
+
+
+def weight_transposed(node: Node) -> bool:
+    """True when the layer stores its weight as [in, out] (GPT-2 Conv1D, traced as addmm)."""
+    return node.target == aten.addmm.default
+
+
+def dense_weight(gm: GraphModule, node: Node) -> torch.Tensor:
+    """The layer's weight in nn.Linear layout [out, in] (a view for Conv1D)."""
+    weight = gm.get_parameter(linear_weight(node).target)
+    return weight.t() if weight_transposed(node) else weight
+
+
+def swap_weight(gm: GraphModule, node: Node, target: str, dense: torch.Tensor) -> Node:
+    """Make linear `node` read a new frozen parameter at `target` (given [out, in]) instead of
+    its weight; the old weight leaves the graph module when nothing else reads it. The
+    user's tensor is never modified."""
+    old = linear_weight(node)
+    value = dense.t() if weight_transposed(node) else dense
+    owner, _, name = target.rpartition(".")
+    gm.get_submodule(owner).register_parameter(name, nn.Parameter(value.contiguous(),
+                                                                  requires_grad=False))
+    with gm.graph.inserting_before(old):
+        new = gm.graph.get_attr(target)
+    new.meta = {k: v for k, v in old.meta.items() if k in ("val", "tensor_meta")}
+    node.replace_input_with(old, new)
+    if not old.users:
+        drop_attr(gm, old)
+    return new
+
+
+def drop_attr(gm: GraphModule, node: Node) -> None:
+    """Erase an unused get_attr node and its tensor from the graph module (only from it)."""
+    target = node.target
+    gm.graph.erase_node(node)
+    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        return
+    owner, _, name = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    if name in module._parameters:
+        del module._parameters[name]
+    elif name in module._buffers:
+        del module._buffers[name]
 
 
 def factory(gm: GraphModule, weight_target: str) -> dict:

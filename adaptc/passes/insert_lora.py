@@ -1,6 +1,11 @@
-"""Pass: add a LoRA update beside every linear node assigned `lora`.
+"""Pass: add a LoRA update beside every linear node assigned `lora` (DoRA sites are left to
+`insert_dora`, mixtures to `insert_mixture`).
 
     linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.lora(x)
+    init=pissa:          linear(x, <site>.lora.residual, b) + <site>.lora(x)
+
+With PiSSA the layer reads a new frozen parameter W_res = W₀ − s·B·A registered on the
+adapter; W₀ leaves the graph module (the user's model keeps it, unchanged).
 """
 from __future__ import annotations
 
@@ -8,26 +13,34 @@ from torch.fx import GraphModule
 
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
-from adaptc.passes.graph import LINEAR_OPS, factory, linear_input, splice
+from adaptc.passes.graph import (dense_weight, factory, linear_input, linear_weight, splice,
+                                 swap_weight)
 
 
 class InsertLora:
     name = "insert_lora"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        count = 0
+        count = pissa = 0
         for node in list(gm.graph.nodes):
             assignment = node.meta.get(METHODS, {}).get("lora")
             if assignment is None or ctx.plan.mixture is not None:
                 continue
-            site = node.meta[SITE]
-            weight = node.args[LINEAR_OPS[node.target][1]].target
-            adapter = LoraAdapter(assignment.rule.config, site.in_features, site.out_features,
-                                  **factory(gm, weight))
-            splice(gm, node, linear_input(node), f"{site.path}.lora", adapter, "lora")
+            site, config = node.meta[SITE], assignment.rule.config
+            if config.dora:
+                continue  # insert_dora's
+            adapter = LoraAdapter(config, site.in_features, site.out_features,
+                                  **factory(gm, linear_weight(node).target))
+            target = f"{site.path}.lora"
+            splice(gm, node, linear_input(node), target, adapter, "lora")
+            if config.init == "pissa":
+                residual = adapter.init_pissa(dense_weight(gm, node))
+                swap_weight(gm, node, f"{target}.residual", residual)
+                pissa += 1
             ctx.sites.append(report(site, "lora", assignment, adapter))
             count += 1
-        return PassResult(gm, count > 0, {"lora_inserted": count})
+        counts = {"lora_inserted": count, **({"pissa_residuals": pissa} if pissa else {})}
+        return PassResult(gm, count > 0, counts)
 
 
 def report(site, method: str, assignment, adapter) -> dict:

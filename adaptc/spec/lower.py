@@ -34,6 +34,8 @@ def lower(spec: Spec) -> Plan:
     rules = [_attach_rule(index, statement, problems)
              for index, statement in enumerate(spec.statements) if isinstance(statement, Attach)]
     mixture = _mixture_rule(spec, problems)
+    if mixture is not None:
+        _mixture_lora_options([r for r in rules if r is not None], problems)
     problems.raise_if_any()
     return Plan(spec, tuple(rules), mixture)
 
@@ -70,6 +72,24 @@ def _mixture_rule(spec: Spec, problems: _Problems) -> MixtureRule | None:
             problems.check(config, checked.span_of)
             rule = rule or checked
     return rule
+
+
+# LoRA options a mixture of experts does not implement: its experts are plain LoRA.
+_NOT_IN_MIXTURES = {"init": "kaiming", "freeze_a": False, "dora": False}
+
+
+def _mixture_lora_options(rules: list[Rule], problems: _Problems) -> None:
+    """E207 at each LoRA option a mixture statement would otherwise silently ignore."""
+    for rule in rules:
+        if rule.config.method != "lora":
+            continue
+        for key, plain in _NOT_IN_MIXTURES.items():
+            value = getattr(rule.config, key, plain)
+            if value != plain:
+                shown = str(value).lower() if isinstance(value, bool) else value
+                problems.add(rule.span_of(key), "E207", f"{key}={shown} cannot be used with a "
+                             "mixture statement", ("mixture experts are plain LoRA "
+                                                   f"({key}={str(plain).lower()})",))
 
 
 def _head(statement: Mixture) -> Span:

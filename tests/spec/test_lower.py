@@ -111,6 +111,7 @@ INVALID = [
     ("q: adapter activation=gleu", "E204", 1, 23, 27,
      "'gleu' is not a valid activation; did you mean 'gelu'?"),
     ("q: adapter placement='inside'", "E204", 1, 22, 30, "'inside' is not a valid placement"),
+    ("q: lora init=svd", "E204", 1, 14, 17, "'svd' is not a valid init"),
     ("q: lora\nmixture moe router=hard", "E204", 2, 20, 24, "'hard' is not a valid router"),
     ("q: lora\nmixture moe experts=[2, 0]", "E204", 2, 25, 26, "experts must be >= 1, got 0"),
     ("q: lora\nmixture moe balance=-1.5", "E204", 2, 21, 25, "balance must be >= 0, got -1.5"),
@@ -119,6 +120,7 @@ INVALID = [
     ("q: lora\nmixture moe experts=1", "E205", 2, 9, 12, "k=2 exceeds the number of experts (1)"),
     ("q: lora\nmixture moe k=3 experts=[4, 2]", "E205", 2, 15, 16,
      "k=3 exceeds the number of experts (2)"),
+    ("q: lora alpha=0 init=pissa", "E205", 1, 15, 16, "init=pissa needs alpha > 0"),
     # E206 duplicate key
     ("q: lora r=4 r=8", "E206", 1, 13, 14, "duplicate key 'r'"),
     ("q: lora\nmixture moe k=1 router=soft k=1", "E206", 2, 29, 30, "duplicate key 'k'"),
@@ -127,6 +129,10 @@ INVALID = [
     ("ffn: adapter\nmixture moe", "E207", 2, 1, 12,
      "a mixture needs at least one 'lora' statement"),
     ("mixture moe", "E207", 1, 1, 12, "at least one 'lora' statement"),
+    ("q: lora init=pissa\nmixture moe", "E207", 1, 14, 19,
+     "init=pissa cannot be used with a mixture statement"),
+    ("q: lora freeze_a\nmixture moe", "E207", 1, 9, 17,
+     "freeze_a=true cannot be used with a mixture statement"),
     # E208 empty spec
     ("", "E208", 1, 1, 2, "the spec has no statements"),
     ("# nothing yet\n\n;\n", "E208", 1, 1, 2, "the spec has no statements"),
@@ -155,7 +161,9 @@ def test_every_semantic_code_is_exercised():
 # ---- notes --------------------------------------------------------------------------------
 
 def test_unknown_method_lists_known_ones():
-    assert only_problem("q: bottleneck").notes == ("known methods: adapter, lora",)
+    from adaptc.methods import METHODS
+    assert only_problem("q: bottleneck").notes == (f"known methods: {', '.join(sorted(METHODS))}",)
+    assert {"adapter", "lora"} <= set(METHODS)
 
 
 def test_unknown_kind_lists_known_ones():
@@ -164,7 +172,7 @@ def test_unknown_kind_lists_known_ones():
 
 def test_unknown_key_lists_valid_keys():
     assert only_problem("q: lora rank=8").notes == (
-        "valid keys for lora: r, alpha, dropout, rslora",)
+        "valid keys for lora: r, alpha, dropout, rslora, init, freeze_a, dora",)
 
 
 def test_invalid_choice_lists_choices():

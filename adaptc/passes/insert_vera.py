@@ -1,0 +1,53 @@
+"""Pass: add a VeRA update beside every linear node assigned `vera`.
+
+    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.vera(x, vera_r<r>_seed<s>.A, vera_r<r>_seed<s>.B)
+
+The shared frozen projections are registered once per (r, seed) at the graph module's root
+(`vera_r256_seed0`), sized by the largest in/out dimension of the sites sharing them, and
+reach each site's adapter as get_attr inputs.
+"""
+from __future__ import annotations
+
+from torch.fx import GraphModule, Node
+
+from adaptc.methods.vera import VeraAdapter, VeraProjections
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.graph import factory, linear_input, linear_weight, splice
+from adaptc.passes.insert_lora import report
+
+
+class InsertVera:
+    name = "insert_vera"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        todo = [n for n in gm.graph.nodes if "vera" in n.meta.get(METHODS, {})]
+        shared = self.register_projections(gm, todo)
+        for node in todo:
+            assignment = node.meta[METHODS]["vera"]
+            site, config = node.meta[SITE], assignment.rule.config
+            name = shared_name(config)
+            with gm.graph.inserting_before(node):
+                A, B = (gm.graph.get_attr(f"{name}.{t}") for t in ("A", "B"))
+            adapter = VeraAdapter(config, site.in_features, site.out_features,
+                                  **factory(gm, linear_weight(node).target))
+            splice(gm, node, linear_input(node), f"{site.path}.vera", adapter, "vera",
+                   extra_args=(A, B))
+            ctx.sites.append(report(site, "vera", assignment, adapter))
+        return PassResult(gm, bool(todo), {"vera_inserted": len(todo), "vera_shared": shared})
+
+    def register_projections(self, gm: GraphModule, nodes: list[Node]) -> int:
+        """One VeraProjections per (r, seed), sized to the largest site that uses it."""
+        sizes: dict[str, tuple] = {}
+        for node in nodes:
+            config, site = node.meta[METHODS]["vera"].rule.config, node.meta[SITE]
+            name = shared_name(config)
+            _, in_max, out_max = sizes.get(name, (config, 0, 0))
+            sizes[name] = (config, max(in_max, site.in_features), max(out_max, site.out_features))
+        like = factory(gm, linear_weight(nodes[0]).target) if nodes else {}
+        for name, (config, in_max, out_max) in sizes.items():
+            gm.add_submodule(name, VeraProjections(config.r, in_max, out_max, config.seed, **like))
+        return len(sizes)
+
+
+def shared_name(config) -> str:
+    return f"vera_r{config.r}_seed{config.seed}"

@@ -1,0 +1,140 @@
+"""LoRA options against PEFT with identical weights: init=pissa (PEFT's
+init_lora_weights="pissa"), init=gaussian, freeze_a (LoRA-FA), and the LoRA+ parameter groups."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.optimizers import create_loraplus_optimizer
+
+import adaptc
+from helpers import inputs, main_output
+
+TOL = 1e-5
+TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_fc"],
+           "bert": ["query", "value", "intermediate.dense"]}
+
+
+def peft_twin(model, targets, **options):
+    config = LoraConfig(target_modules=targets, lora_dropout=0.0,
+                        fan_in_fan_out=model.config.model_type == "gpt2", **options)
+    return get_peft_model(copy.deepcopy(model), config).eval()
+
+
+def layer_of(twin, adapter_path: str):
+    return twin.base_model.model.get_submodule(adapter_path.rsplit(".", 1)[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_pissa_matches_peft(tiny, family):
+    model = tiny(family)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: lora r=4 alpha=8 init=pissa")
+    twin = peft_twin(model.module, TARGETS[family], r=4, lora_alpha=8, init_lora_weights="pissa")
+    x = inputs()
+    base = main_output(model.module(**x))
+    # at init the adapted model is the base model, and the user's tensors are untouched
+    assert (main_output(gm(**x)) - base).abs().max().item() <= TOL
+    assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
+    for path, ours in adaptc.adapters.adapter_modules(gm).items():
+        layer = layer_of(twin, path)
+        # singular vectors are unique up to a joint sign flip of (B column i, A row i)
+        sign = torch.sign((layer.lora_A["default"].weight * ours.A).sum(1))
+        assert torch.allclose(sign[:, None] * ours.A, layer.lora_A["default"].weight, atol=1e-6)
+        assert torch.allclose(ours.B * sign, layer.lora_B["default"].weight, atol=1e-6)
+        residual = ours.residual.t() if family == "gpt2" else ours.residual
+        peft_weight = layer.base_layer.weight
+        assert torch.allclose(residual, peft_weight.t() if family == "gpt2" else peft_weight,
+                              atol=1e-6)
+    report = adaptc.report_of(gm)
+    assert report.counts["pissa_residuals"] == len(report.sites)
+    assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
+
+
+def test_pissa_trained_weights_match_peft(tiny):
+    """After the same change to A and B, our output equals PEFT's (same residual)."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, "q_proj,v_proj: lora r=4 alpha=8 init=pissa")
+    twin = peft_twin(model.module, ["q_proj", "v_proj"], r=4, lora_alpha=8,
+                     init_lora_weights="pissa")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for path, ours in adaptc.adapters.adapter_modules(gm).items():
+            layer = layer_of(twin, path)
+            for name, theirs in (("A", layer.lora_A), ("B", layer.lora_B)):
+                tensor = getattr(ours, name)
+                tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.05)
+                theirs["default"].weight.copy_(tensor)
+    x = inputs()
+    assert (main_output(gm(**x)) - main_output(twin(**x))).abs().max().item() <= TOL
+
+
+def test_pissa_on_meta_shapes_compiles():
+    from adaptc.frontend.models import build_preset
+    gm = adaptc.compile(build_preset("llama-7b"), "q_proj: lora r=8 init=pissa")
+    assert adaptc.report_of(gm).trainable == 32 * 8 * (4096 + 4096)
+
+
+def test_gaussian_init(tiny):
+    model = tiny("llama")
+    gm = adaptc.compile(model, "q_proj,v_proj: lora r=4 init=gaussian")
+    A = torch.cat([m.A.flatten() for m in adaptc.adapters.adapter_modules(gm).values()])
+    assert abs(A.std().item() - 1 / 4) < 0.02 and abs(A.mean().item()) < 0.02
+    x = inputs()
+    assert torch.equal(main_output(gm(**x)), main_output(model.module(**x)))
+
+
+def test_freeze_a_counts_and_gradients_like_lorafa(tiny):
+    model = tiny("llama")
+    gm = adaptc.compile(model, "q_proj,v_proj: lora r=4 alpha=8 freeze_a")
+    twin = peft_twin(model.module, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    for name, param in twin.named_parameters():  # what PEFT's create_lorafa_optimizer does
+        if "lora_A" in name:
+            param.requires_grad_(False)
+    report = adaptc.report_of(gm)
+    assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
+    adapters = adaptc.adapters.adapter_modules(gm).values()
+    with torch.no_grad():
+        for adapter in adapters:
+            adapter.B.normal_()
+    main_output(gm(**inputs())).square().mean().backward()
+    for adapter in adapters:
+        assert not adapter.A.requires_grad and adapter.A.grad is None
+        assert adapter.B.grad is not None and adapter.B.grad.abs().sum() > 0
+
+
+def test_freeze_a_saves_and_restores_a(tiny, tmp_path):
+    model = tiny("llama")
+    spec = "q_proj: lora r=4 freeze_a"
+    gm = adaptc.compile(model, spec)
+    adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    again = adaptc.compile(model, spec)  # a new random A
+    adaptc.load_adapters(again, tmp_path / "a.safetensors")
+    for (_, ours), (_, theirs) in zip(adaptc.adapters.adapter_modules(gm).items(),
+                                      adaptc.adapters.adapter_modules(again).items()):
+        assert torch.equal(ours.A, theirs.A)
+
+
+def test_loraplus_groups_match_peft(tiny):
+    model = tiny("llama")
+    gm = adaptc.compile(model, "q_proj,v_proj: lora r=4")
+    slow, fast = adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=16)
+    assert slow["lr"] == 1e-3 and fast["lr"] == pytest.approx(16e-3)
+    adapters = adaptc.adapters.adapter_modules(gm).values()
+    assert {id(p) for p in fast["params"]} == {id(a.B) for a in adapters}
+    assert {id(p) for p in slow["params"]} == {id(a.A) for a in adapters}
+    twin = peft_twin(model.module, ["q_proj", "v_proj"], r=4)
+    theirs = create_loraplus_optimizer(twin, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    sizes = sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in theirs.param_groups
+                   if g["params"])
+    ours = sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in (slow, fast))
+    assert ours == pytest.approx(sizes)
+    torch.optim.AdamW(adaptc.loraplus_param_groups(gm, lr=1e-3))  # usable as is
+
+
+def test_loraplus_rejects_bad_input(tiny):
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
+    with pytest.raises(adaptc.AdaptcError, match="ratio > 0"):
+        adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=0)
