@@ -23,12 +23,13 @@ LLAMA_ALIASES = {
     "attn.*": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
     "ffn": ["mlp"], "ffn.gate": ["mlp.gate_proj"], "ffn.up": ["mlp.up_proj"],
     "ffn.down": ["mlp.down_proj"], "ffn.*": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "embed": ["embed_tokens"],
 }
 GPT2_ALIASES = {
     "attn": ["attn"], "attn.q": ["attn.c_attn"], "attn.k": ["attn.c_attn"], "attn.v": ["attn.c_attn"],
     "attn.qkv": ["attn.c_attn"], "attn.o": ["attn.c_proj"], "attn.*": ["attn.c_attn", "attn.c_proj"],
     "ffn": ["mlp"], "ffn.up": ["mlp.c_fc"], "ffn.down": ["mlp.c_proj"],
-    "ffn.*": ["mlp.c_fc", "mlp.c_proj"],
+    "ffn.*": ["mlp.c_fc", "mlp.c_proj"], "embed": ["wte"],
 }
 BERT_ALIASES = {
     "attn": ["attention.output.dense"], "attn.q": ["attention.self.query"],
@@ -38,7 +39,14 @@ BERT_ALIASES = {
                "attention.output.dense"],
     "ffn": ["layer.*.output.dense"], "ffn.up": ["intermediate.dense"],
     "ffn.down": ["layer.*.output.dense"], "ffn.*": ["intermediate.dense", "layer.*.output.dense"],
+    "embed": ["embeddings.word_embeddings"],
 }
+# Where absolute positions are looked up (rotary models are found by their *RotaryEmbedding
+# module instead); prefix methods shift positions by the prefix length there.
+POSITION_EMBEDDINGS = {"gpt2": "wpe", "bert": "embeddings.position_embeddings"}
+# For methods that rewrite the attention op (prefix, ptuning2), `attn` names the module that
+# computes it; where that differs from the table above (BERT's `attn` is its output dense).
+ATTENTION_OP_ALIASES = {"bert": {"attn": ["attention.self"]}}
 ALIASES = {"llama": LLAMA_ALIASES, "mistral": LLAMA_ALIASES, "qwen2": LLAMA_ALIASES,
            "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES}
 
@@ -60,7 +68,9 @@ def matches(pattern: str, path: str) -> bool:
         fnmatchcase(seg, pat) for seg, pat in zip(have[-len(want):], want))
 
 
-def expand(pattern: str, family: str | None) -> list[str]:
+def expand(pattern: str, family: str | None, adapts: tuple[str, ...] = ()) -> list[str]:
+    if "attention" in adapts and pattern in ATTENTION_OP_ALIASES.get(family or "", {}):
+        return ATTENTION_OP_ALIASES[family][pattern]
     return ALIASES.get(family or "", {}).get(pattern, [pattern])
 
 
@@ -84,7 +94,7 @@ def resolve(plan: Plan, sites: list[Site], family: str | None) -> list[Assignmen
 
 def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], family: str | None,
                  n_layers: int, problems: list[Diagnostic]) -> list[Site]:
-    patterns = expand(target.pattern, family)
+    patterns = expand(target.pattern, family, rule.config.adapts)
     found = [s for s in sites if any(matches(p, s.path) for p in patterns)]
     if not found:
         problems.append(no_match(plan, target, sites, family))

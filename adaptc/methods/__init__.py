@@ -6,9 +6,12 @@ parameters the method added, so freezing, saving and merging never guess from na
 from adaptc.methods.bottleneck import AdapterConfig, BottleneckAdapter
 from adaptc.methods.lora import LoraAdapter, LoraConfig
 from adaptc.methods.mixture import MixtureConfig, MixtureOfLora
+from adaptc.methods.prefix import PrefixAttention, PrefixConfig, PrefixEncoder, Ptuning2Config
 
-METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig}
+METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig, "prefix": PrefixConfig,
+                            "ptuning2": Ptuning2Config}
 MIXTURES: dict[str, type] = {"moe": MixtureConfig}
 
 __all__ = ["METHODS", "MIXTURES", "AdapterConfig", "BottleneckAdapter", "LoraAdapter",
-           "LoraConfig", "MixtureConfig", "MixtureOfLora"]
+           "LoraConfig", "MixtureConfig", "MixtureOfLora", "PrefixAttention", "PrefixConfig",
+           "PrefixEncoder", "Ptuning2Config"]

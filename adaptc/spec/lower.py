@@ -2,7 +2,8 @@
 
 Pipeline: text → Lark tree → AST (`spec.parse`) → **Plan** (here) → compiler passes.
 Everything the spec alone can tell is checked here: known methods and keys, value types,
-ranges and choices, each config's own `check()`, and the mixture rules. Checks that need
+ranges and choices, each config's own `check()`, the mixture rules, and which statements
+may share a spec (`spec.combine`). Checks that need
 the model (rank vs. layer width, patterns that match nothing) happen later in the compiler;
 so does the override rule (a later statement wins per module). All problems are collected
 and raised as one `SpecError`, sorted by position.
@@ -19,6 +20,7 @@ from typing import Any
 
 from adaptc.errors import Diagnostic, SpecError
 from adaptc.methods import METHODS, MIXTURES
+from adaptc.spec import combine
 from adaptc.spec.ast import Attach, Mixture, Option, Span, Spec, Value
 from adaptc.spec.ir import MixtureRule, Plan, Rule
 
@@ -34,6 +36,7 @@ def lower(spec: Spec) -> Plan:
     rules = [_attach_rule(index, statement, problems)
              for index, statement in enumerate(spec.statements) if isinstance(statement, Attach)]
     mixture = _mixture_rule(spec, problems)
+    combine.check([rule for rule in rules if rule is not None], mixture, problems.add)
     problems.raise_if_any()
     return Plan(spec, tuple(rules), mixture)
 
