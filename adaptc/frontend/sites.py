@@ -29,6 +29,7 @@ class Site:
 
     def describe(self) -> str:
         shape = f" {self.in_features}→{self.out_features}" if self.kind == "linear" else ""
+        shape = f" {self.in_features}×{self.out_features}" if self.kind == "embedding" else shape
         return f"{self.path} ({self.type_name}{shape})"
 
 

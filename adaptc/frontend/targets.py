@@ -129,19 +129,34 @@ def no_match(plan: Plan, target: Target, sites: list[Site], family: str | None) 
 
 
 def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic]:
-    """Ranks that exceed a site's dimensions, reported once per rule."""
+    """Ranks that exceed a site's dimensions (E303) and prompt token ids beyond the
+    vocabulary (E305), reported once per rule."""
     problems, seen = [], set()
     for a in assignments:
-        r = getattr(a.rule.config, "r", None)
-        if r is None or a.site.kind != "linear" or a.rule.index in seen:
-            continue
-        limit = min(a.site.in_features, a.site.out_features)
-        if r > limit:
+        found = rank_problem(plan, a) or vocab_problem(plan, a)
+        if found and a.rule.index not in seen:
             seen.add(a.rule.index)
-            problems.append(diag(plan, a.rule.span_of("r"), "E303",
-                                 f"r={r} exceeds min(in, out)={limit} of {a.site.describe()}; "
-                                 f"need 1 <= r <= {limit}"))
+            problems.append(found)
     return problems
+
+
+def rank_problem(plan: Plan, a: Assignment) -> Diagnostic | None:
+    r = getattr(a.rule.config, "r", None)
+    if r is None or a.site.kind != "linear":
+        return None
+    limit = min(a.site.in_features, a.site.out_features)
+    if r <= limit:
+        return None
+    return diag(plan, a.rule.span_of("r"), "E303", f"r={r} exceeds min(in, out)={limit} of "
+                f"{a.site.describe()}; need 1 <= r <= {limit}")
+
+
+def vocab_problem(plan: Plan, a: Assignment) -> Diagnostic | None:
+    init = getattr(a.rule.config, "init", None)
+    if not isinstance(init, list) or a.site.kind != "embedding" or max(init) < a.site.in_features:
+        return None
+    return diag(plan, a.rule.span_of("init"), "E305", f"init token id {max(init)} is not in the "
+                f"vocabulary of {a.site.describe()}; need ids < {a.site.in_features}")
 
 
 def diag(plan: Plan, span: Span, code: str, message: str, notes: tuple[str, ...] = ()) -> Diagnostic:

@@ -7,11 +7,14 @@ from adaptc.methods.bottleneck import AdapterConfig, BottleneckAdapter
 from adaptc.methods.lora import LoraAdapter, LoraConfig
 from adaptc.methods.mixture import MixtureConfig, MixtureOfLora
 from adaptc.methods.prefix import PrefixAttention, PrefixConfig, PrefixEncoder, Ptuning2Config
+from adaptc.methods.prompt import PromptConfig, PromptEmbedding, PromptEncoder, PtuningConfig
 
 METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig, "prefix": PrefixConfig,
-                            "ptuning2": Ptuning2Config}
+                            "ptuning2": Ptuning2Config, "prompt": PromptConfig,
+                            "ptuning": PtuningConfig}
 MIXTURES: dict[str, type] = {"moe": MixtureConfig}
 
 __all__ = ["METHODS", "MIXTURES", "AdapterConfig", "BottleneckAdapter", "LoraAdapter",
            "LoraConfig", "MixtureConfig", "MixtureOfLora", "PrefixAttention", "PrefixConfig",
-           "PrefixEncoder", "Ptuning2Config"]
+           "PrefixEncoder", "PromptConfig", "PromptEmbedding", "PromptEncoder", "Ptuning2Config",
+           "PtuningConfig"]

@@ -7,6 +7,7 @@ from adaptc.passes.insert_bottleneck import InsertBottleneck
 from adaptc.passes.insert_lora import InsertLora
 from adaptc.passes.insert_mixture import InsertMixture
 from adaptc.passes.insert_prefix import InsertPrefix
+from adaptc.passes.insert_prompt import InsertPrompt
 from adaptc.passes.locate_sites import LocateSites
 from adaptc.passes.manager import PassManager
 from adaptc.passes.verify import Verify
@@ -18,6 +19,7 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site
         InsertMixture(),     # or, with a mixture statement, routed LoRA experts there
         InsertPrefix(),      # key/value prefixes before each adapted attention op, positions + P
+        InsertPrompt(),      # virtual tokens at the word-embedding output; real-token outputs
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)
         FreezeBase(),        # only adapter parameters train
         Verify(),            # lint, reachability, recompile

@@ -191,8 +191,21 @@ def _as_int_or_ints(key: str, node: Value) -> int | list[int]:
     return node.plain()
 
 
+def _as_name_or_ints(key: str, node: Value) -> str | list[int]:
+    wanted = "a name or a non-empty list of integers"
+    if node.kind in ("name", "string"):
+        return node.value
+    if node.kind != "list" or not node.value:
+        raise _wrong_type(key, wanted, node)
+    for item in node.value:
+        if item.kind != "int":
+            raise _wrong_type(key, wanted, item)
+    return node.plain()
+
+
 _CONVERTERS: dict[Any, Callable[[str, Value], Any]] = {
     int: _as_int, float: _as_float, bool: _as_bool, str: _as_str, int | list[int]: _as_int_or_ints,
+    str | list[int]: _as_name_or_ints,
 }
 
 
@@ -201,7 +214,7 @@ def _check_allowed(key: str, node: Value, meta: Mapping[str, Any]) -> None:
     if node.kind == "list":
         for item in node.value:
             _check_allowed(key, item, meta)
-    elif meta["choices"] is not None:
+    elif meta["choices"] is not None and node.kind in ("name", "string"):
         _check_choice(key, node, meta["choices"])
     elif node.kind in ("int", "float"):
         _check_range(key, node, meta["low"], meta["high"], meta["high_open"])
