@@ -10,6 +10,9 @@ For layer l with P virtual tokens, H_kv key/value heads of width d:
 Real tokens take positions P … P+S-1, as they do when the prefix is handed to a Hugging Face
 model as a P-token KV cache (PEFT's PrefixTuning, Li & Liang's GPT-2 code).
 
+With `gate` (UniPELT), P_K,l and P_V,l are multiplied by G_P,l(x_l) ∈ (0, 1), a per-example
+gate read from the attention block's input x_l (`methods.gate`).
+
 Where the prefix comes from:
     prefix:   projection=0 — a free tensor [L, 2, P, H_kv, d];
               projection=h — Li & Liang's reparameterisation, shared over layers:
@@ -26,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from adaptc.methods.gate import Gate
 from adaptc.methods.options import option
 
 
@@ -39,6 +43,8 @@ class PrefixConfig:
     projection: int = option(0, "0: the prefix is a free tensor; h > 0: it is the output of a "
                              "shared MLP of hidden width h while training (Li & Liang's "
                              "reparameterisation, PEFT prefix_projection)", low=0)
+    gate: bool = option(False, "UniPELT: scale each layer's prefix by a learned per-example "
+                        "gate in (0, 1) read from the attention's input")
     dropout: ClassVar[float] = 0.0
 
     def check(self) -> list[tuple[str, str]]:
@@ -55,6 +61,7 @@ class Ptuning2Config:
     dropout: float = option(0.0, "dropout on the prefix while training (P-tuning v2)", low=0,
                             high=1, high_open=True)
     projection: ClassVar[int] = 0
+    gate: ClassVar[bool] = False
 
     def check(self) -> list[tuple[str, str]]:
         return []
@@ -133,13 +140,23 @@ class PrefixAttention(nn.Module):
     repeated to H heads (head h reads kv head h // (H / H_kv)) and batch B. mask is bool
     (True = attend) or additive float, broadcastable to [B, H, S_q, S_k], or None; the result
     is [.., S_q, P + S_k] with the prefix columns open. An op with is_causal and no mask gets
-    the explicit causal mask (the pass turns is_causal off).
+    the explicit causal mask (the pass turns is_causal off). With a gate, `hidden` [B, S, F] is
+    the attention block's input and both prefixes are scaled by G_P(hidden) [B].
     """
 
+    def __init__(self, gate_features: int = 0, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.gate = Gate(gate_features, device, dtype) if gate_features else None
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                mask: torch.Tensor | None, prefix: torch.Tensor, is_causal: bool = False):
+                mask: torch.Tensor | None, prefix: torch.Tensor, is_causal: bool = False,
+                hidden: torch.Tensor | None = None):
         batch, heads, tokens = key.shape[0], key.shape[1], prefix.shape[1]
         prefix_k, prefix_v = (self.expand(part, batch, heads) for part in prefix.to(key.dtype))
+        if self.gate is not None:
+            gate = self.gate(hidden).view(batch, 1, 1, 1).to(key.dtype)
+            prefix_k, prefix_v = prefix_k * gate, prefix_v * gate
         if mask is None and is_causal:
             mask = causal_mask(query.shape[2], key.shape[2], key.device)
         key = torch.cat([prefix_k, key], dim=2)
@@ -151,7 +168,7 @@ class PrefixAttention(nn.Module):
         return key, value, torch.cat([opening, mask], dim=-1)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {}
+        return dict(self.named_parameters())
 
     @staticmethod
     def expand(part: torch.Tensor, batch: int, heads: int) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Pass: add a LoRA update beside every linear node assigned `lora`.
 
-    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.lora(x)
+    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.lora(x)      (gated: the update × G_L(x))
 """
 from __future__ import annotations
 
 from torch.fx import GraphModule
 
+from adaptc.errors import ModelError
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
 from adaptc.passes.graph import LINEAR_OPS, factory, linear_input, splice
@@ -21,6 +22,8 @@ class InsertLora:
             if assignment is None or ctx.plan.mixture is not None:
                 continue
             site = node.meta[SITE]
+            if assignment.rule.config.gate:
+                check_gate_input(node, site)
             weight = node.args[LINEAR_OPS[node.target][1]].target
             adapter = LoraAdapter(assignment.rule.config, site.in_features, site.out_features,
                                   **factory(gm, weight))
@@ -28,6 +31,14 @@ class InsertLora:
             ctx.sites.append(report(site, "lora", assignment, adapter))
             count += 1
         return PassResult(gm, count > 0, {"lora_inserted": count})
+
+
+def check_gate_input(node, site) -> None:
+    """A gate averages over the sequence: it needs the linear's input as [batch, seq, features]."""
+    val = linear_input(node).meta.get("val")
+    if val is None or val.dim() != 3:
+        raise ModelError(f"gated LoRA on {site.describe()}: the traced input is not "
+                         "[batch, seq, features] (GPT-2's Conv1D flattens it); drop 'gate' there")
 
 
 def report(site, method: str, assignment, adapter) -> dict:

@@ -6,9 +6,10 @@
     positions            →  positions + P                 where they enter RoPE or the table
 
 One `PrefixEncoder` per statement holds the prefixes of the layers that statement won; each
-adapted attention module gets a parameter-free `PrefixAttention` that prepends its layer's
-slice. Positions shift by P once for the whole model, so all prefix statements of a spec use
-the same number of tokens (checked in `spec.lower`).
+adapted attention module gets a `PrefixAttention` that prepends its layer's slice (and, for
+UniPELT's gated prefix, holds the layer's gate, fed the input of the attention's projections).
+Positions shift by P once for the whole model, so all prefix statements of a spec use the
+same number of tokens (checked in `spec.lower`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prefix import PrefixAttention, PrefixEncoder
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
-from adaptc.passes.graph import attention_op, sdpa_arg, set_sdpa_arg, shift_positions
+from adaptc.passes.graph import (attention_op, in_module, is_linear, linear_input, sdpa_arg,
+                                 set_sdpa_arg, shift_positions)
 from adaptc.passes.insert_lora import report
 
 PREFIX_METHODS = ("prefix", "ptuning2")
@@ -54,9 +56,11 @@ class InsertPrefix:
                           "line": rule.statement.span.line, "in": len(group),
                           "out": encoder.shape[2], "params": count(encoder), "shared": True})
         for layer, (assignment, op) in enumerate(zip(group, ops)):
-            attention = PrefixAttention()
+            hidden = attention_input(gm, assignment.site.path) if rule.config.gate else None
+            width = int(hidden.meta["val"].shape[-1]) if hidden is not None else 0
+            attention = PrefixAttention(width, device=key.device, dtype=key.dtype)
             rewrite(gm, op, f"{assignment.site.path}.prefix", attention, source, layer,
-                    rule.config.method)
+                    rule.config.method, hidden)
             ctx.sites.append(report(assignment.site, rule.config.method, assignment, attention))
 
 
@@ -80,8 +84,17 @@ def encoder_node(gm: GraphModule, target: str, encoder: PrefixEncoder, method: s
     return node
 
 
+def attention_input(gm: GraphModule, path: str) -> Node:
+    """What the attention module projects into queries, keys and values: the input of its
+    first linear op (the gate of a gated prefix reads it)."""
+    for node in gm.graph.nodes:
+        if is_linear(node) and in_module(node, path):
+            return linear_input(node)
+    raise ModelError(f"module '{path}' has no linear projection to read a prefix gate's input from")
+
+
 def rewrite(gm: GraphModule, op: Node, target: str, attention: PrefixAttention, source: Node,
-            layer: int, method: str) -> None:
+            layer: int, method: str, hidden: Node | None = None) -> None:
     """sdpa(q, k, v, mask) → sdpa(q, k', v', mask') with k', v', mask' from `attention`."""
     gm.add_submodule(target, attention)
     graph = gm.graph
@@ -89,7 +102,7 @@ def rewrite(gm: GraphModule, op: Node, target: str, attention: PrefixAttention, 
     causal = bool(sdpa_arg(op, "is_causal", False))
     with graph.inserting_before(op):
         prefix = graph.call_function(operator.getitem, (source, layer))
-        call = graph.call_module(target, (*args, prefix, causal))
+        call = graph.call_module(target, (*args, prefix, causal, hidden))
         parts = [graph.call_function(operator.getitem, (call, i)) for i in range(3)]
     for new in (prefix, call, *parts):
         new.meta["nn_module_stack"] = dict(op.meta.get("nn_module_stack", {}))

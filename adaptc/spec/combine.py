@@ -50,7 +50,8 @@ Add = Callable[[Span, str, str, tuple[str, ...]], None]
 
 
 def check(rules: Sequence[Rule], mixture: MixtureRule | None, add: Add) -> None:
-    """Report every forbidden pair and prefix statements that disagree on tokens."""
+    """Report every forbidden pair, prefix statements that disagree on tokens, and a mixture
+    over gated (UniPELT) LoRA."""
     statements = [(rule.config.method, rule.statement.method_span) for rule in rules]
     if mixture is not None:
         statements.append(("mixture", mixture.statement.kind_span))
@@ -65,6 +66,10 @@ def check(rules: Sequence[Rule], mixture: MixtureRule | None, add: Add) -> None:
         first.setdefault(kind, span)
     for kind in PREFIX_KINDS:  # a mix of the two kinds is already forbidden above
         _same_tokens([r for r in rules if r.config.method == kind], add)
+    gated = [r for r in rules if r.config.method == "lora" and r.config.gate]
+    if mixture is not None and gated:
+        add(mixture.statement.kind_span, "E209", "a mixture cannot turn gated LoRA into experts",
+            (f"the LoRA statement on line {gated[0].statement.span.line} has 'gate'",))
 
 
 def _same_tokens(rules: Sequence[Rule], add: Add) -> None:

@@ -165,7 +165,7 @@ def test_unknown_kind_lists_known_ones():
 
 def test_unknown_key_lists_valid_keys():
     assert only_problem("q: lora rank=8").notes == (
-        "valid keys for lora: r, alpha, dropout, rslora",)
+        "valid keys for lora: r, alpha, dropout, rslora, gate",)
 
 
 def test_invalid_choice_lists_choices():
