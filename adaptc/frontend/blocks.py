@@ -57,10 +57,19 @@ def shallow_model(model: LoadedModel, path: str) -> LoadedModel | None:
         parent._modules[name] = child
         parent = child
     parent._modules[leaf] = nn.ModuleList([parent._modules[leaf][0]])
-    for part in root.modules():
-        if getattr(part, "config", None) is config:
-            part.config = small
-    return LoadedModel(root, model.example_inputs, model.source, model.family)
+    swapped = [part for part in root.modules() if getattr(part, "config", None) is config]
+    for part in swapped:
+        part.config = small
+    # Most of these parts are the user's own modules (only the path to the stack is copied):
+    # `restore_configs` gives them their config back once the block is traced.
+    return LoadedModel(root, model.example_inputs, model.source, model.family,
+                       {"config_swapped": [(part, config) for part in swapped]})
+
+
+def restore_configs(small: LoadedModel) -> None:
+    """Undo `shallow_model`'s config swap on the user's modules."""
+    for part, config in small.details.pop("config_swapped", []):
+        part.config = config
 
 
 def replicate(gm: GraphModule, model: nn.Module, path: str, count: int) -> bool:

@@ -17,7 +17,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from adaptc.errors import ModelError
-from adaptc.frontend.blocks import find_stack, replicate, shallow_model
+from adaptc.frontend.blocks import find_stack, replicate, restore_configs, shallow_model
 from adaptc.frontend.models import LoadedModel
 
 
@@ -31,7 +31,10 @@ def trace(model: LoadedModel, reuse_blocks: bool = True) -> GraphModule:
         stack = find_stack(model.module)
         small = shallow_model(model, stack[0]) if stack else None
         if small is not None:
-            gm = export(small)
+            try:
+                gm = export(small)
+            finally:
+                restore_configs(small)
             if replicate(gm, model.module, stack[0], len(stack[1])):
                 gm.recompile()
                 return gm

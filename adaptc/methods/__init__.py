@@ -8,12 +8,18 @@ from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter, Ia3Config
 from adaptc.methods.lora import LoraAdapter, LoraConfig
 from adaptc.methods.mixture import MixtureConfig, MixtureOfLora
+from adaptc.methods.prefix import PrefixAttention, PrefixConfig, PrefixEncoder, Ptuning2Config
+from adaptc.methods.prompt import PromptConfig, PromptEmbedding, PromptEncoder, PtuningConfig
 from adaptc.methods.vera import VeraAdapter, VeraConfig
 
 METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig, "ia3": Ia3Config,
-                            "vera": VeraConfig}
+                            "vera": VeraConfig, "prefix": PrefixConfig,
+                            "ptuning2": Ptuning2Config, "prompt": PromptConfig,
+                            "ptuning": PtuningConfig}
 MIXTURES: dict[str, type] = {"moe": MixtureConfig}
 
 __all__ = ["METHODS", "MIXTURES", "AdapterConfig", "BottleneckAdapter", "DoraAdapter",
            "Ia3Adapter", "Ia3Config", "LoraAdapter", "LoraConfig", "MixtureConfig",
-           "MixtureOfLora", "VeraAdapter", "VeraConfig"]
+           "MixtureOfLora", "PrefixAttention", "PrefixConfig", "PrefixEncoder", "PromptConfig",
+           "PromptEmbedding", "PromptEncoder", "Ptuning2Config", "PtuningConfig", "VeraAdapter",
+           "VeraConfig"]

@@ -10,6 +10,8 @@ from adaptc.passes.insert_lora import InsertLora
 from adaptc.passes.insert_mixture import InsertMixture
 from adaptc.passes.insert_vera import InsertVera
 from adaptc.passes.load_adapters import LoadAdapters
+from adaptc.passes.insert_prefix import InsertPrefix
+from adaptc.passes.insert_prompt import InsertPrompt
 from adaptc.passes.locate_sites import LocateSites
 from adaptc.passes.lower_to_triton import LowerToTriton
 from adaptc.passes.manager import PassManager
@@ -27,6 +29,8 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
         InsertMixture(),     # or, with a mixture statement, routed LoRA experts there
         InsertVera(),        # W₀x + λ_b ⊙ B·(λ_d ⊙ A·x), A and B shared, frozen, from a seed
         InsertIa3(),         # l ⊙ output (keys, values) or W₀(l ⊙ x) (FFN down projections)
+        InsertPrefix(),      # key/value prefixes before each adapted attention op, positions + P
+        InsertPrompt(),      # virtual tokens at the word-embedding output; real-token outputs
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)
         FreezeBase(),        # only adapter parameters train (infer: none)
     ]

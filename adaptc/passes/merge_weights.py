@@ -42,9 +42,11 @@ class MergeWeights:
 
 
 def lora_calls(gm: GraphModule) -> list[Node]:
-    """The call_module nodes of LoRA adapters that the insertion splice made."""
+    """The call_module nodes of mergeable LoRA adapters that the insertion splice made (a
+    gated LoRA update depends on the input, so it stays unmerged)."""
     return [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get(INSERTED) == "lora"
-            and isinstance(gm.get_submodule(n.target), LoraAdapter)]
+            and isinstance(gm.get_submodule(n.target), LoraAdapter)
+            and gm.get_submodule(n.target).gate is None]
 
 
 def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> tuple[str, str]:

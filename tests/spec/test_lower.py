@@ -81,7 +81,7 @@ INVALID = [
     # E201 unknown method / mixture kind
     ("q: lorra r=8", "E201", 1, 4, 9, "unknown method 'lorra'; did you mean 'lora'?"),
     ("q: lora\nmixture mo k=2", "E201", 2, 9, 11, "unknown mixture kind 'mo'; did you mean 'moe'?"),
-    ("q: prefix", "E201", 1, 4, 10, "unknown method 'prefix'"),
+    ("q: prefixx", "E201", 1, 4, 11, "unknown method 'prefixx'; did you mean 'prefix'?"),
     # E202 unknown key
     ("q: lora alpah=16", "E202", 1, 9, 14, "unknown key 'alpah' for lora; did you mean 'alpha'?"),
     ("q: adapter\n  ffn: adapter size=4", "E202", 2, 16, 20, "unknown key 'size' for adapter"),
@@ -172,7 +172,7 @@ def test_unknown_kind_lists_known_ones():
 
 def test_unknown_key_lists_valid_keys():
     assert only_problem("q: lora rank=8").notes == (
-        "valid keys for lora: r, alpha, dropout, rslora, init, freeze_a, dora",)
+        "valid keys for lora: r, alpha, dropout, rslora, init, freeze_a, dora, gate",)
 
 
 def test_invalid_choice_lists_choices():
