@@ -40,6 +40,13 @@ STACKING: dict[frozenset[str], str | None] = {
                           "(ptuning is prompt with a prompt encoder)",
         "prompt mixture": None,
         "ptuning mixture": None,
+        # ia3 and vera rewrite a linear layer like lora: together on one layer they are
+        # refused per site (E305); on different layers, and with everything else, they stack.
+        "ia3 vera": None,
+        "ia3 lora": None,
+        "vera lora": None,
+        **{f"{method} {other}": None for method in ("ia3", "vera")
+           for other in ("adapter", "prefix", "ptuning2", "prompt", "ptuning", "mixture")},
     }.items()
 }
 
