@@ -188,3 +188,20 @@ def test_infer_graph_runs_under_torch_compile(tiny):
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     compiled = torch.compile(gm, backend="inductor", dynamic=False)
     assert (compiled(**x).logits - gm(**x).logits).abs().max().item() <= 1e-5
+
+
+def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
+    """A checkpoint directory with a tokenizer gives an hf/ export that has it too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(20)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    checkpoint = tmp_path / "ckpt"
+    tiny("llama").module.save_pretrained(checkpoint)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(checkpoint)
+    assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--model", str(checkpoint),
+                 "--mode", "infer", "-o", str(tmp_path / "dist")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dist" / "hf", local_files_only=True)
+    assert tokenizer("w3 w7 nope")["input_ids"] == [4, 8, 0]
