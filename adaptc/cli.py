@@ -88,7 +88,7 @@ def run_compile(args) -> int:
     print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
           f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")
     print("passes: " + " → ".join(report.pipeline))
-    print("  " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+    print("  " + ", ".join(f"{k}={v}" for k, v in report.counts.items() if v))
     if args.mode == "infer":
         print(fusion_line(report.counts))
     print(report.peft_line())
