@@ -5,8 +5,8 @@
 """
 __version__ = "0.1.0"
 
-from adaptc.adapters import (adapter_state_dict, balance_loss, load_adapters,  # noqa: E402
-                             save_adapters)
+from adaptc.adapters import (adapter_state_dict, balance_loss, fold_prompts,  # noqa: E402
+                             load_adapters, save_adapters)
 from adaptc.artifact import load, write_artifact  # noqa: E402
 from adaptc.compiler import CompileReport, compile, report_of  # noqa: E402
 from adaptc.errors import (AdaptcError, ArtifactError, ModelError, PassError,  # noqa: E402
@@ -15,5 +15,5 @@ from adaptc.inspection import inspect  # noqa: E402
 
 __all__ = ["AdaptcError", "ArtifactError", "CompileReport", "ModelError", "PassError",
            "SpecError", "WeightsError", "__version__", "adapter_state_dict", "balance_loss",
-           "compile", "inspect", "load", "load_adapters", "report_of", "save_adapters",
-           "write_artifact"]
+           "compile", "fold_prompts", "inspect", "load", "load_adapters", "report_of",
+           "save_adapters", "write_artifact"]
