@@ -160,7 +160,7 @@ def test_integer_too_large_for_a_float():
 
 
 def test_every_semantic_code_is_exercised():
-    assert {case[1] for case in INVALID} == {f"E20{i}" for i in range(1, 9)}
+    assert {case[1] for case in INVALID} == {f"E20{i}" for i in range(1, 10)}
 
 
 # ---- notes --------------------------------------------------------------------------------
