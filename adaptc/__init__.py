@@ -11,9 +11,10 @@ from adaptc.artifact import load, write_artifact  # noqa: E402
 from adaptc.compiler import CompileReport, compile, report_of  # noqa: E402
 from adaptc.errors import (AdaptcError, ArtifactError, ModelError, PassError,  # noqa: E402
                            SpecError, WeightsError)
+from adaptc.generation import greedy_generate  # noqa: E402
 from adaptc.inspection import inspect  # noqa: E402
 
 __all__ = ["AdaptcError", "ArtifactError", "CompileReport", "ModelError", "PassError",
            "SpecError", "WeightsError", "__version__", "adapter_state_dict", "balance_loss",
-           "compile", "fold_prompts", "inspect", "load", "load_adapters", "report_of",
-           "save_adapters", "write_artifact"]
+           "compile", "fold_prompts", "greedy_generate", "inspect", "load", "load_adapters",
+           "report_of", "save_adapters", "write_artifact"]
