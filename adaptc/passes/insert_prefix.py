@@ -53,8 +53,9 @@ class InsertPrefix:
         target = f"{ENCODERS}.{rule.config.method}_{rule.index}"
         source = encoder_node(gm, target, encoder, rule.config.method)
         ctx.sites.append({"path": target, "method": f"{rule.config.method}[{rule.config.tokens}]",
-                          "line": rule.statement.span.line, "in": len(group),
-                          "out": encoder.shape[2], "params": count(encoder), "shared": True})
+                          "line": rule.statement.span.line, "in": None, "out": None,
+                          "shape": "×".join(map(str, encoder.shape)), "params": count(encoder),
+                          "shared": True})
         for layer, (assignment, op) in enumerate(zip(group, ops)):
             hidden = attention_input(gm, assignment.site.path) if rule.config.gate else None
             width = int(hidden.meta["val"].shape[-1]) if hidden is not None else 0

@@ -46,7 +46,8 @@ class InsertPrompt:
         sliced = extend_inputs(gm, lookup.args[1], tokens)
         module = build(assignment, gm.get_parameter(lookup.args[0].target))
         splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method)
-        ctx.sites.append(report(assignment.site, assignment.method, assignment, module))
+        row = report(assignment.site, f"{assignment.method}[{tokens}]", assignment, module)
+        ctx.sites.append({**row, "shape": f"{tokens}×{lookup.meta['val'].shape[-1]}"})
         return PassResult(gm, True, {"prompt_inserted": 1, "outputs_sliced": sliced})
 
 
