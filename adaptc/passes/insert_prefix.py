@@ -22,8 +22,15 @@ from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prefix import PrefixAttention, PrefixEncoder
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
-from adaptc.passes.graph import (attention_op, in_module, is_linear, linear_input, sdpa_arg,
-                                 set_sdpa_arg, shift_positions)
+from adaptc.passes.graph import (
+    attention_op,
+    in_module,
+    is_linear,
+    linear_input,
+    sdpa_arg,
+    set_sdpa_arg,
+    shift_positions,
+)
 from adaptc.passes.insert_lora import report
 
 PREFIX_METHODS = ("prefix", "ptuning2")

@@ -79,7 +79,8 @@ def extend_inputs(gm: GraphModule, ids: Node, tokens: int) -> int:
         with graph.inserting_after(inputs[-1]):
             padded = graph.call_function(aten.constant_pad_nd.default, (node, [tokens, 0], fill))
         padded.meta[INSERTED] = "prompt"
-        node.replace_all_uses_with(padded, delete_user_cb=lambda user: keeps_original(user, padded))
+        node.replace_all_uses_with(
+            padded, delete_user_cb=lambda user, padded=padded: keeps_original(user, padded))
     return slice_outputs(gm, seq, tokens)
 
 
