@@ -79,6 +79,25 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None
             param.copy_(tensors[name])
 
 
+def fold_prompts(module: nn.Module) -> int:
+    """Replace every prompt encoder and prefix reparameterisation MLP by its current output, a
+    frozen tensor: the graph then computes the same outputs with no encoder (for inference).
+    Returns how many were folded. Saving still works; the folded tensors no longer train."""
+    folded = 0
+    for path, child in list(module.named_modules()):
+        if path and callable(getattr(child, "fold", None)) and needs_folding(child):
+            owner, _, name = path.rpartition(".")
+            with torch.no_grad():
+                setattr(module.get_submodule(owner), name, child.fold())
+            folded += 1
+    return folded
+
+
+def needs_folding(child: nn.Module) -> bool:
+    """P-tuning's encoder always; a prefix encoder only when it has the projection MLP."""
+    return getattr(child.config, "projection", 1) > 0
+
+
 def balance_loss(module: nn.Module) -> torch.Tensor:
     """Σ over mixture sites of weight × load-balancing loss from the last forward pass."""
     terms = [m.mixture.balance * m.balance_loss for m in module.modules()

@@ -166,3 +166,8 @@ def test_unipelt_gates_are_trainable_and_bounded(tiny):
     gate = gm.get_submodule("model.layers.0.self_attn.prefix").gate
     value = gate(torch.randn(3, 5, 128) * 100)
     assert value.shape == (3, 1, 1) and ((value > 0) & (value < 1)).all()
+
+
+def test_gated_lora_on_gpt2_conv1d_is_refused(tiny):
+    with pytest.raises(adaptc.ModelError, match="gated LoRA"):
+        adaptc.compile(tiny("gpt2"), "attn.qkv: lora r=2 gate")

@@ -9,7 +9,7 @@ import torch
 from peft import PrefixTuningConfig, TaskType, get_peft_model
 
 import adaptc
-from adaptc.errors import SpecError
+from adaptc.errors import ModelError, SpecError
 from helpers import inputs, main_output
 
 TOL = 1e-5
@@ -104,3 +104,26 @@ def test_prefix_spec_errors(tiny, spec, code):
     with pytest.raises(SpecError) as err:
         adaptc.compile(tiny("llama"), spec)
     assert err.value.first.code == code
+
+
+def test_prefix_needs_the_sdpa_attention_op(tiny):
+    model = tiny("llama")
+    model.module.set_attn_implementation("eager")
+    with pytest.raises(ModelError, match="scaled_dot_product_attention"):
+        adaptc.compile(model, "attn: prefix tokens=2")
+
+
+def test_prefix_attention_float_mask_equals_bool_mask():
+    from adaptc.methods.prefix import PrefixAttention
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=gen) for _ in range(3))
+    prefix = torch.randn(2, 3, 2, 8, generator=gen)
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5).clone()
+    allowed[0, :, :, :2] = False  # left padding in row 0
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    outs = []
+    for mask in (allowed, additive):
+        k2, v2, m2 = PrefixAttention()(q, k, v, mask, prefix)
+        assert m2.shape == (2, 1, 5, 8)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q, k2, v2, m2))
+    assert torch.allclose(*outs, atol=1e-6) and torch.isfinite(outs[0]).all()

@@ -22,8 +22,15 @@ from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prefix import PrefixAttention, PrefixEncoder
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
-from adaptc.passes.graph import (attention_op, in_module, is_linear, linear_input, sdpa_arg,
-                                 set_sdpa_arg, shift_positions)
+from adaptc.passes.graph import (
+    attention_op,
+    in_module,
+    is_linear,
+    linear_input,
+    sdpa_arg,
+    set_sdpa_arg,
+    shift_positions,
+)
 from adaptc.passes.insert_lora import report
 
 PREFIX_METHODS = ("prefix", "ptuning2")
@@ -53,8 +60,9 @@ class InsertPrefix:
         target = f"{ENCODERS}.{rule.config.method}_{rule.index}"
         source = encoder_node(gm, target, encoder, rule.config.method)
         ctx.sites.append({"path": target, "method": f"{rule.config.method}[{rule.config.tokens}]",
-                          "line": rule.statement.span.line, "in": len(group),
-                          "out": encoder.shape[2], "params": count(encoder), "shared": True})
+                          "line": rule.statement.span.line, "in": None, "out": None,
+                          "shape": "×".join(map(str, encoder.shape)), "params": count(encoder),
+                          "shared": True})
         for layer, (assignment, op) in enumerate(zip(group, ops)):
             hidden = attention_input(gm, assignment.site.path) if rule.config.gate else None
             width = int(hidden.meta["val"].shape[-1]) if hidden is not None else 0

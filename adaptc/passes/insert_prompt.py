@@ -46,7 +46,8 @@ class InsertPrompt:
         sliced = extend_inputs(gm, lookup.args[1], tokens)
         module = build(assignment, gm.get_parameter(lookup.args[0].target))
         splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method)
-        ctx.sites.append(report(assignment.site, assignment.method, assignment, module))
+        row = report(assignment.site, f"{assignment.method}[{tokens}]", assignment, module)
+        ctx.sites.append({**row, "shape": f"{tokens}×{lookup.meta['val'].shape[-1]}"})
         return PassResult(gm, True, {"prompt_inserted": 1, "outputs_sliced": sliced})
 
 
@@ -78,7 +79,8 @@ def extend_inputs(gm: GraphModule, ids: Node, tokens: int) -> int:
         with graph.inserting_after(inputs[-1]):
             padded = graph.call_function(aten.constant_pad_nd.default, (node, [tokens, 0], fill))
         padded.meta[INSERTED] = "prompt"
-        node.replace_all_uses_with(padded, delete_user_cb=lambda user: keeps_original(user, padded))
+        node.replace_all_uses_with(
+            padded, delete_user_cb=lambda user, padded=padded: keeps_original(user, padded))
     return slice_outputs(gm, seq, tokens)
 
 

@@ -136,6 +136,17 @@ INVALID = [
     # E208 empty spec
     ("", "E208", 1, 1, 2, "the spec has no statements"),
     ("# nothing yet\n\n;\n", "E208", 1, 1, 2, "the spec has no statements"),
+    # prefix and prompt methods: token ids or a name for init, ranges, choices
+    ("q: prompt init=[1, -1]", "E204", 1, 20, 22, "init must be >= 0, got -1"),
+    ("q: prompt init=1.5", "E203", 1, 16, 19,
+     "init expects a name or a non-empty list of integers, got float 1.5"),
+    ("q: prompt init=[1, a]", "E203", 1, 20, 21, "got name a"),
+    ("q: prompt init=foo", "E204", 1, 16, 19, "'foo' is not a valid init"),
+    ("q: ptuning encoder=gru", "E204", 1, 20, 23, "'gru' is not a valid encoder"),
+    ("q: prefix tokens=0", "E204", 1, 18, 19, "tokens must be >= 1, got 0"),
+    ("q: ptuning2 projection=4", "E202", 1, 13, 23, "unknown key 'projection' for ptuning2"),
+    # E209 combinations (more in test_combine.py)
+    ("q: lora gate\nmixture moe", "E209", 2, 9, 12, "a mixture cannot turn gated LoRA into experts"),
 ]
 
 
@@ -155,7 +166,7 @@ def test_integer_too_large_for_a_float():
 
 
 def test_every_semantic_code_is_exercised():
-    assert {case[1] for case in INVALID} == {f"E20{i}" for i in range(1, 9)}
+    assert {case[1] for case in INVALID} == {f"E20{i}" for i in range(1, 10)}
 
 
 # ---- notes --------------------------------------------------------------------------------
