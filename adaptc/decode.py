@@ -24,6 +24,7 @@ from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export
 
 PREFIX = "model."
+PROMPT_METHODS = {"prefix", "ptuning2", "prompt", "ptuning"}
 
 
 class Decoder:
@@ -64,6 +65,11 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
                           {"input_ids": torch.zeros(1, 2, dtype=torch.long),
                            "cache_position": torch.arange(2)}, loaded.source, loaded.family)
     ctx = prepare(wrapped, spec, "infer")
+    uncached = sorted({a.method for a in ctx.assignments} & PROMPT_METHODS)
+    if uncached:
+        raise AdaptcError(f"cached decoding does not support {', '.join(uncached)} yet (they "
+                          "shift positions and lengths the static cache indexes); use "
+                          "adaptc.greedy_generate, which decodes without a cache")
     ctx.adapters, ctx.adapter_prefix = adapters, PREFIX
     seq = Dim("seq", min=1, max=max_cache_len)
     with warnings.catch_warnings():

@@ -51,3 +51,8 @@ def test_cli_generate(capsys):
     assert tokens[:3] == ["5", "17", "42"] and len(tokens) == 7
     assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 x"]) == 1
     assert "token ids" in capsys.readouterr().err
+
+
+def test_prompt_methods_are_refused_with_the_uncached_alternative(tiny):
+    with pytest.raises(AdaptcError, match="does not support prefix yet.*greedy_generate"):
+        compile_decoder(tiny("llama"), "attn: prefix tokens=2")

@@ -205,3 +205,20 @@ def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
                  "--mode", "infer", "-o", str(tmp_path / "dist")]) == 0
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dist" / "hf", local_files_only=True)
     assert tokenizer("w3 w7 nope")["input_ids"] == [4, 8, 0]
+
+
+@pytest.mark.parametrize("spec", [
+    "attn: prefix tokens=4 projection=16; ffn: adapter placement=parallel bottleneck=8 scale=4",
+    "attn.q,attn.v: lora r=4 gate; attn: prefix tokens=4 gate; ffn: adapter bottleneck=8 gate",
+    "embed: prompt tokens=3; q_proj: lora r=2",
+])
+def test_mam_unipelt_prompt_in_infer_mode_equal_train(tiny, tmp_path, spec):
+    """Scaled and gated adapters stay eager (the kernel has neither), gated LoRA stays
+    unmerged, prefixes and prompts keep their trained values: infer equals train (eval)."""
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    train.eval()
+    assert (main_output(infer(**x)) - main_output(train(**x))).abs().max().item() <= TOL
+    assert not any(p.requires_grad for p in infer.parameters())

@@ -3,6 +3,9 @@
     h + <site>.adapter(x)  →  torch.ops.adaptc.bottleneck_adapter(x, h, D, b_D, U, b_U, act)
     y + <site>.moe(x)      →  torch.ops.adaptc.mixture_lora(x, y, W_g, A, B, s, top_k)
 
+Adapters the kernels do not cover (an output scale, a UniPELT gate) stay eager modules in
+the graph (`kept_eager`), so the infer graph still computes what train mode computes.
+
 The ops (adaptc/backends/triton) run their Triton kernels on CUDA and their PyTorch
 reference elsewhere; they are inference only (no dropout, no balance loss). The weights
 stay in the adapter submodules and are read through get_attr nodes, so the state dict and
@@ -35,12 +38,15 @@ class Fusion:
     op: str                                      # name in torch.ops.adaptc
     weights: tuple[str, ...]                     # parameters passed after (x, residual)
     constants: Callable[[nn.Module], tuple]      # non-tensor arguments, last
+    fusable: Callable[[nn.Module], bool] = lambda adapter: True  # what the kernel computes
 
 
 FUSIONS = {
     BottleneckAdapter: Fusion("adapter_fused", "bottleneck_adapter",
                               ("down", "down_bias", "up", "up_bias"),
-                              lambda a: (a.config.activation,)),
+                              lambda a: (a.config.activation,),
+                              # the kernel has no output scale (MAM) and no gate (UniPELT)
+                              lambda a: a.gate is None and a.config.scale == 1.0),
     MixtureOfLora: Fusion("mixture_fused", "mixture_lora", ("router", "A", "B"),
                           lambda a: (a.scale, a.top_k)),
 }
@@ -52,11 +58,14 @@ class LowerToTriton:
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         import adaptc.backends.triton  # noqa: F401  registers torch.ops.adaptc.*
 
-        counts = {fusion.count: 0 for fusion in FUSIONS.values()}
+        counts = {fusion.count: 0 for fusion in FUSIONS.values()} | {"kept_eager": 0}
         for call in [n for n in gm.graph.nodes if n.op == "call_module"]:
             adapter = gm.get_submodule(call.target)
             fusion = FUSIONS.get(type(adapter))
             if fusion is None:
+                continue
+            if not fusion.fusable(adapter):
+                counts["kept_eager"] += 1
                 continue
             op = getattr(torch.ops.adaptc, fusion.op).default
             fuse(gm, call, op, fusion.weights, fusion.constants(adapter))
