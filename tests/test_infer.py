@@ -59,6 +59,8 @@ def test_merged_equals_unmerged(tiny, tmp_path, family):
     assert ops(infer) == ops(trace(tiny(family)))  # exactly the base model's operations
     assert not [n for n in infer.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"]
     assert not any(p.requires_grad for p in infer.parameters())
+    folded = adaptc.report_of(infer).counts["prompts_folded"]
+    assert folded == (1 if "projection" in spec or "ptuning" in spec else 0)
 
 
 def test_bf16_merge_no_worse_than_peft(tiny, tmp_path):
@@ -211,10 +213,11 @@ def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
     "attn: prefix tokens=4 projection=16; ffn: adapter placement=parallel bottleneck=8 scale=4",
     "attn.q,attn.v: lora r=4 gate; attn: prefix tokens=4 gate; ffn: adapter bottleneck=8 gate",
     "embed: prompt tokens=3; q_proj: lora r=2",
+    "embed: ptuning tokens=3 encoder=lstm",
 ])
 def test_mam_unipelt_prompt_in_infer_mode_equal_train(tiny, tmp_path, spec):
     """Scaled and gated adapters stay eager (the kernel has neither), gated LoRA stays
-    unmerged, prefixes and prompts keep their trained values: infer equals train (eval)."""
+    unmerged, prefix MLPs and prompt encoders fold into constants: infer equals train."""
     model = tiny("llama")
     train = trained(model, spec, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from adaptc.passes.base import CompileContext, Pass, PassResult
+from adaptc.passes.fold_prompts import FoldPrompts
 from adaptc.passes.freeze_base import FreezeBase
 from adaptc.passes.insert_dora import InsertDora
 from adaptc.passes.insert_ia3 import InsertIa3
@@ -39,6 +40,7 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
     return [
         *build,
         LoadAdapters(),      # trained adapter weights (--adapters), else the initial ones
+        FoldPrompts(),       # prefix MLPs and prompt encoders → the constants they compute
         MergeWeights(),      # W' = W₀ + s·B·A as a new parameter; the LoRA nodes go away
         LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
         Verify(),
