@@ -65,8 +65,13 @@ def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: 
 
 def export_program(gm: GraphModule, model: LoadedModel) -> torch.export.ExportedProgram:
     """torch.export of the infer graph with the dynamic batch/sequence dims used for tracing."""
-    return torch.export.export(gm, (), dict(model.example_inputs),
-                               dynamic_shapes=dynamic_shapes(model), strict=False)
+    try:
+        return torch.export.export(gm, (), dict(model.example_inputs),
+                                   dynamic_shapes=dynamic_shapes(model), strict=False)
+    except Exception as err:  # torch.export raises many types; all mean "cannot export"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"cannot export the infer graph to {PROGRAM} with dynamic batch "
+                            f"and sequence dims: {first}") from err
 
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:

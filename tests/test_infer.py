@@ -225,3 +225,14 @@ def test_mam_unipelt_prompt_in_infer_mode_equal_train(tiny, tmp_path, spec):
     train.eval()
     assert (main_output(infer(**x)) - main_output(train(**x))).abs().max().item() <= TOL
     assert not any(p.requires_grad for p in infer.parameters())
+
+
+def test_unexportable_infer_graph_is_a_clean_error(tmp_path, capsys):
+    """Prompt tuning's graph does not re-export with a dynamic sequence (torch cannot prove
+    a shape guard): the CLI says so and writes nothing."""
+    spec = tmp_path / "p.adapt"
+    spec.write_text("embed: prompt tokens=3\n")
+    out = tmp_path / "dist"
+    assert main(["compile", str(spec), "--mode", "infer", "-o", str(out)]) == 1
+    assert "cannot export the infer graph to program.pt2" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".dist*"))
