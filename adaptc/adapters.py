@@ -53,10 +53,14 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_adapters(module: nn.Module, path: str | Path) -> None:
-    """Copy tensors from a safetensors file into the module's adapters; all or nothing."""
+def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None:
+    """Copy tensors from a safetensors file into the module's adapters; all or nothing.
+
+    `prefix` is prepended to the file's names: a module that wraps the compiled model (the
+    KV-cache decoder holds it as `model`) loads a file saved from the unwrapped one.
+    """
     try:
-        tensors = load_file(str(path))
+        tensors = {prefix + k: v for k, v in load_file(str(path)).items()}
     except (OSError, SafetensorError) as err:
         raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
     load_adapter_tensors(module, tensors, str(path))
@@ -79,6 +83,25 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], so
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
+
+
+def fold_prompts(module: nn.Module) -> int:
+    """Replace every prompt encoder and prefix reparameterisation MLP by its current output, a
+    frozen tensor: the graph then computes the same outputs with no encoder (for inference).
+    Returns how many were folded. Saving still works; the folded tensors no longer train."""
+    folded = 0
+    for path, child in list(module.named_modules()):
+        if path and callable(getattr(child, "fold", None)) and needs_folding(child):
+            owner, _, name = path.rpartition(".")
+            with torch.no_grad():
+                setattr(module.get_submodule(owner), name, child.fold())
+            folded += 1
+    return folded
+
+
+def needs_folding(child: nn.Module) -> bool:
+    """P-tuning's encoder always; a prefix encoder only when it has the projection MLP."""
+    return getattr(child.config, "projection", 1) > 0
 
 
 def balance_loss(module: nn.Module) -> torch.Tensor:

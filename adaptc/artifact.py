@@ -16,6 +16,8 @@ import json
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,24 +42,39 @@ def versions() -> dict[str, str]:
 def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: bool = False) -> Path:
     """Write the artifact for a train-mode compilation into `out`, atomically."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
+    refuse_existing(out, force)
     if model.on_meta:
         raise ArtifactError(f"{out}: model '{model.source}' is on the meta device (shapes only); "
                             "an artifact needs real weights")
     if not hasattr(model.module, "save_pretrained"):
         raise ArtifactError(f"{out}: artifacts need a Hugging Face model (save_pretrained); "
                             f"got {type(model.module).__name__}")
+    with atomic_directory(out) as staging:
+        fill(staging, gm, model)
+    return out
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """An existing non-empty output is replaced only with `force` (--force)."""
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """A staging directory beside `out`, renamed to `out` when the block succeeds and removed
+    when it fails, so `out` is either the old contents or complete new ones."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        fill(staging, gm, model)
+        yield staging
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def fill(folder: Path, gm: GraphModule, model: LoadedModel) -> None:

@@ -6,9 +6,11 @@ traceback; argument errors exit 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from adaptc.errors import AdaptcError
 from adaptc.frontend.models import DEFAULT_MODEL, PRESETS
@@ -35,7 +37,10 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("spec")
     comp.add_argument("--model", default=DEFAULT_MODEL, help=models)
     comp.add_argument("--mode", default="train", choices=("train", "infer"))
-    comp.add_argument("-o", "--output", help="write an artifact directory")
+    comp.add_argument("--adapters", metavar="FILE", help="infer mode: trained adapter weights "
+                      "(.safetensors from adaptc.save_adapters); default: the initial weights")
+    comp.add_argument("-o", "--output", help="write an artifact directory (infer mode: "
+                      "program.pt2, hf/ when everything merged, report.json)")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
     comp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
     comp.set_defaults(run=run_compile)
@@ -64,6 +69,15 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--task-type", help="PEFT task_type to record (e.g. CAUSAL_LM)")
     exp.set_defaults(run=run_export_peft)
 
+    gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode)")
+    gen.add_argument("spec")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=models)
+    gen.add_argument("--adapters", metavar="FILE", help="trained adapter weights")
+    gen.add_argument("--prompt", required=True, help="token ids, e.g. '5 17 42'")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--max-cache-len", type=int, default=128)
+    gen.set_defaults(run=run_generate)
+
     passes = sub.add_parser("passes", help="print the pass pipeline in order")
     passes.add_argument("--mode", default="train", choices=("train", "infer"))
     passes.set_defaults(run=run_passes)
@@ -71,31 +85,70 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_compile(args) -> int:
-    from adaptc.artifact import write_artifact
+    from adaptc.artifact import refuse_existing
     from adaptc.compiler import compile, prepare, report_of
 
     if args.dump_passes:
         os.environ["ADAPTC_DUMP"] = args.dump_passes
+    if args.adapters and args.mode != "infer":
+        raise AdaptcError("--adapters is for --mode infer (train mode starts from the initial "
+                          "weights; load saved ones with adaptc.load_adapters)")
+    if args.output:
+        refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
-    ctx = prepare(args.model, args.spec, args.mode)
-    gm = compile(ctx.model, ctx.plan, args.mode)
+    ctx = prepare(args.model, Path(args.spec), args.mode)
+    gm = compile(ctx.model, ctx.plan, args.mode, adapters=args.adapters)
     report = report_of(gm)
     print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
           f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")
     print("passes: " + " → ".join(report.pipeline))
-    print("  " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+    print("  " + ", ".join(f"{k}={v}" for k, v in report.counts.items() if v))
+    if args.mode == "infer":
+        print(fusion_line(report.counts))
     print(report.peft_line())
     if args.output:
-        out = write_artifact(gm, ctx.model, args.output, force=args.force)
-        print(f"wrote {out}/ (spec.adapt, model/, adapters.safetensors, manifest.json); "
-              f"load it with adaptc.load({str(out)!r})")
+        write = write_train if args.mode == "train" else write_infer
+        write(args, ctx, gm)
     return 0
+
+
+def fusion_line(counts: dict[str, int]) -> str:
+    return (f"merge_weights: {counts['lora_merged']} LoRA sites folded into their base weights; "
+            f"lower_to_triton: {counts['adapter_fused']} bottleneck adapters → "
+            f"adaptc.bottleneck_adapter, {counts['mixture_fused']} mixtures → adaptc.mixture_lora")
+
+
+def write_train(args, ctx, gm) -> None:
+    from adaptc.artifact import write_artifact
+
+    out = write_artifact(gm, ctx.model, args.output, force=args.force)
+    print(f"wrote {out}/ (spec.adapt, model/, adapters.safetensors, manifest.json); "
+          f"load it with adaptc.load({str(out)!r})")
+
+
+def write_infer(args, ctx, gm) -> None:
+    """program.pt2, hf/ and report.json, verified against the train-mode graph."""
+    from adaptc.adapters import load_adapters
+    from adaptc.compiler import compile
+    from adaptc.export import HF_DIR, REPORT_FILE, write_infer_artifact
+
+    reference = compile(ctx.model, ctx.plan, "train")
+    if args.adapters:
+        load_adapters(reference, args.adapters)
+    out = write_infer_artifact(gm, ctx.model, args.output, reference=reference, force=args.force)
+    report = json.loads((out / REPORT_FILE).read_text())
+    check = report["verification"]
+    hf = f"{HF_DIR}/, " if report["hf"] else ""
+    print(f"wrote {out}/ (program.pt2, {hf}report.json); against the train-mode graph: "
+          f"max abs error {check['max_abs_error']:.3g}, max rel error {check['max_rel_error']:.3g}")
+    if report.get("hf_skipped"):
+        print(f"no {HF_DIR}/ checkpoint: {report['hf_skipped']}")
 
 
 def run_inspect(args) -> int:
     from adaptc.inspection import inspect
 
-    print(inspect(args.model, args.spec, block=args.block))
+    print(inspect(args.model, Path(args.spec), block=args.block))
     return 0
 
 
@@ -108,9 +161,20 @@ def run_check(args) -> int:
     return 0
 
 
-def run_import_peft(args) -> int:
-    from pathlib import Path
+def run_generate(args) -> int:
+    from adaptc.decode import compile_decoder
 
+    try:
+        prompt = [int(token) for token in args.prompt.replace(",", " ").split()]
+    except ValueError:
+        raise AdaptcError(f"--prompt takes token ids separated by spaces, got {args.prompt!r}") from None
+    decoder = compile_decoder(args.model, Path(args.spec), adapters=args.adapters,
+                              max_cache_len=args.max_cache_len)
+    print(" ".join(map(str, decoder.generate(prompt, args.max_new_tokens))))
+    return 0
+
+
+def run_import_peft(args) -> int:
     from adaptc.peft_interop import spec_from_peft
 
     spec = spec_from_peft(args.directory, args.model)

@@ -1,5 +1,6 @@
 """The compiler driver: spec + model → validated plan → site assignments → traced graph →
-passes → trainable GraphModule with a compile report attached (`gm.meta["adaptc.report"]`).
+passes → GraphModule with a compile report attached (`gm.meta["adaptc.report"]`): trainable
+in train mode, merged and fused for inference in infer mode.
 """
 from __future__ import annotations
 
@@ -65,9 +66,6 @@ def prepare(model, spec, mode: str, example_inputs: dict | None = None) -> Compi
     """Everything before tracing: the plan, the model, and where each method goes."""
     if mode not in MODES:
         raise AdaptcError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
-    if mode == "infer":
-        raise AdaptcError("--mode infer (merging and Triton fusion) is not available yet; "
-                          "compile with --mode train")
     plan, loaded = as_plan(spec), as_model(model, example_inputs)
     sites = site_table(loaded.module)
     assignments = resolve(plan, sites, loaded.family, parameter_table(loaded.module))
@@ -86,13 +84,21 @@ def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = Non
     return gm
 
 
-def compile(model, spec, mode: str = "train", *, example_inputs: dict | None = None,
-            verify: bool | None = None) -> GraphModule:
+def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = None,
+            example_inputs: dict | None = None, verify: bool | None = None) -> GraphModule:
     """Compile `spec` onto `model` (a preset name, checkpoint dir, or nn.Module).
 
     mode="train" returns the unmerged graph: base parameters frozen, adapters trainable.
+    mode="infer" builds the same graph from a fresh trace, loads `adapters` (a file written by
+    `save_adapters`; without it the initial weights), merges LoRA into new weight parameters
+    and fuses the other adapters into custom ops; nothing is trainable, and neither the
+    user's model nor any train-mode module is modified.
     """
+    if adapters is not None and mode != "infer":
+        raise AdaptcError("adapter weights are loaded in infer mode; for a train-mode module "
+                          "call adaptc.load_adapters(module, path) after compiling")
     ctx = prepare(model, spec, mode, example_inputs)
+    ctx.adapters = adapters
     return run_pipeline(trace(ctx.model), ctx, verify)
 
 

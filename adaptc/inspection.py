@@ -40,11 +40,11 @@ def block_prefix(paths: list[str], block: int) -> str | None:
 
 
 def site_table(rows: list[dict]) -> str:
-    header = f"{'module':<48} {'method':<16} {'line':>4} {'in→out':>12} {'params':>12}"
+    header = f"{'module':<48} {'method':<20} {'line':>4} {'in→out':>12} {'params':>12}"
     lines = [header, "-" * len(header)]
     for row in rows:
-        shape = f"{row['in']}→{row['out']}" if row["in"] is not None else "-"
-        lines.append(f"{row['path']:<48} {row['method']:<16} {row['line']:>4} {shape:>12} "
+        shape = row.get("shape") or (f"{row['in']}→{row['out']}" if row["in"] is not None else "")
+        lines.append(f"{row['path']:<48} {row['method']:<20} {row['line']:>4} {shape:>12} "
                      f"{row['params']:>12,}")
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ def test_compile_artifact_load_train_save(tmp_path, capsys):
     out = tmp_path / "dist"
     assert main(["compile", CARD, "--model", "llama", "--mode", "train", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "lora_inserted=0" in printed and "mixture_inserted=8" in printed
+    assert "lora_inserted" not in printed and "mixture_inserted=8" in printed
     assert "adapter_inserted=12" in printed and "trainable params:" in printed
     assert {p.name for p in out.iterdir()} == {"spec.adapt", "model", "adapters.safetensors",
                                                 "manifest.json"}
@@ -90,3 +90,10 @@ def test_check_and_passes(capsys):
     assert main(["passes"]) == 0
     text = capsys.readouterr().out
     assert "ok (2 attach statements + mixture)" in text and "insert_lora" in text
+
+
+def test_spec_file_with_any_extension(tmp_path, capsys):
+    spec = tmp_path / "qv.spec"
+    spec.write_text("q_proj: lora r=2\n")
+    assert main(["compile", str(spec)]) == 0
+    assert "lora_inserted=4" in capsys.readouterr().out

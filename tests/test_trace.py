@@ -61,3 +61,13 @@ def test_llama_70b_compiles_on_meta():
     # 80 layers × (8·(8192+8192) + 8·(8192+1024)) LoRA parameters
     assert report.trainable == 80 * (8 * (8192 + 8192) + 8 * (8192 + 1024))
     assert report.total == 68_976_648_192 + report.trainable
+
+
+def test_tracing_leaves_the_users_model_as_it_was():
+    model = build_preset("llama", layers=2)
+    model.module.train()
+    model.module.config.use_cache = True
+    trace(model)
+    trace(model, reuse_blocks=False)
+    assert model.module.training and all(m.training for m in model.module.modules())
+    assert model.module.config.use_cache is True

@@ -1,4 +1,5 @@
-"""Each statement kind trains: the loss on a tiny next-token task falls within 50 steps."""
+"""Each statement kind trains: the loss on a tiny next-token task falls within 50 steps
+(prefix and prompt methods alone: test_training_prompts.py)."""
 from __future__ import annotations
 
 import pytest
@@ -21,6 +22,11 @@ CASES = [
     # (IA)³ trains 944 numbers here (LoRA r=8 on q,v: 7,168) and only rescales activations
     # of a random tiny model: it is expected to move the loss, not to fit the task
     ("k_proj,v_proj: ia3; down_proj: ia3 feedforward", 5e-2, 0.95),
+    # MAM adapter and UniPELT
+    ("attn: prefix tokens=4 projection=32; ffn: adapter placement=parallel bottleneck=16 scale=4",
+     1e-2, 0.8),
+    ("attn.q,attn.v: lora r=4 gate; attn: prefix tokens=4 gate; ffn: adapter bottleneck=16 gate",
+     1e-2, 0.8),
 ]
 
 

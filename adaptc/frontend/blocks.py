@@ -18,6 +18,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from adaptc.frontend.models import LoadedModel
+from adaptc.graph_attrs import bind
 
 
 def find_stack(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -56,10 +57,19 @@ def shallow_model(model: LoadedModel, path: str) -> LoadedModel | None:
         parent._modules[name] = child
         parent = child
     parent._modules[leaf] = nn.ModuleList([parent._modules[leaf][0]])
-    for part in root.modules():
-        if getattr(part, "config", None) is config:
-            part.config = small
-    return LoadedModel(root, model.example_inputs, model.source, model.family)
+    swapped = [part for part in root.modules() if getattr(part, "config", None) is config]
+    for part in swapped:
+        part.config = small
+    # Most of these parts are the user's own modules (only the path to the stack is copied):
+    # `restore_configs` gives them their config back once the block is traced.
+    return LoadedModel(root, model.example_inputs, model.source, model.family,
+                       {"config_swapped": [(part, config) for part in swapped]})
+
+
+def restore_configs(small: LoadedModel) -> None:
+    """Undo `shallow_model`'s config swap on the user's modules."""
+    for part, config in small.details.pop("config_swapped", []):
+        part.config = config
 
 
 def replicate(gm: GraphModule, model: nn.Module, path: str, count: int) -> bool:
@@ -97,7 +107,7 @@ def copy_block(gm: GraphModule, model: nn.Module, block: list[Node], params: set
     old, new = f"{path}.0.", f"{path}.{index}."
     for node in params:
         target = new + node.target[len(old):]
-        register(gm, target, tensor_at(model, target))
+        bind(gm, target, tensor_at(model, target))
         with graph.inserting_before(block[0]):
             mapping[node] = graph.get_attr(target)
     anchor = previous
@@ -117,20 +127,6 @@ def tensor_at(model: nn.Module, target: str) -> torch.Tensor:
         return model.get_parameter(target)
     except AttributeError:
         return model.get_buffer(target)
-
-
-def register(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
-    """Attach the user's tensor at `target`, creating the owning modules on the way."""
-    owner_path, _, name = target.rpartition(".")
-    try:
-        owner = gm.get_submodule(owner_path)
-    except AttributeError:
-        gm.add_submodule(owner_path, nn.Module())
-        owner = gm.get_submodule(owner_path)
-    if isinstance(tensor, nn.Parameter):
-        owner.register_parameter(name, tensor)
-    else:
-        owner.register_buffer(name, tensor)
 
 
 def in_block(node: Node, prefix: str) -> bool:

@@ -15,8 +15,11 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 @dataclass(frozen=True)
 class Site:
-    """A named submodule: `kind` is "linear" for nn.Linear / GPT-2 Conv1D, else "module";
-    or, in the parameter table, a parameter (`kind` "parameter", `out_features` its size)."""
+    """A named submodule and its kind: "linear" (nn.Linear, GPT-2 Conv1D; in/out are its
+    features), "embedding" (nn.Embedding; in/out are vocabulary size and width), "attention"
+    (a module whose class name ends in `Attention`: where prefix methods rewrite the attention
+    op), else "module"; or, in the parameter table, a parameter (`kind` "parameter",
+    `out_features` its size)."""
 
     path: str
     type_name: str
@@ -27,6 +30,7 @@ class Site:
 
     def describe(self) -> str:
         shape = f" {self.in_features}→{self.out_features}" if self.kind == "linear" else ""
+        shape = f" {self.in_features}×{self.out_features}" if self.kind == "embedding" else shape
         return f"{self.path} ({self.type_name}{shape})"
 
 
@@ -40,15 +44,27 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def site_kind(module: nn.Module) -> tuple[str, tuple[int, int] | None]:
+    """The kind of a module and its (in, out) shape where it has one."""
+    shape = linear_shape(module)
+    if shape:
+        return "linear", shape
+    if isinstance(module, nn.Embedding):
+        return "embedding", (module.num_embeddings, module.embedding_dim)
+    if type(module).__name__.endswith("Attention"):
+        return "attention", None
+    return "module", None
+
+
 def site_table(model: nn.Module) -> list[Site]:
     """All named submodules in definition order (the root excluded)."""
     sites = []
     for path, module in model.named_modules():
         if not path:
             continue
-        shape = linear_shape(module)
+        kind, shape = site_kind(module)
         index = LAYER_INDEX.search(path)
-        sites.append(Site(path, type(module).__name__, "linear" if shape else "module",
+        sites.append(Site(path, type(module).__name__, kind,
                           shape[0] if shape else None, shape[1] if shape else None,
                           int(index.group(1)) if index else None))
     return sites

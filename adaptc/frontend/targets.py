@@ -23,12 +23,13 @@ LLAMA_ALIASES = {
     "attn.*": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
     "ffn": ["mlp"], "ffn.gate": ["mlp.gate_proj"], "ffn.up": ["mlp.up_proj"],
     "ffn.down": ["mlp.down_proj"], "ffn.*": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "embed": ["embed_tokens"],
 }
 GPT2_ALIASES = {
     "attn": ["attn"], "attn.q": ["attn.c_attn"], "attn.k": ["attn.c_attn"], "attn.v": ["attn.c_attn"],
     "attn.qkv": ["attn.c_attn"], "attn.o": ["attn.c_proj"], "attn.*": ["attn.c_attn", "attn.c_proj"],
     "ffn": ["mlp"], "ffn.up": ["mlp.c_fc"], "ffn.down": ["mlp.c_proj"],
-    "ffn.*": ["mlp.c_fc", "mlp.c_proj"],
+    "ffn.*": ["mlp.c_fc", "mlp.c_proj"], "embed": ["wte"],
 }
 BERT_ALIASES = {
     "attn": ["attention.output.dense"], "attn.q": ["attention.self.query"],
@@ -38,7 +39,14 @@ BERT_ALIASES = {
                "attention.output.dense"],
     "ffn": ["layer.*.output.dense"], "ffn.up": ["intermediate.dense"],
     "ffn.down": ["layer.*.output.dense"], "ffn.*": ["intermediate.dense", "layer.*.output.dense"],
+    "embed": ["embeddings.word_embeddings"],
 }
+# Where absolute positions are looked up (rotary models are found by their *RotaryEmbedding
+# module instead); prefix methods shift positions by the prefix length there.
+POSITION_EMBEDDINGS = {"gpt2": "wpe", "bert": "embeddings.position_embeddings"}
+# For methods that rewrite the attention op (prefix, ptuning2), `attn` names the module that
+# computes it; where that differs from the table above (BERT's `attn` is its output dense).
+ATTENTION_OP_ALIASES = {"bert": {"attn": ["attention.self"]}}
 ALIASES = {"llama": LLAMA_ALIASES, "mistral": LLAMA_ALIASES, "qwen2": LLAMA_ALIASES,
            "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES}
 
@@ -67,7 +75,9 @@ def owner_matches(pattern: str, path: str) -> bool:
     return any(matches(pattern, ".".join(parts[:end])) for end in range(len(parts), 0, -1))
 
 
-def expand(pattern: str, family: str | None) -> list[str]:
+def expand(pattern: str, family: str | None, adapts: tuple[str, ...] = ()) -> list[str]:
+    if "attention" in adapts and pattern in ATTENTION_OP_ALIASES.get(family or "", {}):
+        return ATTENTION_OP_ALIASES[family][pattern]
     return ALIASES.get(family or "", {}).get(pattern, [pattern])
 
 
@@ -98,7 +108,7 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
 
 def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], family: str | None,
                  n_layers: int, problems: list[Diagnostic]) -> list[Site]:
-    patterns = expand(target.pattern, family)
+    patterns = expand(target.pattern, family, rule.config.adapts)
     test = owner_matches if "parameter" in rule.config.adapts else matches
     found = [s for s in sites if any(test(p, s.path) for p in patterns)]
     if not found:
@@ -137,19 +147,14 @@ def no_match(plan: Plan, target: Target, sites: list[Site], family: str | None) 
 
 
 def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic]:
-    """Ranks that exceed a site's dimensions, reported once per rule."""
+    """Ranks that exceed a site's dimensions (E303) and prompt token ids beyond the
+    vocabulary (E306), reported once per rule."""
     problems, seen = [], set()
     for a in assignments:
-        r = getattr(a.rule.config, "r", None)
-        bounded = getattr(type(a.rule.config), "rank_bound", True)
-        if r is None or not bounded or a.site.kind != "linear" or a.rule.index in seen:
-            continue
-        limit = min(a.site.in_features, a.site.out_features)
-        if r > limit:
+        found = rank_problem(plan, a) or vocab_problem(plan, a)
+        if found and a.rule.index not in seen:
             seen.add(a.rule.index)
-            problems.append(diag(plan, a.rule.span_of("r"), "E303",
-                                 f"r={r} exceeds min(in, out)={limit} of {a.site.describe()}; "
-                                 f"need 1 <= r <= {limit}"))
+            problems.append(found)
     return problems
 
 
@@ -179,6 +184,26 @@ def layer_conflicts(plan: Plan, assignments: list[Assignment]) -> list[Diagnosti
 def weight_space_methods() -> list[str]:
     from adaptc.methods import METHODS
     return sorted(name for name, cls in METHODS.items() if getattr(cls, "rewrites_layer", False))
+
+
+def rank_problem(plan: Plan, a: Assignment) -> Diagnostic | None:
+    r = getattr(a.rule.config, "r", None)
+    bounded = getattr(type(a.rule.config), "rank_bound", True)
+    if r is None or not bounded or a.site.kind != "linear":
+        return None
+    limit = min(a.site.in_features, a.site.out_features)
+    if r <= limit:
+        return None
+    return diag(plan, a.rule.span_of("r"), "E303", f"r={r} exceeds min(in, out)={limit} of "
+                f"{a.site.describe()}; need 1 <= r <= {limit}")
+
+
+def vocab_problem(plan: Plan, a: Assignment) -> Diagnostic | None:
+    init = getattr(a.rule.config, "init", None)
+    if not isinstance(init, list) or a.site.kind != "embedding" or max(init) < a.site.in_features:
+        return None
+    return diag(plan, a.rule.span_of("init"), "E306", f"init token id {max(init)} is not in the "
+                f"vocabulary of {a.site.describe()}; need ids < {a.site.in_features}")
 
 
 def diag(plan: Plan, span: Span, code: str, message: str, notes: tuple[str, ...] = ()) -> Diagnostic:

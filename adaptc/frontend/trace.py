@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from adaptc.errors import ModelError
-from adaptc.frontend.blocks import find_stack, replicate, shallow_model
+from adaptc.frontend.blocks import find_stack, replicate, restore_configs, shallow_model
 from adaptc.frontend.models import LoadedModel
 
 
@@ -30,22 +31,24 @@ def trace(model: LoadedModel, reuse_blocks: bool = True) -> GraphModule:
         stack = find_stack(model.module)
         small = shallow_model(model, stack[0]) if stack else None
         if small is not None:
-            gm = export(small)
+            try:
+                gm = export(small)
+            finally:
+                restore_configs(small)
             if replicate(gm, model.module, stack[0], len(stack[1])):
                 gm.recompile()
                 return gm
     return export(model)
 
 
-def export(model: LoadedModel) -> GraphModule:
+def export(model: LoadedModel, shapes: dict | None = None) -> GraphModule:
+    """Export the whole model; `shapes` overrides the default dynamic dims."""
     module = model.module
-    config = getattr(module, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False
-    module.eval()
     try:
-        program = torch.export.export(module, (), dict(model.example_inputs),
-                                      dynamic_shapes=dynamic_shapes(model), strict=False)
+        with tracing_state(module):
+            program = torch.export.export(module, (), dict(model.example_inputs),
+                                          dynamic_shapes=shapes or dynamic_shapes(model),
+                                          strict=False)
     except Exception as err:  # torch.export raises many types; all mean "cannot trace"
         raise ModelError(describe_failure(module, err)) from err
     graph_module = program.module()
@@ -53,6 +56,24 @@ def export(model: LoadedModel) -> GraphModule:
     for name in ("train", "eval"):
         graph_module.__dict__.pop(name, None)
     return graph_module
+
+
+@contextmanager
+def tracing_state(module: nn.Module):
+    """Eval mode and no KV cache while exporting; the user's model is left as it was."""
+    config = getattr(module, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    modes = {m: m.training for m in module.modules()}
+    if use_cache is not None:
+        config.use_cache = False
+    module.eval()
+    try:
+        yield
+    finally:
+        for part, training in modes.items():
+            part.training = training
+        if use_cache is not None:
+            config.use_cache = use_cache
 
 
 def dynamic_shapes(model: LoadedModel) -> dict | None:

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from adaptc.methods.gate import Gate
 from adaptc.methods.options import option
 
 ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu,
@@ -32,15 +33,20 @@ class AdapterConfig:
     placement: str = option("sequential", "sequential: after the module on its output; "
                             "parallel: beside it, fed the module's input",
                             choices=("sequential", "parallel"))
+    scale: float = option(1.0, "multiplier s of the adapter's output (MAM adapter: 4)", low=0)
+    gate: bool = option(False, "UniPELT: scale the adapter's output by a learned per-example "
+                        "gate in (0, 1)")
 
     def check(self) -> list[tuple[str, str]]:
         return []
 
 
 class BottleneckAdapter(nn.Module):
-    """U·act(D·x + b_D) + b_U; the graph adds it to the module output (residual).
+    """s·(U·act(D·x + b_D) + b_U), times G_A(x) with `gate`; the graph adds it to the module
+    output (residual).
 
-    Shapes: x [..., d_in] → [..., d_out]. `down` [bottleneck, d_in], `up` [d_out, bottleneck].
+    Shapes: x [..., d_in] → [..., d_out]. `down` [bottleneck, d_in], `up` [d_out, bottleneck];
+    with `gate`, x is [B, S, d_in] and `gate` holds w [1, d_in], b [1].
     """
 
     def __init__(self, config: AdapterConfig, d_in: int, d_out: int,
@@ -52,12 +58,16 @@ class BottleneckAdapter(nn.Module):
         self.down_bias = nn.Parameter(torch.zeros(config.bottleneck, **factory))
         self.up = nn.Parameter(torch.zeros(d_out, config.bottleneck, **factory))
         self.up_bias = nn.Parameter(torch.zeros(d_out, **factory))
+        self.gate = Gate(d_in, device, dtype) if config.gate else None
         if self.down.device.type != "meta":
             nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = ACTIVATIONS[self.config.activation](nn.functional.linear(x, self.down, self.down_bias))
-        return nn.functional.linear(hidden, self.up, self.up_bias)
+        out = nn.functional.linear(hidden, self.up, self.up_bias)
+        if self.config.scale != 1.0:
+            out = out * self.config.scale
+        return out if self.gate is None else out * self.gate(x)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())

@@ -5,6 +5,7 @@ see `methods/dora.py`); LoRA+ (Hayou et al. 2024, arXiv:2402.12354) is an optimi
 
     y = W₀x + b + s·B·A·dropout(x),   s = α/r  (rsLoRA: α/√r)
     A: [r, in],  B: [out, r]
+    with `gate` (UniPELT): y = W₀x + b + G_L(x)·s·B·A·dropout(x), G_L from `methods.gate`.
 
 Initialisations (`init`):
     kaiming   A Kaiming-uniform (a=√5), B = 0: the adapted model starts equal to the base
@@ -23,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from adaptc.methods.gate import Gate
 from adaptc.methods.options import option
 
 INITS = ("kaiming", "gaussian", "pissa")
@@ -44,6 +46,7 @@ class LoraConfig:
                        "the residual", choices=INITS)
     freeze_a: bool = option(False, "LoRA-FA: A stays at its initial value, only B trains")
     dora: bool = option(False, "DoRA: a trained magnitude times the normalised direction W + s·B·A")
+    gate: bool = option(False, "UniPELT: scale the update by a learned per-example gate in (0, 1)")
 
     def check(self) -> list[tuple[str, str]]:
         if self.init == "pissa" and self.alpha == 0:
@@ -61,7 +64,8 @@ class LoraAdapter(nn.Module):
 
     Shapes: x [..., in] → [..., out]. `A` [r, in], `B` [out, r]. With `freeze_a` A is a
     frozen parameter: `adapter_parameters()` returns only B, and `frozen_state()` returns A
-    so saved adapters still restore the module.
+    so saved adapters still restore the module. With `gate`, x is [B, S, in] and `gate`
+    holds w [1, in], b [1].
     """
 
     fast_parameters: ClassVar[tuple[str, ...]] = ("B",)  # LoRA+: these get ratio × lr
@@ -74,14 +78,19 @@ class LoraAdapter(nn.Module):
         self.A = nn.Parameter(torch.empty(config.r, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(out_features, config.r, device=device, dtype=dtype))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.gate = Gate(in_features, device, dtype) if config.gate else None
         if self.A.device.type != "meta":
             init_a(self.A, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.linear(self.dropout(x), self.A), self.B) * self.scale
+        update = nn.functional.linear(nn.functional.linear(self.dropout(x), self.A), self.B) * self.scale
+        return update if self.gate is None else update * self.gate(x)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        return {"B": self.B} if self.config.freeze_a else {"A": self.A, "B": self.B}
+        gate = {} if self.gate is None else {"gate.weight": self.gate.weight,
+                                             "gate.bias": self.gate.bias}
+        low_rank = {"B": self.B} if self.config.freeze_a else {"A": self.A, "B": self.B}
+        return {**low_rank, **gate}
 
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """Tensors that do not train but are needed to restore the adapter (LoRA-FA's A)."""
@@ -89,6 +98,8 @@ class LoraAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·B·A in float32, shaped like an nn.Linear weight [out, in]."""
+        if self.gate is not None:
+            raise ValueError("a gated LoRA update depends on the input; it cannot be merged")
         return (self.B.float() @ self.A.float()) * self.scale
 
     def merged(self, weight: torch.Tensor, bias: torch.Tensor | None

@@ -2,7 +2,7 @@
 
 A method config is a frozen dataclass whose fields are its spec keys. `option()` attaches
 the documentation and the allowed range or choices; `spec.lower` reads the field types
-(int, float, bool, str, or `int | list[int]`) and this metadata to check user input.
+(int, float, bool, str, `int | list[int]` or `str | list[int]`) and this metadata to check user input.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class MethodConfig(Protocol):
     """What every method config provides besides its option fields."""
 
     method: ClassVar[str]  # the name used in specs
-    adapts: ClassVar[tuple[str, ...]]  # site kinds it can attach to: "linear" and/or "module"
+    adapts: ClassVar[tuple[str, ...]]  # site kinds it attaches to: linear, module, attention, embedding
 
     def check(self) -> list[tuple[str, str]]:
         """Cross-key problems as (key, message); empty when the config is consistent."""

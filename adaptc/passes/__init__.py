@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from adaptc.passes.base import CompileContext, Pass, PassResult
+from adaptc.passes.fold_prompts import FoldPrompts
 from adaptc.passes.freeze_base import FreezeBase
 from adaptc.passes.insert_adalora import InsertAdaLora
 from adaptc.passes.insert_dora import InsertDora
@@ -10,15 +11,22 @@ from adaptc.passes.insert_bottleneck import InsertBottleneck
 from adaptc.passes.insert_lora import InsertLora
 from adaptc.passes.insert_mixture import InsertMixture
 from adaptc.passes.insert_vera import InsertVera
+from adaptc.passes.load_adapters import LoadAdapters
+from adaptc.passes.insert_prefix import InsertPrefix
+from adaptc.passes.insert_prompt import InsertPrompt
 from adaptc.passes.locate_sites import LocateSites
+from adaptc.passes.lower_to_triton import LowerToTriton
 from adaptc.passes.manager import PassManager
+from adaptc.passes.merge_weights import MergeWeights
 from adaptc.passes.quantize_weights import QuantizeWeights
 from adaptc.passes.train_parameters import TrainParameters
 from adaptc.passes.verify import Verify
 
 
 def default_pipeline(mode: str = "train") -> list[Pass]:
-    return [
+    """train: the adapted graph, adapters trainable. infer: the same graph with trained
+    weights, LoRA merged into the base weights and other adapters fused, nothing trainable."""
+    build = [
         LocateSites(),       # bind resolved targets to traced linear nodes
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
         InsertDora(),        # LoRA sites with `dora`: magnitude × normalised (W₀ + s·B·A) x
@@ -26,11 +34,22 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
         InsertAdaLora(),     # W₀x + (α/r₀)·P·(Λ ⊙ Q·x), triplets pruned by AdaLoraAllocator
         InsertVera(),        # W₀x + λ_b ⊙ B·(λ_d ⊙ A·x), A and B shared, frozen, from a seed
         InsertIa3(),         # l ⊙ output (keys, values) or W₀(l ⊙ x) (FFN down projections)
+        InsertPrefix(),      # key/value prefixes before each adapted attention op, positions + P
+        InsertPrompt(),      # virtual tokens at the word-embedding output; real-token outputs
         InsertBottleneck(),  # adapters on module outputs (sequential) or beside them (parallel)
         QuantizeWeights(),   # `quantize`: frozen weights stored as NF4, dequantised in the graph
         TrainParameters(),   # `train` statements: trainable copies of the selected parameters
-        FreezeBase(),        # only adapter parameters train
-        Verify(),            # lint, reachability, recompile
+        FreezeBase(),        # only adapter parameters train (infer: none)
+    ]
+    if mode == "train":
+        return [*build, Verify()]  # lint, reachability, recompile
+    return [
+        *build,
+        LoadAdapters(),      # trained adapter weights (--adapters), else the initial ones
+        FoldPrompts(),       # prefix MLPs and prompt encoders → the constants they compute
+        MergeWeights(),      # W' = W₀ + s·B·A as a new parameter; the LoRA nodes go away
+        LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
+        Verify(),
     ]
 
 

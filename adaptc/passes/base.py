@@ -7,6 +7,7 @@ assert and the CLI prints. Analyses are stored on nodes under `adaptc.*` meta ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from torch.fx import GraphModule
@@ -31,6 +32,8 @@ class CompileContext:
     mode: str = "train"
     n_layers: int = 0  # depth of the whole model (site layers count from 0)
     sites: list[dict] = field(default_factory=list)  # per inserted adapter, for reports
+    adapters: str | Path | None = None  # infer mode: trained adapter weights (.safetensors)
+    adapter_prefix: str = ""  # module path of the adapted model inside the traced one
 
 
 @dataclass

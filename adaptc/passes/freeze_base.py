@@ -1,5 +1,5 @@
-"""Pass: only adapter parameters train. Adapter modules declare theirs through the
-`adapter_parameters()` protocol, so nothing is guessed from parameter names."""
+"""Pass: only adapter parameters train (in infer mode, none do). Adapter modules declare theirs
+through the `adapter_parameters()` protocol, so nothing is guessed from parameter names."""
 from __future__ import annotations
 
 from torch.fx import GraphModule
@@ -16,7 +16,7 @@ class FreezeBase:
     name = "freeze_base"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        trainable = adapter_parameter_ids(gm)
+        trainable = adapter_parameter_ids(gm) if ctx.mode == "train" else set()
         frozen = 0
         for param in gm.parameters():
             param.requires_grad_(id(param) in trainable)

@@ -37,6 +37,9 @@ class InsertBottleneck:
         if config.placement == "parallel":
             source = single(site.path, "tensor input", external_inputs(inside, members, output))
         d_in, d_out = width(source, site.path), width(output, site.path)
+        if config.gate and source.meta["val"].dim() != 3:
+            raise ModelError(f"gated adapter on module '{site.path}': its input is not "
+                             "[batch, seq, features] in the traced graph; drop 'gate' there")
         like = output.meta["val"]
         adapter = BottleneckAdapter(config, d_in, d_out, device=like.device, dtype=like.dtype)
         splice(gm, output, source, f"{site.path}.adapter", adapter, "adapter", keep_users=members)

@@ -1,7 +1,7 @@
 """Pass: add a LoRA update beside every linear node assigned `lora` (DoRA sites are left to
 `insert_dora`, mixtures to `insert_mixture`).
 
-    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.lora(x)
+    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.lora(x)      (gated: the update × G_L(x))
     init=pissa:          linear(x, <site>.lora.residual, b) + <site>.lora(x)
 
 With PiSSA the layer reads a new frozen parameter W_res = W₀ − s·B·A registered on the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
+from adaptc.errors import ModelError
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
 from adaptc.passes.graph import (dense_weight, factory, linear_input, linear_weight, splice,
@@ -29,6 +30,8 @@ class InsertLora:
             site, config = node.meta[SITE], assignment.rule.config
             if config.dora:
                 continue  # insert_dora's
+            if config.gate:
+                check_gate_input(node, site)
             adapter = LoraAdapter(config, site.in_features, site.out_features,
                                   **factory(gm, linear_weight(node).target))
             target = f"{site.path}.lora"
@@ -41,6 +44,14 @@ class InsertLora:
             count += 1
         counts = {"lora_inserted": count, **({"pissa_residuals": pissa} if pissa else {})}
         return PassResult(gm, count > 0, counts)
+
+
+def check_gate_input(node, site) -> None:
+    """A gate averages over the sequence: it needs the linear's input as [batch, seq, features]."""
+    val = linear_input(node).meta.get("val")
+    if val is None or val.dim() != 3:
+        raise ModelError(f"gated LoRA on {site.describe()}: the traced input is not "
+                         "[batch, seq, features] (GPT-2's Conv1D flattens it); drop 'gate' there")
 
 
 def report(site, method: str, assignment, adapter) -> dict:

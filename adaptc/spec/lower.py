@@ -2,7 +2,8 @@
 
 Pipeline: text → Lark tree → AST (`spec.parse`) → **Plan** (here) → compiler passes.
 Everything the spec alone can tell is checked here: known methods and keys, value types,
-ranges and choices, each config's own `check()`, and the mixture rules. Checks that need
+ranges and choices, each config's own `check()`, the mixture rules, and which statements
+may share a spec (`spec.combine`). Checks that need
 the model (rank vs. layer width, patterns that match nothing) happen later in the compiler;
 so does the override rule (a later statement wins per module). All problems are collected
 and raised as one `SpecError`, sorted by position.
@@ -19,6 +20,7 @@ from typing import Any
 
 from adaptc.errors import Diagnostic, SpecError
 from adaptc.methods import METHODS, MIXTURES
+from adaptc.spec import combine
 from adaptc.spec.ast import Attach, Mixture, Option, Span, Spec, Value
 from adaptc.spec.ir import MixtureRule, Plan, Rule
 
@@ -36,6 +38,7 @@ def lower(spec: Spec) -> Plan:
     mixture = _mixture_rule(spec, problems)
     if mixture is not None:
         _mixture_lora_options([r for r in rules if r is not None], problems)
+    combine.check([rule for rule in rules if rule is not None], mixture, problems.add)
     problems.raise_if_any()
     return Plan(spec, tuple(rules), mixture)
 
@@ -208,8 +211,21 @@ def _as_int_or_ints(key: str, node: Value) -> int | list[int]:
     return node.plain()
 
 
+def _as_name_or_ints(key: str, node: Value) -> str | list[int]:
+    wanted = "a name or a non-empty list of integers"
+    if node.kind in ("name", "string"):
+        return node.value
+    if node.kind != "list" or not node.value:
+        raise _wrong_type(key, wanted, node)
+    for item in node.value:
+        if item.kind != "int":
+            raise _wrong_type(key, wanted, item)
+    return node.plain()
+
+
 _CONVERTERS: dict[Any, Callable[[str, Value], Any]] = {
     int: _as_int, float: _as_float, bool: _as_bool, str: _as_str, int | list[int]: _as_int_or_ints,
+    str | list[int]: _as_name_or_ints,
 }
 
 
@@ -218,7 +234,7 @@ def _check_allowed(key: str, node: Value, meta: Mapping[str, Any]) -> None:
     if node.kind == "list":
         for item in node.value:
             _check_allowed(key, item, meta)
-    elif meta["choices"] is not None:
+    elif meta["choices"] is not None and node.kind in ("name", "string"):
         _check_choice(key, node, meta["choices"])
     elif node.kind in ("int", "float"):
         _check_range(key, node, meta["low"], meta["high"], meta["high_open"])

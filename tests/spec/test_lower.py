@@ -81,7 +81,7 @@ INVALID = [
     # E201 unknown method / mixture kind
     ("q: lorra r=8", "E201", 1, 4, 9, "unknown method 'lorra'; did you mean 'lora'?"),
     ("q: lora\nmixture mo k=2", "E201", 2, 9, 11, "unknown mixture kind 'mo'; did you mean 'moe'?"),
-    ("q: prefix", "E201", 1, 4, 10, "unknown method 'prefix'"),
+    ("q: prefixx", "E201", 1, 4, 11, "unknown method 'prefixx'; did you mean 'prefix'?"),
     # E202 unknown key
     ("q: lora alpah=16", "E202", 1, 9, 14, "unknown key 'alpah' for lora; did you mean 'alpha'?"),
     ("q: adapter\n  ffn: adapter size=4", "E202", 2, 16, 20, "unknown key 'size' for adapter"),
@@ -138,6 +138,17 @@ INVALID = [
     # E208 empty spec
     ("", "E208", 1, 1, 2, "the spec has no statements"),
     ("# nothing yet\n\n;\n", "E208", 1, 1, 2, "the spec has no statements"),
+    # prefix and prompt methods: token ids or a name for init, ranges, choices
+    ("q: prompt init=[1, -1]", "E204", 1, 20, 22, "init must be >= 0, got -1"),
+    ("q: prompt init=1.5", "E203", 1, 16, 19,
+     "init expects a name or a non-empty list of integers, got float 1.5"),
+    ("q: prompt init=[1, a]", "E203", 1, 20, 21, "got name a"),
+    ("q: prompt init=foo", "E204", 1, 16, 19, "'foo' is not a valid init"),
+    ("q: ptuning encoder=gru", "E204", 1, 20, 23, "'gru' is not a valid encoder"),
+    ("q: prefix tokens=0", "E204", 1, 18, 19, "tokens must be >= 1, got 0"),
+    ("q: ptuning2 projection=4", "E202", 1, 13, 23, "unknown key 'projection' for ptuning2"),
+    # E209 combinations (more in test_combine.py)
+    ("q: lora gate\nmixture moe", "E209", 2, 9, 12, "a mixture cannot turn gated LoRA into experts"),
 ]
 
 
@@ -157,7 +168,7 @@ def test_integer_too_large_for_a_float():
 
 
 def test_every_semantic_code_is_exercised():
-    assert {case[1] for case in INVALID} == {f"E20{i}" for i in range(1, 9)}
+    assert {case[1] for case in INVALID} == {f"E20{i}" for i in range(1, 10)}
 
 
 # ---- notes --------------------------------------------------------------------------------
@@ -174,7 +185,7 @@ def test_unknown_kind_lists_known_ones():
 
 def test_unknown_key_lists_valid_keys():
     assert only_problem("q: lora rank=8").notes == (
-        "valid keys for lora: r, alpha, dropout, rslora, init, freeze_a, dora",)
+        "valid keys for lora: r, alpha, dropout, rslora, init, freeze_a, dora, gate",)
 
 
 def test_invalid_choice_lists_choices():

@@ -1,0 +1,95 @@
+"""Token-by-token generation with a KV cache through an infer-mode graph.
+
+The causal LM is wrapped in transformers' static-cache module made for torch.export (the
+cache is a set of buffers updated in place at `cache_position`), exported with a dynamic
+sequence length (so a prompt is prefilled in one call and each new token costs one call),
+and run through the same infer pipeline as `compile(..., mode="infer")`: LoRA merged,
+bottleneck adapters and mixtures as fused ops. Inside the wrapper the model sits at
+`model`, so adapter files saved from train mode are loaded with that prefix.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.fx import GraphModule
+
+from adaptc.compiler import as_model, prepare, run_pipeline
+from adaptc.errors import AdaptcError, ModelError
+from adaptc.frontend.models import LoadedModel
+from adaptc.frontend.trace import export
+
+PREFIX = "model."
+PROMPT_METHODS = {"prefix", "ptuning2", "prompt", "ptuning"}
+
+
+class Decoder:
+    """Greedy decoding (batch 1) over an exported graph with a static KV cache."""
+
+    def __init__(self, graph: GraphModule, max_cache_len: int):
+        self.graph, self.max_cache_len = graph, max_cache_len
+
+    @torch.no_grad()
+    def logits(self, ids: list[int], start: int) -> torch.Tensor:
+        """Run tokens `ids` at positions start.. and return their logits [len(ids), vocab]."""
+        if start + len(ids) > self.max_cache_len:
+            raise AdaptcError(f"sequence of {start + len(ids)} tokens exceeds the cache "
+                              f"({self.max_cache_len}); compile the decoder with a larger "
+                              "max_cache_len")
+        positions = torch.arange(start, start + len(ids))
+        return self.graph(input_ids=torch.tensor([ids]), cache_position=positions)[0]
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """Prompt followed by `max_new_tokens` greedily chosen token ids."""
+        if not prompt:
+            raise AdaptcError("generation needs a prompt of at least one token")
+        tokens = list(prompt)
+        scores = self.logits(tokens, 0)
+        for _ in range(max_new_tokens):
+            tokens.append(int(scores[-1].argmax()))
+            if len(tokens) == len(prompt) + max_new_tokens:
+                break
+            scores = self.logits(tokens[-1:], len(tokens) - 1)
+        return tokens
+
+
+def compile_decoder(model, spec, *, adapters: str | Path | None = None,
+                    max_cache_len: int = 128) -> Decoder:
+    """The infer-mode graph of `spec` on a causal LM, exported for cached decoding."""
+    loaded = as_model(model, None)
+    wrapped = LoadedModel(static_cache_module(loaded, max_cache_len),
+                          {"input_ids": torch.zeros(1, 2, dtype=torch.long),
+                           "cache_position": torch.arange(2)}, loaded.source, loaded.family)
+    ctx = prepare(wrapped, spec, "infer")
+    uncached = sorted({a.method for a in ctx.assignments} & PROMPT_METHODS)
+    if uncached:
+        raise AdaptcError(f"cached decoding does not support {', '.join(uncached)} yet (they "
+                          "shift positions and lengths the static cache indexes); use "
+                          "adaptc.greedy_generate, which decodes without a cache")
+    ctx.adapters, ctx.adapter_prefix = adapters, PREFIX
+    seq = Dim("seq", min=1, max=max_cache_len)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
+        graph = export(wrapped, {"input_ids": {1: seq}, "cache_position": {0: seq}})
+    return Decoder(run_pipeline(graph, ctx), max_cache_len)
+
+
+def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
+    """transformers' export wrapper around a shallow copy (the user's model is not changed)."""
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    if model.on_meta:
+        raise ModelError(f"model '{model.source}' is on the meta device; decoding needs weights")
+    if not hasattr(model.module, "generate"):
+        raise ModelError(f"{type(model.module).__name__} is not a causal language model; "
+                         "cached decoding needs one")
+    root = copy.copy(model.module)
+    root.generation_config = GenerationConfig(
+        use_cache=True, cache_implementation="static",
+        cache_config={"batch_size": 1, "max_cache_len": max_cache_len})
+    return TorchExportableModuleWithStaticCache(root, batch_size=1, max_cache_len=max_cache_len)

@@ -1,0 +1,167 @@
+"""Infer-mode artifacts: what `adaptc compile --mode infer -o DIR` writes.
+
+    DIR/program.pt2   the infer GraphModule through torch.export, batch and sequence dynamic
+                      as when tracing; `load_program(DIR / "program.pt2")` loads it
+    DIR/hf/           when every adapter merged and the model is a Hugging Face model: a
+                      standard checkpoint (config.json + model.safetensors, and the input's
+                      tokenizer files) that transformers loads without adaptc
+    DIR/report.json   spec, model, pass counts, versions, and the verification: max absolute
+                      and relative error of the saved program against the train-mode graph
+                      on random inputs (relative: max |program − train| / max |train|)
+
+The directory is staged beside its destination and renamed into place (artifact.py's
+helpers); an existing non-empty output is refused unless `force`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from adaptc.artifact import atomic_directory, refuse_existing, versions
+from adaptc.compiler import REPORT, as_model
+from adaptc.errors import ArtifactError
+from adaptc.frontend.models import LoadedModel
+from adaptc.frontend.trace import dynamic_shapes
+from adaptc.passes.merge_weights import MERGED
+
+FORMAT = 1
+PROGRAM, HF_DIR, REPORT_FILE = "program.pt2", "hf", "report.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
+
+
+def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: GraphModule,
+                         force: bool = False) -> Path:
+    """Export the infer-mode `gm` compiled from `model` into `out`, atomically.
+
+    `reference` is the train-mode graph of the same spec and adapter weights; the report
+    compares the saved program with it.
+    """
+    out = Path(out)
+    refuse_existing(out, force)
+    model = as_model(model, None)
+    if gm.meta[REPORT].mode != "infer":
+        raise ArtifactError(f"{out}: an infer artifact needs a module compiled with mode='infer'")
+    if model.on_meta:
+        raise ArtifactError(f"{out}: model '{model.source}' is on the meta device (shapes only); "
+                            "exporting needs real weights")
+    program = export_program(gm, model)
+    why_no_hf = hf_blocker(gm, model)
+    with atomic_directory(out) as staging:
+        torch.export.save(program, staging / PROGRAM)
+        if why_no_hf is None:
+            write_hf(gm, model, staging / HF_DIR)
+        check = verify(load_program(staging / PROGRAM).module(), reference, model)
+        report = describe(gm, model, why_no_hf, check)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def export_program(gm: GraphModule, model: LoadedModel) -> torch.export.ExportedProgram:
+    """torch.export of the infer graph with the dynamic batch/sequence dims used for tracing."""
+    try:
+        return torch.export.export(gm, (), dict(model.example_inputs),
+                                   dynamic_shapes=dynamic_shapes(model), strict=False)
+    except Exception as err:  # torch.export raises many types; all mean "cannot export"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"cannot export the infer graph to {PROGRAM} with dynamic batch "
+                            f"and sequence dims: {first}") from err
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """torch.export.load after registering what the program refers to: adaptc's fused ops
+    and the pytree types of transformers' output classes."""
+    import transformers.modeling_outputs  # noqa: F401  registers ModelOutput pytree nodes
+
+    import adaptc.backends.triton  # noqa: F401  lazily: importing it imports triton
+
+    return torch.export.load(str(path))
+
+
+# --------------------------------------------------------------------------- hf/
+
+def hf_blocker(gm: GraphModule, model: LoadedModel) -> str | None:
+    """Why the infer graph has no plain Hugging Face equivalent, or None when it has one."""
+    fused = [n.name for n in gm.graph.nodes if n.op == "call_function"
+             and getattr(n.target, "namespace", None) == "adaptc"]
+    if fused:
+        return f"{len(fused)} adapters run as fused ops (only merged LoRA fits a checkpoint)"
+    if not hasattr(model.module, "save_pretrained"):
+        return f"{type(model.module).__name__} is not a Hugging Face model (no save_pretrained)"
+    names: dict[int, list[str]] = {}
+    for name, param in model.module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for base in gm.meta.get(MERGED, {}):
+        tied = names.get(id(model.module.get_parameter(base)), [])
+        if len(tied) > 1:
+            return f"merged weight '{base}' is tied to {', '.join(n for n in tied if n != base)}"
+    return None
+
+
+def write_hf(gm: GraphModule, model: LoadedModel, folder: Path) -> None:
+    """A copy of the user's model with the merged weights, saved by save_pretrained."""
+    merged_model = copy.deepcopy(model.module)
+    with torch.no_grad():
+        for base, target in gm.meta.get(MERGED, {}).items():
+            merged_model.get_parameter(base).copy_(gm.get_parameter(target))
+    merged_model.save_pretrained(folder, safe_serialization=True)
+    source = Path(model.source)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+
+
+# --------------------------------------------------------------------------- report.json
+
+def verify(exported: torch.nn.Module, reference: GraphModule, model: LoadedModel) -> dict:
+    """Max absolute and relative error of `exported` against `reference` (eval) on random inputs."""
+    inputs = random_inputs(model)
+    was_training = reference.training
+    reference.eval()
+    with torch.no_grad():
+        ours, theirs = exported(**inputs), reference(**inputs)
+    reference.train(was_training)
+    pairs = [(a, b) for a, b in zip(pytree.tree_leaves(ours), pytree.tree_leaves(theirs))
+             if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if not pairs:
+        raise ArtifactError("the exported program returns no floating-point tensors to verify")
+    abs_error = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+    scale = max(b.float().abs().max().item() for _, b in pairs)
+    return {"reference": "train-mode graph (eval), same spec and adapter weights",
+            "inputs": {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)},
+            "max_abs_error": abs_error, "max_rel_error": abs_error / scale if scale else 0.0}
+
+
+def random_inputs(model: LoadedModel, batch: int = 3, seq: int = 5, seed: int = 0) -> dict:
+    """Inputs like the example ones, with other batch and sequence sizes (dims are dynamic)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = getattr(getattr(model.module, "config", None), "vocab_size", None)
+    inputs = {}
+    for name, value in model.example_inputs.items():
+        token_like = isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+        if not token_like:
+            inputs[name] = value
+        elif "mask" in name:  # one left-padded row
+            mask = torch.ones((batch, seq), dtype=value.dtype, device=value.device)
+            mask[0, :1] = 0
+            inputs[name] = mask
+        else:
+            high = vocab if name == "input_ids" and vocab else int(value.max()) + 1
+            inputs[name] = torch.randint(0, high, (batch, seq), generator=gen).to(value)
+    return inputs
+
+
+def describe(gm: GraphModule, model: LoadedModel, why_no_hf: str | None, check: dict) -> dict:
+    report = gm.meta[REPORT]
+    return {"format": FORMAT, "mode": report.mode, "spec": report.spec_path,
+            "spec_source": report.spec_source, "model": report.model,
+            "inputs": sorted(model.example_inputs), "counts": report.counts,
+            "program": PROGRAM, "hf": HF_DIR if why_no_hf is None else None,
+            **({"hf_skipped": why_no_hf} if why_no_hf else {}),
+            "verification": check, "versions": versions()}

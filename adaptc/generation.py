@@ -1,0 +1,48 @@
+"""Text generation with a compiled module, and why transformers' `generate` with a KV cache
+does not run on one.
+
+A compiled module is a torch.fx GraphModule traced from the model's forward with
+`use_cache=False`. transformers' `generate` cannot drive it, for three reasons:
+
+1. It is not a `PreTrainedModel`: there is no `generate`, `generation_config` or
+   `prepare_inputs_for_generation` on it.
+2. The graph has no cache: no `past_key_values` input or output exists in it, and each
+   attention op reads the keys and values of the current call only, so there is nothing to
+   carry from one decoding step to the next.
+3. A cached decoding step feeds 1 new token with a mask over all past tokens; the traced
+   graph requires the mask and the token ids to have the same length (export's guard
+   `attention_mask.size()[1] == input_ids.size()[1]` fails).
+
+What works is decoding without a cache: run the whole sequence each step. Prefixes and
+virtual tokens are part of the graph, so every call re-applies them: `greedy_generate`
+produces the same tokens as PEFT's `generate` with its KV cache for prefix tuning and prompt
+tuning (tests/test_generation.py), at O(S²) cost instead of O(S). One difference remains
+for left-padded batches: `generate` gives each row positions counted from its first real
+token, the traced forward counts from the first column (as the model's forward does without
+`position_ids`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+    """Append up to `max_new_tokens` argmax tokens to `input_ids` [B, S] (no KV cache: the
+    full sequence runs every step). Rows that produced `eos_token_id` continue with it."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            done |= token == eos_token_id
+        input_ids = torch.cat([input_ids, token], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        if eos_token_id is not None and done.all():
+            break
+    return input_ids

@@ -1,0 +1,126 @@
+"""Pass: prefix tuning and P-tuning v2 as a rewrite of each adapted layer's attention op.
+
+    prefix = adaptc.prefix_<rule>()                       once per forward, [L, 2, P, H_kv, d]
+    sdpa(q, k, v, mask)  →  k', v', mask' = <attn>.prefix(q, k, v, mask, prefix[l])
+                            sdpa(q, k', v', mask')
+    positions            →  positions + P                 where they enter RoPE or the table
+
+One `PrefixEncoder` per statement holds the prefixes of the layers that statement won; each
+adapted attention module gets a `PrefixAttention` that prepends its layer's slice (and, for
+UniPELT's gated prefix, holds the layer's gate, fed the input of the attention's projections).
+Positions shift by P once for the whole model, so all prefix statements of a spec use the
+same number of tokens (checked in `spec.lower`).
+"""
+from __future__ import annotations
+
+import operator
+from itertools import groupby
+
+from torch.fx import GraphModule, Node
+
+from adaptc.errors import ModelError
+from adaptc.frontend.targets import Assignment
+from adaptc.methods.prefix import PrefixAttention, PrefixEncoder
+from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.graph import (
+    attention_op,
+    in_module,
+    is_linear,
+    linear_input,
+    sdpa_arg,
+    set_sdpa_arg,
+    shift_positions,
+)
+from adaptc.passes.insert_lora import report
+
+PREFIX_METHODS = ("prefix", "ptuning2")
+ENCODERS = "adaptc"  # root submodule holding statement-wide encoders: adaptc.prefix_<rule>
+
+
+class InsertPrefix:
+    name = "insert_prefix"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        todo = [a for a in ctx.assignments if a.method in PREFIX_METHODS]
+        if not todo:
+            return PassResult(gm, False, {"prefix_inserted": 0})
+        todo.sort(key=lambda a: a.rule.index)
+        for _, group in groupby(todo, key=lambda a: a.rule.index):
+            self.insert_rule(gm, ctx, list(group))
+        shift_positions(gm, ctx.model.family, todo[0].rule.config.tokens, "prefix")
+        return PassResult(gm, True, {"prefix_inserted": len(todo)})
+
+    def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment]) -> None:
+        rule = group[0].rule
+        ops = [attention_op(gm, a.site.path) for a in group]
+        key = sdpa_arg(ops[0], "key").meta["val"]
+        heads, head_dim = int(key.shape[1]), int(key.shape[-1])
+        encoder = PrefixEncoder(rule.config, len(group), kv_heads(ctx, heads), head_dim,
+                                device=key.device, dtype=key.dtype)
+        target = f"{ENCODERS}.{rule.config.method}_{rule.index}"
+        source = encoder_node(gm, target, encoder, rule.config.method)
+        ctx.sites.append({"path": target, "method": f"{rule.config.method}[{rule.config.tokens}]",
+                          "line": rule.statement.span.line, "in": None, "out": None,
+                          "shape": "×".join(map(str, encoder.shape)), "params": count(encoder),
+                          "shared": True})
+        for layer, (assignment, op) in enumerate(zip(group, ops)):
+            hidden = attention_input(gm, assignment.site.path) if rule.config.gate else None
+            width = int(hidden.meta["val"].shape[-1]) if hidden is not None else 0
+            attention = PrefixAttention(width, device=key.device, dtype=key.dtype)
+            rewrite(gm, op, f"{assignment.site.path}.prefix", attention, source, layer,
+                    rule.config.method, hidden)
+            ctx.sites.append(report(assignment.site, rule.config.method, assignment, attention))
+
+
+def kv_heads(ctx: CompileContext, heads: int) -> int:
+    """Key/value heads (GQA) from the model config, else the attention op's head count."""
+    config = getattr(ctx.model.module, "config", None)
+    found = getattr(config, "num_key_value_heads", None) or heads
+    if heads % found:
+        raise ModelError(f"attention has {heads} heads, not a multiple of num_key_value_heads="
+                         f"{found}")
+    return found
+
+
+def encoder_node(gm: GraphModule, target: str, encoder: PrefixEncoder, method: str) -> Node:
+    """Register the encoder and call it once, right after the graph's inputs."""
+    gm.add_submodule(target, encoder)
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last_input):
+        node = gm.graph.call_module(target, ())
+    node.meta[INSERTED] = method
+    return node
+
+
+def attention_input(gm: GraphModule, path: str) -> Node:
+    """What the attention module projects into queries, keys and values: the input of its
+    first linear op (the gate of a gated prefix reads it)."""
+    for node in gm.graph.nodes:
+        if is_linear(node) and in_module(node, path):
+            return linear_input(node)
+    raise ModelError(f"module '{path}' has no linear projection to read a prefix gate's input from")
+
+
+def rewrite(gm: GraphModule, op: Node, target: str, attention: PrefixAttention, source: Node,
+            layer: int, method: str, hidden: Node | None = None) -> None:
+    """sdpa(q, k, v, mask) → sdpa(q, k', v', mask') with k', v', mask' from `attention`."""
+    gm.add_submodule(target, attention)
+    graph = gm.graph
+    args = [sdpa_arg(op, name) for name in ("query", "key", "value", "attn_mask")]
+    causal = bool(sdpa_arg(op, "is_causal", False))
+    with graph.inserting_before(op):
+        prefix = graph.call_function(operator.getitem, (source, layer))
+        call = graph.call_module(target, (*args, prefix, causal, hidden))
+        parts = [graph.call_function(operator.getitem, (call, i)) for i in range(3)]
+    for new in (prefix, call, *parts):
+        new.meta["nn_module_stack"] = dict(op.meta.get("nn_module_stack", {}))
+        new.meta[INSERTED] = method
+    set_sdpa_arg(op, "key", parts[0])
+    set_sdpa_arg(op, "value", parts[1])
+    set_sdpa_arg(op, "attn_mask", parts[2])
+    if causal:
+        set_sdpa_arg(op, "is_causal", False)
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.adapter_parameters().values())

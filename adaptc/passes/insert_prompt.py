@@ -1,0 +1,120 @@
+"""Pass: prompt tuning and P-tuning as a rewrite at the word-embedding output.
+
+    ids, mask          →  pad(ids, n zeros on the left), pad(mask, n ones on the left)
+    E = embedding(ids) →  <embed>.prompt(E) = [T ; E[:, n:]]
+    outputs [B, S, …]  →  outputs[:, n:]                  (logits / hidden states of real tokens)
+
+Padding the token inputs first, rather than concatenating after the embedding, keeps the
+traced shape arithmetic right: every size, position and mask the graph derives from the
+inputs (`sym_size(attention_mask, 1)`, `arange(seq)`, the causal mask) now reads n + S, so
+the virtual tokens get positions 0 … n-1 and the real tokens n … n+S-1, exactly as when
+PEFT feeds `inputs_embeds = [T ; E]` with a mask of n leading ones. Outputs without a
+sequence dimension (BERT's pooler, which reads the first position: a virtual token, as in
+PEFT) are left as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from adaptc.errors import ModelError
+from adaptc.frontend.targets import Assignment
+from adaptc.methods.prompt import PromptEmbedding, PromptEncoder
+from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.graph import in_module
+from adaptc.passes.insert_lora import report
+
+aten = torch.ops.aten
+PROMPT_METHODS = ("prompt", "ptuning")
+MASK_INPUT = "attention_mask"  # padded with ones; other token-shaped inputs with zeros
+
+
+class InsertPrompt:
+    name = "insert_prompt"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        todo = [a for a in ctx.assignments if a.method in PROMPT_METHODS]
+        if not todo:
+            return PassResult(gm, False, {"prompt_inserted": 0})
+        if len(todo) > 1:
+            paths = ", ".join(a.site.path for a in todo)
+            raise ModelError(f"virtual tokens go before one input embedding; the spec puts "
+                             f"them on {len(todo)} modules ({paths})")
+        assignment = todo[0]
+        lookup = embedding_lookup(gm, assignment.site.path)
+        tokens = assignment.rule.config.tokens
+        sliced = extend_inputs(gm, lookup.args[1], tokens)
+        module = build(assignment, gm.get_parameter(lookup.args[0].target))
+        splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method)
+        row = report(assignment.site, f"{assignment.method}[{tokens}]", assignment, module)
+        ctx.sites.append({**row, "shape": f"{tokens}×{lookup.meta['val'].shape[-1]}"})
+        return PassResult(gm, True, {"prompt_inserted": 1, "outputs_sliced": sliced})
+
+
+def embedding_lookup(gm: GraphModule, path: str) -> Node:
+    """The aten.embedding node of module `path`, reading the token-id input directly."""
+    found = [n for n in gm.graph.nodes if n.op == "call_function"
+             and n.target == aten.embedding.default and in_module(n, path)]
+    if len(found) != 1 or found[0].args[1].op != "placeholder":
+        raise ModelError(f"virtual tokens need the word embedding that reads the token ids; "
+                         f"module '{path}' is not one (target the 'embed' role)")
+    return found[0]
+
+
+def build(assignment: Assignment, weight: torch.Tensor) -> PromptEmbedding | PromptEncoder:
+    config = assignment.rule.config
+    if config.method == "ptuning":
+        return PromptEncoder(config, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    return PromptEmbedding(config, weight)
+
+
+def extend_inputs(gm: GraphModule, ids: Node, tokens: int) -> int:
+    """Pad every [batch, seq] input on the left by `tokens`; slice sequence outputs back.
+    Returns the number of outputs sliced."""
+    graph = gm.graph
+    seq = ids.meta["val"].shape[1]
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and same_dims(n, ids.meta["val"])]
+    for node in inputs:
+        fill = 1 if node.target == MASK_INPUT else 0
+        with graph.inserting_after(inputs[-1]):
+            padded = graph.call_function(aten.constant_pad_nd.default, (node, [tokens, 0], fill))
+        padded.meta[INSERTED] = "prompt"
+        node.replace_all_uses_with(
+            padded, delete_user_cb=lambda user, padded=padded: keeps_original(user, padded))
+    return slice_outputs(gm, seq, tokens)
+
+
+def same_dims(node: Node, like: torch.Tensor) -> bool:
+    val = node.meta.get("val")
+    return (isinstance(val, torch.Tensor) and val.dim() == 2
+            and [str(d) for d in val.shape] == [str(d) for d in like.shape])
+
+
+def keeps_original(user: Node, padded: Node) -> bool:
+    """Export's input guards check the inputs as given; everything else reads the padded."""
+    return user is not padded and not (user.op == "call_module" and user.target == "_guards_fn")
+
+
+def splice_prompts(gm: GraphModule, lookup: Node, target: str, module, method: str) -> None:
+    gm.add_submodule(target, module)
+    with gm.graph.inserting_after(lookup):
+        call = gm.graph.call_module(target, (lookup,))
+    call.meta["nn_module_stack"] = dict(lookup.meta.get("nn_module_stack", {}))
+    call.meta[INSERTED] = method
+    call.meta["val"] = lookup.meta.get("val")
+    lookup.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+
+
+def slice_outputs(gm: GraphModule, seq, tokens: int) -> int:
+    """outputs[:, n:] for every output whose dim 1 is the input sequence."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    sliced = 0
+    for node in output.all_input_nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() >= 2 and str(val.shape[1]) == str(seq):
+            with gm.graph.inserting_before(output):
+                real = gm.graph.call_function(aten.slice.Tensor, (node, 1, tokens))
+            real.meta[INSERTED] = "prompt"
+            output.replace_input_with(node, real)
+            sliced += 1
+    return sliced

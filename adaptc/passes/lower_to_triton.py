@@ -1,0 +1,90 @@
+"""Pass (infer mode): adapters that cannot merge become one fused custom op each.
+
+    h + <site>.adapter(x)  →  torch.ops.adaptc.bottleneck_adapter(x, h, D, b_D, U, b_U, act)
+    y + <site>.moe(x)      →  torch.ops.adaptc.mixture_lora(x, y, W_g, A, B, s, top_k)
+
+Adapters the kernels do not cover (an output scale, a UniPELT gate) stay eager modules in
+the graph (`kept_eager`), so the infer graph still computes what train mode computes.
+
+The ops (adaptc/backends/triton) run their Triton kernels on CUDA and their PyTorch
+reference elsewhere; they are inference only (no dropout, no balance loss). The weights
+stay in the adapter submodules and are read through get_attr nodes, so the state dict and
+`adaptc.adapter_state_dict` keep their names.
+
+The backend is imported inside `run`, never when this module is imported: importing it
+imports triton, and triton must not be imported before a test or user can set
+TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from adaptc.methods.bottleneck import BottleneckAdapter
+from adaptc.methods.mixture import MixtureOfLora
+from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.graph import aten
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How one adapter module becomes a call to a fused op."""
+
+    count: str                                   # key in the pass counts
+    op: str                                      # name in torch.ops.adaptc
+    weights: tuple[str, ...]                     # parameters passed after (x, residual)
+    constants: Callable[[nn.Module], tuple]      # non-tensor arguments, last
+    fusable: Callable[[nn.Module], bool] = lambda adapter: True  # what the kernel computes
+
+
+FUSIONS = {
+    BottleneckAdapter: Fusion("adapter_fused", "bottleneck_adapter",
+                              ("down", "down_bias", "up", "up_bias"),
+                              lambda a: (a.config.activation,),
+                              # the kernel has no output scale (MAM) and no gate (UniPELT)
+                              lambda a: a.gate is None and a.config.scale == 1.0),
+    MixtureOfLora: Fusion("mixture_fused", "mixture_lora", ("router", "A", "B"),
+                          lambda a: (a.scale, a.top_k)),
+}
+
+
+class LowerToTriton:
+    name = "lower_to_triton"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        import adaptc.backends.triton  # noqa: F401  registers torch.ops.adaptc.*
+
+        counts = {fusion.count: 0 for fusion in FUSIONS.values()} | {"kept_eager": 0}
+        for call in [n for n in gm.graph.nodes if n.op == "call_module"]:
+            adapter = gm.get_submodule(call.target)
+            fusion = FUSIONS.get(type(adapter))
+            if fusion is None:
+                continue
+            if not fusion.fusable(adapter):
+                counts["kept_eager"] += 1
+                continue
+            op = getattr(torch.ops.adaptc, fusion.op).default
+            fuse(gm, call, op, fusion.weights, fusion.constants(adapter))
+            counts[fusion.count] += 1
+        return PassResult(gm, any(counts.values()), counts)
+
+
+def fuse(gm: GraphModule, call: Node, op, weights: tuple[str, ...], constants: tuple) -> Node:
+    """Replace `residual + call(x)` by `op(x, residual, *weights, *constants)`."""
+    (add,) = call.users
+    if add.target != aten.add.Tensor or add.args[1] is not call:
+        raise RuntimeError(f"{call.target}: expected residual + adapter(x), found {add.format_node()}")
+    (source,), residual = call.args, add.args[0]
+    graph = gm.graph
+    with graph.inserting_before(add):
+        reads = [graph.get_attr(f"{call.target}.{name}") for name in weights]
+        fused = graph.call_function(op, (source, residual, *reads, *constants))
+    fused.meta = {**add.meta, INSERTED: call.meta.get(INSERTED)}
+    add.replace_all_uses_with(fused)
+    graph.erase_node(add)
+    graph.erase_node(call)
+    return fused

@@ -1,0 +1,95 @@
+"""Pass (infer mode): fold every LoRA site into its base weight.
+
+    linear(x, W₀, b) + <site>.lora(x)  →  linear(x, W', b),   W' = W₀ + s·B·A
+
+W' is computed in float32 (`LoraAdapter.delta_weight`) and cast once to W₀'s dtype; for
+GPT-2's Conv1D (`aten.addmm(b, x, W)` with W [in, out]) the update is transposed. W' is a
+new parameter of the graph module: the base weights are the user's tensors (torch.export
+shares them), so they are never written. W' takes W₀'s name when W₀ feeds only this linear
+node, which keeps the module's state dict in the base model's names; a weight read elsewhere
+too (tied embeddings) gets a new name beside it. `gm.meta["adaptc.merged"]` maps each base
+parameter name to the graph module's name for its merged weight.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from adaptc.graph_attrs import bind
+from adaptc.methods.lora import LoraAdapter
+from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.graph import LINEAR_OPS, aten
+
+MERGED = "adaptc.merged"  # gm.meta key: {base parameter name: merged parameter name}
+
+
+class MergeWeights:
+    name = "merge_weights"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        merged = gm.meta.setdefault(MERGED, {})
+        users = {id(m) for m in ctx.model.module.modules()}
+        names = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
+        tied = {key for key, n in names.items() if n > 1}
+        for call in lora_calls(gm):
+            base, target = merge_site(gm, call, users, tied)
+            merged[base] = target
+        count = len(merged)
+        return PassResult(gm, count > 0, {"lora_merged": count})
+
+
+def lora_calls(gm: GraphModule) -> list[Node]:
+    """The call_module nodes of mergeable LoRA adapters that the insertion splice made (a
+    gated LoRA update depends on the input, so it stays unmerged)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get(INSERTED) == "lora"
+            and isinstance(gm.get_submodule(n.target), LoraAdapter)
+            and gm.get_submodule(n.target).gate is None]
+
+
+def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> tuple[str, str]:
+    """Replace `linear + lora(x)` by `linear` on a merged weight; return (base name, new name).
+
+    `users`: ids of the user's modules, which must never receive the merged weight;
+    `tied`: ids of parameters registered under more than one name."""
+    (add,) = call.users
+    linear = add.args[0]
+    if add.target != aten.add.Tensor or linear.op != "call_function" or linear.target not in LINEAR_OPS:
+        raise RuntimeError(f"{call.target}: expected linear + lora(x), found {add.format_node()}")
+    position = LINEAR_OPS[linear.target][1]
+    weight = linear.args[position]
+    if weight.op != "get_attr":
+        raise RuntimeError(f"{call.target}: the base weight is computed ({weight.format_node()}), "
+                           "not a parameter; it cannot be merged")
+    adapter = gm.get_submodule(call.target)
+    target = merged_name(gm, weight, call.target, tied)
+    bind(gm, target, merged_weight(gm.get_parameter(weight.target), adapter, linear.target),
+         frozenset(users))
+    if target != weight.target:
+        with gm.graph.inserting_before(linear):
+            fresh = gm.graph.get_attr(target)
+        fresh.meta = dict(weight.meta)
+        linear.update_arg(position, fresh)
+    add.replace_all_uses_with(linear)
+    gm.graph.erase_node(add)
+    gm.graph.erase_node(call)
+    gm.delete_submodule(call.target)
+    return weight.target, target
+
+
+def merged_weight(base: torch.Tensor, adapter: LoraAdapter, op) -> nn.Parameter:
+    """W₀ + s·B·A in float32, cast once to W₀'s dtype (transposed for addmm's [in, out])."""
+    delta = adapter.delta_weight().to(base.device)
+    if op == aten.addmm.default:
+        delta = delta.t()
+    with torch.no_grad():
+        return nn.Parameter((base.float() + delta).to(base.dtype), requires_grad=False)
+
+
+def merged_name(gm: GraphModule, weight: Node, adapter_target: str, tied: set[int]) -> str:
+    """W₀'s own name when only this linear reads it, else a new name beside the adapter."""
+    if len(weight.users) == 1 and id(gm.get_parameter(weight.target)) not in tied:
+        return weight.target
+    return f"{adapter_target.rpartition('.')[0]}.merged_weight"

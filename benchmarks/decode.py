@@ -1,0 +1,92 @@
+"""Decode tokens/s of infer-mode KV-cache decoders next to the base model's, interleaved in
+one run. The base row is LoRA with B = 0 merged: after merging its graph has exactly the
+base model's operations and weights (tests/test_infer.py), so it is the base model through
+the same exported static-cache path.
+
+    python benchmarks/decode.py [--model llama] [--tokens 64] [--rounds 3] [--write]
+
+Variants: base (LoRA r=8 on q,v with B=0, merged: the base model's operations), LoRA merged
+(random adapters), bottleneck adapters fused, mixture fused. On a CPU without
+TRITON_INTERPRET the fused ops run their PyTorch reference; on CUDA, Triton kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    "base (merged zero LoRA)": ("q_proj,v_proj: lora r=8", False),
+    "LoRA q,v r8 merged": ("q_proj,v_proj: lora r=8", True),
+    "bottleneck 64 on attn.o, ffn (fused)": ("attn.o,ffn: adapter bottleneck=64", True),
+    "mixture 8 experts top-2 r8 on q,v (fused)": ("q_proj,v_proj: lora r=8; mixture moe k=2 experts=8", True),
+}
+
+
+def decoders(model_name: str, cache: int) -> dict:
+    import adaptc
+    from adaptc.decode import compile_decoder
+    from adaptc.frontend.models import load_model
+
+    model = load_model(model_name)
+    built = {}
+    for name, (spec, random) in VARIANTS.items():
+        trained = adaptc.compile(model, spec)
+        if random:
+            with torch.no_grad():
+                for p in adaptc.adapter_state_dict(trained).values():
+                    p.normal_(0, 0.02)
+        path = Path(tempfile.mkdtemp()) / "a.safetensors"
+        adaptc.save_adapters(trained, path)
+        built[name] = compile_decoder(model, spec, adapters=path, max_cache_len=cache)
+    return built
+
+
+def tokens_per_second(decoder, new_tokens: int) -> float:
+    start = time.perf_counter()
+    decoder.generate([1, 2, 3, 4], new_tokens)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    built = decoders(args.model, args.tokens + 8)
+    rates = {name: [] for name in built}
+    for _ in range(args.rounds):  # interleaved: every variant once per round
+        for name, decoder in built.items():
+            rates[name].append(tokens_per_second(decoder, args.tokens))
+    base = statistics.median(rates[next(iter(rates))])
+    rows = [(name, statistics.median(r), base / statistics.median(r)) for name, r in rates.items()]
+    for name, rate, ratio in rows:
+        print(f"{name:44s} {rate:9.1f} tok/s  time × base {ratio:5.2f}")
+    if args.write:
+        write(rows, args)
+
+
+def write(rows, args) -> None:
+    import transformers
+    lines = [f"\n## decode.py — {datetime.date.today()}",
+             f"Device: CPU ({platform.machine()}, {torch.get_num_threads()} threads). torch "
+             f"{torch.__version__}, transformers {transformers.__version__}. Model `{args.model}`, "
+             f"batch 1, prompt 4 tokens, {args.tokens} new tokens, greedy; median of "
+             f"{args.rounds} interleaved rounds. Fused ops ran their PyTorch reference (no GPU).\n",
+             "| variant | tokens/s | time × base |", "|---|---|---|"]
+    lines += [f"| {n} | {r:.1f} | {x:.2f} |" for n, r, x in rows]
+    path = Path(__file__).with_name("RESULTS.md")
+    with path.open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

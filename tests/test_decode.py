@@ -1,0 +1,58 @@
+"""Cached decoding through the infer-mode graph gives the tokens (and logits) of
+full-sequence forward passes, for merged LoRA, fused bottleneck adapters and mixtures."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adaptc
+from adaptc.decode import compile_decoder
+from adaptc.errors import AdaptcError, ModelError
+
+PROMPT = [5, 17, 42, 7, 99]
+
+
+@pytest.mark.parametrize("spec", ["q_proj,v_proj: lora r=4", "ffn: adapter bottleneck=8",
+                                  "q_proj: lora r=2; mixture moe k=2 experts=3"])
+def test_cached_decoding_equals_full_forward(tiny, tmp_path, spec):
+    model = tiny("llama")
+    trained = adaptc.compile(model, spec)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in adaptc.adapter_state_dict(trained).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    weights = adaptc.save_adapters(trained, tmp_path / "a.safetensors")
+    decoder = compile_decoder(model, spec, adapters=weights, max_cache_len=32)
+    tokens = decoder.generate(PROMPT, 8)
+
+    full = adaptc.compile(model, spec, mode="infer", adapters=weights)
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        reference = full(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    assert tokens[len(PROMPT):] == reference[len(PROMPT) - 1:-1].argmax(-1).tolist()
+    stepwise = torch.cat([decoder.logits(tokens[:len(PROMPT)], 0)] +
+                         [decoder.logits([t], i) for i, t in enumerate(tokens) if i >= len(PROMPT)])
+    assert (stepwise - reference).abs().max().item() <= 1e-4
+
+
+def test_decoder_limits(tiny):
+    decoder = compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8)
+    with pytest.raises(AdaptcError, match="exceeds the cache"):
+        decoder.generate(PROMPT, 6)
+    with pytest.raises(ModelError, match="not a causal language model"):
+        compile_decoder(tiny("bert"), "query: lora r=2")
+
+
+def test_cli_generate(capsys):
+    from adaptc.cli import main
+    assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 17 42",
+                 "--max-new-tokens", "4"]) == 0
+    tokens = capsys.readouterr().out.split()
+    assert tokens[:3] == ["5", "17", "42"] and len(tokens) == 7
+    assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 x"]) == 1
+    assert "token ids" in capsys.readouterr().err
+
+
+def test_prompt_methods_are_refused_with_the_uncached_alternative(tiny):
+    with pytest.raises(AdaptcError, match="does not support prefix yet.*greedy_generate"):
+        compile_decoder(tiny("llama"), "attn: prefix tokens=2")

@@ -1,0 +1,51 @@
+"""Generation: transformers' cached `generate` cannot drive a compiled graph (see
+adaptc/generation.py); cache-free greedy decoding through the graph produces the same tokens
+as PEFT's `generate` with its KV cache, for prefix tuning and prompt tuning."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adaptc
+from test_prefix import copy_from_peft as copy_prefix
+from test_prefix import peft_prefix
+from test_prompt import copy_from_peft as copy_prompt
+from test_prompt import peft_twin
+
+
+def prompt_ids():
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    return ids, torch.ones_like(ids)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_greedy_equals_peft_generate_with_cache(tiny, method):
+    model = tiny("llama")
+    if method == "prefix":
+        gm = adaptc.compile(model, "attn: prefix tokens=3")
+        twin = peft_prefix(model.module, 3)
+        copy_prefix(gm.get_submodule("adaptc.prefix_0"), twin)
+    else:
+        gm = adaptc.compile(model, "embed: prompt tokens=3")
+        twin = peft_twin(model.module, "prompt", 3)
+        copy_prompt(gm.get_submodule("model.embed_tokens.prompt"), twin)
+    ids, mask = prompt_ids()
+    theirs = twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ours = adaptc.greedy_generate(gm, ids, mask, 6)
+    assert torch.equal(ours[:, 6:], theirs[:, -6:])
+
+
+def test_a_cached_decoding_step_is_refused_by_the_graph(tiny):
+    gm = adaptc.compile(tiny("llama"), "attn: prefix tokens=2")
+    assert not hasattr(gm, "generate")
+    ids, _ = prompt_ids()
+    with pytest.raises(Exception, match="attention_mask.size\\(\\)\\[1\\] == input_ids.size\\(\\)\\[1\\]"):
+        gm(input_ids=ids[:, -1:], attention_mask=torch.ones(2, 7, dtype=torch.long))
+
+
+def test_greedy_stops_rows_at_eos(tiny):
+    gm = adaptc.compile(tiny("llama"), "embed: prompt tokens=2")
+    ids, mask = prompt_ids()
+    first = adaptc.greedy_generate(gm, ids, mask, 1)[:, -1]
+    out = adaptc.greedy_generate(gm, ids, mask, 4, eos_token_id=int(first[0]))
+    assert (out[0, 6:] == first[0]).all()

@@ -1,0 +1,238 @@
+"""Infer mode: merged LoRA equals unmerged, fused adapters equal train mode, nothing of the
+user's is modified, and the exported program and HF checkpoint reload to the same outputs."""
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAMILIES, inputs, main_output
+from peft import LoraConfig, get_peft_model
+from test_lora_parity import TARGETS, randomize_and_copy
+
+import adaptc
+from adaptc.cli import main
+from adaptc.frontend.trace import trace
+
+TOL = 1e-5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trained(model, spec: str, path, seed: int = 0):
+    """A train-mode graph whose adapters all have random non-zero weights, saved to `path`."""
+    gm = adaptc.compile(model, spec)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(gm).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    adaptc.save_adapters(gm, path)
+    return gm.eval()
+
+
+def ops(gm) -> Counter:
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def fused_ops(gm) -> Counter:
+    return Counter(n.target.name() for n in gm.graph.nodes if n.op == "call_function"
+                   and getattr(n.target, "namespace", None) == "adaptc")
+
+
+def max_diff(a, b) -> float:
+    return (main_output(a).float() - main_output(b).float()).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_equals_unmerged(tiny, tmp_path, family):
+    model = tiny(family)
+    spec = f"{','.join(TARGETS[family])}: lora r=4 alpha=12"
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= TOL
+    assert max_diff(infer(**x), model.module(**x)) > 1e-3  # the adapters act
+    counts = adaptc.report_of(infer).counts
+    assert counts["lora_merged"] == counts["lora_inserted"] > 0
+    assert ops(infer) == ops(trace(tiny(family)))  # exactly the base model's operations
+    assert not [n for n in infer.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"]
+    assert not any(p.requires_grad for p in infer.parameters())
+    folded = adaptc.report_of(infer).counts["prompts_folded"]
+    assert folded == (1 if "projection" in spec or "ptuning" in spec else 0)
+
+
+def test_bf16_merge_no_worse_than_peft(tiny, tmp_path):
+    """Merge error = merged weight − exact W₀ + s·B·A (float32). Ours is that sum rounded once
+    to bf16, so elementwise no farther from it than PEFT's merge_and_unload of the same bf16
+    adapters (which rounds s·B·A to bf16 first, then the sum). On logits the comparison is
+    printed, not asserted: on a 2-layer model the bf16 forward's own rounding noise decides
+    which max error is larger."""
+    model = tiny("llama")
+    model.module.to(torch.bfloat16)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    spec = f"{','.join(targets)}: lora r=8 alpha=16"
+    train = adaptc.compile(model, spec).eval()
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
+    twin = get_peft_model(copy.deepcopy(model.module), config, autocast_adapter_dtype=False).eval()
+    randomize_and_copy(train, twin)  # the same bf16 adapter tensors in both
+    adaptc.save_adapters(train, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    with torch.no_grad():
+        ours_logits = max_diff(infer(**x), train(**x))
+        unmerged = twin(**x)
+        merged = twin.merge_and_unload()
+        theirs_logits = max_diff(merged(**x), unmerged)
+    better = 0
+    for path, lora in adaptc.adapters.adapter_modules(train).items():
+        name = f"{path.rpartition('.')[0]}.weight"
+        exact = model.module.get_parameter(name).float() + lora.delta_weight()
+        ours, theirs = infer.get_parameter(name), merged.get_parameter(name)
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, exact.to(torch.bfloat16))
+        ours_error, theirs_error = (ours.float() - exact).abs(), (theirs.float() - exact).abs()
+        assert (ours_error <= theirs_error).all(), name
+        better += (ours_error < theirs_error).sum().item()
+    assert better > 0
+    print(f"bf16 merged vs unmerged, max abs logits: adaptc {ours_logits:.4g}, PEFT {theirs_logits:.4g};"
+          f" {better} merged weights closer to exact than PEFT's, none farther")
+
+
+def test_user_model_and_train_graph_unchanged(tiny, tmp_path):
+    model = tiny("gpt2")
+    spec = "attn.qkv,ffn.up,lm_head: lora r=4 alpha=8"  # lm_head: tied to the embeddings
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    before_user = {k: v.clone() for k, v in model.module.state_dict().items()}
+    before_train = {k: v.clone() for k, v in train.state_dict().items()}
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    after_user, after_train = model.module.state_dict(), train.state_dict()
+    assert before_user.keys() == after_user.keys() and before_train.keys() == after_train.keys()
+    assert all(torch.equal(before_user[k], after_user[k]) for k in before_user)
+    assert all(torch.equal(before_train[k], after_train[k]) for k in before_train)
+    assert all(p.requires_grad for p in adaptc.adapter_state_dict(train).values())
+    merged = infer.meta["adaptc.merged"]
+    assert merged["lm_head.weight"] == "lm_head.merged_weight"  # tied: a new name
+    assert merged["transformer.h.0.attn.c_attn.weight"] == "transformer.h.0.attn.c_attn.weight"
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= TOL
+
+
+MERGED_AND_FUSED = "q_proj: lora r=4; q_proj,mlp: adapter bottleneck=8 placement=parallel activation=silu"
+CASES = [("llama", "specs/card.adapt"), ("gpt2", "specs/houlsby.adapt"), ("llama", MERGED_AND_FUSED)]
+
+
+@pytest.mark.parametrize("family,spec", CASES)
+def test_fused_equals_train(tiny, tmp_path, family, spec):
+    spec = str(ROOT / spec) if spec.endswith(".adapt") else spec
+    model = tiny(family)
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= TOL
+    assert max_diff(infer(**x), model.module(**x)) > 1e-3
+    counts = adaptc.report_of(infer).counts
+    fused = fused_ops(infer)
+    assert fused["adaptc::bottleneck_adapter"] == counts["adapter_fused"]
+    assert fused["adaptc::mixture_lora"] == counts["mixture_fused"]
+    assert counts["adapter_fused"] == counts["adapter_inserted"]
+    assert counts["mixture_fused"] == counts["mixture_inserted"]
+    assert sum(fused.values()) > 0
+
+
+@pytest.mark.parametrize("spec,merged", [("attn.q,attn.v,ffn.down: lora r=4 alpha=8", True),
+                                         ("specs/card.adapt", False)])
+def test_export_round_trip(tiny, tmp_path, spec, merged):
+    from transformers import AutoModelForCausalLM
+
+    spec = str(ROOT / spec) if spec.endswith(".adapt") else spec
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    adaptc.write_infer_artifact(infer, model, out, reference=train, force=True)
+    assert not (out / "stale.txt").exists()
+    x = inputs(seq=9)
+    expected = main_output(infer(**x))
+    program = adaptc.load_program(out / "program.pt2")
+    assert torch.equal(main_output(program.module()(**x)), expected)
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["max_abs_error"] <= TOL
+    assert (out / "hf").is_dir() == merged and (report["hf"] == "hf") == merged
+    if merged:
+        hf = AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True).eval()
+        assert (main_output(hf(**x)) - expected).abs().max().item() <= 1e-6
+    else:
+        assert "fused ops" in report["hf_skipped"]
+
+
+def test_existing_output_refused_without_force(tmp_path, capsys):
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--mode", "infer",
+                 "-o", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--adapters", "a.safetensors"]) == 1
+    assert "--mode infer" in capsys.readouterr().err
+
+
+def test_infer_graph_runs_under_torch_compile(tiny):
+    """The fused custom ops keep the graph compilable: inductor output equals eager."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, "q_proj: lora r=2; mixture moe k=2 experts=3\n"
+                               "ffn: adapter bottleneck=8", mode="infer")
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    compiled = torch.compile(gm, backend="inductor", dynamic=False)
+    assert (compiled(**x).logits - gm(**x).logits).abs().max().item() <= 1e-5
+
+
+def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
+    """A checkpoint directory with a tokenizer gives an hf/ export that has it too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(20)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    checkpoint = tmp_path / "ckpt"
+    tiny("llama").module.save_pretrained(checkpoint)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(checkpoint)
+    assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--model", str(checkpoint),
+                 "--mode", "infer", "-o", str(tmp_path / "dist")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dist" / "hf", local_files_only=True)
+    assert tokenizer("w3 w7 nope")["input_ids"] == [4, 8, 0]
+
+
+@pytest.mark.parametrize("spec", [
+    "attn: prefix tokens=4 projection=16; ffn: adapter placement=parallel bottleneck=8 scale=4",
+    "attn.q,attn.v: lora r=4 gate; attn: prefix tokens=4 gate; ffn: adapter bottleneck=8 gate",
+    "embed: prompt tokens=3; q_proj: lora r=2",
+    "embed: ptuning tokens=3 encoder=lstm",
+])
+def test_mam_unipelt_prompt_in_infer_mode_equal_train(tiny, tmp_path, spec):
+    """Scaled and gated adapters stay eager (the kernel has neither), gated LoRA stays
+    unmerged, prefix MLPs and prompt encoders fold into constants: infer equals train."""
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    train.eval()
+    assert (main_output(infer(**x)) - main_output(train(**x))).abs().max().item() <= TOL
+    assert not any(p.requires_grad for p in infer.parameters())
+
+
+def test_unexportable_infer_graph_is_a_clean_error(tmp_path, capsys):
+    """Prompt tuning's graph does not re-export with a dynamic sequence (torch cannot prove
+    a shape guard): the CLI says so and writes nothing."""
+    spec = tmp_path / "p.adapt"
+    spec.write_text("embed: prompt tokens=3\n")
+    out = tmp_path / "dist"
+    assert main(["compile", str(spec), "--mode", "infer", "-o", str(out)]) == 1
+    assert "cannot export the infer graph to program.pt2" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".dist*"))
