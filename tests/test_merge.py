@@ -72,3 +72,23 @@ def test_merged_casts_back_once(tiny):
     weight = torch.randn(128, 128).to(torch.bfloat16)
     folded, bias = adapter.merged(weight, None)
     assert folded.dtype == torch.bfloat16 and bias is None
+
+
+INFER = ["q_proj,v_proj: lora r=4 alpha=8 init=pissa",
+         "*_proj: quantize\n*_proj: lora r=4 alpha=8",
+         "q_proj: lora r=4 dora\nk_proj: ia3\nv_proj: vera r=8\n"
+         "down_proj: adalora init_r=4 target_r=2 total_step=10\n*norm*: train"]
+
+
+@pytest.mark.parametrize("spec", INFER)
+def test_infer_mode_equals_train_mode(tiny, tmp_path, spec):
+    """Infer mode with trained weights: PiSSA merges into its residual, QLoRA into a
+    dequantised copy; the other methods of this family run unmerged (eager) for now."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, spec)
+    perturb(gm)
+    adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, mode="infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    assert (main_output(infer(**x)) - main_output(gm(**x))).abs().max().item() <= TOL
+    assert not any(p.requires_grad for p in infer.parameters())

@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 
 from adaptc.graph_attrs import bind
 from adaptc.methods.lora import LoraAdapter
+from adaptc.methods.quantize import Nf4Weight
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
 from adaptc.passes.graph import LINEAR_OPS, aten
 
@@ -60,23 +61,37 @@ def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> 
         raise RuntimeError(f"{call.target}: expected linear + lora(x), found {add.format_node()}")
     position = LINEAR_OPS[linear.target][1]
     weight = linear.args[position]
-    if weight.op != "get_attr":
-        raise RuntimeError(f"{call.target}: the base weight is computed ({weight.format_node()}), "
-                           "not a parameter; it cannot be merged")
     adapter = gm.get_submodule(call.target)
     target = merged_name(gm, weight, call.target, tied)
-    bind(gm, target, merged_weight(gm.get_parameter(weight.target), adapter, linear.target),
+    bind(gm, target, merged_weight(base_weight(gm, weight, call), adapter, linear.target),
          frozenset(users))
     if target != weight.target:
         with gm.graph.inserting_before(linear):
             fresh = gm.graph.get_attr(target)
-        fresh.meta = dict(weight.meta)
+        fresh.meta = {k: v for k, v in weight.meta.items() if k in ("val", "tensor_meta")}
         linear.update_arg(position, fresh)
     add.replace_all_uses_with(linear)
     gm.graph.erase_node(add)
     gm.graph.erase_node(call)
     gm.delete_submodule(call.target)
+    if not weight.users:  # PiSSA's residual (gone with its adapter), a QLoRA NF4 weight
+        gm.graph.erase_node(weight)
+        if weight.op == "call_module":
+            gm.delete_submodule(weight.target)
     return weight.target, target
+
+
+def base_weight(gm: GraphModule, weight: Node, call: Node) -> torch.Tensor:
+    """The weight the linear reads: a parameter (PiSSA: the residual), or, for a `quantize`d
+    layer, its NF4 weight dequantised — QLoRA merges into a dequantised copy (no
+    re-quantisation, so the merged graph computes what the train-mode graph does)."""
+    if weight.op == "get_attr":
+        return gm.get_parameter(weight.target)
+    if weight.op == "call_module" and isinstance(gm.get_submodule(weight.target), Nf4Weight):
+        with torch.no_grad():
+            return gm.get_submodule(weight.target)()
+    raise RuntimeError(f"{call.target}: the base weight is computed ({weight.format_node()}), "
+                       "not a parameter; it cannot be merged")
 
 
 def merged_weight(base: torch.Tensor, adapter: LoraAdapter, op) -> nn.Parameter:
@@ -89,7 +104,9 @@ def merged_weight(base: torch.Tensor, adapter: LoraAdapter, op) -> nn.Parameter:
 
 
 def merged_name(gm: GraphModule, weight: Node, adapter_target: str, tied: set[int]) -> str:
-    """W₀'s own name when only this linear reads it, else a new name beside the adapter."""
-    if len(weight.users) == 1 and id(gm.get_parameter(weight.target)) not in tied:
+    """W₀'s own name when only this linear reads it, else a new name beside the adapter
+    (also for a weight the adapter owns, PiSSA's residual, or one computed by NF4)."""
+    own = weight.op == "get_attr" and not weight.target.startswith(adapter_target + ".")
+    if own and len(weight.users) == 1 and id(gm.get_parameter(weight.target)) not in tied:
         return weight.target
     return f"{adapter_target.rpartition('.')[0]}.merged_weight"
