@@ -83,7 +83,8 @@ INFER = ["q_proj,v_proj: lora r=4 alpha=8 init=pissa",
 @pytest.mark.parametrize("spec", INFER)
 def test_infer_mode_equals_train_mode(tiny, tmp_path, spec):
     """Infer mode with trained weights: PiSSA merges into its residual, QLoRA into a
-    dequantised copy; the other methods of this family run unmerged (eager) for now."""
+    dequantised copy, VeRA and AdaLoRA into their base weights; DoRA and IA3 run unmerged
+    (eager) for now."""
     model = tiny("llama")
     gm = adaptc.compile(model, spec)
     perturb(gm)
@@ -92,3 +93,8 @@ def test_infer_mode_equals_train_mode(tiny, tmp_path, spec):
     x = inputs()
     assert (main_output(infer(**x)) - main_output(gm(**x))).abs().max().item() <= TOL
     assert not any(p.requires_grad for p in infer.parameters())
+    left = {n.meta.get("adaptc.inserted") for n in infer.graph.nodes if n.op == "call_module"}
+    assert not left & {"lora", "vera", "adalora"}
+    counts = adaptc.report_of(infer).counts
+    for method in ("vera", "adalora"):
+        assert (counts[f"{method}_merged"] > 0) == (f"{method} " in spec)

@@ -1,8 +1,9 @@
-"""Pass (infer mode): fold every LoRA site into its base weight.
+"""Pass (infer mode): fold every additive weight-space update into its base weight.
 
     linear(x, W₀, b) + <site>.lora(x)  →  linear(x, W', b),   W' = W₀ + s·B·A
+    (and likewise <site>.vera: ΔW = Λ_b·B·Λ_d·A, <site>.adalora: ΔW = s·P·Λ·Q)
 
-W' is computed in float32 (`LoraAdapter.delta_weight`) and cast once to W₀'s dtype; for
+W' is computed in float32 (the adapter's `delta_weight()`) and cast once to W₀'s dtype; for
 GPT-2's Conv1D (`aten.addmm(b, x, W)` with W [in, out]) the update is transposed. W' is a
 new parameter of the graph module: the base weights are the user's tensors (torch.export
 shares them), so they are never written. W' takes W₀'s name when W₀ feeds only this linear
@@ -19,12 +20,12 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from adaptc.graph_attrs import bind
-from adaptc.methods.lora import LoraAdapter
 from adaptc.methods.quantize import Nf4Weight
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
 from adaptc.passes.graph import LINEAR_OPS, aten
 
 MERGED = "adaptc.merged"  # gm.meta key: {base parameter name: merged parameter name}
+ADDITIVE = ("lora", "vera", "adalora")  # y = W₀x + b + ΔW·x: ΔW folds into W₀
 
 
 class MergeWeights:
@@ -35,30 +36,33 @@ class MergeWeights:
         users = {id(m) for m in ctx.model.module.modules()}
         names = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
         tied = {key for key, n in names.items() if n > 1}
-        for call in lora_calls(gm):
+        counts = {f"{method}_merged": 0 for method in ADDITIVE}
+        for call in additive_calls(gm):
+            method = call.meta[INSERTED]
             base, target = merge_site(gm, call, users, tied)
             merged[base] = target
-        count = len(merged)
-        return PassResult(gm, count > 0, {"lora_merged": count})
+            counts[f"{method}_merged"] += 1
+        return PassResult(gm, bool(merged), counts)
 
 
-def lora_calls(gm: GraphModule) -> list[Node]:
-    """The call_module nodes of mergeable LoRA adapters that the insertion splice made (a
-    gated LoRA update depends on the input, so it stays unmerged)."""
-    return [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get(INSERTED) == "lora"
-            and isinstance(gm.get_submodule(n.target), LoraAdapter)
-            and gm.get_submodule(n.target).gate is None]
+def additive_calls(gm: GraphModule) -> list[Node]:
+    """The call_module nodes of updates the insertion splice added to a linear output and
+    that have a fixed ΔW (a gated LoRA update depends on the input: it stays unmerged)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module"
+            and n.meta.get(INSERTED) in ADDITIVE
+            and hasattr(gm.get_submodule(n.target), "delta_weight")
+            and getattr(gm.get_submodule(n.target), "gate", None) is None]
 
 
 def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> tuple[str, str]:
-    """Replace `linear + lora(x)` by `linear` on a merged weight; return (base name, new name).
+    """Replace `linear + update(x)` by `linear` on a merged weight; return (base name, new name).
 
     `users`: ids of the user's modules, which must never receive the merged weight;
     `tied`: ids of parameters registered under more than one name."""
     (add,) = call.users
     linear = add.args[0]
     if add.target != aten.add.Tensor or linear.op != "call_function" or linear.target not in LINEAR_OPS:
-        raise RuntimeError(f"{call.target}: expected linear + lora(x), found {add.format_node()}")
+        raise RuntimeError(f"{call.target}: expected linear + update(x), found {add.format_node()}")
     position = LINEAR_OPS[linear.target][1]
     weight = linear.args[position]
     adapter = gm.get_submodule(call.target)
@@ -94,8 +98,9 @@ def base_weight(gm: GraphModule, weight: Node, call: Node) -> torch.Tensor:
                        "not a parameter; it cannot be merged")
 
 
-def merged_weight(base: torch.Tensor, adapter: LoraAdapter, op) -> nn.Parameter:
-    """W₀ + s·B·A in float32, cast once to W₀'s dtype (transposed for addmm's [in, out])."""
+def merged_weight(base: torch.Tensor, adapter: nn.Module, op) -> nn.Parameter:
+    """W₀ + ΔW in float32 (`adapter.delta_weight()`, e.g. s·B·A), cast once to W₀'s dtype
+    (transposed for addmm's [in, out])."""
     delta = adapter.delta_weight().to(base.device)
     if op == aten.addmm.default:
         delta = delta.t()
