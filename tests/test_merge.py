@@ -5,6 +5,8 @@ The folded model is built by hand — a copy of the base model whose adapted lay
 and must equal the unmerged compiled graph within 1e-5 (float32)."""
 from __future__ import annotations
 
+import re
+
 import copy
 
 import pytest
@@ -77,14 +79,15 @@ def test_merged_casts_back_once(tiny):
 INFER = ["q_proj,v_proj: lora r=4 alpha=8 init=pissa",
          "*_proj: quantize\n*_proj: lora r=4 alpha=8",
          "q_proj: lora r=4 dora\nk_proj: ia3\nv_proj: vera r=8\n"
-         "down_proj: adalora init_r=4 target_r=2 total_step=10\n*norm*: train"]
+         "down_proj: adalora init_r=4 target_r=2 total_step=10\n*norm*: train",
+         "q_proj: lora r=4 dora\nup_proj: ia3\ndown_proj: ia3 feedforward",
+         "*_proj: quantize\n*_proj: lora r=4 alpha=8 dora"]
 
 
 @pytest.mark.parametrize("spec", INFER)
 def test_infer_mode_equals_train_mode(tiny, tmp_path, spec):
     """Infer mode with trained weights: PiSSA merges into its residual, QLoRA into a
-    dequantised copy, VeRA and AdaLoRA into their base weights; DoRA and IA3 run unmerged
-    (eager) for now."""
+    dequantised copy, VeRA, AdaLoRA, DoRA and IA3 into their layers' weights."""
     model = tiny("llama")
     gm = adaptc.compile(model, spec)
     perturb(gm)
@@ -94,7 +97,26 @@ def test_infer_mode_equals_train_mode(tiny, tmp_path, spec):
     assert (main_output(infer(**x)) - main_output(gm(**x))).abs().max().item() <= TOL
     assert not any(p.requires_grad for p in infer.parameters())
     left = {n.meta.get("adaptc.inserted") for n in infer.graph.nodes if n.op == "call_module"}
-    assert not left & {"lora", "vera", "adalora"}
+    assert not left & {"lora", "vera", "adalora", "dora", "ia3"}
     counts = adaptc.report_of(infer).counts
-    for method in ("vera", "adalora"):
-        assert (counts[f"{method}_merged"] > 0) == (f"{method} " in spec)
+    for method in ("vera", "adalora", "ia3"):
+        assert (counts[f"{method}_merged"] > 0) == (re.search(rf"\b{method}\b", spec) is not None)
+
+
+@pytest.mark.parametrize("family,spec", [
+    ("gpt2", "attn.c_attn: lora r=4 dora\nmlp.c_fc: ia3\nmlp.c_proj: ia3 feedforward"),
+    ("bert", "query: lora r=4 dora\nkey,value: ia3\noutput.dense: ia3 feedforward"),
+])
+def test_scaling_merges_with_conv1d_and_biases(tiny, tmp_path, family, spec):
+    """DoRA and IA3 fold into transposed (Conv1D) weights and into biases (IA3 output)."""
+    model = tiny(family)
+    gm = adaptc.compile(model, spec)
+    perturb(gm)
+    adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, mode="infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    assert (main_output(infer(**x)) - main_output(gm.eval()(**x))).abs().max().item() <= TOL
+    assert not [n for n in infer.graph.nodes if n.op == "call_module"
+                and n.meta.get("adaptc.inserted") in ("dora", "ia3")]
+    assert sum(p.numel() for p in infer.parameters()) == sum(
+        p.numel() for p in model.module.parameters())

@@ -17,6 +17,7 @@ from adaptc.passes.insert_prompt import InsertPrompt
 from adaptc.passes.locate_sites import LocateSites
 from adaptc.passes.lower_to_triton import LowerToTriton
 from adaptc.passes.manager import PassManager
+from adaptc.passes.merge_scaling import MergeScaling
 from adaptc.passes.merge_weights import MergeWeights
 from adaptc.passes.quantize_weights import QuantizeWeights
 from adaptc.passes.train_parameters import TrainParameters
@@ -48,6 +49,7 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
         LoadAdapters(),      # trained adapter weights (--adapters), else the initial ones
         FoldPrompts(),       # prefix MLPs and prompt encoders → the constants they compute
         MergeWeights(),      # W' = W₀ + s·B·A as a new parameter; the LoRA nodes go away
+        MergeScaling(),      # DoRA's m/‖W'‖ and IA3's l fold into the layer's weights
         LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
         Verify(),
     ]
