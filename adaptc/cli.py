@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,7 +98,11 @@ def run_compile(args) -> int:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
     ctx = prepare(args.model, Path(args.spec), args.mode)
-    gm = compile(ctx.model, ctx.plan, args.mode, adapters=args.adapters)
+    with tempfile.TemporaryDirectory() as scratch:
+        reference, adapters = None, args.adapters
+        if args.mode == "infer" and args.output:
+            reference, adapters = train_reference(ctx, args.adapters, Path(scratch))
+        gm = compile(ctx.model, ctx.plan, args.mode, adapters=adapters)
     report = report_of(gm)
     print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
           f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")
@@ -106,10 +111,25 @@ def run_compile(args) -> int:
     if args.mode == "infer":
         print(fusion_line(report.counts))
     print(report.peft_line())
-    if args.output:
-        write = write_train if args.mode == "train" else write_infer
-        write(args, ctx, gm)
+    if args.output and args.mode == "train":
+        write_train(args, ctx, gm)
+    elif args.output:
+        write_infer(args, ctx, gm, reference)
     return 0
+
+
+def train_reference(ctx, adapters: str | None, scratch: Path):
+    """The train-mode graph an infer artifact is verified against, and the weights file both
+    use: the given one, or the train graph's initial weights (random for some methods, such
+    as prompt tuning, so the two graphs must share them)."""
+    from adaptc.adapters import load_adapters, save_adapters
+    from adaptc.compiler import compile
+
+    reference = compile(ctx.model, ctx.plan, "train")
+    if adapters:
+        load_adapters(reference, adapters)
+        return reference, adapters
+    return reference, save_adapters(reference, scratch / "initial.safetensors")
 
 
 def fusion_line(counts: dict[str, int]) -> str:
@@ -126,15 +146,10 @@ def write_train(args, ctx, gm) -> None:
           f"load it with adaptc.load({str(out)!r})")
 
 
-def write_infer(args, ctx, gm) -> None:
+def write_infer(args, ctx, gm, reference) -> None:
     """program.pt2, hf/ and report.json, verified against the train-mode graph."""
-    from adaptc.adapters import load_adapters
-    from adaptc.compiler import compile
     from adaptc.export import HF_DIR, REPORT_FILE, write_infer_artifact
 
-    reference = compile(ctx.model, ctx.plan, "train")
-    if args.adapters:
-        load_adapters(reference, args.adapters)
     out = write_infer_artifact(gm, ctx.model, args.output, reference=reference, force=args.force)
     report = json.loads((out / REPORT_FILE).read_text())
     check = report["verification"]
