@@ -239,3 +239,19 @@ def test_prompt_infer_graph_exports_with_automatic_dims(tmp_path, capsys):
     program = adaptc.load_program(out / "program.pt2").module()
     x = inputs(batch=4, seq=13)
     assert main_output(program(**x)).shape == (4, 13, 512)
+
+
+def test_exported_prefix_program_holds_constants_not_the_mlp(tiny, tmp_path):
+    """Infer export of prefix tuning with its reparameterisation MLP: the program carries the
+    folded prefixes (no MLP weights) and equals the train-mode graph it came from."""
+    model = tiny("llama")
+    spec = "attn: prefix tokens=4 projection=16"
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    adaptc.write_infer_artifact(infer, model, tmp_path / "dist", reference=train)
+    program = adaptc.load_program(tmp_path / "dist" / "program.pt2")
+    mlp = [n for n in train.state_dict() if n.startswith("adaptc.prefix_0.") and "weight" in n]
+    assert mlp and not any(name in program.state_dict for name in mlp)
+    assert "adaptc.prefix_0.prefix" in program.state_dict
+    x = inputs()
+    assert (main_output(program.module()(**x)) - main_output(train(**x))).abs().max() <= TOL
