@@ -3,8 +3,9 @@
 A PEFT adapter directory is `adapter_config.json` + `adapter_model.safetensors`, with tensor
 names like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 
-Export (`export_peft`) writes a compiled module's `lora` (with rsLoRA, PiSSA, DoRA), `ia3` or
-`vera` adapters as one such directory; `PeftModel.from_pretrained` on it gives our outputs.
+Export (`export_peft`) writes a compiled module's `lora` (with rsLoRA, PiSSA, DoRA), `ia3`,
+`vera` or `adalora` adapters as one such directory; `PeftModel.from_pretrained` on it gives
+our outputs.
 Target modules are written as full module paths (PEFT matches them exactly), per-module
 ranks and alphas as `rank_pattern` / `alpha_pattern` entries.
 
@@ -15,7 +16,7 @@ modules (short names when they are exact, full paths otherwise; checked by resol
 compiles it and loads the weights. Anything PEFT would treat differently is an
 `InteropError` naming the option, never a silently different model: a `target_modules`
 entry that matches no module (PEFT skips it), an option adaptc does not implement, a
-PEFT type other than LORA, IA3 and VERA.
+PEFT type other than LORA, IA3, VERA and ADALORA (AdaLoRA: before its final rank trim).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from adaptc.errors import InteropError, SpecError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.sites import Site, site_table
 from adaptc.frontend.targets import ALIASES, matches, resolve
+from adaptc.methods.adalora import AdaLoraAdapter
 from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter
 from adaptc.methods.lora import LoraAdapter
@@ -85,7 +87,8 @@ def exported_entries(module: nn.Module) -> list[Entry]:
     for path, adapter in adapter_modules(module).items():
         if peft_kind(adapter) is None:
             raise InteropError(f"'{path}' is a {type(adapter).__name__}: adaptc exports "
-                               "lora (with rslora, pissa, dora), ia3 and vera adapters to PEFT")
+                               "lora (with rslora, pissa, dora), ia3, vera and adalora "
+                               "adapters to PEFT")
         site = path.rpartition(".")[0]
         entries.append(Entry(site, adapter, types.get(site) == "Conv1D"))
     if not entries:
@@ -100,6 +103,8 @@ def peft_kind(adapter: nn.Module) -> str | None:
         return "IA3"
     if isinstance(adapter, VeraAdapter):
         return "VERA"
+    if isinstance(adapter, AdaLoraAdapter):
+        return "ADALORA"
     return None
 
 
@@ -167,7 +172,28 @@ def export_vera(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
     return config, tensors
 
 
-EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera}
+# adaptc's adalora keys → AdaLoraConfig's
+ADALORA_KEYS = {"init_r": "init_r", "target_r": "target_r", "alpha": "lora_alpha",
+                "dropout": "lora_dropout", "total_step": "total_step", "tinit": "tinit",
+                "tfinal": "tfinal", "delta_t": "deltaT", "beta1": "beta1", "beta2": "beta2",
+                "orth_reg": "orth_reg_weight"}
+
+
+def export_adalora(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
+    """Full-size P, Λ, Q (pruned triplets have Λ = 0, so no rank_pattern is needed)."""
+    config = {peft: number(one_value(entries, peft, lambda e, k=ours: getattr(e.adapter.config, k)))
+              for ours, peft in ADALORA_KEYS.items()}
+    config.update({"r": config["init_r"], "rank_pattern": None, "bias": "none",
+                   "init_lora_weights": True, "target_modules": sorted(e.site for e in entries)})
+    tensors = {}
+    for e in entries:
+        for peft, ours in (("lora_A", "A"), ("lora_B", "B"), ("lora_E", "E")):
+            tensors[f"{PREFIX}{e.site}.{peft}"] = getattr(e.adapter, ours)
+    return config, tensors
+
+
+EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera,
+             "ADALORA": export_adalora}
 
 
 # ---- import: reading and checking the config ----------------------------------------------
@@ -183,6 +209,10 @@ HANDLED = {
     "VERA": {"r", "projection_prng_key", "d_initial", "vera_dropout", "save_projection",
              "target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
              "init_weights", "bias"},
+    "ADALORA": {"r", "init_r", "target_r", "lora_alpha", "lora_dropout", "total_step", "tinit",
+                "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "target_modules",
+                "layers_to_transform", "layers_pattern", "fan_in_fan_out", "init_lora_weights",
+                "bias", "rank_pattern"},
 }
 LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa"}
 
@@ -303,7 +333,21 @@ def vera_options(config: dict, site: Site, where: str) -> str:
     return " ".join(words)
 
 
-OPTIONS = {"LORA": lora_options, "IA3": ia3_options, "VERA": vera_options}
+def adalora_options(config: dict, site: Site, where: str) -> str:
+    if config.get("rank_pattern"):
+        raise InteropError(f"{where}: rank_pattern (ranks trimmed after AdaLoRA's budget "
+                           "schedule) is not supported; export before the final trim")
+    defaults = {"lora_alpha": 8, "init_r": 12, "target_r": 8}
+    words = ["adalora"]
+    for ours, peft in ADALORA_KEYS.items():
+        value = config.get(peft, defaults.get(peft))
+        if value is not None:
+            words.append(f"{ours}={number(value) if isinstance(value, float) else value}")
+    return " ".join(words)
+
+
+OPTIONS = {"LORA": lora_options, "IA3": ia3_options, "VERA": vera_options,
+           "ADALORA": adalora_options}
 
 
 def tensor_names(kind: str, config: dict, path: str) -> dict[str, str]:
@@ -318,6 +362,9 @@ def tensor_names(kind: str, config: dict, path: str) -> dict[str, str]:
         return names
     if kind == "IA3":
         return {f"{peft}.ia3_l": f"{path}.ia3.scale"}
+    if kind == "ADALORA":
+        return {f"{peft}.{name}": f"{path}.adalora.{ours}"
+                for name, ours in (("lora_A", "A"), ("lora_B", "B"), ("lora_E", "E"))}
     return {f"{peft}.vera_lambda_d": f"{path}.vera.lambda_d",
             f"{peft}.vera_lambda_b": f"{path}.vera.lambda_b"}
 

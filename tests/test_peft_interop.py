@@ -70,7 +70,7 @@ def test_export_names_match_peft(tiny, tmp_path):
     ("q_proj: lora r=2\nv_proj: lora r=2 rslora", "one 'use_rslora' per adapter"),
     ("ffn: adapter bottleneck=4", "BottleneckAdapter: adaptc exports lora"),
     ("*norm*: train", "TrainedParameters: adaptc exports lora"),
-    ("q_proj: adalora total_step=5", "AdaLoraAdapter: adaptc exports lora"),
+    ("q_proj: adalora total_step=5\nk_proj: vera r=4", "this module has ADALORA and VERA"),
 ])
 def test_export_refuses_what_peft_cannot_hold(tiny, tmp_path, spec, message):
     gm = adaptc.compile(tiny("llama"), spec)
@@ -157,3 +157,37 @@ def test_cli_import_peft_prints_the_spec(tiny, tmp_path, capsys):
     saved_peft(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), tmp_path)
     assert main(["import-peft", str(tmp_path), "--model", "llama"]) == 0
     assert "q_proj, v_proj: lora r=2 alpha=4" in capsys.readouterr().out
+
+
+# ---- AdaLoRA, both ways ---------------------------------------------------------------------
+
+ADALORA = "q_proj,v_proj: adalora init_r=4 target_r=2 total_step=20 alpha=8"
+
+
+@pytest.mark.parametrize("family,targets", [("llama", "q_proj,v_proj"),
+                                            ("bert", "query,value")])
+def test_adalora_export_loads_in_peft(tiny, tmp_path, family, targets):
+    model = tiny(family)
+    gm = adaptc.compile(model, ADALORA.replace("q_proj,v_proj", targets))
+    perturb(adaptc.adapter_state_dict(gm).values())
+    with torch.no_grad():  # a pruned triplet: Λ_i = 0 travels as is, no rank_pattern needed
+        next(iter(adaptc.adapters.adapter_modules(gm).values())).E[1] = 0
+    export_peft(gm, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["init_r"] == 4
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path).eval()
+    x = inputs()
+    assert close(gm(**x), theirs(**x)) <= TOL
+    assert close(gm(**x), model.module(**x)) > 1e-3
+
+
+def test_adalora_import_equals_peft(tiny, tmp_path):
+    from peft import AdaLoraConfig
+    model = tiny("llama")
+    config = AdaLoraConfig(init_r=4, target_r=2, total_step=20, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj"])
+    theirs = saved_peft(model, config, tmp_path)
+    gm = import_peft(model, tmp_path)
+    x = inputs()
+    assert close(gm(**x), theirs(**x)) <= TOL
+    assert "adalora init_r=4 target_r=2" in spec_from_peft(tmp_path, model)
