@@ -1,0 +1,148 @@
+"""Issue 3's inference benchmark: each adapter workload timed interleaved with the base model
+in one run, eager and under torch.compile, as a ratio to the base model's time.
+
+    python benchmarks/infer_speed.py                 # a GPU: Llama-shaped 1.1B, bf16
+    python benchmarks/infer_speed.py --small         # CPU smoke run: a 2-layer toy, float32
+    python benchmarks/infer_speed.py --write         # also append to benchmarks/RESULTS.md
+
+Model: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000 (random
+init, seeded). Shapes batch×seq 1×1, 1×128, 8×512. Providers per workload: adaptc (infer
+mode: LoRA merged, adapters/mixtures as fused custom ops; or the unmerged train graph in
+eval), PEFT where it has the method, and a plain PyTorch baseline where it does not.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+WORKLOADS = {  # name: (spec, adaptc mode, PEFT targets and rank or None)
+    "LoRA all-linear r16, merged": (f"{ALL_LINEAR}: lora r=16 alpha=32", "infer",
+                                    (ALL_LINEAR.split(","), 16, True)),
+    "LoRA q,v r8 unmerged": ("q_proj,v_proj: lora r=8 alpha=16", "train",
+                             (["q_proj", "v_proj"], 8, False)),
+    "LoRA all-linear r16 unmerged": (f"{ALL_LINEAR}: lora r=16 alpha=32", "train",
+                                     (ALL_LINEAR.split(","), 16, False)),
+    "bottleneck 64 after attention and FFN": ("attn,ffn: adapter bottleneck=64", "infer", None),
+    "mixture 8 experts top-2 r8 on q,v": ("q_proj,v_proj: lora r=8 alpha=16\n"
+                                          "mixture moe k=2 experts=8", "infer", None),
+}
+SHAPES = [(1, 1), (1, 128), (8, 512)]
+
+
+def base_model(small: bool, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    size = (dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2) if small else
+            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22))
+    config = LlamaConfig(vocab_size=32000, num_attention_heads=32 if not small else 4,
+                         num_key_value_heads=4 if not small else 2, use_cache=False, **size)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def providers(model, spec: str, mode: str, peft_cfg, scratch: Path) -> dict:
+    """name → callable(ids, mask) for one workload, adapters with random non-zero weights."""
+    import adaptc
+
+    train = adaptc.compile(model, spec)
+    with torch.no_grad():
+        for p in adaptc.adapter_state_dict(train).values():
+            p.normal_(0, 0.02)
+    found = {}
+    if mode == "infer":
+        weights = adaptc.save_adapters(train, scratch / "a.safetensors")
+        found["adaptc"] = adaptc.compile(model, spec, "infer", adapters=weights)
+        found["eager modules"] = train.eval()
+    else:
+        found["adaptc"] = train.eval()
+    if peft_cfg is not None:
+        from peft import LoraConfig, get_peft_model
+        targets, r, merge = peft_cfg
+        twin = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r,
+                                                               target_modules=targets))
+        twin = (twin.merge_and_unload() if merge else twin).eval()
+        found["peft"] = twin
+    return found
+
+
+def timer(device: str):
+    if device == "cuda":
+        from triton.testing import do_bench
+        return lambda fn: do_bench(fn, warmup=25, rep=100) / 1e3
+    def cpu(fn, repeat: int = 5):
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - start) / repeat
+    return cpu
+
+
+@torch.no_grad()
+def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds: int) -> list:
+    """Rows (workload, provider, shape, seconds, × base), base timed next to each variant."""
+    time_it, rows = timer(device), []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, (spec, mode, peft_cfg) in workloads.items():
+            variants = providers(model, spec, mode, peft_cfg, Path(scratch))
+            for (batch, seq) in shapes:
+                ids = torch.randint(0, 32000, (batch, seq), device=device)
+                x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                runs = {"base": model, **variants}
+                if compiled:
+                    runs = {k: torch.compile(v) for k, v in runs.items()}
+                times = {k: [] for k in runs}
+                for _ in range(rounds):  # interleaved: base, then each provider, per round
+                    for key, fn in runs.items():
+                        times[key].append(time_it(lambda fn=fn: fn(**x)))
+                base = statistics.median(times["base"])
+                for key in variants:
+                    t = statistics.median(times[key])
+                    rows.append((name, key, f"{batch}x{seq}", t, t / base))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true", help="CPU smoke run on a toy model")
+    parser.add_argument("--compile", action="store_true", help="time under torch.compile")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = base_model(args.small, device, dtype)
+    shapes = SHAPES[:2] if args.small else SHAPES
+    rows = measure(model, WORKLOADS, shapes, device, args.compile, args.rounds)
+    for name, key, shape, seconds, ratio in rows:
+        print(f"{name:40s} {key:14s} {shape:>6s} {seconds * 1e3:9.3f} ms  × base {ratio:5.2f}")
+    if args.write:
+        write(rows, device, dtype, args)
+
+
+def write(rows, device: str, dtype, args) -> None:
+    import transformers
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.machine()
+    lines = [f"\n## infer_speed.py — {datetime.date.today()}",
+             f"Device: {device} ({name}). torch {torch.__version__}, transformers "
+             f"{transformers.__version__}, {dtype}, {'torch.compile' if args.compile else 'eager'}"
+             f", {'toy 2-layer model' if args.small else 'Llama-shaped 1.1B'}; median of "
+             f"{args.rounds} interleaved rounds.\n",
+             "| workload | provider | batch×seq | ms | × base |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {k} | {s} | {t * 1e3:.3f} | {r:.2f} |" for n, k, s, t, r in rows]
+    with Path(__file__).with_name("RESULTS.md").open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
