@@ -133,9 +133,14 @@ def train_reference(ctx, adapters: str | None, scratch: Path):
 
 
 def fusion_line(counts: dict[str, int]) -> str:
-    return (f"merge_weights: {counts['lora_merged']} LoRA sites folded into their base weights; "
-            f"lower_to_triton: {counts['adapter_fused']} bottleneck adapters → "
-            f"adaptc.bottleneck_adapter, {counts['mixture_fused']} mixtures → adaptc.mixture_lora")
+    """What the infer passes did: folded into base weights, fused into ops, kept eager."""
+    def listed(suffix: str) -> str:
+        found = [f"{v} {k.removesuffix(suffix)}" for k, v in counts.items()
+                 if k.endswith(suffix) and v]
+        return ", ".join(found) or "none"
+    return (f"merged into base weights: {listed('_merged')}; fused ops: {listed('_fused')}; "
+            f"kept eager: {counts.get('kept_eager', 0)}; prompts folded: "
+            f"{counts.get('prompts_folded', 0)}")
 
 
 def write_train(args, ctx, gm) -> None:
