@@ -38,9 +38,10 @@ def adapter_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapters(module: nn.Module, path: str | Path) -> Path:
     """Write every adapter tensor to one safetensors file, atomically (temp file + rename)."""
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(module).items()}
+    tensors = adapter_state_dict(module)
     if any(t.is_meta for t in tensors.values()):
         raise WeightsError("cannot save adapters of a model on the meta device (it has no values)")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)

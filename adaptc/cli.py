@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adaptc.errors import AdaptcError
+from adaptc.errors import AdaptcError, ArtifactError
 from adaptc.frontend.models import DEFAULT_MODEL, PRESETS
 
 
@@ -98,6 +98,9 @@ def run_compile(args) -> int:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
     ctx = prepare(args.model, Path(args.spec), args.mode)
+    if args.output and ctx.model.on_meta:  # before the work, not only after it
+        raise ArtifactError(f"{args.output}: model '{args.model}' is on the meta device (shapes "
+                          "only); an artifact needs real weights")
     with tempfile.TemporaryDirectory() as scratch:
         reference, adapters = None, args.adapters
         if args.mode == "infer" and args.output:

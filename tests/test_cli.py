@@ -97,3 +97,11 @@ def test_spec_file_with_any_extension(tmp_path, capsys):
     spec.write_text("q_proj: lora r=2\n")
     assert main(["compile", str(spec)]) == 0
     assert "lora_inserted=4" in capsys.readouterr().out
+
+
+def test_meta_models_refuse_artifacts_before_work(tmp_path):
+    for mode in ("train", "infer"):
+        result = run_cli("compile", "specs/lora_qv.adapt", "--model", "llama-7b", "--mode", mode,
+                         "-o", str(tmp_path / mode))
+        assert result.returncode == 1 and "on the meta device" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / mode).exists()
