@@ -26,7 +26,10 @@ def inspect(model, spec, block: int = 0, example_inputs: dict | None = None) -> 
     report = report_of(gm)
     parts = [site_table(report.sites), report.peft_line()]
     if prefix:
-        parts += ["", f"block {prefix}: original | rewritten", side_by_side(before, block_lines(gm, prefix))]
+        parts += ["", f"block {prefix}: original | rewritten",
+                  side_by_side(before, block_lines(gm, prefix))]
+    else:
+        parts += ["", f"block {block}: no adapted module in this layer, so no graph to show"]
     return "\n".join(parts)
 
 

@@ -105,3 +105,8 @@ def test_meta_models_refuse_artifacts_before_work(tmp_path):
                          "-o", str(tmp_path / mode))
         assert result.returncode == 1 and "on the meta device" in result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / mode).exists()
+
+
+def test_inspect_block_without_adapters_says_so(capsys):
+    assert main(["inspect", "specs/lora_qv.adapt", "--block", "99"]) == 0
+    assert "block 99: no adapted module in this layer" in capsys.readouterr().out
