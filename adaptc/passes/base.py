@@ -47,3 +47,10 @@ class Pass(Protocol):
     name: str
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult: ...
+
+
+def report(site, method: str, assignment, adapter) -> dict:
+    """One row of the compile report: where, what, from which line, how many parameters."""
+    return {"path": site.path, "method": method, "line": assignment.rule.statement.span.line,
+            "type": site.type_name, "in": site.in_features, "out": site.out_features,
+            "params": sum(p.numel() for p in adapter.adapter_parameters().values())}

@@ -10,9 +10,8 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.adalora import AdaLoraAdapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
 from adaptc.passes.graph import factory, linear_input, linear_weight, splice
-from adaptc.passes.insert_lora import report
 
 
 class InsertAdaLora:

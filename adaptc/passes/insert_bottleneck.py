@@ -13,9 +13,8 @@ from torch.fx import GraphModule, Node
 
 from adaptc.errors import ModelError
 from adaptc.methods.bottleneck import BottleneckAdapter
-from adaptc.passes.base import CompileContext, PassResult
+from adaptc.passes.base import CompileContext, PassResult, report
 from adaptc.passes.graph import in_module, splice
-from adaptc.passes.insert_lora import report
 
 
 class InsertBottleneck:

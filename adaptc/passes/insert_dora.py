@@ -12,10 +12,9 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.dora import DoraAdapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
 from adaptc.passes.graph import (dense_weight, factory, linear_bias, linear_input, linear_weight,
                                  splice, swap_weight, weight_transposed)
-from adaptc.passes.insert_lora import report
 
 
 class InsertDora:

@@ -9,9 +9,8 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.ia3 import Ia3Adapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
 from adaptc.passes.graph import factory, linear_input, linear_weight, wrap_input, wrap_output
-from adaptc.passes.insert_lora import report
 
 
 class InsertIa3:

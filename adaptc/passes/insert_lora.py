@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 
 from adaptc.errors import ModelError
 from adaptc.methods.lora import LoraAdapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
 from adaptc.passes.graph import (dense_weight, factory, linear_input, linear_weight, splice,
                                  swap_weight)
 
@@ -52,10 +52,3 @@ def check_gate_input(node, site) -> None:
     if val is None or val.dim() != 3:
         raise ModelError(f"gated LoRA on {site.describe()}: the traced input is not "
                          "[batch, seq, features] (GPT-2's Conv1D flattens it); drop 'gate' there")
-
-
-def report(site, method: str, assignment, adapter) -> dict:
-    """One row of the compile report: where, what, from which line, how many parameters."""
-    return {"path": site.path, "method": method, "line": assignment.rule.statement.span.line,
-            "type": site.type_name, "in": site.in_features, "out": site.out_features,
-            "params": sum(p.numel() for p in adapter.adapter_parameters().values())}

@@ -9,9 +9,8 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.mixture import MixtureOfLora
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
-from adaptc.passes.graph import LINEAR_OPS, factory, linear_input, splice
-from adaptc.passes.insert_lora import report
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
+from adaptc.passes.graph import factory, linear_input, linear_weight, splice
 
 
 class InsertMixture:
@@ -27,10 +26,9 @@ class InsertMixture:
             if assignment is None:
                 continue
             site = node.meta[SITE]
-            weight = node.args[LINEAR_OPS[node.target][1]].target
             experts = mixture.experts_at(site.layer, ctx.n_layers)
             adapter = MixtureOfLora(assignment.rule.config, mixture, experts, site.in_features,
-                                    site.out_features, **factory(gm, weight))
+                                    site.out_features, **factory(gm, linear_weight(node).target))
             splice(gm, node, linear_input(node), f"{site.path}.moe", adapter, "moe")
             ctx.sites.append(report(site, f"moe[{experts}]", assignment, adapter))
             count += 1

@@ -21,7 +21,7 @@ from torch.fx import GraphModule, Node
 from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prefix import PrefixAttention, PrefixEncoder
-from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
 from adaptc.passes.graph import (
     attention_op,
     in_module,
@@ -31,7 +31,6 @@ from adaptc.passes.graph import (
     set_sdpa_arg,
     shift_positions,
 )
-from adaptc.passes.insert_lora import report
 
 PREFIX_METHODS = ("prefix", "ptuning2")
 ENCODERS = "adaptc"  # root submodule holding statement-wide encoders: adaptc.prefix_<rule>

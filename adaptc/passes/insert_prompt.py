@@ -20,9 +20,8 @@ from torch.fx import GraphModule, Node
 from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prompt import PromptEmbedding, PromptEncoder
-from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
 from adaptc.passes.graph import in_module
-from adaptc.passes.insert_lora import report
 
 aten = torch.ops.aten
 PROMPT_METHODS = ("prompt", "ptuning")

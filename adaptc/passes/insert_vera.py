@@ -11,9 +11,8 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from adaptc.methods.vera import VeraAdapter, VeraProjections
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
 from adaptc.passes.graph import factory, linear_input, linear_weight, splice
-from adaptc.passes.insert_lora import report
 
 
 class InsertVera:
