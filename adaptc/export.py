@@ -2,8 +2,9 @@
 
     DIR/program.pt2   the infer GraphModule through torch.export, batch and sequence dynamic
                       as when tracing; `load_program(DIR / "program.pt2")` loads it
-    DIR/hf/           when every adapter merged and the model is a Hugging Face model: a
-                      standard checkpoint (config.json + model.safetensors, and the input's
+    DIR/hf/           when every adapter merged into the base weights (or is a `train`ed
+                      parameter) and the model is a Hugging Face model: a standard
+                      checkpoint (config.json + model.safetensors, and the input's
                       tokenizer files) that transformers loads without adaptc
     DIR/report.json   spec, model, pass counts, versions, and the verification: max absolute
                       and relative error of the saved program against the train-mode graph
@@ -29,6 +30,8 @@ from adaptc.compiler import REPORT, as_model
 from adaptc.errors import ArtifactError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import dynamic_shapes
+from adaptc.methods.train import TrainedParameters
+from adaptc.passes.base import INSERTED
 from adaptc.passes.merge_weights import MERGED
 
 FORMAT = 1
@@ -101,6 +104,11 @@ def hf_blocker(gm: GraphModule, model: LoadedModel) -> str | None:
              and getattr(n.target, "namespace", None) == "adaptc"]
     if fused:
         return f"{len(fused)} adapters run as fused ops (only merged LoRA fits a checkpoint)"
+    kept = sorted({n.meta[INSERTED] for n in gm.graph.nodes if n.meta.get(INSERTED)
+                   and not (n.op == "get_attr" and n.meta[INSERTED] == "train")})
+    if kept:
+        return (f"{', '.join(kept)} not folded into the base weights (a checkpoint holds only "
+                "merged updates and trained parameters)")
     if not hasattr(model.module, "save_pretrained"):
         return f"{type(model.module).__name__} is not a Hugging Face model (no save_pretrained)"
     names: dict[int, list[str]] = {}
@@ -114,9 +122,16 @@ def hf_blocker(gm: GraphModule, model: LoadedModel) -> str | None:
 
 
 def write_hf(gm: GraphModule, model: LoadedModel, folder: Path) -> None:
-    """A copy of the user's model with the merged weights, saved by save_pretrained."""
+    """A copy of the user's model holding what the infer graph reads instead of its
+    parameters: trained copies (`train` statements), then merged weights, which may have
+    folded a trained copy in; saved by save_pretrained."""
     merged_model = copy.deepcopy(model.module)
     with torch.no_grad():
+        for owner, module in gm.named_modules():
+            if isinstance(module, TrainedParameters):
+                layer = owner.removesuffix("trained").rstrip(".")
+                for name, tensor in module.named_parameters():
+                    merged_model.get_parameter(f"{layer}.{name}" if layer else name).copy_(tensor)
         for base, target in gm.meta.get(MERGED, {}).items():
             merged_model.get_parameter(base).copy_(gm.get_parameter(target))
     merged_model.save_pretrained(folder, safe_serialization=True)

@@ -168,6 +168,41 @@ def test_export_round_trip(tiny, tmp_path, spec, merged):
         assert "fused ops" in report["hf_skipped"]
 
 
+HF_CASES = ["q_proj,v_proj: lora r=4 init=pissa", "q_proj,v_proj: lora r=4 dora",
+            "k_proj,v_proj: ia3\ndown_proj: ia3 feedforward", "*norm*: train\nq_proj: lora r=4",
+            "*_proj: quantize\n*_proj: lora r=4"]
+
+
+@pytest.mark.parametrize("spec", HF_CASES)
+def test_hf_export_holds_every_merged_or_trained_tensor(tiny, tmp_path, spec):
+    """hf/ is the adapted model, not the base: PiSSA residuals, DoRA and IA3 folds, trained
+    norms and QLoRA's dequantised merge all reach the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    adaptc.write_infer_artifact(infer, model, tmp_path / "dist", reference=train)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "dist" / "hf", local_files_only=True)
+    x = inputs()
+    expected = main_output(infer(**x))
+    assert (main_output(hf.eval()(**x)) - expected).abs().max().item() <= 1e-6
+    assert (main_output(model.module(**x)) - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("spec,method", [("attn: prefix tokens=3", "prefix"),
+                                         ("embed: prompt tokens=3", "prompt"),
+                                         ("attn.q: lora r=4 gate", "lora")])
+def test_no_hf_export_while_adapters_compute_outside_the_weights(tiny, tmp_path, spec, method):
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    adaptc.write_infer_artifact(infer, model, tmp_path / "dist", reference=train)
+    report = json.loads((tmp_path / "dist" / "report.json").read_text())
+    assert not (tmp_path / "dist" / "hf").exists() and report["hf"] is None
+    assert report["hf_skipped"].startswith(f"{method} not folded into the base weights")
+
+
 def test_existing_output_refused_without_force(tmp_path, capsys):
     out = tmp_path / "dist"
     out.mkdir()

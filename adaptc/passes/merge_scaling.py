@@ -7,7 +7,8 @@
 
 Each adapter's `merged(weight, bias)` rule computes the folded tensors in float32 and casts
 them back once; they become new parameters beside the adapter (`<site>.merged_weight`,
-`<site>.merged_bias`), so the user's tensors are never written.
+`<site>.merged_bias`, recorded in `gm.meta["adaptc.merged"]`), so the user's tensors are
+never written.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch.fx import GraphModule, Node
 from adaptc.graph_attrs import bind
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
 from adaptc.passes.graph import linear_bias, linear_weight, weight_transposed
-from adaptc.passes.merge_weights import base_weight
+from adaptc.passes.merge_weights import base_weight, record_merge
 
 SCALING = ("dora", "ia3")
 
@@ -66,8 +67,10 @@ def rebind(gm: GraphModule, linear: Node, adapter: nn.Module, site: str,
         new_weight, new_bias = adapter.merged(weight.t() if transposed else weight, bias)
     stored = new_weight.t().contiguous() if transposed else new_weight
     replace_operand(gm, linear, linear_weight(linear), f"{site}.merged_weight", stored, protected)
+    record_merge(gm, site, "weight", f"{site}.merged_weight")
     if new_bias is not None and new_bias is not bias:
         replace_operand(gm, linear, bias_node, f"{site}.merged_bias", new_bias, protected)
+        record_merge(gm, site, "bias", f"{site}.merged_bias")
 
 
 def replace_operand(gm: GraphModule, linear: Node, old: Node, target: str,

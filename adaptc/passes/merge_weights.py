@@ -9,7 +9,9 @@ new parameter of the graph module: the base weights are the user's tensors (torc
 shares them), so they are never written. W' takes W₀'s name when W₀ feeds only this linear
 node, which keeps the module's state dict in the base model's names; a weight read elsewhere
 too (tied embeddings) gets a new name beside it. `gm.meta["adaptc.merged"]` maps each base
-parameter name to the graph module's name for its merged weight.
+parameter name (`<layer>.weight`, `<layer>.bias`) to the graph module's name for the tensor
+that now stands in for it (`record_merge`; merge_scaling writes it too), which is how the
+hf/ export finds the merged weights.
 """
 from __future__ import annotations
 
@@ -32,17 +34,19 @@ class MergeWeights:
     name = "merge_weights"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        merged = gm.meta.setdefault(MERGED, {})
         users = {id(m) for m in ctx.model.module.modules()}
         names = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
         tied = {key for key, n in names.items() if n > 1}
         counts = {f"{method}_merged": 0 for method in ADDITIVE}
         for call in additive_calls(gm):
-            method = call.meta[INSERTED]
-            base, target = merge_site(gm, call, users, tied)
-            merged[base] = target
-            counts[f"{method}_merged"] += 1
-        return PassResult(gm, bool(merged), counts)
+            counts[f"{call.meta[INSERTED]}_merged"] += 1
+            merge_site(gm, call, users, tied)
+        return PassResult(gm, any(counts.values()), counts)
+
+
+def record_merge(gm: GraphModule, layer: str, operand: str, target: str) -> None:
+    """Note that the base parameter `<layer>.<operand>` is now read as `target`."""
+    gm.meta.setdefault(MERGED, {})[f"{layer}.{operand}"] = target
 
 
 def additive_calls(gm: GraphModule) -> list[Node]:
@@ -54,8 +58,8 @@ def additive_calls(gm: GraphModule) -> list[Node]:
             and getattr(gm.get_submodule(n.target), "gate", None) is None]
 
 
-def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> tuple[str, str]:
-    """Replace `linear + update(x)` by `linear` on a merged weight; return (base name, new name).
+def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> None:
+    """Replace `linear + update(x)` by `linear` on a merged weight, recorded under MERGED.
 
     `users`: ids of the user's modules, which must never receive the merged weight;
     `tied`: ids of parameters registered under more than one name."""
@@ -82,7 +86,7 @@ def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> 
         gm.graph.erase_node(weight)
         if weight.op == "call_module":
             gm.delete_submodule(weight.target)
-    return weight.target, target
+    record_merge(gm, call.target.rpartition(".")[0], "weight", target)
 
 
 def base_weight(gm: GraphModule, weight: Node, call: Node) -> torch.Tensor:
