@@ -21,13 +21,10 @@ LORA = LoraConfig(r=RANK, alpha=6.0)  # scale 2
 TOLERANCES = {  # outputs are O(1); half precision rounds x·A, the update and the output
     torch.float32: {"atol": 1e-5, "rtol": 1e-5},
     torch.float16: {"atol": 1e-2, "rtol": 1e-2},
-    torch.bfloat16: {"atol": 5e-2, "rtol": 5e-2},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},  # interpreted: 1.3e-2 needed (top_k=1)
 }
-BF16_SKIP = pytest.mark.skip(reason="triton 3.9's interpreter computes tl.dot on the raw uint16 "
-                                    "storage of bfloat16 blocks (garbage results); bf16 kernels "
-                                    "need a GPU")
 FP32 = TOLERANCES[torch.float32]
-KERNEL_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=BF16_SKIP)]
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOP_KS = [1, 2, EXPERTS]  # EXPERTS: soft routing
 
 

@@ -7,18 +7,20 @@ Importing this package registers:
 
 Each op runs its Triton kernels when `use_triton` says so and its pure-PyTorch reference
 otherwise; `register_fake` gives torch.export / torch.compile the output shape without running
-either. The helpers below are shared by the op modules, which are imported last for that reason.
+either. The helpers below (and the `dot` the kernels call) are shared by the op modules, which
+are imported last for that reason.
 """
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
     """True when triton's interpreter runs kernels on the CPU (TRITON_INTERPRET=1).
 
     Triton reads the variable when it decorates a function: its own `triton.language` helpers
-    when triton is first imported, our kernels when the op modules are. It must be set before
-    both for the kernels to run interpreted.
+    when triton is first imported, our kernels (and `dot`) when this package is. It must be set
+    before both for the kernels to run interpreted.
     """
     return bool(triton.knobs.runtime.interpret)
 
@@ -26,13 +28,27 @@ def interpreting() -> bool:
 def use_triton(t: torch.Tensor) -> bool:
     """Whether an op on `t` runs its Triton kernels (True) or its PyTorch reference (False).
 
-    Kernels run on CUDA tensors, and on any tensor under the interpreter except bfloat16 ones:
-    triton 3.9's interpreter computes `tl.dot` on the raw uint16 storage of bfloat16 blocks and
-    returns garbage, so those take the reference path.
+    Kernels run on CUDA tensors, and on any tensor under the interpreter (bfloat16 ones through
+    `upcast_dot`).
     """
-    if t.is_cuda:
-        return True
-    return interpreting() and t.dtype != torch.bfloat16
+    return t.is_cuda or interpreting()
+
+
+def upcast_dot(t: torch.Tensor) -> bool:
+    """The kernels' UPCAST_DOT flag for operands of `t`'s dtype: bfloat16 under the interpreter.
+
+    triton 3.9's interpreter multiplies bfloat16 blocks in `tl.dot` as their raw uint16 storage
+    (garbage; so does its bf16 elementwise arithmetic, which the kernels never do), while its bf16
+    loads, stores and bf16→fp32 casts are exact. So under this flag `dot` casts the loaded tiles
+    to float32 and takes an "ieee" fp32 dot. That is the GPU's computation up to the order (and,
+    inside tensor cores, the rounding) of the fp32 additions: bf16→fp32 is exact, a product of
+    two bf16 values (8-bit significands) is exact in fp32's 24 bits, and both sum those products
+    into the fp32 accumulator. On a GPU the flag is False and the compiled kernels are unchanged.
+    One difference remains outside the dot: the interpreter rounds fp32→bf16 `.to` toward zero
+    where the GPU rounds to nearest even, so interpreted bf16 results can sit one bf16 ulp from
+    the GPU's.
+    """
+    return interpreting() and t.dtype == torch.bfloat16
 
 
 def dot_precision() -> str:
@@ -43,6 +59,16 @@ def dot_precision() -> str:
     ignore it.
     """
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """`tl.dot(a, b, acc)`; under UPCAST_DOT of a and b cast to float32 (see `upcast_dot`)."""
+    if UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 def dot_block(n: int) -> int:
@@ -72,5 +98,5 @@ def check_input(op: str, x: torch.Tensor) -> None:
 # Imported last: the op modules import the helpers above; importing them registers the ops.
 from adaptc.backends.triton import bottleneck, moe_lora  # noqa: E402
 
-__all__ = ["bottleneck", "check_input", "check_tensor", "dot_block", "dot_precision",
-           "interpreting", "moe_lora", "use_triton"]
+__all__ = ["bottleneck", "check_input", "check_tensor", "dot", "dot_block", "dot_precision",
+           "interpreting", "moe_lora", "upcast_dot", "use_triton"]

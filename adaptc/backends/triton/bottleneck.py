@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from adaptc.backends.triton import (check_input, check_tensor, dot_block, dot_precision,
-                                    interpreting, use_triton)
+from adaptc.backends.triton import (check_input, check_tensor, dot, dot_block, dot_precision,
+                                    interpreting, upcast_dot, use_triton)
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 MAX_FUSED_BOTTLENECK = 128
@@ -73,7 +73,8 @@ def _bottleneck_fused_kernel(
     x_ptr, res_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr, out_ptr,
     T, D_IN, D_OUT, BOTTLENECK,
     stride_xt, stride_xk, stride_rt, stride_rn,
-    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_T tokens × all d_out features; h stays in registers."""
@@ -92,7 +93,7 @@ def _bottleneck_fused_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         down_t = tl.load(down_ptr + hid[None, :] * D_IN + ks[:, None],
                          mask=hid_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(x, down_t, acc, input_precision=DOT_PRECISION)
+        acc = dot(x, down_t, acc, DOT_PRECISION, UPCAST_DOT)
 
     # ---- bias + activation (padded columns stay act(0) = 0), rounded like the eager hidden state
     acc += tl.load(down_bias_ptr + hid, mask=hid_mask, other=0.0).to(tl.float32)[None, :]
@@ -105,7 +106,7 @@ def _bottleneck_fused_kernel(
         tile_mask = row_mask[:, None] & out_mask[None, :]
         up_t = tl.load(up_ptr + outs[None, :] * BOTTLENECK + hid[:, None],
                        mask=out_mask[None, :] & hid_mask[:, None], other=0.0)
-        y = tl.dot(h, up_t, input_precision=DOT_PRECISION)
+        y = dot(h, up_t, None, DOT_PRECISION, UPCAST_DOT)
         y += tl.load(up_bias_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
         y += tl.load(res_ptr + rows[:, None] * stride_rt + outs[None, :] * stride_rn,
                      mask=tile_mask, other=0.0).to(tl.float32)
@@ -120,6 +121,7 @@ def _linear_kernel(
     M, N, K,
     stride_am, stride_ak, stride_rm, stride_rn,
     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[M, N] = act(a · wᵀ + bias) (+ residual when HAS_RESIDUAL); w [N, K] row-major."""
@@ -139,7 +141,7 @@ def _linear_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_t = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
                       mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(a, w_t, acc, input_precision=DOT_PRECISION)
+        acc = dot(a, w_t, acc, DOT_PRECISION, UPCAST_DOT)
 
     # ---- epilogue: bias, activation, optional residual
     acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -207,7 +209,8 @@ def _launch_fused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
     _bottleneck_fused_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),)](
         x, res, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
         x.stride(0), x.stride(1), res.stride(0), res.stride(1),
-        ACTIVATION=activation, DOT_PRECISION=dot_precision(), BLOCK_B=dot_block(bottleneck))
+        ACTIVATION=activation, DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
+        BLOCK_B=dot_block(bottleneck))
 
 
 def _launch_unfused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
@@ -225,7 +228,8 @@ def _launch_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
     res_strides = (res.stride(0), res.stride(1)) if res is not None else (0, 0)
     _linear_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
         a, w, bias, res, out, m, n, k, a.stride(0), a.stride(1), *res_strides,
-        ACTIVATION=activation, HAS_RESIDUAL=res is not None, DOT_PRECISION=dot_precision())
+        ACTIVATION=activation, HAS_RESIDUAL=res is not None, DOT_PRECISION=dot_precision(),
+        UPCAST_DOT=upcast_dot(a))
 
 
 # --------------------------------------------------------------------------- torch custom op

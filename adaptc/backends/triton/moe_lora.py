@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from adaptc.backends.triton import (check_input, check_tensor, dot_block, dot_precision,
-                                    interpreting, use_triton)
+from adaptc.backends.triton import (check_input, check_tensor, dot, dot_block, dot_precision,
+                                    interpreting, upcast_dot, use_triton)
 
 MAX_EXPERTS = 64
 MAX_RANK = 128
@@ -68,7 +68,7 @@ def _router_kernel(
     x_ptr, router_ptr, gates_ptr, experts_ptr,
     T, D_IN, E, top_k,
     stride_xt, stride_xk,
-    DOT_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gates[t]: softmax over the top_k logits, 0 elsewhere; experts[t]: their ids, best first."""
@@ -87,7 +87,7 @@ def _router_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         router_t = tl.load(router_ptr + ex[None, :] * D_IN + ks[:, None],
                            mask=ex_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(x, router_t, acc, input_precision=DOT_PRECISION)
+        acc = dot(x, router_t, acc, DOT_PRECISION, UPCAST_DOT)
     logits = tl.where(ex_mask[None, :], acc, float("-inf"))
 
     # ---- top-k: take the argmax k times, knocking each winner out with -inf
@@ -111,7 +111,7 @@ def _shrink_kernel(
     x_ptr, a_ptr, tokens_ptr, offsets_ptr, h_ptr,
     D_IN, R,
     stride_xt, stride_xk,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """h[row] = A_e · x[tokens[row]] for the sorted rows of expert e = program_id(1)."""
@@ -137,7 +137,7 @@ def _shrink_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         a_t = tl.load(a_expert + ranks[None, :] * D_IN + ks[:, None],
                       mask=rank_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(x, a_t, acc, input_precision=DOT_PRECISION)
+        acc = dot(x, a_t, acc, DOT_PRECISION, UPCAST_DOT)
     tl.store(h_ptr + rows[:, None] * R + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
              mask=row_mask[:, None] & rank_mask[None, :])
 
@@ -147,7 +147,7 @@ def _shrink_kernel(
 def _expand_kernel(
     h_ptr, b_ptr, tokens_ptr, offsets_ptr, gates_ptr, out_ptr,
     D_OUT, R, E, scale,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[token] += s·g[token, e]·(B_e · h[row]) for the rows of expert e = program_id(2)."""
@@ -170,7 +170,7 @@ def _expand_kernel(
                 mask=row_mask[:, None] & rank_mask[None, :], other=0.0)
     b_t = tl.load(b_ptr + expert * D_OUT * R + outs[None, :] * R + ranks[:, None],
                   mask=out_mask[None, :] & rank_mask[:, None], other=0.0)
-    y = tl.dot(h, b_t, input_precision=DOT_PRECISION)
+    y = dot(h, b_t, None, DOT_PRECISION, UPCAST_DOT)
 
     # ---- weight by gate and scale, accumulate into the tokens' output rows
     gate = tl.load(gates_ptr + tokens * E + expert, mask=row_mask, other=0.0)
@@ -231,7 +231,8 @@ def route_tokens(x: torch.Tensor, router: torch.Tensor,
     chosen = torch.empty((tokens, top_k), dtype=torch.int32, device=x.device)
     _router_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),)](
         x, router.contiguous(), gates, chosen, tokens, d_in, experts, top_k,
-        x.stride(0), x.stride(1), DOT_PRECISION=dot_precision(), BLOCK_E=dot_block(experts))
+        x.stride(0), x.stride(1), DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
+        BLOCK_E=dot_block(experts))
     return gates, chosen
 
 
@@ -270,7 +271,7 @@ def _shrink(x: torch.Tensor, A: torch.Tensor, tokens: torch.Tensor,
     h = torch.empty((tokens.shape[0], rank), dtype=x.dtype, device=x.device)
     _shrink_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), experts)](
         x, A, tokens, offsets, h, d_in, rank, x.stride(0), x.stride(1),
-        DOT_PRECISION=dot_precision(), BLOCK_R=dot_block(rank))
+        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_R=dot_block(rank))
     return h
 
 
@@ -281,7 +282,7 @@ def _expand(h: torch.Tensor, B: torch.Tensor, tokens: torch.Tensor, offsets: tor
     _expand_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),
                                  triton.cdiv(d_out, meta["BLOCK_N"]), experts)](
         h, B, tokens, offsets, gates, out, d_out, rank, experts, scale,
-        DOT_PRECISION=dot_precision(), BLOCK_R=dot_block(rank))
+        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(h), BLOCK_R=dot_block(rank))
 
 
 # --------------------------------------------------------------------------- torch custom op
