@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
                       "(.safetensors from adaptc.save_adapters); default: the initial weights")
     comp.add_argument("-o", "--output", help="write an artifact directory (infer mode: "
                       "program.pt2, hf/ when everything merged, report.json)")
+    comp.add_argument("--no-merge", dest="merge", action="store_false",
+                      help="infer mode: keep weight-space updates beside the base weights "
+                      "(LoRA as linear ops, sibling A matrices in one GEMM)")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
     comp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
     comp.set_defaults(run=run_compile)
@@ -77,10 +80,14 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="token ids, e.g. '5 17 42'")
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--max-cache-len", type=int, default=128)
+    gen.add_argument("--no-merge", dest="merge", action="store_false",
+                     help="keep weight-space updates beside the base weights")
     gen.set_defaults(run=run_generate)
 
     passes = sub.add_parser("passes", help="print the pass pipeline in order")
     passes.add_argument("--mode", default="train", choices=("train", "infer"))
+    passes.add_argument("--no-merge", dest="merge", action="store_false",
+                        help="the infer pipeline without the merge passes")
     passes.set_defaults(run=run_passes)
     return top
 
@@ -94,6 +101,8 @@ def run_compile(args) -> int:
     if args.adapters and args.mode != "infer":
         raise AdaptcError("--adapters is for --mode infer (train mode starts from the initial "
                           "weights; load saved ones with adaptc.load_adapters)")
+    if not args.merge and args.mode != "infer":
+        raise AdaptcError("--no-merge is for --mode infer (train mode never merges)")
     if args.output:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
@@ -105,7 +114,7 @@ def run_compile(args) -> int:
         reference, adapters = None, args.adapters
         if args.mode == "infer" and args.output:
             reference, adapters = train_reference(ctx, args.adapters, Path(scratch))
-        gm = compile(ctx.model, ctx.plan, args.mode, adapters=adapters)
+        gm = compile(ctx.model, ctx.plan, args.mode, adapters=adapters, merge=args.merge)
     report = report_of(gm)
     print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
           f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")
@@ -142,6 +151,8 @@ def fusion_line(counts: dict[str, int]) -> str:
                  if k.endswith(suffix) and v]
         return ", ".join(found) or "none"
     return (f"merged into base weights: {listed('_merged')}; fused ops: {listed('_fused')}; "
+            f"unmerged LoRA as linear ops: {counts.get('lora_lowered', 0)} "
+            f"({counts.get('lora_sibling_groups', 0)} sibling groups with one A GEMM); "
             f"kept eager: {counts.get('kept_eager', 0)}; prompts folded: "
             f"{counts.get('prompts_folded', 0)}")
 
@@ -192,7 +203,7 @@ def run_generate(args) -> int:
     except ValueError:
         raise AdaptcError(f"--prompt takes token ids separated by spaces, got {args.prompt!r}") from None
     decoder = compile_decoder(args.model, Path(args.spec), adapters=args.adapters,
-                              max_cache_len=args.max_cache_len)
+                              max_cache_len=args.max_cache_len, merge=args.merge)
     print(" ".join(map(str, decoder.generate(prompt, args.max_new_tokens))))
     return 0
 
@@ -219,7 +230,7 @@ def run_export_peft(args) -> int:
 def run_passes(args) -> int:
     from adaptc.passes import PassManager, default_pipeline
 
-    print(PassManager(default_pipeline(args.mode)).describe())
+    print(PassManager(default_pipeline(args.mode, args.merge)).describe())
     return 0
 
 

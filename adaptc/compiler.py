@@ -73,7 +73,7 @@ def prepare(model, spec, mode: str, example_inputs: dict | None = None) -> Compi
 
 
 def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = None) -> GraphModule:
-    manager = PassManager(default_pipeline(ctx.mode))
+    manager = PassManager(default_pipeline(ctx.mode, ctx.merge))
     if verify is not None:
         manager.verify = verify
     gm, counts = manager.run(gm, ctx)
@@ -85,20 +85,26 @@ def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = Non
 
 
 def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = None,
-            example_inputs: dict | None = None, verify: bool | None = None) -> GraphModule:
+            merge: bool = True, example_inputs: dict | None = None,
+            verify: bool | None = None) -> GraphModule:
     """Compile `spec` onto `model` (a preset name, checkpoint dir, or nn.Module).
 
     mode="train" returns the unmerged graph: base parameters frozen, adapters trainable.
     mode="infer" builds the same graph from a fresh trace, loads `adapters` (a file written by
     `save_adapters`; without it the initial weights), merges LoRA into new weight parameters
     and fuses the other adapters into custom ops; nothing is trainable, and neither the
-    user's model nor any train-mode module is modified.
+    user's model nor any train-mode module is modified. With `merge=False` the weight-space
+    updates stay beside the base weights, which remain the user's tensors (no copies; a
+    QLoRA base stays 4-bit): LoRA as linear ops whose sibling A matrices share one GEMM,
+    the other weight-space methods as eager modules.
     """
     if adapters is not None and mode != "infer":
         raise AdaptcError("adapter weights are loaded in infer mode; for a train-mode module "
                           "call adaptc.load_adapters(module, path) after compiling")
+    if not merge and mode != "infer":
+        raise AdaptcError("merge=False is for mode='infer' (train mode never merges)")
     ctx = prepare(model, spec, mode, example_inputs)
-    ctx.adapters = adapters
+    ctx.adapters, ctx.merge = adapters, merge
     return run_pipeline(trace(ctx.model), ctx, verify)
 
 

@@ -58,8 +58,9 @@ class Decoder:
 
 
 def compile_decoder(model, spec, *, adapters: str | Path | None = None,
-                    max_cache_len: int = 128) -> Decoder:
-    """The infer-mode graph of `spec` on a causal LM, exported for cached decoding."""
+                    max_cache_len: int = 128, merge: bool = True) -> Decoder:
+    """The infer-mode graph of `spec` on a causal LM, exported for cached decoding
+    (`merge` as in `adaptc.compile`)."""
     loaded = as_model(model, None)
     wrapped = LoadedModel(static_cache_module(loaded, max_cache_len),
                           {"input_ids": torch.zeros(1, 2, dtype=torch.long),
@@ -70,7 +71,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
         raise AdaptcError(f"cached decoding does not support {', '.join(uncached)} yet (they "
                           "shift positions and lengths the static cache indexes); use "
                           "adaptc.greedy_generate, which decodes without a cache")
-    ctx.adapters, ctx.adapter_prefix = adapters, PREFIX
+    ctx.adapters, ctx.adapter_prefix, ctx.merge = adapters, PREFIX, merge
     seq = Dim("seq", min=1, max=max_cache_len)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer

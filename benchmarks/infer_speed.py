@@ -7,8 +7,9 @@ in one run, eager and under torch.compile, as a ratio to the base model's time.
 
 Model: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000 (random
 init, seeded). Shapes batch×seq 1×1, 1×128, 8×512. Providers per workload: adaptc (infer
-mode: LoRA merged, adapters/mixtures as fused custom ops; or the unmerged train graph in
-eval), PEFT where it has the method, and a plain PyTorch baseline where it does not.
+mode: LoRA merged, adapters/mixtures as fused custom ops; for the unmerged workloads
+`merge=False`, LoRA as linear ops with one A GEMM per sibling group), "eager modules" (the
+train-mode graph in eval: adapter modules as written), and PEFT where it has the method.
 """
 from __future__ import annotations
 
@@ -24,16 +25,16 @@ from pathlib import Path
 import torch
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-WORKLOADS = {  # name: (spec, adaptc mode, PEFT targets and rank or None)
-    "LoRA all-linear r16, merged": (f"{ALL_LINEAR}: lora r=16 alpha=32", "infer",
+WORKLOADS = {  # name: (spec, merge in infer mode, PEFT targets, rank and merge, or None)
+    "LoRA all-linear r16, merged": (f"{ALL_LINEAR}: lora r=16 alpha=32", True,
                                     (ALL_LINEAR.split(","), 16, True)),
-    "LoRA q,v r8 unmerged": ("q_proj,v_proj: lora r=8 alpha=16", "train",
+    "LoRA q,v r8 unmerged": ("q_proj,v_proj: lora r=8 alpha=16", False,
                              (["q_proj", "v_proj"], 8, False)),
-    "LoRA all-linear r16 unmerged": (f"{ALL_LINEAR}: lora r=16 alpha=32", "train",
+    "LoRA all-linear r16 unmerged": (f"{ALL_LINEAR}: lora r=16 alpha=32", False,
                                      (ALL_LINEAR.split(","), 16, False)),
-    "bottleneck 64 after attention and FFN": ("attn,ffn: adapter bottleneck=64", "infer", None),
+    "bottleneck 64 after attention and FFN": ("attn,ffn: adapter bottleneck=64", True, None),
     "mixture 8 experts top-2 r8 on q,v": ("q_proj,v_proj: lora r=8 alpha=16\n"
-                                          "mixture moe k=2 experts=8", "infer", None),
+                                          "mixture moe k=2 experts=8", True, None),
 }
 SHAPES = [(1, 1), (1, 128), (8, 512)]
 
@@ -50,7 +51,7 @@ def base_model(small: bool, device: str, dtype: torch.dtype):
         return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def providers(model, spec: str, mode: str, peft_cfg, scratch: Path) -> dict:
+def providers(model, spec: str, merge: bool, peft_cfg, scratch: Path) -> dict:
     """name → callable(ids, mask) for one workload, adapters with random non-zero weights."""
     import adaptc
 
@@ -58,19 +59,15 @@ def providers(model, spec: str, mode: str, peft_cfg, scratch: Path) -> dict:
     with torch.no_grad():
         for p in adaptc.adapter_state_dict(train).values():
             p.normal_(0, 0.02)
-    found = {}
-    if mode == "infer":
-        weights = adaptc.save_adapters(train, scratch / "a.safetensors")
-        found["adaptc"] = adaptc.compile(model, spec, "infer", adapters=weights)
-        found["eager modules"] = train.eval()
-    else:
-        found["adaptc"] = train.eval()
+    weights = adaptc.save_adapters(train, scratch / "a.safetensors")
+    found = {"adaptc": adaptc.compile(model, spec, "infer", adapters=weights, merge=merge),
+             "eager modules": train.eval()}
     if peft_cfg is not None:
         from peft import LoraConfig, get_peft_model
-        targets, r, merge = peft_cfg
+        targets, r, peft_merge = peft_cfg
         twin = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r,
                                                                target_modules=targets))
-        twin = (twin.merge_and_unload() if merge else twin).eval()
+        twin = (twin.merge_and_unload() if peft_merge else twin).eval()
         found["peft"] = twin
     return found
 
@@ -93,8 +90,8 @@ def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds:
     """Rows (workload, provider, shape, seconds, × base), base timed next to each variant."""
     time_it, rows = timer(device), []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, (spec, mode, peft_cfg) in workloads.items():
-            variants = providers(model, spec, mode, peft_cfg, Path(scratch))
+        for name, (spec, merge, peft_cfg) in workloads.items():
+            variants = providers(model, spec, merge, peft_cfg, Path(scratch))
             for (batch, seq) in shapes:
                 ids = torch.randint(0, 32000, (batch, seq), device=device)
                 x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

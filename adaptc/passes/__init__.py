@@ -4,6 +4,7 @@ from __future__ import annotations
 from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.fold_prompts import FoldPrompts
 from adaptc.passes.freeze_base import FreezeBase
+from adaptc.passes.fuse_siblings import FuseSiblings
 from adaptc.passes.insert_adalora import InsertAdaLora
 from adaptc.passes.insert_dora import InsertDora
 from adaptc.passes.insert_ia3 import InsertIa3
@@ -24,9 +25,10 @@ from adaptc.passes.train_parameters import TrainParameters
 from adaptc.passes.verify import Verify
 
 
-def default_pipeline(mode: str = "train") -> list[Pass]:
+def default_pipeline(mode: str = "train", merge: bool = True) -> list[Pass]:
     """train: the adapted graph, adapters trainable. infer: the same graph with trained
-    weights, LoRA merged into the base weights and other adapters fused, nothing trainable."""
+    weights, LoRA merged into the base weights (unless `merge` is False: then it stays beside
+    them as plain linear ops) and other adapters fused, nothing trainable."""
     build = [
         LocateSites(),       # bind resolved targets to traced linear nodes
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
@@ -48,8 +50,10 @@ def default_pipeline(mode: str = "train") -> list[Pass]:
         *build,
         LoadAdapters(),      # trained adapter weights (--adapters), else the initial ones
         FoldPrompts(),       # prefix MLPs and prompt encoders → the constants they compute
-        MergeWeights(),      # W' = W₀ + s·B·A as a new parameter; the LoRA nodes go away
-        MergeScaling(),      # DoRA's m/‖W'‖ and IA3's l fold into the layer's weights
+        *([MergeWeights(),   # W' = W₀ + s·B·A as a new parameter; the LoRA nodes go away
+           MergeScaling()]   # DoRA's m/‖W'‖ and IA3's l fold into the layer's weights
+          if merge else []),
+        FuseSiblings(),      # unmerged LoRA → linear ops; siblings share one GEMM for their As
         LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
         Verify(),
     ]

@@ -33,6 +33,7 @@ class CompileContext:
     n_layers: int = 0  # depth of the whole model (site layers count from 0)
     sites: list[dict] = field(default_factory=list)  # per inserted adapter, for reports
     adapters: str | Path | None = None  # infer mode: trained adapter weights (.safetensors)
+    merge: bool = True  # infer mode: fold weight-space updates into the base weights
     adapter_prefix: str = ""  # module path of the adapted model inside the traced one
 
 

@@ -1,0 +1,142 @@
+"""Unmerged infer mode (`merge=False`): LoRA stays beside the user's base weights as linear
+ops, sibling updates reading one input share one GEMM for their concatenated A matrices,
+and the result equals the train-mode graph."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from helpers import FAMILIES, inputs, main_output
+from test_infer import max_diff, trained
+
+import adaptc
+from adaptc.cli import main
+from adaptc.decode import compile_decoder
+from adaptc.errors import AdaptcError
+from adaptc.frontend.trace import trace
+from adaptc.methods.lora import LoraAdapter
+from adaptc.passes.graph import aten
+
+TOL = 1e-5
+ATTENTION_AND_FFN = {"llama": "attn.*,ffn.*", "mistral": "attn.*,ffn.*", "gpt2": "attn.*,ffn.*",
+                     "bert": "attn.*,ffn.*"}
+# per layer: the sibling groups (q, k, v; gate, up) and the sites left on their own
+GROUPS_PER_LAYER = {"llama": (2, 2), "mistral": (2, 2), "gpt2": (0, 4), "bert": (1, 3)}
+
+
+def unmerged(model, spec: str, path):
+    return adaptc.compile(model, spec, "infer", adapters=path, merge=False)
+
+
+def linear_count(gm) -> int:
+    return sum(n.op == "call_function" and n.target in (aten.linear.default, aten.addmm.default)
+               for n in gm.graph.nodes)
+
+
+def tensor_bytes(gm) -> int:
+    return sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unmerged_equals_train_with_one_a_gemm_per_sibling_group(tiny, tmp_path, family):
+    model = tiny(family)
+    spec = f"{ATTENTION_AND_FFN[family]}: lora r=4 alpha=12"
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = unmerged(model, spec, tmp_path / "a.safetensors")
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= TOL
+    assert max_diff(infer(**x), model.module(**x)) > 1e-3
+    counts = adaptc.report_of(infer).counts
+    groups, alone = GROUPS_PER_LAYER[family]
+    assert counts["lora_lowered"] == counts["lora_inserted"]
+    assert counts["lora_sibling_groups"] == 2 * groups  # two layers
+    sites = counts["lora_inserted"]
+    base = linear_count(trace(tiny(family)))
+    assert linear_count(infer) == base + sites + 2 * (groups + alone)  # one B per site, one A per group
+    assert not any(isinstance(m, LoraAdapter) for m in infer.modules())
+    assert not any("lora_merged" in k for k in counts)
+
+
+def test_base_weights_stay_the_users_tensors(tiny, tmp_path):
+    model = tiny("llama")
+    spec = "q_proj,k_proj,v_proj: lora r=4\nv_proj: lora r=2"  # v's rank differs
+    trained(model, spec, tmp_path / "a.safetensors")
+    infer = unmerged(model, spec, tmp_path / "a.safetensors")
+    for name, param in model.module.named_parameters():
+        assert infer.get_parameter(name).data_ptr() == param.data_ptr(), name
+    stacked = infer.get_parameter("model.layers.0.self_attn.lora_A")
+    assert stacked.shape == (4 + 4 + 2, model.module.config.hidden_size)
+    assert infer.get_parameter("model.layers.1.self_attn.v_proj.lora_B").shape[1] == 2
+
+
+def test_qlora_unmerged_keeps_the_4bit_base(tiny, tmp_path):
+    """Merging QLoRA makes dense copies of the dequantised weights; unmerged keeps NF4."""
+    model = tiny("llama")
+    spec = "*_proj: quantize\n*_proj: lora r=4"
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    merged = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    infer = unmerged(model, spec, tmp_path / "a.safetensors")
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= TOL
+    assert max_diff(merged(**x), train(**x)) <= TOL
+    projections = sum(p.numel() * 4 for n, p in model.module.named_parameters() if "_proj" in n)
+    saved = tensor_bytes(merged) - tensor_bytes(infer)
+    assert saved >= 0.8 * projections  # float32 projections vs 4.127 bits each
+    print(f"QLoRA infer tensors: merged {tensor_bytes(merged):,} B, unmerged {tensor_bytes(infer):,} B")
+
+
+@pytest.mark.parametrize("spec", ["q_proj,v_proj: lora r=4 init=pissa alpha=8",
+                                  "q_proj,v_proj: lora r=4 freeze_a rslora alpha=8",
+                                  "attn.q,attn.v: lora r=4 gate\nattn.k: lora r=4",
+                                  "q_proj: lora r=4 dora\nk_proj,v_proj: ia3\nup_proj: vera r=8"])
+def test_unmerged_variants_equal_train(tiny, tmp_path, spec):
+    """PiSSA keeps its residual as the layer's weight; gated LoRA, DoRA, IA3 and VeRA stay
+    eager modules (only ungated LoRA lowers)."""
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = unmerged(model, spec, tmp_path / "a.safetensors")
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= TOL
+    counts = adaptc.report_of(infer).counts
+    gated = Counter(type(m).__name__ for m in infer.modules())["LoraAdapter"]
+    assert counts["lora_lowered"] + gated == counts.get("lora_inserted", 0)
+
+
+def test_unmerged_program_round_trip_and_no_hf(tiny, tmp_path):
+    model = tiny("llama")
+    spec = "q_proj,k_proj,v_proj,gate_proj,up_proj: lora r=4"
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = unmerged(model, spec, tmp_path / "a.safetensors")
+    adaptc.write_infer_artifact(infer, model, tmp_path / "dist", reference=train)
+    report = json.loads((tmp_path / "dist" / "report.json").read_text())
+    assert report["verification"]["max_abs_error"] <= TOL
+    assert report["hf"] is None and report["hf_skipped"].startswith("lora not folded")
+    program = adaptc.load_program(tmp_path / "dist" / "program.pt2").module()
+    x = inputs(batch=2, seq=11)
+    assert torch.equal(main_output(program(**x)), main_output(infer(**x)))
+
+
+def test_unmerged_decoder_gives_the_merged_tokens(tiny, tmp_path):
+    model = tiny("llama")
+    spec = "q_proj,k_proj,v_proj: lora r=4"
+    weights = tmp_path / "a.safetensors"
+    trained(model, spec, weights)
+    prompt = [5, 17, 42]
+    merged = compile_decoder(model, spec, adapters=weights, max_cache_len=16)
+    kept = compile_decoder(model, spec, adapters=weights, max_cache_len=16, merge=False)
+    assert adaptc.report_of(kept.graph).counts["lora_sibling_groups"] == 2
+    assert kept.generate(prompt, 6) == merged.generate(prompt, 6)
+    assert (kept.logits(prompt, 0) - merged.logits(prompt, 0)).abs().max().item() <= 1e-4
+
+
+def test_merge_false_is_for_infer_mode(tiny, capsys):
+    with pytest.raises(AdaptcError, match="merge=False is for mode='infer'"):
+        adaptc.compile(tiny("llama"), "q_proj: lora", merge=False)
+    assert main(["compile", "specs/lora_qv.adapt", "--no-merge"]) == 1
+    assert "--no-merge is for --mode infer" in capsys.readouterr().err
+    assert main(["compile", "specs/lora_qv.adapt", "--mode", "infer", "--no-merge"]) == 0
+    out = capsys.readouterr().out
+    assert "unmerged LoRA as linear ops: 8 (4 sibling groups with one A GEMM)" in out
+    assert "merge_weights" not in out and "fuse_siblings" in out
