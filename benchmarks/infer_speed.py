@@ -10,6 +10,8 @@ init, seeded). Shapes batch×seq 1×1, 1×128, 8×512. Providers per workload: a
 mode: LoRA merged, adapters/mixtures as fused custom ops; for the unmerged workloads
 `merge=False`, LoRA as linear ops with one A GEMM per sibling group), "eager modules" (the
 train-mode graph in eval: adapter modules as written), and PEFT where it has the method.
+Besides the base model (the ratios' denominator), "base graph" times the base model's own
+exported graph with no adapters: what the graph module costs by itself.
 """
 from __future__ import annotations
 
@@ -72,11 +74,19 @@ def providers(model, spec: str, merge: bool, peft_cfg, scratch: Path) -> dict:
     return found
 
 
+def base_graph(model):
+    """The base model traced the way adaptc traces it, no adapter inserted."""
+    from adaptc.compiler import as_model
+    from adaptc.frontend.trace import trace
+
+    return trace(as_model(model, None))
+
+
 def timer(device: str):
     if device == "cuda":
         from triton.testing import do_bench
         return lambda fn: do_bench(fn, warmup=25, rep=100) / 1e3
-    def cpu(fn, repeat: int = 5):
+    def cpu(fn, repeat: int = 20):
         fn()
         start = time.perf_counter()
         for _ in range(repeat):
@@ -88,10 +98,11 @@ def timer(device: str):
 @torch.no_grad()
 def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds: int) -> list:
     """Rows (workload, provider, shape, seconds, × base), base timed next to each variant."""
-    time_it, rows = timer(device), []
+    time_it, rows, graph = timer(device), [], base_graph(model)
     with tempfile.TemporaryDirectory() as scratch:
         for name, (spec, merge, peft_cfg) in workloads.items():
-            variants = providers(model, spec, merge, peft_cfg, Path(scratch))
+            variants = {"base graph": graph,
+                        **providers(model, spec, merge, peft_cfg, Path(scratch))}
             for (batch, seq) in shapes:
                 ids = torch.randint(0, 32000, (batch, seq), device=device)
                 x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
