@@ -4,6 +4,8 @@ in one run, eager and under torch.compile, as a ratio to the base model's time.
     python benchmarks/infer_speed.py                 # a GPU: Llama-shaped 1.1B, bf16
     python benchmarks/infer_speed.py --small         # CPU smoke run: a 2-layer toy, float32
     python benchmarks/infer_speed.py --write         # also append to benchmarks/RESULTS.md
+    python benchmarks/infer_speed.py --compile --shapes 8x512 --providers adaptc peft
+                                                     # a subset (torch.compile takes a while)
 
 Model: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000 (random
 init, seeded). Shapes batch×seq 1×1, 1×128, 8×512. Providers per workload: adaptc (infer
@@ -96,13 +98,16 @@ def timer(device: str):
 
 
 @torch.no_grad()
-def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds: int) -> list:
-    """Rows (workload, provider, shape, seconds, × base), base timed next to each variant."""
+def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds: int,
+            wanted: set[str] | None = None) -> list:
+    """Rows (workload, provider, shape, seconds, × base), base timed next to each variant;
+    each row is printed as soon as it is measured. `wanted`: the providers to time."""
     time_it, rows, graph = timer(device), [], base_graph(model)
     with tempfile.TemporaryDirectory() as scratch:
         for name, (spec, merge, peft_cfg) in workloads.items():
             variants = {"base graph": graph,
                         **providers(model, spec, merge, peft_cfg, Path(scratch))}
+            variants = {k: v for k, v in variants.items() if wanted is None or k in wanted}
             for (batch, seq) in shapes:
                 ids = torch.randint(0, 32000, (batch, seq), device=device)
                 x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -117,6 +122,8 @@ def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds:
                 for key in variants:
                     t = statistics.median(times[key])
                     rows.append((name, key, f"{batch}x{seq}", t, t / base))
+                    print(f"{name:40s} {key:14s} {batch}x{seq:<5d} {t * 1e3:9.3f} ms  "
+                          f"× base {t / base:5.2f}", flush=True)
     return rows
 
 
@@ -126,14 +133,21 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="time under torch.compile")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--shapes", nargs="+", metavar="BxS", help="e.g. 1x1 8x512")
+    parser.add_argument("--providers", nargs="+", help="time only these besides the base model "
+                        "(base graph, adaptc, eager modules, peft)")
+    parser.add_argument("--workloads", nargs="+", metavar="WORD",
+                        help="only workloads whose name contains one of these words")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = base_model(args.small, device, dtype)
-    shapes = SHAPES[:2] if args.small else SHAPES
-    rows = measure(model, WORKLOADS, shapes, device, args.compile, args.rounds)
-    for name, key, shape, seconds, ratio in rows:
-        print(f"{name:40s} {key:14s} {shape:>6s} {seconds * 1e3:9.3f} ms  × base {ratio:5.2f}")
+    shapes = ([tuple(map(int, shape.split("x"))) for shape in args.shapes] if args.shapes
+              else SHAPES[:2] if args.small else SHAPES)
+    workloads = {k: v for k, v in WORKLOADS.items()
+                 if not args.workloads or any(word in k for word in args.workloads)}
+    rows = measure(model, workloads, shapes, device, args.compile, args.rounds,
+                   set(args.providers) if args.providers else None)
     if args.write:
         write(rows, device, dtype, args)
 

@@ -9,8 +9,15 @@ Providers, side by side for each op and token count (milliseconds):
 
 On a GPU times are do_bench medians; on the CPU the best of a time.perf_counter loop (robust
 to other processes sharing the cores), and the triton provider is skipped with a note (the
-interpreter is a debugger, not a benchmark). Prints a table and writes nothing: copy rows into
-benchmarks/RESULTS.md by hand, with the date, device and versions printed above the table.
+interpreter is a debugger, not a benchmark).
+
+Roofline: the run first measures the device's ceilings in the op dtype, copy bandwidth
+(`y.copy_(x)`, bytes read + written) and matmul rate (`torch.mm` on square matrices), then
+gives each row's achieved rate for the fastest kernel provider (triton on a GPU, else torch):
+effective bandwidth = the bytes the op must move at least (x, residual, weights read once,
+output written) / time, and FLOP rate = its multiply-adds × 2 / time, each also as a share of
+the ceiling. Prints the tables and writes nothing: copy them into benchmarks/RESULTS.md with
+the date, device and versions printed above them.
 """
 import argparse
 import time
@@ -56,6 +63,30 @@ def mixture_inputs(tokens: int, args: argparse.Namespace, **factory) -> tuple:
             torch.randn(e, d, r, **factory) / r**0.5, 2.0, args.top_k)
 
 
+def bottleneck_cost(tokens: int, args: argparse.Namespace, itemsize: int) -> tuple[int, int]:
+    """(bytes, flops): x and residual read, output written, weights read once."""
+    d, b = args.hidden, args.bottleneck
+    moved = tokens * 3 * d + 2 * b * d + b + d
+    return moved * itemsize, 4 * tokens * d * b
+
+
+def mixture_cost(tokens: int, args: argparse.Namespace, itemsize: int) -> tuple[int, int]:
+    """(bytes, flops): as above, plus the router for every token and k experts' A and B."""
+    d, e, r, k = args.hidden, args.experts, args.rank, args.top_k
+    moved = tokens * 3 * d + e * d + 2 * e * r * d
+    return moved * itemsize, 2 * tokens * d * e + 4 * tokens * k * r * d
+
+
+def ceilings(factory: dict, on_gpu: bool) -> tuple[float, float]:
+    """Measured (bytes/s of a device copy, flop/s of torch.mm) in the benchmark's dtype."""
+    numel, n = (1 << 28, 8192) if on_gpu else (1 << 24, 1024)
+    src, dst = torch.empty(numel, **factory), torch.empty(numel, **factory)
+    copy_s = time_ms(lambda: dst.copy_(src), on_gpu) / 1e3
+    a, b = torch.randn(n, n, **factory), torch.randn(n, n, **factory)
+    mm_s = time_ms(lambda: torch.mm(a, b), on_gpu) / 1e3
+    return 2 * numel * src.element_size() / copy_s, 2 * n**3 / mm_s
+
+
 def time_ms(fn: Callable[[], object], on_gpu: bool, repeat: int = 20) -> float:
     """Milliseconds per fn() after a warm-up call (which compiles and autotunes)."""
     if on_gpu:
@@ -90,6 +121,24 @@ def print_table(rows: list[tuple]) -> None:
         print(f"{name:<20}{tokens:>8}{cells}")
 
 
+COSTS = {"bottleneck_adapter": bottleneck_cost, "mixture_lora": mixture_cost}
+
+
+def print_roofline(rows: list[tuple], args: argparse.Namespace, itemsize: int,
+                   bandwidth: float, flop_rate: float) -> None:
+    """Achieved rates of the kernel provider (triton, else torch) against the ceilings."""
+    print(f"ceilings: copy {bandwidth / 1e9:.1f} GB/s, mm {flop_rate / 1e12:.2f} TFLOP/s")
+    print(f"{'op':<20}{'tokens':>8}{'provider':>10}{'GB/s':>10}{'% copy':>8}"
+          f"{'TFLOP/s':>10}{'% mm':>8}")
+    for name, tokens, triton_ms, torch_ms, _ in rows:
+        provider, ms = ("triton", triton_ms) if triton_ms is not None else ("torch", torch_ms)
+        moved, flops = COSTS[name](tokens, args, itemsize)
+        rate, compute = moved / (ms / 1e3), flops / (ms / 1e3)
+        print(f"{name:<20}{tokens:>8}{provider:>10}{rate / 1e9:>10.1f}"
+              f"{100 * rate / bandwidth:>8.1f}{compute / 1e12:>10.3f}"
+              f"{100 * compute / flop_rate:>8.1f}")
+
+
 def main() -> None:
     args = parse_args()
     on_gpu = torch.cuda.is_available()
@@ -104,11 +153,13 @@ def main() -> None:
         print("note: no CUDA device, so the triton provider is skipped ('-')")
     factory = {"device": device, "dtype": dtype}
     with torch.inference_mode():
+        bandwidth, flop_rate = ceilings(factory, on_gpu)
         rows = sweep("bottleneck_adapter", bottleneck_inputs, bottleneck_adapter_triton,
                      bottleneck_adapter_reference, args, factory, on_gpu)
         rows += sweep("mixture_lora", mixture_inputs, mixture_lora_triton,
                       mixture_lora_reference, args, factory, on_gpu)
     print_table(rows)
+    print_roofline(rows, args, dtype.itemsize, bandwidth, flop_rate)
 
 
 if __name__ == "__main__":

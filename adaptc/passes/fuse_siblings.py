@@ -18,6 +18,7 @@ v), the scaled B `<site>.lora_B`; the LoRA adapter modules leave the graph modul
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 from torch import nn
@@ -57,12 +58,7 @@ def sibling_groups(gm: GraphModule) -> list[list[Node]]:
 
 def a_target(calls: list[Node], taken: set[str]) -> str:
     """`<longest common module path of the sites>.lora_A`, numbered if another group has it."""
-    sites = [call.target.rpartition(".")[0].split(".") for call in calls]
-    common = []
-    for parts in zip(*sites):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
+    common = os.path.commonprefix([call.target.rpartition(".")[0].split(".") for call in calls])
     name, index = ".".join([*common, "lora_A"]), 1
     while name in taken:
         index += 1

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 3's GPU checks and measurements in one device call (see ../.library/device/README.md):
+#
+#   run(command="benchmarks/device_run.sh", carry=[".whl"], timeout_s=590)
+#
+# Before it, here (the device machine has torch, triton, transformers and peft but maybe
+# not lark): echo /.whl/ >> .git/info/exclude, then
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_17_x86_64 --platform any -d .whl \
+#     lark interegular pytest iniconfig pluggy
+# Logs and the updated RESULTS.md come back under $OUT; copy the new RESULTS.md sections
+# into benchmarks/RESULTS.md here. Each step has its own time limit so a slow one leaves
+# the others' output intact.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/adaptc-device}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "   rc=$? ($(tail -n 1 "$out/$name.log"))"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+python3 -c "import torch, triton, transformers, peft, lark, safetensors; print('torch', \
+torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
+'peft', peft.__version__)" | tee -a "$out/device.txt" || exit 1
+step test_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step kernels 120 python3 benchmarks/kernels.py --dtype bfloat16 --hidden 2048 --rank 8
+step infer_eager 170 python3 benchmarks/infer_speed.py --rounds 3 --write
+step infer_compile 120 python3 benchmarks/infer_speed.py --compile --rounds 3 --write \
+  --shapes 8x512 --providers adaptc peft
+cp benchmarks/RESULTS.md "$out/RESULTS.md"

@@ -1,0 +1,91 @@
+"""On a CUDA device: the compiled Triton kernels (autotuned, Llama-sized shapes) against
+their float32 PyTorch reference, and infer-mode graphs on the GPU against train mode.
+
+Skipped without CUDA. Run it in a process of its own (`pytest tests/test_gpu.py`):
+tests/backends/conftest.py makes triton interpret kernels for the rest of its process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import inputs, main_output
+
+import adaptc
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # atol = rtol
+TOKENS = [1, 37, 4099]  # one decode token, an odd count, more than a block of 4096
+CARD = Path(__file__).resolve().parents[1] / "specs" / "card.adapt"
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from adaptc.backends.triton import bottleneck
+    if isinstance(bottleneck._activate, InterpretedFunction):
+        pytest.skip("triton interprets the kernels in this process (tests/backends ran "
+                    "first); run tests/test_gpu.py on its own")
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("bottleneck", [64, 136])  # fused kernel; two launches above 128
+def test_bottleneck_kernels_on_cuda(dtype, tokens, bottleneck):
+    from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
+                                                   bottleneck_adapter_triton)
+    torch.manual_seed(0)
+    d = 2048
+    args = (randn(tokens, d, dtype=dtype), randn(tokens, d, dtype=dtype),
+            randn(bottleneck, d, dtype=dtype, scale=d**-0.5), randn(bottleneck, dtype=dtype),
+            randn(d, bottleneck, dtype=dtype, scale=bottleneck**-0.5), randn(d, dtype=dtype),
+            "gelu")
+    out = bottleneck_adapter_triton(*args)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, bottleneck_adapter_reference(*args), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("top_k", [1, 2, 8])  # k = experts: soft routing
+def test_mixture_kernels_on_cuda(dtype, tokens, top_k):
+    from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
+    torch.manual_seed(0)
+    d, experts, rank = 2048, 8, 8
+    args = (randn(tokens, d, dtype=dtype), randn(tokens, d, dtype=dtype),
+            randn(experts, d, dtype=dtype, scale=d**-0.5),
+            randn(experts, rank, d, dtype=dtype, scale=d**-0.5),
+            randn(experts, d, rank, dtype=dtype, scale=rank**-0.5), 2.0, top_k)
+    out = mixture_lora_triton(*args)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, mixture_lora_reference(*args), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_infer_graph_on_cuda_equals_train(tiny, tmp_path, merge):
+    """The card spec (LoRA, bottleneck, mixture) on a CUDA model: kernels in the graph,
+    eager and under torch.compile, equal the train-mode graph."""
+    model = tiny("llama")
+    model.module.cuda()
+    model.example_inputs = {k: v.cuda() for k, v in model.example_inputs.items()}
+    train = adaptc.compile(model, CARD)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in adaptc.adapter_state_dict(train).values():
+            p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.1)
+    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, CARD, "infer", adapters=weights, merge=merge)
+    x = {k: v.cuda() for k, v in inputs().items()}
+    with torch.no_grad():
+        expected = main_output(train.eval()(**x))
+        got = main_output(infer(**x))
+        compiled = main_output(torch.compile(infer)(**x))
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (compiled - expected).abs().max().item() <= 1e-4
