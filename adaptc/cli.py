@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-merge", dest="merge", action="store_false",
                       help="infer mode: keep weight-space updates beside the base weights "
                       "(LoRA as linear ops, sibling A matrices in one GEMM)")
+    comp.add_argument("--fuse-projections", action="store_true",
+                      help="infer mode: one GEMM for linear layers that read the same input "
+                      "(q, k, v; gate, up)")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
     comp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
     comp.set_defaults(run=run_compile)
@@ -88,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
     passes.add_argument("--mode", default="train", choices=("train", "infer"))
     passes.add_argument("--no-merge", dest="merge", action="store_false",
                         help="the infer pipeline without the merge passes")
+    passes.add_argument("--fuse-projections", action="store_true",
+                        help="the infer pipeline with fuse_projections")
     passes.set_defaults(run=run_passes)
     return top
 
@@ -101,8 +106,9 @@ def run_compile(args) -> int:
     if args.adapters and args.mode != "infer":
         raise AdaptcError("--adapters is for --mode infer (train mode starts from the initial "
                           "weights; load saved ones with adaptc.load_adapters)")
-    if not args.merge and args.mode != "infer":
-        raise AdaptcError("--no-merge is for --mode infer (train mode never merges)")
+    if args.mode != "infer" and (not args.merge or args.fuse_projections):
+        raise AdaptcError("--no-merge and --fuse-projections are for --mode infer (train "
+                          "mode keeps the layers as traced)")
     if args.output:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
@@ -114,7 +120,8 @@ def run_compile(args) -> int:
         reference, adapters = None, args.adapters
         if args.mode == "infer" and args.output:
             reference, adapters = train_reference(ctx, args.adapters, Path(scratch))
-        gm = compile(ctx.model, ctx.plan, args.mode, adapters=adapters, merge=args.merge)
+        gm = compile(ctx.model, ctx.plan, args.mode, adapters=adapters, merge=args.merge,
+                     fuse_projections=args.fuse_projections)
     report = report_of(gm)
     print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
           f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")
@@ -230,7 +237,7 @@ def run_export_peft(args) -> int:
 def run_passes(args) -> int:
     from adaptc.passes import PassManager, default_pipeline
 
-    print(PassManager(default_pipeline(args.mode, args.merge)).describe())
+    print(PassManager(default_pipeline(args.mode, args.merge, args.fuse_projections)).describe())
     return 0
 
 

@@ -73,7 +73,7 @@ def prepare(model, spec, mode: str, example_inputs: dict | None = None) -> Compi
 
 
 def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = None) -> GraphModule:
-    manager = PassManager(default_pipeline(ctx.mode, ctx.merge))
+    manager = PassManager(default_pipeline(ctx.mode, ctx.merge, ctx.fuse_projections))
     if verify is not None:
         manager.verify = verify
     gm, counts = manager.run(gm, ctx)
@@ -85,8 +85,8 @@ def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = Non
 
 
 def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = None,
-            merge: bool = True, example_inputs: dict | None = None,
-            verify: bool | None = None) -> GraphModule:
+            merge: bool = True, fuse_projections: bool = False,
+            example_inputs: dict | None = None, verify: bool | None = None) -> GraphModule:
     """Compile `spec` onto `model` (a preset name, checkpoint dir, or nn.Module).
 
     mode="train" returns the unmerged graph: base parameters frozen, adapters trainable.
@@ -96,15 +96,17 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
     user's model nor any train-mode module is modified. With `merge=False` the weight-space
     updates stay beside the base weights, which remain the user's tensors (no copies; a
     QLoRA base stays 4-bit): LoRA as linear ops whose sibling A matrices share one GEMM,
-    the other weight-space methods as eager modules.
+    the other weight-space methods as eager modules. `fuse_projections=True` makes linear
+    layers that read the same input (q, k, v; gate, up) one GEMM over concatenated weights.
     """
     if adapters is not None and mode != "infer":
         raise AdaptcError("adapter weights are loaded in infer mode; for a train-mode module "
                           "call adaptc.load_adapters(module, path) after compiling")
-    if not merge and mode != "infer":
-        raise AdaptcError("merge=False is for mode='infer' (train mode never merges)")
+    if mode != "infer" and (not merge or fuse_projections):
+        raise AdaptcError("merge=False and fuse_projections=True are for mode='infer' (train "
+                          "mode keeps the layers as traced)")
     ctx = prepare(model, spec, mode, example_inputs)
-    ctx.adapters, ctx.merge = adapters, merge
+    ctx.adapters, ctx.merge, ctx.fuse_projections = adapters, merge, fuse_projections
     return run_pipeline(trace(ctx.model), ctx, verify)
 
 

@@ -58,9 +58,10 @@ class Decoder:
 
 
 def compile_decoder(model, spec, *, adapters: str | Path | None = None,
-                    max_cache_len: int = 128, merge: bool = True) -> Decoder:
+                    max_cache_len: int = 128, merge: bool = True,
+                    fuse_projections: bool = False) -> Decoder:
     """The infer-mode graph of `spec` on a causal LM, exported for cached decoding
-    (`merge` as in `adaptc.compile`)."""
+    (`merge` and `fuse_projections` as in `adaptc.compile`)."""
     loaded = as_model(model, None)
     wrapped = LoadedModel(static_cache_module(loaded, max_cache_len),
                           {"input_ids": torch.zeros(1, 2, dtype=torch.long),
@@ -72,6 +73,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
                           "shift positions and lengths the static cache indexes); use "
                           "adaptc.greedy_generate, which decodes without a cache")
     ctx.adapters, ctx.adapter_prefix, ctx.merge = adapters, PREFIX, merge
+    ctx.fuse_projections = fuse_projections
     seq = Dim("seq", min=1, max=max_cache_len)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer

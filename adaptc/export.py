@@ -32,6 +32,7 @@ from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import dynamic_shapes
 from adaptc.methods.train import TrainedParameters
 from adaptc.passes.base import INSERTED
+from adaptc.passes.fuse_projections import CONCATENATED
 from adaptc.passes.merge_weights import MERGED
 
 FORMAT = 1
@@ -133,12 +134,21 @@ def write_hf(gm: GraphModule, model: LoadedModel, folder: Path) -> None:
                 for name, tensor in module.named_parameters():
                     merged_model.get_parameter(f"{layer}.{name}" if layer else name).copy_(tensor)
         for base, target in gm.meta.get(MERGED, {}).items():
-            merged_model.get_parameter(base).copy_(gm.get_parameter(target))
+            merged_model.get_parameter(base).copy_(graph_tensor(gm, target))
     merged_model.save_pretrained(folder, safe_serialization=True)
     source = Path(model.source)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
+
+
+def graph_tensor(gm: GraphModule, name: str) -> torch.Tensor:
+    """The graph module's tensor `name`, or its rows of the tensor fuse_projections
+    concatenated it into."""
+    if name in gm.meta.get(CONCATENATED, {}):
+        fused, start, end = gm.meta[CONCATENATED][name]
+        return gm.get_parameter(fused)[start:end]
+    return gm.get_parameter(name)
 
 
 # --------------------------------------------------------------------------- report.json

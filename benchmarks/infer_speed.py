@@ -10,7 +10,8 @@ in one run, eager and under torch.compile, as a ratio to the base model's time.
 Model: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000 (random
 init, seeded). Shapes batch×seq 1×1, 1×128, 8×512. Providers per workload: adaptc (infer
 mode: LoRA merged, adapters/mixtures as fused custom ops; for the unmerged workloads
-`merge=False`, LoRA as linear ops with one A GEMM per sibling group), "eager modules" (the
+`merge=False`, LoRA as linear ops with one A GEMM per sibling group), "adaptc fused" (the
+same with `fuse_projections=True`: q, k, v and gate, up as one GEMM each), "eager modules" (the
 train-mode graph in eval: adapter modules as written), and PEFT where it has the method.
 Besides the base model (the ratios' denominator), "base graph" times the base model's own
 exported graph with no adapters: what the graph module costs by itself.
@@ -65,6 +66,8 @@ def providers(model, spec: str, merge: bool, peft_cfg, scratch: Path) -> dict:
             p.normal_(0, 0.02)
     weights = adaptc.save_adapters(train, scratch / "a.safetensors")
     found = {"adaptc": adaptc.compile(model, spec, "infer", adapters=weights, merge=merge),
+             "adaptc fused": adaptc.compile(model, spec, "infer", adapters=weights, merge=merge,
+                                            fuse_projections=True),
              "eager modules": train.eval()}
     if peft_cfg is not None:
         from peft import LoraConfig, get_peft_model
@@ -135,7 +138,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--shapes", nargs="+", metavar="BxS", help="e.g. 1x1 8x512")
     parser.add_argument("--providers", nargs="+", help="time only these besides the base model "
-                        "(base graph, adaptc, eager modules, peft)")
+                        "(base graph, adaptc, adaptc fused, eager modules, peft)")
     parser.add_argument("--workloads", nargs="+", metavar="WORD",
                         help="only workloads whose name contains one of these words")
     args = parser.parse_args()

@@ -132,10 +132,10 @@ def test_unmerged_decoder_gives_the_merged_tokens(tiny, tmp_path):
 
 
 def test_merge_false_is_for_infer_mode(tiny, capsys):
-    with pytest.raises(AdaptcError, match="merge=False is for mode='infer'"):
+    with pytest.raises(AdaptcError, match="merge=False and fuse_projections=True are for"):
         adaptc.compile(tiny("llama"), "q_proj: lora", merge=False)
     assert main(["compile", "specs/lora_qv.adapt", "--no-merge"]) == 1
-    assert "--no-merge is for --mode infer" in capsys.readouterr().err
+    assert "--no-merge and --fuse-projections are for --mode infer" in capsys.readouterr().err
     assert main(["compile", "specs/lora_qv.adapt", "--mode", "infer", "--no-merge"]) == 0
     out = capsys.readouterr().out
     assert "unmerged LoRA as linear ops: 8 (4 sibling groups with one A GEMM)" in out

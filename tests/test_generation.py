@@ -7,12 +7,12 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-
-import adaptc
 from test_prefix import copy_from_peft as copy_prefix
 from test_prefix import peft_prefix
 from test_prompt import copy_from_peft as copy_prompt
 from test_prompt import peft_twin
+
+import adaptc
 
 
 def prompt_ids():

@@ -39,8 +39,10 @@ def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("bottleneck", [64, 136])  # fused kernel; two launches above 128
 def test_bottleneck_kernels_on_cuda(dtype, tokens, bottleneck):
-    from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
-                                                   bottleneck_adapter_triton)
+    from adaptc.backends.triton.bottleneck import (
+        bottleneck_adapter_reference,
+        bottleneck_adapter_triton,
+    )
     torch.manual_seed(0)
     d = 2048
     args = (randn(tokens, d, dtype=dtype), randn(tokens, d, dtype=dtype),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.fold_prompts import FoldPrompts
 from adaptc.passes.freeze_base import FreezeBase
+from adaptc.passes.fuse_projections import FuseProjections
 from adaptc.passes.fuse_siblings import FuseSiblings
 from adaptc.passes.insert_adalora import InsertAdaLora
 from adaptc.passes.insert_dora import InsertDora
@@ -25,10 +26,12 @@ from adaptc.passes.train_parameters import TrainParameters
 from adaptc.passes.verify import Verify
 
 
-def default_pipeline(mode: str = "train", merge: bool = True) -> list[Pass]:
+def default_pipeline(mode: str = "train", merge: bool = True,
+                     fuse_projections: bool = False) -> list[Pass]:
     """train: the adapted graph, adapters trainable. infer: the same graph with trained
     weights, LoRA merged into the base weights (unless `merge` is False: then it stays beside
-    them as plain linear ops) and other adapters fused, nothing trainable."""
+    them as plain linear ops) and other adapters fused, nothing trainable; with
+    `fuse_projections`, linear layers sharing an input run as one GEMM."""
     build = [
         LocateSites(),       # bind resolved targets to traced linear nodes
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
@@ -54,6 +57,8 @@ def default_pipeline(mode: str = "train", merge: bool = True) -> list[Pass]:
            MergeScaling()]   # DoRA's m/‖W'‖ and IA3's l fold into the layer's weights
           if merge else []),
         FuseSiblings(),      # unmerged LoRA → linear ops; siblings share one GEMM for their As
+        *([FuseProjections()]  # linears reading one input (q, k, v, LoRA As) → one GEMM
+          if fuse_projections else []),
         LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
         Verify(),
     ]

@@ -34,6 +34,7 @@ class CompileContext:
     sites: list[dict] = field(default_factory=list)  # per inserted adapter, for reports
     adapters: str | Path | None = None  # infer mode: trained adapter weights (.safetensors)
     merge: bool = True  # infer mode: fold weight-space updates into the base weights
+    fuse_projections: bool = False  # infer mode: one GEMM for linears sharing an input
     adapter_prefix: str = ""  # module path of the adapted model inside the traced one
 
 

@@ -1,0 +1,109 @@
+"""Pass (infer mode, opt-in: `fuse_projections=True`, `--fuse-projections`): linear layers
+that read the same input become one GEMM over their concatenated weights.
+
+    q = linear(x, W_q, b_q); k = linear(x, W_k, b_k); v = linear(x, W_v, b_v)
+      →  y = linear(x, [W_q; W_k; W_v], [b_q; b_k; b_v]);  q, k, v = split(y, [out_q, out_k, out_v])
+
+Groups are the linear nodes (not GPT-2's addmm, whose c_attn is already fused) with one
+input node, weight dtype and device, and bias presence, whose weight (and bias) no other
+node reads: q, k, v and gate, up in Llama-like models, query, key, value in BERT. After
+`fuse_siblings` the A GEMM of unmerged LoRA updates reading the same input joins the
+group, so `x·[W_q; W_k; W_v; A]ᵀ` is one GEMM. The pieces are views of y (the consumers
+reshape them as before).
+
+It is off by default: it trades the guarantee that a merged LoRA-only graph has exactly the
+base model's operations for fewer, wider GEMMs, and the concatenated weights are new
+tensors (the user's model keeps its own). `gm.meta["adaptc.concatenated"]` maps each former
+tensor name to (fused name, first row, end row), which is how the hf/ export splits them.
+"""
+from __future__ import annotations
+
+import operator
+import os
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from adaptc.graph_attrs import bind
+from adaptc.passes.base import CompileContext, PassResult
+from adaptc.passes.graph import aten, drop_attr
+
+CONCATENATED = "adaptc.concatenated"  # gm.meta key: {old name: (fused name, start, end)}
+
+
+class FuseProjections:
+    name = "fuse_projections"
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        protected = frozenset(id(m) for m in ctx.model.module.modules())
+        groups = projection_groups(gm)
+        for group in groups:
+            fuse_group(gm, group, protected)
+        counts = {"projections_fused": sum(len(group) for group in groups),
+                  "projection_groups": len(groups)}
+        return PassResult(gm, bool(groups), counts)
+
+
+def operands(node: Node) -> list[Node]:
+    """The get_attr nodes of a linear node's weight and bias (when it has one)."""
+    return [arg for arg in node.args[1:3] if arg is not None]
+
+
+def projection_groups(gm: GraphModule) -> list[list[Node]]:
+    """Linear nodes sharing input, dtype, device and bias presence, in graph order."""
+    groups: dict[tuple, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != aten.linear.default:
+            continue
+        reads = operands(node)
+        if any(arg.op != "get_attr" or len(arg.users) != 1 for arg in reads):
+            continue
+        weight = tensor(gm, reads[0].target)
+        key = (node.args[0], weight.dtype, weight.device, len(reads))
+        groups.setdefault(key, []).append(node)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def tensor(gm: GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def fuse_group(gm: GraphModule, group: list[Node], protected: frozenset[int]) -> None:
+    """Replace the group by one linear over concatenated operands and a split of its output."""
+    graph = gm.graph
+    weights = [operands(node)[0].target for node in group]
+    common = os.path.commonprefix([target.split(".")[:-1] for target in weights])
+    joined = "_".join(target.split(".")[len(common)] for target in weights)
+    base = ".".join([*common, joined])  # model.layers.0.self_attn.q_proj_k_proj_v_proj
+    sizes = [tensor(gm, target).shape[0] for target in weights]
+    fused_reads = []
+    with graph.inserting_before(group[0]):
+        for position in range(len(operands(group[0]))):
+            olds = [operands(node)[position] for node in group]
+            target = f"{base}_{('weight', 'bias')[position]}"
+            concatenate(gm, [old.target for old in olds], target, protected)
+            fused_reads.append(graph.get_attr(target))
+        fused = graph.call_function(aten.linear.default, (group[0].args[0], *fused_reads))
+        split = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
+    for node, piece in zip(group, pieces):
+        piece.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+        node.replace_all_uses_with(piece)
+        reads = operands(node)
+        graph.erase_node(node)
+        for read in reads:
+            drop_attr(gm, read)
+
+
+def concatenate(gm: GraphModule, olds: list[str], target: str, protected: frozenset[int]) -> None:
+    """Bind cat(olds) (along rows) at `target`; record where each old tensor's rows went."""
+    parts = [tensor(gm, old).detach() for old in olds]
+    with torch.no_grad():
+        bind(gm, target, nn.Parameter(torch.cat(parts), requires_grad=False), protected)
+    record = gm.meta.setdefault(CONCATENATED, {})
+    start = 0
+    for old, part in zip(olds, parts):
+        record[old] = (target, start, start + part.shape[0])
+        start += part.shape[0]
