@@ -35,8 +35,8 @@ python3 -c "import torch, triton, transformers, peft, lark, safetensors; print('
 torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
 'peft', peft.__version__)" | tee -a "$out/device.txt" || exit 1
 step test_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step kernels 120 python3 benchmarks/kernels.py --dtype bfloat16 --hidden 2048 --rank 8
-step infer_eager 170 python3 benchmarks/infer_speed.py --rounds 3 --write
-step infer_compile 120 python3 benchmarks/infer_speed.py --compile --rounds 3 --write \
+step kernels 90 python3 benchmarks/kernels.py --dtype bfloat16 --hidden 2048 --rank 8
+step infer_eager 220 python3 benchmarks/infer_speed.py --rounds 3 --write
+step infer_compile 100 python3 benchmarks/infer_speed.py --compile --rounds 3 --write \
   --shapes 8x512 --providers adaptc "adaptc fused" peft
 cp benchmarks/RESULTS.md "$out/RESULTS.md"

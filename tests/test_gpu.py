@@ -70,10 +70,11 @@ def test_mixture_kernels_on_cuda(dtype, tokens, top_k):
     torch.testing.assert_close(out, mixture_lora_reference(*args), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("merge", [True, False])
-def test_infer_graph_on_cuda_equals_train(tiny, tmp_path, merge):
+@pytest.mark.parametrize("merge,fuse", [(True, False), (False, False), (True, True)])
+def test_infer_graph_on_cuda_equals_train(tiny, tmp_path, merge, fuse):
     """The card spec (LoRA, bottleneck, mixture) on a CUDA model: kernels in the graph,
-    eager and under torch.compile, equal the train-mode graph."""
+    eager and under torch.compile, merged or not, projections fused or not, equal the
+    train-mode graph."""
     model = tiny("llama")
     model.module.cuda()
     model.example_inputs = {k: v.cuda() for k, v in model.example_inputs.items()}
@@ -83,7 +84,8 @@ def test_infer_graph_on_cuda_equals_train(tiny, tmp_path, merge):
         for p in adaptc.adapter_state_dict(train).values():
             p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.1)
     weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
-    infer = adaptc.compile(model, CARD, "infer", adapters=weights, merge=merge)
+    infer = adaptc.compile(model, CARD, "infer", adapters=weights, merge=merge,
+                           fuse_projections=fuse)
     x = {k: v.cuda() for k, v in inputs().items()}
     with torch.no_grad():
         expected = main_output(train.eval()(**x))
