@@ -152,16 +152,21 @@ def train_reference(ctx, adapters: str | None, scratch: Path):
 
 
 def fusion_line(counts: dict[str, int]) -> str:
-    """What the infer passes did: folded into base weights, fused into ops, kept eager."""
+    """What the infer passes did: folded into base weights, fused into ops, lowered or
+    concatenated (when they did), kept eager."""
     def listed(suffix: str) -> str:
         found = [f"{v} {k.removesuffix(suffix)}" for k, v in counts.items()
                  if k.endswith(suffix) and v]
         return ", ".join(found) or "none"
-    return (f"merged into base weights: {listed('_merged')}; fused ops: {listed('_fused')}; "
-            f"unmerged LoRA as linear ops: {counts.get('lora_lowered', 0)} "
-            f"({counts.get('lora_sibling_groups', 0)} sibling groups with one A GEMM); "
-            f"kept eager: {counts.get('kept_eager', 0)}; prompts folded: "
-            f"{counts.get('prompts_folded', 0)}")
+    parts = [f"merged into base weights: {listed('_merged')}", f"fused ops: {listed('_fused')}"]
+    if counts.get("lora_lowered"):
+        parts.append(f"unmerged LoRA as linear ops: {counts['lora_lowered']} "
+                     f"({counts['lora_sibling_groups']} sibling groups with one A GEMM)")
+    if counts.get("projection_groups"):
+        parts.append(f"concatenated projections: {counts['projections_concatenated']} linear "
+                     f"layers in {counts['projection_groups']} GEMMs")
+    return "; ".join([*parts, f"kept eager: {counts.get('kept_eager', 0)}",
+                      f"prompts folded: {counts.get('prompts_folded', 0)}"])
 
 
 def write_train(args, ctx, gm) -> None:

@@ -33,7 +33,7 @@ def test_fused_projections_equal_train(tiny, tmp_path, family, merge):
     assert max_diff(infer(**x), train(**x)) <= TOL
     counts = adaptc.report_of(infer).counts
     fused, groups = (2 * n for n in GROUPS[merge][family])  # two layers
-    assert (counts["projections_fused"], counts["projection_groups"]) == (fused, groups)
+    assert (counts["projections_concatenated"], counts["projection_groups"]) == (fused, groups)
     unfused = adaptc.compile(model, SPEC, "infer", adapters=tmp_path / "a.safetensors",
                              merge=merge)
     assert linear_count(infer) == linear_count(unfused) - fused + groups

@@ -40,7 +40,7 @@ class FuseProjections:
         groups = projection_groups(gm)
         for group in groups:
             fuse_group(gm, group, protected)
-        counts = {"projections_fused": sum(len(group) for group in groups),
+        counts = {"projections_concatenated": sum(len(group) for group in groups),
                   "projection_groups": len(groups)}
         return PassResult(gm, bool(groups), counts)
 
