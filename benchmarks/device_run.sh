@@ -7,7 +7,7 @@
 # not lark): echo /.whl/ >> .git/info/exclude, then
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform any -d .whl \
-#     lark interegular pytest iniconfig pluggy
+#     lark interegular pytest iniconfig pluggy pygments
 # Logs and the updated RESULTS.md come back under $OUT; copy the new RESULTS.md sections
 # into benchmarks/RESULTS.md here. Each step has its own time limit so a slow one leaves
 # the others' output intact.
