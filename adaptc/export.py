@@ -30,10 +30,8 @@ from adaptc.compiler import REPORT, as_model
 from adaptc.errors import ArtifactError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import dynamic_shapes
-from adaptc.methods.train import TrainedParameters
-from adaptc.passes.base import INSERTED
+from adaptc.passes.base import INSERTED, MERGED
 from adaptc.passes.fuse_projections import CONCATENATED
-from adaptc.passes.merge_weights import MERGED
 
 FORMAT = 1
 PROGRAM, HF_DIR, REPORT_FILE = "program.pt2", "hf", "report.json"
@@ -124,15 +122,9 @@ def hf_blocker(gm: GraphModule, model: LoadedModel) -> str | None:
 
 def write_hf(gm: GraphModule, model: LoadedModel, folder: Path) -> None:
     """A copy of the user's model holding what the infer graph reads instead of its
-    parameters: trained copies (`train` statements), then merged weights, which may have
-    folded a trained copy in; saved by save_pretrained."""
+    parameters (merged weights, trained copies: `gm.meta[MERGED]`); saved by save_pretrained."""
     merged_model = copy.deepcopy(model.module)
     with torch.no_grad():
-        for owner, module in gm.named_modules():
-            if isinstance(module, TrainedParameters):
-                layer = owner.removesuffix("trained").rstrip(".")
-                for name, tensor in module.named_parameters():
-                    merged_model.get_parameter(f"{layer}.{name}" if layer else name).copy_(tensor)
         for base, target in gm.meta.get(MERGED, {}).items():
             merged_model.get_parameter(base).copy_(graph_tensor(gm, target))
     merged_model.save_pretrained(folder, safe_serialization=True)

@@ -39,11 +39,14 @@ def test_fused_projections_equal_train(tiny, tmp_path, family, merge):
     assert linear_count(infer) == linear_count(unfused) - fused + groups
 
 
-def test_hf_export_splits_the_fused_rows(tiny, tmp_path):
+@pytest.mark.parametrize("family,spec", [("llama", "q_proj,v_proj,up_proj: lora r=4"),
+                                         ("qwen2", "*.bias: train\nq_proj: lora r=4")])
+def test_hf_export_splits_the_fused_rows(tiny, tmp_path, family, spec):
+    """Merged weights and trained biases (Qwen2's q, k, v have biases) concatenated into one
+    GEMM go back to the checkpoint under their own names."""
     from transformers import AutoModelForCausalLM
 
-    model = tiny("llama")
-    spec = "q_proj,v_proj,up_proj: lora r=4"
+    model = tiny(family)
     train = trained(model, spec, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors",
                            fuse_projections=True)

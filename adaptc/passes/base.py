@@ -20,6 +20,8 @@ from adaptc.spec.ir import Plan
 SITE = "adaptc.site"          # on a linear node: the Site it implements
 METHODS = "adaptc.methods"    # on a linear node: {method: Assignment} to insert there
 INSERTED = "adaptc.inserted"  # on nodes a pass added: the method name
+# gm.meta key: {base parameter name: name of the graph tensor that now stands in for it}
+MERGED = "adaptc.merged"
 
 
 @dataclass
@@ -49,6 +51,12 @@ class Pass(Protocol):
     name: str
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult: ...
+
+
+def record_merge(gm: GraphModule, layer: str, operand: str, target: str) -> None:
+    """Note that the base parameter `<layer>.<operand>` is now read as `target` (a merged
+    weight, a trained copy): the hf/ export writes `target` under the base name."""
+    gm.meta.setdefault(MERGED, {})[f"{layer}.{operand}" if layer else operand] = target
 
 
 def report(site, method: str, assignment, adapter) -> dict:

@@ -17,9 +17,9 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from adaptc.graph_attrs import bind
-from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.base import INSERTED, CompileContext, PassResult, record_merge
 from adaptc.passes.graph import linear_bias, linear_weight, weight_transposed
-from adaptc.passes.merge_weights import base_weight, record_merge
+from adaptc.passes.merge_weights import base_weight
 
 SCALING = ("dora", "ia3")
 

@@ -9,9 +9,9 @@ new parameter of the graph module: the base weights are the user's tensors (torc
 shares them), so they are never written. W' takes W₀'s name when W₀ feeds only this linear
 node, which keeps the module's state dict in the base model's names; a weight read elsewhere
 too (tied embeddings) gets a new name beside it. `gm.meta["adaptc.merged"]` maps each base
-parameter name (`<layer>.weight`, `<layer>.bias`) to the graph module's name for the tensor
-that now stands in for it (`record_merge`; merge_scaling writes it too), which is how the
-hf/ export finds the merged weights.
+parameter name (`<layer>.weight`) to the graph module's name for the tensor that now stands
+in for it (`base.record_merge`; merge_scaling and train_parameters write it too), which is
+how the hf/ export finds them.
 """
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ from torch.fx import GraphModule, Node
 
 from adaptc.graph_attrs import bind
 from adaptc.methods.quantize import Nf4Weight
-from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.base import INSERTED, CompileContext, PassResult, record_merge
 from adaptc.passes.graph import LINEAR_OPS, aten
 
-MERGED = "adaptc.merged"  # gm.meta key: {base parameter name: merged parameter name}
 ADDITIVE = ("lora", "vera", "adalora")  # y = W₀x + b + ΔW·x: ΔW folds into W₀
 
 
@@ -44,10 +43,6 @@ class MergeWeights:
         return PassResult(gm, any(counts.values()), counts)
 
 
-def record_merge(gm: GraphModule, layer: str, operand: str, target: str) -> None:
-    """Note that the base parameter `<layer>.<operand>` is now read as `target`."""
-    gm.meta.setdefault(MERGED, {})[f"{layer}.{operand}"] = target
-
 
 def additive_calls(gm: GraphModule) -> list[Node]:
     """The call_module nodes of updates the insertion splice added to a linear output and
@@ -59,7 +54,7 @@ def additive_calls(gm: GraphModule) -> list[Node]:
 
 
 def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> None:
-    """Replace `linear + update(x)` by `linear` on a merged weight, recorded under MERGED.
+    """Replace `linear + update(x)` by `linear` on a merged weight (recorded: record_merge).
 
     `users`: ids of the user's modules, which must never receive the merged weight;
     `tied`: ids of parameters registered under more than one name."""

@@ -3,7 +3,8 @@
     get_attr model.norm.weight  →  get_attr model.norm.trained.weight   (a trainable copy)
 
 Graph reads are found by tensor identity, not by name (export may read a tied weight under
-the other name: GPT-2's wte through `lm_head.weight`), and every read is redirected. Runs
+the other name: GPT-2's wte through `lm_head.weight`), and every read is redirected; the
+copy is recorded as the parameter's stand-in (`base.record_merge`) for the hf/ export. Runs
 after the insertion passes, so a selected weight that an adapter also reads (DoRA's
 direction) is the trained one everywhere. A selected parameter the graph does not read (one
 PiSSA replaced by its residual) is an error naming it.
@@ -14,7 +15,7 @@ from torch.fx import GraphModule, Node
 
 from adaptc.errors import ModelError
 from adaptc.methods.train import TrainedParameters
-from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.base import INSERTED, CompileContext, PassResult, record_merge
 from adaptc.passes.graph import drop_attr
 
 
@@ -50,6 +51,7 @@ class TrainParameters:
                 new = gm.graph.get_attr(f"{target}.{name}")
             new.meta = {k: v for k, v in old_nodes[0].meta.items() if k in ("val", "tensor_meta")}
             new.meta[INSERTED] = "train"
+            record_merge(gm, owner, name, f"{target}.{name}")
             for old in old_nodes:
                 old.replace_all_uses_with(new)
                 drop_attr(gm, old)
