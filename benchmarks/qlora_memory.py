@@ -1,6 +1,7 @@
 """Memory of the frozen base weights with `quantize` (NF4 + double quantisation) against the
-same weights in float32 and bfloat16, for the QLoRA spec on Llama shapes, plus the output
-drift it causes on the tiny seeded preset.
+same weights in float32 and bfloat16, for the QLoRA spec on Llama shapes, the tensors of
+its inference module merged (a dense copy) and unmerged (`merge=False`: the NF4 base stays),
+plus the output drift it causes on the tiny seeded preset.
 
     python benchmarks/qlora_memory.py [--write]
 
@@ -29,6 +30,29 @@ def row(preset: str) -> dict:
     return {"model": preset, "weights": numel, "fp32": 4 * numel, "bf16": 2 * numel,
             "nf4": counts["weight_bytes_after"],
             "bits": 8 * counts["weight_bytes_after"] / numel}
+
+
+def infer_row(preset: str) -> dict:
+    """GiB of every tensor of the infer module on the bfloat16 model, merged and unmerged."""
+    import adaptc
+    from adaptc.frontend.models import build_preset
+
+    model = build_preset(preset)
+    model.module.to(torch.bfloat16)
+    sizes = {}
+    for merge in (True, False):
+        gm = adaptc.compile(model, SPEC, "infer", merge=merge)
+        sizes[merge] = sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
+    return {"model": preset, "merged": sizes[True], "unmerged": sizes[False]}
+
+
+def infer_table(rows: list[dict]) -> str:
+    gib = 1024 ** 3
+    lines = ["| model | infer module, merged GiB | infer module, `merge=False` GiB | ratio |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['merged'] / gib:.2f} | {r['unmerged'] / gib:.2f} | "
+              f"{r['unmerged'] / r['merged']:.2f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def drift() -> float:
@@ -60,7 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    text = (table([row(m) for m in MODELS]) +
+    text = (table([row(m) for m in MODELS]) + "\n\nInference module (every parameter and "
+            "buffer, bfloat16 model, LoRA weights included):\n\n" +
+            infer_table([infer_row(m) for m in MODELS]) +
             f"\n\nTiny seeded Llama (4 layers, hidden 128): NF4 storage of every projection "
             f"changes the logits by {drift():.1%} (relative L2) before any training.")
     print(text)
