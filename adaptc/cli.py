@@ -85,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-cache-len", type=int, default=128)
     gen.add_argument("--no-merge", dest="merge", action="store_false",
                      help="keep weight-space updates beside the base weights")
+    gen.add_argument("--fuse-projections", action="store_true",
+                     help="one GEMM for linear layers that read the same input")
     gen.set_defaults(run=run_generate)
 
     passes = sub.add_parser("passes", help="print the pass pipeline in order")
@@ -215,7 +217,8 @@ def run_generate(args) -> int:
     except ValueError:
         raise AdaptcError(f"--prompt takes token ids separated by spaces, got {args.prompt!r}") from None
     decoder = compile_decoder(args.model, Path(args.spec), adapters=args.adapters,
-                              max_cache_len=args.max_cache_len, merge=args.merge)
+                              max_cache_len=args.max_cache_len, merge=args.merge,
+                              fuse_projections=args.fuse_projections)
     print(" ".join(map(str, decoder.generate(prompt, args.max_new_tokens))))
     return 0
 
