@@ -5,11 +5,11 @@ that read the same input become one GEMM over their concatenated weights.
       →  y = linear(x, [W_q; W_k; W_v], [b_q; b_k; b_v]);  q, k, v = split(y, [out_q, out_k, out_v])
 
 Groups are the linear nodes (not GPT-2's addmm, whose c_attn is already fused) with one
-input node, weight dtype and device, and bias presence, whose weight (and bias) no other
-node reads: q, k, v and gate, up in Llama-like models, query, key, value in BERT. After
-`fuse_siblings` the A GEMM of unmerged LoRA updates reading the same input joins the
-group, so `x·[W_q; W_k; W_v; A]ᵀ` is one GEMM. The pieces are views of y (the consumers
-reshape them as before).
+input node, weight dtype and device, whose weight (and bias) no other node reads: q, k, v
+and gate, up in Llama-like models, query, key, value in BERT. After `fuse_siblings` the A
+GEMM of unmerged LoRA updates reading the same input joins the group, so
+`x·[W_q; W_k; W_v; A]ᵀ` is one GEMM. When some members have a bias, the others contribute
+zeros to the fused bias. The pieces are views of y (the consumers reshape them as before).
 
 It is off by default: it trades the guarantee that a merged LoRA-only graph has exactly the
 base model's operations for fewer, wider GEMMs, and the concatenated weights are new
@@ -45,23 +45,22 @@ class FuseProjections:
         return PassResult(gm, bool(groups), counts)
 
 
-def operands(node: Node) -> list[Node]:
-    """The get_attr nodes of a linear node's weight and bias (when it has one)."""
-    return [arg for arg in node.args[1:3] if arg is not None]
+def operands(node: Node) -> tuple[Node, Node | None]:
+    """The get_attr nodes of a linear node's weight and bias (None without one)."""
+    return node.args[1], node.args[2] if len(node.args) > 2 else None
 
 
 def projection_groups(gm: GraphModule) -> list[list[Node]]:
-    """Linear nodes sharing input, dtype, device and bias presence, in graph order."""
+    """Linear nodes sharing input, dtype and device, in graph order."""
     groups: dict[tuple, list[Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != aten.linear.default:
             continue
-        reads = operands(node)
+        reads = [arg for arg in operands(node) if arg is not None]
         if any(arg.op != "get_attr" or len(arg.users) != 1 for arg in reads):
             continue
         weight = tensor(gm, reads[0].target)
-        key = (node.args[0], weight.dtype, weight.device, len(reads))
-        groups.setdefault(key, []).append(node)
+        groups.setdefault((node.args[0], weight.dtype, weight.device), []).append(node)
     return [group for group in groups.values() if len(group) > 1]
 
 
@@ -74,36 +73,40 @@ def fuse_group(gm: GraphModule, group: list[Node], protected: frozenset[int]) ->
     """Replace the group by one linear over concatenated operands and a split of its output."""
     graph = gm.graph
     weights = [operands(node)[0].target for node in group]
+    biases = [None if b is None else b.target for b in (operands(node)[1] for node in group)]
     common = os.path.commonprefix([target.split(".")[:-1] for target in weights])
     joined = "_".join(target.split(".")[len(common)] for target in weights)
     base = ".".join([*common, joined])  # model.layers.0.self_attn.q_proj_k_proj_v_proj
     sizes = [tensor(gm, target).shape[0] for target in weights]
-    fused_reads = []
     with graph.inserting_before(group[0]):
-        for position in range(len(operands(group[0]))):
-            olds = [operands(node)[position] for node in group]
-            target = f"{base}_{('weight', 'bias')[position]}"
-            concatenate(gm, [old.target for old in olds], target, protected)
-            fused_reads.append(graph.get_attr(target))
-        fused = graph.call_function(aten.linear.default, (group[0].args[0], *fused_reads))
+        reads = [graph.get_attr(concatenate(gm, weights, sizes, f"{base}_weight", protected))]
+        if any(biases):
+            reads.append(graph.get_attr(concatenate(gm, biases, sizes, f"{base}_bias", protected)))
+        fused = graph.call_function(aten.linear.default, (group[0].args[0], *reads))
         split = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
         pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
     for node, piece in zip(group, pieces):
         piece.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
         node.replace_all_uses_with(piece)
-        reads = operands(node)
+        reads = [arg for arg in operands(node) if arg is not None]
         graph.erase_node(node)
         for read in reads:
             drop_attr(gm, read)
 
 
-def concatenate(gm: GraphModule, olds: list[str], target: str, protected: frozenset[int]) -> None:
-    """Bind cat(olds) (along rows) at `target`; record where each old tensor's rows went."""
-    parts = [tensor(gm, old).detach() for old in olds]
+def concatenate(gm: GraphModule, olds: list[str | None], sizes: list[int], target: str,
+                protected: frozenset[int]) -> str:
+    """Bind the rows of `olds` one after another at `target` (zeros for a missing bias);
+    record where each old tensor's rows went; return `target`."""
+    like = tensor(gm, next(old for old in olds if old is not None))
+    parts = [like.new_zeros(size) if old is None else tensor(gm, old).detach()
+             for old, size in zip(olds, sizes)]
     with torch.no_grad():
         bind(gm, target, nn.Parameter(torch.cat(parts), requires_grad=False), protected)
     record = gm.meta.setdefault(CONCATENATED, {})
     start = 0
-    for old, part in zip(olds, parts):
-        record[old] = (target, start, start + part.shape[0])
-        start += part.shape[0]
+    for old, size in zip(olds, sizes):
+        if old is not None:
+            record[old] = (target, start, start + size)
+        start += size
+    return target
