@@ -5,7 +5,8 @@ that read the same input become one GEMM over their concatenated weights.
       →  y = linear(x, [W_q; W_k; W_v], [b_q; b_k; b_v]);  q, k, v = split(y, [out_q, out_k, out_v])
 
 Groups are the linear nodes (not GPT-2's addmm, whose c_attn is already fused) with one
-input node, weight dtype and device, whose weight (and bias) no other node reads: q, k, v
+input node, weight dtype and device, whose weight (and bias) no other node reads, under
+any name (a tied embedding stays where it is): q, k, v
 and gate, up in Llama-like models, query, key, value in BERT. After `fuse_siblings` the A
 GEMM of unmerged LoRA updates reading the same input joins the group, so
 `x·[W_q; W_k; W_v; A]ᵀ` is one GEMM. When some members have a bias, the others contribute
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import operator
 import os
+from collections import Counter
 
 import torch
 from torch import nn
@@ -52,12 +54,14 @@ def operands(node: Node) -> tuple[Node, Node | None]:
 
 def projection_groups(gm: GraphModule) -> list[list[Node]]:
     """Linear nodes sharing input, dtype and device, in graph order."""
+    readers = Counter(id(tensor(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr")
     groups: dict[tuple, list[Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != aten.linear.default:
             continue
         reads = [arg for arg in operands(node) if arg is not None]
-        if any(arg.op != "get_attr" or len(arg.users) != 1 for arg in reads):
+        if any(arg.op != "get_attr" or len(arg.users) != 1
+               or readers[id(tensor(gm, arg.target))] != 1 for arg in reads):
             continue
         weight = tensor(gm, reads[0].target)
         groups.setdefault((node.args[0], weight.dtype, weight.device), []).append(node)
