@@ -6,8 +6,9 @@ the same exported static-cache path.
     python benchmarks/decode.py [--model llama] [--tokens 64] [--rounds 3] [--write]
 
 Variants: base (LoRA r=8 on q,v with B=0, merged: the base model's operations), LoRA merged
-(random adapters), bottleneck adapters fused, mixture fused. On a CPU without
-TRITON_INTERPRET the fused ops run their PyTorch reference; on CUDA, Triton kernels.
+(random adapters), LoRA unmerged (`merge=False`) with and without `fuse_projections`,
+bottleneck adapters fused, mixture fused. On a CPU without TRITON_INTERPRET the fused ops
+run their PyTorch reference; on CUDA, Triton kernels.
 """
 from __future__ import annotations
 
@@ -21,11 +22,15 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {
-    "base (merged zero LoRA)": ("q_proj,v_proj: lora r=8", False),
-    "LoRA q,v r8 merged": ("q_proj,v_proj: lora r=8", True),
-    "bottleneck 64 on attn.o, ffn (fused)": ("attn.o,ffn: adapter bottleneck=64", True),
-    "mixture 8 experts top-2 r8 on q,v (fused)": ("q_proj,v_proj: lora r=8; mixture moe k=2 experts=8", True),
+QV = "q_proj,v_proj: lora r=8"
+VARIANTS = {  # name: (spec, random adapters, compile_decoder options)
+    "base (merged zero LoRA)": (QV, False, {}),
+    "LoRA q,v r8 merged": (QV, True, {}),
+    "LoRA q,v r8 unmerged": (QV, True, {"merge": False}),
+    "LoRA q,v r8 unmerged, fused projections": (QV, True, {"merge": False,
+                                                           "fuse_projections": True}),
+    "bottleneck 64 on attn.o, ffn (fused)": ("attn.o,ffn: adapter bottleneck=64", True, {}),
+    "mixture 8 experts top-2 r8 on q,v (fused)": (f"{QV}; mixture moe k=2 experts=8", True, {}),
 }
 
 
@@ -36,7 +41,7 @@ def decoders(model_name: str, cache: int) -> dict:
 
     model = load_model(model_name)
     built = {}
-    for name, (spec, random) in VARIANTS.items():
+    for name, (spec, random, options) in VARIANTS.items():
         trained = adaptc.compile(model, spec)
         if random:
             with torch.no_grad():
@@ -44,7 +49,8 @@ def decoders(model_name: str, cache: int) -> dict:
                     p.normal_(0, 0.02)
         path = Path(tempfile.mkdtemp()) / "a.safetensors"
         adaptc.save_adapters(trained, path)
-        built[name] = compile_decoder(model, spec, adapters=path, max_cache_len=cache)
+        built[name] = compile_decoder(model, spec, adapters=path, max_cache_len=cache,
+                                      **options)
     return built
 
 
