@@ -5,12 +5,12 @@ that read the same input become one GEMM over their concatenated weights.
       →  y = linear(x, [W_q; W_k; W_v], [b_q; b_k; b_v]);  q, k, v = split(y, [out_q, out_k, out_v])
 
 Groups are the linear nodes (not GPT-2's addmm, whose c_attn is already fused) with one
-input node, weight dtype and device, whose weight (and bias) no other node reads, under
-any name (a tied embedding stays where it is): q, k, v
-and gate, up in Llama-like models, query, key, value in BERT. After `fuse_siblings` the A
-GEMM of unmerged LoRA updates reading the same input joins the group, so
-`x·[W_q; W_k; W_v; A]ᵀ` is one GEMM. When some members have a bias, the others contribute
-zeros to the fused bias. The pieces are views of y (the consumers reshape them as before).
+input node, weight dtype and device, whose weight (and bias) no other node reads under any
+name (a tied embedding stays where it is): q, k, v and gate, up in Llama-like models,
+query, key, value in BERT. After `fuse_siblings` the A GEMM of unmerged LoRA updates
+reading the same input joins the group, so `x·[W_q; W_k; W_v; A]ᵀ` is one GEMM. When some
+members have a bias, the others contribute zeros to the fused bias. The pieces are views
+of y (the consumers reshape them as before).
 
 It is off by default: it trades the guarantee that a merged LoRA-only graph has exactly the
 base model's operations for fewer, wider GEMMs, and the concatenated weights are new
