@@ -31,7 +31,7 @@ from adaptc.errors import ArtifactError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import dynamic_shapes
 from adaptc.passes.base import INSERTED, MERGED
-from adaptc.passes.fuse_projections import CONCATENATED
+from adaptc.passes.fuse_projections import graph_tensor
 
 FORMAT = 1
 PROGRAM, HF_DIR, REPORT_FILE = "program.pt2", "hf", "report.json"
@@ -132,15 +132,6 @@ def write_hf(gm: GraphModule, model: LoadedModel, folder: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
-
-
-def graph_tensor(gm: GraphModule, name: str) -> torch.Tensor:
-    """The graph module's tensor `name`, or its rows of the tensor fuse_projections
-    concatenated it into."""
-    if name in gm.meta.get(CONCATENATED, {}):
-        fused, start, end = gm.meta[CONCATENATED][name]
-        return gm.get_parameter(fused)[start:end]
-    return gm.get_parameter(name)
 
 
 # --------------------------------------------------------------------------- report.json

@@ -39,6 +39,10 @@ class CompileContext:
     fuse_projections: bool = False  # infer mode: one GEMM for linears sharing an input
     adapter_prefix: str = ""  # module path of the adapted model inside the traced one
 
+    def user_modules(self) -> frozenset[int]:
+        """Ids of the user's modules: passes never bind tensors into them (`bind`)."""
+        return frozenset(id(m) for m in self.model.module.modules())
+
 
 @dataclass
 class PassResult:

@@ -38,7 +38,7 @@ class FuseProjections:
     name = "fuse_projections"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        protected = frozenset(id(m) for m in ctx.model.module.modules())
+        protected = ctx.user_modules()
         groups = projection_groups(gm)
         for group in groups:
             fuse_group(gm, group, protected)
@@ -114,3 +114,12 @@ def concatenate(gm: GraphModule, olds: list[str | None], sizes: list[int], targe
             record[old] = (target, start, start + size)
         start += size
     return target
+
+
+def graph_tensor(gm: GraphModule, name: str) -> torch.Tensor:
+    """The graph module's tensor `name`, or its rows of the tensor this pass concatenated
+    it into (CONCATENATED)."""
+    if name in gm.meta.get(CONCATENATED, {}):
+        fused, start, end = gm.meta[CONCATENATED][name]
+        return gm.get_parameter(fused)[start:end]
+    return gm.get_parameter(name)

@@ -34,7 +34,7 @@ class FuseSiblings:
     name = "fuse_siblings"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        protected = frozenset(id(m) for m in ctx.model.module.modules())
+        protected = ctx.user_modules()
         groups = sibling_groups(gm)
         taken: set[str] = set()
         for calls in groups:

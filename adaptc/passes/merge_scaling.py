@@ -28,7 +28,7 @@ class MergeScaling:
     name = "merge_scaling"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        protected = frozenset(id(m) for m in ctx.model.module.modules())
+        protected = ctx.user_modules()
         counts = {f"{method}_merged": 0 for method in SCALING}
         for call in [n for n in gm.graph.nodes if n.op == "call_module"
                      and n.meta.get(INSERTED) in SCALING]:

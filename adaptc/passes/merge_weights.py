@@ -33,7 +33,7 @@ class MergeWeights:
     name = "merge_weights"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        users = {id(m) for m in ctx.model.module.modules()}
+        users = ctx.user_modules()
         names = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
         tied = {key for key, n in names.items() if n > 1}
         counts = {f"{method}_merged": 0 for method in ADDITIVE}
@@ -53,7 +53,7 @@ def additive_calls(gm: GraphModule) -> list[Node]:
             and getattr(gm.get_submodule(n.target), "gate", None) is None]
 
 
-def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> None:
+def merge_site(gm: GraphModule, call: Node, users: frozenset[int], tied: set[int]) -> None:
     """Replace `linear + update(x)` by `linear` on a merged weight (recorded: record_merge).
 
     `users`: ids of the user's modules, which must never receive the merged weight;
@@ -67,7 +67,7 @@ def merge_site(gm: GraphModule, call: Node, users: set[int], tied: set[int]) -> 
     adapter = gm.get_submodule(call.target)
     target = merged_name(gm, weight, call.target, tied)
     bind(gm, target, merged_weight(base_weight(gm, weight, call), adapter, linear.target),
-         frozenset(users))
+         users)
     if target != weight.target:
         with gm.graph.inserting_before(linear):
             fresh = gm.graph.get_attr(target)
