@@ -3,8 +3,8 @@ benchmark's launches, through triton's compiler and ptxas (adaptc.backends.trito
 
 The interpreter tests (tests/backends) check what the kernels compute; these check what only
 the compiler sees. Half-precision kernels on the GPUs inference runs on (A100 sm_80, H100/H200
-sm_90) must compile with no register spills and within the block's shared-memory limit;
-float32 ones (tl.dot on FMA units, not tensor cores) must compile and fit, and may spill in
+sm_90) must compile onto the tensor cores, with no register spills and within the block's
+shared-memory limit; float32 ones (tl.dot on FMA units, not tensor cores) must compile and fit, and may spill in
 their largest tiles, which the autotuner then times and passes over.
 
 Each (dtype, arch) compiles in its own subprocess, since the kernels cannot be compiled in a
@@ -57,8 +57,12 @@ def test_every_config_compiles_and_fits(reports, case):
         assert r["error"] is None, f"{r['launch']} [{r['config']}]: {r['error']}"
         assert r["registers"] > 0 and r["shared"] > 0, r  # ptxas's report was read
         assert r["shared"] <= SHARED_LIMIT[case[1]], r
-    if case[0] != "float32":
+    units = {r["dot_unit"] for r in results}
+    if case[0] == "float32":  # torch's default "highest" precision: an IEEE dot, no TF32
+        assert units == {"fma"}
+    else:
         assert [r for r in results if r["problems"]] == []
+        assert units == ({"mma", "wgmma"} if case[1] == 90 else {"mma"})  # tensor cores only
 
 
 OVERSIZED = """

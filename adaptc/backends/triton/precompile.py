@@ -51,9 +51,14 @@ class Launch:
 
 @dataclass(frozen=True)
 class Compiled:
-    """ptxas's report for one launch under one config; `error` set when it did not compile."""
+    """ptxas's report for one launch under one config; `error` set when it did not compile.
+
+    `dot_unit` is what the PTX multiplies `tl.dot` tiles with: "wgmma" (Hopper's warpgroup
+    tensor-core MMA), "mma" (mma.sync, the tensor cores since Ampere) or "fma" (no tensor cores).
+    """
     launch: str
     config: str
+    dot_unit: str = ""
     registers: int = 0
     spill_stores: int = 0
     spill_loads: int = 0
@@ -144,8 +149,9 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> Compiled
     except (TritonError, RuntimeError) as error:  # frontend, MLIR pass or ptxas failure
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return Compiled(launch.name, label, error=f"{type(error).__name__}: {first}")
-    report = log.getvalue()
-    return Compiled(launch.name, label, registers=_number(r"Used (\d+) registers", report),
+    report, ptx = log.getvalue(), kernel.asm["ptx"]
+    dot_unit = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
+    return Compiled(launch.name, label, dot_unit=dot_unit, registers=_number(r"Used (\d+) registers", report),
                     spill_stores=_number(r"(\d+) bytes spill stores", report),
                     spill_loads=_number(r"(\d+) bytes spill loads", report),
                     shared=kernel.metadata.shared)
@@ -199,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([{**asdict(r), "problems": r.problems(args.arch)} for r in results]))
         return 1 if failed else 0
-    print("| kernel | config | registers | spills (B) | shared (B) | problems |\n"
-          "|---|---|---|---|---|---|")
+    print("| kernel | config | dot | registers | spills (B) | shared (B) | problems |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r.launch} | {r.config} | {r.registers} | {r.spill_stores} | {r.shared} | "
+        print(f"| {r.launch} | {r.config} | {r.dot_unit} | {r.registers} | {r.spill_stores} | "
+              f"{r.shared} | "
               f"{'; '.join(r.problems(args.arch)) or 'none'} |")
     return 1 if failed else 0
 
