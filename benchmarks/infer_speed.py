@@ -24,10 +24,10 @@ import datetime
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import seconds
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 WORKLOADS = {  # name: (spec, merge in infer mode, PEFT targets, rank and merge, or None)
@@ -87,28 +87,12 @@ def base_graph(model):
     return trace(as_model(model, None))
 
 
-def timer(device: str):
-    if device == "cuda":
-        from triton.testing import do_bench
-        return lambda fn: do_bench(fn, warmup=25, rep=100) / 1e3
-    def cpu(fn, repeat: int = 20):
-        """The fastest of `repeat` calls: robust to other processes sharing the cores."""
-        fn()
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-    return cpu
-
-
 @torch.no_grad()
 def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds: int,
             wanted: set[str] | None = None) -> list:
     """Rows (workload, provider, shape, seconds, × base), base timed next to each variant;
     each row is printed as soon as it is measured. `wanted`: the providers to time."""
-    time_it, rows, graph = timer(device), [], base_graph(model)
+    rows, graph = [], base_graph(model)
     with tempfile.TemporaryDirectory() as scratch:
         for name, (spec, merge, peft_cfg) in workloads.items():
             variants = {"base graph": graph,
@@ -123,7 +107,7 @@ def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds:
                 times = {k: [] for k in runs}
                 for _ in range(rounds):  # interleaved: base, then each provider, per round
                     for key, fn in runs.items():
-                        times[key].append(time_it(lambda fn=fn: fn(**x)))
+                        times[key].append(seconds(lambda fn=fn: fn(**x), device == "cuda"))
                 base = statistics.median(times["base"])
                 for key in variants:
                     t = statistics.median(times[key])

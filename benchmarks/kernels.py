@@ -20,12 +20,11 @@ the ceiling. Prints the tables and writes nothing: copy them into benchmarks/RES
 the date, device and versions printed above them.
 """
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 import triton
-import triton.testing
+from timing import seconds
 
 from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
                                                bottleneck_adapter_triton)
@@ -81,23 +80,10 @@ def ceilings(factory: dict, on_gpu: bool) -> tuple[float, float]:
     """Measured (bytes/s of a device copy, flop/s of torch.mm) in the benchmark's dtype."""
     numel, n = (1 << 28, 8192) if on_gpu else (1 << 24, 1024)
     src, dst = torch.empty(numel, **factory), torch.empty(numel, **factory)
-    copy_s = time_ms(lambda: dst.copy_(src), on_gpu) / 1e3
+    copy_s = seconds(lambda: dst.copy_(src), on_gpu)
     a, b = torch.randn(n, n, **factory), torch.randn(n, n, **factory)
-    mm_s = time_ms(lambda: torch.mm(a, b), on_gpu) / 1e3
+    mm_s = seconds(lambda: torch.mm(a, b), on_gpu)
     return 2 * numel * src.element_size() / copy_s, 2 * n**3 / mm_s
-
-
-def time_ms(fn: Callable[[], object], on_gpu: bool, repeat: int = 20) -> float:
-    """Milliseconds per fn() after a warm-up call (which compiles and autotunes)."""
-    if on_gpu:
-        return triton.testing.do_bench(fn, return_mode="median")
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def sweep(name: str, make: Callable, kernels: Callable, reference: Callable,
@@ -108,7 +94,7 @@ def sweep(name: str, make: Callable, kernels: Callable, reference: Callable,
     rows = []
     for tokens in args.tokens:
         inputs = make(tokens, args, **factory)
-        times = [None if fn is None else time_ms(lambda fn=fn: fn(*inputs), on_gpu)
+        times = [None if fn is None else seconds(lambda fn=fn: fn(*inputs), on_gpu) * 1e3
                  for fn in providers.values()]
         rows.append((name, tokens, *times))
     return rows

@@ -1,0 +1,22 @@
+"""One timer for the benchmark scripts (run as `python benchmarks/NAME.py`, so importable).
+
+On CUDA: triton's `do_bench` (warm-up, cache flush between calls, median). On the CPU: the
+fastest of `repeat` calls after a warm-up call, which is robust to other processes sharing
+the cores.
+"""
+import time
+from collections.abc import Callable
+
+
+def seconds(fn: Callable[[], object], on_gpu: bool, repeat: int = 20) -> float:
+    """Seconds per fn() call; the first call (compiles, autotunes) is not timed."""
+    if on_gpu:
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
