@@ -290,3 +290,30 @@ def test_exported_prefix_program_holds_constants_not_the_mlp(tiny, tmp_path):
     assert "adaptc.prefix_0.prefix" in program.state_dict
     x = inputs()
     assert (main_output(program.module()(**x)) - main_output(train(**x))).abs().max() <= TOL
+
+
+DEVICE_CASES = [  # (spec, merge, fuse_projections): every infer-mode rewrite
+    ("q_proj,v_proj: lora r=4 alpha=8", True, False),
+    ("q_proj,k_proj,v_proj,gate_proj,up_proj: lora r=4", False, True),
+    ("q_proj: lora r=4 dora; v_proj: ia3", True, False),
+    ("attn,ffn: adapter bottleneck=8", True, False),
+    ("q_proj,v_proj: lora r=4\nmixture moe k=2 experts=4", True, False),
+    ("attn: prefix tokens=3", True, False),
+    ("embed: prompt tokens=3", True, False),
+]
+
+
+@pytest.mark.parametrize("spec,merge,fuse", DEVICE_CASES)
+def test_infer_graph_stays_on_the_model_device(tiny, spec, merge, fuse):
+    """A model on `meta` (standing in for a GPU: anything but the CPU) compiles to an infer
+    graph whose every parameter, buffer and output is on `meta`: no pass creates a tensor on
+    the CPU, which on CUDA would fail with a device mismatch."""
+    model = tiny("llama")
+    model.module.to("meta")
+    infer = adaptc.compile(model, spec, "infer", merge=merge, fuse_projections=fuse)
+    tensors = dict(infer.named_parameters()) | dict(infer.named_buffers())
+    assert {name for name, t in tensors.items() if t.device.type != "meta"} == set()
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    logits = infer(input_ids=ids, attention_mask=torch.ones_like(ids))
+    logits = logits[0] if isinstance(logits, (tuple, list)) else getattr(logits, "logits", logits)
+    assert logits.device.type == "meta" and tuple(logits.shape) == (2, 5, 512)
