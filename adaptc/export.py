@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
@@ -29,7 +28,7 @@ from adaptc.artifact import atomic_directory, refuse_existing, versions
 from adaptc.compiler import REPORT, as_model
 from adaptc.errors import ArtifactError
 from adaptc.frontend.models import LoadedModel
-from adaptc.frontend.trace import dynamic_shapes
+from adaptc.frontend.trace import dynamic_shapes, export_dynamic
 from adaptc.passes.base import INSERTED, MERGED
 from adaptc.passes.fuse_projections import graph_tensor
 
@@ -67,22 +66,15 @@ def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: 
 
 
 def export_program(gm: GraphModule, model: LoadedModel) -> torch.export.ExportedProgram:
-    """torch.export of the infer graph with the dynamic batch/sequence dims used for tracing.
-
-    Some rewrites (prompt tuning's padded inputs) leave shape guards torch cannot prove
-    over the named ranges; then the dims are exported as `Dim.AUTO`, which keeps them
-    dynamic wherever the graph allows (report.json's check runs other shapes than traced)."""
-    named = dynamic_shapes(model)
-    auto = {k: (None if v is None else dict.fromkeys(v, Dim.AUTO)) for k, v in named.items()}
-    for shapes in (named, auto):
-        try:
-            return torch.export.export(gm, (), dict(model.example_inputs),
-                                       dynamic_shapes=shapes, strict=False)
-        except Exception as err:  # torch.export raises many types; all mean "cannot export"
-            failure = err
-    first = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
-    raise ArtifactError(f"cannot export the infer graph to {PROGRAM} with dynamic batch and "
-                        f"sequence dims: {first}") from failure
+    """torch.export of the infer graph with the dynamic batch/sequence dims used for tracing
+    (as `Dim.AUTO` where torch cannot prove the graph's guards over the named ranges: see
+    `export_dynamic`; report.json's check runs other shapes than traced)."""
+    try:
+        return export_dynamic(gm, model.example_inputs, dynamic_shapes(model))
+    except Exception as err:  # torch.export raises many types; all mean "cannot export"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"cannot export the infer graph to {PROGRAM} with dynamic batch "
+                            f"and sequence dims: {first}") from err
 
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import adaptc
+from adaptc.errors import ModelError
 from adaptc.frontend.blocks import find_stack
 from adaptc.frontend.models import build_preset, wrap
 from adaptc.frontend.trace import trace
@@ -71,3 +72,35 @@ def test_tracing_leaves_the_users_model_as_it_was():
     trace(model, reuse_blocks=False)
     assert model.module.training and all(m.training for m in model.module.modules())
     assert model.module.config.use_cache is True
+
+
+class LengthGuard(nn.Module):
+    """Branches on the sequence length: true for the example (8), not over the named range
+    1..4096, so torch.export refuses the named dim and the trace falls back to Dim.AUTO (as
+    torch 2.11 needs for grouped-query attention). `pin` reshapes to the example's length."""
+
+    def __init__(self, pin: bool = False):
+        super().__init__()
+        self.embed, self.pin = nn.Embedding(16, 4), pin
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        if self.pin:
+            return h.reshape(input_ids.shape[0], 32)
+        return h * 2 if input_ids.shape[1] > 4 else h
+
+
+def test_unprovable_guard_falls_back_to_automatic_dims():
+    model = wrap(LengthGuard(), example_inputs={"input_ids": torch.zeros(2, 8, dtype=torch.long)})
+    gm = trace(model)
+    for batch, seq in [(1, 5), (3, 40)]:  # still dynamic in both dims
+        ids = torch.randint(0, 16, (batch, seq))
+        assert torch.equal(gm(input_ids=ids), model.module(ids))
+
+
+def test_a_dim_that_cannot_stay_dynamic_is_an_error():
+    model = wrap(LengthGuard(pin=True),
+                 example_inputs={"input_ids": torch.zeros(2, 8, dtype=torch.long)})
+    with pytest.raises(ModelError, match="could not keep dim 1 of input 'input_ids' dynamic: "
+                                         "the graph would take size 8 only"):
+        trace(model)

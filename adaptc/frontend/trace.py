@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from adaptc.errors import ModelError
 from adaptc.frontend.blocks import find_stack, replicate, restore_configs, shallow_model
@@ -46,9 +47,8 @@ def export(model: LoadedModel, shapes: dict | None = None) -> GraphModule:
     module = model.module
     try:
         with tracing_state(module):
-            program = torch.export.export(module, (), dict(model.example_inputs),
-                                          dynamic_shapes=shapes or dynamic_shapes(model),
-                                          strict=False)
+            program = export_dynamic(module, model.example_inputs,
+                                     shapes or dynamic_shapes(model))
     except Exception as err:  # torch.export raises many types; all mean "cannot trace"
         raise ModelError(describe_failure(module, err)) from err
     graph_module = program.module()
@@ -56,6 +56,33 @@ def export(model: LoadedModel, shapes: dict | None = None) -> GraphModule:
     for name in ("train", "eval"):
         graph_module.__dict__.pop(name, None)
     return graph_module
+
+
+def export_dynamic(module: nn.Module, inputs: dict,
+                   shapes: dict) -> torch.export.ExportedProgram:
+    """torch.export over the named dynamic dims in `shapes`; failing that, the same dims as
+    `Dim.AUTO`.
+
+    Some graphs carry shape guards that hold for every size but that a torch release cannot
+    prove over a named range (torch 2.11 on the grouped-query `repeat_kv` of transformers'
+    attention: min(32·s, 64·s) == 32·s; prompt tuning's padded inputs); with `Dim.AUTO`
+    export keeps such a dim dynamic as far as the graph allows. A dim it specialises to the
+    example's size instead is an error: the graph would accept only that size.
+    """
+    try:
+        return torch.export.export(module, (), dict(inputs), dynamic_shapes=shapes, strict=False)
+    except Exception:  # retried below; when that fails too, its error is the one reported
+        auto = {k: None if v is None else dict.fromkeys(v, Dim.AUTO) for k, v in shapes.items()}
+        program = torch.export.export(module, (), dict(inputs), dynamic_shapes=auto,
+                                      strict=False)
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name, dims in shapes.items():
+        for dim, spec in (dims or {}).items():
+            size = placeholders[name].meta["val"].shape[dim]
+            if spec is not Dim.AUTO and is_concrete_int(size):
+                raise ValueError(f"torch {torch.__version__} could not keep dim {dim} of input "
+                                 f"'{name}' dynamic: the graph would take size {size} only")
+    return program
 
 
 @contextmanager
