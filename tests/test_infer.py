@@ -15,6 +15,7 @@ from test_lora_parity import TARGETS, randomize_and_copy
 
 import adaptc
 from adaptc.cli import main
+from adaptc.frontend.models import wrap
 from adaptc.frontend.trace import trace
 
 TOL = 1e-5
@@ -308,8 +309,7 @@ def test_infer_graph_stays_on_the_model_device(tiny, spec, merge, fuse):
     """A model on `meta` (standing in for a GPU: anything but the CPU) compiles to an infer
     graph whose every parameter, buffer and output is on `meta`: no pass creates a tensor on
     the CPU, which on CUDA would fail with a device mismatch."""
-    model = tiny("llama")
-    model.module.to("meta")
+    model = wrap(tiny("llama").module.to("meta"))  # example inputs on meta too
     infer = adaptc.compile(model, spec, "infer", merge=merge, fuse_projections=fuse)
     tensors = dict(infer.named_parameters()) | dict(infer.named_buffers())
     assert {name for name, t in tensors.items() if t.device.type != "meta"} == set()

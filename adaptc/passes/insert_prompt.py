@@ -72,7 +72,7 @@ def extend_inputs(gm: GraphModule, ids: Node, tokens: int) -> int:
     Returns the number of outputs sliced."""
     graph = gm.graph
     seq = ids.meta["val"].shape[1]
-    inputs = [n for n in graph.nodes if n.op == "placeholder" and same_dims(n, ids.meta["val"])]
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and token_shaped(n, seq)]
     for node in inputs:
         fill = 1 if node.target == MASK_INPUT else 0
         with graph.inserting_after(inputs[-1]):
@@ -83,10 +83,12 @@ def extend_inputs(gm: GraphModule, ids: Node, tokens: int) -> int:
     return slice_outputs(gm, seq, tokens)
 
 
-def same_dims(node: Node, like: torch.Tensor) -> bool:
+def token_shaped(node: Node, seq) -> bool:
+    """A [batch, seq] input over the token ids' sequence dim. Only the sequence symbol is
+    compared: exported with `Dim.AUTO` (see frontend/trace.py), inputs can carry batch
+    symbols of their own."""
     val = node.meta.get("val")
-    return (isinstance(val, torch.Tensor) and val.dim() == 2
-            and [str(d) for d in val.shape] == [str(d) for d in like.shape])
+    return isinstance(val, torch.Tensor) and val.dim() == 2 and str(val.shape[1]) == str(seq)
 
 
 def keeps_original(user: Node, padded: Node) -> bool:
