@@ -77,7 +77,7 @@ def export_dynamic(module: nn.Module, inputs: dict,
                                       strict=False)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     for name, dims in shapes.items():
-        for dim, spec in (dims or {}).items():
+        for dim, spec in (dims or {}).items() if name in placeholders else ():
             size = placeholders[name].meta["val"].shape[dim]
             if spec is not Dim.AUTO and is_concrete_int(size):
                 raise ValueError(f"torch {torch.__version__} could not keep dim {dim} of input "

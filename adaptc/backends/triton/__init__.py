@@ -8,8 +8,9 @@ Importing this package registers:
 Each op runs its Triton kernels when `use_triton` says so and its pure-PyTorch reference
 otherwise; `register_fake` gives torch.export / torch.compile the output shape without running
 either. `precompile` (not imported here) compiles the kernels for a GPU architecture on a
-machine without one and reports their registers, spills and shared memory. The helpers below (and the `dot` the kernels call) are shared by the op modules, which
-are imported last for that reason.
+machine without one and reports their registers, spills and shared memory. The helpers below
+(and the `dot` the kernels call) are shared by the op modules, which are imported last for
+that reason.
 """
 import torch
 import triton
