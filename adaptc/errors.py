@@ -92,3 +92,9 @@ class PassError(AdaptcError):
         self.ran_before = list(ran_before)
         before = ", ".join(ran_before) or "none"
         super().__init__(f"pass '{pass_name}' failed (after: {before}): {cause}")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's run to pages), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

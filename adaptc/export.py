@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from adaptc.artifact import atomic_directory, refuse_existing, versions
 from adaptc.compiler import REPORT, as_model
-from adaptc.errors import ArtifactError
+from adaptc.errors import ArtifactError, first_line
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import dynamic_shapes, export_dynamic
 from adaptc.passes.base import INSERTED, MERGED
@@ -72,9 +72,8 @@ def export_program(gm: GraphModule, model: LoadedModel) -> torch.export.Exported
     try:
         return export_dynamic(gm, model.example_inputs, dynamic_shapes(model))
     except Exception as err:  # torch.export raises many types; all mean "cannot export"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ArtifactError(f"cannot export the infer graph to {PROGRAM} with dynamic batch "
-                            f"and sequence dims: {first}") from err
+                            f"and sequence dims: {first_line(err)}") from err
 
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:

@@ -4,8 +4,8 @@ benchmark's launches, through triton's compiler and ptxas (adaptc.backends.trito
 The interpreter tests (tests/backends) check what the kernels compute; these check what only
 the compiler sees. Half-precision kernels on the GPUs inference runs on (A100 sm_80, H100/H200
 sm_90) must compile onto the tensor cores, with no register spills and within the block's
-shared-memory limit; float32 ones (tl.dot on FMA units, not tensor cores) must compile and fit, and may spill in
-their largest tiles, which the autotuner then times and passes over.
+shared-memory limit; float32 ones (tl.dot on FMA units, not tensor cores) must compile and
+fit, and may spill in their largest tiles, which the autotuner then times and passes over.
 
 Each (dtype, arch) compiles in its own subprocess, since the kernels cannot be compiled in a
 process where tests/backends made triton interpret them; the subprocesses run side by side.

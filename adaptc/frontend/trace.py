@@ -17,7 +17,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from adaptc.errors import ModelError
+from adaptc.errors import ModelError, first_line
 from adaptc.frontend.blocks import find_stack, replicate, restore_configs, shallow_model
 from adaptc.frontend.models import LoadedModel
 
@@ -128,6 +128,5 @@ def describe_failure(module: nn.Module, err: Exception) -> str:
         owner = frame.f_locals.get("self")
         if id(owner) in names:
             culprit = (names[id(owner)] or "<root>", type(owner).__name__)
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     where = f" in module '{culprit[0]}' ({culprit[1]})" if culprit else ""
-    return f"cannot trace {type(module).__name__} with torch.export{where}: {first_line}"
+    return f"cannot trace {type(module).__name__} with torch.export{where}: {first_line(err)}"

@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 from triton.errors import TritonError
 
 from adaptc.backends.triton import bottleneck, dot_block, dot_precision, interpreting, moe_lora
+from adaptc.errors import first_line
 
 # Shared memory one block may use (opt-in maximum, bytes), by compute capability (CUDA
 # programming guide, "Technical Specifications per Compute Capability").
@@ -147,11 +148,11 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> Compiled
             kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                     target=GPUTarget("cuda", arch, 32), options=options)
     except (TritonError, RuntimeError) as error:  # frontend, MLIR pass or ptxas failure
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return Compiled(launch.name, label, error=f"{type(error).__name__}: {first}")
+        return Compiled(launch.name, label, error=f"{type(error).__name__}: {first_line(error)}")
     report, ptx = log.getvalue(), kernel.asm["ptx"]
     dot_unit = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
-    return Compiled(launch.name, label, dot_unit=dot_unit, registers=_number(r"Used (\d+) registers", report),
+    return Compiled(launch.name, label, dot_unit=dot_unit,
+                    registers=_number(r"Used (\d+) registers", report),
                     spill_stores=_number(r"(\d+) bytes spill stores", report),
                     spill_loads=_number(r"(\d+) bytes spill loads", report),
                     shared=kernel.metadata.shared)
