@@ -28,10 +28,16 @@ PROMPT_METHODS = {"prefix", "ptuning2", "prompt", "ptuning"}
 
 
 class Decoder:
-    """Greedy decoding (batch 1) over an exported graph with a static KV cache."""
+    """Greedy decoding (batch 1) over an exported graph with a static KV cache.
 
-    def __init__(self, graph: GraphModule, max_cache_len: int):
-        self.graph, self.max_cache_len = graph, max_cache_len
+    Token ids are checked against the vocabulary here, since an id past it would otherwise
+    surface as an IndexError from inside the embedding; inputs are made on the device the
+    graph's weights live on.
+    """
+
+    def __init__(self, graph: GraphModule, max_cache_len: int, vocab_size: int):
+        self.graph, self.max_cache_len, self.vocab_size = graph, max_cache_len, vocab_size
+        self.device = next(graph.parameters()).device
 
     @torch.no_grad()
     def logits(self, ids: list[int], start: int) -> torch.Tensor:
@@ -40,13 +46,20 @@ class Decoder:
             raise AdaptcError(f"sequence of {start + len(ids)} tokens exceeds the cache "
                               f"({self.max_cache_len}); compile the decoder with a larger "
                               "max_cache_len")
-        positions = torch.arange(start, start + len(ids))
-        return self.graph(input_ids=torch.tensor([ids]), cache_position=positions)[0]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise AdaptcError(f"token id {bad[0]} is outside the model's vocabulary "
+                              f"(0..{self.vocab_size - 1})")
+        positions = torch.arange(start, start + len(ids), device=self.device)
+        return self.graph(input_ids=torch.tensor([ids], device=self.device),
+                          cache_position=positions)[0]
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         """Prompt followed by `max_new_tokens` greedily chosen token ids."""
         if not prompt:
             raise AdaptcError("generation needs a prompt of at least one token")
+        if max_new_tokens < 0:
+            raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         tokens = list(prompt)
         scores = self.logits(tokens, 0)
         for _ in range(max_new_tokens):
@@ -63,9 +76,11 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     """The infer-mode graph of `spec` on a causal LM, exported for cached decoding
     (`merge` and `fuse_projections` as in `adaptc.compile`)."""
     loaded = as_model(model, None)
+    device = next(loaded.module.parameters()).device
     wrapped = LoadedModel(static_cache_module(loaded, max_cache_len),
-                          {"input_ids": torch.zeros(1, 2, dtype=torch.long),
-                           "cache_position": torch.arange(2)}, loaded.source, loaded.family)
+                          {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+                           "cache_position": torch.arange(2, device=device)},
+                          loaded.source, loaded.family)
     ctx = prepare(wrapped, spec, "infer")
     uncached = sorted({a.method for a in ctx.assignments} & PROMPT_METHODS)
     if uncached:
@@ -78,7 +93,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
         graph = export(wrapped, {"input_ids": {1: seq}, "cache_position": {0: seq}})
-    return Decoder(run_pipeline(graph, ctx), max_cache_len)
+    return Decoder(run_pipeline(graph, ctx), max_cache_len, loaded.module.config.vocab_size)
 
 
 def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:

@@ -11,6 +11,7 @@ import re
 from torch.fx import GraphModule, Node
 
 from adaptc.compiler import prepare, report_of, run_pipeline
+from adaptc.errors import AdaptcError
 from adaptc.frontend.trace import trace
 from adaptc.passes.graph import in_module
 
@@ -19,6 +20,11 @@ COLUMN = 64
 
 def inspect(model, spec, block: int = 0, example_inputs: dict | None = None) -> str:
     ctx = prepare(model, spec, "train", example_inputs)
+    if ctx.n_layers and not -ctx.n_layers <= block < ctx.n_layers:
+        raise AdaptcError(f"block {block} is out of range: {ctx.model.source} has "
+                          f"{ctx.n_layers} layers (0..{ctx.n_layers - 1}, or -1 for the last)")
+    if block < 0:
+        block += ctx.n_layers
     prefix = block_prefix([a.site.path for a in ctx.assignments], block)
     gm = trace(ctx.model)
     before = block_lines(gm, prefix)

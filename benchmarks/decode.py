@@ -4,6 +4,10 @@ base model's operations and weights (tests/test_infer.py), so it is the base mod
 the same exported static-cache path.
 
     python benchmarks/decode.py [--model llama] [--tokens 64] [--rounds 3] [--write]
+    python benchmarks/decode.py --model 1.1b     # on a GPU: infer_speed.py's model, bf16
+
+`--model` takes a preset or checkpoint directory (run on the CPU, float32), or `1.1b`: the
+Llama-shaped 1.1B model of infer_speed.py, random init, bfloat16 on CUDA when there is one.
 
 Variants: base (LoRA r=8 on q,v with B=0, merged: the base model's operations), LoRA merged
 (random adapters), LoRA unmerged (`merge=False`) with and without `fuse_projections`,
@@ -34,12 +38,21 @@ VARIANTS = {  # name: (spec, random adapters, compile_decoder options)
 }
 
 
-def decoders(model_name: str, cache: int) -> dict:
+def base(model_name: str):
+    """(model, device, dtype) for `--model`."""
+    from adaptc.frontend.models import load_model
+    if model_name != "1.1b":
+        return load_model(model_name), "cpu", torch.float32
+    from infer_speed import base_model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return base_model(False, device, dtype), device, dtype
+
+
+def decoders(model, cache: int) -> dict:
     import adaptc
     from adaptc.decode import compile_decoder
-    from adaptc.frontend.models import load_model
 
-    model = load_model(model_name)
     built = {}
     for name, (spec, random, options) in VARIANTS.items():
         trained = adaptc.compile(model, spec)
@@ -67,7 +80,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    built = decoders(args.model, args.tokens + 8)
+    model, device, dtype = base(args.model)
+    built = decoders(model, args.tokens + 8)
     rates = {name: [] for name in built}
     for _ in range(args.rounds):  # interleaved: every variant once per round
         for name, decoder in built.items():
@@ -77,16 +91,24 @@ def main() -> None:
     for name, rate, ratio in rows:
         print(f"{name:44s} {rate:9.1f} tok/s  time × base {ratio:5.2f}")
     if args.write:
-        write(rows, args)
+        write(rows, args, device, dtype)
 
 
-def write(rows, args) -> None:
+def write(rows, args, device: str, dtype: torch.dtype) -> None:
     import transformers
+    if device == "cuda":
+        import triton
+        where = (f"{torch.cuda.get_device_name()}. torch {torch.__version__}, triton "
+                 f"{triton.__version__}")
+        ops = "Fused ops ran their Triton kernels."
+    else:
+        where = (f"CPU ({platform.machine()}, {torch.get_num_threads()} threads). torch "
+                 f"{torch.__version__}")
+        ops = "Fused ops ran their PyTorch reference (no GPU)."
     lines = [f"\n## decode.py — {datetime.date.today()}",
-             f"Device: CPU ({platform.machine()}, {torch.get_num_threads()} threads). torch "
-             f"{torch.__version__}, transformers {transformers.__version__}. Model `{args.model}`, "
-             f"batch 1, prompt 4 tokens, {args.tokens} new tokens, greedy; median of "
-             f"{args.rounds} interleaved rounds. Fused ops ran their PyTorch reference (no GPU).\n",
+             f"Device: {where}, transformers {transformers.__version__}, {dtype}. Model "
+             f"`{args.model}`, batch 1, prompt 4 tokens, {args.tokens} new tokens, greedy; "
+             f"median of {args.rounds} interleaved rounds. {ops}\n",
              "| variant | tokens/s | time × base |", "|---|---|---|"]
     lines += [f"| {n} | {r:.1f} | {x:.2f} |" for n, r, x in rows]
     path = Path(__file__).with_name("RESULTS.md")

@@ -107,6 +107,15 @@ def test_meta_models_refuse_artifacts_before_work(tmp_path):
         assert "Traceback" not in result.stderr and not (tmp_path / mode).exists()
 
 
-def test_inspect_block_without_adapters_says_so(capsys):
-    assert main(["inspect", "specs/lora_qv.adapt", "--block", "99"]) == 0
-    assert "block 99: no adapted module in this layer" in capsys.readouterr().out
+def test_inspect_block_without_adapters_says_so(capsys, tmp_path):
+    spec = tmp_path / "first.adapt"
+    spec.write_text("q_proj[0]: lora r=2\n")
+    assert main(["inspect", str(spec), "--block", "1"]) == 0
+    assert "block 1: no adapted module in this layer" in capsys.readouterr().out
+    assert main(["inspect", str(spec), "--block", "-4"]) == 0  # the preset's 4 layers
+    assert "block model.layers.0: original | rewritten" in capsys.readouterr().out
+
+
+def test_inspect_block_out_of_range_names_the_layers(capsys):
+    assert main(["inspect", "specs/lora_qv.adapt", "--block", "99"]) == 1
+    assert "block 99 is out of range: llama has 4 layers (0..3" in capsys.readouterr().err

@@ -39,6 +39,13 @@ def test_decoder_limits(tiny):
     decoder = compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8)
     with pytest.raises(AdaptcError, match="exceeds the cache"):
         decoder.generate(PROMPT, 6)
+    with pytest.raises(AdaptcError, match="max_new_tokens must be >= 0, got -1"):
+        decoder.generate(PROMPT, -1)
+    assert decoder.generate(PROMPT, 0) == PROMPT
+    vocab = tiny("llama").module.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(AdaptcError, match=rf"token id {bad} is outside .*0\.\.{vocab - 1}"):
+            decoder.generate([5, bad], 2)
     with pytest.raises(ModelError, match="not a causal language model"):
         compile_decoder(tiny("bert"), "query: lora r=2")
 
@@ -51,6 +58,8 @@ def test_cli_generate(capsys):
     assert tokens[:3] == ["5", "17", "42"] and len(tokens) == 7
     assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 x"]) == 1
     assert "token ids" in capsys.readouterr().err
+    assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 99999"]) == 1
+    assert "token id 99999 is outside the model's vocabulary" in capsys.readouterr().err
 
 
 def test_prompt_methods_are_refused_with_the_uncached_alternative(tiny):

@@ -93,3 +93,25 @@ def test_infer_graph_on_cuda_equals_train(tiny, tmp_path, merge, fuse):
         compiled = main_output(torch.compile(infer)(**x))
     assert (got - expected).abs().max().item() <= 1e-4
     assert (compiled - expected).abs().max().item() <= 1e-4
+
+
+def test_cached_decoding_on_cuda_equals_full_forward(tiny, tmp_path):
+    """The KV-cache decoder on a CUDA model (inputs and cache on the GPU, kernels in the
+    graph) picks the tokens of full-sequence forward passes of the infer-mode module."""
+    from adaptc.decode import compile_decoder
+    model = tiny("llama")
+    model.module.cuda()
+    model.example_inputs = {k: v.cuda() for k, v in model.example_inputs.items()}
+    train = adaptc.compile(model, CARD)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in adaptc.adapter_state_dict(train).values():
+            p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.3)
+    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
+    prompt = [5, 17, 42, 7, 99]
+    tokens = compile_decoder(model, CARD, adapters=weights, max_cache_len=32).generate(prompt, 8)
+    full = adaptc.compile(model, CARD, "infer", adapters=weights)
+    ids = torch.tensor([tokens], device="cuda")
+    with torch.no_grad():
+        logits = full(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    assert tokens[len(prompt):] == logits[len(prompt) - 1:-1].argmax(-1).tolist()

@@ -40,6 +40,31 @@ def test_bad_checkpoint_directories(tmp_path):
         load_model(str(tmp_path))
 
 
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "cannot load the checkpoint weights: Error while deserializing header"),
+    ("reshape", r"tensor 'model.layers.0.self_attn.q_proj.weight' has shape \(128, 64\), "
+                r"the model's config gives \(128, 128\)"),
+    ("drop", "lacks 1 tensor.*first 'model.layers.1.mlp.up_proj.weight'"),
+])
+def test_damaged_checkpoint_weights_name_the_tensor(tiny, tmp_path, damage, message):
+    """transformers would load these with random weights in place of the bad tensors."""
+    from safetensors.torch import load_file, save_file
+    tiny("llama").module.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        tensors = load_file(weights)
+        if damage == "reshape":
+            name = "model.layers.0.self_attn.q_proj.weight"
+            tensors[name] = tensors[name][:, :64].contiguous()
+        else:
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+        save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=message):
+        load_model(str(tmp_path))
+
+
 class Broken:
     name = "broken"
 

@@ -108,11 +108,29 @@ def load_checkpoint(path: Path) -> LoadedModel:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, json.JSONDecodeError, OSError) as err:
         raise ModelError(f"{config_file}: cannot read the model config: {err}") from None
+    from safetensors import SafetensorError
     try:
-        module = model_class(config).from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
+        module, info = model_class(config).from_pretrained(
+            path, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ModelError(f"{path}: cannot load the checkpoint weights: {err}") from None
+    check_loading_info(path, info)
     return wrap(module.eval(), source=str(path))
+
+
+def check_loading_info(path: Path, info: dict) -> None:
+    """Refuse a checkpoint whose tensors do not fill the model: transformers would otherwise
+    initialise the missing or misshapen ones at random and carry on. Extra tensors (a task
+    head the bare model does not have) are fine."""
+    if info["mismatched_keys"]:
+        name, found, expected = sorted(info["mismatched_keys"])[0]
+        raise ModelError(f"{path}: tensor '{name}' has shape {tuple(found)}, the model's "
+                         f"config gives {tuple(expected)} "
+                         f"({len(info['mismatched_keys'])} tensor(s) mismatched)")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ModelError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model "
+                         f"needs, first '{missing[0]}'")
 
 
 def wrap(module: nn.Module, source: str = "python",
