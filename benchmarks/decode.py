@@ -38,7 +38,7 @@ VARIANTS = {  # name: (spec, random adapters, compile_decoder options)
 }
 
 
-def base(model_name: str):
+def load_base(model_name: str):
     """(model, device, dtype) for `--model`."""
     from adaptc.frontend.models import load_model
     if model_name != "1.1b":
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    model, device, dtype = base(args.model)
+    model, device, dtype = load_base(args.model)
     built = decoders(model, args.tokens + 8)
     rates = {name: [] for name in built}
     for _ in range(args.rounds):  # interleaved: every variant once per round

@@ -4,6 +4,8 @@
 
 Providers, side by side for each op and token count (milliseconds):
     triton    the op's kernels (adaptc/backends/triton), on a GPU only
+    grouped   mixture only: the grouped kernels forced at every token count (the op takes
+              its one-launch per-token kernel up to PER_TOKEN_MAX_TOKENS tokens), on a GPU
     torch     the op's pure-PyTorch reference
     compile   torch.compile(reference)
 
@@ -20,6 +22,7 @@ the ceiling. Prints the tables and writes nothing: copy them into benchmarks/RES
 the date, device and versions printed above them.
 """
 import argparse
+import functools
 from collections.abc import Callable
 
 import torch
@@ -30,7 +33,7 @@ from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
                                                bottleneck_adapter_triton)
 from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
 
-PROVIDERS = ("triton", "torch", "compile")
+PROVIDERS = ("triton", "grouped", "torch", "compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,9 +73,10 @@ def bottleneck_cost(tokens: int, args: argparse.Namespace, itemsize: int) -> tup
 
 
 def mixture_cost(tokens: int, args: argparse.Namespace, itemsize: int) -> tuple[int, int]:
-    """(bytes, flops): as above, plus the router for every token and k experts' A and B."""
+    """(bytes, flops): as above, the router, and A and B of the experts some token chose
+    (all of them once tokens·k ≥ experts)."""
     d, e, r, k = args.hidden, args.experts, args.rank, args.top_k
-    moved = tokens * 3 * d + e * d + 2 * e * r * d
+    moved = tokens * 3 * d + e * d + 2 * min(e, tokens * k) * r * d
     return moved * itemsize, 2 * tokens * d * e + 4 * tokens * k * r * d
 
 
@@ -86,11 +90,12 @@ def ceilings(factory: dict, on_gpu: bool) -> tuple[float, float]:
     return 2 * numel * src.element_size() / copy_s, 2 * n**3 / mm_s
 
 
-def sweep(name: str, make: Callable, kernels: Callable, reference: Callable,
-          args: argparse.Namespace, factory: dict, on_gpu: bool) -> list[tuple]:
+def sweep(name: str, make: Callable, kernels: Callable, grouped: Callable | None,
+          reference: Callable, args: argparse.Namespace, factory: dict,
+          on_gpu: bool) -> list[tuple]:
     """One row (op, tokens, ms per provider; None when skipped) per token count."""
-    providers = {"triton": kernels if on_gpu else None, "torch": reference,
-                 "compile": torch.compile(reference)}
+    providers = {"triton": kernels if on_gpu else None, "grouped": grouped if on_gpu else None,
+                 "torch": reference, "compile": torch.compile(reference)}
     rows = []
     for tokens in args.tokens:
         inputs = make(tokens, args, **factory)
@@ -116,7 +121,7 @@ def print_roofline(rows: list[tuple], args: argparse.Namespace, itemsize: int,
     print(f"ceilings: copy {bandwidth / 1e9:.1f} GB/s, mm {flop_rate / 1e12:.2f} TFLOP/s")
     print(f"{'op':<20}{'tokens':>8}{'provider':>10}{'GB/s':>10}{'% copy':>8}"
           f"{'TFLOP/s':>10}{'% mm':>8}")
-    for name, tokens, triton_ms, torch_ms, _ in rows:
+    for name, tokens, triton_ms, _, torch_ms, _ in rows:
         provider, ms = ("triton", triton_ms) if triton_ms is not None else ("torch", torch_ms)
         moved, flops = COSTS[name](tokens, args, itemsize)
         rate, compute = moved / (ms / 1e3), flops / (ms / 1e3)
@@ -130,7 +135,8 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     device = torch.accelerator.current_accelerator() if on_gpu else torch.device("cpu")
     dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
-    args.tokens = args.tokens or ([16, 64, 256, 1024, 4096, 16384] if on_gpu else [16, 64, 256])
+    args.tokens = args.tokens or ([1, 16, 64, 256, 1024, 4096, 16384] if on_gpu
+                                  else [16, 64, 256])
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, "
           f"hidden {args.hidden}, bottleneck {args.bottleneck}, experts {args.experts}, "
@@ -140,9 +146,10 @@ def main() -> None:
     factory = {"device": device, "dtype": dtype}
     with torch.inference_mode():
         bandwidth, flop_rate = ceilings(factory, on_gpu)
-        rows = sweep("bottleneck_adapter", bottleneck_inputs, bottleneck_adapter_triton,
+        rows = sweep("bottleneck_adapter", bottleneck_inputs, bottleneck_adapter_triton, None,
                      bottleneck_adapter_reference, args, factory, on_gpu)
         rows += sweep("mixture_lora", mixture_inputs, mixture_lora_triton,
+                      functools.partial(mixture_lora_triton, per_token=False),
                       mixture_lora_reference, args, factory, on_gpu)
     print_table(rows)
     print_roofline(rows, args, dtype.itemsize, bandwidth, flop_rate)

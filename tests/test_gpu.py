@@ -55,9 +55,11 @@ def test_bottleneck_kernels_on_cuda(dtype, tokens, bottleneck):
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("tokens,per_token", [(1, True), (1, False), (16, True), (37, False),
+                                              (4099, False)])
 @pytest.mark.parametrize("top_k", [1, 2, 8])  # k = experts: soft routing
-def test_mixture_kernels_on_cuda(dtype, tokens, top_k):
+def test_mixture_kernels_on_cuda(dtype, tokens, per_token, top_k):
+    """Both paths: the per-token kernel (the op's choice up to 16 tokens) and the grouped ones."""
     from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
     torch.manual_seed(0)
     d, experts, rank = 2048, 8, 8
@@ -65,7 +67,7 @@ def test_mixture_kernels_on_cuda(dtype, tokens, top_k):
             randn(experts, d, dtype=dtype, scale=d**-0.5),
             randn(experts, rank, d, dtype=dtype, scale=d**-0.5),
             randn(experts, d, rank, dtype=dtype, scale=rank**-0.5), 2.0, top_k)
-    out = mixture_lora_triton(*args)
+    out = mixture_lora_triton(*args, per_token=per_token)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, mixture_lora_reference(*args), atol=tol, rtol=tol)
 

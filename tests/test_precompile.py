@@ -51,13 +51,14 @@ def test_every_config_compiles_and_fits(reports, case):
     results = reports[case]
     launches = {r["launch"] for r in results}
     assert launches == {"bottleneck_fused", "bottleneck_down", "bottleneck_up",
-                        "mixture_router", "mixture_shrink", "mixture_expand"}
+                        "mixture_router", "mixture_shrink", "mixture_expand", "mixture_per_token"}
     assert len(results) >= 5 * len(launches)  # the autotune spaces, not a single config each
     for r in results:
         assert r["error"] is None, f"{r['launch']} [{r['config']}]: {r['error']}"
         assert r["registers"] > 0 and r["shared"] > 0, r  # ptxas's report was read
         assert r["shared"] <= SHARED_LIMIT[case[1]], r
-    units = {r["dot_unit"] for r in results}
+    units = {r["dot_unit"] for r in results if r["launch"] != "mixture_per_token"}
+    assert {r["dot_unit"] for r in results if r["launch"] == "mixture_per_token"} == {"none"}
     if case[0] == "float32":  # torch's default "highest" precision: an IEEE dot, no TF32
         assert units == {"fma"}
     else:

@@ -3,7 +3,8 @@ MixtureOfLora (`residual + module(x)`, gates from `module.gates`), plus routing,
 dispatch, input checks, export and compile.
 
 Kernels run under triton's interpreter (see conftest.py). Shapes are deliberately not multiples
-of the block sizes (T=37, in=72, out=100, E=5, r=3). Ground truth is the eager module in float32
+of the block sizes (T=37, in=72, out=100, E=5, r=3; the per-token kernel, one program per token
+and out block, gets FEW=5 tokens to keep the interpreter quick). Ground truth is the eager module in float32
 holding the same dtype-rounded values as the kernel inputs, so both pick the same experts.
 """
 import pytest
@@ -11,9 +12,9 @@ import torch
 from torch import nn
 
 from adaptc.backends.triton import moe_lora as op_module
-from adaptc.backends.triton.moe_lora import (MAX_EXPERTS, group_by_expert,
-                                             mixture_lora_reference, mixture_lora_triton,
-                                             route_tokens)
+from adaptc.backends.triton.moe_lora import (MAX_EXPERTS, PER_TOKEN_MAX_TOKENS,
+                                             group_by_expert, mixture_lora_reference,
+                                             mixture_lora_triton, route_tokens)
 from adaptc.methods import LoraConfig, MixtureConfig, MixtureOfLora
 
 TOKENS, D_IN, D_OUT, EXPERTS, RANK = 37, 72, 100, 5, 3
@@ -26,6 +27,7 @@ TOLERANCES = {  # outputs are O(1); half precision rounds x·A, the update and t
 FP32 = TOLERANCES[torch.float32]
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOP_KS = [1, 2, EXPERTS]  # EXPERTS: soft routing
+FEW = 5
 
 
 def make_case(top_k: int, dtype: torch.dtype = torch.float32,
@@ -67,18 +69,46 @@ def test_kernels_match_reference_and_module(top_k: int, dtype: torch.dtype) -> N
     torch.testing.assert_close(out.float(), eager(module, inputs), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize(("top_k", "dtype"), [(1, torch.float32), (EXPERTS, torch.float32)] +
+                         [(2, dtype) for dtype in KERNEL_DTYPES], ids=str)
+def test_per_token_kernel_matches_reference_and_module(top_k: int, dtype: torch.dtype) -> None:
+    module, inputs = make_case(top_k, dtype, lead=(FEW,))
+    out = mixture_lora_triton(**inputs, per_token=True)
+    assert out.dtype == dtype and out.shape == (FEW, D_OUT)
+    torch.testing.assert_close(out, mixture_lora_reference(**inputs), **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float(), eager(module, inputs), **TOLERANCES[dtype])
+    grouped = mixture_lora_triton(**inputs, per_token=False)
+    torch.testing.assert_close(out, grouped, **TOLERANCES[dtype])
+
+
+def test_op_takes_the_per_token_kernel_for_few_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to PER_TOKEN_MAX_TOKENS tokens: one launch, no grouping; one more: grouped."""
+    grouped = []
+    monkeypatch.setattr(op_module, "group_by_expert",
+                        lambda *a: grouped.append(1) or group_by_expert(*a))
+    module, inputs = make_case(2, lead=(1, FEW))
+    out = torch.ops.adaptc.mixture_lora(**inputs)
+    torch.testing.assert_close(out, eager(module, inputs), **FP32)
+    assert grouped == []
+    _, inputs = make_case(2, lead=(PER_TOKEN_MAX_TOKENS + 1,))
+    torch.ops.adaptc.mixture_lora(**inputs)
+    assert grouped == [1]
+
+
+@pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_all_tokens_routed_to_the_same_experts(top_k: int) -> None:
-    module, inputs = make_case(top_k)
-    inputs["x"] = torch.rand(TOKENS, D_IN) + 0.1  # positive, so the logit order is that of `weight`
+def test_all_tokens_routed_to_the_same_experts(top_k: int, per_token: bool) -> None:
+    module, inputs = make_case(top_k, lead=(FEW if per_token else TOKENS,))
+    tokens = inputs["x"].shape[0]
+    inputs["x"] = torch.rand(tokens, D_IN) + 0.1  # positive, so the logit order is that of `weight`
     weight = torch.tensor([-1.0, -2.0, 3.0, -3.0, 1.0])  # expert 2 first, then expert 4
     inputs["router"] = weight[:, None] * torch.full((EXPERTS, D_IN), 0.05)
     module.router.copy_(inputs["router"])
     _, chosen = route_tokens(inputs["x"], inputs["router"], top_k)
     _, offsets = group_by_expert(chosen, EXPERTS)
-    expected_counts = [0, 0, TOKENS, 0, TOKENS if top_k == 2 else 0]
+    expected_counts = [0, 0, tokens, 0, tokens if top_k == 2 else 0]
     assert offsets.diff().tolist() == expected_counts
-    out = mixture_lora_triton(**inputs)
+    out = mixture_lora_triton(**inputs, per_token=per_token)
     torch.testing.assert_close(out, eager(module, inputs), **FP32)
 
 

@@ -20,6 +20,16 @@ Pipeline over the T flattened tokens and their T·k (token, slot) assignments:
      float32 atomics into the output rows, which start as a float32 copy of the residual.
      Atomics keep memory at T·out (a deterministic reduction would need T·k·out); the price is
      that for k > 1 the order of the k additions, hence the last bits, can vary run to run.
+
+Few tokens (decoding: T ≤ PER_TOKEN_MAX_TOKENS) take one launch instead, in the spirit of
+Punica's BGMV beside its SGMV: the grouped pipeline's dozen launches (router, the sort and
+offsets, shrink, expand, the residual copy and the cast) would cost more than the arithmetic.
+The per-token kernel's grid is (tokens, out blocks); each program routes its token (logits,
+top-k and softmax as in the router kernel, as matrix-vector products in float32), computes
+h = A_e·x for each chosen expert (rounded to x's dtype, as the grouped h buffer is) and writes
+its block of residual + s·Σ g_e·B_e·h. The out blocks of one token each redo the routing and
+the shrink, reading the router and the chosen A_e from L2, which at r ≪ d is a small price
+for no grouping, no atomics (so no run-to-run variation) and no float32 output buffer.
 """
 import torch
 import triton
@@ -31,6 +41,7 @@ from adaptc.backends.triton import (check_input, check_tensor, dot, dot_block, d
 
 MAX_EXPERTS = 64
 MAX_RANK = 128
+PER_TOKEN_MAX_TOKENS = 16  # at most this many tokens: the one-launch per-token kernel
 _OP = "mixture_lora"
 
 
@@ -61,6 +72,14 @@ def _expand_configs() -> list[triton.Config]:
     tiles = [(t, n, w) for t, n in ((16, 128), (32, 64), (32, 128), (64, 64)) for w in (4, 8)]
     tiles.append((64, 128, 8))  # not with 4 warps: it spills on sm_80
     return [triton.Config({"BLOCK_T": t, "BLOCK_N": n}, num_warps=w) for t, n, w in tiles]
+
+
+def _per_token_configs() -> list[triton.Config]:
+    """Tiles for the per-token kernel: output features per program and d_in step."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+            for n, k in ((64, 128), (128, 128), (128, 256), (256, 128)) for w in (2, 4)]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -182,6 +201,74 @@ def _expand_kernel(
                   mask=row_mask[:, None] & out_mask[None, :])
 
 
+@triton.autotune(configs=_per_token_configs(), key=["D_IN", "D_OUT", "R", "E"])
+@triton.jit
+def _per_token_kernel(
+    x_ptr, res_ptr, router_ptr, a_ptr, b_ptr, out_ptr,
+    D_IN, D_OUT, R, E, top_k, scale,
+    stride_xt, stride_xk, stride_rt, stride_rn,
+    BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[t, block] = residual + s·Σ_chosen g_e·B_e·A_e·x[t] for token t = program_id(0)."""
+    # ---- this program's token, output columns, and the (padded) experts and ranks
+    token = tl.program_id(0)
+    x_row = x_ptr + token * stride_xt
+    ex = tl.arange(0, BLOCK_E)
+    ex_mask = ex < E
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < R
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_mask = outs < D_OUT
+
+    # ---- logits = W_g·x in float32; padded experts get -inf and are never chosen
+    logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D_IN
+        x = tl.load(x_row + ks * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(router_ptr + ex[:, None] * D_IN + ks[None, :],
+                    mask=ex_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        logits += tl.sum(w * x[None, :], axis=1)
+    logits = tl.where(ex_mask, logits, float("-inf"))
+
+    # ---- top-k by repeated argmax, then the softmax's numerators and denominator
+    remaining = logits
+    for _ in range(top_k):
+        best = tl.argmax(remaining, axis=0, tie_break_left=True)
+        remaining = tl.where(ex == best, float("-inf"), remaining)
+    chosen = (remaining == float("-inf")) & ex_mask
+    p = tl.where(chosen, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
+    total = tl.sum(p, axis=0)
+
+    # ---- the chosen experts again, best first: h = A_e·x, y += g_e·B_e[block]·h
+    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    remaining = logits
+    for _ in range(top_k):
+        best = tl.argmax(remaining, axis=0, tie_break_left=True)
+        remaining = tl.where(ex == best, float("-inf"), remaining)
+        gate = tl.sum(tl.where(ex == best, p, 0.0), axis=0) / total
+        h = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        a_expert = a_ptr + best * R * D_IN
+        for k0 in range(0, D_IN, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < D_IN
+            x = tl.load(x_row + ks * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+            a = tl.load(a_expert + ranks[:, None] * D_IN + ks[None, :],
+                        mask=rank_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            h += tl.sum(a * x[None, :], axis=1)
+        h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
+        b = tl.load(b_ptr + best * D_OUT * R + outs[:, None] * R + ranks[None, :],
+                    mask=out_mask[:, None] & rank_mask[None, :], other=0.0).to(tl.float32)
+        y += gate * tl.sum(b * h[None, :], axis=1)
+
+    # ---- residual + s·y, in x's dtype
+    res = tl.load(res_ptr + token * stride_rt + outs * stride_rn, mask=out_mask,
+                  other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * D_OUT + outs, (res + scale * y).to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
 # --------------------------------------------------------------------------- reference
 
 def route_reference(x: torch.Tensor, router: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -251,12 +338,19 @@ def group_by_expert(chosen: torch.Tensor,
 
 
 def mixture_lora_triton(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor,
-                        A: torch.Tensor, B: torch.Tensor, scale: float,
-                        top_k: int) -> torch.Tensor:
-    """Check the inputs; route, group, shrink and expand into a float32 copy of the residual."""
+                        A: torch.Tensor, B: torch.Tensor, scale: float, top_k: int,
+                        per_token: bool | None = None) -> torch.Tensor:
+    """Check the inputs; then the per-token kernel (`per_token`; None: when there are at most
+    PER_TOKEN_MAX_TOKENS tokens), or route, group, shrink and expand into a float32 copy of
+    the residual."""
     check_mixture_inputs(x, residual, router, A, B, top_k)
     experts, d_in, d_out = A.shape[0], A.shape[2], B.shape[1]
     x2 = x.reshape(-1, d_in)
+    if per_token is None:
+        per_token = x2.shape[0] <= PER_TOKEN_MAX_TOKENS
+    if per_token:
+        return _per_token(x2, residual.reshape(-1, d_out), router.contiguous(), A.contiguous(),
+                          B.contiguous(), scale, top_k).reshape(residual.shape)
     out = torch.empty((x2.shape[0], d_out), dtype=torch.float32, device=x.device)
     out.copy_(residual.reshape(-1, d_out))
     if x2.shape[0] > 0:
@@ -265,6 +359,19 @@ def mixture_lora_triton(x: torch.Tensor, residual: torch.Tensor, router: torch.T
         h = _shrink(x2, A.contiguous(), tokens, offsets)
         _expand(h, B.contiguous(), tokens, offsets, gates, out, scale)
     return out.to(x.dtype).reshape(residual.shape)
+
+
+def _per_token(x: torch.Tensor, res: torch.Tensor, router: torch.Tensor, A: torch.Tensor,
+               B: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
+    """out [T, out] in x's dtype from the per-token kernel, one launch."""
+    (experts, rank, d_in), (n_tokens, d_out) = A.shape, res.shape
+    out = torch.empty((n_tokens, d_out), dtype=x.dtype, device=x.device)
+    if n_tokens > 0:
+        _per_token_kernel[lambda meta: (n_tokens, triton.cdiv(d_out, meta["BLOCK_N"]))](
+            x, res, router, A, B, out, d_in, d_out, rank, experts, top_k, scale,
+            x.stride(0), x.stride(1), res.stride(0), res.stride(1),
+            BLOCK_E=triton.next_power_of_2(experts), BLOCK_R=triton.next_power_of_2(rank))
+    return out
 
 
 def _shrink(x: torch.Tensor, A: torch.Tensor, tokens: torch.Tensor,

@@ -43,11 +43,13 @@ class Launch:
     `args` maps each runtime argument to a pointer type ("*bf16"), an int or float value (the
     value decides the specialisation), or None (a constant, like an absent residual);
     `constexprs` holds the launcher's constexpr arguments; autotune configs add the rest.
+    `has_dot`: the kernel multiplies tiles with `tl.dot` (the per-token kernel does not).
     """
     name: str
     kernel: triton.runtime.Autotuner
     args: dict[str, str | int | float | None]
     constexprs: dict[str, object]
+    has_dot: bool = True
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Compiled:
     """ptxas's report for one launch under one config; `error` set when it did not compile.
 
     `dot_unit` is what the PTX multiplies `tl.dot` tiles with: "wgmma" (Hopper's warpgroup
-    tensor-core MMA), "mma" (mma.sync, the tensor cores since Ampere) or "fma" (no tensor cores).
+    tensor-core MMA), "mma" (mma.sync, the tensor cores since Ampere) or "fma" (no tensor cores);
+    "none" for a kernel without `tl.dot`.
     """
     launch: str
     config: str
@@ -82,7 +85,8 @@ class Compiled:
 def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
                    bottleneck_width: int = 64, wide: int = 256,
                    experts: int = 8, rank: int = 8, top_k: int = 2) -> list[Launch]:
-    """Every kernel launch of the benchmark's workloads (Llama-shaped 1.1B, 8×512 tokens).
+    """Every kernel launch of the benchmark's workloads (Llama-shaped 1.1B, 8×512 tokens, and
+    the per-token mixture kernel that decoding takes).
 
     Bottleneck adapters on the hidden state (the fused kernel, and the two-launch path for a
     bottleneck wider than MAX_FUSED_BOTTLENECK); a mixture of LoRA experts on a projection of
@@ -119,6 +123,12 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
         "gates_ptr": "*fp32", "out_ptr": "*fp32", "D_OUT": hidden, "R": rank, "E": experts,
         "scale": 2.0,
     }, {**opts, "BLOCK_R": dot_block(rank)}))
+    launches.append(Launch("mixture_per_token", moe_lora._per_token_kernel, {
+        "x_ptr": ptr, "res_ptr": ptr, "router_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr,
+        "out_ptr": ptr, "D_IN": hidden, "D_OUT": hidden, "R": rank, "E": experts,
+        "top_k": top_k, "scale": 2.0, **rows, "stride_rt": hidden, "stride_rn": 1,
+    }, {"BLOCK_E": triton.next_power_of_2(experts), "BLOCK_R": triton.next_power_of_2(rank)},
+        has_dot=False))
     return launches
 
 
@@ -150,7 +160,8 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> Compiled
     except (TritonError, RuntimeError) as error:  # frontend, MLIR pass or ptxas failure
         return Compiled(launch.name, label, error=f"{type(error).__name__}: {first_line(error)}")
     report, ptx = log.getvalue(), kernel.asm["ptx"]
-    dot_unit = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
+    dot_unit = ("none" if not launch.has_dot else "wgmma" if "wgmma.mma_async" in ptx
+                else "mma" if "mma.sync" in ptx else "fma")
     return Compiled(launch.name, label, dot_unit=dot_unit,
                     registers=_number(r"Used (\d+) registers", report),
                     spill_stores=_number(r"(\d+) bytes spill stores", report),
