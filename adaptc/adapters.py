@@ -78,9 +78,16 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], so
         raise WeightsError(f"{path}: adapter tensors do not match the compiled module "
                            f"({len(missing)} missing, {len(extra)} unexpected; {detail})")
     for name, param in params.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
-            raise WeightsError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise WeightsError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
                                f"the compiled module expects {tuple(param.shape)}")
+        if param.is_floating_point() and not tensor.is_floating_point():
+            raise WeightsError(f"{path}: tensor '{name}' has dtype {tensor.dtype}, "
+                               f"the compiled module expects floating point ({param.dtype})")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"{path}: tensor '{name}' holds NaN or infinite values "
+                               "(did training diverge?)")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])

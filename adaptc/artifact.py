@@ -98,9 +98,15 @@ def load(folder: str | Path) -> GraphModule:
     manifest_file = folder / "manifest.json"
     if not manifest_file.is_file():
         raise ArtifactError(f"{folder}: not an adaptc artifact (no manifest.json)")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_file}: unsupported artifact format {manifest.get('format')}")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{manifest_file}: not valid JSON ({err})") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise ArtifactError(f"{manifest_file}: unsupported artifact format {found}")
+    if "mode" not in manifest:
+        raise ArtifactError(f"{manifest_file}: no 'mode' entry")
     gm = compile(load_checkpoint(folder / "model"), folder / "spec.adapt", manifest["mode"])
     load_adapters(gm, folder / "adapters.safetensors")
     return gm

@@ -64,7 +64,8 @@ class ModelError(AdaptcError):
 
 
 class WeightsError(AdaptcError):
-    """Adapter or checkpoint tensors that are missing, extra, or of the wrong shape."""
+    """Adapter or checkpoint tensors that are missing, extra, of the wrong shape or dtype, or
+    not finite."""
 
     code = "E500"
 

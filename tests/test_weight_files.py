@@ -1,0 +1,101 @@
+"""Adapter weight files and artifacts that are damaged or do not fit the compiled module are
+refused with an error naming the file and the tensor, before any weight is changed."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adaptc
+from adaptc.errors import ArtifactError, WeightsError
+
+SPEC = "q_proj,v_proj: lora r=4"
+FIRST = "model.layers.0.self_attn.q_proj.lora.A"
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    """(train-mode module, its adapter file)."""
+    gm = adaptc.compile(tiny("llama"), SPEC)
+    return gm, adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+
+
+def damaged(saved, tmp_path, change) -> str:
+    tensors = load_file(saved[1])
+    change(tensors)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda t: t.pop(FIRST), rf"1 missing, 0 unexpected; missing {FIRST}"),
+    (lambda t: t.update(extra=torch.zeros(2)), "0 missing, 1 unexpected; unexpected extra"),
+    (lambda t: t.update({FIRST: torch.zeros(5, 128)}),
+     rf"tensor '{FIRST}' has shape \(5, 128\), the compiled module expects \(4, 128\)"),
+    (lambda t: t.update({FIRST: torch.zeros(4, 128, dtype=torch.int64)}),
+     rf"tensor '{FIRST}' has dtype torch.int64, the compiled module expects floating point"),
+    (lambda t: t[FIRST].__setitem__((0, 0), float("nan")),
+     rf"tensor '{FIRST}' holds NaN or infinite values"),
+    (lambda t: t[FIRST].__setitem__((1, 2), float("inf")), "holds NaN or infinite"),
+])
+def test_bad_adapter_files_name_the_tensor_and_change_nothing(saved, tmp_path, change, message):
+    gm, _ = saved
+    before = {k: v.clone() for k, v in adaptc.adapter_state_dict(gm).items()}
+    path = damaged(saved, tmp_path, change)
+    with pytest.raises(WeightsError, match=message) as err:
+        adaptc.load_adapters(gm, path)
+    assert str(err.value).startswith(path)
+    after = adaptc.adapter_state_dict(gm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_half_precision_adapter_files_load_into_float32(saved, tmp_path):
+    """A file saved from a bf16 module loads into a float32 one (values cast, as copy_ does)."""
+    gm, _ = saved
+    path = damaged(saved, tmp_path, lambda t: t.update(
+        {k: (v + 0.5).to(torch.bfloat16) for k, v in t.items()}))
+    adaptc.load_adapters(gm, path)
+    assert torch.equal(adaptc.adapter_state_dict(gm)[FIRST],
+                       load_file(path)[FIRST].float())
+
+
+def test_unreadable_adapter_files(saved, tmp_path):
+    gm, path = saved
+    with pytest.raises(WeightsError, match="no-such.safetensors: cannot read adapter weights"):
+        adaptc.load_adapters(gm, tmp_path / "no-such.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(WeightsError, match="cut.safetensors: cannot read adapter weights"):
+        adaptc.load_adapters(gm, cut)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from adaptc.cli import main
+    out = tmp_path_factory.mktemp("artifact") / "dist"
+    spec = out.parent / "s.adapt"
+    spec.write_text(SPEC + "\n")
+    assert main(["compile", str(spec), "--model", "llama", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ("{oops", r"manifest.json: not valid JSON \(Expecting property name"),
+    ("[1, 2]", "manifest.json: unsupported artifact format None"),
+    (json.dumps({"format": "something-else"}), "unsupported artifact format something-else"),
+])
+def test_damaged_manifests_name_the_file(artifact, tmp_path, manifest, message):
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    (copy / "manifest.json").write_text(manifest)
+    with pytest.raises(ArtifactError, match=message):
+        adaptc.load(copy)
+    format_ok = json.loads((artifact / "manifest.json").read_text())
+    del format_ok["mode"]
+    (copy / "manifest.json").write_text(json.dumps(format_ok))
+    with pytest.raises(ArtifactError, match="no 'mode' entry"):
+        adaptc.load(copy)
