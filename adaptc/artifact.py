@@ -62,6 +62,21 @@ def refuse_existing(out: Path, force: bool) -> None:
         raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
 
 
+def write_file(path: Path, text: str, force: bool) -> None:
+    """Write `text` to `path` through a temporary file renamed into place; an existing file
+    is replaced only with `force`."""
+    if path.exists() and not force:
+        raise ArtifactError(f"{path}: file exists (use --force)")
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.tmp-",
+                                         delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        Path(handle.name).replace(path)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """A staging directory beside `out`, renamed to `out` when the block succeeds and removed

@@ -67,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("directory")
     imp.add_argument("--model", default=DEFAULT_MODEL, help=models)
     imp.add_argument("-o", "--output", help="also write the spec to this .adapt file")
+    imp.add_argument("--force", action="store_true", help="replace an existing output file")
     imp.set_defaults(run=run_import_peft)
 
     exp = sub.add_parser("export-peft", help="write an artifact's adapters as a PEFT adapter "
@@ -74,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("artifact", help="a directory written by `adaptc compile -o`")
     exp.add_argument("output")
     exp.add_argument("--task-type", help="PEFT task_type to record (e.g. CAUSAL_LM)")
+    exp.add_argument("--force", action="store_true", help="replace an existing output")
     exp.set_defaults(run=run_export_peft)
 
     gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode)")
@@ -224,20 +226,23 @@ def run_generate(args) -> int:
 
 
 def run_import_peft(args) -> int:
+    from adaptc.artifact import write_file
     from adaptc.peft_interop import spec_from_peft
 
     spec = spec_from_peft(args.directory, args.model)
     print(spec, end="")
     if args.output:
-        Path(args.output).write_text(spec)
+        write_file(Path(args.output), spec, args.force)
     return 0
 
 
 def run_export_peft(args) -> int:
-    from adaptc.artifact import load
+    from adaptc.artifact import load, refuse_existing
     from adaptc.peft_interop import export_peft
 
-    out = export_peft(load(args.artifact), args.output, task_type=args.task_type)
+    refuse_existing(Path(args.output), args.force)  # before the work, not only after it
+    out = export_peft(load(args.artifact), args.output, task_type=args.task_type,
+                      force=args.force)
     print(f"wrote {out}/ (adapter_config.json, adapter_model.safetensors)")
     return 0
 

@@ -58,8 +58,14 @@ class Entry:
     conv1d: bool  # GPT-2 Conv1D: PEFT's fan_in_fan_out
 
 
-def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None) -> Path:
-    """Write the module's adapters as a PEFT adapter directory `out`."""
+def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None,
+                force: bool = False) -> Path:
+    """Write the module's adapters as a PEFT adapter directory `out`, atomically; an existing
+    non-empty `out` is replaced only with `force`."""
+    from adaptc.artifact import atomic_directory, refuse_existing
+
+    out = Path(out)
+    refuse_existing(out, force)
     entries = exported_entries(module)
     kinds = {peft_kind(e.adapter) for e in entries}
     if len(kinds) != 1:
@@ -71,11 +77,10 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
                    "revision": None, "inference_mode": True, "modules_to_save": None,
                    "fan_in_fan_out": one_value(entries, "fan_in_fan_out",
                                                lambda e: e.conv1d)})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "producer": "adaptc"})
-    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_directory(out) as staging:
+        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "producer": "adaptc"})
+        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 

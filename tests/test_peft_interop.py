@@ -157,6 +157,26 @@ def test_cli_import_peft_prints_the_spec(tiny, tmp_path, capsys):
     saved_peft(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]), tmp_path)
     assert main(["import-peft", str(tmp_path), "--model", "llama"]) == 0
     assert "q_proj, v_proj: lora r=2 alpha=4" in capsys.readouterr().out
+    spec = tmp_path / "imported.adapt"
+    spec.write_text("# mine\n")
+    assert main(["import-peft", str(tmp_path), "--model", "llama", "-o", str(spec)]) == 1
+    assert "imported.adapt: file exists (use --force)" in capsys.readouterr().err
+    assert spec.read_text() == "# mine\n"
+    assert main(["import-peft", str(tmp_path), "--model", "llama", "-o", str(spec),
+                 "--force"]) == 0
+    assert "q_proj, v_proj: lora r=2 alpha=4" in spec.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_refuses_a_non_empty_directory_without_force(tiny, tmp_path):
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(adaptc.AdaptcError, match="not empty \\(use --force\\)"):
+        export_peft(gm, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    export_peft(gm, tmp_path, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json",
+                                                           "adapter_model.safetensors"]
 
 
 # ---- AdaLoRA, both ways ---------------------------------------------------------------------
