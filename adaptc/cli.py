@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="show matched sites, parameter counts and one block")
     insp.add_argument("spec")
     insp.add_argument("--model", default=DEFAULT_MODEL, help=models)
-    insp.add_argument("--block", type=int, default=0, help="layer index whose graph to show (negative: from the last)")
+    insp.add_argument("--block", type=int, default=0,
+                      help="layer index whose graph to show (negative: from the last)")
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate a spec without a model")

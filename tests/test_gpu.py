@@ -72,20 +72,25 @@ def test_mixture_kernels_on_cuda(dtype, tokens, per_token, top_k):
     torch.testing.assert_close(out, mixture_lora_reference(*args), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("merge,fuse", [(True, False), (False, False), (True, True)])
-def test_infer_graph_on_cuda_equals_train(tiny, tmp_path, merge, fuse):
-    """The card spec (LoRA, bottleneck, mixture) on a CUDA model: kernels in the graph,
-    eager and under torch.compile, merged or not, projections fused or not, equal the
-    train-mode graph."""
-    model = tiny("llama")
+def card_on_cuda(model, tmp_path: Path, scale: float):
+    """(the model moved to CUDA, its train-mode card graph with random adapters scaled by
+    `scale`, those adapters saved to a file)."""
     model.module.cuda()
     model.example_inputs = {k: v.cuda() for k, v in model.example_inputs.items()}
     train = adaptc.compile(model, CARD)
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for p in adaptc.adapter_state_dict(train).values():
-            p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.1)
-    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
+            p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * scale)
+    return model, train, adaptc.save_adapters(train, tmp_path / "a.safetensors")
+
+
+@pytest.mark.parametrize("merge,fuse", [(True, False), (False, False), (True, True)])
+def test_infer_graph_on_cuda_equals_train(tiny, tmp_path, merge, fuse):
+    """The card spec (LoRA, bottleneck, mixture) on a CUDA model: kernels in the graph,
+    eager and under torch.compile, merged or not, projections fused or not, equal the
+    train-mode graph."""
+    model, train, weights = card_on_cuda(tiny("llama"), tmp_path, scale=0.1)
     infer = adaptc.compile(model, CARD, "infer", adapters=weights, merge=merge,
                            fuse_projections=fuse)
     x = {k: v.cuda() for k, v in inputs().items()}
@@ -101,15 +106,7 @@ def test_cached_decoding_on_cuda_equals_full_forward(tiny, tmp_path):
     """The KV-cache decoder on a CUDA model (inputs and cache on the GPU, kernels in the
     graph) picks the tokens of full-sequence forward passes of the infer-mode module."""
     from adaptc.decode import compile_decoder
-    model = tiny("llama")
-    model.module.cuda()
-    model.example_inputs = {k: v.cuda() for k, v in model.example_inputs.items()}
-    train = adaptc.compile(model, CARD)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for p in adaptc.adapter_state_dict(train).values():
-            p.copy_(torch.randn(p.shape, generator=gen, device="cuda") * 0.3)
-    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
+    model, _, weights = card_on_cuda(tiny("llama"), tmp_path, scale=0.3)
     prompt = [5, 17, 42, 7, 99]
     tokens = compile_decoder(model, CARD, adapters=weights, max_cache_len=32).generate(prompt, 8)
     full = adaptc.compile(model, CARD, "infer", adapters=weights)

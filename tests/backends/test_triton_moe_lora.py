@@ -4,8 +4,9 @@ dispatch, input checks, export and compile.
 
 Kernels run under triton's interpreter (see conftest.py). Shapes are deliberately not multiples
 of the block sizes (T=37, in=72, out=100, E=5, r=3; the per-token kernel, one program per token
-and out block, gets FEW=5 tokens to keep the interpreter quick). Ground truth is the eager module in float32
-holding the same dtype-rounded values as the kernel inputs, so both pick the same experts.
+and out block, gets FEW=5 tokens to keep the interpreter quick). Ground truth is the eager
+module in float32 holding the same dtype-rounded values as the kernel inputs, so both pick the
+same experts.
 """
 import pytest
 import torch
