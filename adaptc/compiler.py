@@ -51,6 +51,9 @@ def as_plan(spec: str | Path | Plan) -> Plan:
     if isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec
                                   and spec.endswith(".adapt")):
         return lower(load_spec(str(spec)))
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be spec text, a path to a .adapt file or a Plan, "
+                        f"got {type(spec).__name__}")
     return compile_spec(spec, "<string>")
 
 

@@ -86,3 +86,11 @@ def test_pass_failure_names_the_pass_and_those_before(tiny):
         PassManager([Fine(), Broken()]).run(gm, CompileContext(None, None, []))
     assert isinstance(info.value.__cause__, RuntimeError)
     assert adaptc.PassError is PassError
+
+
+def test_compile_names_a_bad_spec_or_mode_argument(tiny):
+    with pytest.raises(TypeError, match="spec must be spec text, a path to a .adapt file or a "
+                                        "Plan, got int"):
+        adaptc.compile(tiny("llama"), 123)
+    with pytest.raises(adaptc.AdaptcError, match="unknown mode 'Infer': choose one of train, infer"):
+        adaptc.compile(tiny("llama"), "q_proj: lora", mode="Infer")
