@@ -60,6 +60,10 @@ class Decoder:
             raise AdaptcError("generation needs a prompt of at least one token")
         if max_new_tokens < 0:
             raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if len(prompt) + max_new_tokens > self.max_cache_len:
+            raise AdaptcError(f"a {len(prompt)}-token prompt and {max_new_tokens} new tokens "
+                              f"exceed the cache ({self.max_cache_len}); compile the decoder "
+                              "with a larger max_cache_len")
         tokens = list(prompt)
         scores = self.logits(tokens, 0)
         for _ in range(max_new_tokens):
@@ -75,6 +79,8 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
                     fuse_projections: bool = False) -> Decoder:
     """The infer-mode graph of `spec` on a causal LM, exported for cached decoding
     (`merge` and `fuse_projections` as in `adaptc.compile`)."""
+    if max_cache_len < 2:
+        raise AdaptcError(f"max_cache_len must be at least 2, got {max_cache_len}")
     loaded = as_model(model, None)
     device = next(loaded.module.parameters()).device
     wrapped = LoadedModel(static_cache_module(loaded, max_cache_len),

@@ -37,8 +37,12 @@ def test_cached_decoding_equals_full_forward(tiny, tmp_path, spec):
 
 def test_decoder_limits(tiny):
     decoder = compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8)
-    with pytest.raises(AdaptcError, match="exceeds the cache"):
+    with pytest.raises(AdaptcError, match="5-token prompt and 6 new tokens exceed the cache"):
         decoder.generate(PROMPT, 6)
+    with pytest.raises(AdaptcError, match="sequence of 9 tokens exceeds the cache"):
+        decoder.logits([1], 8)
+    with pytest.raises(AdaptcError, match="max_cache_len must be at least 2, got 0"):
+        compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=0)
     with pytest.raises(AdaptcError, match="max_new_tokens must be >= 0, got -1"):
         decoder.generate(PROMPT, -1)
     assert decoder.generate(PROMPT, 0) == PROMPT
