@@ -201,6 +201,20 @@ def _expand_kernel(
                   mask=row_mask[:, None] & out_mask[None, :])
 
 
+@triton.jit
+def _rows_times_x(w_ptr, rows, row_mask, x_row, stride_xk, D_IN, BLOCK_K: tl.constexpr):
+    """w[rows] · x in float32 for a row-major w [·, D_IN] and one token's x, BLOCK_K at a time."""
+    acc = tl.zeros(rows.shape, dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D_IN
+        x = tl.load(x_row + ks * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * D_IN + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], axis=1)
+    return acc
+
+
 @triton.autotune(configs=_per_token_configs(), key=["D_IN", "D_OUT", "R", "E"])
 @triton.jit
 def _per_token_kernel(
@@ -222,14 +236,7 @@ def _per_token_kernel(
     out_mask = outs < D_OUT
 
     # ---- logits = W_g·x in float32; padded experts get -inf and are never chosen
-    logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D_IN
-        x = tl.load(x_row + ks * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(router_ptr + ex[:, None] * D_IN + ks[None, :],
-                    mask=ex_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        logits += tl.sum(w * x[None, :], axis=1)
+    logits = _rows_times_x(router_ptr, ex, ex_mask, x_row, stride_xk, D_IN, BLOCK_K)
     logits = tl.where(ex_mask, logits, float("-inf"))
 
     # ---- top-k by repeated argmax, then the softmax's numerators and denominator
@@ -248,15 +255,8 @@ def _per_token_kernel(
         best = tl.argmax(remaining, axis=0, tie_break_left=True)
         remaining = tl.where(ex == best, float("-inf"), remaining)
         gate = tl.sum(tl.where(ex == best, p, 0.0), axis=0) / total
-        h = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        a_expert = a_ptr + best * R * D_IN
-        for k0 in range(0, D_IN, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < D_IN
-            x = tl.load(x_row + ks * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
-            a = tl.load(a_expert + ranks[:, None] * D_IN + ks[None, :],
-                        mask=rank_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            h += tl.sum(a * x[None, :], axis=1)
+        h = _rows_times_x(a_ptr + best * R * D_IN, ranks, rank_mask, x_row, stride_xk, D_IN,
+                          BLOCK_K)
         h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
         b = tl.load(b_ptr + best * D_OUT * R + outs[:, None] * R + ranks[None, :],
                     mask=out_mask[:, None] & rank_mask[None, :], other=0.0).to(tl.float32)
