@@ -11,7 +11,7 @@ import torch
 
 import adaptc
 from adaptc.methods.lora import pissa_factors
-from adaptc.methods.quantize import Nf4Weight, QuantizeConfig, nf4_code
+from adaptc.methods.quantize import Nf4Weight, QuantizeConfig, nf4_code, quantize_nf4
 from helpers import inputs, main_output
 
 # bitsandbytes' NF4 table (QLoRA, appendix E)
@@ -125,6 +125,16 @@ def test_storage_is_about_4_127_bits_per_weight():
     assert counts["quantize_inserted"] == 224
     assert 8 * counts["weight_bytes_after"] / numel == pytest.approx(4.127, abs=0.002)
     assert counts["weight_bytes_after"] < counts["weight_bytes_before"] / 7.7
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_quantized_tensors_own_their_storage(double):
+    """No view of the padded block tensor: a saved program would carry the padding, and
+    torch.export.save warns that no tensor covers the storage."""
+    weight = torch.randn(5, 7)
+    state = quantize_nf4(weight, QuantizeConfig(block=4, double=double, double_block=4))
+    for name, tensor in state.items():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
 
 
 def test_quantized_weights_are_buffers_and_the_user_model_is_untouched(tiny):

@@ -127,7 +127,8 @@ class PrefixEncoder(nn.Module):
         plain = PrefixEncoder(replace(self.config, projection=0) if self.config.projection
                               else self.config, *self.shape[:1], *self.shape[3:],
                               device=torch.device("meta"))
-        plain.prefix = nn.Parameter(self().detach().clone(), requires_grad=False)
+        plain.prefix = nn.Parameter(self().detach().clone(memory_format=torch.contiguous_format),
+                                    requires_grad=False)
         plain.dropout = nn.Identity()
         return plain
 

@@ -79,7 +79,8 @@ def quantize_nf4(weight: torch.Tensor, config: QuantizeConfig) -> dict[str, torc
     groups = torch.cat([absmax - mean, absmax.new_zeros(pad2)]).view(-1, config.double_block)
     scale = groups.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     quantized = torch.round(127 * groups / scale[:, None]).to(torch.int8).view(-1)
-    return {**state, "absmax_q": quantized[:absmax.numel()], "absmax_scale": scale,
+    # clone: absmax_q owns its bytes, so saved programs do not carry the padded storage
+    return {**state, "absmax_q": quantized[:absmax.numel()].clone(), "absmax_scale": scale,
             "absmax_mean": mean.reshape(1)}
 
 
