@@ -14,10 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adaptc.errors import WeightsError
 from adaptc.methods.mixture import MixtureOfLora
+
+
+SPEC_KEY = "adaptc.spec"
 
 
 def adapter_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -36,8 +40,16 @@ def adapter_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapters(module: nn.Module, path: str | Path) -> Path:
-    """Write every adapter tensor to one safetensors file, atomically (temp file + rename)."""
+    """Write every adapter tensor to one safetensors file, atomically (temp file + rename).
+
+    The metadata records the spec the module was compiled from, so a file loaded into a
+    module of another spec is refused with the spec it belongs to."""
+    from adaptc.compiler import REPORT  # the compiler imports this module
     path = Path(path)
+    metadata = {"format": "pt", "producer": "adaptc"}
+    report = getattr(module, "meta", {}).get(REPORT)
+    if report is not None:
+        metadata[SPEC_KEY] = report.spec_source
     tensors = adapter_state_dict(module)
     if any(t.is_meta for t in tensors.values()):
         raise WeightsError("cannot save adapters of a model on the meta device (it has no values)")
@@ -46,7 +58,7 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", "producer": "adaptc"})
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -62,21 +74,29 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None
     """
     try:
         tensors = {prefix + k: v for k, v in load_file(str(path)).items()}
+        with safe_open(str(path), "pt") as handle:
+            saved_spec = (handle.metadata() or {}).get(SPEC_KEY)
     except (OSError, SafetensorError) as err:
         raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
-    load_adapter_tensors(module, tensors, str(path))
+    load_adapter_tensors(module, tensors, str(path), saved_spec)
 
 
-def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` (adapter state names → values) into the module; all or nothing."""
+def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str,
+                         saved_spec: str | None = None) -> None:
+    """Copy `tensors` (adapter state names → values) into the module; all or nothing.
+    `saved_spec`, the spec the tensors were saved from, goes into the mismatch error."""
     path = source
     params = adapter_state_dict(module)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:
         detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+        origin = "" if saved_spec is None else (
+            "\n  the file was saved from a module compiled from this spec:\n"
+            + "".join(f"    {line}\n" for line in saved_spec.strip().splitlines()))
         raise WeightsError(f"{path}: adapter tensors do not match the compiled module "
-                           f"({len(missing)} missing, {len(extra)} unexpected; {detail})")
+                           f"({len(missing)} missing, {len(extra)} unexpected; {detail})"
+                           + origin.rstrip("\n"))
     for name, param in params.items():
         tensor = tensors[name]
         if tuple(tensor.shape) != tuple(param.shape):

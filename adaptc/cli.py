@@ -13,12 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from adaptc.errors import AdaptcError, ArtifactError
 from adaptc.frontend.models import DEFAULT_MODEL, PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    hf_logging.disable_progress_bar()  # transformers' shard bars would interleave our report
     try:
         return args.run(args)
     except AdaptcError as err:

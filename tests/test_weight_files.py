@@ -53,6 +53,16 @@ def test_bad_adapter_files_name_the_tensor_and_change_nothing(saved, tmp_path, c
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_file_of_another_spec_is_refused_with_the_spec_it_was_saved_from(saved, tiny):
+    """The file's metadata keeps its spec; damaged() rewrote the file without it above."""
+    other = adaptc.compile(tiny("llama"), "k_proj: lora r=4")
+    with pytest.raises(WeightsError) as err:
+        adaptc.load_adapters(other, saved[1])
+    assert str(err.value).endswith(
+        "(4 missing, 8 unexpected; missing model.layers.0.self_attn.k_proj.lora.A)\n"
+        f"  the file was saved from a module compiled from this spec:\n    {SPEC}")
+
+
 def test_half_precision_adapter_files_load_into_float32(saved, tmp_path):
     """A file saved from a bf16 module loads into a float32 one (values cast, as copy_ does)."""
     gm, _ = saved
