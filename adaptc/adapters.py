@@ -22,6 +22,7 @@ from adaptc.methods.mixture import MixtureOfLora
 
 
 SPEC_KEY = "adaptc.spec"
+ENCODERS = "adaptc"  # root submodule of a compiled graph: statement-wide prefix encoders
 
 
 def adapter_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -70,10 +71,12 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None
     """Copy tensors from a safetensors file into the module's adapters; all or nothing.
 
     `prefix` is prepended to the file's names: a module that wraps the compiled model (the
-    KV-cache decoder holds it as `model`) loads a file saved from the unwrapped one.
+    KV-cache decoder holds it as `model`) loads a file saved from the unwrapped one. Names
+    under ENCODERS (statement-wide encoders at the graph's root) stay as they are.
     """
     try:
-        tensors = {prefix + k: v for k, v in load_file(str(path)).items()}
+        tensors = {(k if k.startswith(f"{ENCODERS}.") else prefix + k): v
+                   for k, v in load_file(str(path)).items()}
         with safe_open(str(path), "pt") as handle:
             saved_spec = (handle.metadata() or {}).get(SPEC_KEY)
     except (OSError, SafetensorError) as err:

@@ -4,8 +4,10 @@ The causal LM is wrapped in transformers' static-cache module made for torch.exp
 cache is a set of buffers updated in place at `cache_position`), exported with a dynamic
 sequence length (so a prompt is prefilled in one call and each new token costs one call),
 and run through the same infer pipeline as `compile(..., mode="infer")`: LoRA merged,
-bottleneck adapters and mixtures as fused ops. Inside the wrapper the model sits at
-`model`, so adapter files saved from train mode are loaded with that prefix.
+bottleneck adapters and mixtures as fused ops, prefixes at each layer's attention, virtual
+tokens in the first cache slots (written by `cache_position`: insert_prompt). Inside the
+wrapper the model sits at `model`, so adapter files saved from train mode are loaded with
+that prefix.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export
 
 PREFIX = "model."
-PROMPT_METHODS = {"prefix", "ptuning2", "prompt", "ptuning"}
+POSITIONS = "cache_position"  # the static-cache module's input of absolute positions
+VIRTUAL_TOKEN_METHODS = ("prompt", "ptuning")
 
 
 class Decoder:
@@ -32,27 +35,37 @@ class Decoder:
 
     Token ids are checked against the vocabulary here, since an id past it would otherwise
     surface as an IndexError from inside the embedding; inputs are made on the device the
-    graph's weights live on.
+    graph's weights live on. With `virtual` > 0 (prompt tuning, P-tuning) the cache starts
+    with that many virtual tokens: a call at position 0 puts placeholder ids in front, which
+    the graph replaces by the virtual tokens, and positions here count real tokens only.
     """
 
-    def __init__(self, graph: GraphModule, max_cache_len: int, vocab_size: int):
+    def __init__(self, graph: GraphModule, max_cache_len: int, vocab_size: int,
+                 virtual: int = 0):
         self.graph, self.max_cache_len, self.vocab_size = graph, max_cache_len, vocab_size
+        self.virtual = virtual
         self.device = next(graph.parameters()).device
 
     @torch.no_grad()
     def logits(self, ids: list[int], start: int) -> torch.Tensor:
         """Run tokens `ids` at positions start.. and return their logits [len(ids), vocab]."""
-        if start + len(ids) > self.max_cache_len:
-            raise AdaptcError(f"sequence of {start + len(ids)} tokens exceeds the cache "
-                              f"({self.max_cache_len}); compile the decoder with a larger "
-                              "max_cache_len")
+        if self.virtual + start + len(ids) > self.max_cache_len:
+            raise AdaptcError(f"sequence of {self.virtual + start + len(ids)} tokens"
+                              f"{self.virtual_note()} exceeds the cache ({self.max_cache_len}); "
+                              "compile the decoder with a larger max_cache_len")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise AdaptcError(f"token id {bad[0]} is outside the model's vocabulary "
                               f"(0..{self.vocab_size - 1})")
-        positions = torch.arange(start, start + len(ids), device=self.device)
-        return self.graph(input_ids=torch.tensor([ids], device=self.device),
-                          cache_position=positions)[0]
+        lead = self.virtual if start == 0 else 0
+        first = start + self.virtual - lead
+        positions = torch.arange(first, first + lead + len(ids), device=self.device)
+        out = self.graph(input_ids=torch.tensor([[0] * lead + ids], device=self.device),
+                         cache_position=positions)[0]
+        return out[lead:]
+
+    def virtual_note(self) -> str:
+        return f" (with {self.virtual} virtual tokens)" if self.virtual else ""
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         """Prompt followed by `max_new_tokens` greedily chosen token ids."""
@@ -60,10 +73,10 @@ class Decoder:
             raise AdaptcError("generation needs a prompt of at least one token")
         if max_new_tokens < 0:
             raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if len(prompt) + max_new_tokens > self.max_cache_len:
-            raise AdaptcError(f"a {len(prompt)}-token prompt and {max_new_tokens} new tokens "
-                              f"exceed the cache ({self.max_cache_len}); compile the decoder "
-                              "with a larger max_cache_len")
+        if self.virtual + len(prompt) + max_new_tokens > self.max_cache_len:
+            raise AdaptcError(f"a {len(prompt)}-token prompt and {max_new_tokens} new tokens"
+                              f"{self.virtual_note()} exceed the cache ({self.max_cache_len}); "
+                              "compile the decoder with a larger max_cache_len")
         tokens = list(prompt)
         scores = self.logits(tokens, 0)
         for _ in range(max_new_tokens):
@@ -88,18 +101,22 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
                            "cache_position": torch.arange(2, device=device)},
                           loaded.source, loaded.family)
     ctx = prepare(wrapped, spec, "infer")
-    uncached = sorted({a.method for a in ctx.assignments} & PROMPT_METHODS)
-    if uncached:
-        raise AdaptcError(f"cached decoding does not support {', '.join(uncached)} yet (they "
-                          "shift positions and lengths the static cache indexes); use "
-                          "adaptc.greedy_generate, which decodes without a cache")
+    gated = sorted({a.method for a in ctx.assignments if getattr(a.rule.config, "gate", False)})
+    if gated:
+        raise AdaptcError(f"cached decoding cannot run gated {', '.join(gated)} (UniPELT): a "
+                          "gate averages over the whole sequence, so every token's output "
+                          "depends on the tokens after it; use adaptc.greedy_generate, which "
+                          "reruns the whole sequence each step")
     ctx.adapters, ctx.adapter_prefix, ctx.merge = adapters, PREFIX, merge
-    ctx.fuse_projections = fuse_projections
+    ctx.fuse_projections, ctx.positions_input = fuse_projections, POSITIONS
+    virtual = sum(a.rule.config.tokens for a in ctx.assignments
+                  if a.method in VIRTUAL_TOKEN_METHODS)
     seq = Dim("seq", min=1, max=max_cache_len)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
         graph = export(wrapped, {"input_ids": {1: seq}, "cache_position": {0: seq}})
-    return Decoder(run_pipeline(graph, ctx), max_cache_len, loaded.module.config.vocab_size)
+    return Decoder(run_pipeline(graph, ctx), max_cache_len, loaded.module.config.vocab_size,
+                   virtual)
 
 
 def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
@@ -116,4 +133,6 @@ def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
     root.generation_config = GenerationConfig(
         use_cache=True, cache_implementation="static",
         cache_config={"batch_size": 1, "max_cache_len": max_cache_len})
-    return TorchExportableModuleWithStaticCache(root, batch_size=1, max_cache_len=max_cache_len)
+    wrapper = TorchExportableModuleWithStaticCache(root, batch_size=1, max_cache_len=max_cache_len)
+    wrapper.config = root.config  # passes read the model's config (insert_prefix: GQA's kv heads)
+    return wrapper

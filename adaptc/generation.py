@@ -13,14 +13,15 @@ A compiled module is a torch.fx GraphModule traced from the model's forward with
    graph requires the mask and the token ids to have the same length (export's guard
    `attention_mask.size()[1] == input_ids.size()[1]` fails).
 
-What works is decoding without a cache: run the whole sequence each step. Prefixes and
-virtual tokens are part of the graph, so every call re-applies them: `greedy_generate`
-produces the greedy tokens of PEFT's model for prefix tuning and prompt tuning, which are
-those of PEFT's `generate` with its KV cache before transformers 5.24 (with 5.24 and PEFT
-0.21.2 that `generate` loses the virtual tokens; tests/test_generation.py), at O(S²) cost
-instead of O(S). One difference remains
-for left-padded batches: `generate` gives each row positions counted from its first real
-token, the traced forward counts from the first column (as the model's forward does without
+What works on such a module is decoding without a cache: run the whole sequence each step
+(`adaptc.decode.compile_decoder` traces a separate graph with a static cache instead).
+Prefixes and virtual tokens are part of the graph, so every call re-applies them:
+`greedy_generate` produces the greedy tokens of PEFT's model for prefix tuning and prompt
+tuning, which are those of PEFT's `generate` with its KV cache before transformers 5.24
+(with 5.24 and PEFT 0.21.2 that `generate` loses the virtual tokens;
+tests/test_generation.py), at O(S²) cost instead of O(S). One difference remains for
+left-padded batches: `generate` gives each row positions counted from its first real token,
+the traced forward counts from the first column (as the model's forward does without
 `position_ids`).
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Cached decoding through the infer-mode graph gives the tokens (and logits) of
-full-sequence forward passes, for merged LoRA, fused bottleneck adapters and mixtures."""
+full-sequence forward passes, for merged LoRA, fused bottleneck adapters, mixtures, prefixes
+and virtual tokens."""
 from __future__ import annotations
 
 import pytest
@@ -12,10 +13,18 @@ from adaptc.errors import AdaptcError, ModelError
 PROMPT = [5, 17, 42, 7, 99]
 
 
-@pytest.mark.parametrize("spec", ["q_proj,v_proj: lora r=4", "ffn: adapter bottleneck=8",
-                                  "q_proj: lora r=2; mixture moe k=2 experts=3"])
-def test_cached_decoding_equals_full_forward(tiny, tmp_path, spec):
-    model = tiny("llama")
+@pytest.mark.parametrize(("family", "spec"), [
+    ("llama", "q_proj,v_proj: lora r=4"),
+    ("llama", "ffn: adapter bottleneck=8"),
+    ("llama", "q_proj: lora r=2; mixture moe k=2 experts=3"),
+    ("llama", "attn: prefix tokens=3 projection=8"),  # folded MLP; RoPE positions shift by 3
+    ("gpt2", "attn: ptuning2 tokens=2"),  # GPT-2's position table shifts
+    ("llama", "embed: prompt tokens=3"),
+    ("gpt2", "embed: ptuning tokens=2 hidden=8"),  # GPT-2 reads input_ids through a view
+    ("mistral", "embed: prompt tokens=2; attn: prefix tokens=2; q_proj: lora r=2"),
+])
+def test_cached_decoding_equals_full_forward(tiny, tmp_path, family, spec):
+    model = tiny(family)
     trained = adaptc.compile(model, spec)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -66,6 +75,19 @@ def test_cli_generate(capsys):
     assert "token id 99999 is outside the model's vocabulary" in capsys.readouterr().err
 
 
-def test_prompt_methods_are_refused_with_the_uncached_alternative(tiny):
-    with pytest.raises(AdaptcError, match="does not support prefix yet.*greedy_generate"):
-        compile_decoder(tiny("llama"), "attn: prefix tokens=2")
+def test_virtual_tokens_take_cache_slots(tiny):
+    decoder = compile_decoder(tiny("llama"), "embed: prompt tokens=3", max_cache_len=10)
+    assert len(decoder.generate(PROMPT, 2)) == 7
+    with pytest.raises(AdaptcError, match="5-token prompt and 3 new tokens "
+                                          r"\(with 3 virtual tokens\) exceed the cache \(10\)"):
+        decoder.generate(PROMPT, 3)
+    with pytest.raises(AdaptcError, match=r"sequence of 11 tokens \(with 3 virtual tokens\)"):
+        decoder.logits([1], 7)
+
+
+@pytest.mark.parametrize("spec", ["q_proj: lora r=2 gate", "attn: prefix tokens=2 gate"])
+def test_gated_methods_are_refused_with_the_uncached_alternative(tiny, spec):
+    """UniPELT's gates average over the sequence: a token's output depends on later tokens."""
+    with pytest.raises(AdaptcError, match="cannot run gated .* depends on the tokens after "
+                                          "it; use adaptc.greedy_generate"):
+        compile_decoder(tiny("llama"), spec)

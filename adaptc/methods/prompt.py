@@ -62,7 +62,8 @@ class PtuningConfig:
 
 class PromptEmbedding(nn.Module):
     """Free virtual-token embeddings T [n, D] written over the first n rows of the (padded)
-    input embeddings: forward(E [B, n+S, D]) → [T ; E[:, n:]]."""
+    input embeddings: forward(E [B, n+S, D]) → [T ; E[:, n:]] (by position when decoding with
+    a cache: `write_prompts`)."""
 
     def __init__(self, config: PromptConfig, word_embeddings: torch.Tensor,
                  generator: torch.Generator | None = None):
@@ -73,8 +74,8 @@ class PromptEmbedding(nn.Module):
     def prompts(self) -> torch.Tensor:
         return self.embedding
 
-    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        return write_prompts(self.prompts(), embeds)
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return write_prompts(self.prompts(), embeds, positions)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"embedding": self.embedding}
@@ -108,8 +109,8 @@ class PromptEncoder(nn.Module):
             tokens = self.lstm(tokens)[0]
         return self.head(tokens)[0]
 
-    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        return write_prompts(self.prompts(), embeds)
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return write_prompts(self.prompts(), embeds, positions)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
@@ -121,9 +122,17 @@ class PromptEncoder(nn.Module):
         return folded
 
 
-def write_prompts(prompts: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """[T ; E[:, n:]]: the first n rows (embeddings of the padding ids) become the prompts."""
+def write_prompts(prompts: torch.Tensor, embeds: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
+    """[T ; E[:, n:]]: the first n rows (embeddings of the padding ids) become the prompts.
+
+    With `positions` [S] (cached decoding: the absolute position of each row), row j becomes
+    T[positions[j]] where positions[j] < n and stays E[:, j] elsewhere, so a prefill call
+    writes the virtual tokens and the calls after it, at positions ≥ n, write none."""
     tokens = prompts.shape[0]
+    if positions is not None:
+        rows = prompts.to(embeds.dtype)[positions.clamp(max=tokens - 1)]
+        return torch.where((positions < tokens).unsqueeze(-1), rows, embeds)
     batch = prompts.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
     return torch.cat([batch, embeds[:, tokens:]], dim=1)
 

@@ -38,6 +38,7 @@ class CompileContext:
     merge: bool = True  # infer mode: fold weight-space updates into the base weights
     fuse_projections: bool = False  # infer mode: one GEMM for linears sharing an input
     adapter_prefix: str = ""  # module path of the adapted model inside the traced one
+    positions_input: str | None = None  # cached decoding: the input of absolute positions
 
     def user_modules(self) -> frozenset[int]:
         """Ids of the user's modules: passes never bind tensors into them (`bind`)."""

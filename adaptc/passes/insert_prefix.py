@@ -18,6 +18,7 @@ from itertools import groupby
 
 from torch.fx import GraphModule, Node
 
+from adaptc.adapters import ENCODERS
 from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prefix import PrefixAttention, PrefixEncoder
@@ -33,7 +34,6 @@ from adaptc.passes.graph import (
 )
 
 PREFIX_METHODS = ("prefix", "ptuning2")
-ENCODERS = "adaptc"  # root submodule holding statement-wide encoders: adaptc.prefix_<rule>
 
 
 class InsertPrefix:

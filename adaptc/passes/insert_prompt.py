@@ -11,6 +11,10 @@ the virtual tokens get positions 0 … n-1 and the real tokens n … n+S-1, exac
 PEFT feeds `inputs_embeds = [T ; E]` with a mask of n leading ones. Outputs without a
 sequence dimension (BERT's pooler, which reads the first position: a virtual token, as in
 PEFT) are left as they are.
+
+Cached decoding (`ctx.positions_input`, adaptc.decode) pads nothing: the decoder puts n
+placeholder ids before the prompt, and the prompt module writes T over the rows whose
+position (the `cache_position` input) is below n, so only the prefill call carries them.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from adaptc.passes.graph import in_module
 
 aten = torch.ops.aten
 PROMPT_METHODS = ("prompt", "ptuning")
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 MASK_INPUT = "attention_mask"  # padded with ones; other token-shaped inputs with zeros
 
 
@@ -40,24 +45,30 @@ class InsertPrompt:
             raise ModelError(f"virtual tokens go before one input embedding; the spec puts "
                              f"them on {len(todo)} modules ({paths})")
         assignment = todo[0]
-        lookup = embedding_lookup(gm, assignment.site.path)
+        lookup, ids = embedding_lookup(gm, assignment.site.path)
         tokens = assignment.rule.config.tokens
-        sliced = extend_inputs(gm, lookup.args[1], tokens)
+        positions = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
+        sliced = 0 if positions else extend_inputs(gm, ids, tokens)
         module = build(assignment, gm.get_parameter(lookup.args[0].target))
-        splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method)
+        splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method,
+                       positions)
         row = report(assignment.site, f"{assignment.method}[{tokens}]", assignment, module)
         ctx.sites.append({**row, "shape": f"{tokens}×{lookup.meta['val'].shape[-1]}"})
         return PassResult(gm, True, {"prompt_inserted": 1, "outputs_sliced": sliced})
 
 
-def embedding_lookup(gm: GraphModule, path: str) -> Node:
-    """The aten.embedding node of module `path`, reading the token-id input directly."""
+def embedding_lookup(gm: GraphModule, path: str) -> tuple[Node, Node]:
+    """The aten.embedding node of module `path` and the token-id input it reads, directly or
+    through views (GPT-2 reads `input_ids.view(-1, seq)`)."""
     found = [n for n in gm.graph.nodes if n.op == "call_function"
              and n.target == aten.embedding.default and in_module(n, path)]
-    if len(found) != 1 or found[0].args[1].op != "placeholder":
+    ids = found[0].args[1] if len(found) == 1 else None
+    while ids is not None and ids.op == "call_function" and ids.target in VIEWS:
+        ids = ids.args[0]
+    if ids is None or ids.op != "placeholder":
         raise ModelError(f"virtual tokens need the word embedding that reads the token ids; "
                          f"module '{path}' is not one (target the 'embed' role)")
-    return found[0]
+    return found[0], ids
 
 
 def build(assignment: Assignment, weight: torch.Tensor) -> PromptEmbedding | PromptEncoder:
@@ -96,10 +107,18 @@ def keeps_original(user: Node, padded: Node) -> bool:
     return user is not padded and not (user.op == "call_module" and user.target == "_guards_fn")
 
 
-def splice_prompts(gm: GraphModule, lookup: Node, target: str, module, method: str) -> None:
+def graph_input(gm: GraphModule, name: str) -> Node:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target == name:
+            return node
+    raise ModelError(f"the traced graph has no input '{name}' to place virtual tokens by")
+
+
+def splice_prompts(gm: GraphModule, lookup: Node, target: str, module, method: str,
+                   positions: Node | None = None) -> None:
     gm.add_submodule(target, module)
     with gm.graph.inserting_after(lookup):
-        call = gm.graph.call_module(target, (lookup,))
+        call = gm.graph.call_module(target, (lookup,) if positions is None else (lookup, positions))
     call.meta["nn_module_stack"] = dict(lookup.meta.get("nn_module_stack", {}))
     call.meta[INSERTED] = method
     call.meta["val"] = lookup.meta.get("val")
