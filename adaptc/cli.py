@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+SPEC_HELP = "a .adapt file, or - to read the spec from standard input"
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="adaptc", description="Compile .adapt specs into "
                                   "adapter graphs for parameter-efficient fine-tuning.")
@@ -38,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     models = f"preset ({', '.join(PRESETS)}) or a checkpoint directory; default {DEFAULT_MODEL}"
 
     comp = sub.add_parser("compile", help="compile a spec onto a model")
-    comp.add_argument("spec")
+    comp.add_argument("spec", help=SPEC_HELP)
     comp.add_argument("--model", default=DEFAULT_MODEL, help=models)
     comp.add_argument("--mode", default="train", choices=("train", "infer"))
     comp.add_argument("--adapters", metavar="FILE", help="infer mode: trained adapter weights "
@@ -56,14 +59,14 @@ def parser() -> argparse.ArgumentParser:
     comp.set_defaults(run=run_compile)
 
     insp = sub.add_parser("inspect", help="show matched sites, parameter counts and one block")
-    insp.add_argument("spec")
+    insp.add_argument("spec", help=SPEC_HELP)
     insp.add_argument("--model", default=DEFAULT_MODEL, help=models)
     insp.add_argument("--block", type=int, default=0,
                       help="layer index whose graph to show (negative: from the last)")
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate a spec without a model")
-    check.add_argument("spec")
+    check.add_argument("spec", help=SPEC_HELP)
     check.set_defaults(run=run_check)
 
     imp = sub.add_parser("import-peft", help="print the spec equivalent to a PEFT adapter "
@@ -83,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     exp.set_defaults(run=run_export_peft)
 
     gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode)")
-    gen.add_argument("spec")
+    gen.add_argument("spec", help=SPEC_HELP)
     gen.add_argument("--model", default=DEFAULT_MODEL, help=models)
     gen.add_argument("--adapters", metavar="FILE", help="trained adapter weights")
     gen.add_argument("--prompt", required=True, help="token ids, e.g. '5 17 42'")
@@ -120,7 +123,7 @@ def run_compile(args) -> int:
     if args.output:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
-    ctx = prepare(args.model, Path(args.spec), args.mode)
+    ctx = prepare(args.model, spec_plan(args.spec), args.mode)
     if args.output and ctx.model.on_meta:  # before the work, not only after it
         raise ArtifactError(f"{args.output}: model '{args.model}' is on the meta device (shapes "
                           "only); an artifact needs real weights")
@@ -199,19 +202,27 @@ def write_infer(args, ctx, gm, reference) -> None:
         print(f"no {HF_DIR}/ checkpoint: {report['hf_skipped']}")
 
 
+def spec_plan(spec: str):
+    """The validated spec of a command: a .adapt file, or standard input for '-'."""
+    from adaptc.spec import compile_spec, load_spec, lower
+
+    if spec == "-":
+        return compile_spec(sys.stdin.read(), "<stdin>")
+    return lower(load_spec(spec))
+
+
 def run_inspect(args) -> int:
     from adaptc.inspection import inspect
 
-    print(inspect(args.model, Path(args.spec), block=args.block))
+    print(inspect(args.model, spec_plan(args.spec), block=args.block))
     return 0
 
 
 def run_check(args) -> int:
-    from adaptc.spec import load_spec, lower
-
-    plan = lower(load_spec(args.spec))
+    plan = spec_plan(args.spec)
     mixture = " + mixture" if plan.mixture else ""
-    print(f"{args.spec}: ok ({len(plan.rules)} attach statements{mixture})")
+    count = len(plan.rules)
+    print(f"{plan.spec.path}: ok ({count} attach statement{'s' * (count != 1)}{mixture})")
     return 0
 
 
@@ -222,7 +233,7 @@ def run_generate(args) -> int:
         prompt = [int(token) for token in args.prompt.replace(",", " ").split()]
     except ValueError:
         raise AdaptcError(f"--prompt takes token ids separated by spaces, got {args.prompt!r}") from None
-    decoder = compile_decoder(args.model, Path(args.spec), adapters=args.adapters,
+    decoder = compile_decoder(args.model, spec_plan(args.spec), adapters=args.adapters,
                               max_cache_len=args.max_cache_len, merge=args.merge,
                               fuse_projections=args.fuse_projections)
     print(" ".join(map(str, decoder.generate(prompt, args.max_new_tokens))))

@@ -30,7 +30,10 @@ class Diagnostic:
 
     def render(self) -> str:
         """`path:line:col: error[CODE]: message`, the source line, a caret under the span."""
-        lines = self.source.splitlines() or [""]
+        if not self.source:  # the file could not be read: nothing to point at
+            return "\n".join([f"{self.path}: error[{self.code}]: {self.message}"]
+                             + [f"   = note: {note}" for note in self.notes])
+        lines = self.source.splitlines()
         text = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
         width = max(1, self.end_column - self.column)
         gutter = f"{self.line:>4} | "

@@ -92,6 +92,26 @@ def test_check_and_passes(capsys):
     assert "ok (2 attach statements + mixture)" in text and "insert_lora" in text
 
 
+def test_spec_from_standard_input(tmp_path, monkeypatch, capsys):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("q_proj: lora r=2\n"))
+    assert main(["check", "-"]) == 0
+    assert capsys.readouterr().out == "<stdin>: ok (1 attach statement)\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("q_proj: lora r=2\n"))
+    assert main(["compile", "-", "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "spec.adapt").read_text() == "q_proj: lora r=2\n"
+    result = subprocess.run([sys.executable, "-m", "adaptc.cli", "check", "-"], input="q: lora r=x",
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith("<stdin>:1:11: error[E203]")
+
+
+def test_unreadable_spec_file_points_at_nothing(tmp_path):
+    result = run_cli("check", str(tmp_path / "nope.adapt"))
+    assert result.returncode == 1
+    assert result.stderr == (f"{tmp_path / 'nope.adapt'}: error[E100]: cannot read spec file "
+                             f"'{tmp_path / 'nope.adapt'}': No such file or directory\n")
+
+
 def test_spec_file_with_any_extension(tmp_path, capsys):
     spec = tmp_path / "qv.spec"
     spec.write_text("q_proj: lora r=2\n")
