@@ -29,6 +29,7 @@ from adaptc.errors import ArtifactError
 from adaptc.frontend.models import LoadedModel, load_checkpoint
 
 FORMAT = 1
+PROGRAM = "program.pt2"  # an infer artifact's exported program (export.py writes it)
 
 
 def versions() -> dict[str, str]:
@@ -112,6 +113,9 @@ def load(folder: str | Path) -> GraphModule:
     folder = Path(folder)
     manifest_file = folder / "manifest.json"
     if not manifest_file.is_file():
+        if (folder / PROGRAM).is_file():
+            raise ArtifactError(f"{folder}: an infer artifact ({PROGRAM}, no trainable "
+                                f"graph); load it with adaptc.load_program('{folder}')")
         raise ArtifactError(f"{folder}: not an adaptc artifact (no manifest.json)")
     try:
         manifest = json.loads(manifest_file.read_text())

@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from adaptc.artifact import atomic_directory, refuse_existing, versions
+from adaptc.artifact import PROGRAM, atomic_directory, refuse_existing, versions
 from adaptc.compiler import REPORT, as_model
 from adaptc.errors import ArtifactError, first_line
 from adaptc.frontend.models import LoadedModel
@@ -33,7 +33,7 @@ from adaptc.passes.base import INSERTED, MERGED
 from adaptc.passes.fuse_projections import graph_tensor
 
 FORMAT = 1
-PROGRAM, HF_DIR, REPORT_FILE = "program.pt2", "hf", "report.json"
+HF_DIR, REPORT_FILE = "hf", "report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
 
@@ -78,12 +78,21 @@ def export_program(gm: GraphModule, model: LoadedModel) -> torch.export.Exported
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:
     """torch.export.load after registering what the program refers to: adaptc's fused ops
-    and the pytree types of transformers' output classes."""
+    and the pytree types of transformers' output classes. `path` is the .pt2 file or the
+    artifact directory holding it."""
     import transformers.modeling_outputs  # noqa: F401  registers ModelOutput pytree nodes
 
     import adaptc.backends.triton  # noqa: F401  lazily: importing it imports triton
 
-    return torch.export.load(str(path))
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROGRAM
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such program file (an infer artifact has {PROGRAM})")
+    try:
+        return torch.export.load(str(path))
+    except Exception as err:  # zip, pickle and schema errors alike mean "not a program"
+        raise ArtifactError(f"{path}: cannot load the exported program: {first_line(err)}") from err
 
 
 # --------------------------------------------------------------------------- hf/

@@ -15,6 +15,7 @@ from test_lora_parity import TARGETS, randomize_and_copy
 
 import adaptc
 from adaptc.cli import main
+from adaptc.errors import ArtifactError
 from adaptc.frontend.models import wrap
 from adaptc.frontend.trace import trace
 
@@ -167,6 +168,19 @@ def test_export_round_trip(tiny, tmp_path, spec, merged):
         assert (main_output(hf(**x)) - expected).abs().max().item() <= 1e-6
     else:
         assert "fused ops" in report["hf_skipped"]
+    assert torch.equal(main_output(adaptc.load_program(out).module()(**x)), expected)  # the dir
+    with pytest.raises(ArtifactError, match="an infer artifact .* adaptc.load_program"):
+        adaptc.load(out)
+
+
+def test_bad_program_files_are_artifact_errors(tmp_path):
+    with pytest.raises(ArtifactError, match="nope.pt2: no such program file"):
+        adaptc.load_program(tmp_path / "nope.pt2")
+    with pytest.raises(ArtifactError, match="program.pt2: no such program file"):
+        adaptc.load_program(tmp_path)
+    (tmp_path / "program.pt2").write_bytes(b"not a zip archive")
+    with pytest.raises(ArtifactError, match="program.pt2: cannot load the exported program"):
+        adaptc.load_program(tmp_path)
 
 
 HF_CASES = ["q_proj,v_proj: lora r=4 init=pissa", "q_proj,v_proj: lora r=4 dora",
