@@ -55,15 +55,19 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     if any(t.is_meta for t in tensors.values()):
         raise WeightsError("cannot save adapters of a model on the meta device (it has no values)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except (OSError, SafetensorError) as err:
+        raise WeightsError(f"{path}: cannot write adapter weights: "
+                           f"{getattr(err, 'strerror', None) or err}") from err
     return path
 
 

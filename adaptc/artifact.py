@@ -68,27 +68,36 @@ def write_file(path: Path, text: str, force: bool) -> None:
     is replaced only with `force`."""
     if path.exists() and not force:
         raise ArtifactError(f"{path}: file exists (use --force)")
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.tmp-",
-                                         delete=False)
     try:
-        with handle:
-            handle.write(text)
-        Path(handle.name).replace(path)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+        handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.tmp-",
+                                             delete=False)
+        try:
+            with handle:
+                handle.write(text)
+            Path(handle.name).replace(path)
+        finally:
+            Path(handle.name).unlink(missing_ok=True)
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot write: {err.strerror or err}") from err
 
 
 @contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """A staging directory beside `out`, renamed to `out` when the block succeeds and removed
-    when it fails, so `out` is either the old contents or complete new ones."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    when it fails, so `out` is either the old contents or complete new ones. A file-system
+    error (no permission, disk full) becomes an ArtifactError naming `out`."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as err:
+        raise ArtifactError(f"{out}: cannot create the output directory: {err.strerror}") from err
     try:
         yield staging
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
+    except OSError as err:
+        raise ArtifactError(f"{out}: cannot write the output: {err.strerror or err}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

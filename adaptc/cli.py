@@ -109,11 +109,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_compile(args) -> int:
+    if not args.dump_passes:
+        return compile_command(args)
+    previous = os.environ.get("ADAPTC_DUMP")
+    os.environ["ADAPTC_DUMP"] = args.dump_passes  # the pass manager reads it
+    try:
+        return compile_command(args)
+    finally:  # main() may run again in this process (tests, scripts)
+        if previous is None:
+            del os.environ["ADAPTC_DUMP"]
+        else:
+            os.environ["ADAPTC_DUMP"] = previous
+
+
+def compile_command(args) -> int:
     from adaptc.artifact import refuse_existing
     from adaptc.compiler import compile, prepare, report_of
 
-    if args.dump_passes:
-        os.environ["ADAPTC_DUMP"] = args.dump_passes
     if args.adapters and args.mode != "infer":
         raise AdaptcError("--adapters is for --mode infer (train mode starts from the initial "
                           "weights; load saved ones with adaptc.load_adapters)")

@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import adaptc
+import adaptc.errors
 from adaptc.cli import main
 from helpers import lm_loss, next_token_batch
 
@@ -53,6 +55,25 @@ def test_existing_output_is_not_overwritten(tmp_path):
     result = run_cli("compile", "specs/lora_qv.adapt", "-o", str(out))
     assert result.returncode == 1 and "--force" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_outputs_that_cannot_be_written_are_errors_not_tracebacks(tmp_path, capsys):
+    """A path under a regular file cannot be created (deterministic even as root)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for argv in (["compile", "specs/lora_qv.adapt", "-o", str(blocker / "out")],
+                 ["compile", "specs/lora_qv.adapt", "--mode", "infer", "-o", str(blocker / "out")],
+                 ["compile", "specs/lora_qv.adapt", "--dump-passes", str(blocker)]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith(str(blocker)) and "cannot" in err, (argv, err)
+    from adaptc.artifact import write_file  # import-peft -o
+    with pytest.raises(adaptc.errors.ArtifactError, match="s.adapt: cannot write"):
+        write_file(blocker / "s.adapt", "q: lora\n", force=False)
+    gm = adaptc.compile("llama", "q_proj: lora r=2")
+    with pytest.raises(adaptc.errors.WeightsError, match="cannot write adapter weights"):
+        adaptc.save_adapters(gm, blocker / "a.safetensors")
+    assert blocker.read_text() == ""
 
 
 def test_spec_error_exits_1_without_traceback(tmp_path):

@@ -48,5 +48,8 @@ class PassManager:
 
     def dump(self, gm: GraphModule, index: int, name: str) -> None:
         folder = Path(self.dump_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index:02d}_{name}.py").write_text(gm.code)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{index:02d}_{name}.py").write_text(gm.code)
+        except OSError as err:
+            raise AdaptcError(f"{folder}: cannot write the graph dump: {err.strerror}") from err
