@@ -60,8 +60,11 @@ def as_plan(spec: str | Path | Plan) -> Plan:
 def as_model(model: str | nn.Module | LoadedModel, example_inputs: dict | None) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
-    if isinstance(model, str):
-        return load_model(model)
+    if isinstance(model, (str, Path)):
+        return load_model(str(model))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a preset name, a checkpoint directory or an "
+                        f"nn.Module, got {type(model).__name__}")
     return wrap(model, example_inputs=example_inputs)
 
 

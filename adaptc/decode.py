@@ -69,6 +69,8 @@ class Decoder:
 
     def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
         """Prompt followed by `max_new_tokens` greedily chosen token ids."""
+        if isinstance(prompt, str) or not all(isinstance(t, int) for t in prompt):
+            raise TypeError(f"prompt must be a list of token ids (ints), got {prompt!r:.60}")
         if not prompt:
             raise AdaptcError("generation needs a prompt of at least one token")
         if max_new_tokens < 0:
@@ -92,6 +94,8 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
                     fuse_projections: bool = False) -> Decoder:
     """The infer-mode graph of `spec` on a causal LM, exported for cached decoding
     (`merge` and `fuse_projections` as in `adaptc.compile`)."""
+    if not isinstance(max_cache_len, int):
+        raise TypeError(f"max_cache_len must be an int, got {max_cache_len!r}")
     if max_cache_len < 2:
         raise AdaptcError(f"max_cache_len must be at least 2, got {max_cache_len}")
     loaded = as_model(model, None)

@@ -55,6 +55,10 @@ def test_decoder_limits(tiny):
     with pytest.raises(AdaptcError, match="max_new_tokens must be >= 0, got -1"):
         decoder.generate(PROMPT, -1)
     assert decoder.generate(PROMPT, 0) == PROMPT
+    with pytest.raises(TypeError, match="prompt must be a list of token ids"):
+        decoder.generate("5 17", 2)
+    with pytest.raises(TypeError, match="max_cache_len must be an int, got 8.5"):
+        compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8.5)
     vocab = tiny("llama").module.config.vocab_size
     for bad in (vocab, -1):
         with pytest.raises(AdaptcError, match=rf"token id {bad} is outside .*0\.\.{vocab - 1}"):

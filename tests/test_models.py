@@ -94,3 +94,6 @@ def test_compile_names_a_bad_spec_or_mode_argument(tiny):
         adaptc.compile(tiny("llama"), 123)
     with pytest.raises(adaptc.AdaptcError, match="unknown mode 'Infer': choose one of train, infer"):
         adaptc.compile(tiny("llama"), "q_proj: lora", mode="Infer")
+    with pytest.raises(TypeError, match="model must be a preset name, a checkpoint directory "
+                                        "or an nn.Module, got int"):
+        adaptc.compile(42, "q_proj: lora")
