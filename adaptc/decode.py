@@ -24,10 +24,10 @@ from adaptc.compiler import as_model, prepare, run_pipeline
 from adaptc.errors import AdaptcError, ModelError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export
+from adaptc.passes.insert_prompt import PROMPT_METHODS
 
 PREFIX = "model."
 POSITIONS = "cache_position"  # the static-cache module's input of absolute positions
-VIRTUAL_TOKEN_METHODS = ("prompt", "ptuning")
 
 
 class Decoder:
@@ -114,7 +114,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     ctx.adapters, ctx.adapter_prefix, ctx.merge = adapters, PREFIX, merge
     ctx.fuse_projections, ctx.positions_input = fuse_projections, POSITIONS
     virtual = sum(a.rule.config.tokens for a in ctx.assignments
-                  if a.method in VIRTUAL_TOKEN_METHODS)
+                  if a.method in PROMPT_METHODS)
     seq = Dim("seq", min=1, max=max_cache_len)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
