@@ -92,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="token ids, e.g. '5 17 42'")
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--max-cache-len", type=int, default=128)
+    gen.add_argument("--eos-token-id", type=int, metavar="ID",
+                     help="stop after generating this token id")
     gen.add_argument("--no-merge", dest="merge", action="store_false",
                      help="keep weight-space updates beside the base weights")
     gen.add_argument("--fuse-projections", action="store_true",
@@ -248,7 +250,7 @@ def run_generate(args) -> int:
     decoder = compile_decoder(args.model, spec_plan(args.spec), adapters=args.adapters,
                               max_cache_len=args.max_cache_len, merge=args.merge,
                               fuse_projections=args.fuse_projections)
-    print(" ".join(map(str, decoder.generate(prompt, args.max_new_tokens))))
+    print(" ".join(map(str, decoder.generate(prompt, args.max_new_tokens, args.eos_token_id))))
     return 0
 
 

@@ -67,8 +67,10 @@ class Decoder:
     def virtual_note(self) -> str:
         return f" (with {self.virtual} virtual tokens)" if self.virtual else ""
 
-    def generate(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        """Prompt followed by `max_new_tokens` greedily chosen token ids."""
+    def generate(self, prompt: list[int], max_new_tokens: int,
+                 eos_token_id: int | None = None) -> list[int]:
+        """Prompt followed by up to `max_new_tokens` greedily chosen token ids; generation
+        stops after `eos_token_id` when one is given."""
         if isinstance(prompt, str) or not all(isinstance(t, int) for t in prompt):
             raise TypeError(f"prompt must be a list of token ids (ints), got {prompt!r:.60}")
         if not prompt:
@@ -83,7 +85,7 @@ class Decoder:
         scores = self.logits(tokens, 0)
         for _ in range(max_new_tokens):
             tokens.append(int(scores[-1].argmax()))
-            if len(tokens) == len(prompt) + max_new_tokens:
+            if len(tokens) == len(prompt) + max_new_tokens or tokens[-1] == eos_token_id:
                 break
             scores = self.logits(tokens[-1:], len(tokens) - 1)
         return tokens

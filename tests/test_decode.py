@@ -55,6 +55,9 @@ def test_decoder_limits(tiny):
     with pytest.raises(AdaptcError, match="max_new_tokens must be >= 0, got -1"):
         decoder.generate(PROMPT, -1)
     assert decoder.generate(PROMPT, 0) == PROMPT
+    full = decoder.generate(PROMPT, 3)
+    eos = full[len(PROMPT) + 1]
+    assert decoder.generate(PROMPT, 3, eos) == full[:full.index(eos, len(PROMPT)) + 1]
     with pytest.raises(TypeError, match="prompt must be a list of token ids"):
         decoder.generate("5 17", 2)
     with pytest.raises(TypeError, match="max_cache_len must be an int, got 8.5"):
@@ -73,6 +76,9 @@ def test_cli_generate(capsys):
                  "--max-new-tokens", "4"]) == 0
     tokens = capsys.readouterr().out.split()
     assert tokens[:3] == ["5", "17", "42"] and len(tokens) == 7
+    assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 17 42",
+                 "--max-new-tokens", "4", "--eos-token-id", tokens[3]]) == 0
+    assert capsys.readouterr().out.split() == tokens[:4]
     assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 x"]) == 1
     assert "token ids" in capsys.readouterr().err
     assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 99999"]) == 1
