@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from adaptc.errors import AdaptcError, ArtifactError
+from adaptc.errors import AdaptcError, ArtifactError, first_line
 from adaptc.frontend.models import DEFAULT_MODEL, PRESETS
 
 
@@ -89,7 +89,11 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("spec", help=SPEC_HELP)
     gen.add_argument("--model", default=DEFAULT_MODEL, help=models)
     gen.add_argument("--adapters", metavar="FILE", help="trained adapter weights")
-    gen.add_argument("--prompt", required=True, help="token ids, e.g. '5 17 42'")
+    given = gen.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="token ids, e.g. '5 17 42'")
+    given.add_argument("--text", help="text, encoded with the checkpoint directory's tokenizer "
+                       "(the output is decoded, and generation stops at its end-of-sequence "
+                       "token unless --eos-token-id says otherwise)")
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--max-cache-len", type=int, default=128)
     gen.add_argument("--eos-token-id", type=int, metavar="ID",
@@ -243,15 +247,42 @@ def run_check(args) -> int:
 def run_generate(args) -> int:
     from adaptc.decode import compile_decoder
 
-    try:
-        prompt = [int(token) for token in args.prompt.replace(",", " ").split()]
-    except ValueError:
-        raise AdaptcError(f"--prompt takes token ids separated by spaces, got {args.prompt!r}") from None
+    tokenizer, eos = None, args.eos_token_id
+    if args.text is not None:
+        tokenizer = checkpoint_tokenizer(args.model)
+        prompt = tokenizer(args.text)["input_ids"]
+        eos = tokenizer.eos_token_id if eos is None else eos
+    else:
+        try:
+            prompt = [int(token) for token in args.prompt.replace(",", " ").split()]
+        except ValueError:
+            raise AdaptcError(f"--prompt takes token ids separated by spaces, got "
+                              f"{args.prompt!r}") from None
     decoder = compile_decoder(args.model, spec_plan(args.spec), adapters=args.adapters,
                               max_cache_len=args.max_cache_len, merge=args.merge,
                               fuse_projections=args.fuse_projections)
-    print(" ".join(map(str, decoder.generate(prompt, args.max_new_tokens, args.eos_token_id))))
+    tokens = decoder.generate(prompt, args.max_new_tokens, eos)
+    print(tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens)))
     return 0
+
+
+def checkpoint_tokenizer(model: str):
+    """The tokenizer saved in checkpoint directory `model` (presets have none)."""
+    from transformers import AutoTokenizer
+
+    from adaptc.export import TOKENIZER_FILES
+
+    if not Path(model).is_dir():
+        raise AdaptcError(f"--text needs a checkpoint directory with a tokenizer; '{model}' is "
+                          "a preset without one (pass token ids with --prompt)")
+    if not any((Path(model) / name).is_file() for name in TOKENIZER_FILES):
+        raise AdaptcError(f"{model}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) "
+                          "to encode --text with; pass token ids with --prompt")
+    try:
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise AdaptcError(f"{model}: no tokenizer to encode --text with ({first_line(err)}); "
+                          "pass token ids with --prompt") from None
 
 
 def run_import_peft(args) -> int:

@@ -31,3 +31,15 @@ def next_token_batch(vocab: int = 64, batch: int = 16, seq: int = 12, seed: int 
 def lm_loss(gm, ids: torch.Tensor) -> torch.Tensor:
     logits = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def save_word_tokenizer(folder, words: int = 20) -> None:
+    """A word-level tokenizer ("[UNK]" = 0, "w<i>" = i + 1) saved into a checkpoint folder,
+    built offline (no hub): the presets ship none."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)

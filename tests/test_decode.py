@@ -70,6 +70,25 @@ def test_decoder_limits(tiny):
         compile_decoder(tiny("bert"), "query: lora r=2")
 
 
+def test_cli_generate_text_with_the_checkpoint_tokenizer(tiny, tmp_path, capsys):
+    from adaptc.cli import main
+    from helpers import save_word_tokenizer
+    checkpoint = tmp_path / "ckpt"
+    tiny("llama").module.save_pretrained(checkpoint)
+    save_word_tokenizer(checkpoint, words=511)  # the preset's 512 ids: "w<id - 1>"
+    args = ["generate", "specs/lora_qv.adapt", "--model", str(checkpoint), "--max-new-tokens", "3"]
+    assert main([*args, "--prompt", "4 8 2"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert main([*args, "--text", "w3 w7 w1"]) == 0
+    assert capsys.readouterr().out.split() == [f"w{int(i) - 1}" for i in ids]
+    assert main(["generate", "specs/lora_qv.adapt", "--text", "w3"]) == 1
+    assert "'llama' is a preset without one" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    tiny("llama").module.save_pretrained(bare)
+    assert main(["generate", "specs/lora_qv.adapt", "--model", str(bare), "--text", "w3"]) == 1
+    assert "no tokenizer files" in capsys.readouterr().err
+
+
 def test_cli_generate(capsys):
     from adaptc.cli import main
     assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 17 42",

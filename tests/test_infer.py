@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, inputs, main_output
+from helpers import FAMILIES, inputs, main_output, save_word_tokenizer
 from peft import LoraConfig, get_peft_model
 from test_lora_parity import TARGETS, randomize_and_copy
 
@@ -244,15 +244,11 @@ def test_infer_graph_runs_under_torch_compile(tiny):
 
 def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
     """A checkpoint directory with a tokenizer gives an hf/ export that has it too."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(20)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
     checkpoint = tmp_path / "ckpt"
     tiny("llama").module.save_pretrained(checkpoint)
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(checkpoint)
+    save_word_tokenizer(checkpoint)
     assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--model", str(checkpoint),
                  "--mode", "infer", "-o", str(tmp_path / "dist")]) == 0
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dist" / "hf", local_files_only=True)
