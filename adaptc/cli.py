@@ -98,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-cache-len", type=int, default=128)
     gen.add_argument("--eos-token-id", type=int, metavar="ID",
                      help="stop after generating this token id")
+    gen.add_argument("--torch-compile", action="store_true",
+                     help="run the decoder graph through torch.compile (slow first tokens, "
+                     "faster after)")
     gen.add_argument("--no-merge", dest="merge", action="store_false",
                      help="keep weight-space updates beside the base weights")
     gen.add_argument("--fuse-projections", action="store_true",
@@ -260,7 +263,8 @@ def run_generate(args) -> int:
                               f"{args.prompt!r}") from None
     decoder = compile_decoder(args.model, spec_plan(args.spec), adapters=args.adapters,
                               max_cache_len=args.max_cache_len, merge=args.merge,
-                              fuse_projections=args.fuse_projections)
+                              fuse_projections=args.fuse_projections,
+                              torch_compile=args.torch_compile)
     tokens = decoder.generate(prompt, args.max_new_tokens, eos)
     print(tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens)))
     return 0

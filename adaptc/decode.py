@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.export import Dim
-from torch.fx import GraphModule
 
 from adaptc.compiler import as_model, prepare, run_pipeline
 from adaptc.errors import AdaptcError, ModelError
@@ -40,7 +39,7 @@ class Decoder:
     the graph replaces by the virtual tokens, and positions here count real tokens only.
     """
 
-    def __init__(self, graph: GraphModule, max_cache_len: int, vocab_size: int,
+    def __init__(self, graph: nn.Module, max_cache_len: int, vocab_size: int,
                  virtual: int = 0):
         self.graph, self.max_cache_len, self.vocab_size = graph, max_cache_len, vocab_size
         self.virtual = virtual
@@ -93,9 +92,14 @@ class Decoder:
 
 def compile_decoder(model, spec, *, adapters: str | Path | None = None,
                     max_cache_len: int = 128, merge: bool = True,
-                    fuse_projections: bool = False) -> Decoder:
+                    fuse_projections: bool = False, torch_compile: bool = False) -> Decoder:
     """The infer-mode graph of `spec` on a causal LM, exported for cached decoding
-    (`merge` and `fuse_projections` as in `adaptc.compile`)."""
+    (`merge` and `fuse_projections` as in `adaptc.compile`).
+
+    `torch_compile=True` runs the graph through `torch.compile` (dynamic shapes: the
+    prefill and the one-token steps compile once each, on their first call). Decoding one
+    token is many small ops, which Inductor fuses: the same tokens, faster after the first
+    calls (benchmarks/decode.py --torch-compile)."""
     if not isinstance(max_cache_len, int):
         raise TypeError(f"max_cache_len must be an int, got {max_cache_len!r}")
     if max_cache_len < 2:
@@ -121,8 +125,10 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
         graph = export(wrapped, {"input_ids": {1: seq}, "cache_position": {0: seq}})
-    return Decoder(run_pipeline(graph, ctx), max_cache_len, loaded.module.config.vocab_size,
-                   virtual)
+    graph = run_pipeline(graph, ctx)
+    if torch_compile:
+        graph = torch.compile(graph, dynamic=True)
+    return Decoder(graph, max_cache_len, loaded.module.config.vocab_size, virtual)
 
 
 def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:

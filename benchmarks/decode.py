@@ -5,6 +5,7 @@ the same exported static-cache path.
 
     python benchmarks/decode.py [--model llama] [--tokens 64] [--rounds 3] [--write]
     python benchmarks/decode.py --model 1.1b     # on a GPU: infer_speed.py's model, bf16
+    python benchmarks/decode.py --torch-compile  # every decoder through torch.compile
 
 `--model` takes a preset or checkpoint directory (run on the CPU, float32), or `1.1b`: the
 Llama-shaped 1.1B model of infer_speed.py, random init, bfloat16 on CUDA when there is one.
@@ -49,7 +50,7 @@ def load_base(model_name: str):
     return base_model(False, device, dtype), device, dtype
 
 
-def decoders(model, cache: int) -> dict:
+def decoders(model, cache: int, torch_compile: bool) -> dict:
     import adaptc
     from adaptc.decode import compile_decoder
 
@@ -64,8 +65,8 @@ def decoders(model, cache: int) -> dict:
         adaptc.save_adapters(trained, path)
         start = time.perf_counter()
         built[name] = compile_decoder(model, spec, adapters=path, max_cache_len=cache,
-                                      **options)
-        built[name].generate([1, 2, 3, 4], 2)  # warm-up: kernels compile and autotune here
+                                      torch_compile=torch_compile, **options)
+        built[name].generate([1, 2, 3, 4], 2)  # warm-up: kernels (and torch.compile) build here
         print(f"built {name} in {time.perf_counter() - start:.1f} s", flush=True)
     return built
 
@@ -81,10 +82,11 @@ def main() -> None:
     parser.add_argument("--model", default="llama")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--torch-compile", action="store_true")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     model, device, dtype = load_base(args.model)
-    built = decoders(model, args.tokens + 8)
+    built = decoders(model, args.tokens + 8, args.torch_compile)
     rates = {name: [] for name in built}
     for _ in range(args.rounds):  # interleaved: every variant once per round
         for name, decoder in built.items():
@@ -110,7 +112,8 @@ def write(rows, args, device: str, dtype: torch.dtype) -> None:
         ops = "Fused ops ran their PyTorch reference (no GPU)."
     lines = [f"\n## decode.py — {datetime.date.today()}",
              f"Device: {where}, transformers {transformers.__version__}, {dtype}. Model "
-             f"`{args.model}`, batch 1, prompt 4 tokens, {args.tokens} new tokens, greedy; "
+             f"`{args.model}`{', torch.compile' if args.torch_compile else ', eager'}, batch 1, "
+             f"prompt 4 tokens, {args.tokens} new tokens, greedy; "
              f"median of {args.rounds} interleaved rounds. {ops}\n",
              "| variant | tokens/s | time × base |", "|---|---|---|"]
     lines += [f"| {n} | {r:.1f} | {x:.2f} |" for n, r, x in rows]

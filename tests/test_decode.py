@@ -44,6 +44,15 @@ def test_cached_decoding_equals_full_forward(tiny, tmp_path, family, spec):
     assert (stepwise - reference).abs().max().item() <= 1e-4
 
 
+def test_torch_compiled_decoder_gives_the_same_tokens(tiny):
+    """Prefill and one-token steps through torch.compile (Inductor on the CPU here)."""
+    model, spec = tiny("llama"), "q_proj: lora r=2; ffn: adapter bottleneck=8"
+    eager = compile_decoder(model, spec, max_cache_len=16).generate(PROMPT, 4)
+    compiled = compile_decoder(model, spec, max_cache_len=16, torch_compile=True)
+    assert isinstance(compiled.graph, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled.generate(PROMPT, 4) == eager
+
+
 def test_decoder_limits(tiny):
     decoder = compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8)
     with pytest.raises(AdaptcError, match="5-token prompt and 6 new tokens exceed the cache"):
