@@ -266,7 +266,8 @@ def run_generate(args) -> int:
                               fuse_projections=args.fuse_projections,
                               torch_compile=args.torch_compile)
     tokens = decoder.generate(prompt, args.max_new_tokens, eos)
-    print(tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens)))
+    print(tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer
+          else " ".join(map(str, tokens)))
     return 0
 
 
