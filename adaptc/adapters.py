@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from safetensors import SafetensorError
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from adaptc.errors import WeightsError
 from adaptc.methods.mixture import MixtureOfLora
@@ -79,10 +79,10 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None
     under ENCODERS (statement-wide encoders at the graph's root) stay as they are.
     """
     try:
-        tensors = {(k if k.startswith(f"{ENCODERS}.") else prefix + k): v
-                   for k, v in load_file(str(path)).items()}
         with safe_open(str(path), "pt") as handle:
             saved_spec = (handle.metadata() or {}).get(SPEC_KEY)
+            tensors = {(k if k.startswith(f"{ENCODERS}.") else prefix + k): handle.get_tensor(k)
+                       for k in handle.keys()}
     except (OSError, SafetensorError) as err:
         raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
     load_adapter_tensors(module, tensors, str(path), saved_spec)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -118,20 +117,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_compile(args) -> int:
-    if not args.dump_passes:
-        return compile_command(args)
-    previous = os.environ.get("ADAPTC_DUMP")
-    os.environ["ADAPTC_DUMP"] = args.dump_passes  # the pass manager reads it
-    try:
-        return compile_command(args)
-    finally:  # main() may run again in this process (tests, scripts)
-        if previous is None:
-            del os.environ["ADAPTC_DUMP"]
-        else:
-            os.environ["ADAPTC_DUMP"] = previous
-
-
-def compile_command(args) -> int:
     from adaptc.artifact import refuse_existing
     from adaptc.compiler import compile, prepare, report_of
 
@@ -153,7 +138,7 @@ def compile_command(args) -> int:
         if args.mode == "infer" and args.output:
             reference, adapters = train_reference(ctx, args.adapters, Path(scratch))
         gm = compile(ctx.model, ctx.plan, args.mode, adapters=adapters, merge=args.merge,
-                     fuse_projections=args.fuse_projections)
+                     fuse_projections=args.fuse_projections, dump_dir=args.dump_passes)
     report = report_of(gm)
     print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
           f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")

@@ -78,10 +78,13 @@ def prepare(model, spec, mode: str, example_inputs: dict | None = None) -> Compi
     return CompileContext(plan, loaded, assignments, mode, layer_count(sites))
 
 
-def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = None) -> GraphModule:
+def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = None,
+                 dump_dir: str | Path | None = None) -> GraphModule:
     manager = PassManager(default_pipeline(ctx.mode, ctx.merge, ctx.fuse_projections))
     if verify is not None:
         manager.verify = verify
+    if dump_dir is not None:
+        manager.dump_dir = str(dump_dir)
     gm, counts = manager.run(gm, ctx)
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     gm.meta[REPORT] = CompileReport(ctx.plan.spec.path, ctx.plan.spec.source, ctx.model.source, ctx.mode, ctx.sites,
@@ -92,7 +95,8 @@ def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = Non
 
 def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = None,
             merge: bool = True, fuse_projections: bool = False,
-            example_inputs: dict | None = None, verify: bool | None = None) -> GraphModule:
+            example_inputs: dict | None = None, verify: bool | None = None,
+            dump_dir: str | Path | None = None) -> GraphModule:
     """Compile `spec` onto `model` (a preset name, checkpoint dir, or nn.Module).
 
     mode="train" returns the unmerged graph: base parameters frozen, adapters trainable.
@@ -104,6 +108,7 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
     QLoRA base stays 4-bit): LoRA as linear ops whose sibling A matrices share one GEMM,
     the other weight-space methods as eager modules. `fuse_projections=True` makes linear
     layers that read the same input (q, k, v; gate, up) one GEMM over concatenated weights.
+    `dump_dir` writes the graph after each pass there (as ADAPTC_DUMP does).
     """
     if adapters is not None and mode != "infer":
         raise AdaptcError("adapter weights are loaded in infer mode; for a train-mode module "
@@ -113,7 +118,7 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
                           "mode keeps the layers as traced)")
     ctx = prepare(model, spec, mode, example_inputs)
     ctx.adapters, ctx.merge, ctx.fuse_projections = adapters, merge, fuse_projections
-    return run_pipeline(trace(ctx.model), ctx, verify)
+    return run_pipeline(trace(ctx.model), ctx, verify, dump_dir)
 
 
 def report_of(gm: GraphModule) -> CompileReport:
