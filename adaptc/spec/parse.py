@@ -20,6 +20,7 @@ from adaptc.spec.ast import Attach, LayerSelect, Mixture, Option, Span, Spec, Ta
 
 __all__ = ["parse_spec"]
 
+_WORD_TAIL = re.compile(r"[A-Za-z0-9_]+")
 ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'"}
 
 
@@ -86,9 +87,11 @@ class _Builder(Transformer):
         return Option(str(key), Value(True, _span(key), "bool"), _span(key))
 
     def int(self, token: Token) -> Value:
+        self._ends_cleanly(token, "a number", "numbers are decimal; separate options with spaces")
         return Value(int(token), _span(token), "int")
 
     def float(self, token: Token) -> Value:
+        self._ends_cleanly(token, "a number", "numbers are decimal; separate options with spaces")
         return Value(float(token), _span(token), "float")
 
     def name(self, token: Token) -> Value:
@@ -97,12 +100,24 @@ class _Builder(Transformer):
         return Value(str(token), _span(token), "name")
 
     def string(self, token: Token) -> Value:
+        self._ends_cleanly(token, "a string", "separate options with spaces")
         return Value(self._unescape(token), _span(token), "string")
 
     @v_args(meta=True)
     def list(self, meta: Meta, children: list) -> Value:
         items = [item for item in children if item is not None]  # `[]` gives one placeholder
         return Value(items, _span(meta), "list")
+
+    def _ends_cleanly(self, token: Token, what: str, hint: str) -> None:
+        """A literal the lexer ended mid-word (`r=8alpha=16`, `r=0x10`) would otherwise
+        split into a value and a bare flag; refuse it where it is written."""
+        rest = _WORD_TAIL.match(self.source, token.end_pos)
+        if rest is None:
+            return
+        word = str(token) + rest[0]
+        raise SpecError([Diagnostic(
+            self.path, self.source, token.line, token.column, token.column + len(word), "E101",
+            f"{word!r} is not {what}", (hint,))])
 
     def _unescape(self, token: Token) -> str:
         """Strip the quotes and resolve `\\n \\t \\\\ \\" \\'`; any other escape is an error."""

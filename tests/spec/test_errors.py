@@ -61,6 +61,11 @@ MALFORMED = [
     ("a: lora\n  b: lora r=8 $", "E101", 2, 15,
      "expected a name, ';', a newline or the end of input"),
     ("q-proj: lora", "E101", 1, 2, "unexpected character '-'"),
+    # literals that run into a name (the lexer would split them into a value and a flag)
+    ("q: lora r=8alpha=16", "E101", 1, 11, "'8alpha' is not a number"),
+    ("q: lora r=0x10", "E101", 1, 11, "'0x10' is not a number"),
+    ("q: lora alpha=1.5e3b", "E101", 1, 15, "'1.5e3b' is not a number"),
+    ("q: lora init='x'y", "E101", 1, 14, "\"'x'y\" is not a string"),
     # errors on a later line, CRLF
     ("a: lora\r\nb lora\r\n", "E102", 2, 3, "expected ':' after the targets"),
     ("# header\n\nq_proj: lora\nv_proj: adapter bottleneck=", "E103", 4, 28, "expected a value"),
