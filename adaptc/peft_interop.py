@@ -35,7 +35,7 @@ from adaptc.adapters import adapter_modules, load_adapter_tensors
 from adaptc.errors import InteropError, SpecError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.sites import Site, site_table
-from adaptc.frontend.targets import ALIASES, matches, resolve
+from adaptc.frontend.targets import ALIASES, matches, naming, resolve
 from adaptc.methods.adalora import AdaLoraAdapter
 from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter
@@ -416,7 +416,7 @@ def write_spec(kind: str, groups: dict[str, list[str]], sites: list[Site],
 def short_targets(paths: list[str], sites: list[Site], family: str | None) -> list[str]:
     """Targets for a group of module paths: per path, its shortest dotted suffix that matches
     only paths of the group, with a layer selection where that makes it exact (`v_proj[1]`)."""
-    group, aliases = set(paths), set(ALIASES.get(family or "", {}))
+    group, aliases = set(paths), set(ALIASES.get(naming(family, sites) or "", {}))
     layer_of = {s.path: s.layer for s in sites}
     chosen: dict[str, set[int] | None] = {}
     for path in paths:

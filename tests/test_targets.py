@@ -26,6 +26,53 @@ def test_role_aliases_port_across_families(tiny, family, expected):
     assert len(sites(gm)) == 2 * len(expected)
 
 
+def small_decoder(model_type: str):
+    """A random-init causal LM of a family that has no alias table of its own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {} if model_type == "gpt_neox" else {"num_key_value_heads": 2, "head_dim": 16}
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                  pad_token_id=0, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma"])
+def test_families_named_like_llama_take_its_aliases(tmp_path, model_type):
+    """Qwen3 and Gemma have Llama's module names: the portable spec resolves to the same
+    sites as the explicit one, and its infer graph (merged LoRA, fused adapter) equals the
+    train graph."""
+    portable = "attn.q,attn.v: lora r=2 alpha=4; ffn: adapter bottleneck=4"
+    explicit = "self_attn.q_proj,self_attn.v_proj: lora r=2 alpha=4; mlp: adapter bottleneck=4"
+    model = small_decoder(model_type)
+    train = adaptc.compile(model, portable)
+    assert sites(train) == sites(adaptc.compile(model, explicit))
+    assert len(sites(train)) == 6
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(train).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    adaptc.save_adapters(train, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, portable, "infer", adapters=tmp_path / "a.safetensors")
+    ids = torch.randint(0, 128, (2, 9), generator=gen)
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    got, want, base = infer(**x).logits, train.eval()(**x).logits, model(**x).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    assert (want - base).abs().max().item() > 1e-3  # the adapters act
+
+
+def test_alias_errors_say_what_the_alias_stands_for():
+    with pytest.raises(SpecError) as info:  # Phi-3 is named like Llama, with a fused qkv_proj
+        adaptc.compile(small_decoder("phi3"), "attn.q: lora r=2")
+    assert info.value.first.notes[0] == "'attn.q' stands for self_attn.q_proj in this model"
+    assert "'attn.k'" not in info.value.first.message  # suggests only aliases that match
+    with pytest.raises(SpecError) as info:  # GPT-NeoX fits no table
+        adaptc.compile(small_decoder("gpt_neox"), "ffn: adapter bottleneck=4")
+    assert "'ffn' is a role alias" in info.value.first.notes[0]
+    assert "gpt_neox.layers.0.mlp.dense_h_to_4h" in info.value.first.notes[1]
+
+
 def test_layer_selection_and_override(tiny):
     gm = adaptc.compile(tiny("llama"), "*_proj[1:]: lora r=2\nv_proj[-1]: lora r=6")
     rows = {row["path"]: row for row in adaptc.report_of(gm).sites}

@@ -2,8 +2,8 @@
 
 A pattern is matched against module paths segment by segment from the end: a bare name
 matches a path suffix at dot boundaries (`q_proj` ~ `model.layers.3.self_attn.q_proj`) and
-`*` globs within a segment. Role aliases (`attn.q`, `ffn.*`, ...) expand per model family so
-one spec ports across architectures. Later statements override earlier ones per module and
+`*` globs within a segment. Role aliases (`attn.q`, `ffn.*`, ...) expand per model family (or
+per naming scheme, for families without a table) so one spec ports across architectures. Later statements override earlier ones per module and
 method; different methods on one module compose (LoRA inside the layer, adapter after it).
 """
 from __future__ import annotations
@@ -49,6 +49,10 @@ POSITION_EMBEDDINGS = {"gpt2": "wpe", "bert": "embeddings.position_embeddings"}
 ATTENTION_OP_ALIASES = {"bert": {"attn": ["attention.self"]}}
 ALIASES = {"llama": LLAMA_ALIASES, "mistral": LLAMA_ALIASES, "qwen2": LLAMA_ALIASES,
            "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES}
+# A family without a table of its own takes the first whose signature module it has:
+# Qwen3, Gemma, OLMo, Granite, ... name their layers like Llama, RoBERTa and ELECTRA like BERT.
+SIGNATURES = (("llama", "self_attn.o_proj"), ("gpt2", "attn.c_attn"),
+              ("bert", "attention.self.query"))
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,14 @@ def owner_matches(pattern: str, path: str) -> bool:
     return any(matches(pattern, ".".join(parts[:end])) for end in range(len(parts), 0, -1))
 
 
+def naming(family: str | None, sites: list[Site]) -> str | None:
+    """The alias table's key for a model: its own family's, or the one its module names fit."""
+    if family in ALIASES:
+        return family
+    return next((known for known, signature in SIGNATURES
+                 if any(matches(signature, s.path) for s in sites)), None)
+
+
 def expand(pattern: str, family: str | None, adapts: tuple[str, ...] = ()) -> list[str]:
     if "attention" in adapts and pattern in ATTENTION_OP_ALIASES.get(family or "", {}):
         return ATTENTION_OP_ALIASES[family][pattern]
@@ -87,6 +99,7 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
 
     Methods that adapt parameters (`train`) are matched against `params`, the parameter
     table, where a pattern names a parameter or any module that owns it."""
+    family = naming(family, sites)
     n_layers = layer_count(sites)
     params = params or []
     chosen: dict[tuple[str, str], Assignment] = {}
@@ -112,7 +125,7 @@ def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], fami
     test = owner_matches if "parameter" in rule.config.adapts else matches
     found = [s for s in sites if any(test(p, s.path) for p in patterns)]
     if not found:
-        problems.append(no_match(plan, target, sites, family))
+        problems.append(no_match(plan, target, patterns, sites, family))
         return []
     if target.layers is not None:
         picked = target.layers.pick(n_layers)
@@ -133,17 +146,26 @@ def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], fami
     return usable
 
 
-def no_match(plan: Plan, target: Target, sites: list[Site], family: str | None) -> Diagnostic:
+def no_match(plan: Plan, target: Target, patterns: list[str], sites: list[Site],
+             family: str | None) -> Diagnostic:
     segments = {seg for s in sites for seg in s.path.split(".")[-2:] if not seg.isdigit()}
-    names = sorted(segments | set(ALIASES.get(family or "", {})))
+    aliases = {alias for alias, expansion in ALIASES.get(family or "", {}).items()
+               if any(matches(p, s.path) for p in expansion for s in sites)}
+    names = sorted((segments | aliases) - {target.pattern})
     close = difflib.get_close_matches(target.pattern, names, n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     kinds = ("linear", "parameter")
     suffixes = [s.path for s in sites if s.layer in (None, 0) and s.kind in kinds]
     nearest = difflib.get_close_matches(target.pattern, suffixes, n=5, cutoff=0.0)
     what = "parameter" if sites and sites[0].kind == "parameter" else "module"
-    notes = (f"nearest {what} names: {', '.join(nearest)}",) if nearest else ()
-    return diag(plan, target.span, "E301", f"'{target.pattern}' matches no {what}{hint}", notes)
+    notes = [f"nearest {what} names: {', '.join(nearest)}"] if nearest else []
+    if patterns != [target.pattern]:
+        notes.insert(0, f"'{target.pattern}' stands for {', '.join(patterns)} in this model")
+    elif family not in ALIASES and any(target.pattern in table for table in ALIASES.values()):
+        notes.insert(0, f"'{target.pattern}' is a role alias; these module names fit no alias "
+                        "table (Llama, GPT-2 or BERT names), so write the module names")
+    return diag(plan, target.span, "E301", f"'{target.pattern}' matches no {what}{hint}",
+                tuple(notes))
 
 
 def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic]:
