@@ -7,9 +7,11 @@ The base model is traced in eval mode: its own dropout is off in compiled graphs
 """
 from __future__ import annotations
 
+import io
+import logging
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 
 import torch
 from torch import nn
@@ -70,11 +72,10 @@ def export_dynamic(module: nn.Module, inputs: dict,
     example's size instead is an error: the graph would accept only that size.
     """
     try:
-        return torch.export.export(module, (), dict(inputs), dynamic_shapes=shapes, strict=False)
+        return quiet_export(module, inputs, shapes)
     except Exception:  # retried below; when that fails too, its error is the one reported
         auto = {k: None if v is None else dict.fromkeys(v, Dim.AUTO) for k, v in shapes.items()}
-        program = torch.export.export(module, (), dict(inputs), dynamic_shapes=auto,
-                                      strict=False)
+        program = quiet_export(module, inputs, auto)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     for name, dims in shapes.items():
         for dim, spec in (dims or {}).items() if name in placeholders else ():
@@ -83,6 +84,29 @@ def export_dynamic(module: nn.Module, inputs: dict,
                 raise ValueError(f"torch {torch.__version__} could not keep dim {dim} of input "
                                  f"'{name}' dynamic: the graph would take size {size} only")
     return program
+
+
+def quiet_export(module: nn.Module, inputs: dict, shapes: dict) -> torch.export.ExportedProgram:
+    """torch.export without the partial graph it prints to stderr when tracing stops on a
+    data-dependent op (pages of generated code ahead of the one-line error we report) and
+    the symbolic-shape logger's "Unable to find user code" warnings that come with it.
+    Whatever else it writes to stderr (warnings) passes through."""
+    captured = io.StringIO()
+    partial = ""
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        with redirect_stderr(captured):
+            return torch.export.export(module, (), dict(inputs), dynamic_shapes=shapes,
+                                       strict=False)
+    except Exception as err:
+        partial = str(getattr(err, "partial_fx_graph", "") or "")
+        raise
+    finally:
+        shapes_log.setLevel(level)
+        text = captured.getvalue()
+        sys.stderr.write(text.replace(partial + "\n", "") if partial else text)
 
 
 @contextmanager
