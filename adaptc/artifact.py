@@ -56,9 +56,13 @@ def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: 
 
 
 def refuse_existing(out: Path, force: bool) -> None:
-    """An existing non-empty output is replaced only with `force` (--force)."""
+    """An existing non-empty output is replaced only with `force` (--force). Checked before
+    the work that fills it, as is a file where the path needs a directory."""
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out}: exists and is not a directory")
+    blocking = next((p for p in out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ArtifactError(f"{out}: cannot create the output directory: {blocking} is a file")
     if out.exists() and any(out.iterdir()) and not force:
         raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
 
