@@ -77,7 +77,7 @@ class Fine:
 
     def run(self, gm, ctx):
         from adaptc.passes import PassResult
-        return PassResult(gm, False)
+        return PassResult(gm)
 
 
 def test_pass_failure_names_the_pass_and_those_before(tiny):

@@ -1,8 +1,8 @@
 """The one interface every compiler pass implements, and the context passes share.
 
 A pass takes the GraphModule and the compile context and returns a `PassResult`: the
-module, whether it changed, and counts of what it did (`lora_inserted=64`) that tests
-assert and the CLI prints. Analyses are stored on nodes under `adaptc.*` meta keys.
+module and counts of what it did (`lora_inserted=64`) that tests assert and the CLI
+prints. Analyses are stored on nodes under `adaptc.*` meta keys.
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ class CompileContext:
 @dataclass
 class PassResult:
     module: GraphModule
-    changed: bool
     counts: dict[str, int] = field(default_factory=dict)
 
 

@@ -14,4 +14,4 @@ class FoldPrompts:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         folded = fold_prompts(gm)
-        return PassResult(gm, folded > 0, {"prompts_folded": folded})
+        return PassResult(gm, {"prompts_folded": folded})

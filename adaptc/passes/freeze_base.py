@@ -21,4 +21,4 @@ class FreezeBase:
         for param in gm.parameters():
             param.requires_grad_(id(param) in trainable)
             frozen += id(param) not in trainable
-        return PassResult(gm, True, {"params_frozen": frozen, "params_trainable": len(trainable)})
+        return PassResult(gm, {"params_frozen": frozen, "params_trainable": len(trainable)})

@@ -44,7 +44,7 @@ class FuseProjections:
             fuse_group(gm, group, protected)
         counts = {"projections_concatenated": sum(len(group) for group in groups),
                   "projection_groups": len(groups)}
-        return PassResult(gm, bool(groups), counts)
+        return PassResult(gm, counts)
 
 
 def operands(node: Node) -> tuple[Node, Node | None]:

@@ -41,7 +41,7 @@ class FuseSiblings:
             lower_group(gm, calls, a_target(calls, taken), protected)
         counts = {"lora_lowered": sum(len(calls) for calls in groups),
                   "lora_sibling_groups": sum(len(calls) > 1 for calls in groups)}
-        return PassResult(gm, bool(groups), counts)
+        return PassResult(gm, counts)
 
 
 def sibling_groups(gm: GraphModule) -> list[list[Node]]:

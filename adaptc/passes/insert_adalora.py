@@ -29,4 +29,4 @@ class InsertAdaLora:
             splice(gm, node, linear_input(node), f"{site.path}.adalora", adapter, "adalora")
             ctx.sites.append(report(site, "adalora", assignment, adapter))
             count += 1
-        return PassResult(gm, count > 0, {"adalora_inserted": count})
+        return PassResult(gm, {"adalora_inserted": count})

@@ -25,7 +25,7 @@ class InsertBottleneck:
         todo.sort(key=lambda a: -a.site.path.count("."))
         for assignment in todo:
             self.insert(gm, ctx, assignment)
-        return PassResult(gm, bool(todo), {"adapter_inserted": len(todo)})
+        return PassResult(gm, {"adapter_inserted": len(todo)})
 
     def insert(self, gm: GraphModule, ctx: CompileContext, assignment) -> None:
         site, config = assignment.site, assignment.rule.config

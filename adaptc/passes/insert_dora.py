@@ -42,4 +42,4 @@ class InsertDora:
                    extra_args=(linear_weight(node), linear_bias(node), node))
             ctx.sites.append(report(site, "dora", assignment, adapter))
             count += 1
-        return PassResult(gm, count > 0, {"dora_inserted": count})
+        return PassResult(gm, {"dora_inserted": count})

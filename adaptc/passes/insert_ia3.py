@@ -33,4 +33,4 @@ class InsertIa3:
             where = "ia3/input" if config.feedforward else "ia3/output"
             ctx.sites.append(report(site, where, assignment, adapter))
             count += 1
-        return PassResult(gm, count > 0, {"ia3_inserted": count})
+        return PassResult(gm, {"ia3_inserted": count})

@@ -43,7 +43,7 @@ class InsertLora:
             ctx.sites.append(report(site, "lora", assignment, adapter))
             count += 1
         counts = {"lora_inserted": count, **({"pissa_residuals": pissa} if pissa else {})}
-        return PassResult(gm, count > 0, counts)
+        return PassResult(gm, counts)
 
 
 def check_gate_input(node, site) -> None:

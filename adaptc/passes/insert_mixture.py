@@ -18,7 +18,7 @@ class InsertMixture:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         if ctx.plan.mixture is None:
-            return PassResult(gm, False, {"mixture_inserted": 0})
+            return PassResult(gm, {"mixture_inserted": 0})
         mixture = ctx.plan.mixture.config
         count = 0
         for node in list(gm.graph.nodes):
@@ -32,4 +32,4 @@ class InsertMixture:
             splice(gm, node, linear_input(node), f"{site.path}.moe", adapter, "moe")
             ctx.sites.append(report(site, f"moe[{experts}]", assignment, adapter))
             count += 1
-        return PassResult(gm, count > 0, {"mixture_inserted": count})
+        return PassResult(gm, {"mixture_inserted": count})

@@ -42,12 +42,12 @@ class InsertPrefix:
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         todo = [a for a in ctx.assignments if a.method in PREFIX_METHODS]
         if not todo:
-            return PassResult(gm, False, {"prefix_inserted": 0})
+            return PassResult(gm, {"prefix_inserted": 0})
         todo.sort(key=lambda a: a.rule.index)
         for _, group in groupby(todo, key=lambda a: a.rule.index):
             self.insert_rule(gm, ctx, list(group))
         shift_positions(gm, ctx.model.family, todo[0].rule.config.tokens, "prefix")
-        return PassResult(gm, True, {"prefix_inserted": len(todo)})
+        return PassResult(gm, {"prefix_inserted": len(todo)})
 
     def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment]) -> None:
         rule = group[0].rule

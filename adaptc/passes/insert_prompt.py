@@ -39,7 +39,7 @@ class InsertPrompt:
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         todo = [a for a in ctx.assignments if a.method in PROMPT_METHODS]
         if not todo:
-            return PassResult(gm, False, {"prompt_inserted": 0})
+            return PassResult(gm, {"prompt_inserted": 0})
         if len(todo) > 1:
             paths = ", ".join(a.site.path for a in todo)
             raise ModelError(f"virtual tokens go before one input embedding; the spec puts "
@@ -54,7 +54,7 @@ class InsertPrompt:
                        positions)
         row = report(assignment.site, f"{assignment.method}[{tokens}]", assignment, module)
         ctx.sites.append({**row, "shape": f"{tokens}×{lookup.meta['val'].shape[-1]}"})
-        return PassResult(gm, True, {"prompt_inserted": 1, "outputs_sliced": sliced})
+        return PassResult(gm, {"prompt_inserted": 1, "outputs_sliced": sliced})
 
 
 def embedding_lookup(gm: GraphModule, path: str) -> tuple[Node, Node]:

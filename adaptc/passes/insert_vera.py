@@ -33,7 +33,7 @@ class InsertVera:
             splice(gm, node, linear_input(node), f"{site.path}.vera", adapter, "vera",
                    extra_args=(A, B))
             ctx.sites.append(report(site, "vera", assignment, adapter))
-        return PassResult(gm, bool(todo), {"vera_inserted": len(todo), "vera_shared": shared})
+        return PassResult(gm, {"vera_inserted": len(todo), "vera_shared": shared})
 
     def register_projections(self, gm: GraphModule, nodes: list[Node]) -> int:
         """One VeraProjections per (r, seed), sized to the largest site that uses it."""

@@ -18,6 +18,6 @@ class LoadAdapters:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         if ctx.adapters is None:
-            return PassResult(gm, False, {"adapter_tensors_loaded": 0})
+            return PassResult(gm, {"adapter_tensors_loaded": 0})
         load_adapters(gm, ctx.adapters, ctx.adapter_prefix)
-        return PassResult(gm, True, {"adapter_tensors_loaded": len(adapter_state_dict(gm))})
+        return PassResult(gm, {"adapter_tensors_loaded": len(adapter_state_dict(gm))})

@@ -33,4 +33,4 @@ class LocateSites:
         if repeated:
             raise ModelError(f"module '{repeated[0]}' is called {calls[repeated[0]]} times per "
                              "forward pass; adapting shared modules is not supported")
-        return PassResult(gm, False, {"sites_located": len(calls)})
+        return PassResult(gm, {"sites_located": len(calls)})

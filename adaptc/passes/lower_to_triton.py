@@ -70,7 +70,7 @@ class LowerToTriton:
             op = getattr(torch.ops.adaptc, fusion.op).default
             fuse(gm, call, op, fusion.weights, fusion.constants(adapter))
             counts[fusion.count] += 1
-        return PassResult(gm, any(counts.values()), counts)
+        return PassResult(gm, counts)
 
 
 def fuse(gm: GraphModule, call: Node, op, weights: tuple[str, ...], constants: tuple) -> Node:

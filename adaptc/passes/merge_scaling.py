@@ -34,7 +34,7 @@ class MergeScaling:
                      and n.meta.get(INSERTED) in SCALING]:
             counts[f"{call.meta[INSERTED]}_merged"] += 1
             fold(gm, call, protected)
-        return PassResult(gm, any(counts.values()), counts)
+        return PassResult(gm, counts)
 
 
 def fold(gm: GraphModule, call: Node, protected: frozenset[int]) -> None:

@@ -40,7 +40,7 @@ class MergeWeights:
         for call in additive_calls(gm):
             counts[f"{call.meta[INSERTED]}_merged"] += 1
             merge_site(gm, call, users, tied)
-        return PassResult(gm, any(counts.values()), counts)
+        return PassResult(gm, counts)
 
 
 

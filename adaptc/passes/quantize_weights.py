@@ -46,4 +46,4 @@ class QuantizeWeights:
         counts = {"quantize_inserted": count}
         if count:
             counts.update({"weight_bytes_before": before, "weight_bytes_after": after})
-        return PassResult(gm, count > 0, counts)
+        return PassResult(gm, counts)

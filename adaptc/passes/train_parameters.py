@@ -25,7 +25,7 @@ class TrainParameters:
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         chosen = [a for a in ctx.assignments if a.method == "train"]
         if not chosen:
-            return PassResult(gm, False, {"train_inserted": 0})
+            return PassResult(gm, {"train_inserted": 0})
         readers = tensor_readers(gm)
         owners: dict[str, list] = {}
         for a in chosen:
@@ -37,7 +37,7 @@ class TrainParameters:
             owners.setdefault(a.site.path.rpartition(".")[0], []).append((a, tensor))
         for owner, found in owners.items():
             self.copy_owner(gm, ctx, owner, found, readers)
-        return PassResult(gm, True, {"train_inserted": len(chosen)})
+        return PassResult(gm, {"train_inserted": len(chosen)})
 
     def copy_owner(self, gm: GraphModule, ctx: CompileContext, owner: str, found: list,
                    readers: dict[int, list[Node]]) -> None:

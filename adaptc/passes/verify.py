@@ -18,4 +18,4 @@ class Verify:
         if dead:
             raise RuntimeError(f"inserted nodes without users: {', '.join(dead)}")
         gm.recompile()
-        return PassResult(gm, False, {"graph_nodes": len(gm.graph.nodes)})
+        return PassResult(gm, {"graph_nodes": len(gm.graph.nodes)})
