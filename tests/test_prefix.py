@@ -16,7 +16,8 @@ TOL = 1e-5
 
 
 def peft_prefix(model, tokens: int, projection: int = 0):
-    task = TaskType.FEATURE_EXTRACTION if model.config.model_type == "bert" else TaskType.CAUSAL_LM
+    encoder = model.config.model_type in ("bert", "roberta")
+    task = TaskType.FEATURE_EXTRACTION if encoder else TaskType.CAUSAL_LM
     config = PrefixTuningConfig(task_type=task, num_virtual_tokens=tokens,
                                 prefix_projection=projection > 0,
                                 encoder_hidden_size=projection or None)
@@ -58,6 +59,26 @@ def test_prefix_equals_peft(tiny, family, projection):
         assert real_token_diff(gm, twin, x) <= TOL
     x = inputs()
     assert (main_output(gm(**x)) - main_output(model.module(**x))).abs().max() > 1e-2
+
+
+def test_prefix_on_roberta_equals_peft():
+    """RoBERTa has no alias table or position table of its own: `attn` and the position
+    shift come from BERT's names (its positions count from padding_idx + 1)."""
+    from transformers import AutoConfig, AutoModel
+    config = AutoConfig.for_model("roberta", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+    gm = adaptc.compile(model, "attn: prefix tokens=3")
+    twin = peft_prefix(model, 3)
+    copy_from_peft(gm.get_submodule("adaptc.prefix_0"), twin)
+    ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[0, 5:], mask[0, 5:] = config.pad_token_id, 0  # right-padded, as BERT-style inputs are
+    x = {"input_ids": ids, "attention_mask": mask}
+    assert real_token_diff(gm, twin, x) <= TOL
+    assert (main_output(gm(**x)) - main_output(model(**x))).abs().max() > 1e-2
 
 
 def test_ptuning2_is_prefix_without_reparameterisation(tiny):

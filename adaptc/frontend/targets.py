@@ -41,9 +41,9 @@ BERT_ALIASES = {
     "ffn.down": ["layer.*.output.dense"], "ffn.*": ["intermediate.dense", "layer.*.output.dense"],
     "embed": ["embeddings.word_embeddings"],
 }
-# Where absolute positions are looked up (rotary models are found by their *RotaryEmbedding
-# module instead); prefix methods shift positions by the prefix length there.
-POSITION_EMBEDDINGS = {"gpt2": "wpe", "bert": "embeddings.position_embeddings"}
+# Where absolute positions are looked up (GPT-2; BERT, RoBERTa; rotary models are found by
+# their *RotaryEmbedding module instead); prefix methods shift positions by the prefix length.
+POSITION_TABLES = ("wpe", "embeddings.position_embeddings")
 # For methods that rewrite the attention op (prefix, ptuning2), `attn` names the module that
 # computes it; where that differs from the table above (BERT's `attn` is its output dense).
 ATTENTION_OP_ALIASES = {"bert": {"attn": ["attention.self"]}}

@@ -8,7 +8,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from adaptc.errors import ModelError
-from adaptc.frontend.targets import POSITION_EMBEDDINGS, matches
+from adaptc.frontend.targets import POSITION_TABLES, matches
 from adaptc.passes.base import INSERTED
 
 aten = torch.ops.aten
@@ -175,17 +175,17 @@ def set_sdpa_arg(node: Node, name: str, value) -> None:
         node.update_kwarg(name, value)
 
 
-def position_inputs(gm: GraphModule, family: str | None) -> list[tuple[Node, Node]]:
+def position_inputs(gm: GraphModule) -> list[tuple[Node, Node]]:
     """(consumer, position ids) pairs: where integer positions enter a *RotaryEmbedding
-    module or the family's absolute position table (`targets.POSITION_EMBEDDINGS`)."""
-    table = POSITION_EMBEDDINGS.get(family or "")
+    module or an absolute position table (`targets.POSITION_TABLES`)."""
     found = []
     for node in gm.graph.nodes:
         stack = list(node.meta.get("nn_module_stack", {}).values())
         if node.op != "call_function" or not stack:
             continue
         path, type_name = stack[-1][0], str(stack[-1][1])
-        if not (type_name.endswith("RotaryEmbedding") or (table and matches(table, path))):
+        if not (type_name.endswith("RotaryEmbedding")
+                or any(matches(table, path) for table in POSITION_TABLES)):
             continue
         for arg in node.all_input_nodes:
             val = arg.meta.get("val")
@@ -195,13 +195,13 @@ def position_inputs(gm: GraphModule, family: str | None) -> list[tuple[Node, Nod
     return found
 
 
-def shift_positions(gm: GraphModule, family: str | None, offset: int, method: str) -> int:
+def shift_positions(gm: GraphModule, offset: int, method: str) -> int:
     """Add `offset` to the position ids where they enter the position encoding."""
-    found = position_inputs(gm, family)
+    found = position_inputs(gm)
     if not found:
+        tables = " or ".join(POSITION_TABLES)
         raise ModelError(f"{method}: cannot find where positions enter the model (no rotary "
-                         "embedding module and no known absolute position table for family "
-                         f"'{family}')")
+                         f"embedding module and no absolute position table named {tables})")
     for consumer, positions in found:
         with gm.graph.inserting_before(consumer):
             shifted = gm.graph.call_function(aten.add.Tensor, (positions, offset))

@@ -46,7 +46,7 @@ class InsertPrefix:
         todo.sort(key=lambda a: a.rule.index)
         for _, group in groupby(todo, key=lambda a: a.rule.index):
             self.insert_rule(gm, ctx, list(group))
-        shift_positions(gm, ctx.model.family, todo[0].rule.config.tokens, "prefix")
+        shift_positions(gm, todo[0].rule.config.tokens, "prefix")
         return PassResult(gm, {"prefix_inserted": len(todo)})
 
     def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment]) -> None:
