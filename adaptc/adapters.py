@@ -71,6 +71,10 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     return path
 
 
+PEFT_CONVERT = ("`adaptc import-peft DIR --model MODEL -o spec.adapt --weights "
+                "adapters.safetensors` converts the PEFT directory")
+
+
 def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None:
     """Copy tensors from a safetensors file into the module's adapters; all or nothing.
 
@@ -78,6 +82,11 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None
     KV-cache decoder holds it as `model`) loads a file saved from the unwrapped one. Names
     under ENCODERS (statement-wide encoders at the graph's root) stay as they are.
     """
+    if Path(path).is_dir():
+        peft = (Path(path) / "adapter_config.json").is_file()
+        raise WeightsError(f"{path}: is a directory, not an adapter weights file (the "
+                           "safetensors file adaptc.save_adapters writes)"
+                           + (f"\n  it holds a PEFT adapter: {PEFT_CONVERT}" if peft else ""))
     try:
         with safe_open(str(path), "pt") as handle:
             saved_spec = (handle.metadata() or {}).get(SPEC_KEY)
@@ -101,6 +110,8 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], so
         origin = "" if saved_spec is None else (
             "\n  the file was saved from a module compiled from this spec:\n"
             + "".join(f"    {line}\n" for line in saved_spec.strip().splitlines()))
+        if any("base_model.model." in name for name in extra):
+            origin += f"\n  these are PEFT's tensor names: {PEFT_CONVERT}"
         raise WeightsError(f"{path}: adapter tensors do not match the compiled module "
                            f"({len(missing)} missing, {len(extra)} unexpected; {detail})"
                            + origin.rstrip("\n"))

@@ -73,7 +73,10 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("directory")
     imp.add_argument("--model", default=DEFAULT_MODEL, help=models)
     imp.add_argument("-o", "--output", help="also write the spec to this .adapt file")
-    imp.add_argument("--force", action="store_true", help="replace an existing output file")
+    imp.add_argument("--weights", metavar="FILE",
+                     help="also write the adapter weights in adaptc's format (.safetensors), "
+                          "for `compile --adapters FILE`")
+    imp.add_argument("--force", action="store_true", help="replace existing output files")
     imp.set_defaults(run=run_import_peft)
 
     exp = sub.add_parser("export-peft", help="write an artifact's adapters as a PEFT adapter "
@@ -276,13 +279,26 @@ def checkpoint_tokenizer(model: str):
 
 
 def run_import_peft(args) -> int:
+    from adaptc.adapters import save_adapters
     from adaptc.artifact import write_file
-    from adaptc.peft_interop import spec_from_peft
+    from adaptc.compiler import report_of
+    from adaptc.peft_interop import import_peft, spec_from_peft
 
-    spec = spec_from_peft(args.directory, args.model)
+    outputs = [Path(f) for f in (args.output, args.weights) if f]
+    for path in outputs:  # before the work, not only after it
+        if path.exists() and not args.force:
+            raise ArtifactError(f"{path}: file exists (use --force)")
+    if args.weights:
+        imported = import_peft(args.model, args.directory)
+        spec = report_of(imported).spec_source
+    else:
+        spec = spec_from_peft(args.directory, args.model)
     print(spec, end="")
     if args.output:
         write_file(Path(args.output), spec, args.force)
+    if args.weights:
+        save_adapters(imported, args.weights)
+        print(f"wrote {args.weights} (adapter weights for this spec)", file=sys.stderr)
     return 0
 
 

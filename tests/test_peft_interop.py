@@ -168,6 +168,33 @@ def test_cli_import_peft_prints_the_spec(tiny, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_cli_import_peft_weights_serve_in_infer_mode(tiny, tmp_path, capsys):
+    """PEFT directory → `import-peft -o spec --weights file` → `compile --mode infer
+    --adapters file`: the exported program computes PEFT's outputs. The PEFT file itself, or
+    its directory, given to --adapters is refused with that recipe."""
+    from adaptc.cli import main
+    model = tiny("llama")
+    model.module.save_pretrained(tmp_path / "base")
+    peft_dir, spec, weights = tmp_path / "peft", tmp_path / "s.adapt", tmp_path / "w.safetensors"
+    twin = saved_peft(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+                      peft_dir)
+    base = ["--model", str(tmp_path / "base")]
+    assert main(["import-peft", str(peft_dir), *base, "-o", str(spec), "--weights",
+                 str(weights)]) == 0
+    assert "wrote" in capsys.readouterr().err
+    assert main(["import-peft", str(peft_dir), *base, "--weights", str(weights)]) == 1
+    assert "w.safetensors: file exists (use --force)" in capsys.readouterr().err
+    for wrong in (peft_dir, peft_dir / "adapter_model.safetensors"):
+        assert main(["compile", str(spec), *base, "--mode", "infer", "--adapters", str(wrong)]) == 1
+        assert "adaptc import-peft DIR" in capsys.readouterr().err
+    assert main(["compile", str(spec), *base, "--mode", "infer", "--adapters", str(weights),
+                 "-o", str(tmp_path / "serve")]) == 0
+    program = adaptc.load_program(tmp_path / "serve").module()
+    x = inputs()
+    assert close(program(**x), twin(**x)) <= TOL
+    assert close(program(**x), model.module(**x)) > 1e-3
+
+
 def test_export_refuses_a_non_empty_directory_without_force(tiny, tmp_path):
     gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
     (tmp_path / "notes.txt").write_text("keep")
