@@ -92,6 +92,16 @@ def test_mola_experts_grow_with_depth(tiny):
                        "model.layers.1.self_attn.q_proj": "moe[6]"}
 
 
+def test_mola_groups_follow_the_documented_mapping():
+    """Layer i of L takes entry floor(i·G/L) (docs/LANGUAGE.md, `mixture moe`)."""
+    from adaptc.methods.mixture import MixtureConfig
+    mola = MixtureConfig(experts=[2, 4, 6, 8])
+    assert [mola.experts_at(i, 32) for i in range(32)] == [2] * 8 + [4] * 8 + [6] * 8 + [8] * 8
+    assert [mola.experts_at(i, 2) for i in range(2)] == [2, 6]
+    assert [mola.experts_at(i, 6) for i in range(6)] == [2, 2, 4, 6, 6, 8]
+    assert mola.experts_at(None, 6) == 8
+
+
 @pytest.mark.parametrize("spec", ["q_proj,v_proj: lora r=4", "ffn: adapter bottleneck=8",
                                   "q_proj: lora r=4; mixture moe k=2 experts=3"])
 def test_gradients_reach_only_adapters(tiny, spec):
