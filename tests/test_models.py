@@ -35,6 +35,9 @@ def test_bad_checkpoint_directories(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="config.json: cannot read the model config"):
         load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "x"}))
+    with pytest.raises(ModelError, match="cannot read the model config: .*'hidden_size'"):
+        load_model(str(tmp_path))  # huggingface_hub's validation error, not a traceback
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelError, match="cannot load the checkpoint weights"):
         load_model(str(tmp_path))

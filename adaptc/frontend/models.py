@@ -6,14 +6,13 @@ Face checkpoint directory (config.json + safetensors), or any `nn.Module` from P
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adaptc.errors import ModelError
+from adaptc.errors import ModelError, first_line
 
 TINY = {"vocab_size": 512, "max_position_embeddings": 512}
 PRESETS: dict[str, tuple[str, dict, str]] = {
@@ -104,16 +103,18 @@ def load_checkpoint(path: Path) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+    # transformers and huggingface_hub raise many types for a bad file (ValueError, KeyError,
+    # OSError, StrictDataclassFieldValidationError, ...); each means the checkpoint is unusable.
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError, json.JSONDecodeError, OSError) as err:
-        raise ModelError(f"{config_file}: cannot read the model config: {err}") from None
-    from safetensors import SafetensorError
+    except Exception as err:
+        raise ModelError(f"{config_file}: cannot read the model config: "
+                         f"{' '.join(str(err).split())}") from None
     try:
         module, info = model_class(config).from_pretrained(
             path, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ModelError(f"{path}: cannot load the checkpoint weights: {err}") from None
+    except Exception as err:
+        raise ModelError(f"{path}: cannot load the checkpoint weights: {first_line(err)}") from None
     check_loading_info(path, info)
     return wrap(module.eval(), source=str(path))
 
