@@ -14,7 +14,7 @@ from adaptc.errors import AdaptcError
 from adaptc.frontend.models import LoadedModel, load_model, wrap
 from adaptc.frontend.sites import layer_count, parameter_table, site_table
 from adaptc.frontend.targets import resolve
-from adaptc.frontend.trace import trace
+from adaptc.frontend.trace import InputCheck, trace
 from adaptc.passes import CompileContext, PassManager, default_pipeline
 from adaptc.spec import compile_spec, load_spec, lower
 from adaptc.spec.ir import Plan
@@ -118,7 +118,10 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
                           "mode keeps the layers as traced)")
     ctx = prepare(model, spec, mode, example_inputs)
     ctx.adapters, ctx.merge, ctx.fuse_projections = adapters, merge, fuse_projections
-    return run_pipeline(trace(ctx.model), ctx, verify, dump_dir)
+    gm = run_pipeline(trace(ctx.model), ctx, verify, dump_dir)
+    gm.register_forward_pre_hook(InputCheck(ctx.model.example_inputs), prepend=True,
+                                 with_kwargs=True)
+    return gm
 
 
 def report_of(gm: GraphModule) -> CompileReport:

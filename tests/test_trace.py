@@ -104,3 +104,24 @@ def test_a_dim_that_cannot_stay_dynamic_is_an_error():
     with pytest.raises(ModelError, match="could not keep dim 1 of input 'input_ids' dynamic: "
                                          "the graph would take size 8 only"):
         trace(model)
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_calls_that_do_not_fit_the_traced_inputs_name_the_input(tiny, mode):
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2", mode)
+    ids = torch.randint(0, 100, (2, 5))
+    mask = torch.ones_like(ids)
+    for call, message in [
+        (lambda: gm(ids), r"takes keyword inputs \(input_ids, attention_mask\), got 1 positional"),
+        (lambda: gm(input_ids=ids), "missing input 'attention_mask'.*torch.ones_like"),
+        (lambda: gm(input_ids=ids, attention_mask=mask, labels=ids),
+         "unexpected input 'labels'.*logits"),
+        (lambda: gm(input_ids=ids.float(), attention_mask=mask),
+         "'input_ids' must be a 2-D integer tensor .*got 2-D torch.float32"),
+        (lambda: gm(input_ids=ids[0], attention_mask=mask[0]),
+         "'input_ids' must be a 2-D integer tensor .*got 1-D torch.int64"),
+        (lambda: gm(input_ids=ids.tolist(), attention_mask=mask), "must be a tensor, got list"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert gm(input_ids=ids, attention_mask=mask).logits.shape == (2, 5, 512)

@@ -127,6 +127,44 @@ def tracing_state(module: nn.Module):
             config.use_cache = use_cache
 
 
+class InputCheck:
+    """A forward pre-hook for compiled modules: calls that do not fit the traced inputs
+    (names, rank, integer or float) fail with a TypeError naming the input, instead of an
+    IndexError or a dtype error from inside the graph."""
+
+    def __init__(self, example_inputs: dict):
+        self.expected = {name: (value.dim(), value.is_floating_point())
+                         if isinstance(value, torch.Tensor) else None
+                         for name, value in example_inputs.items()}
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = ", ".join(self.expected)
+        if args:
+            raise TypeError(f"the compiled module takes keyword inputs ({names}), "
+                            f"got {len(args)} positional")
+        missing = [name for name in self.expected if name not in kwargs]
+        unexpected = [name for name in kwargs if name not in self.expected]
+        if missing or unexpected:
+            wrong = (f"missing input '{missing[0]}'" if missing
+                     else f"unexpected input '{unexpected[0]}'")
+            hint = (" (pass attention_mask=torch.ones_like(input_ids) for unpadded inputs)"
+                    if "attention_mask" in missing else
+                    " (compute the loss from the output's logits)" if "labels" in unexpected
+                    else "")
+            raise TypeError(f"{wrong}: the compiled module takes {names}{hint}")
+        for name, traced in self.expected.items():
+            value = kwargs[name]
+            if traced is None:  # a non-tensor input: export checks its value
+                continue
+            rank, floating = traced
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"input '{name}' must be a tensor, got {type(value).__name__}")
+            if value.dim() != rank or value.is_floating_point() != floating:
+                kind = "floating-point" if floating else "integer"
+                raise TypeError(f"input '{name}' must be a {rank}-D {kind} tensor (as traced), "
+                                f"got {value.dim()}-D {value.dtype}")
+
+
 def dynamic_shapes(model: LoadedModel) -> dict | None:
     """Batch and sequence dims of 2-D integer inputs are dynamic (sequence up to the position
     limit); other tensors get a batch dim that export keeps dynamic where it can."""
