@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from adaptc.errors import AdaptcError, ArtifactError, first_line
-from adaptc.frontend.models import DEFAULT_MODEL, PRESETS
+from adaptc.frontend.models import DEFAULT_MODEL, DTYPES, PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
                       "(q, k, v; gate, up)")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
     comp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
+    add_placement(comp)
     comp.set_defaults(run=run_compile)
 
     insp = sub.add_parser("inspect", help="show matched sites, parameter counts and one block")
@@ -107,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
                      help="keep weight-space updates beside the base weights")
     gen.add_argument("--fuse-projections", action="store_true",
                      help="one GEMM for linear layers that read the same input")
+    add_placement(gen)
     gen.set_defaults(run=run_generate)
 
     passes = sub.add_parser("passes", help="print the pass pipeline in order")
@@ -117,6 +119,19 @@ def parser() -> argparse.ArgumentParser:
                         help="the infer pipeline with fuse_projections")
     passes.set_defaults(run=run_passes)
     return top
+
+
+def add_placement(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--dtype", choices=tuple(DTYPES),
+                         help="cast the model's weights (default: as stored; presets float32)")
+    command.add_argument("--device", help="where the model runs and the graph is traced, e.g. "
+                         "cuda (default cpu); an exported program runs there")
+
+
+def placed_model(args):
+    from adaptc.frontend.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
 def run_compile(args) -> int:
@@ -132,7 +147,8 @@ def run_compile(args) -> int:
     if args.output:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
-    ctx = prepare(args.model, spec_plan(args.spec), args.mode)
+    plan = spec_plan(args.spec)  # a spec error before the model loads
+    ctx = prepare(placed_model(args), plan, args.mode)
     if args.output and ctx.model.on_meta:  # before the work, not only after it
         raise ArtifactError(f"{args.output}: model '{args.model}' is on the meta device (shapes "
                           "only); an artifact needs real weights")
@@ -249,7 +265,8 @@ def run_generate(args) -> int:
         except ValueError:
             raise AdaptcError(f"--prompt takes token ids separated by spaces, got "
                               f"{args.prompt!r}") from None
-    decoder = compile_decoder(args.model, spec_plan(args.spec), adapters=args.adapters,
+    plan = spec_plan(args.spec)  # a spec error before the model loads
+    decoder = compile_decoder(placed_model(args), plan, adapters=args.adapters,
                               max_cache_len=args.max_cache_len, merge=args.merge,
                               fuse_projections=args.fuse_projections,
                               torch_compile=args.torch_compile)

@@ -163,3 +163,32 @@ def test_inspect_block_without_adapters_says_so(capsys, tmp_path):
 def test_inspect_block_out_of_range_names_the_layers(capsys):
     assert main(["inspect", "specs/lora_qv.adapt", "--block", "99"]) == 1
     assert "block 99 is out of range: llama has 4 layers (0..3" in capsys.readouterr().err
+
+
+def test_dtype_and_device_place_the_model(tiny, tmp_path, capsys):
+    """--dtype reads the checkpoint in that dtype (the exported program and hf/ are bf16);
+    a device that is not there, or a bad spec, fail before any work."""
+    from safetensors import safe_open
+    tiny("llama").module.save_pretrained(tmp_path / "base")
+    base, out = str(tmp_path / "base"), tmp_path / "serve"
+    assert main(["compile", "specs/lora_qv.adapt", "--model", base, "--mode", "infer",
+                 "--dtype", "bfloat16", "-o", str(out)]) == 0
+    ids = torch.randint(0, 100, (2, 5))
+    logits = adaptc.load_program(out).module()(input_ids=ids,
+                                               attention_mask=torch.ones_like(ids)).logits
+    assert logits.dtype == torch.bfloat16
+    with safe_open(str(out / "hf" / "model.safetensors"), "pt") as handle:
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert main(["compile", "specs/lora_qv.adapt", "--device", "cuda"]) == 1
+        assert "device 'cuda': no CUDA device on this machine" in capsys.readouterr().err
+    assert main(["compile", "specs/lora_qv.adapt", "--device", "floppy"]) == 1
+    assert "unknown device 'floppy'" in capsys.readouterr().err
+    assert main(["generate", "specs/lora_qv.adapt", "--model", "llama-7b", "--device", "cpu",
+                 "--prompt", "1 2"]) == 1
+    assert "meta device (shapes only): it has no weights to move" in capsys.readouterr().err
+    bad = tmp_path / "bad.adapt"
+    bad.write_text("q_proj: lora r=0\n")
+    assert main(["compile", str(bad), "--model", str(tmp_path / "missing")]) == 1
+    assert "error[E204]" in capsys.readouterr().err  # the spec, not the missing model

@@ -114,3 +114,24 @@ def test_cached_decoding_on_cuda_equals_full_forward(tiny, tmp_path):
     with torch.no_grad():
         logits = full(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
     assert tokens[len(prompt):] == logits[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
+def test_cli_compiles_and_exports_for_cuda(tiny, tmp_path, capsys):
+    """`compile --mode infer --device cuda --dtype bfloat16 -o`: a checkpoint traced on the
+    GPU; the reloaded program runs there and equals the in-memory module."""
+    from adaptc.cli import main
+    tiny("llama").module.save_pretrained(tmp_path / "base")
+    out = tmp_path / "serve"
+    assert main(["compile", str(CARD), "--model", str(tmp_path / "base"), "--mode", "infer",
+                 "--device", "cuda", "--dtype", "bfloat16", "-o", str(out)]) == 0
+    assert "max abs error" in capsys.readouterr().out
+    from adaptc.frontend.models import load_model
+    program = adaptc.load_program(out).module()
+    model = load_model(str(tmp_path / "base"), dtype="bfloat16", device="cuda")
+    infer = adaptc.compile(model, CARD, "infer")
+    x = {k: v.cuda() for k, v in inputs().items()}
+    with torch.no_grad():
+        got, want = main_output(program(**x)), main_output(infer(**x))
+    assert got.dtype == torch.bfloat16 and got.device.type == "cuda"
+    tol = TOLERANCES[torch.bfloat16]  # autotuning may pick other kernel configs per module
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)

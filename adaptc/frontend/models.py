@@ -39,6 +39,7 @@ PRESETS: dict[str, tuple[str, dict, str]] = {
                             "num_key_value_heads": 8}, "meta"),
 }
 DEFAULT_MODEL = "llama"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEED = 0
 
 
@@ -57,16 +58,49 @@ class LoadedModel:
         return any(p.is_meta for p in self.module.parameters())
 
 
-def load_model(name_or_path: str, layers: int | None = None) -> LoadedModel:
-    """A preset by name or a local Hugging Face checkpoint directory; `layers` truncates depth."""
+def load_model(name_or_path: str, layers: int | None = None, *, dtype: str | None = None,
+               device: str | None = None) -> LoadedModel:
+    """A preset by name or a local Hugging Face checkpoint directory; `layers` truncates depth,
+    `dtype` (a DTYPES name) and `device` place the weights (default: as stored, on the CPU)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     if name_or_path in PRESETS:
-        return build_preset(name_or_path, layers)
-    path = Path(name_or_path)
-    if path.is_dir():
-        return load_checkpoint(path)
-    known = ", ".join(PRESETS)
-    raise ModelError(f"unknown model '{name_or_path}': not a preset ({known}) "
-                     "and not a checkpoint directory")
+        loaded = build_preset(name_or_path, layers)
+    elif Path(name_or_path).is_dir():
+        loaded = load_checkpoint(Path(name_or_path), dtype)
+    else:
+        known = ", ".join(PRESETS)
+        raise ModelError(f"unknown model '{name_or_path}': not a preset ({known}) "
+                         "and not a checkpoint directory")
+    return place(loaded, dtype, device)
+
+
+def place(loaded: LoadedModel, dtype: str | None, device: str | None) -> LoadedModel:
+    """Move the weights and the example inputs (which trace the graph) to `device`, cast the
+    floating-point weights to `dtype`."""
+    target = None if device is None else parse_device(device)
+    if target is not None and loaded.on_meta:
+        raise ModelError(f"model '{loaded.source}' is on the meta device (shapes only): it has "
+                         f"no weights to move to {device}")
+    if dtype is not None or target is not None:
+        loaded.module.to(device=target, dtype=None if dtype is None else DTYPES[dtype])
+    if target is not None:
+        loaded.example_inputs = {k: v.to(target) if isinstance(v, torch.Tensor) else v
+                                 for k, v in loaded.example_inputs.items()}
+    return loaded
+
+
+def parse_device(device: str) -> torch.device:
+    try:
+        target = torch.device(device)
+    except RuntimeError as err:
+        raise ModelError(f"unknown device '{device}': {first_line(err)}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}': no CUDA device on this machine")
+    if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"device '{device}': this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    return target
 
 
 def build_preset(name: str, layers: int | None = None) -> LoadedModel:
@@ -96,8 +130,9 @@ def model_class(config) -> type:
     return auto._model_mapping[type(config)]
 
 
-def load_checkpoint(path: Path) -> LoadedModel:
-    """Load config.json + safetensors weights from a local directory (no hub access)."""
+def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
+    """Load config.json + safetensors weights from a local directory (no hub access), in
+    `dtype` when given (read as that dtype: no second copy in the stored one)."""
     from transformers import AutoConfig
 
     config_file = path / "config.json"
@@ -112,7 +147,8 @@ def load_checkpoint(path: Path) -> LoadedModel:
                          f"{' '.join(str(err).split())}") from None
     try:
         module, info = model_class(config).from_pretrained(
-            path, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True)
+            path, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True,
+            dtype=DTYPES[dtype] if dtype else "auto")
     except Exception as err:
         raise ModelError(f"{path}: cannot load the checkpoint weights: {first_line(err)}") from None
     check_loading_info(path, info)
