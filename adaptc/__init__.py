@@ -14,6 +14,7 @@ from adaptc.compiler import CompileReport, compile, report_of  # noqa: E402
 from adaptc.errors import (AdaptcError, ArtifactError, ModelError, PassError,  # noqa: E402
                            SpecError, WeightsError)
 from adaptc.export import load_program, write_infer_artifact  # noqa: E402
+from adaptc.frontend.models import load_model  # noqa: E402
 from adaptc.generation import greedy_generate  # noqa: E402
 from adaptc.inspection import inspect  # noqa: E402
 from adaptc.methods.adalora import AdaLoraAllocator, orth_loss  # noqa: E402
@@ -22,5 +23,5 @@ from adaptc.optim import loraplus_param_groups  # noqa: E402
 __all__ = ["AdaLoraAllocator", "AdaptcError", "ArtifactError", "CompileReport", "ModelError",
            "PassError", "SpecError", "WeightsError", "__version__", "adapter_state_dict",
            "balance_loss", "compile", "fold_prompts", "greedy_generate", "inspect", "load",
-           "load_adapters", "load_program", "loraplus_param_groups", "orth_loss", "report_of",
+           "load_adapters", "load_model", "load_program", "loraplus_param_groups", "orth_loss", "report_of",
            "save_adapters", "write_artifact", "write_infer_artifact"]

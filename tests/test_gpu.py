@@ -125,9 +125,8 @@ def test_cli_compiles_and_exports_for_cuda(tiny, tmp_path, capsys):
     assert main(["compile", str(CARD), "--model", str(tmp_path / "base"), "--mode", "infer",
                  "--device", "cuda", "--dtype", "bfloat16", "-o", str(out)]) == 0
     assert "max abs error" in capsys.readouterr().out
-    from adaptc.frontend.models import load_model
     program = adaptc.load_program(out).module()
-    model = load_model(str(tmp_path / "base"), dtype="bfloat16", device="cuda")
+    model = adaptc.load_model(str(tmp_path / "base"), dtype="bfloat16", device="cuda")
     infer = adaptc.compile(model, CARD, "infer")
     x = {k: v.cuda() for k, v in inputs().items()}
     with torch.no_grad():

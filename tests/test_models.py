@@ -100,3 +100,13 @@ def test_compile_names_a_bad_spec_or_mode_argument(tiny):
     with pytest.raises(TypeError, match="model must be a preset name, a checkpoint directory "
                                         "or an nn.Module, got int"):
         adaptc.compile(42, "q_proj: lora")
+
+
+def test_load_model_places_presets():
+    model = adaptc.load_model("llama", dtype="bfloat16")
+    assert {p.dtype for p in model.module.parameters()} == {torch.bfloat16}
+    gm = adaptc.compile(model, "q_proj: lora r=2")
+    ids = torch.randint(0, 100, (1, 4))
+    assert gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.dtype == torch.bfloat16
+    with pytest.raises(ModelError, match="unknown dtype 'float8'"):
+        adaptc.load_model("llama", dtype="float8")
