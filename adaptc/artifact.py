@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 from adaptc.adapters import adapter_state_dict, load_adapters, save_adapters
 from adaptc.compiler import REPORT, compile
 from adaptc.errors import ArtifactError
-from adaptc.frontend.models import LoadedModel, load_checkpoint
+from adaptc.frontend.models import LoadedModel, load_checkpoint, place
 
 FORMAT = 1
 PROGRAM = "program.pt2"  # an infer artifact's exported program (export.py writes it)
@@ -121,8 +121,12 @@ def fill(folder: Path, gm: GraphModule, model: LoadedModel) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def load(folder: str | Path) -> GraphModule:
-    """Rebuild the trainable module from an artifact directory and load its adapter weights."""
+def load(folder: str | Path, *, dtype: str | None = None, device: str | None = None) -> GraphModule:
+    """Rebuild the trainable module from an artifact directory and load its adapter weights.
+
+    `dtype` and `device` place the saved model before tracing (as `load_model`): a compiled
+    graph creates some tensors (positions, masks) on the device it was traced on, so train
+    on the device given here rather than calling `.to()` on the result."""
     folder = Path(folder)
     manifest_file = folder / "manifest.json"
     if not manifest_file.is_file():
@@ -139,6 +143,7 @@ def load(folder: str | Path) -> GraphModule:
         raise ArtifactError(f"{manifest_file}: unsupported artifact format {found}")
     if "mode" not in manifest:
         raise ArtifactError(f"{manifest_file}: no 'mode' entry")
-    gm = compile(load_checkpoint(folder / "model"), folder / "spec.adapt", manifest["mode"])
+    model = place(load_checkpoint(folder / "model", dtype), dtype, device)
+    gm = compile(model, folder / "spec.adapt", manifest["mode"])
     load_adapters(gm, folder / "adapters.safetensors")
     return gm

@@ -192,3 +192,14 @@ def test_dtype_and_device_place_the_model(tiny, tmp_path, capsys):
     bad.write_text("q_proj: lora r=0\n")
     assert main(["compile", str(bad), "--model", str(tmp_path / "missing")]) == 1
     assert "error[E204]" in capsys.readouterr().err  # the spec, not the missing model
+
+
+def test_load_places_the_artifact_model(tmp_path):
+    out = tmp_path / "dist"
+    assert main(["compile", "specs/lora_qv.adapt", "-o", str(out)]) == 0
+    gm = adaptc.load(out, dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in gm.parameters()} == {torch.bfloat16}
+    ids = next_token_batch()
+    assert gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.dtype == torch.bfloat16
+    with pytest.raises(adaptc.ModelError, match="unknown dtype 'bf16'"):
+        adaptc.load(out, dtype="bf16")

@@ -62,8 +62,6 @@ def load_model(name_or_path: str, layers: int | None = None, *, dtype: str | Non
                device: str | None = None) -> LoadedModel:
     """A preset by name or a local Hugging Face checkpoint directory; `layers` truncates depth,
     `dtype` (a DTYPES name) and `device` place the weights (default: as stored, on the CPU)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ModelError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
     if name_or_path in PRESETS:
         loaded = build_preset(name_or_path, layers)
     elif Path(name_or_path).is_dir():
@@ -83,11 +81,17 @@ def place(loaded: LoadedModel, dtype: str | None, device: str | None) -> LoadedM
         raise ModelError(f"model '{loaded.source}' is on the meta device (shapes only): it has "
                          f"no weights to move to {device}")
     if dtype is not None or target is not None:
-        loaded.module.to(device=target, dtype=None if dtype is None else DTYPES[dtype])
+        loaded.module.to(device=target, dtype=torch_dtype(dtype))
     if target is not None:
         loaded.example_inputs = {k: v.to(target) if isinstance(v, torch.Tensor) else v
                                  for k, v in loaded.example_inputs.items()}
     return loaded
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    if name is not None and name not in DTYPES:
+        raise ModelError(f"unknown dtype '{name}': choose one of {', '.join(DTYPES)}")
+    return None if name is None else DTYPES[name]
 
 
 def parse_device(device: str) -> torch.device:
@@ -135,6 +139,7 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
     `dtype` when given (read as that dtype: no second copy in the stored one)."""
     from transformers import AutoConfig
 
+    load_as = torch_dtype(dtype) or "auto"
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
@@ -148,7 +153,7 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
     try:
         module, info = model_class(config).from_pretrained(
             path, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True,
-            dtype=DTYPES[dtype] if dtype else "auto")
+            dtype=load_as)
     except Exception as err:
         raise ModelError(f"{path}: cannot load the checkpoint weights: {first_line(err)}") from None
     check_loading_info(path, info)
