@@ -110,3 +110,36 @@ def test_load_model_places_presets():
     assert gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.dtype == torch.bfloat16
     with pytest.raises(ModelError, match="unknown dtype 'float8'"):
         adaptc.load_model("llama", dtype="float8")
+
+
+def test_checkpoint_keeps_the_head_its_config_names(tmp_path):
+    """A sequence-classification checkpoint compiles with its classifier (config.json's
+    `architectures`), trains it with `classifier: train`, and its merged hf/ loads back as
+    that class with the program's logits."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    config = AutoConfig.for_model("bert", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                  num_labels=3)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "cls")
+    spec = "attn.q,attn.v: lora r=2; classifier: train"
+    gm = adaptc.compile(str(tmp_path / "cls"), spec)
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+    x, labels = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.tensor([0, 1, 2, 1])
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(gm(**x).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert gm(**x).logits.shape == (4, 3) and losses[-1] < losses[0]
+    adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    (tmp_path / "s.adapt").write_text(spec + "\n")
+    assert main(["compile", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "cls"),
+                 "--mode", "infer", "--adapters", str(tmp_path / "a.safetensors"),
+                 "-o", str(tmp_path / "serve")]) == 0
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "serve" / "hf")
+    gm.eval()
+    assert (reloaded(**x).logits - gm(**x).logits).abs().max().item() <= 1e-5

@@ -123,14 +123,17 @@ def build_preset(name: str, layers: int | None = None) -> LoadedModel:
 
 
 def model_class(config) -> type:
-    """The head a config asks for: causal LM for decoders, the bare encoder otherwise."""
+    """The class the config's `architectures` names (a checkpoint keeps its head: a
+    classifier, an MLM head); without one, causal LM for decoders and the bare encoder
+    for BERT."""
+    import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
-    archs = getattr(config, "architectures", None) or []
-    decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
-    if not archs:
-        decoder = config.model_type != "bert"
-    auto = AutoModelForCausalLM if decoder else AutoModel
+    for arch in getattr(config, "architectures", None) or []:
+        named = getattr(transformers, arch, None)
+        if isinstance(named, type) and isinstance(config, getattr(named, "config_class", ())):
+            return named
+    auto = AutoModel if config.model_type == "bert" else AutoModelForCausalLM
     return auto._model_mapping[type(config)]
 
 
