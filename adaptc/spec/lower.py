@@ -147,8 +147,10 @@ def _fields(cls: type) -> dict[str, tuple[Any, Mapping[str, Any]]]:
 
 
 def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    """Compared case-blind (`LoRA` → 'lora'); names themselves are case-sensitive."""
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1)
+    return f"; did you mean '{by_lower[close[0]]}'?" if close else ""
 
 
 # ---- one value: type (E203), then range or choice (E204) ---------------------------------

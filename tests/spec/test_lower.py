@@ -82,6 +82,8 @@ INVALID = [
     ("q: lorra r=8", "E201", 1, 4, 9, "unknown method 'lorra'; did you mean 'lora'?"),
     ("q: lora\nmixture mo k=2", "E201", 2, 9, 11, "unknown mixture kind 'mo'; did you mean 'moe'?"),
     ("q: prefixx", "E201", 1, 4, 11, "unknown method 'prefixx'; did you mean 'prefix'?"),
+    ("q: LoRA", "E201", 1, 4, 8, "unknown method 'LoRA'; did you mean 'lora'?"),  # case-blind
+    ("q: lora init=PiSSA", "E204", 1, 14, 19, "'PiSSA' is not a valid init; did you mean 'pissa'?"),
     # E202 unknown key
     ("q: lora alpah=16", "E202", 1, 9, 14, "unknown key 'alpah' for lora; did you mean 'alpha'?"),
     ("q: adapter\n  ffn: adapter size=4", "E202", 2, 16, 20, "unknown key 'size' for adapter"),
