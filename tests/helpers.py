@@ -43,3 +43,24 @@ def save_word_tokenizer(folder, words: int = 20) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
+
+
+SMALL = {  # per family: config keys beyond hidden 64, 2 layers, 4 heads, vocab 128
+    "qwen3": {"intermediate_size": 128, "num_key_value_heads": 2, "head_dim": 16},
+    "gemma": {"intermediate_size": 128, "num_key_value_heads": 2, "head_dim": 16},
+    "phi3": {"intermediate_size": 128, "num_key_value_heads": 2},
+    "gpt_neox": {"intermediate_size": 128},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "bloom": {},
+}
+
+
+def small_decoder(model_type: str):
+    """A random-init causal LM of a family beyond the presets."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, vocab_size=128, pad_token_id=0,
+                                  **SMALL[model_type])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()

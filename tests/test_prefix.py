@@ -10,7 +10,7 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model
 
 import adaptc
 from adaptc.errors import ModelError, SpecError
-from helpers import inputs, main_output
+from helpers import inputs, main_output, small_decoder
 
 TOL = 1e-5
 
@@ -76,6 +76,21 @@ def test_prefix_on_roberta_equals_peft():
     ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     ids[0, 5:], mask[0, 5:] = config.pad_token_id, 0  # right-padded, as BERT-style inputs are
+    x = {"input_ids": ids, "attention_mask": mask}
+    assert real_token_diff(gm, twin, x) <= TOL
+    assert (main_output(gm(**x)) - main_output(model(**x))).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "opt"])
+def test_prefix_beyond_the_presets_equals_peft(model_type):
+    """GPT-NeoX (rotary) and OPT (learned positions, `decoder.embed_positions`), left-padded."""
+    model = small_decoder(model_type)
+    gm = adaptc.compile(model, "attn: prefix tokens=3")
+    twin = peft_prefix(model, 3)
+    copy_from_peft(gm.get_submodule("adaptc.prefix_0"), twin)
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
     x = {"input_ids": ids, "attention_mask": mask}
     assert real_token_diff(gm, twin, x) <= TOL
     assert (main_output(gm(**x)) - main_output(model(**x))).abs().max() > 1e-2

@@ -9,6 +9,7 @@ from torch import nn
 
 import adaptc
 from adaptc.errors import ModelError, SpecError
+from helpers import small_decoder
 
 
 def sites(gm) -> dict[str, str]:
@@ -26,29 +27,22 @@ def test_role_aliases_port_across_families(tiny, family, expected):
     assert len(sites(gm)) == 2 * len(expected)
 
 
-def small_decoder(model_type: str):
-    """A random-init causal LM of a family that has no alias table of its own."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    extra = {} if model_type == "gpt_neox" else {"num_key_value_heads": 2, "head_dim": 16}
-    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                                  pad_token_id=0, **extra)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma"])
-def test_families_named_like_llama_take_its_aliases(tmp_path, model_type):
-    """Qwen3 and Gemma have Llama's module names: the portable spec resolves to the same
-    sites as the explicit one, and its infer graph (merged LoRA, fused adapter) equals the
-    train graph."""
+@pytest.mark.parametrize("model_type,explicit", [
+    ("qwen3", "self_attn.q_proj,self_attn.v_proj: lora r=2 alpha=4; mlp: adapter bottleneck=4"),
+    ("gemma", "self_attn.q_proj,self_attn.v_proj: lora r=2 alpha=4; mlp: adapter bottleneck=4"),
+    ("gpt_neox", "query_key_value: lora r=2 alpha=4; mlp: adapter bottleneck=4"),
+    ("opt", "self_attn.q_proj,self_attn.v_proj: lora r=2 alpha=4; fc2: adapter bottleneck=4"),
+])
+def test_families_beyond_the_presets_take_aliases(tmp_path, model_type, explicit):
+    """Qwen3 and Gemma have Llama's module names; GPT-NeoX and OPT have tables of their own
+    (fused qkv like GPT-2's; OPT's FFN output fc2 like BERT's). The portable spec resolves to
+    the sites of the explicit one, and its infer graph (merged LoRA, fused adapter) equals
+    the train graph."""
     portable = "attn.q,attn.v: lora r=2 alpha=4; ffn: adapter bottleneck=4"
-    explicit = "self_attn.q_proj,self_attn.v_proj: lora r=2 alpha=4; mlp: adapter bottleneck=4"
     model = small_decoder(model_type)
     train = adaptc.compile(model, portable)
     assert sites(train) == sites(adaptc.compile(model, explicit))
-    assert len(sites(train)) == 6
+    assert len(sites(train)) == (4 if model_type == "gpt_neox" else 6)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in adaptc.adapter_state_dict(train).values():
@@ -67,10 +61,10 @@ def test_alias_errors_say_what_the_alias_stands_for():
         adaptc.compile(small_decoder("phi3"), "attn.q: lora r=2")
     assert info.value.first.notes[0] == "'attn.q' stands for self_attn.q_proj in this model"
     assert "'attn.k'" not in info.value.first.message  # suggests only aliases that match
-    with pytest.raises(SpecError) as info:  # GPT-NeoX fits no table
-        adaptc.compile(small_decoder("gpt_neox"), "ffn: adapter bottleneck=4")
-    assert "'ffn' is a role alias" in info.value.first.notes[0]
-    assert "gpt_neox.layers.0.mlp.dense_h_to_4h" in info.value.first.notes[1]
+    with pytest.raises(SpecError) as info:  # BLOOM fits no table
+        adaptc.compile(small_decoder("bloom"), "ffn: adapter bottleneck=4")
+    assert "'ffn' is a role alias, and this model has no alias table" in info.value.first.notes[0]
+    assert "transformer.h.0.mlp.dense_h_to_4h" in info.value.first.notes[1]
 
 
 def test_layer_selection_and_override(tiny):

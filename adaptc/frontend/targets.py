@@ -41,14 +41,30 @@ BERT_ALIASES = {
     "ffn.down": ["layer.*.output.dense"], "ffn.*": ["intermediate.dense", "layer.*.output.dense"],
     "embed": ["embeddings.word_embeddings"],
 }
-# Where absolute positions are looked up (GPT-2; BERT, RoBERTa; rotary models are found by
-# their *RotaryEmbedding module instead); prefix methods shift positions by the prefix length.
-POSITION_TABLES = ("wpe", "embeddings.position_embeddings")
+GPT_NEOX_ALIASES = {  # Pythia; fused qkv as in GPT-2, but nn.Linear
+    "attn": ["attention"], "attn.q": ["attention.query_key_value"],
+    "attn.k": ["attention.query_key_value"], "attn.v": ["attention.query_key_value"],
+    "attn.qkv": ["attention.query_key_value"], "attn.o": ["attention.dense"],
+    "attn.*": ["attention.query_key_value", "attention.dense"],
+    "ffn": ["mlp"], "ffn.up": ["mlp.dense_h_to_4h"], "ffn.down": ["mlp.dense_4h_to_h"],
+    "ffn.*": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"], "embed": ["embed_in"],
+}
+OPT_ALIASES = {  # no FFN module: `ffn` is its output linear fc2, as BERT's output.dense
+    "attn": ["self_attn"], "attn.q": ["self_attn.q_proj"], "attn.k": ["self_attn.k_proj"],
+    "attn.v": ["self_attn.v_proj"], "attn.o": ["self_attn.out_proj"],
+    "attn.*": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
+    "ffn": ["layers.*.fc2"], "ffn.up": ["layers.*.fc1"], "ffn.down": ["layers.*.fc2"],
+    "ffn.*": ["layers.*.fc1", "layers.*.fc2"], "embed": ["decoder.embed_tokens"],
+}
+# Where absolute positions are looked up (GPT-2; BERT, RoBERTa; OPT; rotary models are found
+# by their *RotaryEmbedding module instead); prefix methods shift positions by the prefix length.
+POSITION_TABLES = ("wpe", "embeddings.position_embeddings", "decoder.embed_positions")
 # For methods that rewrite the attention op (prefix, ptuning2), `attn` names the module that
 # computes it; where that differs from the table above (BERT's `attn` is its output dense).
 ATTENTION_OP_ALIASES = {"bert": {"attn": ["attention.self"]}}
 ALIASES = {"llama": LLAMA_ALIASES, "mistral": LLAMA_ALIASES, "qwen2": LLAMA_ALIASES,
-           "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES}
+           "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES, "gpt_neox": GPT_NEOX_ALIASES,
+           "opt": OPT_ALIASES}
 # A family without a table of its own takes the first whose signature module it has:
 # Qwen3, Gemma, OLMo, Granite, ... name their layers like Llama, RoBERTa and ELECTRA like BERT.
 SIGNATURES = (("llama", "self_attn.o_proj"), ("gpt2", "attn.c_attn"),
@@ -162,8 +178,9 @@ def no_match(plan: Plan, target: Target, patterns: list[str], sites: list[Site],
     if patterns != [target.pattern]:
         notes.insert(0, f"'{target.pattern}' stands for {', '.join(patterns)} in this model")
     elif family not in ALIASES and any(target.pattern in table for table in ALIASES.values()):
-        notes.insert(0, f"'{target.pattern}' is a role alias; these module names fit no alias "
-                        "table (Llama, GPT-2 or BERT names), so write the module names")
+        notes.insert(0, f"'{target.pattern}' is a role alias, and this model has no alias "
+                        "table (its family has none, and its module names are not Llama's, "
+                        "GPT-2's or BERT's): write the module names")
     return diag(plan, target.span, "E301", f"'{target.pattern}' matches no {what}{hint}",
                 tuple(notes))
 
