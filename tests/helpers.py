@@ -52,6 +52,7 @@ SMALL = {  # per family: config keys beyond hidden 64, 2 layers, 4 heads, vocab 
     "gpt_neox": {"intermediate_size": 128},
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "bloom": {},
+    "falcon": {},
 }
 
 

@@ -125,3 +125,25 @@ def test_calls_that_do_not_fit_the_traced_inputs_name_the_input(tiny, mode):
         with pytest.raises(TypeError, match=message):
             call()
     assert gm(input_ids=ids, attention_mask=mask).logits.shape == (2, 5, 512)
+
+
+def test_blocks_with_lifted_constants_are_traced_whole(tmp_path):
+    """Falcon's attention makes a tensor in its forward, which torch.export lifts as a block
+    constant: the block is not replicated (the constant might differ per layer), the whole
+    model is exported, and an adapter's infer graph equals its train graph. Its FalconLinear
+    computes `x @ W.T`, which LoRA cannot attach to: the error says so."""
+    from helpers import small_decoder
+    model = small_decoder("falcon")
+    train = adaptc.compile(model, "mlp: adapter bottleneck=4")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(train).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    adaptc.save_adapters(train, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, "mlp: adapter bottleneck=4", "infer",
+                           adapters=tmp_path / "a.safetensors")
+    x = inputs(vocab=128)
+    assert (main_output(infer(**x)) - main_output(train.eval()(**x))).abs().max() <= 1e-5
+    assert (main_output(train(**x)) - main_output(model(**x))).abs().max() > 1e-3
+    with pytest.raises(ModelError, match="computes no aten.linear or aten.addmm .*matmul"):
+        adaptc.compile(model, "self_attention.query_key_value: lora r=2")

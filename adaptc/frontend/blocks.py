@@ -81,7 +81,7 @@ def replicate(gm: GraphModule, model: nn.Module, path: str, count: int) -> bool:
     params = {n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix + ".")}
     inputs = {a for n in block for a in n.all_input_nodes if a not in members and a not in params}
     hidden = [a for a in inputs if is_hidden(a, outputs)]
-    if len(outputs) != 1 or len(hidden) != 1:
+    if len(outputs) != 1 or len(hidden) != 1 or not all(owned(model, n.target) for n in params):
         return False
     last = outputs[0]
     users = [u for u in last.users if u not in members]
@@ -120,6 +120,17 @@ def copy_block(gm: GraphModule, model: nn.Module, block: list[Node], params: set
             for key, (p, t) in node.meta.get("nn_module_stack", {}).items()}
         mapping[node] = anchor = copied
     return anchor
+
+
+def owned(model: nn.Module, target: str) -> bool:
+    """Whether a block's tensor is a parameter or buffer of the model. A constant that
+    torch.export lifted out of the block's code (Falcon's attention makes one) might differ
+    per layer, so such a block is not replicated: the whole model is exported."""
+    try:
+        tensor_at(model, target)
+    except AttributeError:
+        return False
+    return True
 
 
 def tensor_at(model: nn.Module, target: str) -> torch.Tensor:

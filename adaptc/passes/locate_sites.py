@@ -27,10 +27,20 @@ class LocateSites:
                 calls[path] = calls.get(path, 0) + 1
         missing = sorted(set(wanted) - set(calls))
         if missing:
-            raise ModelError(f"module '{missing[0]}' was not called in the traced forward pass; "
-                             "it cannot be adapted")
+            raise ModelError(unlocated(gm, missing[0]))
         repeated = sorted(p for p, n in calls.items() if n > 1)
         if repeated:
             raise ModelError(f"module '{repeated[0]}' is called {calls[repeated[0]]} times per "
                              "forward pass; adapting shared modules is not supported")
         return PassResult(gm, {"sites_located": len(calls)})
+
+
+def unlocated(gm: GraphModule, path: str) -> str:
+    """Why a linear site has no linear op: never called, or its forward computes otherwise
+    (Falcon's FalconLinear is `x @ W.T + b`, traced as matmul and add)."""
+    ops = sorted({str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
+                  if n.op == "call_function" and module_path(n) == path})
+    if not ops:
+        return f"module '{path}' was not called in the traced forward pass; it cannot be adapted"
+    return (f"module '{path}' computes no aten.linear or aten.addmm in the traced graph (its "
+            f"ops: {', '.join(ops[:6])}), so a linear method cannot attach to it")
