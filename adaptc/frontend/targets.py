@@ -3,8 +3,9 @@
 A pattern is matched against module paths segment by segment from the end: a bare name
 matches a path suffix at dot boundaries (`q_proj` ~ `model.layers.3.self_attn.q_proj`) and
 `*` globs within a segment. Role aliases (`attn.q`, `ffn.*`, ...) expand per model family (or
-per naming scheme, for families without a table) so one spec ports across architectures. Later statements override earlier ones per module and
-method; different methods on one module compose (LoRA inside the layer, adapter after it).
+per naming scheme, for families without a table) so one spec ports across architectures.
+Later statements override earlier ones per module and method; different methods on one
+module compose (LoRA inside the layer, adapter after it).
 """
 from __future__ import annotations
 
