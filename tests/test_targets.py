@@ -32,17 +32,18 @@ def test_role_aliases_port_across_families(tiny, family, expected):
     ("gemma", "self_attn.q_proj,self_attn.v_proj: lora r=2 alpha=4; mlp: adapter bottleneck=4"),
     ("gpt_neox", "query_key_value: lora r=2 alpha=4; mlp: adapter bottleneck=4"),
     ("opt", "self_attn.q_proj,self_attn.v_proj: lora r=2 alpha=4; fc2: adapter bottleneck=4"),
+    ("bloom", "query_key_value: lora r=2 alpha=4; mlp: adapter bottleneck=4"),
 ])
 def test_families_beyond_the_presets_take_aliases(tmp_path, model_type, explicit):
-    """Qwen3 and Gemma have Llama's module names; GPT-NeoX and OPT have tables of their own
-    (fused qkv like GPT-2's; OPT's FFN output fc2 like BERT's). The portable spec resolves to
+    """Qwen3 and Gemma have Llama's module names; GPT-NeoX, BLOOM and OPT have tables of
+    their own (fused qkv like GPT-2's; OPT's FFN output fc2 like BERT's). The portable spec resolves to
     the sites of the explicit one, and its infer graph (merged LoRA, fused adapter) equals
     the train graph."""
     portable = "attn.q,attn.v: lora r=2 alpha=4; ffn: adapter bottleneck=4"
     model = small_decoder(model_type)
     train = adaptc.compile(model, portable)
     assert sites(train) == sites(adaptc.compile(model, explicit))
-    assert len(sites(train)) == (4 if model_type == "gpt_neox" else 6)
+    assert len(sites(train)) == (4 if model_type in ("gpt_neox", "bloom") else 6)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in adaptc.adapter_state_dict(train).values():
@@ -61,8 +62,8 @@ def test_alias_errors_say_what_the_alias_stands_for():
         adaptc.compile(small_decoder("phi3"), "attn.q: lora r=2")
     assert info.value.first.notes[0] == "'attn.q' stands for self_attn.q_proj in this model"
     assert "'attn.k'" not in info.value.first.message  # suggests only aliases that match
-    with pytest.raises(SpecError) as info:  # BLOOM fits no table
-        adaptc.compile(small_decoder("bloom"), "ffn: adapter bottleneck=4")
+    with pytest.raises(SpecError) as info:  # Falcon fits no table
+        adaptc.compile(small_decoder("falcon"), "ffn: adapter bottleneck=4")
     assert "'ffn' is a role alias, and this model has no alias table" in info.value.first.notes[0]
     assert "transformer.h.0.mlp.dense_h_to_4h" in info.value.first.notes[1]
 
