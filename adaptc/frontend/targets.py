@@ -42,22 +42,16 @@ BERT_ALIASES = {
     "ffn.down": ["layer.*.output.dense"], "ffn.*": ["intermediate.dense", "layer.*.output.dense"],
     "embed": ["embeddings.word_embeddings"],
 }
-GPT_NEOX_ALIASES = {  # Pythia; fused qkv as in GPT-2, but nn.Linear
-    "attn": ["attention"], "attn.q": ["attention.query_key_value"],
-    "attn.k": ["attention.query_key_value"], "attn.v": ["attention.query_key_value"],
-    "attn.qkv": ["attention.query_key_value"], "attn.o": ["attention.dense"],
-    "attn.*": ["attention.query_key_value", "attention.dense"],
-    "ffn": ["mlp"], "ffn.up": ["mlp.dense_h_to_4h"], "ffn.down": ["mlp.dense_4h_to_h"],
-    "ffn.*": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"], "embed": ["embed_in"],
-}
-BLOOM_ALIASES = {  # fused qkv as in GPT-NeoX, under `self_attention`
-    "attn": ["self_attention"], "attn.q": ["self_attention.query_key_value"],
-    "attn.k": ["self_attention.query_key_value"], "attn.v": ["self_attention.query_key_value"],
-    "attn.qkv": ["self_attention.query_key_value"], "attn.o": ["self_attention.dense"],
-    "attn.*": ["self_attention.query_key_value", "self_attention.dense"],
-    "ffn": ["mlp"], "ffn.up": ["mlp.dense_h_to_4h"], "ffn.down": ["mlp.dense_4h_to_h"],
-    "ffn.*": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"], "embed": ["word_embeddings"],
-}
+def fused_qkv_aliases(attention: str, embed: str) -> dict[str, list[str]]:
+    """GPT-NeoX (Pythia) and BLOOM: one fused `query_key_value` nn.Linear under `attention`,
+    an FFN of `dense_h_to_4h` and `dense_4h_to_h`."""
+    qkv, out = f"{attention}.query_key_value", f"{attention}.dense"
+    up, down = "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"
+    return {"attn": [attention], "attn.q": [qkv], "attn.k": [qkv], "attn.v": [qkv],
+            "attn.qkv": [qkv], "attn.o": [out], "attn.*": [qkv, out], "ffn": ["mlp"],
+            "ffn.up": [up], "ffn.down": [down], "ffn.*": [up, down], "embed": [embed]}
+
+
 OPT_ALIASES = {  # no FFN module: `ffn` is its output linear fc2, as BERT's output.dense
     "attn": ["self_attn"], "attn.q": ["self_attn.q_proj"], "attn.k": ["self_attn.k_proj"],
     "attn.v": ["self_attn.v_proj"], "attn.o": ["self_attn.out_proj"],
@@ -72,8 +66,9 @@ POSITION_TABLES = ("wpe", "embeddings.position_embeddings", "decoder.embed_posit
 # computes it; where that differs from the table above (BERT's `attn` is its output dense).
 ATTENTION_OP_ALIASES = {"bert": {"attn": ["attention.self"]}}
 ALIASES = {"llama": LLAMA_ALIASES, "mistral": LLAMA_ALIASES, "qwen2": LLAMA_ALIASES,
-           "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES, "gpt_neox": GPT_NEOX_ALIASES,
-           "opt": OPT_ALIASES, "bloom": BLOOM_ALIASES}
+           "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES, "opt": OPT_ALIASES,
+           "gpt_neox": fused_qkv_aliases("attention", "embed_in"),
+           "bloom": fused_qkv_aliases("self_attention", "word_embeddings")}
 # A family without a table of its own takes the first whose signature module it has:
 # Qwen3, Gemma, OLMo, Granite, ... name their layers like Llama, RoBERTa and ELECTRA like BERT.
 SIGNATURES = (("llama", "self_attn.o_proj"), ("gpt2", "attn.c_attn"),
