@@ -14,7 +14,7 @@ from adaptc.errors import AdaptcError
 from adaptc.frontend.models import LoadedModel, load_model, wrap
 from adaptc.frontend.sites import layer_count, parameter_table, site_table
 from adaptc.frontend.targets import resolve
-from adaptc.frontend.trace import InputCheck, trace
+from adaptc.frontend.trace import InputCheck, sequence_limit, trace
 from adaptc.passes import CompileContext, PassManager, default_pipeline
 from adaptc.spec import compile_spec, load_spec, lower
 from adaptc.spec.ir import Plan
@@ -36,6 +36,7 @@ class CompileReport:
     trainable: int
     total: int
     pipeline: list[str] = field(default_factory=list)
+    max_tokens: int | None = None  # longest token input: positions less virtual tokens'
 
     def peft_line(self) -> str:
         """The total in PEFT's `print_trainable_parameters` format."""
@@ -89,7 +90,8 @@ def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = Non
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     gm.meta[REPORT] = CompileReport(ctx.plan.spec.path, ctx.plan.spec.source, ctx.model.source, ctx.mode, ctx.sites,
                                     counts, trainable, sum(p.numel() for p in gm.parameters()),
-                                    [p.name for p in manager.passes])
+                                    [p.name for p in manager.passes],
+                                    sequence_limit(ctx.model) - ctx.table_positions)
     return gm
 
 
@@ -119,8 +121,11 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
     ctx = prepare(model, spec, mode, example_inputs)
     ctx.adapters, ctx.merge, ctx.fuse_projections = adapters, merge, fuse_projections
     gm = run_pipeline(trace(ctx.model), ctx, verify, dump_dir)
-    gm.register_forward_pre_hook(InputCheck(ctx.model.example_inputs), prepend=True,
-                                 with_kwargs=True)
+    taken = ctx.table_positions
+    why = (f"the model's {sequence_limit(ctx.model)} positions"
+           + (f", {taken} of them for the virtual tokens" if taken else ""))
+    check = InputCheck(ctx.model.example_inputs, report_of(gm).max_tokens, why)
+    gm.register_forward_pre_hook(check, prepend=True, with_kwargs=True)
     return gm
 
 

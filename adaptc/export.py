@@ -68,9 +68,11 @@ def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: 
 def export_program(gm: GraphModule, model: LoadedModel) -> torch.export.ExportedProgram:
     """torch.export of the infer graph with the dynamic batch/sequence dims used for tracing
     (as `Dim.AUTO` where torch cannot prove the graph's guards over the named ranges: see
-    `export_dynamic`; report.json's check runs other shapes than traced)."""
+    `export_dynamic`; report.json's check runs other shapes than traced), sequences up to
+    the compiled module's limit."""
     try:
-        return export_dynamic(gm, model.example_inputs, dynamic_shapes(model))
+        return export_dynamic(gm, model.example_inputs,
+                              dynamic_shapes(model, gm.meta[REPORT].max_tokens))
     except Exception as err:  # torch.export raises many types; all mean "cannot export"
         raise ArtifactError(f"cannot export the infer graph to {PROGRAM} with dynamic batch "
                             f"and sequence dims: {first_line(err)}") from err
@@ -155,10 +157,13 @@ def verify(exported: torch.nn.Module, reference: GraphModule, model: LoadedModel
             "max_abs_error": abs_error, "max_rel_error": abs_error / scale if scale else 0.0}
 
 
+ID_RANGES = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}  # config fields
+
+
 def random_inputs(model: LoadedModel, batch: int = 3, seq: int = 5, seed: int = 0) -> dict:
     """Inputs like the example ones, with other batch and sequence sizes (dims are dynamic)."""
     gen = torch.Generator().manual_seed(seed)
-    vocab = getattr(getattr(model.module, "config", None), "vocab_size", None)
+    config = getattr(model.module, "config", None)
     inputs = {}
     for name, value in model.example_inputs.items():
         token_like = isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
@@ -169,7 +174,7 @@ def random_inputs(model: LoadedModel, batch: int = 3, seq: int = 5, seed: int = 
             mask[0, :1] = 0
             inputs[name] = mask
         else:
-            high = vocab if name == "input_ids" and vocab else int(value.max()) + 1
+            high = getattr(config, ID_RANGES.get(name, ""), None) or int(value.max()) + 1
             inputs[name] = torch.randint(0, high, (batch, seq), generator=gen).to(value)
     return inputs
 
@@ -178,7 +183,7 @@ def describe(gm: GraphModule, model: LoadedModel, why_no_hf: str | None, check: 
     report = gm.meta[REPORT]
     return {"format": FORMAT, "mode": report.mode, "spec": report.spec_path,
             "spec_source": report.spec_source, "model": report.model,
-            "inputs": sorted(model.example_inputs), "counts": report.counts,
-            "program": PROGRAM, "hf": HF_DIR if why_no_hf is None else None,
+            "inputs": sorted(model.example_inputs), "max_tokens": report.max_tokens,
+            "counts": report.counts, "program": PROGRAM, "hf": HF_DIR if why_no_hf is None else None,
             **({"hf_skipped": why_no_hf} if why_no_hf else {}),
             "verification": check, "versions": versions()}

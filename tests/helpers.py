@@ -6,12 +6,18 @@ import torch
 FAMILIES = ["llama", "mistral", "gpt2", "bert"]
 
 
-def inputs(vocab: int = 512, batch: int = 3, seq: int = 7, seed: int = 1) -> dict:
+def inputs(vocab: int = 512, batch: int = 3, seq: int = 7, seed: int = 1,
+           segments: bool = False) -> dict:
+    """Token ids and a mask with one left-padded row; with `segments`, BERT's token_type_ids
+    for a sentence pair (the second half is sentence B)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding on one row
-    return {"input_ids": ids, "attention_mask": mask}
+    x = {"input_ids": ids, "attention_mask": mask}
+    if segments:
+        x["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(batch, seq)
+    return x
 
 
 def main_output(out) -> torch.Tensor:
@@ -65,3 +71,14 @@ def small_decoder(model_type: str):
                                   **SMALL[model_type])
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def bert_classifier(num_labels: int = 3):
+    """A random-init BERT sequence classifier (sentence-pair tasks read token_type_ids)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model("bert", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                  num_labels=num_labels)
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config).eval()

@@ -44,10 +44,15 @@ def test_lora_equals_peft(tiny, family, rslora):
     gm = adaptc.compile(model, spec)
     twin = peft_twin(model.module, targets, 4, 12, rslora)
     randomize_and_copy(gm, twin)
-    x = inputs()
+    x = inputs(segments=family == "bert")
     ours, theirs = main_output(gm(**x)), main_output(twin(**x))
     assert (ours - theirs).abs().max().item() <= TOL
     assert (ours - main_output(model.module(**x))).abs().max().item() > 1e-3  # adapters act
+    if family == "bert":  # sentence B's segment ids reach the graph; left out, they are zeros
+        single = {k: v for k, v in x.items() if k != "token_type_ids"}
+        assert (ours - main_output(gm(**single))).abs().max().item() > 1e-3
+        assert torch.equal(main_output(gm(**single)),
+                           main_output(gm(**single, token_type_ids=torch.zeros_like(x["input_ids"]))))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

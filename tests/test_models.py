@@ -11,6 +11,7 @@ from adaptc.cli import main
 from adaptc.errors import ModelError, PassError
 from adaptc.frontend.models import load_model
 from adaptc.passes import CompileContext, PassManager
+from helpers import bert_classifier, inputs
 
 
 def test_compile_from_checkpoint_directory(tiny, tmp_path, capsys):
@@ -114,18 +115,14 @@ def test_load_model_places_presets():
 
 def test_checkpoint_keeps_the_head_its_config_names(tmp_path):
     """A sequence-classification checkpoint compiles with its classifier (config.json's
-    `architectures`), trains it with `classifier: train`, and its merged hf/ loads back as
-    that class with the program's logits."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    config = AutoConfig.for_model("bert", hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                                  num_labels=3)
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "cls")
+    `architectures`), trains it with `classifier: train` on sentence pairs, and its merged
+    hf/ and program.pt2 load back with the trained module's logits."""
+    from transformers import AutoModelForSequenceClassification
+    bert_classifier().save_pretrained(tmp_path / "cls")
     spec = "attn.q,attn.v: lora r=2; classifier: train"
     gm = adaptc.compile(str(tmp_path / "cls"), spec)
-    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(0))
-    x, labels = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.tensor([0, 1, 2, 1])
+    x = inputs(vocab=128, batch=4, seq=6, seed=0, segments=True)
+    labels = torch.tensor([0, 1, 2, 1])
     optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(10):
@@ -143,3 +140,7 @@ def test_checkpoint_keeps_the_head_its_config_names(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "serve" / "hf")
     gm.eval()
     assert (reloaded(**x).logits - gm(**x).logits).abs().max().item() <= 1e-5
+    program = adaptc.load_program(tmp_path / "serve").module()
+    assert (program(**x).logits - gm(**x).logits).abs().max().item() <= 1e-5
+    single = {k: v for k, v in x.items() if k != "token_type_ids"}
+    assert (gm(**x).logits - gm(**single).logits).abs().max().item() > 1e-4

@@ -81,6 +81,27 @@ def test_prefix_on_roberta_equals_peft():
     assert (main_output(gm(**x)) - main_output(model(**x))).abs().max() > 1e-2
 
 
+def test_prefix_on_sentence_pairs_equals_peft_prompt(tiny):
+    """Segment ids reach the graph: BERT with prefixes equals the HF model run on PEFT's
+    prefix cache with the same token_type_ids (PEFT's own BERT forwards drop them, and its
+    SEQ_CLS prefix forward needs a past_key_values argument BertForSequenceClassification
+    lacks)."""
+    model = tiny("bert")
+    gm = adaptc.compile(model, "attn: prefix tokens=3")
+    twin = peft_prefix(model.module, 3)
+    copy_from_peft(gm.get_submodule("adaptc.prefix_0"), twin)
+    x = inputs(segments=True)
+    mask = torch.cat([torch.ones(3, 3, dtype=torch.long), x["attention_mask"]], dim=1)
+    with torch.no_grad():
+        ref = model.module(input_ids=x["input_ids"], token_type_ids=x["token_type_ids"],
+                           attention_mask=mask, past_key_values=twin.get_prompt(3))
+    real = x["attention_mask"].bool()
+    ours = gm(**x).last_hidden_state
+    assert (ours - ref.last_hidden_state)[real].abs().max().item() <= TOL
+    single = {k: v for k, v in x.items() if k != "token_type_ids"}
+    assert (ours - gm(**single).last_hidden_state).abs().max().item() > 1e-3
+
+
 @pytest.mark.parametrize("model_type", ["gpt_neox", "opt"])
 def test_prefix_beyond_the_presets_equals_peft(model_type):
     """GPT-NeoX (rotary) and OPT (learned positions, `decoder.embed_positions`), left-padded."""

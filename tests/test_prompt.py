@@ -12,14 +12,16 @@ from peft import PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_mod
 
 import adaptc
 from adaptc.errors import ModelError, SpecError
-from helpers import inputs, main_output
+from helpers import bert_classifier, inputs, main_output
 
 TOL = 1e-5
 EMBED = {"llama": "model.embed_tokens", "bert": "embeddings.word_embeddings"}
 
 
-def peft_twin(model, method: str, tokens: int, encoder: str = "mlp", hidden: int = 20):
-    task = TaskType.FEATURE_EXTRACTION if model.config.model_type == "bert" else TaskType.CAUSAL_LM
+def peft_twin(model, method: str, tokens: int, encoder: str = "mlp", hidden: int = 20,
+              task: TaskType | None = None):
+    bert = model.config.model_type == "bert"
+    task = task or (TaskType.FEATURE_EXTRACTION if bert else TaskType.CAUSAL_LM)
     if method == "prompt":
         config = PromptTuningConfig(task_type=task, num_virtual_tokens=tokens)
     else:
@@ -64,6 +66,22 @@ def test_prompt_methods_equal_peft(tiny, family, method, encoder):
     assert report.counts["prompt_inserted"] == 1
     assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
     compare(gm, twin, 3, family)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_prompts_on_sentence_pairs_equal_peft(method):
+    """Segment ids reach the graph and the virtual tokens count as sentence A: a BERT
+    classifier equals PEFT's SEQ_CLS model, which pads token_type_ids with zeros (its
+    feature-extraction model drops them)."""
+    model = bert_classifier()
+    rule = "prompt tokens=3" if method == "prompt" else "ptuning tokens=3 hidden=20"
+    gm = adaptc.compile(model, f"embed: {rule}; classifier: train")
+    twin = peft_twin(model, method, 3, task=TaskType.SEQ_CLS)
+    copy_from_peft(gm.get_submodule("bert.embeddings.word_embeddings.prompt"), twin)
+    x = inputs(vocab=128, segments=True)
+    assert (gm(**x).logits - twin(**x).logits).abs().max().item() <= TOL
+    single = {k: v for k, v in x.items() if k != "token_type_ids"}
+    assert (gm(**x).logits - gm(**single).logits).abs().max().item() > 1e-4
 
 
 def test_prompt_init_from_token_ids_repeats_them(tiny):

@@ -17,7 +17,7 @@ from helpers import inputs, main_output
 def test_block_reuse_equals_whole_model_export(family):
     model = build_preset(family, layers=3)
     reused, whole = trace(model), trace(model, reuse_blocks=False)
-    x = inputs(batch=2, seq=9)
+    x = inputs(batch=2, seq=9, segments=family == "bert")
     expected = main_output(model.module(**x))
     assert torch.equal(main_output(reused(**x)), expected)
     assert torch.equal(main_output(whole(**x)), expected)
@@ -125,6 +125,25 @@ def test_calls_that_do_not_fit_the_traced_inputs_name_the_input(tiny, mode):
         with pytest.raises(TypeError, match=message):
             call()
     assert gm(input_ids=ids, attention_mask=mask).logits.shape == (2, 5, 512)
+
+
+@pytest.mark.parametrize("preset,spec,limit", [
+    ("gpt2", "embed: prompt tokens=4", 508),  # the prompt takes 4 rows of wpe
+    ("gpt2", "attn: prefix tokens=3", 509),  # positions shift by the prefix
+    ("bert", "attn: prefix tokens=3", 509),
+    ("llama", "embed: prompt tokens=4", 512),  # rotary: no table to run out of
+    ("gpt2", "c_attn: lora r=2", 512),
+])
+def test_sequences_longer_than_the_positions_are_refused(tiny, preset, spec, limit):
+    gm = adaptc.compile(tiny(preset), spec)
+    assert adaptc.report_of(gm).max_tokens == limit
+    ids = torch.randint(0, 100, (1, limit))
+    assert main_output(gm(input_ids=ids, attention_mask=torch.ones_like(ids))).shape[1] == limit
+    ids = torch.randint(0, 100, (1, limit + 1))
+    taken = f", {512 - limit} of them for the virtual tokens" if limit < 512 else ""
+    with pytest.raises(ValueError, match=f"input 'input_ids' has {limit + 1} tokens; the "
+                       f"compiled module takes at most {limit} \\(the model's 512 positions{taken}\\)"):
+        gm(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 def test_blocks_with_lifted_constants_are_traced_whole(tmp_path):

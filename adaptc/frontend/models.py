@@ -6,6 +6,7 @@ Face checkpoint directory (config.json + safetensors), or any `nn.Module` from P
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,7 +181,8 @@ def check_loading_info(path: Path, info: dict) -> None:
 
 def wrap(module: nn.Module, source: str = "python",
          example_inputs: dict[str, torch.Tensor] | None = None) -> LoadedModel:
-    """Attach example inputs (token ids and mask, batch 2 × 8) to a Hugging Face-style model."""
+    """Attach example inputs (token ids and mask, batch 2 × 8; segment ids too for encoders
+    with more than one token type) to a Hugging Face-style model."""
     config = getattr(module, "config", None)
     if example_inputs is None:
         if config is None or not hasattr(config, "vocab_size"):
@@ -189,5 +191,14 @@ def wrap(module: nn.Module, source: str = "python",
         device = next(module.parameters()).device
         ids = torch.randint(0, min(config.vocab_size, 100), (2, 8), device=device)
         example_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if takes_segments(module):
+            example_inputs["token_type_ids"] = torch.zeros_like(ids)
     family = getattr(config, "model_type", None)
     return LoadedModel(module, example_inputs, source, family)
+
+
+def takes_segments(module: nn.Module) -> bool:
+    """BERT-style encoders read `token_type_ids` (sentence A / B) when the config has more
+    than one type; RoBERTa (one type) and decoders trace without it."""
+    types = getattr(getattr(module, "config", None), "type_vocab_size", 0) or 0
+    return types > 1 and "token_type_ids" in inspect.signature(module.forward).parameters

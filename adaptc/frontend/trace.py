@@ -127,21 +127,31 @@ def tracing_state(module: nn.Module):
             config.use_cache = use_cache
 
 
+OPTIONAL_INPUTS = ("token_type_ids",)  # all zeros when not given, as in transformers
+
+
 class InputCheck:
     """A forward pre-hook for compiled modules: calls that do not fit the traced inputs
     (names, rank, integer or float) fail with a TypeError naming the input, instead of an
-    IndexError or a dtype error from inside the graph."""
+    IndexError or a dtype error from inside the graph, and so do token inputs longer than
+    `max_tokens` (`why` says where that bound comes from). Optional inputs the call leaves
+    out are filled in as transformers would."""
 
-    def __init__(self, example_inputs: dict):
+    def __init__(self, example_inputs: dict, max_tokens: int, why: str):
         self.expected = {name: (value.dim(), value.is_floating_point())
                          if isinstance(value, torch.Tensor) else None
                          for name, value in example_inputs.items()}
+        self.max_tokens, self.why = max_tokens, why
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         names = ", ".join(self.expected)
         if args:
             raise TypeError(f"the compiled module takes keyword inputs ({names}), "
                             f"got {len(args)} positional")
+        defaults = {name: torch.zeros_like(kwargs["input_ids"]) for name in OPTIONAL_INPUTS
+                    if name in self.expected and kwargs.get(name) is None
+                    and isinstance(kwargs.get("input_ids"), torch.Tensor)}
+        kwargs = {**kwargs, **defaults}
         missing = [name for name in self.expected if name not in kwargs]
         unexpected = [name for name in kwargs if name not in self.expected]
         if missing or unexpected:
@@ -163,13 +173,23 @@ class InputCheck:
                 kind = "floating-point" if floating else "integer"
                 raise TypeError(f"input '{name}' must be a {rank}-D {kind} tensor (as traced), "
                                 f"got {value.dim()}-D {value.dtype}")
+            if rank == 2 and not floating and value.shape[1] > self.max_tokens:
+                raise ValueError(f"input '{name}' has {value.shape[1]} tokens; the compiled "
+                                 f"module takes at most {self.max_tokens} ({self.why})")
+        return args, kwargs
 
 
-def dynamic_shapes(model: LoadedModel) -> dict | None:
-    """Batch and sequence dims of 2-D integer inputs are dynamic (sequence up to the position
-    limit); other tensors get a batch dim that export keeps dynamic where it can."""
+def sequence_limit(model: LoadedModel) -> int:
+    """The longest token sequence a traced graph takes: the config's position count."""
     config = getattr(model.module, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 4096)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 4096)
+
+
+def dynamic_shapes(model: LoadedModel, max_tokens: int | None = None) -> dict | None:
+    """Batch and sequence dims of 2-D integer inputs are dynamic (sequence up to
+    `max_tokens`, by default the position limit); other tensors get a batch dim that export
+    keeps dynamic where it can."""
+    limit = max_tokens or sequence_limit(model)
     batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=limit)
     shapes = {}
     for name, value in model.example_inputs.items():

@@ -39,6 +39,7 @@ class CompileContext:
     fuse_projections: bool = False  # infer mode: one GEMM for linears sharing an input
     adapter_prefix: str = ""  # module path of the adapted model inside the traced one
     positions_input: str | None = None  # cached decoding: the input of absolute positions
+    table_positions: int = 0  # rows of the position table that virtual tokens take
 
     def user_modules(self) -> frozenset[int]:
         """Ids of the user's modules: passes never bind tensors into them (`bind`)."""

@@ -195,6 +195,13 @@ def position_inputs(gm: GraphModule) -> list[tuple[Node, Node]]:
     return found
 
 
+def reads_position_table(gm: GraphModule) -> bool:
+    """Whether positions index a learned table (`targets.POSITION_TABLES`) rather than a
+    rotary embedding: the table's rows then bound the sequence, virtual tokens included."""
+    return any(not str(list(consumer.meta["nn_module_stack"].values())[-1][1])
+               .endswith("RotaryEmbedding") for consumer, _ in position_inputs(gm))
+
+
 def shift_positions(gm: GraphModule, offset: int, method: str) -> int:
     """Add `offset` to the position ids where they enter the position encoding."""
     found = position_inputs(gm)

@@ -28,6 +28,7 @@ from adaptc.passes.graph import (
     in_module,
     is_linear,
     linear_input,
+    reads_position_table,
     sdpa_arg,
     set_sdpa_arg,
     shift_positions,
@@ -46,7 +47,9 @@ class InsertPrefix:
         todo.sort(key=lambda a: a.rule.index)
         for _, group in groupby(todo, key=lambda a: a.rule.index):
             self.insert_rule(gm, ctx, list(group))
-        shift_positions(gm, todo[0].rule.config.tokens, "prefix")
+        tokens = todo[0].rule.config.tokens
+        ctx.table_positions = tokens if reads_position_table(gm) else 0
+        shift_positions(gm, tokens, "prefix")
         return PassResult(gm, {"prefix_inserted": len(todo)})
 
     def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment]) -> None:

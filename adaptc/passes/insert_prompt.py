@@ -25,7 +25,7 @@ from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prompt import PromptEmbedding, PromptEncoder
 from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
-from adaptc.passes.graph import in_module
+from adaptc.passes.graph import in_module, reads_position_table
 
 aten = torch.ops.aten
 PROMPT_METHODS = ("prompt", "ptuning")
@@ -48,6 +48,8 @@ class InsertPrompt:
         lookup, ids = embedding_lookup(gm, assignment.site.path)
         tokens = assignment.rule.config.tokens
         positions = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
+        if positions is None:
+            ctx.table_positions = tokens if reads_position_table(gm) else 0
         sliced = 0 if positions else extend_inputs(gm, ids, tokens)
         module = build(assignment, gm.get_parameter(lookup.args[0].target))
         splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method,
