@@ -1,7 +1,11 @@
 """Test helpers: inputs, output selection and a tiny next-token task."""
 from __future__ import annotations
 
+import copy
+
 import torch
+
+import adaptc
 
 FAMILIES = ["llama", "mistral", "gpt2", "bert"]
 
@@ -59,6 +63,9 @@ SMALL = {  # per family: config keys beyond hidden 64, 2 layers, 4 heads, vocab 
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "bloom": {},
     "falcon": {},
+    "phi": {"intermediate_size": 128},
+    "gptj": {"rotary_dim": 8},
+    "mpt": {"expansion_ratio": 2},
 }
 
 
@@ -73,6 +80,25 @@ def small_decoder(model_type: str):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+ENCODERS = {  # per family: a config of hidden 64, 2 layers, 4 heads, vocab 128
+    "distilbert": {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 4},
+    "deberta-v2": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4},
+    "modernbert": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4},
+}
+
+
+def small_encoder(model_type: str):
+    """A random-init bare encoder of a family beyond the presets."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, pad_token_id=0,
+                                  **ENCODERS[model_type])
+    torch.manual_seed(0)
+    return AutoModel.from_config(config).eval()
+
+
 def bert_classifier(num_labels: int = 3):
     """A random-init BERT sequence classifier (sentence-pair tasks read token_type_ids)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -82,3 +108,26 @@ def bert_classifier(num_labels: int = 3):
                                   num_labels=num_labels)
     torch.manual_seed(0)
     return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def peft_twin(model, targets, r, alpha, rslora=False):
+    """PEFT's LoraModel on a copy of `model` (no dropout), for parity checks."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                        fan_in_fan_out=model.config.model_type == "gpt2", lora_dropout=0.0)
+    return get_peft_model(copy.deepcopy(model), config).eval()
+
+
+def randomize_and_copy(gm, peft_model, seed=0):
+    """Give our adapters random non-zero weights and copy them into PEFT's layers."""
+    gen = torch.Generator().manual_seed(seed)
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for path, module in adaptc.adapters.adapter_modules(gm).items():
+            site = path.rsplit(".", 1)[0]
+            module.A.copy_(torch.randn(module.A.shape, generator=gen) * 0.1)
+            module.B.copy_(torch.randn(module.B.shape, generator=gen) * 0.1)
+            layer = inner.get_submodule(site)
+            layer.lora_A["default"].weight.copy_(module.A)
+            layer.lora_B["default"].weight.copy_(module.B)

@@ -1,38 +1,16 @@
 """LoRA in the compiled graph equals PEFT's LoraModel with identical weights (float32)."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 import adaptc
-from helpers import FAMILIES, inputs, main_output
+from helpers import FAMILIES, inputs, main_output, peft_twin, randomize_and_copy
 
 TOL = 1e-5
 TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj", "down_proj"],
            "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value", "intermediate.dense"]}
-
-
-def peft_twin(model, targets, r, alpha, rslora=False):
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
-                        fan_in_fan_out=model.config.model_type == "gpt2", lora_dropout=0.0)
-    return get_peft_model(copy.deepcopy(model), config).eval()
-
-
-def randomize_and_copy(gm, peft_model, seed=0):
-    """Give our adapters random non-zero weights and copy them into PEFT's layers."""
-    gen = torch.Generator().manual_seed(seed)
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for path, module in adaptc.adapters.adapter_modules(gm).items():
-            site = path.rsplit(".", 1)[0]
-            module.A.copy_(torch.randn(module.A.shape, generator=gen) * 0.1)
-            module.B.copy_(torch.randn(module.B.shape, generator=gen) * 0.1)
-            layer = inner.get_submodule(site)
-            layer.lora_A["default"].weight.copy_(module.A)
-            layer.lora_B["default"].weight.copy_(module.B)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

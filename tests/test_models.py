@@ -26,8 +26,8 @@ def test_compile_from_checkpoint_directory(tiny, tmp_path, capsys):
                  "--dump-passes", str(tmp_path / "dump")]) == 0
     assert "lora_inserted=2" in capsys.readouterr().out
     dumps = sorted(p.name for p in (tmp_path / "dump").iterdir())
-    assert dumps[:2] == ["01_locate_sites.py", "02_insert_lora.py"]
-    assert "c_attn.lora" in (tmp_path / "dump" / "02_insert_lora.py").read_text()
+    assert dumps[:3] == ["01_canonicalize_linears.py", "02_locate_sites.py", "03_insert_lora.py"]
+    assert "c_attn.lora" in (tmp_path / "dump" / "03_insert_lora.py").read_text()
 
 
 def test_bad_checkpoint_directories(tmp_path):

@@ -102,9 +102,10 @@ def test_prefix_on_sentence_pairs_equals_peft_prompt(tiny):
     assert (ours - gm(**single).last_hidden_state).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("model_type", ["gpt_neox", "opt"])
+@pytest.mark.parametrize("model_type", ["gpt_neox", "opt", "phi3", "phi", "gptj", "falcon"])
 def test_prefix_beyond_the_presets_equals_peft(model_type):
-    """GPT-NeoX (rotary) and OPT (learned positions, `decoder.embed_positions`), left-padded."""
+    """Rotary families (GPT-NeoX, Phi-3, Phi, GPT-J, Falcon) and OPT (learned positions,
+    `decoder.embed_positions`), left-padded."""
     model = small_decoder(model_type)
     gm = adaptc.compile(model, "attn: prefix tokens=3")
     twin = peft_prefix(model, 3)

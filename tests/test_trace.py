@@ -149,8 +149,7 @@ def test_sequences_longer_than_the_positions_are_refused(tiny, preset, spec, lim
 def test_blocks_with_lifted_constants_are_traced_whole(tmp_path):
     """Falcon's attention makes a tensor in its forward, which torch.export lifts as a block
     constant: the block is not replicated (the constant might differ per layer), the whole
-    model is exported, and an adapter's infer graph equals its train graph. Its FalconLinear
-    computes `x @ W.T`, which LoRA cannot attach to: the error says so."""
+    model is exported, and an adapter's infer graph equals its train graph."""
     from helpers import small_decoder
     model = small_decoder("falcon")
     train = adaptc.compile(model, "mlp: adapter bottleneck=4")
@@ -164,5 +163,19 @@ def test_blocks_with_lifted_constants_are_traced_whole(tmp_path):
     x = inputs(vocab=128)
     assert (main_output(infer(**x)) - main_output(train.eval()(**x))).abs().max() <= 1e-5
     assert (main_output(train(**x)) - main_output(model(**x))).abs().max() > 1e-3
-    with pytest.raises(ModelError, match="computes no aten.linear or aten.addmm .*matmul"):
-        adaptc.compile(model, "self_attention.query_key_value: lora r=2")
+
+
+class EinsumLinear(nn.Linear):
+    """An nn.Linear whose forward is no linear op the compiler knows (not aten.linear, addmm,
+    or FalconLinear's `x @ W.T`)."""
+
+    def forward(self, x):
+        return torch.einsum("bi,oi->bo", x, self.weight)
+
+
+def test_linear_layer_computed_otherwise_is_named():
+    model = nn.Sequential()
+    model.add_module("proj", EinsumLinear(4, 4))
+    with pytest.raises(ModelError, match=r"module 'proj' computes no aten.linear or aten.addmm in "
+                                         r"the traced graph \(its ops: einsum.default\)"):
+        adaptc.compile(model, "proj: lora r=2", example_inputs={"input": torch.randn(2, 4)})

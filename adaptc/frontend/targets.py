@@ -18,57 +18,81 @@ from adaptc.frontend.sites import Site, layer_count
 from adaptc.spec.ast import Span, Target
 from adaptc.spec.ir import Plan, Rule
 
-LLAMA_ALIASES = {
-    "attn": ["self_attn"], "attn.q": ["self_attn.q_proj"], "attn.k": ["self_attn.k_proj"],
-    "attn.v": ["self_attn.v_proj"], "attn.o": ["self_attn.o_proj"],
-    "attn.*": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-    "ffn": ["mlp"], "ffn.gate": ["mlp.gate_proj"], "ffn.up": ["mlp.up_proj"],
-    "ffn.down": ["mlp.down_proj"], "ffn.*": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-    "embed": ["embed_tokens"],
-}
-GPT2_ALIASES = {
-    "attn": ["attn"], "attn.q": ["attn.c_attn"], "attn.k": ["attn.c_attn"], "attn.v": ["attn.c_attn"],
-    "attn.qkv": ["attn.c_attn"], "attn.o": ["attn.c_proj"], "attn.*": ["attn.c_attn", "attn.c_proj"],
-    "ffn": ["mlp"], "ffn.up": ["mlp.c_fc"], "ffn.down": ["mlp.c_proj"],
-    "ffn.*": ["mlp.c_fc", "mlp.c_proj"], "embed": ["wte"],
-}
-BERT_ALIASES = {
-    "attn": ["attention.output.dense"], "attn.q": ["attention.self.query"],
-    "attn.k": ["attention.self.key"], "attn.v": ["attention.self.value"],
-    "attn.o": ["attention.output.dense"],
-    "attn.*": ["attention.self.query", "attention.self.key", "attention.self.value",
-               "attention.output.dense"],
-    "ffn": ["layer.*.output.dense"], "ffn.up": ["intermediate.dense"],
-    "ffn.down": ["layer.*.output.dense"], "ffn.*": ["intermediate.dense", "layer.*.output.dense"],
-    "embed": ["embeddings.word_embeddings"],
-}
+def role_table(attn: str, qkv: str | tuple[str, str, str], o: str, ffn: str,
+               gate_up_down: tuple[str | None, str, str], embed: str) -> dict[str, list[str]]:
+    """One family's role aliases from its module names. `qkv` is one fused projection or the
+    q, k, v projections; `gate_up_down` the FFN's (a fused gate/up projection named twice; no
+    gate: None). `attn` and `ffn` are where a block-level adapter goes: the attention and FFN
+    modules, or their output linears where the module also adds the residual (BERT)."""
+    q, k, v = (qkv, qkv, qkv) if isinstance(qkv, str) else qkv
+    gate, up, down = gate_up_down
+    table = {"attn": [attn], "attn.q": [q], "attn.k": [k], "attn.v": [v], "attn.o": [o],
+             "attn.*": list(dict.fromkeys((q, k, v, o))), "ffn": [ffn], "ffn.up": [up],
+             "ffn.down": [down], "ffn.*": list(dict.fromkeys(n for n in (gate, up, down) if n)),
+             "embed": [embed]}
+    if isinstance(qkv, str):
+        table["attn.qkv"] = [qkv]
+    if gate:
+        table["ffn.gate"] = [gate]
+    return table
+
+
 def fused_qkv_aliases(attention: str, embed: str) -> dict[str, list[str]]:
-    """GPT-NeoX (Pythia) and BLOOM: one fused `query_key_value` nn.Linear under `attention`,
+    """GPT-NeoX (Pythia), BLOOM and Falcon: one fused `query_key_value` under `attention`,
     an FFN of `dense_h_to_4h` and `dense_4h_to_h`."""
-    qkv, out = f"{attention}.query_key_value", f"{attention}.dense"
-    up, down = "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"
-    return {"attn": [attention], "attn.q": [qkv], "attn.k": [qkv], "attn.v": [qkv],
-            "attn.qkv": [qkv], "attn.o": [out], "attn.*": [qkv, out], "ffn": ["mlp"],
-            "ffn.up": [up], "ffn.down": [down], "ffn.*": [up, down], "embed": [embed]}
+    return role_table(attention, f"{attention}.query_key_value", f"{attention}.dense", "mlp",
+                      (None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), embed)
 
 
-OPT_ALIASES = {  # no FFN module: `ffn` is its output linear fc2, as BERT's output.dense
-    "attn": ["self_attn"], "attn.q": ["self_attn.q_proj"], "attn.k": ["self_attn.k_proj"],
-    "attn.v": ["self_attn.v_proj"], "attn.o": ["self_attn.out_proj"],
-    "attn.*": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
-    "ffn": ["layers.*.fc2"], "ffn.up": ["layers.*.fc1"], "ffn.down": ["layers.*.fc2"],
-    "ffn.*": ["layers.*.fc1", "layers.*.fc2"], "embed": ["decoder.embed_tokens"],
+def separate(attention: str, q: str, k: str, v: str) -> tuple[str, str, str]:
+    return f"{attention}.{q}", f"{attention}.{k}", f"{attention}.{v}"
+
+
+LLAMA_QKV = separate("self_attn", "q_proj", "k_proj", "v_proj")
+LLAMA_ALIASES = role_table("self_attn", LLAMA_QKV, "self_attn.o_proj", "mlp",
+                           ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "embed_tokens")
+GPT2_ALIASES = role_table("attn", "attn.c_attn", "attn.c_proj", "mlp",
+                          (None, "mlp.c_fc", "mlp.c_proj"), "wte")
+# BertOutput adds the residual and normalises: `ffn` is its dense, Houlsby's adapter position
+BERT_ALIASES = role_table("attention.output.dense",
+                          separate("attention.self", "query", "key", "value"),
+                          "attention.output.dense", "layer.*.output.dense",
+                          (None, "intermediate.dense", "layer.*.output.dense"),
+                          "embeddings.word_embeddings")
+ALIASES = {
+    "llama": LLAMA_ALIASES, "mistral": LLAMA_ALIASES, "qwen2": LLAMA_ALIASES,
+    "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES,
+    # OPT has no FFN module: `ffn` is its output linear fc2, as BERT's output.dense
+    "opt": role_table("self_attn", LLAMA_QKV, "self_attn.out_proj", "layers.*.fc2",
+                      (None, "layers.*.fc1", "layers.*.fc2"), "decoder.embed_tokens"),
+    "gpt_neox": fused_qkv_aliases("attention", "embed_in"),
+    "bloom": fused_qkv_aliases("self_attention", "word_embeddings"),
+    "falcon": fused_qkv_aliases("self_attention", "word_embeddings"),
+    "phi3": role_table("self_attn", "self_attn.qkv_proj", "self_attn.o_proj", "mlp",
+                       ("mlp.gate_up_proj", "mlp.gate_up_proj", "mlp.down_proj"), "embed_tokens"),
+    "phi": role_table("self_attn", LLAMA_QKV, "self_attn.dense", "mlp",
+                      (None, "mlp.fc1", "mlp.fc2"), "embed_tokens"),
+    "gptj": role_table("attn", separate("attn", "q_proj", "k_proj", "v_proj"), "attn.out_proj",
+                       "mlp", (None, "mlp.fc_in", "mlp.fc_out"), "wte"),
+    "mpt": role_table("attn", "attn.Wqkv", "attn.out_proj", "ffn",
+                      (None, "ffn.up_proj", "ffn.down_proj"), "wte"),
+    "distilbert": role_table("attention", separate("attention", "q_lin", "k_lin", "v_lin"),
+                             "attention.out_lin", "ffn", (None, "ffn.lin1", "ffn.lin2"),
+                             "embeddings.word_embeddings"),
+    "deberta-v2": role_table("attention.output.dense",
+                             separate("attention.self", "query_proj", "key_proj", "value_proj"),
+                             "attention.output.dense", "layer.*.output.dense",
+                             (None, "intermediate.dense", "layer.*.output.dense"),
+                             "embeddings.word_embeddings"),
+    "modernbert": role_table("attn", "attn.Wqkv", "attn.Wo", "mlp",
+                             ("mlp.Wi", "mlp.Wi", "mlp.Wo"), "embeddings.tok_embeddings"),
 }
 # Where absolute positions are looked up (GPT-2; BERT, RoBERTa; OPT; rotary models are found
 # by their *RotaryEmbedding module instead); prefix methods shift positions by the prefix length.
 POSITION_TABLES = ("wpe", "embeddings.position_embeddings", "decoder.embed_positions")
 # For methods that rewrite the attention op (prefix, ptuning2), `attn` names the module that
 # computes it; where that differs from the table above (BERT's `attn` is its output dense).
-ATTENTION_OP_ALIASES = {"bert": {"attn": ["attention.self"]}}
-ALIASES = {"llama": LLAMA_ALIASES, "mistral": LLAMA_ALIASES, "qwen2": LLAMA_ALIASES,
-           "gpt2": GPT2_ALIASES, "bert": BERT_ALIASES, "opt": OPT_ALIASES,
-           "gpt_neox": fused_qkv_aliases("attention", "embed_in"),
-           "bloom": fused_qkv_aliases("self_attention", "word_embeddings")}
+ATTENTION_OP_ALIASES = {family: {"attn": ["attention.self"]} for family in ("bert", "deberta-v2")}
 # A family without a table of its own takes the first whose signature module it has:
 # Qwen3, Gemma, OLMo, Granite, ... name their layers like Llama, RoBERTa and ELECTRA like BERT.
 SIGNATURES = (("llama", "self_attn.o_proj"), ("gpt2", "attn.c_attn"),

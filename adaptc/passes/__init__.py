@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from adaptc.passes.base import CompileContext, Pass, PassResult
+from adaptc.passes.canonicalize_linears import CanonicalizeLinears
 from adaptc.passes.fold_prompts import FoldPrompts
 from adaptc.passes.freeze_base import FreezeBase
 from adaptc.passes.fuse_projections import FuseProjections
@@ -33,6 +34,7 @@ def default_pipeline(mode: str = "train", merge: bool = True,
     them as plain linear ops) and other adapters fused, nothing trainable; with
     `fuse_projections`, linear layers sharing an input run as one GEMM."""
     build = [
+        CanonicalizeLinears(),  # adapted layers traced as x @ Wᵀ (+ b) → aten.linear
         LocateSites(),       # bind resolved targets to traced linear nodes
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
         InsertDora(),        # LoRA sites with `dora`: magnitude × normalised (W₀ + s·B·A) x
