@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import adaptc
+from adaptc.cli import main
 from adaptc.compiler import prepare
 from helpers import inputs, main_output, peft_twin, randomize_and_copy, small_decoder, small_encoder
 
@@ -73,3 +74,32 @@ def test_lora_on_every_projection_equals_peft_and_merges(family, tmp_path):
     assert (main_output(infer(**x)) - ours).abs().max().item() <= 1e-5
     if family == "falcon":
         assert adaptc.report_of(train).counts["linears_canonicalized"] == 8
+
+
+def test_falcon_lora_serves_merged_and_decodes(tmp_path):
+    """LoRA on FalconLinear layers merges into a plain HF checkpoint, and the cached decoder
+    (its graph traced anew, inside transformers' static-cache wrapper) gives the tokens of
+    full-sequence forward passes."""
+    from transformers import AutoModelForCausalLM
+
+    from adaptc.decode import compile_decoder
+    model = small_decoder("falcon")
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "s.adapt").write_text(PORTABLE + "\n")
+    train = adaptc.compile(str(tmp_path / "ckpt"), PORTABLE)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(train).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
+    assert main(["compile", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
+                 "--mode", "infer", "--adapters", str(weights), "-o", str(tmp_path / "serve")]) == 0
+    x = inputs(vocab=128, batch=2, seq=6)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "serve" / "hf")
+    assert (merged(**x).logits - train.eval()(**x).logits).abs().max().item() <= 1e-5
+    tokens = compile_decoder(str(tmp_path / "ckpt"), PORTABLE, adapters=weights,
+                             max_cache_len=16).generate([5, 17, 42], 5)
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        logits = train(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    assert tokens[3:] == logits[2:-1].argmax(-1).tolist()
