@@ -138,6 +138,10 @@ def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
 
     if model.on_meta:
         raise ModelError(f"model '{model.source}' is on the meta device; decoding needs weights")
+    if getattr(getattr(model.module, "config", None), "is_encoder_decoder", False):
+        raise ModelError(f"{type(model.module).__name__} is an encoder-decoder; cached decoding "
+                         "is for causal language models: decode the compiled module with "
+                         "adaptc.greedy_generate(..., decoder_start_token_id=...)")
     if not hasattr(model.module, "generate"):
         raise ModelError(f"{type(model.module).__name__} is not a causal language model; "
                          "cached decoding needs one")

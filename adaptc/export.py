@@ -157,25 +157,28 @@ def verify(exported: torch.nn.Module, reference: GraphModule, model: LoadedModel
             "max_abs_error": abs_error, "max_rel_error": abs_error / scale if scale else 0.0}
 
 
-ID_RANGES = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}  # config fields
+ID_RANGES = {"input_ids": "vocab_size", "decoder_input_ids": "vocab_size",  # config fields
+             "token_type_ids": "type_vocab_size"}
 
 
 def random_inputs(model: LoadedModel, batch: int = 3, seq: int = 5, seed: int = 0) -> dict:
-    """Inputs like the example ones, with other batch and sequence sizes (dims are dynamic)."""
+    """Inputs like the example ones, with other batch and sequence sizes (dims are dynamic;
+    an encoder-decoder's `decoder_*` inputs are two tokens shorter than the encoder's)."""
     gen = torch.Generator().manual_seed(seed)
     config = getattr(model.module, "config", None)
     inputs = {}
     for name, value in model.example_inputs.items():
         token_like = isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+        length = max(1, seq - 2) if name.startswith("decoder_") else seq
         if not token_like:
             inputs[name] = value
         elif "mask" in name:  # one left-padded row
-            mask = torch.ones((batch, seq), dtype=value.dtype, device=value.device)
+            mask = torch.ones((batch, length), dtype=value.dtype, device=value.device)
             mask[0, :1] = 0
             inputs[name] = mask
         else:
             high = getattr(config, ID_RANGES.get(name, ""), None) or int(value.max()) + 1
-            inputs[name] = torch.randint(0, high, (batch, seq), generator=gen).to(value)
+            inputs[name] = torch.randint(0, high, (batch, length), generator=gen).to(value)
     return inputs
 
 

@@ -32,20 +32,33 @@ from torch import nn
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
+                    max_new_tokens: int, eos_token_id: int | None = None,
+                    decoder_start_token_id: int | None = None) -> torch.Tensor:
     """Append up to `max_new_tokens` argmax tokens to `input_ids` [B, S] (no KV cache: the
-    full sequence runs every step). Rows that produced `eos_token_id` continue with it."""
+    full sequence runs every step). Rows that produced `eos_token_id` continue with it.
+
+    For an encoder-decoder (T5, BART), pass `decoder_start_token_id` (its config's): the
+    source stays as given, and the decoder's tokens are returned, [B, 1 + new], starting
+    with that id, as transformers' `generate` returns them."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    seq2seq = decoder_start_token_id is not None
+    tokens = (torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype,
+                         device=input_ids.device) if seq2seq else input_ids)
     done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if seq2seq:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           decoder_input_ids=tokens).logits
+        else:
+            logits = model(input_ids=tokens, attention_mask=attention_mask).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, eos_token_id), token)
             done |= token == eos_token_id
-        input_ids = torch.cat([input_ids, token], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        tokens = torch.cat([tokens, token], dim=1)
+        if not seq2seq:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
         if eos_token_id is not None and done.all():
             break
-    return input_ids
+    return tokens

@@ -29,6 +29,10 @@ PRESETS: dict[str, tuple[str, dict, str]] = {
                       "n_head": 4, "bos_token_id": 0, "eos_token_id": 0}, "cpu"),
     "bert": ("bert", {**TINY, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
                       "num_attention_heads": 4}, "cpu"),
+    # Flan-T5's layout (gated-GELU FFN, untied head) at the presets' size; relative positions
+    "t5": ("t5", {"vocab_size": 512, "d_model": 128, "d_ff": 344, "d_kv": 32, "num_layers": 2,
+                  "num_heads": 4, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+                  "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}, "cpu"),
     "llama-7b": ("llama", {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
                            "num_hidden_layers": 32, "num_attention_heads": 32,
                            "num_key_value_heads": 32}, "meta"),
@@ -115,7 +119,7 @@ def build_preset(name: str, layers: int | None = None) -> LoadedModel:
     model_type, overrides, device = PRESETS[name]
     overrides = dict(overrides)
     if layers is not None:
-        overrides["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
+        overrides[{"gpt2": "n_layer", "t5": "num_layers"}.get(model_type, "num_hidden_layers")] = layers
     config = AutoConfig.for_model(model_type, **overrides)
     torch.manual_seed(SEED)
     with torch.device(device):
@@ -125,16 +129,17 @@ def build_preset(name: str, layers: int | None = None) -> LoadedModel:
 
 def model_class(config) -> type:
     """The class the config's `architectures` names (a checkpoint keeps its head: a
-    classifier, an MLM head); without one, causal LM for decoders and the bare encoder
-    for BERT."""
+    classifier, an MLM head); without one, causal LM for decoders, seq2seq LM for
+    encoder-decoders (T5, BART) and the bare encoder for BERT."""
     import transformers
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     for arch in getattr(config, "architectures", None) or []:
         named = getattr(transformers, arch, None)
         if isinstance(named, type) and isinstance(config, getattr(named, "config_class", ())):
             return named
-    auto = AutoModel if config.model_type == "bert" else AutoModelForCausalLM
+    auto = (AutoModel if config.model_type == "bert" else AutoModelForSeq2SeqLM
+            if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM)
     return auto._model_mapping[type(config)]
 
 
@@ -182,7 +187,8 @@ def check_loading_info(path: Path, info: dict) -> None:
 def wrap(module: nn.Module, source: str = "python",
          example_inputs: dict[str, torch.Tensor] | None = None) -> LoadedModel:
     """Attach example inputs (token ids and mask, batch 2 × 8; segment ids too for encoders
-    with more than one token type) to a Hugging Face-style model."""
+    with more than one token type; decoder token ids, 2 × 6, for encoder-decoders) to a
+    Hugging Face-style model."""
     config = getattr(module, "config", None)
     if example_inputs is None:
         if config is None or not hasattr(config, "vocab_size"):
@@ -193,6 +199,8 @@ def wrap(module: nn.Module, source: str = "python",
         example_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if takes_segments(module):
             example_inputs["token_type_ids"] = torch.zeros_like(ids)
+        if getattr(config, "is_encoder_decoder", False):
+            example_inputs["decoder_input_ids"] = ids[:, :6].clone()
     family = getattr(config, "model_type", None)
     return LoadedModel(module, example_inputs, source, family)
 

@@ -87,6 +87,24 @@ ALIASES = {
     "modernbert": role_table("attn", "attn.Wqkv", "attn.Wo", "mlp",
                              ("mlp.Wi", "mlp.Wi", "mlp.Wo"), "embeddings.tok_embeddings"),
 }
+# Encoder-decoders: `attn.q` ... name the projections of every attention, cross-attention
+# included (PEFT's defaults for T5 and BART); `attn` is the self-attention's output.
+T5_FFN = ["DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo"]
+ALIASES["t5"] = {
+    **{f"attn.{p}": [f"SelfAttention.{p}", f"EncDecAttention.{p}"] for p in "qkvo"},
+    "attn": ["SelfAttention.o"],
+    "attn.*": [f"{a}.{p}" for a in ("SelfAttention", "EncDecAttention") for p in "qkvo"],
+    "ffn": ["DenseReluDense"], "ffn.gate": [T5_FFN[1]], "ffn.up": [T5_FFN[0], T5_FFN[2]],
+    "ffn.down": [T5_FFN[3]], "ffn.*": T5_FFN, "embed": ["shared"],
+}
+ALIASES["bart"] = {
+    **{f"attn.{p}": [f"self_attn.{p}_proj", f"encoder_attn.{p}_proj"] for p in "qkv"},
+    "attn": ["self_attn"], "attn.o": ["self_attn.out_proj", "encoder_attn.out_proj"],
+    "attn.*": [f"{a}.{p}" for a in ("self_attn", "encoder_attn")
+               for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    "ffn": ["layers.*.fc2"], "ffn.up": ["fc1"], "ffn.down": ["fc2"], "ffn.*": ["fc1", "fc2"],
+    "embed": ["shared"],
+}
 # Where absolute positions are looked up (GPT-2; BERT, RoBERTa; OPT; rotary models are found
 # by their *RotaryEmbedding module instead); prefix methods shift positions by the prefix length.
 POSITION_TABLES = ("wpe", "embeddings.position_embeddings", "decoder.embed_positions")
@@ -138,17 +156,26 @@ def expand(pattern: str, family: str | None, adapts: tuple[str, ...] = ()) -> li
 
 
 def resolve(plan: Plan, sites: list[Site], family: str | None,
-            params: list[Site] | None = None) -> list[Assignment]:
+            params: list[Site] | None = None, encoder_decoder: str | None = None
+            ) -> list[Assignment]:
     """Assign methods to sites; collect every located problem into one SpecError.
 
     Methods that adapt parameters (`train`) are matched against `params`, the parameter
-    table, where a pattern names a parameter or any module that owns it."""
+    table, where a pattern names a parameter or any module that owns it. `encoder_decoder`
+    names the model's class when it is one (T5, BART): prefix and virtual-token methods
+    are refused there (E302)."""
     family = naming(family, sites)
     n_layers = layer_count(sites)
     params = params or []
     chosen: dict[tuple[str, str], Assignment] = {}
     problems: list[Diagnostic] = []
     for rule in plan.rules:
+        if encoder_decoder and {"attention", "embedding"} & set(rule.config.adapts):
+            problems.append(diag(plan, rule.statement.method_span, "E302",
+                                 f"{rule.config.method} cannot adapt {encoder_decoder}, an "
+                                 "encoder-decoder: prefix and virtual-token methods are for "
+                                 "decoder-only and encoder-only models"))
+            continue
         pool = params if "parameter" in rule.config.adapts else sites
         for target in rule.targets:
             found = match_target(plan, rule, target, pool, family, n_layers, problems)

@@ -28,9 +28,10 @@ def trace(model: LoadedModel, reuse_blocks: bool = True) -> GraphModule:
     """Export with dynamic batch and sequence dims; return a trainable GraphModule.
 
     With `reuse_blocks`, a stack of identical blocks is traced once and replicated
-    (see frontend/blocks.py); otherwise, or when that does not apply, the whole model.
+    (see frontend/blocks.py); otherwise, or when that does not apply (encoder-decoders have
+    two stacks), the whole model.
     """
-    if reuse_blocks:
+    if reuse_blocks and not is_encoder_decoder(model):
         stack = find_stack(model.module)
         small = shallow_model(model, stack[0]) if stack else None
         if small is not None:
@@ -111,11 +112,14 @@ def quiet_export(module: nn.Module, inputs: dict, shapes: dict) -> torch.export.
 
 @contextmanager
 def tracing_state(module: nn.Module):
-    """Eval mode and no KV cache while exporting; the user's model is left as it was."""
-    config = getattr(module, "config", None)
-    use_cache = getattr(config, "use_cache", None)
+    """Eval mode and no KV cache while exporting; the user's model is left as it was. Every
+    config in the tree is switched off, since encoder-decoders (T5) give their decoder stack
+    a config of its own."""
+    configs = {id(c): c for m in module.modules()
+               if getattr(c := getattr(m, "config", None), "use_cache", None) is not None}
+    use_cache = {key: config.use_cache for key, config in configs.items()}
     modes = {m: m.training for m in module.modules()}
-    if use_cache is not None:
+    for config in configs.values():
         config.use_cache = False
     module.eval()
     try:
@@ -123,8 +127,8 @@ def tracing_state(module: nn.Module):
     finally:
         for part, training in modes.items():
             part.training = training
-        if use_cache is not None:
-            config.use_cache = use_cache
+        for key, config in configs.items():
+            config.use_cache = use_cache[key]
 
 
 OPTIONAL_INPUTS = ("token_type_ids",)  # all zeros when not given, as in transformers
@@ -185,18 +189,24 @@ def sequence_limit(model: LoadedModel) -> int:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 4096)
 
 
+def is_encoder_decoder(model: LoadedModel) -> bool:
+    return bool(getattr(getattr(model.module, "config", None), "is_encoder_decoder", False))
+
+
 def dynamic_shapes(model: LoadedModel, max_tokens: int | None = None) -> dict | None:
     """Batch and sequence dims of 2-D integer inputs are dynamic (sequence up to
-    `max_tokens`, by default the position limit); other tensors get a batch dim that export
-    keeps dynamic where it can."""
+    `max_tokens`, by default the position limit; an encoder-decoder's `decoder_*` inputs
+    have a sequence dim of their own); other tensors get a batch dim that export keeps
+    dynamic where it can."""
     limit = max_tokens or sequence_limit(model)
-    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=limit)
+    batch = Dim("batch", min=1, max=4096)
+    seq = {"": Dim("seq", min=1, max=limit), "decoder_": Dim("decoder_seq", min=1, max=limit)}
     shapes = {}
     for name, value in model.example_inputs.items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             shapes[name] = None
         elif value.dim() == 2 and not value.is_floating_point():
-            shapes[name] = {0: batch, 1: seq}
+            shapes[name] = {0: batch, 1: seq["decoder_" if name.startswith("decoder_") else ""]}
         else:
             shapes[name] = {0: Dim.AUTO}
     return shapes

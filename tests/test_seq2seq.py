@@ -1,0 +1,166 @@
+"""Encoder-decoders (T5 as Flan-T5 lays it out: the `t5` preset; BART): LoRA and IA3 equal
+PEFT's, the merged program and HF checkpoint reload with the same logits, LoRA trains, and
+greedy decoding gives the tokens of transformers' `generate` on PEFT's model (float32)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import IA3Config, TaskType, get_peft_model
+
+import adaptc
+from adaptc.cli import main
+from adaptc.decode import compile_decoder
+from adaptc.errors import ModelError, SpecError
+from adaptc.frontend.models import wrap
+from helpers import peft_twin, randomize_and_copy, small_bart
+
+# per model: PEFT's default LoRA targets (every attention's q and v, cross-attention included)
+LORA_TARGETS = {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"]}
+
+
+def model_of(name: str):
+    return adaptc.load_model("t5") if name == "t5" else wrap(small_bart())
+
+
+def seq2seq_inputs(batch: int = 3, source: int = 9, target: int = 5, seed: int = 0) -> dict:
+    """A left-padded source row, and decoder inputs of another length than the source."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 100, (batch, source), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask,
+            "decoder_input_ids": torch.randint(2, 100, (batch, target), generator=gen)}
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-6) -> bool:
+    """Max error relative to the output's scale (T5's untied head gives logits of ~10²)."""
+    return (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_lora_equals_peft(name):
+    model = model_of(name)
+    gm = adaptc.compile(model, "attn.q,attn.v: lora r=4 alpha=8")
+    twin = peft_twin(model.module, LORA_TARGETS[name], 4, 8)
+    report = adaptc.report_of(gm)
+    assert len(report.sites) == 6 * 2  # encoder self, decoder self and cross q, v; 2 layers
+    assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
+    randomize_and_copy(gm, twin)
+    x = seq2seq_inputs()
+    ours = gm(**x).logits
+    assert ours.shape == (3, 5, model.module.config.vocab_size)
+    assert close(ours, twin(**x).logits)
+    assert (ours - model.module(**x).logits).abs().max().item() > 1e-2  # the adapters act
+
+
+def test_ia3_equals_peft_on_t5():
+    """The IA3 paper's setting (T0 is a T5): keys, values and the FFN's input to wo."""
+    model = model_of("t5")
+    gm = adaptc.compile(model, "attn.k,attn.v: ia3; ffn.down: ia3 feedforward")
+    config = IA3Config(task_type=TaskType.SEQ_2_SEQ_LM, target_modules=["k", "v", "wo"],
+                       feedforward_modules=["wo"])
+    twin = get_peft_model(copy.deepcopy(model.module), config).eval()
+    assert (adaptc.report_of(gm).trainable, adaptc.report_of(gm).total) == \
+        twin.get_nb_trainable_parameters()
+    gen = torch.Generator().manual_seed(0)
+    inner = twin.base_model.model
+    with torch.no_grad():
+        for path, ours in adaptc.adapters.adapter_modules(gm).items():
+            ours.scale.copy_(1 + 0.3 * torch.randn(ours.scale.shape, generator=gen))
+            theirs = inner.get_submodule(path.rsplit(".", 1)[0]).ia3_l["default"]
+            theirs.copy_(ours.scale.reshape(theirs.shape))
+    x = seq2seq_inputs()
+    assert close(gm(**x).logits, twin(**x).logits)
+
+
+def test_merged_program_and_checkpoint_reload(tmp_path):
+    """LoRA on every projection merges: program.pt2 and the HF checkpoint transformers loads
+    compute the train graph's logits."""
+    from transformers import AutoModelForSeq2SeqLM
+    model_of("t5").module.save_pretrained(tmp_path / "ckpt")
+    spec = "attn.*,ffn.*: lora r=2"
+    (tmp_path / "s.adapt").write_text(spec + "\n")
+    train = adaptc.compile(str(tmp_path / "ckpt"), spec)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(train).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
+    assert main(["compile", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
+                 "--mode", "infer", "--adapters", str(weights), "-o", str(tmp_path / "out")]) == 0
+    x = seq2seq_inputs(batch=2, source=7, target=4, seed=1)
+    want = train.eval()(**x).logits
+    assert close(adaptc.load_program(tmp_path / "out").module()(**x).logits, want, 1e-5)
+    merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out" / "hf")
+    assert close(merged(**x).logits, want, 1e-5)
+    assert (want - model_of("t5").module(**x).logits).abs().max().item() > 1e-2
+
+
+def test_lora_trains_a_copy_task():
+    """The decoder learns to repeat the source (teacher forcing, cross-entropy)."""
+    model = model_of("t5")
+    gm = adaptc.compile(model, "attn.*: lora r=4 alpha=8")
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(12):
+        source = torch.randint(2, 40, (8, 6), generator=gen)
+        start = torch.zeros(8, 1, dtype=torch.long)
+        logits = gm(input_ids=source, attention_mask=torch.ones_like(source),
+                    decoder_input_ids=torch.cat([start, source[:, :-1]], 1)).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), source.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_greedy_generate_equals_transformers_generate(name):
+    model = model_of(name)
+    # a large alpha: the random updates outweigh the random base, whose argmax is one token
+    gm = adaptc.compile(model, "attn.q,attn.v: lora r=4 alpha=400")
+    twin = peft_twin(model.module, LORA_TARGETS[name], 4, 400)
+    randomize_and_copy(gm, twin)
+    x = seq2seq_inputs()
+    del x["decoder_input_ids"]
+    start = model.module.config.decoder_start_token_id
+    ours = adaptc.greedy_generate(gm, x["input_ids"], x["attention_mask"], 6,
+                                  decoder_start_token_id=start)
+    theirs = twin.generate(**x, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                           num_beams=1, eos_token_id=None, forced_eos_token_id=None)  # BART's
+    assert ours.shape == (3, 7) and torch.equal(ours, theirs)
+    assert ours[:, 0].tolist() == [start] * 3 and ours[:, 1:].unique().numel() > 3
+
+
+def test_prefix_methods_and_cached_decoding_are_refused():
+    model = model_of("t5")
+    with pytest.raises(SpecError) as info:
+        adaptc.compile(model, "q: lora r=2\nattn: prefix tokens=4")
+    diag = info.value.first
+    assert (diag.code, diag.line, diag.column) == ("E302", 2, 7)
+    assert "prefix cannot adapt T5ForConditionalGeneration, an encoder-decoder" in diag.message
+    with pytest.raises(ModelError, match="is an encoder-decoder; cached decoding is for causal"):
+        compile_decoder(model, "q: lora r=2")
+
+
+def test_peft_adapter_round_trip(tmp_path):
+    """export_peft writes a SEQ_2_SEQ_LM adapter PEFT loads; import_peft reads it back."""
+    from peft import PeftModel
+
+    from adaptc.peft_interop import export_peft, import_peft
+    model = model_of("t5")
+    gm = adaptc.compile(model, "attn.q,attn.v: lora r=4 alpha=8")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(gm).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    export_peft(gm, tmp_path / "peft", task_type="SEQ_2_SEQ_LM")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / "peft").eval()
+    x = seq2seq_inputs()
+    want = gm.eval()(**x).logits
+    assert close(theirs(**x).logits, want)
+    assert close(import_peft(model, tmp_path / "peft")(**x).logits, want)
