@@ -8,7 +8,12 @@ import pytest
 
 os.environ.setdefault("ADAPTC_VERIFY", "1")  # lint the graph after every pass in tests
 
+import torch  # noqa: E402
+
 from adaptc.frontend.models import build_preset  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the workers share the cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

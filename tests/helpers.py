@@ -143,3 +143,11 @@ def randomize_and_copy(gm, peft_model, seed=0):
             layer = inner.get_submodule(site)
             layer.lora_A["default"].weight.copy_(module.A)
             layer.lora_B["default"].weight.copy_(module.B)
+
+
+def randomize_adapters(gm, std: float, seed: int = 0) -> None:
+    """Random adapter weights (LoRA's B starts at zero, so initial adapters do not act)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(gm).values():
+            param.copy_(torch.randn(param.shape, generator=gen) * std)

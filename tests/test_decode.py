@@ -9,6 +9,7 @@ import torch
 import adaptc
 from adaptc.decode import compile_decoder
 from adaptc.errors import AdaptcError, ModelError
+from helpers import randomize_adapters
 
 PROMPT = [5, 17, 42, 7, 99]
 
@@ -26,10 +27,7 @@ PROMPT = [5, 17, 42, 7, 99]
 def test_cached_decoding_equals_full_forward(tiny, tmp_path, family, spec):
     model = tiny(family)
     trained = adaptc.compile(model, spec)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in adaptc.adapter_state_dict(trained).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_adapters(trained, 0.3)
     weights = adaptc.save_adapters(trained, tmp_path / "a.safetensors")
     decoder = compile_decoder(model, spec, adapters=weights, max_cache_len=32)
     tokens = decoder.generate(PROMPT, 8)

@@ -11,7 +11,8 @@ import torch
 import adaptc
 from adaptc.cli import main
 from adaptc.compiler import prepare
-from helpers import inputs, main_output, peft_twin, randomize_and_copy, small_decoder, small_encoder
+from helpers import (inputs, main_output, peft_twin, randomize_adapters, randomize_and_copy,
+                     small_decoder, small_encoder)
 
 PORTABLE = "attn.*,ffn.*: lora r=2 alpha=4"
 # per family: PEFT target_modules for every attention and FFN linear, and where `ffn` and
@@ -87,10 +88,7 @@ def test_falcon_lora_serves_merged_and_decodes(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "s.adapt").write_text(PORTABLE + "\n")
     train = adaptc.compile(str(tmp_path / "ckpt"), PORTABLE)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(train).values():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    randomize_adapters(train, 0.3)
     weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
     assert main(["compile", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
                  "--mode", "infer", "--adapters", str(weights), "-o", str(tmp_path / "serve")]) == 0

@@ -14,7 +14,7 @@ from adaptc.cli import main
 from adaptc.decode import compile_decoder
 from adaptc.errors import ModelError, SpecError
 from adaptc.frontend.models import wrap
-from helpers import peft_twin, randomize_and_copy, small_bart
+from helpers import peft_twin, randomize_adapters, randomize_and_copy, small_bart
 
 # per model: PEFT's default LoRA targets (every attention's q and v, cross-attention included)
 LORA_TARGETS = {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"]}
@@ -83,10 +83,7 @@ def test_merged_program_and_checkpoint_reload(tmp_path):
     spec = "attn.*,ffn.*: lora r=2"
     (tmp_path / "s.adapt").write_text(spec + "\n")
     train = adaptc.compile(str(tmp_path / "ckpt"), spec)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(train).values():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    randomize_adapters(train, 0.05)
     weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
     assert main(["compile", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
                  "--mode", "infer", "--adapters", str(weights), "-o", str(tmp_path / "out")]) == 0
@@ -154,10 +151,7 @@ def test_peft_adapter_round_trip(tmp_path):
     from adaptc.peft_interop import export_peft, import_peft
     model = model_of("t5")
     gm = adaptc.compile(model, "attn.q,attn.v: lora r=4 alpha=8")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(gm).values():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    randomize_adapters(gm, 0.05)
     export_peft(gm, tmp_path / "peft", task_type="SEQ_2_SEQ_LM")
     theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / "peft").eval()
     x = seq2seq_inputs()

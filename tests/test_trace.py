@@ -10,7 +10,7 @@ from adaptc.errors import ModelError
 from adaptc.frontend.blocks import find_stack
 from adaptc.frontend.models import build_preset, wrap
 from adaptc.frontend.trace import trace
-from helpers import inputs, main_output
+from helpers import inputs, main_output, randomize_adapters, small_decoder
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "bert"])
@@ -150,13 +150,9 @@ def test_blocks_with_lifted_constants_are_traced_whole(tmp_path):
     """Falcon's attention makes a tensor in its forward, which torch.export lifts as a block
     constant: the block is not replicated (the constant might differ per layer), the whole
     model is exported, and an adapter's infer graph equals its train graph."""
-    from helpers import small_decoder
     model = small_decoder("falcon")
     train = adaptc.compile(model, "mlp: adapter bottleneck=4")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(train).values():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    randomize_adapters(train, 0.1)
     adaptc.save_adapters(train, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, "mlp: adapter bottleneck=4", "infer",
                            adapters=tmp_path / "a.safetensors")

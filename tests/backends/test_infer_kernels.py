@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import inputs, main_output
+from helpers import inputs, main_output, randomize_adapters
 
 import adaptc
 from adaptc.backends.triton import use_triton
@@ -18,10 +18,7 @@ SPECS = Path(__file__).resolve().parents[2] / "specs"
 def test_infer_graph_on_kernels_equals_train(tiny, tmp_path, family, spec):
     model = tiny(family)
     train = adaptc.compile(model, SPECS / spec).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(train).values():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    randomize_adapters(train, 0.1)
     adaptc.save_adapters(train, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, SPECS / spec, "infer", adapters=tmp_path / "a.safetensors")
     x = inputs(batch=2, seq=5)
