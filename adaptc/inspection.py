@@ -6,12 +6,12 @@ the total in PEFT's format, and one block's graph before and after the passes, s
 from __future__ import annotations
 
 import difflib
-import re
 
 from torch.fx import GraphModule, Node
 
 from adaptc.compiler import prepare, report_of, run_pipeline
 from adaptc.errors import AdaptcError
+from adaptc.frontend.sites import LAYER_INDEX
 from adaptc.frontend.trace import trace
 from adaptc.passes.graph import in_module
 
@@ -40,11 +40,12 @@ def inspect(model, spec, block: int = 0, example_inputs: dict | None = None) -> 
 
 
 def block_prefix(paths: list[str], block: int) -> str | None:
-    """`model.layers.0` for block 0: the path up to the layer index of an adapted site."""
+    """`model.layers.0` for block 0: an adapted site's path up to its layer index, the first
+    integer in it (`encoder.block.1`, not `encoder.block.0.layer.1`, in T5)."""
     for path in paths:
-        found = re.search(rf"^(.*?\.{block})(\.|$)", path)
-        if found:
-            return found.group(1)
+        found = LAYER_INDEX.search(path)
+        if found and int(found.group(1)) == block:
+            return path[:found.end(1)]
     return None
 
 

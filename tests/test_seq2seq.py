@@ -158,3 +158,10 @@ def test_peft_adapter_round_trip(tmp_path):
     want = gm.eval()(**x).logits
     assert close(theirs(**x).logits, want)
     assert close(import_peft(model, tmp_path / "peft")(**x).logits, want)
+
+
+def test_inspect_shows_the_block_whose_layer_index_is_asked():
+    """T5 paths hold two integers (`encoder.block.0.layer.1`): block 1 is `encoder.block.1`."""
+    text = adaptc.inspect("t5", "ffn: adapter bottleneck=4", block=1)
+    assert "block encoder.block.1: original | rewritten" in text
+    assert "+ encoder_block_1_layer_1_dense_relu_dense_adapter" in text
