@@ -62,7 +62,7 @@ SMALL = {  # per family: config keys beyond hidden 64, 2 layers, 4 heads, vocab 
     "gpt_neox": {"intermediate_size": 128},
     "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
     "bloom": {},
-    "falcon": {},
+    "falcon": {"bias": True},  # FalconLinear adds its bias after the matmul
     "phi": {"intermediate_size": 128},
     "gptj": {"rotary_dim": 8},
     "mpt": {"expansion_ratio": 2},
