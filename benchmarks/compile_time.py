@@ -1,8 +1,9 @@
-"""Wall time of `adaptc.compile` on full-size Llama shapes (meta device) next to PEFT's
-`get_peft_model` and a `torch.export` of the whole model (what adaptc avoids by tracing one
-block and replicating it), measured side by side in one run.
+"""Wall time of `adaptc.compile` on full-size shapes (meta device) next to PEFT's
+`get_peft_model` and a `torch.export` of the whole model (what adaptc avoids for decoders by
+tracing one block and replicating it; an encoder-decoder is exported whole), measured side by
+side in one run.
 
-    python benchmarks/compile_time.py [--repeat 3] [--write]
+    python benchmarks/compile_time.py [--repeat 3] [--models llama-7b flan-t5-xl] [--write]
 
 `--write` appends a dated section to benchmarks/RESULTS.md. Model building is excluded
 from every timing (each provider gets a freshly built meta model).
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-SPEC = "q_proj,v_proj: lora r=8 alpha=16"
-MODELS = ["llama-7b", "llama-70b"]
+SPEC = "attn.q,attn.v: lora r=8 alpha=16"
+MODELS = ["llama-7b", "llama-70b", "flan-t5-xl"]
+PEFT_TARGETS = {"llama": ["q_proj", "v_proj"], "t5": ["q", "v"]}  # what SPEC stands for
 
 
 def timed(fn, repeat: int) -> float:
@@ -44,7 +46,8 @@ def providers(preset: str) -> dict:
         adaptc.compile(model, SPEC)
 
     def peft(model):
-        get_peft_model(model.module, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        targets = PEFT_TARGETS[model.family]
+        get_peft_model(model.module, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
 
     def export_only(model):
         trace(model, reuse_blocks=False)
@@ -57,10 +60,11 @@ def providers(preset: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     rows = []
-    for preset in MODELS:
+    for preset in args.models:
         for name, fn in providers(preset).items():
             seconds = timed(fn, args.repeat)
             rows.append((preset, name, seconds))

@@ -37,7 +37,7 @@ python3 -c "import torch, triton, transformers, peft, lark, safetensors; print('
 torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
 'peft', peft.__version__)" | tee -a "$out/device.txt" || exit 1
 step test_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step kernels 70 python3 benchmarks/kernels.py --dtype bfloat16 --hidden 2048 --rank 8
+step kernels 70 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 2048 --rank 8
 step infer_eager 170 python3 benchmarks/infer_speed.py --rounds 3 --write
 step decode 70 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 --write
 step infer_compile 120 python3 benchmarks/infer_speed.py --compile --rounds 3 --write \

@@ -35,7 +35,8 @@ def seq2seq_inputs(batch: int = 3, source: int = 9, target: int = 5, seed: int =
 
 
 def close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-6) -> bool:
-    """Max error relative to the output's scale (T5's untied head gives logits of ~10²)."""
+    """Max error relative to the output's scale (Flan-T5's unscaled decoder output gives
+    logits of ~10²)."""
     return (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
 
 
@@ -165,3 +166,17 @@ def test_inspect_shows_the_block_whose_layer_index_is_asked():
     text = adaptc.inspect("t5", "ffn: adapter bottleneck=4", block=1)
     assert "block encoder.block.1: original | rewritten" in text
     assert "+ encoder_block_1_layer_1_dense_relu_dense_adapter" in text
+
+
+def test_flan_t5_base_count_line_matches_peft():
+    """The full-size shape on the meta device: PEFT's default q, v targets at r=8."""
+    from peft import LoraConfig
+
+    from adaptc.frontend.models import build_preset
+    gm = adaptc.compile("flan-t5-base", "attn.q,attn.v: lora r=8 alpha=16")
+    twin = get_peft_model(build_preset("flan-t5-base").module,
+                          LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"]))
+    report = adaptc.report_of(gm)
+    assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
+    assert report.peft_line() == ("trainable params: 884,736 || all params: 223,788,288 || "
+                                  "trainable%: 0.3953")

@@ -16,6 +16,8 @@ from torch import nn
 from adaptc.errors import ModelError, first_line
 
 TINY = {"vocab_size": 512, "max_position_embeddings": 512}
+FLAN_T5 = {"vocab_size": 32128, "d_kv": 64, "feed_forward_proj": "gated-gelu",
+           "tie_word_embeddings": False, "decoder_start_token_id": 0}
 PRESETS: dict[str, tuple[str, dict, str]] = {
     # name: (model_type, config overrides, device)
     "llama": ("llama", {**TINY, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
@@ -29,10 +31,15 @@ PRESETS: dict[str, tuple[str, dict, str]] = {
                       "n_head": 4, "bos_token_id": 0, "eos_token_id": 0}, "cpu"),
     "bert": ("bert", {**TINY, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
                       "num_attention_heads": 4}, "cpu"),
-    # Flan-T5's layout (gated-GELU FFN, untied head) at the presets' size; relative positions
+    # Flan-T5's layout at the presets' size: gated-GELU FFN, relative positions, and no
+    # rescaling of the decoder output before the head (transformers 5: tie_word_embeddings=False)
     "t5": ("t5", {"vocab_size": 512, "d_model": 128, "d_ff": 344, "d_kv": 32, "num_layers": 2,
                   "num_heads": 4, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
                   "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}, "cpu"),
+    "flan-t5-base": ("t5", {**FLAN_T5, "d_model": 768, "d_ff": 2048, "num_layers": 12,
+                            "num_heads": 12}, "meta"),
+    "flan-t5-xl": ("t5", {**FLAN_T5, "d_model": 2048, "d_ff": 5120, "num_layers": 24,
+                          "num_heads": 32}, "meta"),
     "llama-7b": ("llama", {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
                            "num_hidden_layers": 32, "num_attention_heads": 32,
                            "num_key_value_heads": 32}, "meta"),

@@ -1,6 +1,6 @@
 """Provider sweep for adaptc's fused Triton ops over the number of tokens.
 
-    python benchmarks/kernels.py [--tokens 16 256 4096] [--hidden 4096] [--dtype float16]
+    python benchmarks/kernel_roofline.py [--tokens 16 256 4096] [--hidden 4096] [--dtype float16]
 
 Providers, side by side for each op and token count (milliseconds):
     triton    the op's kernels (adaptc/backends/triton), on a GPU only
