@@ -66,6 +66,9 @@ SMALL = {  # per family: config keys beyond hidden 64, 2 layers, 4 heads, vocab 
     "phi": {"intermediate_size": 128},
     "gptj": {"rotary_dim": 8},
     "mpt": {"expansion_ratio": 2},
+    "mixtral": {"intermediate_size": 96, "num_key_value_heads": 2, "num_local_experts": 4},
+    "qwen2_moe": {"intermediate_size": 96, "moe_intermediate_size": 32, "num_experts": 4,
+                  "shared_expert_intermediate_size": 48, "num_key_value_heads": 2},
 }
 
 

@@ -19,7 +19,7 @@ class Site:
     features), "embedding" (nn.Embedding; in/out are vocabulary size and width), "attention"
     (a module whose class name ends in `Attention`: where prefix methods rewrite the attention
     op), else "module"; or, in the parameter table, a parameter (`kind` "parameter",
-    `out_features` its size)."""
+    `out_features` its size, `shape` its shape)."""
 
     path: str
     type_name: str
@@ -27,11 +27,19 @@ class Site:
     in_features: int | None
     out_features: int | None
     layer: int | None
+    shape: tuple[int, ...] = ()
 
     def describe(self) -> str:
         shape = f" {self.in_features}→{self.out_features}" if self.kind == "linear" else ""
         shape = f" {self.in_features}×{self.out_features}" if self.kind == "embedding" else shape
+        shape = f" {'×'.join(map(str, self.shape))}" if self.kind == "parameter" else shape
         return f"{self.path} ({self.type_name}{shape})"
+
+    @property
+    def expert_stack(self) -> bool:
+        """A 3-D parameter [experts, d₁, d₂]: a mixture-of-experts layer's weights (Mixtral's
+        `experts.gate_up_proj` in transformers 5), which `lora` adapts per expert."""
+        return self.kind == "parameter" and len(self.shape) == 3
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -76,7 +84,7 @@ def parameter_table(model: nn.Module) -> list[Site]:
     for path, param in model.named_parameters():
         index = LAYER_INDEX.search(path)
         sites.append(Site(path, "Parameter", "parameter", None, param.numel(),
-                          int(index.group(1)) if index else None))
+                          int(index.group(1)) if index else None, tuple(param.shape)))
     return sites
 
 

@@ -177,13 +177,16 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
                                  "decoder-only and encoder-only models"))
             continue
         pool = params if "parameter" in rule.config.adapts else sites
+        experts = ([p for p in params if p.expert_stack]
+                   if getattr(type(rule.config), "adapts_experts", False) else [])
         for target in rule.targets:
-            found = match_target(plan, rule, target, pool, family, n_layers, problems)
+            found = match_target(plan, rule, target, pool, family, n_layers, problems, experts)
             for site in found:
                 chosen[(site.path, rule.config.method)] = Assignment(site, rule.config.method,
                                                                      rule, target)
     problems += shape_problems(plan, list(chosen.values()))
     problems += layer_conflicts(plan, list(chosen.values()))
+    problems += expert_problems(plan, list(chosen.values()))
     if problems:
         raise SpecError(problems)
     order = {s.path: i for i, s in enumerate(sites + params)}
@@ -191,10 +194,15 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
 
 
 def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], family: str | None,
-                 n_layers: int, problems: list[Diagnostic]) -> list[Site]:
+                 n_layers: int, problems: list[Diagnostic],
+                 experts: list[Site] = ()) -> list[Site]:
+    """The sites of `sites` a target selects; a pattern that names no module but names expert
+    stacks (`experts.gate_up_proj`) selects those when the method adapts them (lora)."""
     patterns = expand(target.pattern, family, rule.config.adapts)
     test = owner_matches if "parameter" in rule.config.adapts else matches
     found = [s for s in sites if any(test(p, s.path) for p in patterns)]
+    if not found:
+        found = [s for s in experts if any(matches(p, s.path) for p in patterns)]
     if not found:
         problems.append(no_match(plan, target, patterns, sites, family))
         return []
@@ -206,7 +214,8 @@ def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], fami
                                  f"layer selection picks no layer of '{target.pattern}' "
                                  f"(the model has layers 0..{n_layers - 1})"))
             return []
-    usable = [s for s in found if s.kind in rule.config.adapts or "module" in rule.config.adapts]
+    usable = [s for s in found if s.kind in rule.config.adapts or "module" in rule.config.adapts
+              or s in experts]
     globbed = "*" in target.pattern or len(patterns) > 1 or len(found) > 1
     refused = [s for s in found if s not in usable]
     if not usable or (refused and not globbed):
@@ -280,12 +289,37 @@ def weight_space_methods() -> list[str]:
     return sorted(name for name, cls in METHODS.items() if getattr(cls, "rewrites_layer", False))
 
 
+def expert_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic]:
+    """E302: the LoRA options an expert stack cannot take (there is no per-layer input to
+    drop out or gate, and DoRA and PiSSA are defined on one matrix), and a mixture, which
+    turns LoRA on linear layers into routed experts; reported once per statement."""
+    problems, seen = [], set()
+    for a in assignments:
+        if not a.site.expert_stack or a.rule.index in seen:
+            continue
+        seen.add(a.rule.index)
+        config = a.rule.config
+        refused = [key for key, bad in (("dropout", config.dropout > 0), ("gate", config.gate),
+                                        ("dora", config.dora), ("init", config.init == "pissa"))
+                   if bad]
+        if refused:
+            problems.append(diag(plan, a.rule.span_of(refused[0]), "E302",
+                                 f"lora on the expert stack {a.site.describe()} takes no "
+                                 f"{refused[0]}={getattr(config, refused[0])}"))
+        elif plan.mixture is not None:
+            problems.append(diag(plan, a.target.span, "E302",
+                                 f"lora on the expert stack {a.site.describe()} cannot join "
+                                 "the mixture statement: a mixture routes LoRA on linear layers"))
+    return problems
+
+
 def rank_problem(plan: Plan, a: Assignment) -> Diagnostic | None:
     r = getattr(a.rule.config, "r", None)
     bounded = getattr(type(a.rule.config), "rank_bound", True)
-    if r is None or not bounded or a.site.kind != "linear":
+    if r is None or not bounded or not (a.site.kind == "linear" or a.site.expert_stack):
         return None
-    limit = min(a.site.in_features, a.site.out_features)
+    limit = (min(a.site.shape[1:]) if a.site.expert_stack
+             else min(a.site.in_features, a.site.out_features))
     if r <= limit:
         return None
     return diag(plan, a.rule.span_of("r"), "E303", f"r={r} exceeds min(in, out)={limit} of "

@@ -34,6 +34,7 @@ INITS = ("kaiming", "gaussian", "pissa")
 class LoraConfig:
     method: ClassVar[str] = "lora"
     adapts: ClassVar[tuple[str, ...]] = ("linear",)
+    adapts_experts: ClassVar[bool] = True  # a target naming a 3-D expert stack: ExpertLora
     rewrites_layer: ClassVar[bool] = True  # E305: one such method per linear layer
 
     r: int = option(8, "rank of the update B·A", low=1)
@@ -116,6 +117,43 @@ class LoraAdapter(nn.Module):
             self.A.copy_(A)
             self.B.copy_(B)
         return residual
+
+
+class ExpertLora(nn.Module):
+    """LoRA on a mixture-of-experts weight stack (PEFT's `target_parameters`): each expert's
+    matrix gets its own low-rank update, and the graph reads W₀ + ΔW wherever it read W₀.
+
+    W₀: [E, d₁, d₂] (Mixtral's `experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]);
+    ΔW[e] = s·B[e]·A[e],  A: [E, r, d₂],  B: [E, d₁, r] (zero: the model starts as the base).
+    The update does not depend on the input, so there is no dropout, gate, DoRA or PiSSA.
+    """
+
+    fast_parameters: ClassVar[tuple[str, ...]] = ("B",)  # LoRA+: these get ratio × lr
+
+    def __init__(self, config: LoraConfig, shape: tuple[int, int, int],
+                 device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        experts, rows, cols = shape
+        self.config = config
+        self.scale = config.scale
+        self.A = nn.Parameter(torch.empty(experts, config.r, cols, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(experts, rows, config.r, device=device, dtype=dtype))
+        if self.A.device.type != "meta":
+            for matrix in self.A:
+                init_a(matrix, config)
+
+    def forward(self) -> torch.Tensor:
+        return (self.B @ self.A) * self.scale
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"B": self.B} if self.config.freeze_a else {"A": self.A, "B": self.B}
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        return {"A": self.A} if self.config.freeze_a else {}
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·B·A in float32, shaped like the stack [E, d₁, d₂]."""
+        return (self.B.float() @ self.A.float()) * self.scale
 
 
 def init_a(A: torch.Tensor, config: LoraConfig) -> None:

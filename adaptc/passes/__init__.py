@@ -9,6 +9,7 @@ from adaptc.passes.fuse_projections import FuseProjections
 from adaptc.passes.fuse_siblings import FuseSiblings
 from adaptc.passes.insert_adalora import InsertAdaLora
 from adaptc.passes.insert_dora import InsertDora
+from adaptc.passes.insert_expert_lora import InsertExpertLora
 from adaptc.passes.insert_ia3 import InsertIa3
 from adaptc.passes.insert_bottleneck import InsertBottleneck
 from adaptc.passes.insert_lora import InsertLora
@@ -37,6 +38,7 @@ def default_pipeline(mode: str = "train", merge: bool = True,
         CanonicalizeLinears(),  # adapted layers traced as x @ Wᵀ (+ b) → aten.linear
         LocateSites(),       # bind resolved targets to traced linear nodes
         InsertLora(),        # W₀x + s·B·A·x beside each LoRA site (PiSSA: W₀ → residual)
+        InsertExpertLora(),  # expert stacks W₀[e] + s·B[e]·A[e] where the graph reads them
         InsertDora(),        # LoRA sites with `dora`: magnitude × normalised (W₀ + s·B·A) x
         InsertMixture(),     # or, with a mixture statement, routed LoRA experts there
         InsertAdaLora(),     # W₀x + (α/r₀)·P·(Λ ⊙ Q·x), triplets pruned by AdaLoraAllocator

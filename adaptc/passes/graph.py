@@ -34,14 +34,17 @@ def in_module(node: Node, path: str) -> bool:
     return any(entry[0] == path for entry in node.meta.get("nn_module_stack", {}).values())
 
 
-def splice(gm: GraphModule, output: Node, adapter_input: Node, target: str, adapter: nn.Module,
-           method: str, keep_users: set[Node] = frozenset(), extra_args: tuple = ()) -> Node:
+def splice(gm: GraphModule, output: Node, adapter_input: Node | None, target: str,
+           adapter: nn.Module, method: str, keep_users: set[Node] = frozenset(),
+           extra_args: tuple = ()) -> Node:
     """Register `adapter` at `target` and make every user of `output` (but `keep_users`)
-    read `output + adapter(adapter_input, *extra_args)` instead."""
+    read `output + adapter(adapter_input, *extra_args)` instead (`adapter()` for an update
+    that reads no input, as an expert stack's ΔW)."""
     gm.add_submodule(target, adapter)
     graph = gm.graph
     with graph.inserting_after(output):
-        delta = graph.call_module(target, (adapter_input, *extra_args))
+        inputs = () if adapter_input is None else (adapter_input,)
+        delta = graph.call_module(target, (*inputs, *extra_args))
     with graph.inserting_after(delta):
         total = graph.call_function(aten.add.Tensor, (output, delta))
     for new in (delta, total):

@@ -2,6 +2,7 @@
 
     linear(x, W₀, b) + <site>.lora(x)  →  linear(x, W', b),   W' = W₀ + s·B·A
     (and likewise <site>.vera: ΔW = Λ_b·B·Λ_d·A, <site>.adalora: ΔW = s·P·Λ·Q)
+    W₀ + <experts>.lora_<name>()        →  W'  (an expert stack, W'[e] = W₀[e] + s·B[e]·A[e])
 
 W' is computed in float32 (the adapter's `delta_weight()`) and cast once to W₀'s dtype; for
 GPT-2's Conv1D (`aten.addmm(b, x, W)` with W [in, out]) the update is transposed. W' is a
@@ -25,6 +26,7 @@ from adaptc.graph_attrs import bind
 from adaptc.methods.quantize import Nf4Weight
 from adaptc.passes.base import INSERTED, CompileContext, PassResult, record_merge
 from adaptc.passes.graph import LINEAR_OPS, aten
+from adaptc.passes.insert_expert_lora import METHOD as EXPERTS  # W₀ + ΔW of an expert stack
 
 ADDITIVE = ("lora", "vera", "adalora")  # y = W₀x + b + ΔW·x: ΔW folds into W₀
 
@@ -36,11 +38,45 @@ class MergeWeights:
         users = ctx.user_modules()
         names = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
         tied = {key for key, n in names.items() if n > 1}
-        counts = {f"{method}_merged": 0 for method in ADDITIVE}
+        counts = {f"{method}_merged": 0 for method in (*ADDITIVE, EXPERTS)}
         for call in additive_calls(gm):
             counts[f"{call.meta[INSERTED]}_merged"] += 1
             merge_site(gm, call, users, tied)
+        for target in dict.fromkeys(n.target for n in gm.graph.nodes
+                                    if n.op == "call_module" and n.meta.get(INSERTED) == EXPERTS):
+            counts[f"{EXPERTS}_merged"] += 1
+            merge_expert_stack(gm, target, users, tied)
         return PassResult(gm, counts)
+
+
+def merge_expert_stack(gm: GraphModule, target: str, users: frozenset[int],
+                       tied: set[int]) -> None:
+    """Replace every `W₀ + <target>()` by a read of W' = W₀ + ΔW, folded in float32 and cast
+    once (named as W₀ when nothing else reads W₀, as merged linear weights are)."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+    adds = [next(iter(call.users)) for call in calls]
+    reads = {add.args[0] for add in adds}
+    base = gm.get_parameter(next(iter(reads)).target)
+    owner, _, name = target.rpartition(".")
+    original = f"{owner}.{name.removeprefix('lora_')}"
+    alone = all(len(read.users) == 1 for read in reads) and id(base) not in tied
+    merged = original if alone else f"{owner}.merged_{name.removeprefix('lora_')}"
+    delta = gm.get_submodule(target).delta_weight().to(base.device)
+    with torch.no_grad():
+        bind(gm, merged, nn.Parameter((base.float() + delta).to(base.dtype),
+                                      requires_grad=False), users)
+    for add, call in zip(adds, calls):
+        with gm.graph.inserting_before(add):
+            fresh = gm.graph.get_attr(merged)
+        fresh.meta = {k: v for k, v in add.meta.items() if k in ("val", "tensor_meta")}
+        add.replace_all_uses_with(fresh)
+        gm.graph.erase_node(add)
+        gm.graph.erase_node(call)
+    for read in reads:
+        if not read.users:
+            gm.graph.erase_node(read)
+    gm.delete_submodule(target)
+    record_merge(gm, owner, name.removeprefix("lora_"), merged)
 
 
 
