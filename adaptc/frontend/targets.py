@@ -177,8 +177,8 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
                                  "decoder-only and encoder-only models"))
             continue
         pool = params if "parameter" in rule.config.adapts else sites
-        experts = ([p for p in params if p.expert_stack]
-                   if getattr(type(rule.config), "adapts_experts", False) else [])
+        experts = (tuple(p for p in params if p.expert_stack)
+                   if getattr(type(rule.config), "adapts_experts", False) else ())
         for target in rule.targets:
             found = match_target(plan, rule, target, pool, family, n_layers, problems, experts)
             for site in found:
@@ -195,7 +195,7 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
 
 def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], family: str | None,
                  n_layers: int, problems: list[Diagnostic],
-                 experts: list[Site] = ()) -> list[Site]:
+                 experts: tuple[Site, ...] = ()) -> list[Site]:
     """The sites of `sites` a target selects; a pattern that names no module but names expert
     stacks (`experts.gate_up_proj`) selects those when the method adapts them (lora)."""
     patterns = expand(target.pattern, family, rule.config.adapts)
