@@ -39,7 +39,7 @@ from adaptc.frontend.targets import ALIASES, matches, naming, resolve
 from adaptc.methods.adalora import AdaLoraAdapter
 from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter
-from adaptc.methods.lora import LoraAdapter
+from adaptc.methods.lora import ExpertLora, LoraAdapter
 from adaptc.methods.vera import VeraAdapter, VeraProjections
 
 PREFIX = "base_model.model."
@@ -91,9 +91,10 @@ def exported_entries(module: nn.Module) -> list[Entry]:
     entries = []
     for path, adapter in adapter_modules(module).items():
         if peft_kind(adapter) is None:
-            raise InteropError(f"'{path}' is a {type(adapter).__name__}: adaptc exports "
-                               "lora (with rslora, pissa, dora), ia3, vera and adalora "
-                               "adapters to PEFT")
+            what = ("LoRA on an expert stack (PEFT's target_parameters), which is not exported"
+                    if isinstance(adapter, ExpertLora) else f"a {type(adapter).__name__}")
+            raise InteropError(f"'{path}' is {what}: adaptc exports lora (with rslora, pissa, "
+                               "dora) on linear layers, ia3, vera and adalora adapters to PEFT")
         site = path.rpartition(".")[0]
         entries.append(Entry(site, adapter, types.get(site) == "Conv1D"))
     if not entries:

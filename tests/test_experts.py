@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model
 import adaptc
 from adaptc.cli import main
 from adaptc.decode import compile_decoder
-from adaptc.errors import SpecError
+from adaptc.errors import InteropError, SpecError
+from adaptc.peft_interop import export_peft
 from helpers import inputs, lm_loss, next_token_batch, randomize_adapters, small_decoder
 
 STACKS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -65,7 +66,8 @@ def test_expert_lora_trains():
 
 def test_expert_lora_merges_and_decodes(tmp_path):
     """Merged: the stacks are new tensors W₀ + ΔW under their own names, in program.pt2 and
-    in the HF checkpoint; cached decoding gives the tokens of full forward passes."""
+    in the HF checkpoint; cached decoding gives the tokens of full forward passes. PEFT
+    export refuses them, naming why."""
     from transformers import AutoModelForCausalLM
     model = small_decoder("mixtral")
     model.save_pretrained(tmp_path / "ckpt")
@@ -81,6 +83,8 @@ def test_expert_lora_merges_and_decodes(tmp_path):
     assert (program(**x).logits - want).abs().max().item() <= 1e-5
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
     assert (merged(**x).logits - want).abs().max().item() <= 1e-5
+    with pytest.raises(InteropError, match="is LoRA on an expert stack .* not exported"):
+        export_peft(train, tmp_path / "peft")
     tokens = compile_decoder(str(tmp_path / "ckpt"), SPEC, adapters=weights,
                              max_cache_len=16).generate([5, 17, 42], 5)
     ids = torch.tensor([tokens])
@@ -92,7 +96,7 @@ def test_expert_lora_merges_and_decodes(tmp_path):
 @pytest.mark.parametrize("spec,code,column,fragment", [
     ("experts.gate_up_proj: lora r=4 dropout=0.1", "E302", 40, "takes no dropout=0.1"),
     ("experts.gate_up_proj: lora r=4 dora", "E302", 32, "takes no dora=True"),
-    ("experts.down_proj: lora r=200", "E303", 27, "r=200 exceeds min(in, out)=64"),
+    ("experts.down_proj: lora r=200", "E303", 27, "r=200 exceeds min(d₁, d₂)=64"),
     ("experts.down_proj: lora r=2; mixture moe k=2", "E302", 1, "cannot join the mixture"),
     ("experts.down_proj: ia3", "E301", 1, "matches no module"),
 ])

@@ -322,7 +322,8 @@ def rank_problem(plan: Plan, a: Assignment) -> Diagnostic | None:
              else min(a.site.in_features, a.site.out_features))
     if r <= limit:
         return None
-    return diag(plan, a.rule.span_of("r"), "E303", f"r={r} exceeds min(in, out)={limit} of "
+    sides = "min(d₁, d₂)" if a.site.expert_stack else "min(in, out)"
+    return diag(plan, a.rule.span_of("r"), "E303", f"r={r} exceeds {sides}={limit} of "
                 f"{a.site.describe()}; need 1 <= r <= {limit}")
 
 
