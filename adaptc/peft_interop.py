@@ -7,7 +7,9 @@ Export (`export_peft`) writes a compiled module's `lora` (with rsLoRA, PiSSA, Do
 `vera` or `adalora` adapters as one such directory; `PeftModel.from_pretrained` on it gives
 our outputs.
 Target modules are written as full module paths (PEFT matches them exactly), per-module
-ranks and alphas as `rank_pattern` / `alpha_pattern` entries.
+ranks and alphas as `rank_pattern` / `alpha_pattern` entries. LoRA on MoE expert stacks
+goes to `target_parameters`, its tensors in the layout of PEFT's ParamWrapper
+(`peft_stack_layout`), both ways.
 
 Import (`spec_from_peft`, `import_peft`) resolves the config against the model with PEFT's
 own matching rules (list entries: exact or `.suffix`; a string: a regex over the whole path;
@@ -34,7 +36,7 @@ from torch import nn
 from adaptc.adapters import adapter_modules, load_adapter_tensors
 from adaptc.errors import InteropError, SpecError, WeightsError
 from adaptc.frontend.models import LoadedModel
-from adaptc.frontend.sites import Site, site_table
+from adaptc.frontend.sites import Site, parameter_table, site_table
 from adaptc.frontend.targets import ALIASES, matches, naming, resolve
 from adaptc.methods.adalora import AdaLoraAdapter
 from adaptc.methods.dora import DoraAdapter
@@ -91,11 +93,13 @@ def exported_entries(module: nn.Module) -> list[Entry]:
     entries = []
     for path, adapter in adapter_modules(module).items():
         if peft_kind(adapter) is None:
-            what = ("LoRA on an expert stack (PEFT's target_parameters), which is not exported"
-                    if isinstance(adapter, ExpertLora) else f"a {type(adapter).__name__}")
-            raise InteropError(f"'{path}' is {what}: adaptc exports lora (with rslora, pissa, "
-                               "dora) on linear layers, ia3, vera and adalora adapters to PEFT")
+            raise InteropError(f"'{path}' is a {type(adapter).__name__}: adaptc exports "
+                               "lora (with rslora, pissa, dora), ia3, vera and adalora "
+                               "adapters to PEFT")
         site = path.rpartition(".")[0]
+        if isinstance(adapter, ExpertLora):  # `<experts>.lora_<stack>` adapts `<experts>.<stack>`
+            owner, _, name = path.rpartition(".")
+            site = f"{owner}.{name.removeprefix('lora_')}"
         entries.append(Entry(site, adapter, types.get(site) == "Conv1D"))
     if not entries:
         raise InteropError("the module has no adapters to export")
@@ -103,7 +107,7 @@ def exported_entries(module: nn.Module) -> list[Entry]:
 
 
 def peft_kind(adapter: nn.Module) -> str | None:
-    if isinstance(adapter, LoraAdapter):  # DoraAdapter too: use_dora
+    if isinstance(adapter, (LoraAdapter, ExpertLora)):  # DoraAdapter too: use_dora
         return "LORA"
     if isinstance(adapter, Ia3Adapter):
         return "IA3"
@@ -134,23 +138,73 @@ def export_lora(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
     init = one_value(entries, "init_lora_weights", option("init"))
     (r, alpha), _ = Counter((e.adapter.config.r, e.adapter.config.alpha)
                             for e in entries).most_common(1)[0]
+    stacks = [e for e in entries if isinstance(e.adapter, ExpertLora)]
+    linears = [e for e in entries if e not in stacks]
+    odd = [e for e in stacks if (e.adapter.config.r, e.adapter.config.alpha) != (r, alpha)]
+    if odd:
+        raise InteropError(f"'{odd[0].site}': PEFT's target_parameters take the adapter's one "
+                           f"r and alpha (r={r}, alpha={number(alpha)}); this stack has "
+                           f"r={odd[0].adapter.config.r}, alpha={number(odd[0].adapter.config.alpha)}")
     config = {
         "r": r, "lora_alpha": number(alpha), "init_lora_weights": PEFT_INIT[init], "bias": "none",
         "lora_dropout": number(one_value(entries, "lora_dropout", option("dropout"))),
         "use_rslora": one_value(entries, "use_rslora", option("rslora")),
         "use_dora": one_value(entries, "use_dora", lambda e: isinstance(e.adapter, DoraAdapter)),
-        "target_modules": sorted(e.site for e in entries),
-        "rank_pattern": {re.escape(e.site): e.adapter.config.r for e in entries
+        "target_modules": sorted(e.site for e in linears),
+        "rank_pattern": {re.escape(e.site): e.adapter.config.r for e in linears
                          if e.adapter.config.r != r},
-        "alpha_pattern": {re.escape(e.site): number(e.adapter.config.alpha) for e in entries
+        "alpha_pattern": {re.escape(e.site): number(e.adapter.config.alpha) for e in linears
                           if e.adapter.config.alpha != alpha}}
+    if stacks:
+        config["target_parameters"] = sorted(e.site for e in stacks)
     tensors = {}
-    for e in entries:
+    for e in stacks:
+        names = stack_tensor_names(e.site, stack_order(stacks, e.site))
+        layout = peft_stack_layout(e.adapter)
+        tensors.update({peft: layout[ours] for peft, ours in names.items()})
+    for e in linears:
         tensors[f"{PREFIX}{e.site}.lora_A.weight"] = e.adapter.A
         tensors[f"{PREFIX}{e.site}.lora_B.weight"] = e.adapter.B
         if isinstance(e.adapter, DoraAdapter):
             tensors[f"{PREFIX}{e.site}.lora_magnitude_vector"] = e.adapter.magnitude
     return config, tensors
+
+
+def stack_order(stacks: list[Entry], path: str) -> list[str]:
+    """The adapted stacks of the module owning `path`, in the order the model's module
+    registers them (`ExpertLora.position`; the compiled graph's modules may differ): PEFT
+    wraps them in that order, each wrapper around the last (the first is innermost)."""
+    owner = path.rpartition(".")[0]
+    mine = [e for e in stacks if e.site.rpartition(".")[0] == owner]
+    return [e.site for e in sorted(mine, key=lambda e: e.adapter.position)]
+
+
+def stack_tensor_names(path: str, order: list[str]) -> dict[str, str]:
+    """PEFT tensor name → `A`/`B` for one stack: `<owner>.<base_layer. × depth>lora_A.weight`,
+    depth = the stacks wrapped after it."""
+    owner, _, name = path.rpartition(".")
+    nested = "base_layer." * (len(order) - 1 - order.index(path))
+    return {f"{PREFIX}{owner}.{nested}lora_A.weight": "A",
+            f"{PREFIX}{owner}.{nested}lora_B.weight": "B"}
+
+
+def peft_stack_layout(adapter: ExpertLora) -> dict[str, torch.Tensor]:
+    """Our A [E, r, d₂], B [E, d₁, r] as PEFT's ParamWrapper stores them for an [E, d₁, d₂]
+    stack: lora_A [E·r, d₂] (expert-major rows), lora_B [d₁, r·E] (expert-minor columns)."""
+    if adapter.transposed:
+        raise InteropError("an expert stack stored [E, in, out] (`is_transposed`) is laid out "
+                           "otherwise by PEFT; adaptc exports [E, out, in] stacks only")
+    experts, rows, rank = adapter.B.shape
+    return {"A": adapter.A.reshape(experts * rank, -1),
+            "B": adapter.B.permute(1, 2, 0).reshape(rows, rank * experts)}
+
+
+def stack_from_peft(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of `peft_stack_layout` for tensor `A` or `B` of an [E, d₁, d₂] stack."""
+    experts, rows, cols = shape
+    if name == "A":
+        return tensor.reshape(experts, -1, cols)
+    return tensor.reshape(rows, -1, experts).permute(2, 0, 1)
 
 
 def export_ia3(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
@@ -209,7 +263,8 @@ METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "in
 ANY_VALUE = {"qalora_group_size", "megatron_core"}  # only read when another option is on
 HANDLED = {
     "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
-             "target_modules", "rank_pattern", "alpha_pattern", "layers_to_transform",
+             "target_modules", "target_parameters", "rank_pattern", "alpha_pattern",
+             "layers_to_transform",
              "layers_pattern", "fan_in_fan_out", "bias"},
     "IA3": {"target_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
     "VERA": {"r", "projection_prng_key", "d_initial", "vera_dropout", "save_projection",
@@ -377,38 +432,68 @@ def tensor_names(kind: str, config: dict, path: str) -> dict[str, str]:
 
 # ---- import: writing the spec -------------------------------------------------------------
 
+def selected_stacks(config: dict, model: nn.Module, where: str) -> list[Site]:
+    """The expert stacks of `target_parameters` (each entry: a parameter path or its
+    `.suffix`), [E, out, in] stacks only."""
+    stacks = [p for p in parameter_table(model) if p.expert_stack]
+    found = []
+    for entry in config.get("target_parameters") or []:
+        hits = [p for p in stacks if p.path == entry or p.path.endswith(f".{entry}")]
+        if not hits:
+            raise InteropError(f"{where}: target_parameters entry {entry!r} matches no 3-D "
+                               "expert stack of the model")
+        found += [p for p in hits if p not in found]
+    for stack in found:
+        if getattr(model.get_submodule(stack.path.rpartition(".")[0]), "is_transposed", False):
+            raise InteropError(f"{where}: '{stack.path}' is stored [E, in, out] "
+                               "(`is_transposed`); adaptc imports [E, out, in] stacks only")
+    return found
+
+
 @dataclass(frozen=True)
 class PeftImport:
-    """What a PEFT directory turns into: the spec text and how its tensors are named."""
+    """What a PEFT directory turns into: the spec text, how its tensors are named, and the
+    shapes of the expert stacks whose tensors PEFT lays out otherwise (`stack_from_peft`)."""
 
     kind: str
     spec: str
     names: dict[str, str]  # PEFT tensor name → adaptc adapter state name
+    stacks: dict[str, tuple[int, ...]]  # adaptc name of a stack's A or B → the stack's shape
 
 
 def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     where = str(Path(directory) / CONFIG)
     config = read_config(directory)
     kind = config["peft_type"]
-    sites = site_table(model.module)
-    chosen = selected_sites(config, sites, where)
+    sites, params = site_table(model.module), parameter_table(model.module)
+    stacks = selected_stacks(config, model.module, where) if kind == "LORA" else []
+    chosen = (selected_sites(config, sites, where)
+              if config.get("target_modules") != [] or not stacks else [])
     groups: dict[str, list[str]] = {}
-    for site in chosen:
+    for site in chosen + stacks:
         groups.setdefault(OPTIONS[kind](config, site, where), []).append(site.path)
-    spec = write_spec(kind, groups, sites, model.family)
+    spec = write_spec(kind, groups, sites, model.family, params)
     names = {k: v for site in chosen for k, v in tensor_names(kind, config, site.path).items()}
-    return PeftImport(kind, spec, names)
+    shapes = {}
+    for stack in stacks:
+        owner, _, name = stack.path.rpartition(".")
+        order = [p.path for p in stacks if p.path.rpartition(".")[0] == owner]
+        order.sort(key=[p.path for p in params].index)
+        for peft, ours in stack_tensor_names(stack.path, order).items():
+            names[peft] = f"{owner}.lora_{name}.{ours}"
+            shapes[names[peft]] = stack.shape
+    return PeftImport(kind, spec, names, shapes)
 
 
 def write_spec(kind: str, groups: dict[str, list[str]], sites: list[Site],
-               family: str | None) -> str:
+               family: str | None, params: list[Site]) -> str:
     """One statement per distinct option set: short target names where they select exactly
     the group (checked by resolving the spec), full module paths otherwise."""
     header = f"# generated by adaptc from a PEFT adapter directory (peft_type {kind})"
-    short = [f"{', '.join(short_targets(paths, sites, family))}: {options}"
+    short = [f"{', '.join(short_targets(paths, sites + params, family))}: {options}"
              for options, paths in groups.items()]
     text = "\n".join([header, *short]) + "\n"
-    if selects(text, groups, sites, family):
+    if selects(text, groups, sites, family, params):
         return text
     full = [f"{', '.join(paths)}: {options}" for options, paths in groups.items()]
     return "\n".join([header, *full]) + "\n"
@@ -446,12 +531,12 @@ def shortest_suffix(path: str, layer: int | None, group: set[str], sites: list[S
 
 
 def selects(text: str, groups: dict[str, list[str]], sites: list[Site],
-            family: str | None) -> bool:
+            family: str | None, params: list[Site]) -> bool:
     """True when the spec resolves to exactly one statement per group's modules."""
     from adaptc.spec import compile_spec
 
     try:
-        assignments = resolve(compile_spec(text, "<peft>"), sites, family)
+        assignments = resolve(compile_spec(text, "<peft>"), sites, family, params)
     except SpecError:
         return False
     got = {a.site.path: a.rule.index for a in assignments}
@@ -487,6 +572,8 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
         raise WeightsError(f"{directory}/{WEIGHTS}: tensors do not match the adapter config "
                            f"({len(missing)} missing, {len(extra)} unexpected; {detail})")
     ours = {found.names[k]: v for k, v in tensors.items()}
+    ours = {k: stack_from_peft(k[-1], v, found.stacks[k]) if k in found.stacks else v
+            for k, v in ours.items()}
     if found.kind == "IA3":
         ours = {k: v.reshape(-1) for k, v in ours.items()}
     load_adapter_tensors(gm, ours, f"{directory}/{WEIGHTS}")

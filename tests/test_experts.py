@@ -13,8 +13,8 @@ from peft import LoraConfig, get_peft_model
 import adaptc
 from adaptc.cli import main
 from adaptc.decode import compile_decoder
-from adaptc.errors import InteropError, SpecError
-from adaptc.peft_interop import export_peft
+from adaptc.errors import SpecError
+from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
 from helpers import inputs, lm_loss, next_token_batch, randomize_adapters, small_decoder
 
 STACKS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -50,6 +50,37 @@ def test_expert_lora_equals_the_updated_model_and_peft_counts(family):
     assert (ours - model(**x).logits).abs().max().item() > 1e-2
 
 
+def test_peft_target_parameters_both_ways(tmp_path):
+    """export_peft writes stacks as PEFT's ParamWrapper stores them (lora_A [E·r, d₂],
+    lora_B [d₁, r·E], nested `base_layer.` per stack wrapped after it) and PEFT loads our
+    outputs; import_peft reads a PEFT adapter back to PEFT's outputs."""
+    from peft import PeftModel
+    model = small_decoder("mixtral")
+    gm = adaptc.compile(model, "experts.gate_up_proj, experts.down_proj, q_proj: lora r=4 alpha=8")
+    randomize_adapters(gm, 0.1)
+    export_peft(gm, tmp_path / "out")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "out").eval()
+    x = inputs(vocab=128, batch=2, seq=6)
+    want = gm.eval()(**x).logits
+    assert (theirs(**x).logits - want).abs().max().item() <= 1e-5
+    twin = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["k_proj"], target_parameters=STACKS))
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(
+                    len(name))) * 0.1)
+    twin.save_pretrained(tmp_path / "in")
+    spec = spec_from_peft(tmp_path / "in", model)
+    targets, options = spec.splitlines()[-1].split(": ")
+    assert set(targets.split(", ")) == {"k_proj", "gate_up_proj", "down_proj"}
+    assert options == "lora r=4 alpha=8"
+    ours, peft_logits = import_peft(model, tmp_path / "in")(**x).logits, twin.eval()(**x).logits
+    assert (ours - peft_logits).abs().max().item() <= 1e-5
+    for logits in (want, peft_logits):  # the adapters act
+        assert (logits - model(**x).logits).abs().max().item() > 1e-2
+
+
 def test_expert_lora_trains():
     gm = adaptc.compile(small_decoder("mixtral"), "experts.gate_up_proj, experts.down_proj: lora r=4")
     optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
@@ -66,8 +97,7 @@ def test_expert_lora_trains():
 
 def test_expert_lora_merges_and_decodes(tmp_path):
     """Merged: the stacks are new tensors W₀ + ΔW under their own names, in program.pt2 and
-    in the HF checkpoint; cached decoding gives the tokens of full forward passes. PEFT
-    export refuses them, naming why."""
+    in the HF checkpoint; cached decoding gives the tokens of full forward passes."""
     from transformers import AutoModelForCausalLM
     model = small_decoder("mixtral")
     model.save_pretrained(tmp_path / "ckpt")
@@ -83,8 +113,6 @@ def test_expert_lora_merges_and_decodes(tmp_path):
     assert (program(**x).logits - want).abs().max().item() <= 1e-5
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
     assert (merged(**x).logits - want).abs().max().item() <= 1e-5
-    with pytest.raises(InteropError, match="is LoRA on an expert stack .* not exported"):
-        export_peft(train, tmp_path / "peft")
     tokens = compile_decoder(str(tmp_path / "ckpt"), SPEC, adapters=weights,
                              max_cache_len=16).generate([5, 17, 42], 5)
     ids = torch.tensor([tokens])

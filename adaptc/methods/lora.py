@@ -131,10 +131,13 @@ class ExpertLora(nn.Module):
     fast_parameters: ClassVar[tuple[str, ...]] = ("B",)  # LoRA+: these get ratio × lr
 
     def __init__(self, config: LoraConfig, shape: tuple[int, int, int],
-                 device: torch.device | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 transposed: bool = False, position: int = 0):
         super().__init__()
         experts, rows, cols = shape
         self.config = config
+        self.transposed = transposed  # the stack is [E, in, out] (PEFT lays such out otherwise)
+        self.position = position  # its index among its module's own parameters (PEFT nesting)
         self.scale = config.scale
         self.A = nn.Parameter(torch.empty(experts, config.r, cols, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(experts, rows, config.r, device=device, dtype=dtype))

@@ -35,8 +35,11 @@ class InsertExpertLora:
                                  "lora cannot adapt it")
             owner, _, name = site.path.rpartition(".")
             target = f"{owner}.lora_{name}"
+            module = ctx.model.module.get_submodule(owner)
+            position = [n for n, _ in module.named_parameters(recurse=False)].index(name)
             adapter = ExpertLora(assignment.rule.config, site.shape, device=weight.device,
-                                 dtype=weight.dtype)
+                                 dtype=weight.dtype, position=position,
+                                 transposed=bool(getattr(module, "is_transposed", False)))
             for node in nodes:
                 splice(gm, node, None, target, adapter, METHOD)
             row = report(site, "lora/expert", assignment, adapter)
