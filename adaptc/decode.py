@@ -22,7 +22,7 @@ from torch.export import Dim
 from adaptc.compiler import as_model, prepare, run_pipeline
 from adaptc.errors import AdaptcError, ModelError
 from adaptc.frontend.models import LoadedModel
-from adaptc.frontend.trace import export
+from adaptc.frontend.trace import export, is_encoder_decoder
 from adaptc.passes.insert_prompt import PROMPT_METHODS
 
 PREFIX = "model."
@@ -138,7 +138,7 @@ def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
 
     if model.on_meta:
         raise ModelError(f"model '{model.source}' is on the meta device; decoding needs weights")
-    if getattr(getattr(model.module, "config", None), "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise ModelError(f"{type(model.module).__name__} is an encoder-decoder; cached decoding "
                          "is for causal language models: decode the compiled module with "
                          "adaptc.greedy_generate(..., decoder_start_token_id=...)")

@@ -432,10 +432,11 @@ def tensor_names(kind: str, config: dict, path: str) -> dict[str, str]:
 
 # ---- import: writing the spec -------------------------------------------------------------
 
-def selected_stacks(config: dict, model: nn.Module, where: str) -> list[Site]:
+def selected_stacks(config: dict, model: nn.Module, params: list[Site],
+                    where: str) -> list[Site]:
     """The expert stacks of `target_parameters` (each entry: a parameter path or its
-    `.suffix`), [E, out, in] stacks only."""
-    stacks = [p for p in parameter_table(model) if p.expert_stack]
+    `.suffix`), [E, out, in] stacks only, in the model's parameter order."""
+    stacks = [p for p in params if p.expert_stack]
     found = []
     for entry in config.get("target_parameters") or []:
         hits = [p for p in stacks if p.path == entry or p.path.endswith(f".{entry}")]
@@ -447,7 +448,7 @@ def selected_stacks(config: dict, model: nn.Module, where: str) -> list[Site]:
         if getattr(model.get_submodule(stack.path.rpartition(".")[0]), "is_transposed", False):
             raise InteropError(f"{where}: '{stack.path}' is stored [E, in, out] "
                                "(`is_transposed`); adaptc imports [E, out, in] stacks only")
-    return found
+    return [p for p in stacks if p in found]
 
 
 @dataclass(frozen=True)
@@ -466,7 +467,7 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     config = read_config(directory)
     kind = config["peft_type"]
     sites, params = site_table(model.module), parameter_table(model.module)
-    stacks = selected_stacks(config, model.module, where) if kind == "LORA" else []
+    stacks = selected_stacks(config, model.module, params, where) if kind == "LORA" else []
     chosen = (selected_sites(config, sites, where)
               if config.get("target_modules") != [] or not stacks else [])
     groups: dict[str, list[str]] = {}
@@ -478,7 +479,6 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     for stack in stacks:
         owner, _, name = stack.path.rpartition(".")
         order = [p.path for p in stacks if p.path.rpartition(".")[0] == owner]
-        order.sort(key=[p.path for p in params].index)
         for peft, ours in stack_tensor_names(stack.path, order).items():
             names[peft] = f"{owner}.lora_{name}.{ours}"
             shapes[names[peft]] = stack.shape

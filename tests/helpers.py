@@ -154,3 +154,18 @@ def randomize_adapters(gm, std: float, seed: int = 0) -> None:
     with torch.no_grad():
         for param in adaptc.adapter_state_dict(gm).values():
             param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def serve_checkpoint(folder, spec: str, std: float):
+    """The train graph of `spec` on the checkpoint in `folder`/ckpt with random adapters
+    (`randomize_adapters(…, std)`), and its infer artifact from the CLI in `folder`/out
+    (`adaptc compile --mode infer --adapters`); returns (train graph, adapter file)."""
+    from adaptc.cli import main
+
+    (folder / "s.adapt").write_text(spec + "\n")
+    train = adaptc.compile(str(folder / "ckpt"), spec)
+    randomize_adapters(train, std)
+    weights = adaptc.save_adapters(train, folder / "a.safetensors")
+    assert main(["compile", str(folder / "s.adapt"), "--model", str(folder / "ckpt"),
+                 "--mode", "infer", "--adapters", str(weights), "-o", str(folder / "out")]) == 0
+    return train, weights

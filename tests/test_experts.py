@@ -11,11 +11,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import adaptc
-from adaptc.cli import main
 from adaptc.decode import compile_decoder
 from adaptc.errors import SpecError
 from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
-from helpers import inputs, lm_loss, next_token_batch, randomize_adapters, small_decoder
+from helpers import (inputs, lm_loss, next_token_batch, randomize_adapters, serve_checkpoint,
+                     small_decoder)
 
 STACKS = ["experts.gate_up_proj", "experts.down_proj"]
 SPEC = "experts.gate_up_proj, experts.down_proj: lora r=4 alpha=8; attn.q: lora r=2"
@@ -101,12 +101,7 @@ def test_expert_lora_merges_and_decodes(tmp_path):
     from transformers import AutoModelForCausalLM
     model = small_decoder("mixtral")
     model.save_pretrained(tmp_path / "ckpt")
-    train = adaptc.compile(str(tmp_path / "ckpt"), SPEC)
-    randomize_adapters(train, 0.1)
-    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
-    (tmp_path / "s.adapt").write_text(SPEC + "\n")
-    assert main(["compile", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
-                 "--mode", "infer", "--adapters", str(weights), "-o", str(tmp_path / "out")]) == 0
+    train, weights = serve_checkpoint(tmp_path, SPEC, 0.1)
     x = inputs(vocab=128, batch=2, seq=6)
     want = train.eval()(**x).logits
     program = adaptc.load_program(tmp_path / "out").module()

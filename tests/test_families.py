@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import adaptc
-from adaptc.cli import main
 from adaptc.compiler import prepare
-from helpers import (inputs, main_output, peft_twin, randomize_adapters, randomize_and_copy,
+from helpers import (inputs, main_output, peft_twin, randomize_and_copy, serve_checkpoint,
                      small_decoder, small_encoder)
 
 PORTABLE = "attn.*,ffn.*: lora r=2 alpha=4"
@@ -86,14 +85,9 @@ def test_falcon_lora_serves_merged_and_decodes(tmp_path):
     from adaptc.decode import compile_decoder
     model = small_decoder("falcon")
     model.save_pretrained(tmp_path / "ckpt")
-    (tmp_path / "s.adapt").write_text(PORTABLE + "\n")
-    train = adaptc.compile(str(tmp_path / "ckpt"), PORTABLE)
-    randomize_adapters(train, 0.3)
-    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
-    assert main(["compile", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
-                 "--mode", "infer", "--adapters", str(weights), "-o", str(tmp_path / "serve")]) == 0
+    train, weights = serve_checkpoint(tmp_path, PORTABLE, 0.3)
     x = inputs(vocab=128, batch=2, seq=6)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "serve" / "hf")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
     assert (merged(**x).logits - train.eval()(**x).logits).abs().max().item() <= 1e-5
     tokens = compile_decoder(str(tmp_path / "ckpt"), PORTABLE, adapters=weights,
                              max_cache_len=16).generate([5, 17, 42], 5)

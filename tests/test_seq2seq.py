@@ -10,11 +10,11 @@ import torch
 from peft import IA3Config, TaskType, get_peft_model
 
 import adaptc
-from adaptc.cli import main
 from adaptc.decode import compile_decoder
 from adaptc.errors import ModelError, SpecError
 from adaptc.frontend.models import wrap
-from helpers import peft_twin, randomize_adapters, randomize_and_copy, small_bart
+from helpers import (peft_twin, randomize_adapters, randomize_and_copy, serve_checkpoint,
+                     small_bart)
 
 # per model: PEFT's default LoRA targets (every attention's q and v, cross-attention included)
 LORA_TARGETS = {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"]}
@@ -81,13 +81,7 @@ def test_merged_program_and_checkpoint_reload(tmp_path):
     compute the train graph's logits."""
     from transformers import AutoModelForSeq2SeqLM
     model_of("t5").module.save_pretrained(tmp_path / "ckpt")
-    spec = "attn.*,ffn.*: lora r=2"
-    (tmp_path / "s.adapt").write_text(spec + "\n")
-    train = adaptc.compile(str(tmp_path / "ckpt"), spec)
-    randomize_adapters(train, 0.05)
-    weights = adaptc.save_adapters(train, tmp_path / "a.safetensors")
-    assert main(["compile", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
-                 "--mode", "infer", "--adapters", str(weights), "-o", str(tmp_path / "out")]) == 0
+    train, _ = serve_checkpoint(tmp_path, "attn.*,ffn.*: lora r=2", 0.05)
     x = seq2seq_inputs(batch=2, source=7, target=4, seed=1)
     want = train.eval()(**x).logits
     assert close(adaptc.load_program(tmp_path / "out").module()(**x).logits, want, 1e-5)

@@ -167,6 +167,7 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
     family = naming(family, sites)
     n_layers = layer_count(sites)
     params = params or []
+    stacks = tuple(p for p in params if p.expert_stack)
     chosen: dict[tuple[str, str], Assignment] = {}
     problems: list[Diagnostic] = []
     for rule in plan.rules:
@@ -177,8 +178,7 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
                                  "decoder-only and encoder-only models"))
             continue
         pool = params if "parameter" in rule.config.adapts else sites
-        experts = (tuple(p for p in params if p.expert_stack)
-                   if getattr(type(rule.config), "adapts_experts", False) else ())
+        experts = stacks if getattr(type(rule.config), "adapts_experts", False) else ()
         for target in rule.targets:
             found = match_target(plan, rule, target, pool, family, n_layers, problems, experts)
             for site in found:
