@@ -90,23 +90,31 @@ def test_merged_program_and_checkpoint_reload(tmp_path):
     assert (want - model_of("t5").module(**x).logits).abs().max().item() > 1e-2
 
 
-def test_lora_trains_a_copy_task():
-    """The decoder learns to repeat the source (teacher forcing, cross-entropy)."""
-    model = model_of("t5")
-    gm = adaptc.compile(model, "attn.*: lora r=4 alpha=8")
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=5e-3)
+def teacher_forced_losses(gm, lr: float, target_of, start: int, steps: int = 12) -> list[float]:
+    """AdamW steps on fresh random sources [8, 6], the decoder fed `target_of(source)`
+    shifted right behind `start`, cross-entropy on the logits; the loss of each step."""
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(12):
-        source = torch.randint(2, 40, (8, 6), generator=gen)
-        start = torch.zeros(8, 1, dtype=torch.long)
+    for _ in range(steps):
+        source = torch.randint(4, 40, (8, 6), generator=gen)
+        target = target_of(source)
+        shifted = torch.cat([torch.full((8, 1), start), target[:, :-1]], 1)
         logits = gm(input_ids=source, attention_mask=torch.ones_like(source),
-                    decoder_input_ids=torch.cat([start, source[:, :-1]], 1)).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), source.flatten())
+                    decoder_input_ids=shifted).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_lora_trains_a_copy_task():
+    """The decoder learns to repeat the source (teacher forcing, cross-entropy)."""
+    model = model_of("t5")
+    gm = adaptc.compile(model, "attn.*: lora r=4 alpha=8")
+    losses = teacher_forced_losses(gm, 5e-3, lambda source: source, start=0)
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
 
 
@@ -128,15 +136,116 @@ def test_greedy_generate_equals_transformers_generate(name):
     assert ours[:, 0].tolist() == [start] * 3 and ours[:, 1:].unique().numel() > 3
 
 
-def test_prefix_methods_and_cached_decoding_are_refused():
+def test_virtual_tokens_t5_prefixes_and_cached_decoding_are_refused():
     model = model_of("t5")
     with pytest.raises(SpecError) as info:
-        adaptc.compile(model, "q: lora r=2\nattn: prefix tokens=4")
+        adaptc.compile(model, "q: lora r=2\nembed: prompt tokens=4")
     diag = info.value.first
-    assert (diag.code, diag.line, diag.column) == ("E302", 2, 7)
-    assert "prefix cannot adapt T5ForConditionalGeneration, an encoder-decoder" in diag.message
+    assert (diag.code, diag.line, diag.column) == ("E302", 2, 8)
+    assert "prompt cannot adapt T5ForConditionalGeneration, an encoder-decoder" in diag.message
+    with pytest.raises(ModelError, match="'encoder.block.0.layer.0.SelfAttention' "
+                       r"\(T5Attention\): its relative position bias has no positions"):
+        adaptc.compile(model, "attn: prefix tokens=4")
     with pytest.raises(ModelError, match="is an encoder-decoder; cached decoding is for causal"):
         compile_decoder(model, "q: lora r=2")
+
+
+def prefix_rows(gm) -> dict[str, torch.Tensor]:
+    """Each adapted attention's [2, P, H, d] prefix, by module path (statement 0's sites in
+    the order its encoder stacks them)."""
+    paths = [s["path"] for s in adaptc.report_of(gm).sites if s["method"] == "prefix"]
+    with torch.no_grad():
+        return dict(zip(paths, gm.get_submodule("adaptc.prefix_0")()))
+
+
+def prefixed_sdpa(rows: dict[str, torch.Tensor]):
+    """transformers' own SDPA attention with each listed module's prefix prepended to its
+    keys and values and open columns in its mask: the reference for prefixes on attentions
+    transformers gives no cache (an encoder's self-attention, cross-attention)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        if module.adaptc_path in rows:
+            keys, values = (part.transpose(0, 1).expand(key.shape[0], -1, -1, -1)
+                            for part in rows[module.adaptc_path])
+            key, value = torch.cat([keys, key], 2), torch.cat([values, value], 2)
+            if attention_mask is not None:
+                shape = (*attention_mask.shape[:-1], keys.shape[2])
+                opening = (attention_mask.new_ones(shape) if attention_mask.dtype == torch.bool
+                           else attention_mask.new_zeros(shape))
+                attention_mask = torch.cat([opening, attention_mask], -1)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return attend
+
+
+def test_prefix_on_bart_decoder_equals_peft():
+    """PEFT's seq2seq PrefixTuning: a P-token cache on the decoder's self-attention (the
+    cross-attention half it builds is dropped by transformers' EncoderDecoderCache), decoder
+    positions shifted by P. Its embedding rows pair self and cross prefixes, so decoder
+    layer l reads block 2l mod L of them; the counts are the same."""
+    from peft import PrefixTuningConfig
+    model = model_of("bart")
+    gm = adaptc.compile(model, "decoder.layers.*.self_attn: prefix tokens=3")
+    twin = get_peft_model(copy.deepcopy(model.module),
+                          PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
+                                             num_virtual_tokens=3)).eval()
+    report = adaptc.report_of(gm)
+    assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
+    assert report.max_tokens == 64 - 3  # the decoder's positions 3 … 63
+    encoder = gm.get_submodule("adaptc.prefix_0")
+    layers, _, tokens, heads, dim = encoder.shape
+    theirs = twin.prompt_encoder["default"].embedding.weight.view(tokens, layers, 2, heads, dim)
+    with torch.no_grad():
+        encoder.prefix.copy_(theirs.permute(1, 2, 0, 3, 4)[[2 * l % layers
+                                                             for l in range(layers)]])
+    x = seq2seq_inputs()
+    ours = gm(**x).logits
+    assert close(ours, twin(**x).logits, 1e-5)
+    assert (ours - model.module(**x).logits).abs().max().item() > 1e-2
+
+
+def test_prefix_on_encoder_and_cross_attention_equals_reference():
+    """Li & Liang's BART setting beyond the decoder: prefixes on the encoder's self-attention
+    and the decoder's cross-attention, against transformers' attention with the same keys
+    prepended; no positions shift (neither attention has a cache in transformers)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    model = model_of("bart")
+    gm = adaptc.compile(model, "encoder.layers.*.self_attn, encoder_attn: prefix tokens=3")
+    report = adaptc.report_of(gm)
+    assert report.counts["prefix_inserted"] == 4 and report.max_tokens == 64
+    rows = prefix_rows(gm)
+    reference = copy.deepcopy(model.module)
+    for path, module in reference.named_modules():
+        module.adaptc_path = path
+    AttentionInterface.register("adaptc_prefixed", prefixed_sdpa(rows))
+    AttentionMaskInterface.register("adaptc_prefixed", sdpa_mask)
+    reference.set_attn_implementation("adaptc_prefixed")
+    x = seq2seq_inputs()
+    with torch.no_grad():
+        want = reference(**x).logits
+    ours = gm(**x).logits
+    assert close(ours, want, 1e-5)
+    assert (ours - model.module(**x).logits).abs().max().item() > 1e-2
+
+
+def test_prefix_on_every_bart_attention_trains_and_serves(tmp_path):
+    """Prefixes on all three attentions: a short run teaches the model one reply to every
+    source; the infer artifact (MLP folded into constants) computes the train graph's logits."""
+    spec = "self_attn, encoder_attn: prefix tokens=4 projection=16"
+    small_bart().save_pretrained(tmp_path / "ckpt")
+    train, _ = serve_checkpoint(tmp_path, spec, 0.05)
+    x = seq2seq_inputs(batch=2, source=7, target=4, seed=1)
+    want = train.eval()(**x).logits
+    assert close(adaptc.load_program(tmp_path / "out").module()(**x).logits, want, 1e-5)
+    assert not (tmp_path / "out" / "hf").exists()  # a prefix does not merge
+    gm = adaptc.compile(model_of("bart"), spec)
+    assert adaptc.report_of(gm).counts["prefix_inserted"] == 6
+    reply = torch.randint(4, 40, (1, 6), generator=torch.Generator().manual_seed(1))
+    losses = teacher_forced_losses(gm, 5e-2, lambda source: reply.expand(len(source), -1),
+                                   start=2)
+    # the random tiny BART's tied head (std 0.02) keeps its logits near uniform: 4.98 → 4.48
+    assert sum(losses[-3:]) / 3 < 0.93 * sum(losses[:3]) / 3
 
 
 def test_peft_adapter_round_trip(tmp_path):

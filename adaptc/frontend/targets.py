@@ -111,6 +111,7 @@ POSITION_TABLES = ("wpe", "embeddings.position_embeddings", "decoder.embed_posit
 # For methods that rewrite the attention op (prefix, ptuning2), `attn` names the module that
 # computes it; where that differs from the table above (BERT's `attn` is its output dense).
 ATTENTION_OP_ALIASES = {family: {"attn": ["attention.self"]} for family in ("bert", "deberta-v2")}
+ATTENTION_OP_ALIASES["t5"] = {"attn": ["SelfAttention"]}
 # A family without a table of its own takes the first whose signature module it has:
 # Qwen3, Gemma, OLMo, Granite, ... name their layers like Llama, RoBERTa and ELECTRA like BERT.
 SIGNATURES = (("llama", "self_attn.o_proj"), ("gpt2", "attn.c_attn"),
@@ -162,8 +163,8 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
 
     Methods that adapt parameters (`train`) are matched against `params`, the parameter
     table, where a pattern names a parameter or any module that owns it. `encoder_decoder`
-    names the model's class when it is one (T5, BART): prefix and virtual-token methods
-    are refused there (E302)."""
+    names the model's class when it is one (T5, BART): virtual-token methods are refused
+    there (E302); prefixes go on whichever attentions the targets name."""
     family = naming(family, sites)
     n_layers = layer_count(sites)
     params = params or []
@@ -171,11 +172,11 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
     chosen: dict[tuple[str, str], Assignment] = {}
     problems: list[Diagnostic] = []
     for rule in plan.rules:
-        if encoder_decoder and {"attention", "embedding"} & set(rule.config.adapts):
+        if encoder_decoder and "embedding" in rule.config.adapts:
             problems.append(diag(plan, rule.statement.method_span, "E302",
                                  f"{rule.config.method} cannot adapt {encoder_decoder}, an "
-                                 "encoder-decoder: prefix and virtual-token methods are for "
-                                 "decoder-only and encoder-only models"))
+                                 "encoder-decoder: virtual-token methods are for decoder-only "
+                                 "and encoder-only models (prefix and ptuning2 work here)"))
             continue
         pool = params if "parameter" in rule.config.adapts else sites
         experts = stacks if getattr(type(rule.config), "adapts_experts", False) else ()

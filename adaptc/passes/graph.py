@@ -158,10 +158,14 @@ def attention_op(gm: GraphModule, path: str) -> Node:
     """The one scaled_dot_product_attention node traced inside module `path`."""
     found = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA
              and in_module(n, path)]
-    if len(found) != 1:
+    if not found:
+        raise ModelError(f"module '{path}' computes no scaled_dot_product_attention in the "
+                         "traced graph: prefix methods rewrite that op, so they need attention "
+                         "that runs through it (the model's 'sdpa' implementation; T5's, MPT's "
+                         "and DeBERTa's compute their scores themselves)")
+    if len(found) > 1:
         raise ModelError(f"module '{path}' has {len(found)} scaled_dot_product_attention ops in "
-                         "the traced graph (need exactly one); prefix methods need the model's "
-                         "'sdpa' attention implementation")
+                         "the traced graph; a prefix goes on a module with exactly one")
     return found[0]
 
 
@@ -178,9 +182,11 @@ def set_sdpa_arg(node: Node, name: str, value) -> None:
         node.update_kwarg(name, value)
 
 
-def position_inputs(gm: GraphModule) -> list[tuple[Node, Node]]:
+def position_inputs(gm: GraphModule, within: list[str] | None = None
+                    ) -> list[tuple[Node, Node]]:
     """(consumer, position ids) pairs: where integer positions enter a *RotaryEmbedding
-    module or an absolute position table (`targets.POSITION_TABLES`)."""
+    module or an absolute position table (`targets.POSITION_TABLES`); with `within`, only
+    those inside the modules it names (an encoder-decoder's decoder)."""
     found = []
     for node in gm.graph.nodes:
         stack = list(node.meta.get("nn_module_stack", {}).values())
@@ -190,6 +196,8 @@ def position_inputs(gm: GraphModule) -> list[tuple[Node, Node]]:
         if not (type_name.endswith("RotaryEmbedding")
                 or any(matches(table, path) for table in POSITION_TABLES)):
             continue
+        if within is not None and not any(path.startswith(f"{w}.") for w in within):
+            continue
         for arg in node.all_input_nodes:
             val = arg.meta.get("val")
             outside = not in_module(arg, path)
@@ -198,16 +206,18 @@ def position_inputs(gm: GraphModule) -> list[tuple[Node, Node]]:
     return found
 
 
-def reads_position_table(gm: GraphModule) -> bool:
+def reads_position_table(gm: GraphModule, within: list[str] | None = None) -> bool:
     """Whether positions index a learned table (`targets.POSITION_TABLES`) rather than a
     rotary embedding: the table's rows then bound the sequence, virtual tokens included."""
     return any(not str(list(consumer.meta["nn_module_stack"].values())[-1][1])
-               .endswith("RotaryEmbedding") for consumer, _ in position_inputs(gm))
+               .endswith("RotaryEmbedding") for consumer, _ in position_inputs(gm, within))
 
 
-def shift_positions(gm: GraphModule, offset: int, method: str) -> int:
-    """Add `offset` to the position ids where they enter the position encoding."""
-    found = position_inputs(gm)
+def shift_positions(gm: GraphModule, offset: int, method: str,
+                    within: list[str] | None = None) -> int:
+    """Add `offset` to the position ids where they enter the position encoding (inside the
+    modules `within` names, when given)."""
+    found = position_inputs(gm, within)
     if not found:
         tables = " or ".join(POSITION_TABLES)
         raise ModelError(f"{method}: cannot find where positions enter the model (no rotary "

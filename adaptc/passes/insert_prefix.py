@@ -9,7 +9,9 @@ One `PrefixEncoder` per statement holds the prefixes of the layers that statemen
 adapted attention module gets a `PrefixAttention` that prepends its layer's slice (and, for
 UniPELT's gated prefix, holds the layer's gate, fed the input of the attention's projections).
 Positions shift by P once for the whole model, so all prefix statements of a spec use the
-same number of tokens (checked in `spec.lower`).
+same number of tokens (checked in `spec.lower`); in an encoder-decoder only the decoder's
+shift, and only when a self-attention of the decoder has a prefix (a cross-attention's keys
+are the encoder's, whose positions stay).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch.fx import GraphModule, Node
 from adaptc.adapters import ENCODERS
 from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
+from adaptc.frontend.trace import is_encoder_decoder
 from adaptc.methods.prefix import PrefixAttention, PrefixEncoder
 from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
 from adaptc.passes.graph import (
@@ -45,18 +48,31 @@ class InsertPrefix:
         if not todo:
             return PassResult(gm, {"prefix_inserted": 0})
         todo.sort(key=lambda a: a.rule.index)
-        for _, group in groupby(todo, key=lambda a: a.rule.index):
-            self.insert_rule(gm, ctx, list(group))
+        refuse_relative_bias(ctx, todo)
+        ops = {a.site.path: attention_op(gm, a.site.path) for a in todo}
+        selves = [path for path, op in ops.items() if not is_cross_attention(op)]
+        within = decoder_stacks(selves) if is_encoder_decoder(ctx.model) else None
         tokens = todo[0].rule.config.tokens
-        ctx.table_positions = tokens if reads_position_table(gm) else 0
-        shift_positions(gm, tokens, "prefix")
+        table = reads_position_table(gm, within)
+        for _, group in groupby(todo, key=lambda a: a.rule.index):
+            self.insert_rule(gm, ctx, list(group), ops)
+        shifted = shift_positions(gm, tokens, "prefix", within) if within != [] else 0
+        ctx.table_positions = tokens if shifted and table else 0
         return PassResult(gm, {"prefix_inserted": len(todo)})
 
-    def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment]) -> None:
+    def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment],
+                    ops: dict[str, Node]) -> None:
         rule = group[0].rule
-        ops = [attention_op(gm, a.site.path) for a in group]
-        key = sdpa_arg(ops[0], "key").meta["val"]
+        keys = {a.site.path: sdpa_arg(ops[a.site.path], "key").meta["val"] for a in group}
+        key = next(iter(keys.values()))
         heads, head_dim = int(key.shape[1]), int(key.shape[-1])
+        other = next((path for path, k in keys.items()
+                      if (int(k.shape[1]), int(k.shape[-1])) != (heads, head_dim)), None)
+        if other:
+            raise ModelError(f"the prefix statement on line {rule.statement.span.line} adapts "
+                             f"attentions of different shapes ({group[0].site.path}: {heads} "
+                             f"heads of {head_dim}; {other}: {int(keys[other].shape[1])} of "
+                             f"{int(keys[other].shape[-1])}); write one statement for each")
         encoder = PrefixEncoder(rule.config, len(group), kv_heads(ctx, heads), head_dim,
                                 device=key.device, dtype=key.dtype)
         target = f"{ENCODERS}.{rule.config.method}_{rule.index}"
@@ -65,13 +81,41 @@ class InsertPrefix:
                           "line": rule.statement.span.line, "in": None, "out": None,
                           "shape": "×".join(map(str, encoder.shape)), "params": count(encoder),
                           "shared": True})
-        for layer, (assignment, op) in enumerate(zip(group, ops)):
+        for layer, assignment in enumerate(group):
             hidden = attention_input(gm, assignment.site.path) if rule.config.gate else None
             width = int(hidden.meta["val"].shape[-1]) if hidden is not None else 0
             attention = PrefixAttention(width, device=key.device, dtype=key.dtype)
-            rewrite(gm, op, f"{assignment.site.path}.prefix", attention, source, layer,
-                    rule.config.method, hidden)
+            rewrite(gm, ops[assignment.site.path], f"{assignment.site.path}.prefix", attention,
+                    source, layer, rule.config.method, hidden)
             ctx.sites.append(report(assignment.site, rule.config.method, assignment, attention))
+
+
+def refuse_relative_bias(ctx: CompileContext, todo: list[Assignment]) -> None:
+    """T5's attention adds a learned bias per relative position to its scores; a prefix's
+    keys have no position there, so where they would sit is undefined (PEFT's T5 prefix
+    reads them as positions before the sequence, through a cache adaptc does not trace)."""
+    for a in todo:
+        module = ctx.model.module.get_submodule(a.site.path)
+        if hasattr(module, "relative_attention_num_buckets"):
+            raise ModelError(f"{a.method} cannot adapt '{a.site.path}' "
+                             f"({type(module).__name__}): its relative position bias has no "
+                             "positions for prefix keys")
+
+
+def is_cross_attention(op: Node) -> bool:
+    """Keys over another sequence than the queries (an encoder-decoder's cross-attention):
+    their traced lengths are different symbols."""
+    query, key = (sdpa_arg(op, name).meta["val"] for name in ("query", "key"))
+    return str(query.shape[2]) != str(key.shape[2])
+
+
+def decoder_stacks(paths: list[str]) -> list[str]:
+    """The decoders (`model.decoder`) whose self-attentions carry a prefix: their positions
+    shift, as transformers shifts a decoder's past a P-token cache. An encoder's do not:
+    an encoder takes no cache, so its tokens keep positions 0 … S-1 with a prefix too."""
+    stacks = {".".join(parts[:parts.index("decoder") + 1])
+              for parts in (path.split(".") for path in paths) if "decoder" in parts}
+    return sorted(stacks)
 
 
 def kv_heads(ctx: CompileContext, heads: int) -> int:
