@@ -14,7 +14,7 @@ from adaptc.errors import AdaptcError
 from adaptc.frontend.models import LoadedModel, load_model, wrap
 from adaptc.frontend.sites import layer_count, parameter_table, site_table
 from adaptc.frontend.targets import resolve
-from adaptc.frontend.trace import InputCheck, is_encoder_decoder, sequence_limit, trace
+from adaptc.frontend.trace import InputCheck, sequence_limit, trace
 from adaptc.passes import CompileContext, PassManager, default_pipeline
 from adaptc.spec import compile_spec, load_spec, lower
 from adaptc.spec.ir import Plan
@@ -75,9 +75,7 @@ def prepare(model, spec, mode: str, example_inputs: dict | None = None) -> Compi
         raise AdaptcError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
     plan, loaded = as_plan(spec), as_model(model, example_inputs)
     sites = site_table(loaded.module)
-    encoder_decoder = type(loaded.module).__name__ if is_encoder_decoder(loaded) else None
-    assignments = resolve(plan, sites, loaded.family, parameter_table(loaded.module),
-                          encoder_decoder)
+    assignments = resolve(plan, sites, loaded.family, parameter_table(loaded.module))
     return CompileContext(plan, loaded, assignments, mode, layer_count(sites))
 
 

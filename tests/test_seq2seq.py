@@ -15,6 +15,7 @@ from adaptc.errors import ModelError, SpecError
 from adaptc.frontend.models import wrap
 from helpers import (peft_twin, randomize_adapters, randomize_and_copy, serve_checkpoint,
                      small_bart)
+from test_prompt import copy_from_peft as copy_prompt
 
 # per model: PEFT's default LoRA targets (every attention's q and v, cross-attention included)
 LORA_TARGETS = {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"]}
@@ -136,18 +137,97 @@ def test_greedy_generate_equals_transformers_generate(name):
     assert ours[:, 0].tolist() == [start] * 3 and ours[:, 1:].unique().numel() > 3
 
 
-def test_virtual_tokens_t5_prefixes_and_cached_decoding_are_refused():
+def test_t5_prefixes_and_cached_decoding_are_refused():
     model = model_of("t5")
-    with pytest.raises(SpecError) as info:
-        adaptc.compile(model, "q: lora r=2\nembed: prompt tokens=4")
-    diag = info.value.first
-    assert (diag.code, diag.line, diag.column) == ("E302", 2, 8)
-    assert "prompt cannot adapt T5ForConditionalGeneration, an encoder-decoder" in diag.message
     with pytest.raises(ModelError, match="'encoder.block.0.layer.0.SelfAttention' "
                        r"\(T5Attention\): its relative position bias has no positions"):
         adaptc.compile(model, "attn: prefix tokens=4")
     with pytest.raises(ModelError, match="is an encoder-decoder; cached decoding is for causal"):
         compile_decoder(model, "q: lora r=2")
+
+
+def peft_prompt(model, tokens: int, method: str = "prompt"):
+    """PEFT's PromptTuning (or P-tuning's PromptEncoder, an MLP of width 20) with the prompt
+    on the encoder's input only (Lester et al.'s setting; PEFT's default for SEQ_2_SEQ_LM also
+    puts a second one before the decoder's)."""
+    from peft import PromptEncoderConfig, PromptTuningConfig
+    kind, extra = ((PromptTuningConfig, {}) if method == "prompt" else
+                   (PromptEncoderConfig, {"encoder_hidden_size": 20}))
+    config = kind(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=tokens,
+                  num_transformer_submodules=1, **extra)
+    return get_peft_model(copy.deepcopy(model), config).eval()
+
+
+def shift_right(model, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder input transformers builds from `labels` (start token, labels[:, :-1])."""
+    start = torch.full_like(labels[:, :1], model.config.decoder_start_token_id)
+    return torch.cat([start, labels[:, :-1]], 1)
+
+
+@pytest.mark.parametrize("name,embed", [("t5", "shared"), ("bart", "model.shared")])
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_virtual_tokens_on_the_encoder_input_equal_peft(name, embed, method):
+    """`embed: prompt` puts the virtual tokens before the encoder's input (the shared
+    embedding is traced twice; the one reading `input_ids` is the encoder's). PEFT's
+    encoder-decoder forward takes `labels`, from which the model builds the decoder input."""
+    model = model_of(name)
+    gm = adaptc.compile(model, f"embed: {method} tokens=3 " + "hidden=20" * (method != "prompt"))
+    twin = peft_prompt(model.module, 3, method)
+    report = adaptc.report_of(gm)
+    assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
+    copy_prompt(gm.get_submodule(f"{embed}.prompt"), twin)
+    x = seq2seq_inputs()
+    labels = x.pop("decoder_input_ids")
+    ours = gm(**x, decoder_input_ids=shift_right(model.module, labels))
+    theirs = twin(**x, labels=labels)
+    assert ours.logits.shape == theirs.logits.shape == (3, 5, model.module.config.vocab_size)
+    assert close(ours.logits, theirs.logits)
+    assert ours.encoder_last_hidden_state.shape[1] == 9  # the real tokens' states
+    assert (ours.logits - model.module(**x, labels=labels).logits).abs().max().item() > 1e-3
+
+
+def test_prompt_on_t5_trains_and_serves(tmp_path):
+    """Lester et al.'s T5 setting: a prompt initialised from vocabulary embeddings lowers the
+    loss of one reply to every source; the infer artifact computes the train graph's logits."""
+    spec = "embed: prompt tokens=4 init=vocab"
+    model_of("t5").module.save_pretrained(tmp_path / "ckpt")
+    train, _ = serve_checkpoint(tmp_path, spec, 0.5)
+    x = seq2seq_inputs(batch=2, source=7, target=4, seed=1)
+    want = train.eval()(**x).logits
+    assert close(adaptc.load_program(tmp_path / "out").module()(**x).logits, want, 1e-5)
+    gm = adaptc.compile(model_of("t5"), spec)
+    reply = torch.randint(4, 40, (1, 6), generator=torch.Generator().manual_seed(1))
+    losses = teacher_forced_losses(gm, 0.3, lambda source: reply.expand(len(source), -1),
+                                   start=0)
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3  # 64.6 → 41.0
+
+
+def test_prompt_greedy_generate_equals_peft_generate():
+    """T5 with a random prompt: greedy decoding gives the tokens of transformers' `generate`
+    on PEFT's model with the same prompt. N(0, 1) noise on the attention values and FFN
+    outputs makes the tokens vary (the random init's argmax is one token everywhere)."""
+    model = model_of("t5")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.module.named_parameters():
+            if name.endswith((".v.weight", "wo.weight")):
+                weight.add_(torch.randn(weight.shape, generator=gen))
+    gm = adaptc.compile(model, "embed: prompt tokens=4")
+    twin = peft_prompt(model.module, 4)
+    with torch.no_grad():
+        twin.prompt_encoder["default"].embedding.weight.copy_(
+            gm.get_submodule("shared.prompt").embedding)
+    x = seq2seq_inputs()
+    ours = adaptc.greedy_generate(gm, x["input_ids"], x["attention_mask"], 6,
+                                  decoder_start_token_id=0)
+    theirs = twin.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                           max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1,
+                           eos_token_id=None)
+    assert ours.shape == (3, 7) and torch.equal(ours, theirs)
+    assert ours[:, 1:].unique().numel() > 3
+    plain = adaptc.greedy_generate(model.module, x["input_ids"], x["attention_mask"], 6,
+                                   decoder_start_token_id=0)
+    assert not torch.equal(ours, plain)  # the prompt changes what is generated
 
 
 def prefix_rows(gm) -> dict[str, torch.Tensor]:

@@ -157,14 +157,11 @@ def expand(pattern: str, family: str | None, adapts: tuple[str, ...] = ()) -> li
 
 
 def resolve(plan: Plan, sites: list[Site], family: str | None,
-            params: list[Site] | None = None, encoder_decoder: str | None = None
-            ) -> list[Assignment]:
+            params: list[Site] | None = None) -> list[Assignment]:
     """Assign methods to sites; collect every located problem into one SpecError.
 
     Methods that adapt parameters (`train`) are matched against `params`, the parameter
-    table, where a pattern names a parameter or any module that owns it. `encoder_decoder`
-    names the model's class when it is one (T5, BART): virtual-token methods are refused
-    there (E302); prefixes go on whichever attentions the targets name."""
+    table, where a pattern names a parameter or any module that owns it."""
     family = naming(family, sites)
     n_layers = layer_count(sites)
     params = params or []
@@ -172,12 +169,6 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
     chosen: dict[tuple[str, str], Assignment] = {}
     problems: list[Diagnostic] = []
     for rule in plan.rules:
-        if encoder_decoder and "embedding" in rule.config.adapts:
-            problems.append(diag(plan, rule.statement.method_span, "E302",
-                                 f"{rule.config.method} cannot adapt {encoder_decoder}, an "
-                                 "encoder-decoder: virtual-token methods are for decoder-only "
-                                 "and encoder-only models (prefix and ptuning2 work here)"))
-            continue
         pool = params if "parameter" in rule.config.adapts else sites
         experts = stacks if getattr(type(rule.config), "adapts_experts", False) else ()
         for target in rule.targets:

@@ -12,6 +12,9 @@ PEFT feeds `inputs_embeds = [T ; E]` with a mask of n leading ones. Outputs with
 sequence dimension (BERT's pooler, which reads the first position: a virtual token, as in
 PEFT) are left as they are.
 
+An encoder-decoder's virtual tokens go before the encoder's input: only the inputs over its
+sequence are padded and only the outputs over it sliced; the decoder's keep their length.
+
 Cached decoding (`ctx.positions_input`, adaptc.decode) pads nothing: the decoder puts n
 placeholder ids before the prompt, and the prompt module writes T over the rows whose
 position (the `cache_position` input) is below n, so only the prefill call carries them.
@@ -45,7 +48,8 @@ class InsertPrompt:
             raise ModelError(f"virtual tokens go before one input embedding; the spec puts "
                              f"them on {len(todo)} modules ({paths})")
         assignment = todo[0]
-        lookup, ids = embedding_lookup(gm, assignment.site.path)
+        weight = ctx.model.module.get_submodule(assignment.site.path).weight
+        lookup, ids = embedding_lookup(gm, assignment.site.path, weight)
         tokens = assignment.rule.config.tokens
         positions = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
         if positions is None:
@@ -59,18 +63,31 @@ class InsertPrompt:
         return PassResult(gm, {"prompt_inserted": 1, "outputs_sliced": sliced})
 
 
-def embedding_lookup(gm: GraphModule, path: str) -> tuple[Node, Node]:
-    """The aten.embedding node of module `path` and the token-id input it reads, directly or
-    through views (GPT-2 reads `input_ids.view(-1, seq)`)."""
-    found = [n for n in gm.graph.nodes if n.op == "call_function"
-             and n.target == aten.embedding.default and in_module(n, path)]
-    ids = found[0].args[1] if len(found) == 1 else None
-    while ids is not None and ids.op == "call_function" and ids.target in VIEWS:
-        ids = ids.args[0]
-    if ids is None or ids.op != "placeholder":
+def embedding_lookup(gm: GraphModule, path: str, weight: torch.Tensor) -> tuple[Node, Node]:
+    """The aten.embedding node of module `path` (or of a module tied to it: an
+    encoder-decoder's `shared` is traced as `encoder.embed_tokens` and `decoder.embed_tokens`)
+    and the token-id input it reads, directly or through views (GPT-2 reads
+    `input_ids.view(-1, seq)`). Of several, the one that reads `input_ids`: virtual tokens go
+    before the encoder's input, as Lester et al. put them before T5's."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == aten.embedding.default and (
+                in_module(node, path) or reads_tensor(gm, node.args[0], weight)):
+            ids = node.args[1]
+            while ids.op == "call_function" and ids.target in VIEWS:
+                ids = ids.args[0]
+            if ids.op == "placeholder":
+                found.append((node, ids))
+    if len(found) > 1:
+        found = [pair for pair in found if pair[1].target == "input_ids"]
+    if len(found) != 1:
         raise ModelError(f"virtual tokens need the word embedding that reads the token ids; "
                          f"module '{path}' is not one (target the 'embed' role)")
-    return found[0], ids
+    return found[0]
+
+
+def reads_tensor(gm: GraphModule, node: Node, tensor: torch.Tensor) -> bool:
+    return node.op == "get_attr" and gm.get_parameter(node.target) is tensor
 
 
 def build(assignment: Assignment, weight: torch.Tensor) -> PromptEmbedding | PromptEncoder:
