@@ -84,7 +84,8 @@ def parser() -> argparse.ArgumentParser:
                          "directory")
     exp.add_argument("artifact", help="a directory written by `adaptc compile -o`")
     exp.add_argument("output")
-    exp.add_argument("--task-type", help="PEFT task_type to record (e.g. CAUSAL_LM)")
+    exp.add_argument("--task-type", help="PEFT task_type to record (e.g. CAUSAL_LM; prompts and "
+                     "prefixes need it)")
     exp.add_argument("--force", action="store_true", help="replace an existing output")
     exp.set_defaults(run=run_export_peft)
 

@@ -4,8 +4,8 @@ A PEFT adapter directory is `adapter_config.json` + `adapter_model.safetensors`,
 names like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 
 Export (`export_peft`) writes a compiled module's `lora` (with rsLoRA, PiSSA, DoRA), `ia3`,
-`vera` or `adalora` adapters as one such directory; `PeftModel.from_pretrained` on it gives
-our outputs.
+`vera` or `adalora` adapters as one such directory, or its prompt or prefix
+(`peft_prompts`); `PeftModel.from_pretrained` on it gives our outputs.
 Target modules are written as full module paths (PEFT matches them exactly), per-module
 ranks and alphas as `rank_pattern` / `alpha_pattern` entries. LoRA on MoE expert stacks
 goes to `target_parameters`, its tensors in the layout of PEFT's ParamWrapper
@@ -18,7 +18,8 @@ modules (short names when they are exact, full paths otherwise; checked by resol
 compiles it and loads the weights. Anything PEFT would treat differently is an
 `InteropError` naming the option, never a silently different model: a `target_modules`
 entry that matches no module (PEFT skips it), an option adaptc does not implement, a
-PEFT type other than LORA, IA3, VERA and ADALORA (AdaLoRA: before its final rank trim).
+PEFT type other than LORA, IA3, VERA, ADALORA (before its final rank trim), PROMPT_TUNING,
+P_TUNING and PREFIX_TUNING.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter
 from adaptc.methods.lora import ExpertLora, LoraAdapter
 from adaptc.methods.vera import VeraAdapter, VeraProjections
+from adaptc.peft_prompts import (CONFIG_KEYS, PROMPT_KINDS, export_prompts, import_prompts,
+                                 prompt_spec, virtual_token_modules)
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -68,6 +71,19 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
 
     out = Path(out)
     refuse_existing(out, force)
+    if virtual_token_modules(module):
+        config, tensors = export_prompts(module, task_type)
+    else:
+        config, tensors = export_layers(module, task_type)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_directory(out) as staging:
+        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "producer": "adaptc"})
+        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def export_layers(module: nn.Module, task_type: str | None) -> tuple[dict, dict]:
+    """PEFT's config and tensors for a module whose adapters are one per-layer method."""
     entries = exported_entries(module)
     kinds = {peft_kind(e.adapter) for e in entries}
     if len(kinds) != 1:
@@ -79,11 +95,7 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
                    "revision": None, "inference_mode": True, "modules_to_save": None,
                    "fan_in_fan_out": one_value(entries, "fan_in_fan_out",
                                                lambda e: e.conv1d)})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_directory(out) as staging:
-        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "producer": "adaptc"})
-        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out
+    return config, tensors
 
 
 def exported_entries(module: nn.Module) -> list[Entry]:
@@ -94,8 +106,8 @@ def exported_entries(module: nn.Module) -> list[Entry]:
     for path, adapter in adapter_modules(module).items():
         if peft_kind(adapter) is None:
             raise InteropError(f"'{path}' is a {type(adapter).__name__}: adaptc exports "
-                               "lora (with rslora, pissa, dora), ia3, vera and adalora "
-                               "adapters to PEFT")
+                               "lora (with rslora, pissa, dora), ia3, vera, adalora, prompt "
+                               "and prefix adapters to PEFT")
         site = path.rpartition(".")[0]
         if isinstance(adapter, ExpertLora):  # `<experts>.lora_<stack>` adapts `<experts>.<stack>`
             owner, _, name = path.rpartition(".")
@@ -274,6 +286,7 @@ HANDLED = {
                 "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "target_modules",
                 "layers_to_transform", "layers_pattern", "fan_in_fan_out", "init_lora_weights",
                 "bias", "rank_pattern"},
+    **CONFIG_KEYS,
 }
 LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa"}
 
@@ -460,12 +473,15 @@ class PeftImport:
     spec: str
     names: dict[str, str]  # PEFT tensor name → adaptc adapter state name
     stacks: dict[str, tuple[int, ...]]  # adaptc name of a stack's A or B → the stack's shape
+    config: dict
 
 
 def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     where = str(Path(directory) / CONFIG)
     config = read_config(directory)
     kind = config["peft_type"]
+    if kind in PROMPT_KINDS:
+        return PeftImport(kind, prompt_spec(config, model, where), {}, {}, config)
     sites, params = site_table(model.module), parameter_table(model.module)
     stacks = selected_stacks(config, model.module, params, where) if kind == "LORA" else []
     chosen = (selected_sites(config, sites, where)
@@ -482,7 +498,7 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
         for peft, ours in stack_tensor_names(stack.path, order).items():
             names[peft] = f"{owner}.lora_{name}.{ours}"
             shapes[names[peft]] = stack.shape
-    return PeftImport(kind, spec, names, shapes)
+    return PeftImport(kind, spec, names, shapes, config)
 
 
 def write_spec(kind: str, groups: dict[str, list[str]], sites: list[Site],
@@ -561,8 +577,10 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
 
     loaded = as_model(model, example_inputs)
     found = read_peft(directory, loaded)
-    gm = compile(loaded, found.spec)
     tensors = read_weights(Path(directory) / WEIGHTS)
+    if found.kind in PROMPT_KINDS:
+        return import_prompts(loaded, directory, found.config, found.spec, tensors)
+    gm = compile(loaded, found.spec)
     if found.kind == "VERA":
         check_projections(gm, tensors, directory)
     extra = sorted(set(tensors) - set(found.names))
