@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adaptc.errors import WeightsError
-from adaptc.methods.mixture import MixtureOfLora
+from adaptc.methods.mixture import Routed
 
 
 SPEC_KEY = "adaptc.spec"
@@ -153,5 +153,5 @@ def needs_folding(child: nn.Module) -> bool:
 def balance_loss(module: nn.Module) -> torch.Tensor:
     """Σ over mixture sites of weight × load-balancing loss from the last forward pass."""
     terms = [m.mixture.balance * m.balance_loss for m in module.modules()
-             if isinstance(m, MixtureOfLora) and m.balance_loss is not None]
+             if isinstance(m, Routed) and m.balance_loss is not None]
     return torch.stack(terms).sum() if terms else torch.zeros(())

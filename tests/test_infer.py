@@ -260,10 +260,12 @@ def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
     "attn.q,attn.v: lora r=4 gate; attn: prefix tokens=4 gate; ffn: adapter bottleneck=8 gate",
     "embed: prompt tokens=3; q_proj: lora r=2",
     "embed: ptuning tokens=3 encoder=lstm",
+    "k_proj,v_proj: ia3; down_proj: ia3 feedforward; mixture moe router=soft experts=3",
 ])
 def test_mam_unipelt_prompt_in_infer_mode_equal_train(tiny, tmp_path, spec):
     """Scaled and gated adapters stay eager (the kernel has neither), gated LoRA stays
-    unmerged, prefix MLPs and prompt encoders fold into constants: infer equals train."""
+    unmerged, prefix MLPs and prompt encoders fold into constants, MoV's routed vectors stay
+    eager: infer equals train."""
     model = tiny("llama")
     train = trained(model, spec, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
@@ -309,6 +311,7 @@ DEVICE_CASES = [  # (spec, merge, fuse_projections): every infer-mode rewrite
     ("q_proj: lora r=4 dora; v_proj: ia3", True, False),
     ("attn,ffn: adapter bottleneck=8", True, False),
     ("q_proj,v_proj: lora r=4\nmixture moe k=2 experts=4", True, False),
+    ("v_proj: ia3; down_proj: ia3 feedforward\nmixture moe k=2 experts=4", True, False),
     ("attn: prefix tokens=3", True, False),
     ("embed: prompt tokens=3", True, False),
 ]

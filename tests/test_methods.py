@@ -84,6 +84,46 @@ def test_mixture_equals_float64_reference(tiny, router, k):
     assert diff <= 1e-4
 
 
+def vectors_ref(values, x, mov):
+    """Per token: router softmax, top-k renormalised, values ⊙ Σ_e g_e·l_e — a plain loop."""
+    L, W = (t.detach().double() for t in (mov.vectors, mov.router))
+    flat, scaled = x.reshape(-1, x.shape[-1]), values.reshape(-1, values.shape[-1]).clone()
+    for t, token in enumerate(flat):
+        logits = W @ token
+        chosen = logits.topk(mov.top_k).indices
+        scaled[t] = scaled[t] * (logits[chosen].softmax(0) @ L[chosen])
+    return scaled.reshape(values.shape)
+
+
+@pytest.mark.parametrize("router,k", [("topk", 1), ("soft", 3)])
+def test_mov_equals_float64_reference(tiny, router, k):
+    """MoV (Zadouri et al.): each (IA)³ site a routed mix of vectors, keys and values on the
+    output, the FFN's down projection on its input; the router reads the layer's input."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, "k_proj,v_proj: ia3\ndown_proj: ia3 feedforward\n"
+                               f"mixture moe k={k} experts=3 router={router}")
+    report = adaptc.report_of(gm)
+    assert report.counts["mixture_inserted"] == 6 and report.counts["ia3_inserted"] == 0
+    config = model.module.config
+    kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    per_layer = 2 * 3 * (kv + config.hidden_size) + 3 * 2 * config.intermediate_size
+    assert report.trainable == config.num_hidden_layers * per_layer
+    randomize(gm)
+    ref = copy.deepcopy(model.module).double()
+    for path, mov in adaptc.adapters.adapter_modules(gm).items():
+        layer = ref.get_submodule(path.rsplit(".", 1)[0])
+        if mov.ia3.feedforward:
+            layer.register_forward_pre_hook(
+                lambda mod, args, mov=mov: (vectors_ref(args[0], args[0], mov),))
+        else:
+            layer.register_forward_hook(
+                lambda mod, args, out, mov=mov: vectors_ref(out, args[0], mov))
+    x = inputs()
+    diff = (gm(**x).logits.double() - ref(**x).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert (gm(**x).logits - model.module(**x).logits).abs().max().item() > 1e-2
+
+
 def test_mola_experts_grow_with_depth(tiny):
     model = tiny("llama")
     gm = adaptc.compile(model, "q_proj: lora r=2; mixture moe k=1 experts=[2, 6]")
@@ -103,7 +143,8 @@ def test_mola_groups_follow_the_documented_mapping():
 
 
 @pytest.mark.parametrize("spec", ["q_proj,v_proj: lora r=4", "ffn: adapter bottleneck=8",
-                                  "q_proj: lora r=4; mixture moe k=2 experts=3"])
+                                  "q_proj: lora r=4; mixture moe k=2 experts=3",
+                                  "v_proj: ia3; down_proj: ia3 feedforward; mixture moe"])
 def test_gradients_reach_only_adapters(tiny, spec):
     gm = adaptc.compile(tiny("llama"), spec)
     randomize(gm)

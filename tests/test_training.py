@@ -22,6 +22,9 @@ CASES = [
     # (IA)³ trains 944 numbers here (LoRA r=8 on q,v: 7,168) and only rescales activations
     # of a random tiny model: it is expected to move the loss, not to fit the task
     ("k_proj,v_proj: ia3; down_proj: ia3 feedforward", 5e-2, 0.95),
+    # MoV: the same sites as routed mixtures of 4 vectors
+    ("k_proj,v_proj: ia3; down_proj: ia3 feedforward; mixture moe router=soft experts=4",
+     5e-2, 0.95),
     # MAM adapter and UniPELT
     ("attn: prefix tokens=4 projection=32; ffn: adapter placement=parallel bottleneck=16 scale=4",
      1e-2, 0.8),

@@ -58,11 +58,12 @@ def splice(gm: GraphModule, output: Node, adapter_input: Node | None, target: st
 
 
 def wrap_output(gm: GraphModule, output: Node, target: str, adapter: nn.Module,
-                method: str) -> Node:
-    """Register `adapter` at `target`; every user of `output` reads `adapter(output)`."""
+                method: str, extra_args: tuple = ()) -> Node:
+    """Register `adapter` at `target`; every user of `output` reads
+    `adapter(output, *extra_args)`."""
     gm.add_submodule(target, adapter)
     with gm.graph.inserting_after(output):
-        wrapped = gm.graph.call_module(target, (output,))
+        wrapped = gm.graph.call_module(target, (output, *extra_args))
     mark(wrapped, output, method)
     output.replace_all_uses_with(wrapped, delete_user_cb=lambda user: user is not wrapped)
     return wrapped

@@ -1,5 +1,5 @@
 """Pass: rescale the output (or, with `feedforward`, the input) of every linear node
-assigned `ia3`.
+assigned `ia3` (with a mixture statement, `insert_mixture` puts MoV there instead).
 
     output:       linear(x, W₀, b)  →  <site>.ia3(linear(x, W₀, b))
     feedforward:  linear(x, W₀, b)  →  linear(<site>.ia3(x), W₀, b)
@@ -20,7 +20,7 @@ class InsertIa3:
         count = 0
         for node in list(gm.graph.nodes):
             assignment = node.meta.get(METHODS, {}).get("ia3")
-            if assignment is None:
+            if assignment is None or ctx.plan.mixture is not None:
                 continue
             site, config = node.meta[SITE], assignment.rule.config
             adapter = Ia3Adapter(config, site.in_features, site.out_features,

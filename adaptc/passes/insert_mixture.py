@@ -1,16 +1,19 @@
 """Pass: when the spec has a `mixture` statement, every LoRA site becomes a routed mixture of
-LoRA experts (the rank, alpha and dropout of its LoRA statement; experts per layer from the
-mixture statement).
+LoRA experts (MoLoRA: the rank, alpha and dropout of its LoRA statement) and every (IA)³ site
+a routed mixture of (IA)³ vectors (MoV); experts per layer from the mixture statement.
 
-    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.moe(x)
+    lora:             linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.moe(x)
+    ia3:              linear(x, W₀, b)  →  <site>.mov(linear(x, W₀, b), x)
+    ia3 feedforward:  linear(x, W₀, b)  →  linear(<site>.mov(x), W₀, b)
 """
 from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from adaptc.methods.mixture import MixtureOfLora
+from adaptc.methods.mixture import MixtureOfLora, MixtureOfVectors
 from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
-from adaptc.passes.graph import factory, linear_input, linear_weight, splice
+from adaptc.passes.graph import (factory, linear_input, linear_weight, splice, wrap_input,
+                                 wrap_output)
 
 
 class InsertMixture:
@@ -22,14 +25,24 @@ class InsertMixture:
         mixture = ctx.plan.mixture.config
         count = 0
         for node in list(gm.graph.nodes):
-            assignment = node.meta.get(METHODS, {}).get("lora")
-            if assignment is None:
-                continue
-            site = node.meta[SITE]
-            experts = mixture.experts_at(site.layer, ctx.n_layers)
-            adapter = MixtureOfLora(assignment.rule.config, mixture, experts, site.in_features,
-                                    site.out_features, **factory(gm, linear_weight(node).target))
-            splice(gm, node, linear_input(node), f"{site.path}.moe", adapter, "moe")
-            ctx.sites.append(report(site, f"moe[{experts}]", assignment, adapter))
-            count += 1
+            methods = node.meta.get(METHODS, {})
+            for method in ("lora", "ia3"):
+                assignment = methods.get(method)
+                if assignment is None:
+                    continue
+                site, config = node.meta[SITE], assignment.rule.config
+                experts = mixture.experts_at(site.layer, ctx.n_layers)
+                kind = MixtureOfLora if method == "lora" else MixtureOfVectors
+                adapter = kind(config, mixture, experts, site.in_features, site.out_features,
+                               **factory(gm, linear_weight(node).target))
+                x = linear_input(node)
+                if method == "lora":
+                    splice(gm, node, x, f"{site.path}.moe", adapter, "moe")
+                elif config.feedforward:
+                    wrap_input(gm, node, x, f"{site.path}.mov", adapter, "mov")
+                else:
+                    wrap_output(gm, node, f"{site.path}.mov", adapter, "mov", (x,))
+                label = "moe" if method == "lora" else "mov"
+                ctx.sites.append(report(site, f"{label}[{experts}]", assignment, adapter))
+                count += 1
         return PassResult(gm, {"mixture_inserted": count})

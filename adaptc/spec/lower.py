@@ -55,7 +55,8 @@ def _attach_rule(index: int, statement: Attach, problems: _Problems) -> Rule | N
 
 
 def _mixture_rule(spec: Spec, problems: _Problems) -> MixtureRule | None:
-    """The first `mixture` statement; later ones are E207, as is a spec without `lora`."""
+    """The first `mixture` statement; later ones are E207, as is a spec without `lora` or
+    `ia3`."""
     mixtures = [s for s in spec.statements if isinstance(s, Mixture)]
     if not mixtures:
         return None
@@ -63,9 +64,10 @@ def _mixture_rule(spec: Spec, problems: _Problems) -> MixtureRule | None:
     for extra in mixtures[1:]:
         problems.add(_head(extra), "E207", "a spec can have only one mixture statement",
                      (f"the first mixture statement is on line {first.span.line}",))
-    if not any(isinstance(s, Attach) and s.method == "lora" for s in spec.statements):
-        problems.add(_head(first), "E207", "a mixture needs at least one 'lora' statement",
-                     ("the mixture turns the spec's LoRA sites into experts",))
+    if not any(isinstance(s, Attach) and s.method in ("lora", "ia3") for s in spec.statements):
+        problems.add(_head(first), "E207", "a mixture needs at least one 'lora' or 'ia3' "
+                     "statement", ("the mixture turns the spec's LoRA sites into LoRA experts "
+                                   "(MoLoRA) and its IA3 sites into IA3 vectors (MoV)",))
     rule = None
     for statement in mixtures:
         config = _config(MIXTURES, "mixture kind", statement.kind, statement.kind_span,

@@ -131,8 +131,8 @@ INVALID = [
     # E207 mixture problems
     ("q: lora\nmixture moe\nmixture moe k=1", "E207", 3, 1, 12, "only one mixture statement"),
     ("ffn: adapter\nmixture moe", "E207", 2, 1, 12,
-     "a mixture needs at least one 'lora' statement"),
-    ("mixture moe", "E207", 1, 1, 12, "at least one 'lora' statement"),
+     "a mixture needs at least one 'lora' or 'ia3' statement"),
+    ("mixture moe", "E207", 1, 1, 12, "at least one 'lora' or 'ia3' statement"),
     ("q: lora init=pissa\nmixture moe", "E207", 1, 14, 19,
      "init=pissa cannot be used with a mixture statement"),
     ("q: lora freeze_a\nmixture moe", "E207", 1, 9, 17,
