@@ -150,8 +150,10 @@ def needs_folding(child: nn.Module) -> bool:
     return getattr(child.config, "projection", 1) > 0
 
 
-def balance_loss(module: nn.Module) -> torch.Tensor:
-    """Σ over mixture sites of weight × load-balancing loss from the last forward pass."""
-    terms = [m.mixture.balance * m.balance_loss for m in module.modules()
-             if isinstance(m, Routed) and m.balance_loss is not None]
+def balance_loss(module: nn.Module, sample_types: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over mixture sites of weight × balancing loss from the last forward pass: Switch's
+    load balance (`mixture moe`), or LoRAMoE's localized constraint, which reads each
+    example's type (`sample_types` [B]: 1 world knowledge, 0 task)."""
+    terms = [loss for m in module.modules() if isinstance(m, Routed)
+             if (loss := m.balance_loss(sample_types)) is not None]
     return torch.stack(terms).sum() if terms else torch.zeros(())

@@ -124,6 +124,44 @@ def test_mov_equals_float64_reference(tiny, router, k):
     assert (gm(**x).logits - model.module(**x).logits).abs().max().item() > 1e-2
 
 
+def test_loramoe_equals_float64_reference(tiny):
+    """LoRAMoE: dense softmax routing over all LoRA experts (the forward), and the localized
+    balancing constraint per site — Q [B, E] router weights summed over each example's
+    positions, Z = I ⊙ Q with 1 + δ where the expert's group (the first `knowledge` experts:
+    world knowledge) is the example's type, var(Z) / mean(Z)² — summed × balance."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, "gate_proj,down_proj: lora r=4 alpha=8\n"
+                               "mixture loramoe experts=5 knowledge=2 delta=0.3 balance=0.5")
+    assert adaptc.report_of(gm).counts["mixture_inserted"] == 4
+    randomize(gm)
+    seen = {}
+    for path, moe in adaptc.adapters.adapter_modules(gm).items():
+        assert moe.top_k == 5  # dense
+        moe.register_forward_hook(lambda mod, args, out, path=path: seen.update({path: args[0]}))
+    ref = reference_model(model, gm, lambda moe: (lambda mod, args, out: out + mixture_ref(args[0], moe)))
+    x = inputs()
+    assert (gm(**x).logits.double() - ref(**x).logits).abs().max().item() <= 1e-4
+    types = torch.tensor([1, 0, 0])
+    want = torch.zeros((), dtype=torch.float64)
+    for path, moe in adaptc.adapters.adapter_modules(gm).items():
+        gates = (seen[path].double() @ moe.router.detach().double().T).softmax(-1)  # [B, S, E]
+        q = gates.sum(1)
+        i = torch.tensor([[1.3 if (e < 2) == (t == 1) else 0.7 for e in range(5)] for t in types])
+        z = (q * i).flatten()
+        want += 0.5 * z.var() / z.mean() ** 2
+    got = adaptc.balance_loss(gm, sample_types=types)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5) and got.item() > 0
+    with pytest.raises(ValueError, match="needs the type of each example"):
+        adaptc.balance_loss(gm)
+
+
+def test_loramoe_refuses_flattened_tokens():
+    from adaptc.errors import ModelError
+    with pytest.raises(ModelError, match="'transformer.h.0.mlp.c_fc' reads its tokens "
+                                         "flattened"):
+        adaptc.compile("gpt2", "c_fc: lora r=2\nmixture loramoe")
+
+
 def test_mola_experts_grow_with_depth(tiny):
     model = tiny("llama")
     gm = adaptc.compile(model, "q_proj: lora r=2; mixture moe k=1 experts=[2, 6]")

@@ -19,6 +19,7 @@ CASES = [
     ("ffn: adapter bottleneck=32", 1e-2, 0.8),
     ("*norm*: train", 5e-2, 0.9),  # 640 numbers: like (IA)³, moves the loss only
     ("q_proj,v_proj: lora r=4 alpha=8; mixture moe k=2 experts=4", 1e-2, 0.8),
+    ("ffn.*: lora r=4 alpha=8; mixture loramoe experts=4", 1e-2, 0.8),  # half the rows: knowledge
     # (IA)³ trains 944 numbers here (LoRA r=8 on q,v: 7,168) and only rescales activations
     # of a random tiny model: it is expected to move the loss, not to fit the task
     ("k_proj,v_proj: ia3; down_proj: ia3 feedforward", 5e-2, 0.95),
@@ -44,7 +45,7 @@ def test_loss_goes_down(tiny, spec, lr, share):
     with torch.no_grad():
         before = lm_loss(gm, ids).item()
     for _ in range(50):
-        loss = lm_loss(gm, ids) + adaptc.balance_loss(gm)
+        loss = lm_loss(gm, ids) + adaptc.balance_loss(gm, sample_types=torch.arange(len(ids)) % 2)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

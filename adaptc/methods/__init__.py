@@ -8,7 +8,7 @@ from adaptc.methods.bottleneck import AdapterConfig, BottleneckAdapter
 from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter, Ia3Config
 from adaptc.methods.lora import LoraAdapter, LoraConfig
-from adaptc.methods.mixture import MixtureConfig, MixtureOfLora
+from adaptc.methods.mixture import LoraMoeConfig, MixtureConfig, MixtureOfLora
 from adaptc.methods.prefix import PrefixAttention, PrefixConfig, PrefixEncoder, Ptuning2Config
 from adaptc.methods.prompt import PromptConfig, PromptEmbedding, PromptEncoder, PtuningConfig
 from adaptc.methods.quantize import Nf4Weight, QuantizeConfig
@@ -20,7 +20,7 @@ METHODS: dict[str, type] = {"lora": LoraConfig, "adapter": AdapterConfig, "ia3":
                             "quantize": QuantizeConfig, "prefix": PrefixConfig,
                             "ptuning2": Ptuning2Config, "prompt": PromptConfig,
                             "ptuning": PtuningConfig}
-MIXTURES: dict[str, type] = {"moe": MixtureConfig}
+MIXTURES: dict[str, type] = {"moe": MixtureConfig, "loramoe": LoraMoeConfig}
 
 __all__ = ["METHODS", "MIXTURES", "AdaLoraAdapter", "AdaLoraAllocator", "AdaLoraConfig",
            "AdapterConfig", "BottleneckAdapter", "DoraAdapter", "Ia3Adapter", "Ia3Config",

@@ -1,7 +1,8 @@
 """Mixtures of experts over the spec's LoRA and (IA)³ sites: MoLoRA and MoV soft routing
 (Zadouri et al. 2023, arXiv:2309.05444: LoRA experts; (IA)³ vectors), top-k routing with
 more experts in higher layers (MoLA, Gao et al. 2024, arXiv:2402.08562), and a Switch-style
-load-balancing loss (Fedus et al. 2021).
+load-balancing loss (Fedus et al. 2021); or LoRAMoE's dense routing over two groups of
+experts with its localized balancing constraint (`LoraMoeConfig`).
 
 Per site, with E experts and router W_g [E, in]:
 
@@ -46,6 +47,13 @@ class MixtureConfig:
             return [("k", f"k={self.k} exceeds the number of experts ({fewest}); need 1 <= k <= experts")]
         return []
 
+    def balance_term(self, gates: torch.Tensor, probs: torch.Tensor,
+                     sample_types: torch.Tensor | None = None) -> torch.Tensor:
+        """Switch's load-balancing loss E·Σ_e f_e·P_e of one site's last routing."""
+        routed = (gates > 0).flatten(0, -2).float()
+        share = routed.sum(0) / routed.sum().clamp_min(1)
+        return gates.shape[-1] * (share * probs.flatten(0, -2).mean(0)).sum()
+
     def experts_at(self, layer: int | None, n_layers: int) -> int:
         """Experts for a site in `layer`: a list is spread over equal groups of consecutive layers."""
         if not isinstance(self.experts, list):
@@ -55,17 +63,71 @@ class MixtureConfig:
         return self.experts[min(len(self.experts) - 1, layer * len(self.experts) // max(n_layers, 1))]
 
 
+@dataclass(frozen=True)
+class LoraMoeConfig:
+    """LoRAMoE (Dou et al. 2024, arXiv:2312.09979): LoRA experts under a dense softmax router,
+    in two groups — the first `knowledge` experts for world-knowledge data, the others for
+    the downstream tasks — held apart by the localized balancing constraint (`balance_term`)."""
+
+    method: ClassVar[str] = "loramoe"
+    router: ClassVar[str] = "soft"
+
+    experts: int = option(6, "LoRA experts per site", low=2)
+    knowledge: int = option(0, "experts of the world-knowledge group (the first ones); "
+                            "0: half of them", low=0)
+    delta: float = option(0.1, "imbalance δ between the groups: importance of an expert of "
+                          "the sample's own type counts 1 + δ, of the other type 1 - δ",
+                          low=0, high=1, high_open=True)
+    balance: float = option(0.1, "weight of the localized balancing loss", low=0)
+
+    @property
+    def k(self) -> int:
+        return self.experts
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.knowledge >= self.experts:
+            return [("knowledge", f"knowledge={self.knowledge} leaves no task experts "
+                                  f"(experts={self.experts}); need knowledge < experts")]
+        return []
+
+    def experts_at(self, layer: int | None, n_layers: int) -> int:
+        return self.experts
+
+    def balance_term(self, gates: torch.Tensor, probs: torch.Tensor,
+                     sample_types: torch.Tensor | None = None) -> torch.Tensor:
+        """The localized balancing constraint of one site's last routing: Q [B, E], each
+        example's router weights summed over its positions; Z = I ⊙ Q with I = 1 + δ where
+        the expert's group is the example's type (`sample_types` [B]: 1 world knowledge, 0
+        task) and 1 - δ elsewhere; the loss is Z's squared coefficient of variation,
+        var(Z) / mean(Z)² (unbiased variance, as in the LoRAMoE code)."""
+        if sample_types is None:
+            raise ValueError("loramoe's balancing loss needs the type of each example: "
+                             "balance_loss(model, sample_types=...) with 1 for world-knowledge "
+                             "data and 0 for task data, one per batch row")
+        importance = gates.sum(-2)  # [B, E]
+        types = torch.as_tensor(sample_types, device=gates.device).reshape(-1)
+        if gates.dim() != 3 or types.numel() != importance.shape[0]:
+            raise ValueError(f"sample_types has {types.numel()} entries for a batch of "
+                             f"{importance.shape[0] if gates.dim() == 3 else '?'} examples")
+        group = self.knowledge or self.experts // 2
+        knows = torch.arange(self.experts, device=gates.device) < group
+        matched = knows[None, :] == (types == 1)[:, None]
+        weighted = importance * torch.where(matched, 1 + self.delta, 1 - self.delta)
+        return weighted.var() / (weighted.mean() ** 2 + 1e-10)
+
+
 class Routed(nn.Module):
     """What the mixtures share: per-token expert weights from a router `router` [E, in], and
-    the load-balancing loss of the last forward (`balance_loss`, read by `balance_loss()`)."""
+    the last forward's routing (`routing`: gates, probabilities), from which
+    `adapters.balance_loss()` computes the mixture kind's balancing loss."""
 
-    def __init__(self, mixture: MixtureConfig, experts: int, in_features: int,
+    def __init__(self, mixture: MixtureConfig | LoraMoeConfig, experts: int, in_features: int,
                  device: torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.mixture, self.experts = mixture, experts
         self.top_k = experts if mixture.router == "soft" else mixture.k
         self.router = nn.Parameter(torch.empty(experts, in_features, device=device, dtype=dtype))
-        self.balance_loss: torch.Tensor | None = None
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.router.device.type != "meta":
             nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
 
@@ -80,22 +142,26 @@ class Routed(nn.Module):
         return gates, probs
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
-        """The gates for `x`, recording the balance loss they incur."""
+        """The gates for `x`, recorded (with the probabilities) for the balancing loss."""
         gates, probs = self.gates(x)
-        routed = (gates > 0).flatten(0, -2).float()
-        share = routed.sum(0) / routed.sum().clamp_min(1)
-        self.balance_loss = self.experts * (share * probs.flatten(0, -2).mean(0)).sum()
+        self.routing = gates, probs
         return gates
+
+    def balance_loss(self, sample_types: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The weighted balancing loss of the last forward (None before one)."""
+        if self.routing is None:
+            return None
+        return self.mixture.balance * self.mixture.balance_term(*self.routing, sample_types)
 
 
 class MixtureOfLora(Routed):
-    """Routed sum of LoRA experts at one linear site; records `balance_loss` on each forward.
+    """Routed sum of LoRA experts at one linear site; records its routing on each forward.
 
     Shapes: x [..., in] → [..., out]. `A` [E, r, in], `B` [E, out, r], `router` [E, in].
     """
 
-    def __init__(self, lora: LoraConfig, mixture: MixtureConfig, experts: int, in_features: int,
-                 out_features: int, device: torch.device | None = None,
+    def __init__(self, lora: LoraConfig, mixture: MixtureConfig | LoraMoeConfig, experts: int,
+                 in_features: int, out_features: int, device: torch.device | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__(mixture, experts, in_features, device, dtype)
         self.lora = lora
@@ -127,8 +193,8 @@ class MixtureOfVectors(Routed):
     forward(values, x=None): `values` the tensor scaled (the output, or the input x itself),
     `x` the router's input when it differs."""
 
-    def __init__(self, ia3: Ia3Config, mixture: MixtureConfig, experts: int, in_features: int,
-                 out_features: int, device: torch.device | None = None,
+    def __init__(self, ia3: Ia3Config, mixture: MixtureConfig | LoraMoeConfig, experts: int,
+                 in_features: int, out_features: int, device: torch.device | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__(mixture, experts, in_features, device, dtype)
         self.ia3 = ia3

@@ -1,6 +1,7 @@
-"""Pass: when the spec has a `mixture` statement, every LoRA site becomes a routed mixture of
-LoRA experts (MoLoRA: the rank, alpha and dropout of its LoRA statement) and every (IA)³ site
-a routed mixture of (IA)³ vectors (MoV); experts per layer from the mixture statement.
+"""Pass: when the spec has a `mixture` statement (`moe`, `loramoe`), every LoRA site becomes a
+routed mixture of LoRA experts (MoLoRA, LoRAMoE: the rank, alpha and dropout of its LoRA
+statement) and every (IA)³ site a routed mixture of (IA)³ vectors (MoV); experts per layer
+from the mixture statement.
 
     lora:             linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.moe(x)
     ia3:              linear(x, W₀, b)  →  <site>.mov(linear(x, W₀, b), x)
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
+from adaptc.errors import ModelError
 from adaptc.methods.mixture import MixtureOfLora, MixtureOfVectors
 from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
 from adaptc.passes.graph import (factory, linear_input, linear_weight, splice, wrap_input,
@@ -36,6 +38,11 @@ class InsertMixture:
                 adapter = kind(config, mixture, experts, site.in_features, site.out_features,
                                **factory(gm, linear_weight(node).target))
                 x = linear_input(node)
+                if mixture.method == "loramoe" and x.meta["val"].dim() != 3:
+                    raise ModelError(f"loramoe balances each example's router weights, and "
+                                     f"'{site.path}' reads its tokens flattened "
+                                     f"({x.meta['val'].dim()}-D, GPT-2's Conv1D): no batch "
+                                     "rows to weigh")
                 if method == "lora":
                     splice(gm, node, x, f"{site.path}.moe", adapter, "moe")
                 elif config.feedforward:

@@ -125,6 +125,8 @@ INVALID = [
     ("q: lora alpha=0 init=pissa", "E205", 1, 15, 16, "init=pissa needs alpha > 0"),
     ("q: adalora", "E205", 1, 4, 11, "adalora needs total_step > 0"),
     ("q: adalora total_step=10 tinit=10", "E205", 1, 32, 34, "leaves no budgeting phase"),
+    ("q: lora\nmixture loramoe experts=4 knowledge=4", "E205", 2, 37, 38,
+     "knowledge=4 leaves no task experts"),
     # E206 duplicate key
     ("q: lora r=4 r=8", "E206", 1, 13, 14, "duplicate key 'r'"),
     ("q: lora\nmixture moe k=1 router=soft k=1", "E206", 2, 29, 30, "duplicate key 'k'"),
@@ -182,7 +184,7 @@ def test_unknown_method_lists_known_ones():
 
 
 def test_unknown_kind_lists_known_ones():
-    assert only_problem("q: lora\nmixture experts").notes == ("known mixture kinds: moe",)
+    assert only_problem("q: lora\nmixture experts").notes == ("known mixture kinds: loramoe, moe",)
 
 
 def test_unknown_key_lists_valid_keys():
