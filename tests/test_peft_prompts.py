@@ -16,7 +16,7 @@ from adaptc.errors import InteropError
 from adaptc.frontend.models import wrap
 from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
 from helpers import inputs, main_output, randomize_adapters, small_bart
-from test_seq2seq import seq2seq_inputs, shift_right
+from test_seq2seq import model_of, seq2seq_inputs, shift_right
 
 TOL = 1e-5
 TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
@@ -93,10 +93,12 @@ def test_peft_directories_import_to_peft_outputs(tiny, tmp_path, family, kind):
     assert f"\n{target}: {method} tokens=4" in spec_from_peft(tmp_path, model)
 
 
-def test_seq2seq_prompt_and_prefix_import_to_peft_outputs(tmp_path):
-    """BART: a prompt before the encoder's input (num_transformer_submodules=1) and PEFT's
-    seq2seq prefix, whose decoder layer l reads block 2l mod L of its rows."""
-    model = wrap(small_bart())
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_seq2seq_prompt_and_prefix_import_to_peft_outputs(tmp_path, name):
+    """A prompt before the encoder's input (num_transformer_submodules=1) and PEFT's seq2seq
+    prefix, whose decoder layer l reads block 2l mod L of its rows (T5: with its relative
+    position bias)."""
+    model = model_of(name)
     x = seq2seq_inputs()
     labels = x.pop("decoder_input_ids")
     configs = {

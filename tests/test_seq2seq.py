@@ -137,13 +137,9 @@ def test_greedy_generate_equals_transformers_generate(name):
     assert ours[:, 0].tolist() == [start] * 3 and ours[:, 1:].unique().numel() > 3
 
 
-def test_t5_prefixes_and_cached_decoding_are_refused():
-    model = model_of("t5")
-    with pytest.raises(ModelError, match="'encoder.block.0.layer.0.SelfAttention' "
-                       r"\(T5Attention\): its relative position bias has no positions"):
-        adaptc.compile(model, "attn: prefix tokens=4")
+def test_cached_decoding_is_refused():
     with pytest.raises(ModelError, match="is an encoder-decoder; cached decoding is for causal"):
-        compile_decoder(model, "q: lora r=2")
+        compile_decoder(model_of("t5"), "q: lora r=2")
 
 
 def peft_prompt(model, tokens: int, method: str = "prompt"):
@@ -238,40 +234,62 @@ def prefix_rows(gm) -> dict[str, torch.Tensor]:
         return dict(zip(paths, gm.get_submodule("adaptc.prefix_0")()))
 
 
-def prefixed_sdpa(rows: dict[str, torch.Tensor]):
+def prefixed_sdpa(rows: dict[str, torch.Tensor], model):
     """transformers' own SDPA attention with each listed module's prefix prepended to its
     keys and values and open columns in its mask: the reference for prefixes on attentions
-    transformers gives no cache (an encoder's self-attention, cross-attention)."""
+    transformers gives no cache (an encoder's self-attention, cross-attention). A T5
+    self-attention's position bias comes from its stack's `compute_bias` as with a P-token
+    cache (keys at 0 … P+S-1, queries from P); a cross-attention's has zero columns."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def attend(module, query, key, value, attention_mask, **kwargs):
-        if module.adaptc_path in rows:
+    def attend(module, query, key, value, attention_mask, position_bias=None, **kwargs):
+        path = module.adaptc_path
+        if path in rows:
             keys, values = (part.transpose(0, 1).expand(key.shape[0], -1, -1, -1)
-                            for part in rows[module.adaptc_path])
+                            for part in rows[path])
+            tokens = keys.shape[2]
             key, value = torch.cat([keys, key], 2), torch.cat([values, value], 2)
+            if attention_mask is None and module.is_causal and "EncDecAttention" not in path:
+                queries = query.shape[2]  # causal without a mask: spelled out, prefix open
+                attention_mask = torch.ones(queries, queries, dtype=torch.bool).tril()
+                kwargs["is_causal"] = False
             if attention_mask is not None:
-                shape = (*attention_mask.shape[:-1], keys.shape[2])
+                shape = (*attention_mask.shape[:-1], tokens)
                 opening = (attention_mask.new_ones(shape) if attention_mask.dtype == torch.bool
                            else attention_mask.new_zeros(shape))
                 attention_mask = torch.cat([opening, attention_mask], -1)
+            if position_bias is not None and "EncDecAttention" in path:
+                position_bias = torch.cat([position_bias.new_zeros(
+                    (*position_bias.shape[:-1], tokens)), position_bias], -1)
+            elif position_bias is not None:
+                first = model.get_submodule(f"{path.split('.')[0]}.block.0.layer.0.SelfAttention")
+                queries = query.shape[2]
+                position_bias = first.compute_bias(queries, tokens + queries,
+                                                   past_seen_tokens=tokens)
+        if position_bias is not None:
+            kwargs["position_bias"] = position_bias
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return attend
 
 
-def test_prefix_on_bart_decoder_equals_peft():
+@pytest.mark.parametrize("name,target,limit", [
+    ("bart", "decoder.layers.*.self_attn", 64 - 3),  # the decoder's positions 3 … 63
+    ("t5", "decoder.block.*.layer.0.SelfAttention", 4096)])  # relative: no table
+def test_prefix_on_the_decoder_equals_peft(name, target, limit):
     """PEFT's seq2seq PrefixTuning: a P-token cache on the decoder's self-attention (the
-    cross-attention half it builds is dropped by transformers' EncoderDecoderCache), decoder
-    positions shifted by P. Its embedding rows pair self and cross prefixes, so decoder
-    layer l reads block 2l mod L of them; the counts are the same."""
+    cross-attention half it builds is dropped by transformers' EncoderDecoderCache): BART's
+    decoder positions shift by P, T5's relative bias sees prefix keys at 0 … P-1. Its
+    embedding rows pair self and cross prefixes, so decoder layer l reads block 2l mod L of
+    them; the counts are the same."""
     from peft import PrefixTuningConfig
-    model = model_of("bart")
-    gm = adaptc.compile(model, "decoder.layers.*.self_attn: prefix tokens=3")
+    model = model_of(name)
+    gm = adaptc.compile(model, f"{target}: prefix tokens=3")
     twin = get_peft_model(copy.deepcopy(model.module),
                           PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
                                              num_virtual_tokens=3)).eval()
     report = adaptc.report_of(gm)
     assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
-    assert report.max_tokens == 64 - 3  # the decoder's positions 3 … 63
+    assert report.max_tokens == limit
     encoder = gm.get_submodule("adaptc.prefix_0")
     layers, _, tokens, heads, dim = encoder.shape
     theirs = twin.prompt_encoder["default"].embedding.weight.view(tokens, layers, 2, heads, dim)
@@ -284,21 +302,26 @@ def test_prefix_on_bart_decoder_equals_peft():
     assert (ours - model.module(**x).logits).abs().max().item() > 1e-2
 
 
-def test_prefix_on_encoder_and_cross_attention_equals_reference():
-    """Li & Liang's BART setting beyond the decoder: prefixes on the encoder's self-attention
-    and the decoder's cross-attention, against transformers' attention with the same keys
-    prepended; no positions shift (neither attention has a cache in transformers)."""
+@pytest.mark.parametrize("name,spec,prefixed", [
+    ("bart", "encoder.layers.*.self_attn, encoder_attn: prefix tokens=3", 4),
+    ("t5", "attn, EncDecAttention: prefix tokens=3", 6)])
+def test_prefix_on_encoder_and_cross_attention_equals_reference(name, spec, prefixed):
+    """Li & Liang's setting beyond the decoder: prefixes on the encoder's self-attention and
+    the decoder's cross-attention (T5: and its self-attention), against transformers'
+    attention with the same keys prepended; no positions shift (neither attention has a cache
+    in transformers; T5's relative bias gives prefix key j the bias of position j - P - i)."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
-    model = model_of("bart")
-    gm = adaptc.compile(model, "encoder.layers.*.self_attn, encoder_attn: prefix tokens=3")
+    model = model_of(name)
+    gm = adaptc.compile(model, spec)
     report = adaptc.report_of(gm)
-    assert report.counts["prefix_inserted"] == 4 and report.max_tokens == 64
-    rows = prefix_rows(gm)
+    assert report.counts["prefix_inserted"] == prefixed
+    assert report.max_tokens == model.module.config.max_position_embeddings if name == "bart" \
+        else report.max_tokens == 4096
     reference = copy.deepcopy(model.module)
     for path, module in reference.named_modules():
         module.adaptc_path = path
-    AttentionInterface.register("adaptc_prefixed", prefixed_sdpa(rows))
+    AttentionInterface.register("adaptc_prefixed", prefixed_sdpa(prefix_rows(gm), reference))
     AttentionMaskInterface.register("adaptc_prefixed", sdpa_mask)
     reference.set_attn_implementation("adaptc_prefixed")
     x = seq2seq_inputs()
@@ -309,23 +332,31 @@ def test_prefix_on_encoder_and_cross_attention_equals_reference():
     assert (ours - model.module(**x).logits).abs().max().item() > 1e-2
 
 
-def test_prefix_on_every_bart_attention_trains_and_serves(tmp_path):
+# per model: all three attentions, the decoder's start id, the share of the first losses the
+# last ones must fall under (the random tiny BART's tied head, std 0.02, keeps its logits
+# near uniform: 4.98 → 4.48; T5's unscaled logits: 70 → 0.03)
+EVERY_ATTENTION = {"bart": ("self_attn, encoder_attn", 2, 0.93),
+                   "t5": ("attn, EncDecAttention", 0, 0.1)}
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_prefix_on_every_attention_trains_and_serves(tmp_path, name):
     """Prefixes on all three attentions: a short run teaches the model one reply to every
     source; the infer artifact (MLP folded into constants) computes the train graph's logits."""
-    spec = "self_attn, encoder_attn: prefix tokens=4 projection=16"
-    small_bart().save_pretrained(tmp_path / "ckpt")
+    targets, start, share = EVERY_ATTENTION[name]
+    spec = f"{targets}: prefix tokens=4 projection=16"
+    model_of(name).module.save_pretrained(tmp_path / "ckpt")
     train, _ = serve_checkpoint(tmp_path, spec, 0.05)
     x = seq2seq_inputs(batch=2, source=7, target=4, seed=1)
     want = train.eval()(**x).logits
     assert close(adaptc.load_program(tmp_path / "out").module()(**x).logits, want, 1e-5)
     assert not (tmp_path / "out" / "hf").exists()  # a prefix does not merge
-    gm = adaptc.compile(model_of("bart"), spec)
+    gm = adaptc.compile(model_of(name), spec)
     assert adaptc.report_of(gm).counts["prefix_inserted"] == 6
     reply = torch.randint(4, 40, (1, 6), generator=torch.Generator().manual_seed(1))
     losses = teacher_forced_losses(gm, 5e-2, lambda source: reply.expand(len(source), -1),
-                                   start=2)
-    # the random tiny BART's tied head (std 0.02) keeps its logits near uniform: 4.98 → 4.48
-    assert sum(losses[-3:]) / 3 < 0.93 * sum(losses[:3]) / 3
+                                   start=start)
+    assert sum(losses[-3:]) / 3 < share * sum(losses[:3]) / 3
 
 
 def test_peft_adapter_round_trip(tmp_path):

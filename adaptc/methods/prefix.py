@@ -23,6 +23,7 @@ Where the prefix comes from:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -142,17 +143,20 @@ class PrefixAttention(nn.Module):
     (True = attend) or additive float, broadcastable to [B, H, S_q, S_k], or None; the result
     is [.., S_q, P + S_k] with the prefix columns open. An op with is_causal and no mask gets
     the explicit causal mask (the pass turns is_causal off). With a gate, `hidden` [B, S, F] is
-    the attention block's input and both prefixes are scaled by G_P(hidden) [B].
+    the attention block's input and both prefixes are scaled by G_P(hidden) [B]. With
+    `relative` (T5), the mask carries a relative position bias, and the prefix columns get
+    theirs from `bias_table` (`RelativePositions`) instead of zeros.
     """
 
     def __init__(self, gate_features: int = 0, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, relative: RelativePositions | None = None):
         super().__init__()
         self.gate = Gate(gate_features, device, dtype) if gate_features else None
+        self.relative = relative
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 mask: torch.Tensor | None, prefix: torch.Tensor, is_causal: bool = False,
-                hidden: torch.Tensor | None = None):
+                hidden: torch.Tensor | None = None, bias_table: torch.Tensor | None = None):
         batch, heads, tokens = key.shape[0], key.shape[1], prefix.shape[1]
         prefix_k, prefix_v = (self.expand(part, batch, heads) for part in prefix.to(key.dtype))
         if self.gate is not None:
@@ -164,8 +168,12 @@ class PrefixAttention(nn.Module):
         value = torch.cat([prefix_v, value], dim=2)
         if mask is None:
             return key, value, None
-        opening = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)(
-            (*mask.shape[:-1], tokens))
+        shape = (*mask.shape[:-1], tokens)
+        if self.relative is not None:
+            opening = self.relative.bias(bias_table, query.shape[2], tokens).to(mask.dtype)
+            opening = opening.expand(shape)
+        else:
+            opening = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)(shape)
         return key, value, torch.cat([opening, mask], dim=-1)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
@@ -178,6 +186,28 @@ class PrefixAttention(nn.Module):
         if heads != part.shape[0]:
             part = part.repeat_interleave(heads // part.shape[0], dim=0)
         return part.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+@dataclass(frozen=True)
+class RelativePositions:
+    """T5's relative position bias, for the prefix columns of an attention that adds one:
+    the prefix keys sit at positions 0 … P-1 and the queries at P … P+S-1 (where transformers
+    puts them behind a P-token cache), so real keys keep their bias and prefix key j gets
+    the table's entry for the bucket of j - (P + i). `bucket` is the model's own bucketing
+    function (T5Attention._relative_position_bucket)."""
+
+    bucket: Callable
+    buckets: int
+    max_distance: int
+    bidirectional: bool
+
+    def bias(self, table: torch.Tensor, queries, tokens: int) -> torch.Tensor:
+        """[1, H, S, P] from the relative bias table [buckets, H]."""
+        rows = torch.arange(queries, device=table.device)[:, None] + tokens
+        cols = torch.arange(tokens, device=table.device)[None, :]
+        found = self.bucket(cols - rows, bidirectional=self.bidirectional,
+                            num_buckets=self.buckets, max_distance=self.max_distance)
+        return nn.functional.embedding(found, table).permute(2, 0, 1).unsqueeze(0)
 
 
 def causal_mask(query_len: int, key_len: int, device) -> torch.Tensor:

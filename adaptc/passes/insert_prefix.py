@@ -11,7 +11,9 @@ UniPELT's gated prefix, holds the layer's gate, fed the input of the attention's
 Positions shift by P once for the whole model, so all prefix statements of a spec use the
 same number of tokens (checked in `spec.lower`); in an encoder-decoder only the decoder's
 shift, and only when a self-attention of the decoder has a prefix (a cross-attention's keys
-are the encoder's, whose positions stay).
+are the encoder's, whose positions stay). T5 has no positions to shift: its self-attentions
+add a relative position bias, and the prefix columns get the bias of keys at 0 … P-1 seen
+from queries at P … P+S-1 (`RelativePositions`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from adaptc.adapters import ENCODERS
 from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.frontend.trace import is_encoder_decoder
-from adaptc.methods.prefix import PrefixAttention, PrefixEncoder
+from adaptc.methods.prefix import PrefixAttention, PrefixEncoder, RelativePositions
 from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
 from adaptc.passes.graph import (
     attention_op,
@@ -48,20 +50,24 @@ class InsertPrefix:
         if not todo:
             return PassResult(gm, {"prefix_inserted": 0})
         todo.sort(key=lambda a: a.rule.index)
-        refuse_relative_bias(ctx, todo)
         ops = {a.site.path: attention_op(gm, a.site.path) for a in todo}
         selves = [path for path, op in ops.items() if not is_cross_attention(op)]
+        relative = {path: relative_positions(gm, ctx, path) for path in selves}
+        relative = {path: found for path, found in relative.items() if found}
         within = decoder_stacks(selves) if is_encoder_decoder(ctx.model) else None
+        if relative:  # positions enter through the bias of the prefix columns
+            within = []
         tokens = todo[0].rule.config.tokens
         table = reads_position_table(gm, within)
         for _, group in groupby(todo, key=lambda a: a.rule.index):
-            self.insert_rule(gm, ctx, list(group), ops)
+            self.insert_rule(gm, ctx, list(group), ops, relative)
         shifted = shift_positions(gm, tokens, "prefix", within) if within != [] else 0
         ctx.table_positions = tokens if shifted and table else 0
         return PassResult(gm, {"prefix_inserted": len(todo)})
 
     def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment],
-                    ops: dict[str, Node]) -> None:
+                    ops: dict[str, Node],
+                    relative: dict[str, tuple[RelativePositions, Node]]) -> None:
         rule = group[0].rule
         keys = {a.site.path: sdpa_arg(ops[a.site.path], "key").meta["val"] for a in group}
         key = next(iter(keys.values()))
@@ -84,22 +90,35 @@ class InsertPrefix:
         for layer, assignment in enumerate(group):
             hidden = attention_input(gm, assignment.site.path) if rule.config.gate else None
             width = int(hidden.meta["val"].shape[-1]) if hidden is not None else 0
-            attention = PrefixAttention(width, device=key.device, dtype=key.dtype)
+            positions, table = relative.get(assignment.site.path, (None, None))
+            attention = PrefixAttention(width, device=key.device, dtype=key.dtype,
+                                        relative=positions)
             rewrite(gm, ops[assignment.site.path], f"{assignment.site.path}.prefix", attention,
-                    source, layer, rule.config.method, hidden)
+                    source, layer, rule.config.method, hidden, table)
             ctx.sites.append(report(assignment.site, rule.config.method, assignment, attention))
 
 
-def refuse_relative_bias(ctx: CompileContext, todo: list[Assignment]) -> None:
-    """T5's attention adds a learned bias per relative position to its scores; a prefix's
-    keys have no position there, so where they would sit is undefined (PEFT's T5 prefix
-    reads them as positions before the sequence, through a cache adaptc does not trace)."""
-    for a in todo:
-        module = ctx.model.module.get_submodule(a.site.path)
-        if hasattr(module, "relative_attention_num_buckets"):
-            raise ModelError(f"{a.method} cannot adapt '{a.site.path}' "
-                             f"({type(module).__name__}): its relative position bias has no "
-                             "positions for prefix keys")
+def relative_positions(gm: GraphModule, ctx: CompileContext, path: str
+                       ) -> tuple[RelativePositions, Node] | None:
+    """For a self-attention that adds T5's relative position bias: how it buckets relative
+    positions, and the graph's read of its stack's bias table (block 0 holds it, the other
+    blocks reuse block 0's bias); None for attentions without one."""
+    module = ctx.model.module.get_submodule(path)
+    if not hasattr(module, "relative_attention_num_buckets"):
+        return None
+    parts = path.split(".")
+    stack = ".".join(parts[:next((i for i, part in enumerate(parts) if part.isdigit()),
+                                 len(parts)) - 1])
+    tables = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(stack)
+              and n.target.endswith("relative_attention_bias.weight")]
+    if len(tables) != 1:
+        raise ModelError(f"'{path}' adds a relative position bias, and the traced graph has "
+                         f"{len(tables)} bias tables under '{stack}' (need one) for its "
+                         "prefix columns")
+    positions = RelativePositions(type(module)._relative_position_bucket,
+                                  module.relative_attention_num_buckets,
+                                  module.relative_attention_max_distance, not module.is_decoder)
+    return positions, tables[0]
 
 
 def is_cross_attention(op: Node) -> bool:
@@ -148,15 +167,17 @@ def attention_input(gm: GraphModule, path: str) -> Node:
 
 
 def rewrite(gm: GraphModule, op: Node, target: str, attention: PrefixAttention, source: Node,
-            layer: int, method: str, hidden: Node | None = None) -> None:
-    """sdpa(q, k, v, mask) → sdpa(q, k', v', mask') with k', v', mask' from `attention`."""
+            layer: int, method: str, hidden: Node | None = None,
+            table: Node | None = None) -> None:
+    """sdpa(q, k, v, mask) → sdpa(q, k', v', mask') with k', v', mask' from `attention`
+    (which reads the relative bias `table` where the attention has one)."""
     gm.add_submodule(target, attention)
     graph = gm.graph
     args = [sdpa_arg(op, name) for name in ("query", "key", "value", "attn_mask")]
     causal = bool(sdpa_arg(op, "is_causal", False))
     with graph.inserting_before(op):
         prefix = graph.call_function(operator.getitem, (source, layer))
-        call = graph.call_module(target, (*args, prefix, causal, hidden))
+        call = graph.call_module(target, (*args, prefix, causal, hidden, table))
         parts = [graph.call_function(operator.getitem, (call, i)) for i in range(3)]
     for new in (prefix, call, *parts):
         new.meta["nn_module_stack"] = dict(op.meta.get("nn_module_stack", {}))
