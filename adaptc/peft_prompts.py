@@ -73,7 +73,7 @@ def export_prompts(module: nn.Module, task_type: str | None) -> tuple[dict, dict
     if task_type is None:
         raise InteropError("PEFT applies prompts and prefixes in its task model: give the "
                            "task type (CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, FEATURE_EXTRACTION, ...)")
-    (path, adapter), = found.items()
+    adapter, = found.values()
     report = report_of(module)
     with torch.no_grad():
         if isinstance(adapter, PrefixEncoder):

@@ -5,6 +5,7 @@ an InteropError."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from peft import (PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuni
                   TaskType, get_peft_model)
 
 import adaptc
-from adaptc.errors import InteropError
+from adaptc.errors import InteropError, WeightsError
 from adaptc.frontend.models import wrap
 from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
 from helpers import inputs, main_output, randomize_adapters, small_bart
@@ -139,3 +140,11 @@ def test_what_peft_lays_out_otherwise_is_refused(tiny, tmp_path):
                                            "this module has 'model.layers.0.self_attn.q_proj"):
         export_peft(gm, tmp_path / "mixed", task_type="CAUSAL_LM")
     assert not any((tmp_path / name).exists() for name in ("seq2seq", "partial", "mixed"))
+    get_peft_model(copy.deepcopy(tiny("llama").module),
+                   PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                      num_virtual_tokens=3)).save_pretrained(tmp_path / "wide")
+    config = json.loads((tmp_path / "wide" / "adapter_config.json").read_text())
+    config["num_layers"] = 3
+    (tmp_path / "wide" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="laid out for 3 layers of 2 key/value heads"):
+        import_peft(tiny("llama"), tmp_path / "wide")
