@@ -117,6 +117,22 @@ def test_seq2seq_prompt_and_prefix_import_to_peft_outputs(tmp_path, name):
         assert (got - model.module(**x, labels=labels).logits).abs().max().item() > 1e-3
 
 
+def test_seq2seq_prompt_exports_to_peft(tmp_path):
+    """T5's encoder prompt goes out with num_transformer_submodules=1, which PEFT reads as
+    a prompt before the encoder's input only."""
+    model = model_of("t5")
+    gm = adaptc.compile(model, "embed: prompt tokens=3")
+    randomize_adapters(gm, 0.5)
+    export_peft(gm, tmp_path, task_type="SEQ_2_SEQ_LM")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path).eval()
+    assert theirs.peft_config["default"].num_transformer_submodules == 1
+    x = seq2seq_inputs()
+    labels = x.pop("decoder_input_ids")
+    ours = gm(**x, decoder_input_ids=shift_right(model.module, labels)).logits
+    assert (ours - theirs(**x, labels=labels).logits).abs().max().item() <= TOL * 100  # ~10² logits
+    assert (ours - model.module(**x, labels=labels).logits).abs().max().item() > 1e-3
+
+
 def test_what_peft_lays_out_otherwise_is_refused(tiny, tmp_path):
     model = wrap(small_bart())
     get_peft_model(copy.deepcopy(model.module),
