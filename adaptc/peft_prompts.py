@@ -9,9 +9,10 @@ PEFT saves one tensor for them, `prompt_embeddings`, what its model reads at inf
                                                (with prefix_projection: the MLP's output)
 
 so export writes the folded values (`prompts()`, the prefix encoder's output) and import
-compiles a free `prompt` or `prefix` and loads them. Encoder-decoders: PEFT with
-`num_transformer_submodules=1` puts a prompt before the encoder's input only, as adaptc does
-(its default, 2, also prepends one to the decoder's: refused). PEFT's seq2seq prefix goes on
+compiles a free `prompt` or `prefix` and loads them. Encoder-decoders: PEFT's prompt goes
+before the encoder's input only, as adaptc's does; its default `num_transformer_submodules=2`
+trains 2n rows of which its forward and `generate` read the first n, so import takes those
+(export writes 1). PEFT's seq2seq prefix goes on
 the decoder's self-attention, and its rows pair self- and cross-attention prefixes, so
 decoder layer l reads block 2l mod L: import maps that; export cannot, since layers l and
 l + L/2 would share one block.
@@ -132,10 +133,9 @@ def prompt_spec(config: dict, model: LoadedModel, where: str) -> str:
                                "attention modules by; write a prefix spec by hand")
         target = DECODER_SELF_ATTENTION.get(family, "attn")
         return f"{header}\n{target}: prefix tokens={tokens}\n"
-    if submodules != 1:
-        raise InteropError(f"{where}: num_transformer_submodules={submodules} also prepends "
-                           "a prompt to the decoder's input; adaptc's prompt goes before the "
-                           "encoder's only (num_transformer_submodules=1)")
+    if submodules not in (1, 2) or (submodules == 2 and not is_encoder_decoder(model)):
+        raise InteropError(f"{where}: num_transformer_submodules={submodules} does not fit "
+                           "this model (1; or 2 for an encoder-decoder)")
     note = "  # P-tuning's encoder output, as PEFT saved it" if kind == "P_TUNING" else ""
     return f"{header}\nembed: prompt tokens={tokens}{note}\n"
 
@@ -152,8 +152,8 @@ def import_prompts(model: LoadedModel, directory: str | Path, config: dict, spec
     gm = compile(model, spec)
     (path, adapter), = virtual_token_modules(gm).items()
     saved = tensors[TENSOR]
-    if isinstance(adapter, PromptEmbedding):
-        load_adapter_tensors(gm, {f"{path}.embedding": saved}, source)
+    if isinstance(adapter, PromptEmbedding):  # PEFT's second n rows (seq2seq) go unread
+        load_adapter_tensors(gm, {f"{path}.embedding": saved[:adapter.config.tokens]}, source)
         return gm
     layers, _, tokens, heads, dim = adapter.shape
     expected = (config.get("num_layers"), config.get("num_attention_heads"))

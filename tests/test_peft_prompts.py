@@ -96,15 +96,18 @@ def test_peft_directories_import_to_peft_outputs(tiny, tmp_path, family, kind):
 
 @pytest.mark.parametrize("name", ["bart", "t5"])
 def test_seq2seq_prompt_and_prefix_import_to_peft_outputs(tmp_path, name):
-    """A prompt before the encoder's input (num_transformer_submodules=1) and PEFT's seq2seq
-    prefix, whose decoder layer l reads block 2l mod L of its rows (T5: with its relative
-    position bias)."""
+    """A prompt before the encoder's input (num_transformer_submodules 1 or PEFT's default
+    2, whose second n rows its forward never reads) and PEFT's seq2seq prefix, whose decoder
+    layer l reads block 2l mod L of its rows (T5: with its relative position bias)."""
     model = model_of(name)
     x = seq2seq_inputs()
     labels = x.pop("decoder_input_ids")
     configs = {
         "prompt": PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=3,
                                      num_transformer_submodules=1),
+        # PEFT's default: 2n rows, its forward reads the first n (the encoder's)
+        "prompt-default": PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
+                                             num_virtual_tokens=3),
         "prefix": PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=3)}
     for name, config in configs.items():
         randomized(get_peft_model(copy.deepcopy(model.module), config)).save_pretrained(
@@ -135,12 +138,6 @@ def test_seq2seq_prompt_exports_to_peft(tmp_path):
 
 def test_what_peft_lays_out_otherwise_is_refused(tiny, tmp_path):
     model = wrap(small_bart())
-    get_peft_model(copy.deepcopy(model.module),
-                   PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM,
-                                      num_virtual_tokens=3)).save_pretrained(tmp_path / "two")
-    with pytest.raises(InteropError, match="num_transformer_submodules=2 also prepends a "
-                                           "prompt to the decoder's input"):
-        import_peft(model, tmp_path / "two")
     gm = adaptc.compile(model, "decoder.layers.*.self_attn: prefix tokens=3")
     with pytest.raises(InteropError, match="decoder layers l and l \\+ L/2 share one"):
         export_peft(gm, tmp_path / "seq2seq", task_type="SEQ_2_SEQ_LM")

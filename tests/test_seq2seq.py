@@ -144,8 +144,8 @@ def test_cached_decoding_is_refused():
 
 def peft_prompt(model, tokens: int, method: str = "prompt"):
     """PEFT's PromptTuning (or P-tuning's PromptEncoder, an MLP of width 20) with the prompt
-    on the encoder's input only (Lester et al.'s setting; PEFT's default for SEQ_2_SEQ_LM also
-    puts a second one before the decoder's)."""
+    on the encoder's input only (Lester et al.'s setting; PEFT's default for SEQ_2_SEQ_LM
+    trains n more rows that its forward does not read)."""
     from peft import PromptEncoderConfig, PromptTuningConfig
     kind, extra = ((PromptTuningConfig, {}) if method == "prompt" else
                    (PromptEncoderConfig, {"encoder_hidden_size": 20}))
