@@ -89,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace an existing output")
     exp.set_defaults(run=run_export_peft)
 
-    gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode)")
+    gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode; "
+                         "encoder-decoders: the decoder's reply, without a cache)")
     gen.add_argument("spec", help=SPEC_HELP)
     gen.add_argument("--model", default=DEFAULT_MODEL, help=models)
     gen.add_argument("--adapters", metavar="FILE", help="trained adapter weights")
@@ -254,6 +255,7 @@ def run_check(args) -> int:
 
 def run_generate(args) -> int:
     from adaptc.decode import compile_decoder
+    from adaptc.frontend.trace import is_encoder_decoder
 
     tokenizer, eos = None, args.eos_token_id
     if args.text is not None:
@@ -267,14 +269,43 @@ def run_generate(args) -> int:
             raise AdaptcError(f"--prompt takes token ids separated by spaces, got "
                               f"{args.prompt!r}") from None
     plan = spec_plan(args.spec)  # a spec error before the model loads
-    decoder = compile_decoder(placed_model(args), plan, adapters=args.adapters,
-                              max_cache_len=args.max_cache_len, merge=args.merge,
-                              fuse_projections=args.fuse_projections,
-                              torch_compile=args.torch_compile)
-    tokens = decoder.generate(prompt, args.max_new_tokens, eos)
+    model = placed_model(args)
+    if is_encoder_decoder(model):
+        tokens = generate_from_source(model, plan, prompt, args, eos)
+    else:
+        decoder = compile_decoder(model, plan, adapters=args.adapters,
+                                  max_cache_len=args.max_cache_len, merge=args.merge,
+                                  fuse_projections=args.fuse_projections,
+                                  torch_compile=args.torch_compile)
+        tokens = decoder.generate(prompt, args.max_new_tokens, eos)
     print(tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer
           else " ".join(map(str, tokens)))
     return 0
+
+
+def generate_from_source(model, plan, source: list[int], args, eos: int | None) -> list[int]:
+    """An encoder-decoder's reply to `source`: the infer graph run on the whole decoder
+    sequence at each step (no KV cache), greedy; the decoder's new tokens."""
+    import torch
+
+    from adaptc.compiler import compile
+    from adaptc.generation import greedy_generate
+
+    config = model.module.config
+    bad = [t for t in source if not 0 <= t < config.vocab_size]
+    if bad or not source:
+        raise AdaptcError(f"token id {bad[0]} is outside the model's vocabulary "
+                          f"(0..{config.vocab_size - 1})" if bad else
+                          "generation needs a prompt of at least one token")
+    gm = compile(model, plan, "infer", adapters=args.adapters, merge=args.merge,
+                 fuse_projections=args.fuse_projections)
+    run = torch.compile(gm) if args.torch_compile else gm
+    device = next(gm.parameters()).device
+    ids = torch.tensor([source], device=device)
+    out = greedy_generate(run, ids, torch.ones_like(ids), args.max_new_tokens, eos,
+                          decoder_start_token_id=config.decoder_start_token_id)
+    tokens = out[0, 1:].tolist()
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
 def checkpoint_tokenizer(model: str):

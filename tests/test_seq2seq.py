@@ -21,6 +21,18 @@ from test_prompt import copy_from_peft as copy_prompt
 LORA_TARGETS = {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"]}
 
 
+def varied_t5():
+    """The t5 preset with N(0, 1) noise on the attention values and FFN outputs, so greedy
+    tokens vary (the random init's argmax is one token everywhere)."""
+    model = adaptc.load_model("t5")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.module.named_parameters():
+            if name.endswith((".v.weight", "wo.weight")):
+                weight.add_(torch.randn(weight.shape, generator=gen))
+    return model
+
+
 def model_of(name: str):
     return adaptc.load_model("t5") if name == "t5" else wrap(small_bart())
 
@@ -137,6 +149,30 @@ def test_greedy_generate_equals_transformers_generate(name):
     assert ours[:, 0].tolist() == [start] * 3 and ours[:, 1:].unique().numel() > 3
 
 
+def test_cli_generate_replies_without_a_cache(tmp_path, capsys):
+    """`adaptc generate` on an encoder-decoder prints the decoder's greedy reply to the
+    source ids: the tokens of greedy_generate on the infer graph with the same adapters, up
+    to and including --eos-token-id."""
+    from adaptc.cli import main
+    model = varied_t5()
+    model.module.save_pretrained(tmp_path / "ckpt")
+    spec = "attn.q,attn.v: lora r=4 alpha=400"
+    (tmp_path / "s.adapt").write_text(spec + "\n")
+    gm = adaptc.compile(model, spec)
+    randomize_adapters(gm, 0.05)
+    adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    want = adaptc.greedy_generate(gm.eval(), torch.tensor([[5, 17, 42]]),
+                                  torch.ones(1, 3, dtype=torch.long), 6,
+                                  decoder_start_token_id=0)[0, 1:].tolist()
+    assert len(set(want)) > 1
+    args = ["generate", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
+            "--adapters", str(tmp_path / "a.safetensors"), "--prompt", "5 17 42"]
+    assert main([*args, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want]
+    assert main([*args, "--max-new-tokens", "6", "--eos-token-id", str(want[1])]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want[:want.index(want[1]) + 1]]
+
+
 def test_cached_decoding_is_refused():
     with pytest.raises(ModelError, match="is an encoder-decoder; cached decoding is for causal"):
         compile_decoder(model_of("t5"), "q: lora r=2")
@@ -200,14 +236,8 @@ def test_prompt_on_t5_trains_and_serves(tmp_path):
 
 def test_prompt_greedy_generate_equals_peft_generate():
     """T5 with a random prompt: greedy decoding gives the tokens of transformers' `generate`
-    on PEFT's model with the same prompt. N(0, 1) noise on the attention values and FFN
-    outputs makes the tokens vary (the random init's argmax is one token everywhere)."""
-    model = model_of("t5")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, weight in model.module.named_parameters():
-            if name.endswith((".v.weight", "wo.weight")):
-                weight.add_(torch.randn(weight.shape, generator=gen))
+    on PEFT's model with the same prompt."""
+    model = varied_t5()
     gm = adaptc.compile(model, "embed: prompt tokens=4")
     twin = peft_prompt(model.module, 4)
     with torch.no_grad():
