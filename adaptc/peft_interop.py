@@ -4,8 +4,8 @@ A PEFT adapter directory is `adapter_config.json` + `adapter_model.safetensors`,
 names like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 
 Export (`export_peft`) writes a compiled module's `lora` (with rsLoRA, PiSSA, DoRA), `ia3`,
-`vera` or `adalora` adapters as one such directory, or its prompt or prefix
-(`peft_prompts`); `PeftModel.from_pretrained` on it gives our outputs.
+`vera`, `adalora` or `train` (LN_TUNING) adapters as one such directory, or its prompt or
+prefix (`peft_prompts`); `PeftModel.from_pretrained` on it gives our outputs.
 Target modules are written as full module paths (PEFT matches them exactly), per-module
 ranks and alphas as `rank_pattern` / `alpha_pattern` entries. LoRA on MoE expert stacks
 goes to `target_parameters`, its tensors in the layout of PEFT's ParamWrapper
@@ -18,8 +18,8 @@ modules (short names when they are exact, full paths otherwise; checked by resol
 compiles it and loads the weights. Anything PEFT would treat differently is an
 `InteropError` naming the option, never a silently different model: a `target_modules`
 entry that matches no module (PEFT skips it), an option adaptc does not implement, a
-PEFT type other than LORA, IA3, VERA, ADALORA (before its final rank trim), PROMPT_TUNING,
-P_TUNING and PREFIX_TUNING.
+PEFT type other than LORA, IA3, VERA, ADALORA (before its final rank trim), LN_TUNING,
+PROMPT_TUNING, P_TUNING and PREFIX_TUNING.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from adaptc.methods.adalora import AdaLoraAdapter
 from adaptc.methods.dora import DoraAdapter
 from adaptc.methods.ia3 import Ia3Adapter
 from adaptc.methods.lora import ExpertLora, LoraAdapter
+from adaptc.methods.train import TrainedParameters
 from adaptc.methods.vera import VeraAdapter, VeraProjections
 from adaptc.peft_prompts import (CONFIG_KEYS, PROMPT_KINDS, export_prompts, import_prompts,
                                  prompt_spec, virtual_token_modules)
@@ -127,6 +128,8 @@ def peft_kind(adapter: nn.Module) -> str | None:
         return "VERA"
     if isinstance(adapter, AdaLoraAdapter):
         return "ADALORA"
+    if isinstance(adapter, TrainedParameters):
+        return "LN_TUNING"
     return None
 
 
@@ -264,8 +267,18 @@ def export_adalora(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]
     return config, tensors
 
 
+def export_ln_tuning(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
+    """`train` statements as PEFT's LN_TUNING: a trained copy of each owning module
+    (`<module>.ln_tuning_layers.<name>`). PEFT trains every parameter of those modules; the
+    ones adaptc left frozen keep their values there, so the outputs are the same."""
+    config = {"target_modules": sorted(e.site for e in entries)}
+    tensors = {f"{PREFIX}{e.site}.ln_tuning_layers.{name}": tensor
+               for e in entries for name, tensor in e.adapter.adapter_parameters().items()}
+    return config, tensors
+
+
 EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera,
-             "ADALORA": export_adalora}
+             "ADALORA": export_adalora, "LN_TUNING": export_ln_tuning}
 
 
 # ---- import: reading and checking the config ----------------------------------------------
@@ -286,6 +299,7 @@ HANDLED = {
                 "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "target_modules",
                 "layers_to_transform", "layers_pattern", "fan_in_fan_out", "init_lora_weights",
                 "bias", "rank_pattern"},
+    "LN_TUNING": {"target_modules"},
     **CONFIG_KEYS,
 }
 LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa"}
@@ -331,7 +345,7 @@ def selected_sites(config: dict, sites: list[Site], where: str) -> list[Site]:
                                    "of the model (PEFT would skip it silently)")
             found += [s for s in hits if s not in found]
         found = [s for s in found if in_layers(config, s.path)]  # lists only, as in PEFT
-    refused = [s for s in found if s.kind != "linear"]
+    refused = [s for s in found if s.kind != "linear" and config["peft_type"] != "LN_TUNING"]
     if refused:
         raise InteropError(f"{where}: target {refused[0].describe()} is not a linear layer; "
                            "adaptc's PEFT import adapts linear layers only")
@@ -421,11 +435,13 @@ def adalora_options(config: dict, site: Site, where: str) -> str:
 
 
 OPTIONS = {"LORA": lora_options, "IA3": ia3_options, "VERA": vera_options,
-           "ADALORA": adalora_options}
+           "ADALORA": adalora_options, "LN_TUNING": lambda config, site, where: "train"}
 
 
-def tensor_names(kind: str, config: dict, path: str) -> dict[str, str]:
-    """PEFT tensor name → adaptc adapter state name, for one adapted module."""
+def tensor_names(kind: str, config: dict, path: str, params: tuple[str, ...] = ()
+                 ) -> dict[str, str]:
+    """PEFT tensor name → adaptc adapter state name, for one adapted module (`params`: its
+    own parameters' names, which LN_TUNING copies)."""
     peft = f"{PREFIX}{path}"
     if kind == "LORA":
         owner = "dora" if config.get("use_dora") else "lora"
@@ -439,6 +455,8 @@ def tensor_names(kind: str, config: dict, path: str) -> dict[str, str]:
     if kind == "ADALORA":
         return {f"{peft}.{name}": f"{path}.adalora.{ours}"
                 for name, ours in (("lora_A", "A"), ("lora_B", "B"), ("lora_E", "E"))}
+    if kind == "LN_TUNING":
+        return {f"{peft}.ln_tuning_layers.{name}": f"{path}.trained.{name}" for name in params}
     return {f"{peft}.vera_lambda_d": f"{path}.vera.lambda_d",
             f"{peft}.vera_lambda_b": f"{path}.vera.lambda_b"}
 
@@ -490,7 +508,8 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     for site in chosen + stacks:
         groups.setdefault(OPTIONS[kind](config, site, where), []).append(site.path)
     spec = write_spec(kind, groups, sites, model.family, params)
-    names = {k: v for site in chosen for k, v in tensor_names(kind, config, site.path).items()}
+    names = {k: v for site in chosen for k, v in tensor_names(
+        kind, config, site.path, own_parameters(model.module, site.path)).items()}
     shapes = {}
     for stack in stacks:
         owner, _, name = stack.path.rpartition(".")
@@ -499,6 +518,10 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
             names[peft] = f"{owner}.lora_{name}.{ours}"
             shapes[names[peft]] = stack.shape
     return PeftImport(kind, spec, names, shapes, config)
+
+
+def own_parameters(model: nn.Module, path: str) -> tuple[str, ...]:
+    return tuple(name for name, _ in model.get_submodule(path).named_parameters(recurse=False))
 
 
 def write_spec(kind: str, groups: dict[str, list[str]], sites: list[Site],
@@ -555,9 +578,16 @@ def selects(text: str, groups: dict[str, list[str]], sites: list[Site],
         assignments = resolve(compile_spec(text, "<peft>"), sites, family, params)
     except SpecError:
         return False
-    got = {a.site.path: a.rule.index for a in assignments}
+    got = {module_of(a.site): a.rule.index for a in assignments}
     want = {path: index for index, paths in enumerate(groups.values()) for path in paths}
     return got == want
+
+
+def module_of(site: Site) -> str:
+    """The module a site stands for: itself, or for a parameter `train` selects, its module
+    (an expert stack LoRA adapts stands for itself)."""
+    trained = site.kind == "parameter" and not site.expert_stack
+    return site.path.rpartition(".")[0] if trained else site.path
 
 
 # ---- import: entry points -----------------------------------------------------------------

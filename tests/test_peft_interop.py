@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, VeraConfig, get_peft_model
+from peft import IA3Config, LNTuningConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
 
 import adaptc
 from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
@@ -36,6 +36,9 @@ EXPORTS = [
     ("llama", "q_proj,v_proj: lora r=4 alpha=8 init=pissa"),
     ("bert", "key,value: ia3\noutput.dense: ia3 feedforward"),
     ("llama", "q_proj,v_proj,down_proj: vera r=16 seed=3"),
+    ("llama", "*norm*: train"),  # LN_TUNING
+    ("bert", "*LayerNorm*: train"),  # LayerNorm with bias: weight and bias copies
+    ("bert", "*.bias: train"),  # BitFit as LN_TUNING of the owners (their weights unchanged)
 ]
 
 
@@ -69,7 +72,7 @@ def test_export_names_match_peft(tiny, tmp_path):
     ("q_proj: lora r=2\nk_proj: ia3", "holds one method; this module has IA3 and LORA"),
     ("q_proj: lora r=2\nv_proj: lora r=2 rslora", "one 'use_rslora' per adapter"),
     ("ffn: adapter bottleneck=4", "BottleneckAdapter: adaptc exports lora"),
-    ("*norm*: train", "TrainedParameters: adaptc exports lora"),
+    ("*norm*: train\nq_proj: lora r=2", "this module has LN_TUNING and LORA"),
     ("q_proj: adalora total_step=5\nk_proj: vera r=4", "this module has ADALORA and VERA"),
 ])
 def test_export_refuses_what_peft_cannot_hold(tiny, tmp_path, spec, message):
@@ -101,6 +104,9 @@ IMPORTS = [
                        feedforward_modules=["output.dense"]), "output.dense: ia3 feedforward"),
     ("llama", VeraConfig(r=8, target_modules=["q_proj", "down_proj"], projection_prng_key=5),
      "q_proj, down_proj: vera r=8 seed=5"),
+    ("llama", LNTuningConfig(target_modules=["input_layernorm", "norm"]),
+     "input_layernorm, norm: train"),
+    ("bert", LNTuningConfig(target_modules=r".*\.1\..*LayerNorm"), ": train"),
 ]
 
 
