@@ -13,8 +13,8 @@ import adaptc
 from adaptc.decode import compile_decoder
 from adaptc.errors import ModelError, SpecError
 from adaptc.frontend.models import wrap
-from helpers import (peft_twin, randomize_adapters, randomize_and_copy, serve_checkpoint,
-                     small_bart)
+from helpers import (peft_twin, randomize_adapters, randomize_and_copy, save_word_tokenizer,
+                     serve_checkpoint, small_bart)
 from test_prompt import copy_from_peft as copy_prompt
 
 # per model: PEFT's default LoRA targets (every attention's q and v, cross-attention included)
@@ -171,6 +171,10 @@ def test_cli_generate_replies_without_a_cache(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(t) for t in want]
     assert main([*args, "--max-new-tokens", "6", "--eos-token-id", str(want[1])]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in want[:want.index(want[1]) + 1]]
+    save_word_tokenizer(tmp_path / "ckpt", words=511)  # "w<id - 1>"; no eos token: 6 tokens
+    text = [*args[:-2], "--text", "w4 w16 w41", "--max-new-tokens", "6"]
+    assert main(text) == 0
+    assert capsys.readouterr().out.split() == [f"w{t - 1}" for t in want]
 
 
 def test_cached_decoding_is_refused():
