@@ -289,14 +289,11 @@ def generate_from_source(model, plan, source: list[int], args, eos: int | None) 
     import torch
 
     from adaptc.compiler import compile
+    from adaptc.decode import check_token_ids
     from adaptc.generation import greedy_generate
 
     config = model.module.config
-    bad = [t for t in source if not 0 <= t < config.vocab_size]
-    if bad or not source:
-        raise AdaptcError(f"token id {bad[0]} is outside the model's vocabulary "
-                          f"(0..{config.vocab_size - 1})" if bad else
-                          "generation needs a prompt of at least one token")
+    check_token_ids(source, config.vocab_size)
     gm = compile(model, plan, "infer", adapters=args.adapters, merge=args.merge,
                  fuse_projections=args.fuse_projections)
     run = torch.compile(gm) if args.torch_compile else gm

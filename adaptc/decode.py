@@ -52,10 +52,7 @@ class Decoder:
             raise AdaptcError(f"sequence of {self.virtual + start + len(ids)} tokens"
                               f"{self.virtual_note()} exceeds the cache ({self.max_cache_len}); "
                               "compile the decoder with a larger max_cache_len")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise AdaptcError(f"token id {bad[0]} is outside the model's vocabulary "
-                              f"(0..{self.vocab_size - 1})")
+        check_token_ids(ids, self.vocab_size)
         lead = self.virtual if start == 0 else 0
         first = start + self.virtual - lead
         positions = torch.arange(first, first + lead + len(ids), device=self.device)
@@ -73,7 +70,7 @@ class Decoder:
         if isinstance(prompt, str) or not all(isinstance(t, int) for t in prompt):
             raise TypeError(f"prompt must be a list of token ids (ints), got {prompt!r:.60}")
         if not prompt:
-            raise AdaptcError("generation needs a prompt of at least one token")
+            raise AdaptcError(EMPTY_PROMPT)
         if max_new_tokens < 0:
             raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if self.virtual + len(prompt) + max_new_tokens > self.max_cache_len:
@@ -88,6 +85,19 @@ class Decoder:
                 break
             scores = self.logits(tokens[-1:], len(tokens) - 1)
         return tokens
+
+
+EMPTY_PROMPT = "generation needs a prompt of at least one token"
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """An id past the vocabulary would surface as an IndexError inside the embedding."""
+    if not ids:
+        raise AdaptcError(EMPTY_PROMPT)
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise AdaptcError(f"token id {bad[0]} is outside the model's vocabulary "
+                          f"(0..{vocab_size - 1})")
 
 
 def compile_decoder(model, spec, *, adapters: str | Path | None = None,

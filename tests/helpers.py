@@ -169,3 +169,28 @@ def serve_checkpoint(folder, spec: str, std: float):
     assert main(["compile", str(folder / "s.adapt"), "--model", str(folder / "ckpt"),
                  "--mode", "infer", "--adapters", str(weights), "-o", str(folder / "out")]) == 0
     return train, weights
+
+
+def copy_ia3_scales(gm, twin, seed: int = 0) -> None:
+    """Random IA3 scales (1 + N(0, 0.3²)) in `gm`, copied into PEFT's `twin` (its `ia3_l`)."""
+    gen = torch.Generator().manual_seed(seed)
+    inner = twin.base_model.model
+    with torch.no_grad():
+        for path, ours in adaptc.adapters.adapter_modules(gm).items():
+            ours.scale.copy_(1 + 0.3 * torch.randn(ours.scale.shape, generator=gen))
+            theirs = inner.get_submodule(path.rsplit(".", 1)[0]).ia3_l["default"]
+            assert theirs.numel() == ours.scale.numel()
+            theirs.copy_(ours.scale.reshape(theirs.shape))
+
+
+def assert_cached_decoding_follows(train, checkpoint, spec: str, weights) -> None:
+    """Cached greedy decoding of the checkpoint with `weights` picks, after the prompt, the
+    argmax of the train graph's full-sequence logits."""
+    from adaptc.decode import compile_decoder
+
+    tokens = compile_decoder(str(checkpoint), spec, adapters=weights,
+                             max_cache_len=16).generate([5, 17, 42], 5)
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        logits = train(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    assert tokens[3:] == logits[2:-1].argmax(-1).tolist()

@@ -11,11 +11,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import adaptc
-from adaptc.decode import compile_decoder
 from adaptc.errors import SpecError
 from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
-from helpers import (inputs, lm_loss, next_token_batch, randomize_adapters, serve_checkpoint,
-                     small_decoder)
+from helpers import (assert_cached_decoding_follows, inputs, lm_loss, next_token_batch,
+                     randomize_adapters, serve_checkpoint, small_decoder)
 
 STACKS = ["experts.gate_up_proj", "experts.down_proj"]
 SPEC = "experts.gate_up_proj, experts.down_proj: lora r=4 alpha=8; attn.q: lora r=2"
@@ -108,12 +107,7 @@ def test_expert_lora_merges_and_decodes(tmp_path):
     assert (program(**x).logits - want).abs().max().item() <= 1e-5
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
     assert (merged(**x).logits - want).abs().max().item() <= 1e-5
-    tokens = compile_decoder(str(tmp_path / "ckpt"), SPEC, adapters=weights,
-                             max_cache_len=16).generate([5, 17, 42], 5)
-    ids = torch.tensor([tokens])
-    with torch.no_grad():
-        logits = train(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-    assert tokens[3:] == logits[2:-1].argmax(-1).tolist()
+    assert_cached_decoding_follows(train, tmp_path / "ckpt", SPEC, weights)
 
 
 @pytest.mark.parametrize("spec,code,column,fragment", [

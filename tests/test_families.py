@@ -10,8 +10,8 @@ import torch
 
 import adaptc
 from adaptc.compiler import prepare
-from helpers import (inputs, main_output, peft_twin, randomize_and_copy, serve_checkpoint,
-                     small_decoder, small_encoder)
+from helpers import (assert_cached_decoding_follows, inputs, main_output, peft_twin,
+                     randomize_and_copy, serve_checkpoint, small_decoder, small_encoder)
 
 PORTABLE = "attn.*,ffn.*: lora r=2 alpha=4"
 # per family: PEFT target_modules for every attention and FFN linear, and where `ffn` and
@@ -81,17 +81,10 @@ def test_falcon_lora_serves_merged_and_decodes(tmp_path):
     (its graph traced anew, inside transformers' static-cache wrapper) gives the tokens of
     full-sequence forward passes."""
     from transformers import AutoModelForCausalLM
-
-    from adaptc.decode import compile_decoder
     model = small_decoder("falcon")
     model.save_pretrained(tmp_path / "ckpt")
     train, weights = serve_checkpoint(tmp_path, PORTABLE, 0.3)
     x = inputs(vocab=128, batch=2, seq=6)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
     assert (merged(**x).logits - train.eval()(**x).logits).abs().max().item() <= 1e-5
-    tokens = compile_decoder(str(tmp_path / "ckpt"), PORTABLE, adapters=weights,
-                             max_cache_len=16).generate([5, 17, 42], 5)
-    ids = torch.tensor([tokens])
-    with torch.no_grad():
-        logits = train(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-    assert tokens[3:] == logits[2:-1].argmax(-1).tolist()
+    assert_cached_decoding_follows(train, tmp_path / "ckpt", PORTABLE, weights)

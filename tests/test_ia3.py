@@ -8,7 +8,7 @@ import torch
 from peft import IA3Config, get_peft_model
 
 import adaptc
-from helpers import inputs, main_output
+from helpers import copy_ia3_scales, inputs, main_output
 
 TOL = 1e-5
 # (spec, PEFT target_modules, PEFT feedforward_modules): PEFT's defaults for these families
@@ -32,14 +32,7 @@ def test_ia3_equals_peft(tiny, family):
     x = inputs()
     base = main_output(model.module(**x))
     assert torch.equal(main_output(gm(**x)), base)
-    gen = torch.Generator().manual_seed(0)
-    inner = twin.base_model.model
-    with torch.no_grad():
-        for path, ours in adaptc.adapters.adapter_modules(gm).items():
-            ours.scale.copy_(1 + 0.3 * torch.randn(ours.scale.shape, generator=gen))
-            theirs = inner.get_submodule(path.rsplit(".", 1)[0]).ia3_l["default"]
-            assert theirs.numel() == ours.scale.numel()
-            theirs.copy_(ours.scale.reshape(theirs.shape))
+    copy_ia3_scales(gm, twin)
     ours = main_output(gm(**x))
     assert (ours - main_output(twin(**x))).abs().max().item() <= TOL
     assert (ours - base).abs().max().item() > 1e-3

@@ -13,8 +13,8 @@ import adaptc
 from adaptc.decode import compile_decoder
 from adaptc.errors import ModelError, SpecError
 from adaptc.frontend.models import wrap
-from helpers import (peft_twin, randomize_adapters, randomize_and_copy, save_word_tokenizer,
-                     serve_checkpoint, small_bart)
+from helpers import (copy_ia3_scales, peft_twin, randomize_adapters, randomize_and_copy,
+                     save_word_tokenizer, serve_checkpoint, small_bart)
 from test_prompt import copy_from_peft as copy_prompt
 
 # per model: PEFT's default LoRA targets (every attention's q and v, cross-attention included)
@@ -78,13 +78,7 @@ def test_ia3_equals_peft_on_t5():
     twin = get_peft_model(copy.deepcopy(model.module), config).eval()
     assert (adaptc.report_of(gm).trainable, adaptc.report_of(gm).total) == \
         twin.get_nb_trainable_parameters()
-    gen = torch.Generator().manual_seed(0)
-    inner = twin.base_model.model
-    with torch.no_grad():
-        for path, ours in adaptc.adapters.adapter_modules(gm).items():
-            ours.scale.copy_(1 + 0.3 * torch.randn(ours.scale.shape, generator=gen))
-            theirs = inner.get_submodule(path.rsplit(".", 1)[0]).ia3_l["default"]
-            theirs.copy_(ours.scale.reshape(theirs.shape))
+    copy_ia3_scales(gm, twin)
     x = seq2seq_inputs()
     assert close(gm(**x).logits, twin(**x).logits)
 
