@@ -40,6 +40,8 @@ WORKLOADS = {  # name: (spec, merge in infer mode, PEFT targets, rank and merge,
     "bottleneck 64 after attention and FFN": ("attn,ffn: adapter bottleneck=64", True, None),
     "mixture 8 experts top-2 r8 on q,v": ("q_proj,v_proj: lora r=8 alpha=16\n"
                                           "mixture moe k=2 experts=8", True, None),
+    "MoV 8 vectors soft on k,v,down": ("k_proj,v_proj: ia3; down_proj: ia3 feedforward\n"
+                                       "mixture moe router=soft experts=8", True, None),
 }
 SHAPES = [(1, 1), (1, 128), (8, 512)]
 

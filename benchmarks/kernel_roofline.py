@@ -4,7 +4,7 @@
 
 Providers, side by side for each op and token count (milliseconds):
     triton    the op's kernels (adaptc/backends/triton), on a GPU only
-    grouped   mixture only: the grouped kernels forced at every token count (the op takes
+    grouped   mixture_lora only: the grouped kernels forced at every token count (the op takes
               its one-launch per-token kernel up to PER_TOKEN_MAX_TOKENS tokens), on a GPU
     torch     the op's pure-PyTorch reference
     compile   torch.compile(reference)
@@ -32,6 +32,8 @@ from timing import seconds
 from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
                                                bottleneck_adapter_triton)
 from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
+from adaptc.backends.triton.moe_vectors import (mixture_vectors_reference,
+                                                mixture_vectors_triton)
 
 PROVIDERS = ("triton", "grouped", "torch", "compile")
 
@@ -65,6 +67,14 @@ def mixture_inputs(tokens: int, args: argparse.Namespace, **factory) -> tuple:
             torch.randn(e, d, r, **factory) / r**0.5, 2.0, args.top_k)
 
 
+def vectors_inputs(tokens: int, args: argparse.Namespace, **factory) -> tuple:
+    """(values, x, router, vectors, top_k) for one MoV site scaling its output."""
+    d, e = args.hidden, args.experts
+    return (torch.randn(tokens, d, **factory), torch.randn(tokens, d, **factory),
+            torch.randn(e, d, **factory) / d**0.5, 1 + torch.randn(e, d, **factory) / 10,
+            args.top_k)
+
+
 def bottleneck_cost(tokens: int, args: argparse.Namespace, itemsize: int) -> tuple[int, int]:
     """(bytes, flops): x and residual read, output written, weights read once."""
     d, b = args.hidden, args.bottleneck
@@ -78,6 +88,12 @@ def mixture_cost(tokens: int, args: argparse.Namespace, itemsize: int) -> tuple[
     d, e, r, k = args.hidden, args.experts, args.rank, args.top_k
     moved = tokens * 3 * d + e * d + 2 * min(e, tokens * k) * r * d
     return moved * itemsize, 2 * tokens * d * e + 4 * tokens * k * r * d
+
+
+def vectors_cost(tokens: int, args: argparse.Namespace, itemsize: int) -> tuple[int, int]:
+    """(bytes, flops): values and x read, output written, router and vectors read once."""
+    d, e = args.hidden, args.experts
+    return (tokens * 3 * d + 2 * e * d) * itemsize, 4 * tokens * d * e + tokens * d
 
 
 def ceilings(factory: dict, on_gpu: bool) -> tuple[float, float]:
@@ -112,7 +128,8 @@ def print_table(rows: list[tuple]) -> None:
         print(f"{name:<20}{tokens:>8}{cells}")
 
 
-COSTS = {"bottleneck_adapter": bottleneck_cost, "mixture_lora": mixture_cost}
+COSTS = {"bottleneck_adapter": bottleneck_cost, "mixture_lora": mixture_cost,
+         "mixture_vectors": vectors_cost}
 
 
 def print_roofline(rows: list[tuple], args: argparse.Namespace, itemsize: int,
@@ -151,6 +168,8 @@ def main() -> None:
         rows += sweep("mixture_lora", mixture_inputs, mixture_lora_triton,
                       functools.partial(mixture_lora_triton, per_token=False),
                       mixture_lora_reference, args, factory, on_gpu)
+        rows += sweep("mixture_vectors", vectors_inputs, mixture_vectors_triton, None,
+                      mixture_vectors_reference, args, factory, on_gpu)
     print_table(rows)
     print_roofline(rows, args, dtype.itemsize, bandwidth, flop_rate)
 

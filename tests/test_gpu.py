@@ -72,6 +72,26 @@ def test_mixture_kernels_on_cuda(dtype, tokens, per_token, top_k):
     torch.testing.assert_close(out, mixture_lora_reference(*args), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output", "feedforward"])
+def test_vectors_kernel_on_cuda(dtype, tokens, top_k, feedforward):
+    """MoV's kernel at the benchmark's widths: output scaling (router on a 2048-wide input,
+    5632-wide values) and feedforward (values are the router's input)."""
+    from adaptc.backends.triton.moe_vectors import (mixture_vectors_reference,
+                                                    mixture_vectors_triton)
+    torch.manual_seed(0)
+    d, n, experts = 2048, 5632, 8
+    x = randn(tokens, d, dtype=dtype)
+    values = x if feedforward else randn(tokens, n, dtype=dtype)
+    args = (values, x, randn(experts, d, dtype=dtype, scale=d**-0.5),
+            1 + randn(experts, values.shape[-1], dtype=dtype, scale=0.1), top_k)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(mixture_vectors_triton(*args), mixture_vectors_reference(*args),
+                               atol=tol, rtol=tol)
+
+
 def card_on_cuda(model, tmp_path: Path, scale: float):
     """(the model moved to CUDA, its train-mode card graph with random adapters scaled by
     `scale`, those adapters saved to a file)."""

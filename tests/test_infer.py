@@ -121,7 +121,9 @@ def test_user_model_and_train_graph_unchanged(tiny, tmp_path):
 
 
 MERGED_AND_FUSED = "q_proj: lora r=4; q_proj,mlp: adapter bottleneck=8 placement=parallel activation=silu"
-CASES = [("llama", "specs/card.adapt"), ("gpt2", "specs/houlsby.adapt"), ("llama", MERGED_AND_FUSED)]
+CASES = [("llama", "specs/card.adapt"), ("gpt2", "specs/houlsby.adapt"), ("llama", MERGED_AND_FUSED),
+         ("llama", "specs/mov.adapt"), ("gpt2", "attn.c_attn: ia3; mlp.c_proj: ia3 feedforward\n"
+                                                 "mixture moe k=2 experts=3")]
 
 
 @pytest.mark.parametrize("family,spec", CASES)
@@ -136,7 +138,7 @@ def test_fused_equals_train(tiny, tmp_path, family, spec):
     counts = adaptc.report_of(infer).counts
     fused = fused_ops(infer)
     assert fused["adaptc::bottleneck_adapter"] == counts["adapter_fused"]
-    assert fused["adaptc::mixture_lora"] == counts["mixture_fused"]
+    assert fused["adaptc::mixture_lora"] + fused["adaptc::mixture_vectors"] == counts["mixture_fused"]
     assert counts["adapter_fused"] == counts["adapter_inserted"]
     assert counts["mixture_fused"] == counts["mixture_inserted"]
     assert sum(fused.values()) > 0
@@ -260,12 +262,10 @@ def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
     "attn.q,attn.v: lora r=4 gate; attn: prefix tokens=4 gate; ffn: adapter bottleneck=8 gate",
     "embed: prompt tokens=3; q_proj: lora r=2",
     "embed: ptuning tokens=3 encoder=lstm",
-    "k_proj,v_proj: ia3; down_proj: ia3 feedforward; mixture moe router=soft experts=3",
 ])
 def test_mam_unipelt_prompt_in_infer_mode_equal_train(tiny, tmp_path, spec):
     """Scaled and gated adapters stay eager (the kernel has neither), gated LoRA stays
-    unmerged, prefix MLPs and prompt encoders fold into constants, MoV's routed vectors stay
-    eager: infer equals train."""
+    unmerged, prefix MLPs and prompt encoders fold into constants: infer equals train."""
     model = tiny("llama")
     train = trained(model, spec, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")

@@ -2,6 +2,8 @@
 
     h + <site>.adapter(x)  →  torch.ops.adaptc.bottleneck_adapter(x, h, D, b_D, U, b_U, act)
     y + <site>.moe(x)      →  torch.ops.adaptc.mixture_lora(x, y, W_g, A, B, s, top_k)
+    <site>.mov(y, x)       →  torch.ops.adaptc.mixture_vectors(y, x, W_g, l, top_k)
+    <site>.mov(x)          →  torch.ops.adaptc.mixture_vectors(x, x, W_g, l, top_k)  (feedforward)
 
 Adapters the kernels do not cover (an output scale, a UniPELT gate) stay eager modules in
 the graph (`kept_eager`), so the infer graph still computes what train mode computes.
@@ -25,7 +27,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from adaptc.methods.bottleneck import BottleneckAdapter
-from adaptc.methods.mixture import MixtureOfLora
+from adaptc.methods.mixture import MixtureOfLora, MixtureOfVectors
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
 from adaptc.passes.graph import aten
 
@@ -39,6 +41,7 @@ class Fusion:
     weights: tuple[str, ...]                     # parameters passed after (x, residual)
     constants: Callable[[nn.Module], tuple]      # non-tensor arguments, last
     fusable: Callable[[nn.Module], bool] = lambda adapter: True  # what the kernel computes
+    scales: bool = False  # the op replaces `adapter(values[, x])` itself, not `residual + ·`
 
 
 FUSIONS = {
@@ -49,6 +52,8 @@ FUSIONS = {
                               lambda a: a.gate is None and a.config.scale == 1.0),
     MixtureOfLora: Fusion("mixture_fused", "mixture_lora", ("router", "A", "B"),
                           lambda a: (a.scale, a.top_k)),
+    MixtureOfVectors: Fusion("mixture_fused", "mixture_vectors", ("router", "vectors"),
+                             lambda a: (a.top_k,), scales=True),
 }
 
 
@@ -68,7 +73,8 @@ class LowerToTriton:
                 counts["kept_eager"] += 1
                 continue
             op = getattr(torch.ops.adaptc, fusion.op).default
-            fuse(gm, call, op, fusion.weights, fusion.constants(adapter))
+            fused = fuse_scaling if fusion.scales else fuse
+            fused(gm, call, op, fusion.weights, fusion.constants(adapter))
             counts[fusion.count] += 1
         return PassResult(gm, counts)
 
@@ -86,5 +92,21 @@ def fuse(gm: GraphModule, call: Node, op, weights: tuple[str, ...], constants: t
     fused.meta = {**add.meta, INSERTED: call.meta.get(INSERTED)}
     add.replace_all_uses_with(fused)
     graph.erase_node(add)
+    graph.erase_node(call)
+    return fused
+
+
+def fuse_scaling(gm: GraphModule, call: Node, op, weights: tuple[str, ...],
+                 constants: tuple) -> Node:
+    """Replace `call(values, x)` (`call(values)`: x is values) by
+    `op(values, x, *weights, *constants)`."""
+    values, *router_input = call.args
+    x = router_input[0] if router_input else values
+    graph = gm.graph
+    with graph.inserting_before(call):
+        reads = [graph.get_attr(f"{call.target}.{name}") for name in weights]
+        fused = graph.call_function(op, (values, x, *reads, *constants))
+    fused.meta = dict(call.meta)
+    call.replace_all_uses_with(fused)
     graph.erase_node(call)
     return fused

@@ -14,7 +14,8 @@ from adaptc.backends.triton import use_triton
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
-@pytest.mark.parametrize("family,spec", [("llama", "card.adapt"), ("bert", "mola.adapt")])
+@pytest.mark.parametrize("family,spec", [("llama", "card.adapt"), ("bert", "mola.adapt"),
+                                         ("llama", "mov.adapt")])
 def test_infer_graph_on_kernels_equals_train(tiny, tmp_path, family, spec):
     model = tiny(family)
     train = adaptc.compile(model, SPECS / spec).eval()

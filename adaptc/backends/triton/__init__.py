@@ -4,6 +4,7 @@ Importing this package registers:
 
     torch.ops.adaptc.bottleneck_adapter   residual + U·act(D·x + b_D) + b_U          (bottleneck.py)
     torch.ops.adaptc.mixture_lora         residual + s·Σ_e g_e(x)·B_e·A_e·x          (moe_lora.py)
+    torch.ops.adaptc.mixture_vectors      values ⊙ Σ_e g_e(x)·l_e                    (moe_vectors.py)
 
 Each op runs its Triton kernels when `use_triton` says so and its pure-PyTorch reference
 otherwise; `register_fake` gives torch.export / torch.compile the output shape without running
@@ -98,7 +99,7 @@ def check_input(op: str, x: torch.Tensor) -> None:
 
 
 # Imported last: the op modules import the helpers above; importing them registers the ops.
-from adaptc.backends.triton import bottleneck, moe_lora  # noqa: E402
+from adaptc.backends.triton import bottleneck, moe_lora, moe_vectors  # noqa: E402
 
 __all__ = ["bottleneck", "check_input", "check_tensor", "dot", "dot_block", "dot_precision",
-           "interpreting", "moe_lora", "upcast_dot", "use_triton"]
+           "interpreting", "moe_lora", "moe_vectors", "upcast_dot", "use_triton"]

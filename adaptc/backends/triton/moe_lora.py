@@ -84,6 +84,23 @@ def _per_token_configs() -> list[triton.Config]:
 
 # --------------------------------------------------------------------------- kernels
 
+@triton.jit
+def router_logits(x_ptr, router_ptr, rows, row_mask, ex, ex_mask, D_IN, stride_xt, stride_xk,
+                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rows] · W_gᵀ [BLOCK_T, BLOCK_E] in float32; padded experts get -inf, never chosen."""
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, D_IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D_IN
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        router_t = tl.load(router_ptr + ex[None, :] * D_IN + ks[:, None],
+                           mask=ex_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = dot(x, router_t, acc, DOT_PRECISION, UPCAST_DOT)
+    return tl.where(ex_mask[None, :], acc, float("-inf"))
+
+
 @triton.autotune(configs=_router_configs(), key=["D_IN", "E"])
 @triton.jit
 def _router_kernel(
@@ -94,23 +111,13 @@ def _router_kernel(
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """gates[t]: softmax over the top_k logits, 0 elsewhere; experts[t]: their ids, best first."""
-    # ---- this program's tokens; padded experts get logit -inf and are never chosen
+    # ---- this program's tokens and their logits
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
     ex = tl.arange(0, BLOCK_E)
     ex_mask = ex < E
-
-    # ---- logits = x · W_gᵀ, float32 accumulator
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, D_IN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D_IN
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        router_t = tl.load(router_ptr + ex[None, :] * D_IN + ks[:, None],
-                           mask=ex_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = dot(x, router_t, acc, DOT_PRECISION, UPCAST_DOT)
-    logits = tl.where(ex_mask[None, :], acc, float("-inf"))
+    logits = router_logits(x_ptr, router_ptr, rows, row_mask, ex, ex_mask, D_IN, stride_xt,
+                           stride_xk, DOT_PRECISION, UPCAST_DOT, BLOCK_T, BLOCK_E, BLOCK_K)
 
     # ---- top-k: take the argmax k times, knocking each winner out with -inf
     remaining = logits

@@ -27,7 +27,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.errors import TritonError
 
-from adaptc.backends.triton import bottleneck, dot_block, dot_precision, interpreting, moe_lora
+from adaptc.backends.triton import (bottleneck, dot_block, dot_precision, interpreting, moe_lora,
+                                    moe_vectors)
 from adaptc.errors import first_line
 
 # Shared memory one block may use (opt-in maximum, bytes), by compute capability (CUDA
@@ -90,7 +91,8 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
 
     Bottleneck adapters on the hidden state (the fused kernel, and the two-launch path for a
     bottleneck wider than MAX_FUSED_BOTTLENECK); a mixture of LoRA experts on a projection of
-    the hidden state (q's and v's widths, 2048 and 256, specialise alike: one compile).
+    the hidden state (q's and v's widths, 2048 and 256, specialise alike: one compile); MoV
+    vectors scaling such a projection's output.
     """
     ptr = f"*{TRITON_DTYPES[dtype]}"
     opts = {"DOT_PRECISION": dot_precision(), "UPCAST_DOT": False}  # as compiled on a GPU
@@ -129,6 +131,11 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
         "top_k": top_k, "scale": 2.0, **rows, "stride_rt": hidden, "stride_rn": 1,
     }, {"BLOCK_E": triton.next_power_of_2(experts), "BLOCK_R": triton.next_power_of_2(rank)},
         has_dot=False))
+    launches.append(Launch("mixture_vectors", moe_vectors._mixture_vectors_kernel, {
+        "values_ptr": ptr, "x_ptr": ptr, "router_ptr": ptr, "vectors_ptr": ptr, "out_ptr": ptr,
+        "T": tokens, "D_IN": hidden, "N": hidden, "E": experts, "top_k": top_k,
+        "stride_vt": hidden, "stride_vn": 1, **rows,
+    }, {**opts, "BLOCK_E": dot_block(experts)}))
     return launches
 
 
