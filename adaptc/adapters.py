@@ -75,12 +75,15 @@ PEFT_CONVERT = ("`adaptc import-peft DIR --model MODEL -o spec.adapt --weights "
                 "adapters.safetensors` converts the PEFT directory")
 
 
-def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None:
+def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
+                  partial: bool = False) -> None:
     """Copy tensors from a safetensors file into the module's adapters; all or nothing.
 
     `prefix` is prepended to the file's names: a module that wraps the compiled model (the
     KV-cache decoder holds it as `model`) loads a file saved from the unwrapped one. Names
-    under ENCODERS (statement-wide encoders at the graph's root) stay as they are.
+    under ENCODERS (statement-wide encoders at the graph's root) stay as they are. `partial`
+    skips the file's tensors the module has no adapter for (the module must still find all
+    of its own).
     """
     if Path(path).is_dir():
         peft = (Path(path) / "adapter_config.json").is_file()
@@ -94,6 +97,9 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "") -> None
                        for k in handle.keys()}
     except (OSError, SafetensorError) as err:
         raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
+    if partial:
+        own = adapter_state_dict(module)
+        tensors = {k: v for k, v in tensors.items() if k in own}
     load_adapter_tensors(module, tensors, str(path), saved_spec)
 
 

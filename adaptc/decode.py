@@ -149,9 +149,9 @@ def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
     if model.on_meta:
         raise ModelError(f"model '{model.source}' is on the meta device; decoding needs weights")
     if is_encoder_decoder(model):
-        raise ModelError(f"{type(model.module).__name__} is an encoder-decoder; cached decoding "
-                         "is for causal language models: decode the compiled module with "
-                         "adaptc.greedy_generate(..., decoder_start_token_id=...)")
+        raise ModelError(f"{type(model.module).__name__} is an encoder-decoder; "
+                         "compile_decoder is for causal language models: decode it with "
+                         "adaptc.decode_seq2seq.compile_seq2seq_decoder")
     if not hasattr(model.module, "generate"):
         raise ModelError(f"{type(model.module).__name__} is not a causal language model; "
                          "cached decoding needs one")

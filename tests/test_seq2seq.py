@@ -143,10 +143,10 @@ def test_greedy_generate_equals_transformers_generate(name):
     assert ours[:, 0].tolist() == [start] * 3 and ours[:, 1:].unique().numel() > 3
 
 
-def test_cli_generate_replies_without_a_cache(tmp_path, capsys):
+def test_cli_generate_replies(tmp_path, capsys):
     """`adaptc generate` on an encoder-decoder prints the decoder's greedy reply to the
-    source ids: the tokens of greedy_generate on the infer graph with the same adapters, up
-    to and including --eos-token-id."""
+    source ids (cached: adaptc.decode_seq2seq): the tokens of greedy_generate on the train
+    graph with the same adapters, up to and including --eos-token-id."""
     from adaptc.cli import main
     model = varied_t5()
     model.module.save_pretrained(tmp_path / "ckpt")
@@ -171,8 +171,9 @@ def test_cli_generate_replies_without_a_cache(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [f"w{t - 1}" for t in want]
 
 
-def test_cached_decoding_is_refused():
-    with pytest.raises(ModelError, match="is an encoder-decoder; cached decoding is for causal"):
+def test_causal_decoder_is_refused():
+    with pytest.raises(ModelError, match="is an encoder-decoder; compile_decoder is for causal.*"
+                                         "compile_seq2seq_decoder"):
         compile_decoder(model_of("t5"), "q: lora r=2")
 
 

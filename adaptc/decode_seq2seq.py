@@ -1,0 +1,227 @@
+"""Greedy generation of an encoder-decoder (T5, BART) through two infer-mode graphs: the
+encoder, run once per source, and the decoder over a static self-attention cache, run once
+per token.
+
+Both graphs hold the whole model at `model` (so spec targets and adapter files resolve as
+in the causal decoder, adaptc.decode) and each is compiled with the assignments whose modules
+it calls: encoder sites in one, decoder and LM-head sites in the other, from one adapter file.
+Virtual tokens (prompt tuning, P-tuning) go before the encoder's input; as in cached causal
+decoding the encoder pads nothing: it is given n placeholder ids and their positions, the
+prompt module writes the virtual tokens over them, and the decoder cross-attends to all
+n + S encoder states, as the full model does. The decoder's self-attention keys and values
+live in transformers' StaticCache (buffers written at `cache_position`); cross-attention
+recomputes its keys and values from the encoder states at each call (a DynamicCache that
+export sees empty). Prefix tuning is not supported here: its prefixes would have to sit in
+the static cache's first slots, which the seq2seq cache layout does not give.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.export import Dim
+
+from adaptc.adapters import ENCODERS
+from adaptc.compiler import as_model, prepare, run_pipeline
+from adaptc.decode import PREFIX, check_token_ids
+from adaptc.errors import AdaptcError, ModelError, WeightsError
+from adaptc.frontend.models import LoadedModel
+from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
+from adaptc.passes.base import CompileContext
+from adaptc.passes.insert_prefix import PREFIX_METHODS
+from adaptc.passes.insert_prompt import PROMPT_METHODS
+
+POSITIONS = "positions"  # the encoder graph's input of token positions (for virtual tokens)
+
+
+class SourceEncoder(nn.Module):
+    """The encoder's last hidden states for `input_ids`; `positions` is read only by a prompt
+    module the compiler inserts (the model ignores it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.get_encoder()(input_ids=input_ids).last_hidden_state
+
+
+class CachedDecoder(nn.Module):
+    """Logits of `decoder_input_ids` at `cache_position`, cross-attending to
+    `encoder_hidden_states`; self-attention keys and values in a static cache (buffers)."""
+
+    def __init__(self, model: nn.Module, max_cache_len: int):
+        from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+        from transformers.integrations.executorch import get_head_shapes
+
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.static = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        weight = next(model.parameters())
+        self.static.early_initialization(1, *get_head_shapes(model.config), weight.dtype,
+                                         weight.device)
+        self.cache = EncoderDecoderCache(self.static, DynamicCache(config=model.config))
+        for i, layer in enumerate(self.static.layers):
+            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length,
+                                 persistent=False)
+
+    def forward(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                cache_position: torch.Tensor) -> torch.Tensor:
+        for layer in self.static.layers:  # the cache holds the tokens before this call's
+            layer.cumulative_length.copy_(cache_position[0])
+        return self.model(encoder_outputs=(encoder_hidden_states,),
+                          decoder_input_ids=decoder_input_ids, past_key_values=self.cache,
+                          use_cache=True, cache_position=cache_position).logits
+
+
+class Seq2SeqDecoder:
+    """Greedy decoding (batch 1) of an encoder-decoder over its two compiled graphs.
+
+    Token ids are checked against the vocabulary, and lengths against the source's position
+    limit and the cache, before anything runs; inputs are made on the graphs' device."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, max_cache_len: int,
+                 max_source_len: int, config, virtual: int = 0):
+        self.encoder, self.decoder = encoder, decoder
+        self.max_cache_len, self.max_source_len = max_cache_len, max_source_len
+        self.vocab_size, self.start = config.vocab_size, config.decoder_start_token_id
+        self.virtual = virtual
+        self.device = next(decoder.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, source: list[int]) -> torch.Tensor:
+        """The encoder states [1, n + S, d] of `source` behind the n virtual tokens."""
+        check_token_ids(source, self.vocab_size)
+        if len(source) > self.max_source_len:
+            taken = f" left by {self.virtual} virtual tokens" if self.virtual else ""
+            raise AdaptcError(f"a {len(source)}-token source exceeds the encoder's "
+                              f"{self.max_source_len} positions{taken}")
+        ids = torch.tensor([[0] * self.virtual + source], device=self.device)
+        return self.encoder(input_ids=ids, positions=torch.arange(ids.shape[1], device=self.device))
+
+    @torch.no_grad()
+    def generate(self, source: list[int], max_new_tokens: int,
+                 eos_token_id: int | None = None) -> list[int]:
+        """The reply to `source`: up to `max_new_tokens` greedily chosen ids after the decoder
+        start token, ending after `eos_token_id` when one is given."""
+        if isinstance(source, str) or not all(isinstance(t, int) for t in source):
+            raise TypeError(f"source must be a list of token ids (ints), got {source!r:.60}")
+        if max_new_tokens < 0:
+            raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens > self.max_cache_len:
+            raise AdaptcError(f"{max_new_tokens} new tokens exceed the decoder's cache "
+                              f"({self.max_cache_len}); compile it with a larger max_cache_len")
+        states = self.encode(source)
+        reply, last = [], self.start
+        for position in range(max_new_tokens):
+            last = int(self.logits(states, [last], position)[-1].argmax())
+            reply.append(last)
+            if last == eos_token_id:
+                break
+        return reply
+
+    @torch.no_grad()
+    def logits(self, states: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
+        """Run decoder tokens `ids` at positions start.. over encoder `states`; their logits
+        [len(ids), vocab]. The cache keeps what calls before wrote at positions < start."""
+        if start + len(ids) > self.max_cache_len:
+            raise AdaptcError(f"decoder position {start + len(ids) - 1} is past the cache "
+                              f"({self.max_cache_len}); compile with a larger max_cache_len")
+        check_token_ids(ids, self.vocab_size)
+        positions = torch.arange(start, start + len(ids), device=self.device)
+        return self.decoder(decoder_input_ids=torch.tensor([ids], device=self.device),
+                            encoder_hidden_states=states, cache_position=positions)[0]
+
+
+def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
+                            max_cache_len: int = 128, merge: bool = True,
+                            fuse_projections: bool = False,
+                            torch_compile: bool = False) -> Seq2SeqDecoder:
+    """The infer-mode graphs of `spec` on an encoder-decoder, exported for cached decoding
+    (`merge`, `fuse_projections` and `torch_compile` as in `adaptc.compile_decoder`)."""
+    if not isinstance(max_cache_len, int) or max_cache_len < 1:
+        raise AdaptcError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+    loaded = as_model(model, None)
+    if loaded.on_meta:
+        raise ModelError(f"model '{loaded.source}' is on the meta device; decoding needs weights")
+    if not is_encoder_decoder(loaded):
+        raise ModelError(f"{type(loaded.module).__name__} is not an encoder-decoder; decode a "
+                         "causal language model with adaptc.compile_decoder")
+    device = next(loaded.module.parameters()).device
+    limit = sequence_limit(loaded)
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    encoder = LoadedModel(SourceEncoder(copy.copy(loaded.module)),
+                          {"input_ids": ids, POSITIONS: torch.arange(3, device=device)},
+                          loaded.source, loaded.family)
+    encoder_ctx = prepare(encoder, spec, "infer")
+    refuse_prefixes(encoder_ctx)
+    virtual = sum(a.rule.config.tokens for a in encoder_ctx.assignments
+                  if a.method in PROMPT_METHODS)
+    source = Dim("source", min=1, max=limit)
+    encoder_graph = compile_half(encoder, encoder_ctx,
+                                 {"input_ids": {1: source}, POSITIONS: {0: source}},
+                                 adapters, merge, fuse_projections, prompts=True)
+    with torch.no_grad():
+        states = encoder.module(**encoder.example_inputs)
+    decoder = LoadedModel(CachedDecoder(copy.copy(loaded.module), max_cache_len),
+                          {"decoder_input_ids": ids[:, :2], "encoder_hidden_states": states,
+                           "cache_position": torch.arange(2, device=device)},
+                          loaded.source, loaded.family)
+    steps = Dim("steps", min=1, max=max_cache_len)
+    decoder_ctx = prepare(decoder, spec, "infer")
+    decoder_graph = compile_half(
+        decoder, decoder_ctx, {"decoder_input_ids": {1: steps},
+                               "encoder_hidden_states": {1: source}, "cache_position": {0: steps}},
+        adapters, merge, fuse_projections, prompts=False)
+    if adapters is not None:
+        check_all_loaded(adapters, encoder_ctx, decoder_ctx)
+    if torch_compile:
+        encoder_graph = torch.compile(encoder_graph, dynamic=True)
+        decoder_graph = torch.compile(decoder_graph, dynamic=True)
+    return Seq2SeqDecoder(encoder_graph, decoder_graph, max_cache_len, limit - virtual,
+                          loaded.module.config, virtual)
+
+
+def refuse_prefixes(ctx) -> None:
+    prefixed = sorted({a.method for a in ctx.assignments if a.method in PREFIX_METHODS})
+    if prefixed:
+        raise AdaptcError(f"cached decoding of an encoder-decoder cannot run {', '.join(prefixed)}"
+                          ": the prefixes would have to fill the first slots of the "
+                          "self-attention cache; use adaptc.greedy_generate on the compiled "
+                          "module, which reruns the decoder on the whole sequence each step")
+
+
+def compile_half(model: LoadedModel, ctx, shapes: dict, adapters, merge: bool,
+                 fuse_projections: bool, prompts: bool) -> nn.Module:
+    """One of the two graphs: exported, given the assignments whose modules it calls (virtual
+    tokens only in the encoder's), run through the infer pipeline."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
+        graph = export(model, shapes)
+    called = {path for node in graph.graph.nodes
+              for path, _ in node.meta.get("nn_module_stack", {}).values()}
+    ctx.assignments = [a for a in ctx.assignments if (prompts if a.method in PROMPT_METHODS
+                                                      else a.site.path in called)]
+    ctx.adapters, ctx.adapter_prefix, ctx.partial_adapters = adapters, PREFIX, True
+    ctx.merge, ctx.fuse_projections = merge, fuse_projections
+    ctx.positions_input = POSITIONS if prompts else None
+    return run_pipeline(graph, ctx)
+
+
+def check_all_loaded(path: str | Path, *contexts: CompileContext) -> None:
+    """Each graph loaded the file's tensors it has; raise if the file holds others (adapters
+    of a spec other than the one compiled)."""
+    loaded = {name for ctx in contexts for name in ctx.loaded_adapters}
+    with safe_open(str(path), "pt") as handle:
+        names = {k if k.startswith(f"{ENCODERS}.") else PREFIX + k for k in handle.keys()}
+    extra = sorted(names - loaded)
+    if extra:
+        raise WeightsError(f"{path}: adapter tensors do not match the compiled graphs "
+                           f"({len(extra)} unexpected; unexpected "
+                           f"{extra[0].removeprefix(PREFIX)})")

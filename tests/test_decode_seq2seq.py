@@ -1,0 +1,151 @@
+"""Cached decoding of encoder-decoders (adaptc.decode_seq2seq): the encoder graph once, the
+decoder graph once per token over a static cache, against the train-mode graph run on the
+whole sequence (teacher-forced logits, and greedy_generate's tokens)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomize_adapters, small_bart
+from test_seq2seq import varied_t5
+
+import adaptc
+from adaptc.cli import main
+from adaptc.decode_seq2seq import compile_seq2seq_decoder
+from adaptc.errors import AdaptcError, ModelError, WeightsError
+from adaptc.frontend.models import wrap
+
+SOURCE = [5, 9, 11, 3, 7, 20, 4]
+NEW = 10
+
+
+def varied_bart():
+    """small_bart with N(0, 1) noise on the attention values and FFN outputs (see varied_t5)."""
+    model = small_bart()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith((".v_proj.weight", "fc2.weight")):
+                weight.add_(torch.randn(weight.shape, generator=gen))
+    return wrap(model)
+
+
+MODELS = {"t5": varied_t5, "bart": varied_bart}
+SPECS = {  # T5 names its projections q, k, v, o, wi, wo; BART q_proj, …, fc1, fc2
+    "lora": ("attn.q,attn.v: lora r=4", "q_proj,v_proj: lora r=4"),
+    "bottleneck+mixture": ("attn,ffn: adapter bottleneck=8\nattn.q,attn.v: lora r=2\n"
+                           "mixture moe k=2 experts=3",
+                           "attn,ffn: adapter bottleneck=8\nq_proj,v_proj: lora r=2\n"
+                           "mixture moe k=2 experts=3"),
+    "mov": ("attn.k,attn.v: ia3; ffn.down: ia3 feedforward\nmixture moe router=soft experts=3",
+            "k_proj,v_proj: ia3; fc2: ia3 feedforward\nmixture moe router=soft experts=3"),
+    "prompt": ("embed: prompt tokens=3; attn.q: lora r=2", "embed: prompt tokens=3"),
+    "ptuning": ("embed: ptuning tokens=2", "embed: ptuning tokens=2 encoder=lstm"),
+}
+
+
+def trained(model, spec: str, path) -> torch.nn.Module:
+    """The train-mode graph with random adapters (eval), saved to `path`."""
+    gm = adaptc.compile(model, spec)
+    randomize_adapters(gm, 0.3)
+    adaptc.save_adapters(gm, path)
+    return gm.eval()
+
+
+def full_sequence(gm, source: list[int], decoder_ids: list[int]) -> torch.Tensor:
+    ids = torch.tensor([source])
+    with torch.no_grad():
+        return gm(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
+
+
+@pytest.mark.parametrize("kind", SPECS)
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_decoding_equals_the_train_graph(tmp_path, name, kind):
+    """Greedy tokens equal greedy_generate on the train graph; the logits of each decoder
+    position, computed one token per call through the cache, equal the train graph's
+    teacher-forced logits, relative to their scale (unscaled T5 outputs reach ~10²) within
+    1e-4: merged weights round differently from the train graph's W·x + s·B·A·x."""
+    model = MODELS[name]()
+    spec = SPECS[kind][name == "bart"]
+    gm = trained(model, spec, tmp_path / "a.safetensors")
+    decoder = compile_seq2seq_decoder(model, spec, adapters=tmp_path / "a.safetensors",
+                                      max_cache_len=16)
+    start = model.module.config.decoder_start_token_id
+    ids = torch.tensor([SOURCE])
+    want = adaptc.greedy_generate(gm, ids, torch.ones_like(ids), NEW,
+                                  decoder_start_token_id=start)[0, 1:].tolist()
+    reply = decoder.generate(SOURCE, NEW)
+    assert reply == want
+    states = decoder.encode(SOURCE)
+    steps = torch.cat([decoder.logits(states, [token], i)
+                       for i, token in enumerate([start, *reply[:-1]])])
+    expected = full_sequence(gm, SOURCE, [start, *reply[:-1]])
+    scale = expected.abs().max().item()
+    assert (steps - expected).abs().max().item() <= 1e-4 * max(1.0, scale)
+    assert (expected - full_sequence(model.module, SOURCE, [start, *reply[:-1]])).abs().max() > 1e-3
+
+
+def test_graphs_split_the_adapters(tmp_path):
+    """Encoder sites compile into the encoder graph, decoder and LM-head sites into the
+    decoder graph; virtual tokens only before the encoder's input; one file serves both."""
+    model = varied_t5()
+    spec = "embed: prompt tokens=3; attn.q: lora r=2; ffn: adapter bottleneck=8"
+    gm = trained(model, spec, tmp_path / "a.safetensors")
+    decoder = compile_seq2seq_decoder(model, spec, adapters=tmp_path / "a.safetensors",
+                                      merge=False)
+    encoder_sites = [row["path"] for row in adaptc.report_of(decoder.encoder).sites]
+    decoder_sites = [row["path"] for row in adaptc.report_of(decoder.decoder).sites]
+    assert encoder_sites and decoder_sites
+    assert all(".decoder." not in site for site in encoder_sites)
+    assert all(".encoder." not in site for site in decoder_sites)
+    train_sites = [f"model.{row['path']}" for row in adaptc.report_of(gm).sites]
+    assert sorted(encoder_sites + decoder_sites) == sorted(train_sites)
+    assert decoder.encode(SOURCE).shape[1] == 3 + len(SOURCE)
+
+
+def test_refuses_what_it_cannot_decode(tmp_path):
+    t5 = varied_t5()
+    with pytest.raises(AdaptcError, match="cannot run prefix.*greedy_generate"):
+        compile_seq2seq_decoder(t5, "attn: prefix tokens=2")
+    with pytest.raises(ModelError, match="not an encoder-decoder.*compile_decoder"):
+        compile_seq2seq_decoder("llama", "q_proj: lora r=2")
+    with pytest.raises(ModelError, match="meta device"):
+        compile_seq2seq_decoder(wrap(varied_bart().module.to("meta")), "q_proj: lora r=2")
+    decoder = compile_seq2seq_decoder(t5, "attn.q: lora r=2", max_cache_len=4)
+    with pytest.raises(AdaptcError, match="5 new tokens exceed the decoder's cache \\(4\\)"):
+        decoder.generate(SOURCE, 5)
+    with pytest.raises(AdaptcError, match="token id 99999 is outside"):
+        decoder.generate([5, 99999], 2)
+    bart = compile_seq2seq_decoder(varied_bart(), "embed: prompt tokens=4")
+    with pytest.raises(AdaptcError, match="61-token source exceeds the encoder's 60 positions "
+                                          "left by 4 virtual tokens"):
+        bart.generate(list(range(3, 64)), 1)
+
+
+def test_adapter_files_must_match_the_spec(tmp_path):
+    """A file with tensors neither graph has, or without some a graph needs, is a
+    WeightsError naming one, as for a single compiled module."""
+    t5 = varied_t5()
+    trained(t5, "attn.q,attn.v: lora r=2", tmp_path / "qv.safetensors")
+    with pytest.raises(WeightsError, match="1 unexpected|unexpected .*v.lora"):
+        compile_seq2seq_decoder(t5, "attn.q: lora r=2", adapters=tmp_path / "qv.safetensors")
+    with pytest.raises(WeightsError, match="missing .*k.lora"):
+        compile_seq2seq_decoder(t5, "attn.q,attn.k: lora r=2",
+                                adapters=tmp_path / "qv.safetensors")
+
+
+def test_cli_falls_back_to_full_sequence_decoding_for_prefixes(tmp_path, capsys):
+    """Prefix tuning has no cached encoder-decoder path: `adaptc generate` reruns the decoder
+    on the whole sequence and prints greedy_generate's tokens."""
+    model = varied_t5()
+    model.module.save_pretrained(tmp_path / "ckpt")
+    spec = "decoder.block.*.layer.0.SelfAttention: prefix tokens=2"
+    (tmp_path / "s.adapt").write_text(spec + "\n")
+    gm = trained(model, spec, tmp_path / "a.safetensors")
+    ids = torch.tensor([[5, 17, 42]])
+    want = adaptc.greedy_generate(gm, ids, torch.ones_like(ids), 5,
+                                  decoder_start_token_id=0)[0, 1:].tolist()
+    assert main(["generate", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
+                 "--adapters", str(tmp_path / "a.safetensors"), "--prompt", "5 17 42",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want]
