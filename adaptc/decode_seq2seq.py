@@ -1,6 +1,6 @@
-"""Greedy generation of an encoder-decoder (T5, BART) through two infer-mode graphs: the
-encoder, run once per source, and the decoder over a static self-attention cache, run once
-per token.
+"""Greedy generation of an encoder-decoder (T5, BART) through infer-mode graphs: the encoder
+and the decoder's cross-attention keys and values, run once per source, and the decoder
+step over a static self-attention cache, run once per token.
 
 Both graphs hold the whole model at `model` (so spec targets and adapter files resolve as
 in the causal decoder, adaptc.decode) and each is compiled with the assignments whose modules
@@ -9,9 +9,11 @@ Virtual tokens (prompt tuning, P-tuning) go before the encoder's input; as in ca
 decoding the encoder pads nothing: it is given n placeholder ids and their positions, the
 prompt module writes the virtual tokens over them, and the decoder cross-attends to all
 n + S encoder states, as the full model does. The decoder's self-attention keys and values
-live in transformers' StaticCache (buffers written at `cache_position`); cross-attention
-recomputes its keys and values from the encoder states at each call (a DynamicCache that
-export sees empty). Prefix tuning is not supported here: its prefixes would have to sit in
+live in transformers' StaticCache (buffers written at `cache_position`). Exported with a
+DynamicCache that it sees empty, the decoder graph computes the cross-attention keys and
+values from the encoder states at every call; `hoist_invariant` moves that (and anything
+else reading only the encoder states) into a third graph run once per source, whose outputs
+the step graph takes as inputs. Prefix tuning is not supported here: its prefixes would have to sit in
 the static cache's first slots, which the seq2seq cache layout does not give.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
 from adaptc.passes.base import CompileContext
+from adaptc.passes.hoist_invariant import hoist_invariant
 from adaptc.passes.insert_prefix import PREFIX_METHODS
 from adaptc.passes.insert_prompt import PROMPT_METHODS
 
@@ -81,29 +84,35 @@ class CachedDecoder(nn.Module):
 
 
 class Seq2SeqDecoder:
-    """Greedy decoding (batch 1) of an encoder-decoder over its two compiled graphs.
+    """Greedy decoding (batch 1) of an encoder-decoder over its compiled graphs: the encoder;
+    `cross`, what the decoder computes from the encoder states alone (cross-attention keys
+    and values, hoisted out of the decoding loop: `hoisted` nodes); and the decoder step.
 
     Token ids are checked against the vocabulary, and lengths against the source's position
     limit and the cache, before anything runs; inputs are made on the graphs' device."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, max_cache_len: int,
-                 max_source_len: int, config, virtual: int = 0):
-        self.encoder, self.decoder = encoder, decoder
+    def __init__(self, encoder: nn.Module, cross: nn.Module, decoder: nn.Module,
+                 max_cache_len: int, max_source_len: int, config, virtual: int = 0,
+                 hoisted: int = 0):
+        self.encoder, self.cross, self.decoder, self.hoisted = encoder, cross, decoder, hoisted
         self.max_cache_len, self.max_source_len = max_cache_len, max_source_len
         self.vocab_size, self.start = config.vocab_size, config.decoder_start_token_id
         self.virtual = virtual
         self.device = next(decoder.parameters()).device
 
     @torch.no_grad()
-    def encode(self, source: list[int]) -> torch.Tensor:
-        """The encoder states [1, n + S, d] of `source` behind the n virtual tokens."""
+    def encode(self, source: list[int]) -> tuple[torch.Tensor, ...]:
+        """What decoding `source` reads: the encoder states [1, n + S, d] of `source` behind
+        the n virtual tokens, then the values hoisted from them (`cross`)."""
         check_token_ids(source, self.vocab_size)
         if len(source) > self.max_source_len:
             taken = f" left by {self.virtual} virtual tokens" if self.virtual else ""
             raise AdaptcError(f"a {len(source)}-token source exceeds the encoder's "
                               f"{self.max_source_len} positions{taken}")
         ids = torch.tensor([[0] * self.virtual + source], device=self.device)
-        return self.encoder(input_ids=ids, positions=torch.arange(ids.shape[1], device=self.device))
+        states = self.encoder(input_ids=ids,
+                              positions=torch.arange(ids.shape[1], device=self.device))
+        return states, *self.cross(states)
 
     @torch.no_grad()
     def generate(self, source: list[int], max_new_tokens: int,
@@ -117,26 +126,28 @@ class Seq2SeqDecoder:
         if max_new_tokens > self.max_cache_len:
             raise AdaptcError(f"{max_new_tokens} new tokens exceed the decoder's cache "
                               f"({self.max_cache_len}); compile it with a larger max_cache_len")
-        states = self.encode(source)
+        memory = self.encode(source)
         reply, last = [], self.start
         for position in range(max_new_tokens):
-            last = int(self.logits(states, [last], position)[-1].argmax())
+            last = int(self.logits(memory, [last], position)[-1].argmax())
             reply.append(last)
             if last == eos_token_id:
                 break
         return reply
 
     @torch.no_grad()
-    def logits(self, states: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
-        """Run decoder tokens `ids` at positions start.. over encoder `states`; their logits
-        [len(ids), vocab]. The cache keeps what calls before wrote at positions < start."""
+    def logits(self, memory: tuple[torch.Tensor, ...], ids: list[int],
+               start: int) -> torch.Tensor:
+        """Run decoder tokens `ids` at positions start.. over a source's `memory` (`encode`);
+        their logits [len(ids), vocab]. The cache keeps what calls before wrote at positions
+        < start."""
         if start + len(ids) > self.max_cache_len:
             raise AdaptcError(f"decoder position {start + len(ids) - 1} is past the cache "
                               f"({self.max_cache_len}); compile with a larger max_cache_len")
         check_token_ids(ids, self.vocab_size)
         positions = torch.arange(start, start + len(ids), device=self.device)
-        return self.decoder(decoder_input_ids=torch.tensor([ids], device=self.device),
-                            encoder_hidden_states=states, cache_position=positions)[0]
+        return self.decoder(torch.tensor([ids], device=self.device), memory[0], positions,
+                            *memory[1:])[0][0]
 
 
 def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
@@ -181,11 +192,13 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
         adapters, merge, fuse_projections, prompts=False)
     if adapters is not None:
         check_all_loaded(adapters, encoder_ctx, decoder_ctx)
+    cross, step, hoisted = hoist_invariant(decoder_graph, "encoder_hidden_states",
+                                           ("decoder_input_ids", "cache_position"))
+    graphs = encoder_graph, cross, step
     if torch_compile:
-        encoder_graph = torch.compile(encoder_graph, dynamic=True)
-        decoder_graph = torch.compile(decoder_graph, dynamic=True)
-    return Seq2SeqDecoder(encoder_graph, decoder_graph, max_cache_len, limit - virtual,
-                          loaded.module.config, virtual)
+        graphs = tuple(torch.compile(graph, dynamic=True) for graph in graphs)
+    return Seq2SeqDecoder(*graphs, max_cache_len, limit - virtual, loaded.module.config,
+                          virtual, hoisted)
 
 
 def refuse_prefixes(ctx) -> None:

@@ -13,6 +13,7 @@ from adaptc.cli import main
 from adaptc.decode_seq2seq import compile_seq2seq_decoder
 from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import wrap
+from adaptc.passes.graph import module_path
 
 SOURCE = [5, 9, 11, 3, 7, 20, 4]
 NEW = 10
@@ -76,8 +77,8 @@ def test_cached_decoding_equals_the_train_graph(tmp_path, name, kind):
                                   decoder_start_token_id=start)[0, 1:].tolist()
     reply = decoder.generate(SOURCE, NEW)
     assert reply == want
-    states = decoder.encode(SOURCE)
-    steps = torch.cat([decoder.logits(states, [token], i)
+    memory = decoder.encode(SOURCE)
+    steps = torch.cat([decoder.logits(memory, [token], i)
                        for i, token in enumerate([start, *reply[:-1]])])
     expected = full_sequence(gm, SOURCE, [start, *reply[:-1]])
     scale = expected.abs().max().item()
@@ -100,7 +101,7 @@ def test_graphs_split_the_adapters(tmp_path):
     assert all(".encoder." not in site for site in decoder_sites)
     train_sites = [f"model.{row['path']}" for row in adaptc.report_of(gm).sites]
     assert sorted(encoder_sites + decoder_sites) == sorted(train_sites)
-    assert decoder.encode(SOURCE).shape[1] == 3 + len(SOURCE)
+    assert decoder.encode(SOURCE)[0].shape[1] == 3 + len(SOURCE)
 
 
 def test_refuses_what_it_cannot_decode(tmp_path):
@@ -149,3 +150,30 @@ def test_cli_falls_back_to_full_sequence_decoding_for_prefixes(tmp_path, capsys)
                  "--adapters", str(tmp_path / "a.safetensors"), "--prompt", "5 17 42",
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in want]
+
+
+def linear_paths(graph) -> list[str]:
+    return [module_path(n) or "" for n in graph.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.linear.default]
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_cross_attention_keys_and_values_are_hoisted_out_of_the_step(tmp_path, merge):
+    """What reads only the encoder states runs once per source (`cross`): every decoder
+    layer's cross-attention k and v projections, with their LoRA when unmerged, and none of
+    it in the step graph; the tokens stay those of the train graph
+    (test above)."""
+    model = varied_t5()
+    spec = "attn.k,attn.v: lora r=2"
+    trained(model, spec, tmp_path / "a.safetensors")
+    decoder = compile_seq2seq_decoder(model, spec, adapters=tmp_path / "a.safetensors",
+                                      merge=merge)
+    layers = model.module.config.num_decoder_layers
+    cross, step = linear_paths(decoder.cross), linear_paths(decoder.decoder)
+    # k and v of each layer; unmerged, also B of each and one A GEMM for them all, since
+    # they all read the encoder states (fuse_siblings)
+    assert len(cross) == 2 * layers + (0 if merge else 2 * layers + 1)
+    assert all(".EncDecAttention." in path for path in cross)
+    assert not any(".EncDecAttention.k" in p or ".EncDecAttention.v" in p for p in step)
+    assert decoder.hoisted >= len(cross)
+    assert len(decoder.encode(SOURCE)) == 1 + 2 * layers  # states, then each layer's k and v
