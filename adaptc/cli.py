@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode; "
                          "encoder-decoders: the decoder's reply to the source, without a "
-                         "cache for prefix tuning)")
+                         "cache for gated methods)")
     gen.add_argument("spec", help=SPEC_HELP)
     gen.add_argument("--model", default=DEFAULT_MODEL, help=models)
     gen.add_argument("--adapters", metavar="FILE", help="trained adapter weights")
@@ -258,7 +258,6 @@ def run_generate(args) -> int:
     from adaptc.decode import compile_decoder
     from adaptc.decode_seq2seq import compile_seq2seq_decoder
     from adaptc.frontend.trace import is_encoder_decoder
-    from adaptc.passes.insert_prefix import PREFIX_METHODS
 
     tokenizer, eos = None, args.eos_token_id
     if args.text is not None:
@@ -273,7 +272,7 @@ def run_generate(args) -> int:
                               f"{args.prompt!r}") from None
     plan = spec_plan(args.spec)  # a spec error before the model loads
     model = placed_model(args)
-    if is_encoder_decoder(model) and any(r.config.method in PREFIX_METHODS for r in plan.rules):
+    if is_encoder_decoder(model) and any(getattr(r.config, "gate", False) for r in plan.rules):
         tokens = generate_from_source(model, plan, prompt, args, eos)
     elif is_encoder_decoder(model):
         decoder = compile_seq2seq_decoder(model, plan, adapters=args.adapters,
@@ -293,9 +292,9 @@ def run_generate(args) -> int:
 
 
 def generate_from_source(model, plan, source: list[int], args, eos: int | None) -> list[int]:
-    """An encoder-decoder's reply to `source` under prefix tuning (which the cached
-    Seq2SeqDecoder refuses): the infer graph run on the whole decoder sequence at each step
-    (no KV cache), greedy; the decoder's new tokens."""
+    """An encoder-decoder's reply to `source` under a gated (UniPELT) method, which the
+    cached Seq2SeqDecoder refuses in the decoder: the infer graph run on the whole decoder
+    sequence at each step (no KV cache), greedy; the decoder's new tokens."""
     import torch
 
     from adaptc.compiler import compile

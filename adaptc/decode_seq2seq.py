@@ -13,8 +13,11 @@ live in transformers' StaticCache (buffers written at `cache_position`). Exporte
 DynamicCache that it sees empty, the decoder graph computes the cross-attention keys and
 values from the encoder states at every call; `hoist_invariant` moves that (and anything
 else reading only the encoder states) into a third graph run once per source, whose outputs
-the step graph takes as inputs. Prefix tuning is not supported here: its prefixes would have to sit in
-the static cache's first slots, which the seq2seq cache layout does not give.
+the step graph takes as inputs. Prefixes (prefix tuning, P-tuning v2) are rewritten into
+the attentions each graph calls, from one tensor per statement that both graphs hold; in
+the decoder they sit before the cache's keys, its positions shift by P (BART) and T5's
+relative bias for the prefix columns follows `cache_position`. Gated methods (UniPELT) on
+decoder sites are refused: a gate averages over the whole decoder sequence.
 """
 from __future__ import annotations
 
@@ -171,7 +174,6 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
                           {"input_ids": ids, POSITIONS: torch.arange(3, device=device)},
                           loaded.source, loaded.family)
     encoder_ctx = prepare(encoder, spec, "infer")
-    refuse_prefixes(encoder_ctx)
     virtual = sum(a.rule.config.tokens for a in encoder_ctx.assignments
                   if a.method in PROMPT_METHODS)
     source = Dim("source", min=1, max=limit)
@@ -201,15 +203,6 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
                           virtual, hoisted)
 
 
-def refuse_prefixes(ctx) -> None:
-    prefixed = sorted({a.method for a in ctx.assignments if a.method in PREFIX_METHODS})
-    if prefixed:
-        raise AdaptcError(f"cached decoding of an encoder-decoder cannot run {', '.join(prefixed)}"
-                          ": the prefixes would have to fill the first slots of the "
-                          "self-attention cache; use adaptc.greedy_generate on the compiled "
-                          "module, which reruns the decoder on the whole sequence each step")
-
-
 def compile_half(model: LoadedModel, ctx, shapes: dict, adapters, merge: bool,
                  fuse_projections: bool, prompts: bool) -> nn.Module:
     """One of the two graphs: exported, given the assignments whose modules it calls (virtual
@@ -219,11 +212,20 @@ def compile_half(model: LoadedModel, ctx, shapes: dict, adapters, merge: bool,
         graph = export(model, shapes)
     called = {path for node in graph.graph.nodes
               for path, _ in node.meta.get("nn_module_stack", {}).values()}
-    ctx.assignments = [a for a in ctx.assignments if (prompts if a.method in PROMPT_METHODS
-                                                      else a.site.path in called)]
-    ctx.adapters, ctx.adapter_prefix, ctx.partial_adapters = adapters, PREFIX, True
+    gated = sorted({a.method for a in ctx.assignments
+                    if a.site.path in called and getattr(a.rule.config, "gate", False)})
+    if gated and not prompts:
+        raise AdaptcError(f"cached decoding cannot run gated {', '.join(gated)} (UniPELT) in "
+                          "the decoder: a gate averages over the whole decoder sequence, so "
+                          "every token's output depends on the tokens after it; use "
+                          "adaptc.greedy_generate, which reruns the whole sequence each step")
+    ctx.assignments = [a for a in ctx.assignments if (
+        prompts if a.method in PROMPT_METHODS
+        else a.method in PREFIX_METHODS or a.site.path in called)]  # a statement's prefixes
+    # are one tensor over all its layers, held by both graphs (insert_prefix, ctx.partial)
+    ctx.adapters, ctx.adapter_prefix, ctx.partial = adapters, PREFIX, True
     ctx.merge, ctx.fuse_projections = merge, fuse_projections
-    ctx.positions_input = POSITIONS if prompts else None
+    ctx.positions_input = POSITIONS if prompts else "cache_position"
     return run_pipeline(graph, ctx)
 
 

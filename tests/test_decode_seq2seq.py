@@ -41,6 +41,11 @@ SPECS = {  # T5 names its projections q, k, v, o, wi, wo; BART q_proj, …, fc1,
             "k_proj,v_proj: ia3; fc2: ia3 feedforward\nmixture moe router=soft experts=3"),
     "prompt": ("embed: prompt tokens=3; attn.q: lora r=2", "embed: prompt tokens=3"),
     "ptuning": ("embed: ptuning tokens=2", "embed: ptuning tokens=2 encoder=lstm"),
+    # PEFT's seq2seq prefix tuning (decoder self-attention), and Li & Liang's (all three)
+    "prefix decoder": ("decoder.block.*.layer.0.SelfAttention: prefix tokens=2",
+                       "decoder.layers.*.self_attn: prefix tokens=3"),
+    "prefix everywhere": ("attn, EncDecAttention: prefix tokens=2 projection=16",
+                          "self_attn, encoder_attn: ptuning2 tokens=3"),
 }
 
 
@@ -106,8 +111,9 @@ def test_graphs_split_the_adapters(tmp_path):
 
 def test_refuses_what_it_cannot_decode(tmp_path):
     t5 = varied_t5()
-    with pytest.raises(AdaptcError, match="cannot run prefix.*greedy_generate"):
-        compile_seq2seq_decoder(t5, "attn: prefix tokens=2")
+    with pytest.raises(AdaptcError, match="cannot run gated lora .*decoder.*greedy_generate"):
+        compile_seq2seq_decoder(t5, "attn.q: lora r=2 gate")
+    compile_seq2seq_decoder(t5, "encoder.block.*.layer.0.SelfAttention.q: lora r=2 gate")
     with pytest.raises(ModelError, match="not an encoder-decoder.*compile_decoder"):
         compile_seq2seq_decoder("llama", "q_proj: lora r=2")
     with pytest.raises(ModelError, match="meta device"):
@@ -135,12 +141,12 @@ def test_adapter_files_must_match_the_spec(tmp_path):
                                 adapters=tmp_path / "qv.safetensors")
 
 
-def test_cli_falls_back_to_full_sequence_decoding_for_prefixes(tmp_path, capsys):
-    """Prefix tuning has no cached encoder-decoder path: `adaptc generate` reruns the decoder
-    on the whole sequence and prints greedy_generate's tokens."""
+def test_cli_falls_back_to_full_sequence_decoding_for_gates(tmp_path, capsys):
+    """Gated methods have no cached encoder-decoder path: `adaptc generate` reruns the
+    decoder on the whole sequence and prints greedy_generate's tokens."""
     model = varied_t5()
     model.module.save_pretrained(tmp_path / "ckpt")
-    spec = "decoder.block.*.layer.0.SelfAttention: prefix tokens=2"
+    spec = "attn.q,attn.v: lora r=4 gate"
     (tmp_path / "s.adapt").write_text(spec + "\n")
     gm = trained(model, spec, tmp_path / "a.safetensors")
     ids = torch.tensor([[5, 17, 42]])

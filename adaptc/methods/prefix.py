@@ -145,7 +145,8 @@ class PrefixAttention(nn.Module):
     the explicit causal mask (the pass turns is_causal off). With a gate, `hidden` [B, S, F] is
     the attention block's input and both prefixes are scaled by G_P(hidden) [B]. With
     `relative` (T5), the mask carries a relative position bias, and the prefix columns get
-    theirs from `bias_table` (`RelativePositions`) instead of zeros.
+    theirs from `bias_table` (`RelativePositions`) instead of zeros, for queries at
+    `positions` [S_q] (None: 0 … S_q-1; cached decoding passes the cache positions).
     """
 
     def __init__(self, gate_features: int = 0, device: torch.device | None = None,
@@ -156,7 +157,8 @@ class PrefixAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 mask: torch.Tensor | None, prefix: torch.Tensor, is_causal: bool = False,
-                hidden: torch.Tensor | None = None, bias_table: torch.Tensor | None = None):
+                hidden: torch.Tensor | None = None, bias_table: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
         batch, heads, tokens = key.shape[0], key.shape[1], prefix.shape[1]
         prefix_k, prefix_v = (self.expand(part, batch, heads) for part in prefix.to(key.dtype))
         if self.gate is not None:
@@ -170,7 +172,9 @@ class PrefixAttention(nn.Module):
             return key, value, None
         shape = (*mask.shape[:-1], tokens)
         if self.relative is not None:
-            opening = self.relative.bias(bias_table, query.shape[2], tokens).to(mask.dtype)
+            if positions is None:
+                positions = torch.arange(query.shape[2], device=key.device)
+            opening = self.relative.bias(bias_table, positions, tokens).to(mask.dtype)
             opening = opening.expand(shape)
         else:
             opening = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)(shape)
@@ -201,9 +205,10 @@ class RelativePositions:
     max_distance: int
     bidirectional: bool
 
-    def bias(self, table: torch.Tensor, queries, tokens: int) -> torch.Tensor:
-        """[1, H, S, P] from the relative bias table [buckets, H]."""
-        rows = torch.arange(queries, device=table.device)[:, None] + tokens
+    def bias(self, table: torch.Tensor, positions: torch.Tensor, tokens: int) -> torch.Tensor:
+        """[1, H, S, P] from the relative bias table [buckets, H], for queries at `positions`
+        [S] (counted without the prefix)."""
+        rows = positions[:, None] + tokens
         cols = torch.arange(tokens, device=table.device)[None, :]
         found = self.bucket(cols - rows, bidirectional=self.bidirectional,
                             num_buckets=self.buckets, max_distance=self.max_distance)

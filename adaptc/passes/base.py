@@ -38,7 +38,8 @@ class CompileContext:
     merge: bool = True  # infer mode: fold weight-space updates into the base weights
     fuse_projections: bool = False  # infer mode: one GEMM for linears sharing an input
     adapter_prefix: str = ""  # module path of the adapted model inside the traced one
-    partial_adapters: bool = False  # the file also holds another graph's adapters: load ours
+    partial: bool = False  # the graph is part of the model (an encoder-decoder's decoding
+    # graphs): load the adapter file's tensors it has, prefix only the attentions it calls
     loaded_adapters: frozenset[str] = frozenset()  # the names load_adapters copied
     positions_input: str | None = None  # cached decoding: the input of absolute positions
     table_positions: int = 0  # rows of the position table that virtual tokens take

@@ -30,6 +30,14 @@ def module_path(node: Node) -> str | None:
     return list(stack.values())[-1][0] if stack else None
 
 
+def graph_input(gm: GraphModule, name: str) -> Node:
+    """The placeholder of input `name` (cached decoding's positions)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target == name:
+            return node
+    raise ModelError(f"the traced graph has no input '{name}' (the positions of its tokens)")
+
+
 def in_module(node: Node, path: str) -> bool:
     return any(entry[0] == path for entry in node.meta.get("nn_module_stack", {}).values())
 

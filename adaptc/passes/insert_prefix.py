@@ -13,7 +13,11 @@ same number of tokens (checked in `spec.lower`); in an encoder-decoder only the 
 shift, and only when a self-attention of the decoder has a prefix (a cross-attention's keys
 are the encoder's, whose positions stay). T5 has no positions to shift: its self-attentions
 add a relative position bias, and the prefix columns get the bias of keys at 0 … P-1 seen
-from queries at P … P+S-1 (`RelativePositions`).
+from queries at P … P+S-1 (`RelativePositions`); in cached decoding (`ctx.positions_input`)
+from P plus the positions the graph is given.
+
+With `ctx.partial` (an encoder-decoder's decoding graphs, adaptc.decode_seq2seq) a statement
+keeps all of its layers' prefixes, and only the attentions this graph calls are rewritten.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from adaptc.methods.prefix import PrefixAttention, PrefixEncoder, RelativePositi
 from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
 from adaptc.passes.graph import (
     attention_op,
+    graph_input,
     in_module,
     is_linear,
     linear_input,
@@ -50,7 +55,8 @@ class InsertPrefix:
         if not todo:
             return PassResult(gm, {"prefix_inserted": 0})
         todo.sort(key=lambda a: a.rule.index)
-        ops = {a.site.path: attention_op(gm, a.site.path) for a in todo}
+        ops = {a.site.path: attention_op(gm, a.site.path) for a in todo
+               if not ctx.partial or any(in_module(n, a.site.path) for n in gm.graph.nodes)}
         selves = [path for path, op in ops.items() if not is_cross_attention(op)]
         relative = {path: relative_positions(gm, ctx, path) for path in selves}
         relative = {path: found for path, found in relative.items() if found}
@@ -63,13 +69,16 @@ class InsertPrefix:
             self.insert_rule(gm, ctx, list(group), ops, relative)
         shifted = shift_positions(gm, tokens, "prefix", within) if within != [] else 0
         ctx.table_positions = tokens if shifted and table else 0
-        return PassResult(gm, {"prefix_inserted": len(todo)})
+        return PassResult(gm, {"prefix_inserted": len(ops)})
 
     def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment],
                     ops: dict[str, Node],
                     relative: dict[str, tuple[RelativePositions, Node]]) -> None:
         rule = group[0].rule
-        keys = {a.site.path: sdpa_arg(ops[a.site.path], "key").meta["val"] for a in group}
+        keys = {a.site.path: sdpa_arg(ops[a.site.path], "key").meta["val"] for a in group
+                if a.site.path in ops}
+        if not keys:  # all in the other graph (ctx.partial)
+            return
         key = next(iter(keys.values()))
         heads, head_dim = int(key.shape[1]), int(key.shape[-1])
         other = next((path for path, k in keys.items()
@@ -87,14 +96,18 @@ class InsertPrefix:
                           "line": rule.statement.span.line, "in": None, "out": None,
                           "shape": "×".join(map(str, encoder.shape)), "params": count(encoder),
                           "shared": True})
+        queries = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
         for layer, assignment in enumerate(group):
+            if assignment.site.path not in ops:  # in the other graph (ctx.partial)
+                continue
             hidden = attention_input(gm, assignment.site.path) if rule.config.gate else None
             width = int(hidden.meta["val"].shape[-1]) if hidden is not None else 0
             positions, table = relative.get(assignment.site.path, (None, None))
             attention = PrefixAttention(width, device=key.device, dtype=key.dtype,
                                         relative=positions)
             rewrite(gm, ops[assignment.site.path], f"{assignment.site.path}.prefix", attention,
-                    source, layer, rule.config.method, hidden, table)
+                    source, layer, rule.config.method, hidden, table,
+                    queries if positions is not None else None)
             ctx.sites.append(report(assignment.site, rule.config.method, assignment, attention))
 
 
@@ -125,7 +138,7 @@ def is_cross_attention(op: Node) -> bool:
     """Keys over another sequence than the queries (an encoder-decoder's cross-attention):
     their traced lengths are different symbols."""
     query, key = (sdpa_arg(op, name).meta["val"] for name in ("query", "key"))
-    return str(query.shape[2]) != str(key.shape[2])
+    return str(query.shape[2]) != str(key.shape[2]) and not isinstance(key.shape[2], int)
 
 
 def decoder_stacks(paths: list[str]) -> list[str]:
@@ -168,16 +181,17 @@ def attention_input(gm: GraphModule, path: str) -> Node:
 
 def rewrite(gm: GraphModule, op: Node, target: str, attention: PrefixAttention, source: Node,
             layer: int, method: str, hidden: Node | None = None,
-            table: Node | None = None) -> None:
+            table: Node | None = None, queries: Node | None = None) -> None:
     """sdpa(q, k, v, mask) → sdpa(q, k', v', mask') with k', v', mask' from `attention`
-    (which reads the relative bias `table` where the attention has one)."""
+    (which reads the relative bias `table` where the attention has one, and the queries'
+    positions from `queries` when the graph takes them as an input: cached decoding)."""
     gm.add_submodule(target, attention)
     graph = gm.graph
     args = [sdpa_arg(op, name) for name in ("query", "key", "value", "attn_mask")]
     causal = bool(sdpa_arg(op, "is_causal", False))
     with graph.inserting_before(op):
         prefix = graph.call_function(operator.getitem, (source, layer))
-        call = graph.call_module(target, (*args, prefix, causal, hidden, table))
+        call = graph.call_module(target, (*args, prefix, causal, hidden, table, queries))
         parts = [graph.call_function(operator.getitem, (call, i)) for i in range(3)]
     for new in (prefix, call, *parts):
         new.meta["nn_module_stack"] = dict(op.meta.get("nn_module_stack", {}))

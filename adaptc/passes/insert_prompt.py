@@ -28,7 +28,7 @@ from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prompt import PromptEmbedding, PromptEncoder
 from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
-from adaptc.passes.graph import in_module, reads_position_table
+from adaptc.passes.graph import graph_input, in_module, reads_position_table
 
 aten = torch.ops.aten
 PROMPT_METHODS = ("prompt", "ptuning")
@@ -124,13 +124,6 @@ def token_shaped(node: Node, seq) -> bool:
 def keeps_original(user: Node, padded: Node) -> bool:
     """Export's input guards check the inputs as given; everything else reads the padded."""
     return user is not padded and not (user.op == "call_module" and user.target == "_guards_fn")
-
-
-def graph_input(gm: GraphModule, name: str) -> Node:
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.target == name:
-            return node
-    raise ModelError(f"the traced graph has no input '{name}' to place virtual tokens by")
 
 
 def splice_prompts(gm: GraphModule, lookup: Node, target: str, module, method: str,

@@ -4,7 +4,7 @@ a bottleneck's up-projection start at zero, so the result equals the base model)
 
 The file is what `adaptc.save_adapters` wrote from a train-mode module of the same spec;
 names and shapes must match exactly (`adaptc.adapters.load_adapters`); with
-`ctx.partial_adapters` (an encoder-decoder's two decoding graphs share one file) each graph
+`ctx.partial` (an encoder-decoder's two decoding graphs share one file) each graph
 takes the tensors it has.
 """
 from __future__ import annotations
@@ -21,6 +21,6 @@ class LoadAdapters:
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         if ctx.adapters is None:
             return PassResult(gm, {"adapter_tensors_loaded": 0})
-        load_adapters(gm, ctx.adapters, ctx.adapter_prefix, partial=ctx.partial_adapters)
+        load_adapters(gm, ctx.adapters, ctx.adapter_prefix, partial=ctx.partial)
         ctx.loaded_adapters = frozenset(adapter_state_dict(gm))
         return PassResult(gm, {"adapter_tensors_loaded": len(ctx.loaded_adapters)})
