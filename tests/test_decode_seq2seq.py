@@ -67,8 +67,9 @@ def full_sequence(gm, source: list[int], decoder_ids: list[int]) -> torch.Tensor
 @pytest.mark.parametrize("kind", SPECS)
 @pytest.mark.parametrize("name", MODELS)
 def test_cached_decoding_equals_the_train_graph(tmp_path, name, kind):
-    """Greedy tokens equal greedy_generate on the train graph; the logits of each decoder
-    position, computed one token per call through the cache, equal the train graph's
+    """Greedy tokens equal greedy_generate on the train graph, also after a longer
+    generation on the same decoder; the logits of each decoder position, computed one
+    token per call through the cache, equal the train graph's
     teacher-forced logits, relative to their scale (unscaled T5 outputs reach ~10²) within
     1e-4: merged weights round differently from the train graph's W·x + s·B·A·x."""
     model = MODELS[name]()
@@ -80,7 +81,8 @@ def test_cached_decoding_equals_the_train_graph(tmp_path, name, kind):
     ids = torch.tensor([SOURCE])
     want = adaptc.greedy_generate(gm, ids, torch.ones_like(ids), NEW,
                                   decoder_start_token_id=start)[0, 1:].tolist()
-    reply = decoder.generate(SOURCE, NEW)
+    decoder.generate(list(range(30, 41)), NEW)  # a longer source and reply before: the
+    reply = decoder.generate(SOURCE, NEW)      # cache's stale entries must not be read
     assert reply == want
     memory = decoder.encode(SOURCE)
     steps = torch.cat([decoder.logits(memory, [token], i)
