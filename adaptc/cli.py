@@ -53,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--fuse-projections", action="store_true",
                       help="infer mode: one GEMM for linear layers that read the same input "
                       "(q, k, v; gate, up)")
+    comp.add_argument("--decoder", action="store_true",
+                      help="infer mode with -o: also write cached-decoding programs "
+                      "(decoding/) that `adaptc generate DIR` runs")
+    comp.add_argument("--max-cache-len", type=int, default=128,
+                      help="with --decoder: the KV cache's length in tokens")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
     comp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
     add_placement(comp)
@@ -92,8 +97,9 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode; "
                          "encoder-decoders: the decoder's reply to the source, without a "
                          "cache for gated methods)")
-    gen.add_argument("spec", help=SPEC_HELP)
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=models)
+    gen.add_argument("spec", help=f"{SPEC_HELP}; or an infer artifact directory written "
+                     "with --decoder, whose programs run without compiling")
+    gen.add_argument("--model", help=models)
     gen.add_argument("--adapters", metavar="FILE", help="trained adapter weights")
     given = gen.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="token ids, e.g. '5 17 42'")
@@ -101,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
                        "(the output is decoded, and generation stops at its end-of-sequence "
                        "token unless --eos-token-id says otherwise)")
     gen.add_argument("--max-new-tokens", type=int, default=16)
-    gen.add_argument("--max-cache-len", type=int, default=128)
+    gen.add_argument("--max-cache-len", type=int, help="the KV cache's length in tokens "
+                     "(default 128)")
     gen.add_argument("--eos-token-id", type=int, metavar="ID",
                      help="stop after generating this token id")
     gen.add_argument("--torch-compile", action="store_true",
@@ -147,6 +154,9 @@ def run_compile(args) -> int:
     if args.mode != "infer" and (not args.merge or args.fuse_projections):
         raise AdaptcError("--no-merge and --fuse-projections are for --mode infer (train "
                           "mode keeps the layers as traced)")
+    if args.decoder and not (args.mode == "infer" and args.output):
+        raise AdaptcError("--decoder writes decoding programs into an infer artifact: it "
+                          "needs --mode infer and -o DIR")
     if args.output:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
@@ -161,6 +171,7 @@ def run_compile(args) -> int:
             reference, adapters = train_reference(ctx, args.adapters, Path(scratch))
         gm = compile(ctx.model, ctx.plan, args.mode, adapters=adapters, merge=args.merge,
                      fuse_projections=args.fuse_projections, dump_dir=args.dump_passes)
+        decoder = cached_decoder(ctx.model, ctx.plan, adapters, args) if args.decoder else None
     report = report_of(gm)
     print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
           f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")
@@ -172,8 +183,20 @@ def run_compile(args) -> int:
     if args.output and args.mode == "train":
         write_train(args, ctx, gm)
     elif args.output:
-        write_infer(args, ctx, gm, reference)
+        write_infer(args, ctx, gm, reference, decoder)
     return 0
+
+
+def cached_decoder(model, plan, adapters: str | None, args):
+    """The cached decoder of the model's kind (adaptc.decode, adaptc.decode_seq2seq)."""
+    from adaptc.decode import compile_decoder
+    from adaptc.decode_seq2seq import compile_seq2seq_decoder
+    from adaptc.frontend.trace import is_encoder_decoder
+
+    build = compile_seq2seq_decoder if is_encoder_decoder(model) else compile_decoder
+    return build(model, plan, adapters=adapters, max_cache_len=args.max_cache_len,
+                 merge=args.merge, fuse_projections=args.fuse_projections,
+                 torch_compile=getattr(args, "torch_compile", False))
 
 
 def train_reference(ctx, adapters: str | None, scratch: Path):
@@ -216,18 +239,26 @@ def write_train(args, ctx, gm) -> None:
           f"load it with adaptc.load({str(out)!r})")
 
 
-def write_infer(args, ctx, gm, reference) -> None:
-    """program.pt2, hf/ and report.json, verified against the train-mode graph."""
+def write_infer(args, ctx, gm, reference, decoder) -> None:
+    """program.pt2, hf/, decoding/ and report.json, verified against the train-mode graph
+    (decoding/: against the compiled decoder)."""
     from adaptc.export import HF_DIR, REPORT_FILE, write_infer_artifact
 
-    out = write_infer_artifact(gm, ctx.model, args.output, reference=reference, force=args.force)
+    out = write_infer_artifact(gm, ctx.model, args.output, reference=reference, force=args.force,
+                               decoder=decoder)
     report = json.loads((out / REPORT_FILE).read_text())
     check = report["verification"]
     hf = f"{HF_DIR}/, " if report["hf"] else ""
-    print(f"wrote {out}/ (program.pt2, {hf}report.json); against the train-mode graph: "
+    saved = "decoding/, " if decoder else ""
+    print(f"wrote {out}/ (program.pt2, {hf}{saved}report.json); against the train-mode graph: "
           f"max abs error {check['max_abs_error']:.3g}, max rel error {check['max_rel_error']:.3g}")
     if report.get("hf_skipped"):
         print(f"no {HF_DIR}/ checkpoint: {report['hf_skipped']}")
+    if decoder:
+        check = report["decoding"]["check"]
+        same = "the same" if check["same_tokens"] else "OTHER"
+        print(f"decoding/: {same} greedy tokens as the compiled decoder, max abs logit error "
+              f"{check['max_abs_logit_error']:.3g}; run it with `adaptc generate {out}`")
 
 
 def spec_plan(spec: str):
@@ -255,13 +286,18 @@ def run_check(args) -> int:
 
 
 def run_generate(args) -> int:
-    from adaptc.decode import compile_decoder
-    from adaptc.decode_seq2seq import compile_seq2seq_decoder
+    from adaptc.decoding_program import DECODING_DIR, load_decoding
     from adaptc.frontend.trace import is_encoder_decoder
 
+    saved = Path(args.spec).is_dir()
+    if saved:
+        refuse_compile_options(args)
+    args.model = args.model or DEFAULT_MODEL
+    args.max_cache_len = 128 if args.max_cache_len is None else args.max_cache_len
     tokenizer, eos = None, args.eos_token_id
     if args.text is not None:
-        tokenizer = checkpoint_tokenizer(args.model)
+        tokenizer = checkpoint_tokenizer(str(Path(args.spec) / DECODING_DIR) if saved
+                                         else args.model)
         prompt = tokenizer(args.text)["input_ids"]
         eos = tokenizer.eos_token_id if eos is None else eos
     else:
@@ -270,25 +306,35 @@ def run_generate(args) -> int:
         except ValueError:
             raise AdaptcError(f"--prompt takes token ids separated by spaces, got "
                               f"{args.prompt!r}") from None
-    plan = spec_plan(args.spec)  # a spec error before the model loads
-    model = placed_model(args)
-    if is_encoder_decoder(model) and any(getattr(r.config, "gate", False) for r in plan.rules):
-        tokens = generate_from_source(model, plan, prompt, args, eos)
-    elif is_encoder_decoder(model):
-        decoder = compile_seq2seq_decoder(model, plan, adapters=args.adapters,
-                                          max_cache_len=args.max_cache_len, merge=args.merge,
-                                          fuse_projections=args.fuse_projections,
-                                          torch_compile=args.torch_compile)
-        tokens = decoder.generate(prompt, args.max_new_tokens, eos)
+    if saved:
+        tokens = load_decoding(args.spec, args.torch_compile).generate(
+            prompt, args.max_new_tokens, eos)
     else:
-        decoder = compile_decoder(model, plan, adapters=args.adapters,
-                                  max_cache_len=args.max_cache_len, merge=args.merge,
-                                  fuse_projections=args.fuse_projections,
-                                  torch_compile=args.torch_compile)
-        tokens = decoder.generate(prompt, args.max_new_tokens, eos)
+        plan = spec_plan(args.spec)  # a spec error before the model loads
+        model = placed_model(args)
+        if is_encoder_decoder(model) and any(getattr(r.config, "gate", False)
+                                             for r in plan.rules):
+            tokens = generate_from_source(model, plan, prompt, args, eos)
+        else:
+            decoder = cached_decoder(model, plan, args.adapters, args)
+            tokens = decoder.generate(prompt, args.max_new_tokens, eos)
     print(tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer
           else " ".join(map(str, tokens)))
     return 0
+
+
+def refuse_compile_options(args) -> None:
+    """A saved decoder is compiled already: options that would change it are errors."""
+    given = [flag for flag, value in (("--model", args.model), ("--adapters", args.adapters),
+                                      ("--max-cache-len", args.max_cache_len),
+                                      ("--no-merge", not args.merge),
+                                      ("--fuse-projections", args.fuse_projections),
+                                      ("--dtype", args.dtype), ("--device", args.device))
+             if value]
+    if given:
+        raise AdaptcError(f"{args.spec} is a compiled artifact: {', '.join(given)} would "
+                          "change how it was compiled (recompile it with `adaptc compile "
+                          "--mode infer --decoder`)")
 
 
 def generate_from_source(model, plan, source: list[int], args, eos: int | None) -> list[int]:

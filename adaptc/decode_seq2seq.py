@@ -95,11 +95,11 @@ class Seq2SeqDecoder:
     limit and the cache, before anything runs; inputs are made on the graphs' device."""
 
     def __init__(self, encoder: nn.Module, cross: nn.Module, decoder: nn.Module,
-                 max_cache_len: int, max_source_len: int, config, virtual: int = 0,
-                 hoisted: int = 0):
+                 max_cache_len: int, max_source_len: int, vocab_size: int, start: int,
+                 virtual: int = 0, hoisted: int = 0):
         self.encoder, self.cross, self.decoder, self.hoisted = encoder, cross, decoder, hoisted
         self.max_cache_len, self.max_source_len = max_cache_len, max_source_len
-        self.vocab_size, self.start = config.vocab_size, config.decoder_start_token_id
+        self.vocab_size, self.start = vocab_size, start
         self.virtual = virtual
         self.device = next(decoder.parameters()).device
 
@@ -199,8 +199,9 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
     graphs = encoder_graph, cross, step
     if torch_compile:
         graphs = tuple(torch.compile(graph, dynamic=True) for graph in graphs)
-    return Seq2SeqDecoder(*graphs, max_cache_len, limit - virtual, loaded.module.config,
-                          virtual, hoisted)
+    config = loaded.module.config
+    return Seq2SeqDecoder(*graphs, max_cache_len, limit - virtual, config.vocab_size,
+                          config.decoder_start_token_id, virtual, hoisted)
 
 
 def compile_half(model: LoadedModel, ctx, shapes: dict, adapters, merge: bool,

@@ -6,9 +6,12 @@
                       parameter) and the model is a Hugging Face model: a standard
                       checkpoint (config.json + model.safetensors, and the input's
                       tokenizer files) that transformers loads without adaptc
+    DIR/decoding/     with a cached decoder (`--decoder`): its programs, for `adaptc generate
+                      DIR` (decoding_program.py)
     DIR/report.json   spec, model, pass counts, versions, and the verification: max absolute
                       and relative error of the saved program against the train-mode graph
-                      on random inputs (relative: max |program − train| / max |train|)
+                      on random inputs (relative: max |program − train| / max |train|); with
+                      decoding/, its description and check
 
 The directory is staged beside its destination and renamed into place (artifact.py's
 helpers); an existing non-empty output is refused unless `force`.
@@ -39,11 +42,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: GraphModule,
-                         force: bool = False) -> Path:
+                         force: bool = False, decoder=None) -> Path:
     """Export the infer-mode `gm` compiled from `model` into `out`, atomically.
 
     `reference` is the train-mode graph of the same spec and adapter weights; the report
-    compares the saved program with it.
+    compares the saved program with it. `decoder`, a cached decoder compiled from the same
+    spec and weights (compile_decoder, compile_seq2seq_decoder), goes into decoding/.
     """
     out = Path(out)
     refuse_existing(out, force)
@@ -61,6 +65,9 @@ def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: 
             write_hf(gm, model, staging / HF_DIR)
         check = verify(load_program(staging / PROGRAM).module(), reference, model)
         report = describe(gm, model, why_no_hf, check)
+        if decoder is not None:
+            from adaptc.decoding_program import DECODING_DIR, save_decoding  # imports this
+            report["decoding"] = save_decoding(decoder, staging / DECODING_DIR, model.source)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return out
 

@@ -61,10 +61,11 @@ def export(model: LoadedModel, shapes: dict | None = None) -> GraphModule:
     return graph_module
 
 
-def export_dynamic(module: nn.Module, inputs: dict,
-                   shapes: dict) -> torch.export.ExportedProgram:
+def export_dynamic(module: nn.Module, inputs: dict, shapes: dict,
+                   positional: bool = False) -> torch.export.ExportedProgram:
     """torch.export over the named dynamic dims in `shapes`; failing that, the same dims as
-    `Dim.AUTO`.
+    `Dim.AUTO`. `inputs` are passed by keyword, or in their order with `positional` (for
+    graphs whose callers pass them so: the program checks calls against how it was traced).
 
     Some graphs carry shape guards that hold for every size but that a torch release cannot
     prove over a named range (torch 2.11 on the grouped-query `repeat_kv` of transformers'
@@ -73,10 +74,10 @@ def export_dynamic(module: nn.Module, inputs: dict,
     example's size instead is an error: the graph would accept only that size.
     """
     try:
-        return quiet_export(module, inputs, shapes)
+        return quiet_export(module, inputs, shapes, positional)
     except Exception:  # retried below; when that fails too, its error is the one reported
         auto = {k: None if v is None else dict.fromkeys(v, Dim.AUTO) for k, v in shapes.items()}
-        program = quiet_export(module, inputs, auto)
+        program = quiet_export(module, inputs, auto, positional)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     for name, dims in shapes.items():
         for dim, spec in (dims or {}).items() if name in placeholders else ():
@@ -87,7 +88,8 @@ def export_dynamic(module: nn.Module, inputs: dict,
     return program
 
 
-def quiet_export(module: nn.Module, inputs: dict, shapes: dict) -> torch.export.ExportedProgram:
+def quiet_export(module: nn.Module, inputs: dict, shapes: dict,
+                 positional: bool = False) -> torch.export.ExportedProgram:
     """torch.export without the partial graph it prints to stderr when tracing stops on a
     data-dependent op (pages of generated code ahead of the one-line error we report) and
     the symbolic-shape logger's "Unable to find user code" warnings that come with it.
@@ -99,7 +101,8 @@ def quiet_export(module: nn.Module, inputs: dict, shapes: dict) -> torch.export.
     shapes_log.setLevel(logging.ERROR)
     try:
         with redirect_stderr(captured):
-            return torch.export.export(module, (), dict(inputs), dynamic_shapes=shapes,
+            args, kwargs = (tuple(inputs.values()), {}) if positional else ((), dict(inputs))
+            return torch.export.export(module, args, kwargs, dynamic_shapes=shapes,
                                        strict=False)
     except Exception as err:
         partial = str(getattr(err, "partial_fx_graph", "") or "")
