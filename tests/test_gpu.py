@@ -154,3 +154,16 @@ def test_cli_compiles_and_exports_for_cuda(tiny, tmp_path, capsys):
     assert got.dtype == torch.bfloat16 and got.device.type == "cuda"
     tol = TOLERANCES[torch.bfloat16]  # autotuning may pick other kernel configs per module
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_saved_decoder_on_cuda(tiny, tmp_path):
+    """A cached decoder compiled on the GPU (Triton kernels in the graph), saved and loaded
+    back, gives the compiled decoder's tokens on the GPU."""
+    from adaptc.decode import compile_decoder
+    from adaptc.decoding_program import load_decoding, save_decoding
+    model, _, weights = card_on_cuda(tiny("llama"), tmp_path, scale=0.3)
+    compiled = compile_decoder(model, CARD, adapters=weights, max_cache_len=32)
+    about = save_decoding(compiled, tmp_path / "decoding")
+    saved = load_decoding(tmp_path / "decoding")
+    assert saved.device.type == "cuda" and about["check"]["same_tokens"]
+    assert saved.generate([5, 17, 42], 8) == compiled.generate([5, 17, 42], 8)
