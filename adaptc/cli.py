@@ -1,4 +1,5 @@
-"""The `adaptc` command line: compile, inspect, check, import-peft, export-peft, passes.
+"""The `adaptc` command line: compile, inspect, check, import-peft, export-peft, generate,
+passes.
 
 User errors (spec, model, weights, output) print their message and exit 1 with no
 traceback; argument errors exit 2.
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--adapters", metavar="FILE", help="infer mode: trained adapter weights "
                       "(.safetensors from adaptc.save_adapters); default: the initial weights")
     comp.add_argument("-o", "--output", help="write an artifact directory (infer mode: "
-                      "program.pt2, hf/ when everything merged, report.json)")
+                      "program.pt2, hf/ when everything merged, decoding/ with --decoder, report.json)")
     comp.add_argument("--no-merge", dest="merge", action="store_false",
                       help="infer mode: keep weight-space updates beside the base weights "
                       "(LoRA as linear ops, sibling A matrices in one GEMM)")
