@@ -57,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--decoder", action="store_true",
                       help="infer mode with -o: also write cached-decoding programs "
                       "(decoding/) that `adaptc generate DIR` runs")
-    comp.add_argument("--max-cache-len", type=int, default=128,
-                      help="with --decoder: the KV cache's length in tokens")
+    comp.add_argument("--max-cache-len", type=int,
+                      help="with --decoder: the KV cache's length in tokens (default 128)")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
     comp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
     add_placement(comp)
@@ -158,6 +158,9 @@ def run_compile(args) -> int:
     if args.decoder and not (args.mode == "infer" and args.output):
         raise AdaptcError("--decoder writes decoding programs into an infer artifact: it "
                           "needs --mode infer and -o DIR")
+    if args.max_cache_len is not None and not args.decoder:
+        raise AdaptcError("--max-cache-len sizes the cache of --decoder's programs; it needs "
+                          "--decoder")
     if args.output:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
     start = time.perf_counter()
@@ -195,7 +198,8 @@ def cached_decoder(model, plan, adapters: str | None, args):
     from adaptc.frontend.trace import is_encoder_decoder
 
     build = compile_seq2seq_decoder if is_encoder_decoder(model) else compile_decoder
-    return build(model, plan, adapters=adapters, max_cache_len=args.max_cache_len,
+    cache = 128 if args.max_cache_len is None else args.max_cache_len
+    return build(model, plan, adapters=adapters, max_cache_len=cache,
                  merge=args.merge, fuse_projections=args.fuse_projections,
                  torch_compile=getattr(args, "torch_compile", False))
 
@@ -294,7 +298,6 @@ def run_generate(args) -> int:
     if saved:
         refuse_compile_options(args)
     args.model = args.model or DEFAULT_MODEL
-    args.max_cache_len = 128 if args.max_cache_len is None else args.max_cache_len
     tokenizer, eos = None, args.eos_token_id
     if args.text is not None:
         tokenizer = checkpoint_tokenizer(str(Path(args.spec) / DECODING_DIR) if saved
@@ -327,7 +330,7 @@ def run_generate(args) -> int:
 def refuse_compile_options(args) -> None:
     """A saved decoder is compiled already: options that would change it are errors."""
     given = [flag for flag, value in (("--model", args.model), ("--adapters", args.adapters),
-                                      ("--max-cache-len", args.max_cache_len),
+                                      ("--max-cache-len", args.max_cache_len is not None),
                                       ("--no-merge", not args.merge),
                                       ("--fuse-projections", args.fuse_projections),
                                       ("--dtype", args.dtype), ("--device", args.device))

@@ -121,6 +121,9 @@ def test_decoding_errors(tiny, tmp_path, capsys):
     assert main(["compile", str(spec), "-o", str(tmp_path / "t"), "--decoder"]) == 1
     assert "needs --mode infer and -o DIR" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    assert main(["compile", str(spec), "--mode", "infer", "-o", str(tmp_path / "t"),
+                 "--max-cache-len", "64"]) == 1
+    assert "--max-cache-len sizes the cache of --decoder's programs" in capsys.readouterr().err
 
     out = tmp_path / "out"
     assert main(["compile", str(spec), "--mode", "infer", "-o", str(out)]) == 0
