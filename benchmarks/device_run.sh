@@ -13,6 +13,10 @@
 # the others' output intact; rows print as they are measured, so a step cut short still
 # reports what it finished. torch.compile of the 22-layer model takes a while per provider,
 # so the compile step covers two workloads at 8x512 only: run more in a second call.
+# Arguments name the steps to run (default: all); on 2026-12-04 the five together needed
+# more than one 590 s call (the limits below are sized for a subset per call), so run them in
+# two or three calls, e.g.
+#   run(command="benchmarks/device_run.sh test_gpu decode", carry=[".whl"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/adaptc-device}
@@ -24,9 +28,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
+only=" $* "
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log
   local name=$1 limit=$2
   shift 2
+  if [ -n "${only// /}" ] && [[ "$only" != *" $name "* ]]; then return; fi
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   echo "   rc=$? ($(tail -n 1 "$out/$name.log"))"
@@ -36,10 +42,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, triton, transformers, peft, lark, safetensors; print('torch', \
 torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
 'peft', peft.__version__)" | tee -a "$out/device.txt" || exit 1
-step test_gpu 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step test_gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step kernels 70 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 2048 --rank 8
-step infer_eager 170 python3 benchmarks/infer_speed.py --rounds 3 --write
-step decode 70 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 --write
-step infer_compile 120 python3 benchmarks/infer_speed.py --compile --rounds 3 --write \
+step infer_eager 300 python3 benchmarks/infer_speed.py --rounds 3 --write
+step decode 240 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 --write
+step infer_compile 400 python3 benchmarks/infer_speed.py --compile --rounds 3 --write \
   --shapes 8x512 --workloads merged "q,v r8" --providers adaptc peft
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
