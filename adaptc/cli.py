@@ -193,12 +193,12 @@ def run_compile(args) -> int:
 
 def cached_decoder(model, plan, adapters: str | None, args):
     """The cached decoder of the model's kind (adaptc.decode, adaptc.decode_seq2seq)."""
-    from adaptc.decode import compile_decoder
+    from adaptc.decode import MAX_CACHE_LEN, compile_decoder
     from adaptc.decode_seq2seq import compile_seq2seq_decoder
     from adaptc.frontend.trace import is_encoder_decoder
 
     build = compile_seq2seq_decoder if is_encoder_decoder(model) else compile_decoder
-    cache = 128 if args.max_cache_len is None else args.max_cache_len
+    cache = MAX_CACHE_LEN if args.max_cache_len is None else args.max_cache_len
     return build(model, plan, adapters=adapters, max_cache_len=cache,
                  merge=args.merge, fuse_projections=args.fuse_projections,
                  torch_compile=getattr(args, "torch_compile", False))

@@ -27,6 +27,7 @@ from adaptc.passes.insert_prompt import PROMPT_METHODS
 
 PREFIX = "model."
 POSITIONS = "cache_position"  # the static-cache module's input of absolute positions
+MAX_CACHE_LEN = 128  # the default cache length in tokens (also of encoder-decoders' decoders)
 
 
 class Decoder:
@@ -101,7 +102,7 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
 
 
 def compile_decoder(model, spec, *, adapters: str | Path | None = None,
-                    max_cache_len: int = 128, merge: bool = True,
+                    max_cache_len: int = MAX_CACHE_LEN, merge: bool = True,
                     fuse_projections: bool = False, torch_compile: bool = False) -> Decoder:
     """The infer-mode graph of `spec` on a causal LM, exported for cached decoding
     (`merge` and `fuse_projections` as in `adaptc.compile`).
@@ -116,9 +117,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
         raise AdaptcError(f"max_cache_len must be at least 2, got {max_cache_len}")
     loaded = as_model(model, None)
     device = next(loaded.module.parameters()).device
-    wrapped = LoadedModel(static_cache_module(loaded, max_cache_len),
-                          {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
-                           "cache_position": torch.arange(2, device=device)},
+    wrapped = LoadedModel(static_cache_module(loaded, max_cache_len), example_step(device),
                           loaded.source, loaded.family)
     ctx = prepare(wrapped, spec, "infer")
     gated = sorted({a.method for a in ctx.assignments if getattr(a.rule.config, "gate", False)})
@@ -131,14 +130,25 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     ctx.fuse_projections, ctx.positions_input = fuse_projections, POSITIONS
     virtual = sum(a.rule.config.tokens for a in ctx.assignments
                   if a.method in PROMPT_METHODS)
-    seq = Dim("seq", min=1, max=max_cache_len)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
-        graph = export(wrapped, {"input_ids": {1: seq}, "cache_position": {0: seq}})
+        graph = export(wrapped, step_shapes(max_cache_len))
     graph = run_pipeline(graph, ctx)
     if torch_compile:
         graph = torch.compile(graph, dynamic=True)
     return Decoder(graph, max_cache_len, loaded.module.config.vocab_size, virtual)
+
+
+def example_step(device) -> dict:
+    """Inputs the decoder graph is traced (and saved, decoding_program) with: two tokens."""
+    return {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+            POSITIONS: torch.arange(2, device=device)}
+
+
+def step_shapes(max_cache_len: int) -> dict:
+    """The decoder graph's dynamic dims: a prompt's prefill and one-token steps."""
+    steps = Dim("steps", min=1, max=max_cache_len)
+    return {"input_ids": {1: steps}, POSITIONS: {0: steps}}
 
 
 def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:

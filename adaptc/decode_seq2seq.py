@@ -32,7 +32,7 @@ from torch.export import Dim
 
 from adaptc.adapters import ENCODERS
 from adaptc.compiler import as_model, prepare, run_pipeline
-from adaptc.decode import PREFIX, check_token_ids
+from adaptc.decode import MAX_CACHE_LEN, PREFIX, check_token_ids
 from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
@@ -154,7 +154,7 @@ class Seq2SeqDecoder:
 
 
 def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
-                            max_cache_len: int = 128, merge: bool = True,
+                            max_cache_len: int = MAX_CACHE_LEN, merge: bool = True,
                             fuse_projections: bool = False,
                             torch_compile: bool = False) -> Seq2SeqDecoder:
     """The infer-mode graphs of `spec` on an encoder-decoder, exported for cached decoding
@@ -177,8 +177,7 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
     virtual = sum(a.rule.config.tokens for a in encoder_ctx.assignments
                   if a.method in PROMPT_METHODS)
     source = Dim("source", min=1, max=limit)
-    encoder_graph = compile_half(encoder, encoder_ctx,
-                                 {"input_ids": {1: source}, POSITIONS: {0: source}},
+    encoder_graph = compile_half(encoder, encoder_ctx, encoder_shapes(source),
                                  adapters, merge, fuse_projections, prompts=True)
     with torch.no_grad():
         states = encoder.module(**encoder.example_inputs)
@@ -188,10 +187,8 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
                           loaded.source, loaded.family)
     steps = Dim("steps", min=1, max=max_cache_len)
     decoder_ctx = prepare(decoder, spec, "infer")
-    decoder_graph = compile_half(
-        decoder, decoder_ctx, {"decoder_input_ids": {1: steps},
-                               "encoder_hidden_states": {1: source}, "cache_position": {0: steps}},
-        adapters, merge, fuse_projections, prompts=False)
+    decoder_graph = compile_half(decoder, decoder_ctx, decoder_shapes(source, steps),
+                                 adapters, merge, fuse_projections, prompts=False)
     if adapters is not None:
         check_all_loaded(adapters, encoder_ctx, decoder_ctx)
     cross, step, hoisted = hoist_invariant(decoder_graph, "encoder_hidden_states",
@@ -202,6 +199,17 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
     config = loaded.module.config
     return Seq2SeqDecoder(*graphs, max_cache_len, limit - virtual, config.vocab_size,
                           config.decoder_start_token_id, virtual, hoisted)
+
+
+def encoder_shapes(source: Dim) -> dict:
+    """The encoder graph's dynamic dims (traced here, saved by decoding_program)."""
+    return {"input_ids": {1: source}, POSITIONS: {0: source}}
+
+
+def decoder_shapes(source: Dim, steps: Dim) -> dict:
+    """The decoder graph's dynamic dims, those of its inputs before hoisting."""
+    return {"decoder_input_ids": {1: steps}, "encoder_hidden_states": {1: source},
+            "cache_position": {0: steps}}
 
 
 def compile_half(model: LoadedModel, ctx, shapes: dict, adapters, merge: bool,

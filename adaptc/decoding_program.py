@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from adaptc.decode import POSITIONS, Decoder
+from adaptc.decode import Decoder, example_step, step_shapes
 from adaptc.decode_seq2seq import POSITIONS as SOURCE_POSITIONS
-from adaptc.decode_seq2seq import Seq2SeqDecoder
+from adaptc.decode_seq2seq import Seq2SeqDecoder, decoder_shapes, encoder_shapes
 from adaptc.errors import ArtifactError, first_line
 from adaptc.export import TOKENIZER_FILES, load_program
 from adaptc.frontend.trace import export_dynamic
@@ -69,13 +69,9 @@ def limits(decoder: Decoder | Seq2SeqDecoder) -> dict:
 
 
 def export_causal(decoder: Decoder) -> dict[str, torch.export.ExportedProgram]:
-    """The decoder graph with the sequence dynamic (a prompt's prefill and one-token steps)."""
-    device = decoder.device
-    steps = Dim("steps", min=1, max=decoder.max_cache_len)
-    inputs = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
-              POSITIONS: torch.arange(2, device=device)}
-    return {"decoder": export_graph(decoder.graph, inputs,
-                                    {"input_ids": {1: steps}, POSITIONS: {0: steps}}, "decoder")}
+    """The decoder graph with its traced inputs and dynamic dims (adaptc.decode)."""
+    return {"decoder": export_graph(decoder.graph, example_step(decoder.device),
+                                    step_shapes(decoder.max_cache_len), "decoder")}
 
 
 def export_seq2seq(decoder: Seq2SeqDecoder) -> dict[str, torch.export.ExportedProgram]:
@@ -90,19 +86,20 @@ def export_seq2seq(decoder: Seq2SeqDecoder) -> dict[str, torch.export.ExportedPr
     moving = [{d: source for d in range(a.dim()) if a.shape[d] != b.shape[d]}
               for a, b in zip(hoisted, longer[1:])]
     ids = torch.ones(1, states.shape[1], dtype=torch.long, device=device)
-    names = [n.target for n in graph_of(decoder.decoder).graph.nodes if n.op == "placeholder"]
+    names = [node.target for node in graph_of(decoder.decoder).graph.nodes
+             if node.op == "placeholder"]
     step_inputs = dict(zip(names, (torch.ones(1, 2, dtype=torch.long, device=device), states,
                                    torch.arange(2, device=device), *hoisted)))
-    step_shapes = dict(zip(names, ({1: steps}, {1: source}, {0: steps}, *moving)))
+    # the step graph's placeholders: decoder_shapes' three inputs, then the hoisted tensors
+    step_dims = {**decoder_shapes(source, steps), **dict(zip(names[3:], moving))}
+    encoder_inputs = {"input_ids": ids,
+                      SOURCE_POSITIONS: torch.arange(ids.shape[1], device=device)}
     return {
-        "encoder": export_graph(decoder.encoder,
-                                {"input_ids": ids, SOURCE_POSITIONS: torch.arange(
-                                    ids.shape[1], device=device)},
-                                {"input_ids": {1: source}, SOURCE_POSITIONS: {0: source}},
+        "encoder": export_graph(decoder.encoder, encoder_inputs, encoder_shapes(source),
                                 "encoder"),
         "cross": export_graph(decoder.cross, {names[1]: states}, {names[1]: {1: source}},
                               "cross", positional=True),
-        "decoder": export_graph(decoder.decoder, step_inputs, step_shapes, "decoder",
+        "decoder": export_graph(decoder.decoder, step_inputs, step_dims, "decoder",
                                 positional=True)}
 
 
