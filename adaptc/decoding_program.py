@@ -31,6 +31,7 @@ from adaptc.decode_seq2seq import Seq2SeqDecoder, decoder_shapes, encoder_shapes
 from adaptc.errors import ArtifactError, first_line
 from adaptc.export import TOKENIZER_FILES, load_program
 from adaptc.frontend.trace import export_dynamic
+from adaptc.passes.bind_ops import bind_ops
 
 DECODING_DIR, DESCRIPTION = "decoding", "decoding.json"
 FORMAT = 1
@@ -103,6 +104,13 @@ def export_seq2seq(decoder: Seq2SeqDecoder) -> dict[str, torch.export.ExportedPr
                                 positional=True)}
 
 
+def bound(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A loaded program's module with its ops bound as the compiler binds them (bind_ops):
+    the saved programs hold aten ops, which cost more host time per decoding step."""
+    bind_ops(graph)
+    return graph
+
+
 def graph_of(module: torch.nn.Module) -> torch.nn.Module:
     """The graph under a torch.compile wrapper (export traces the graph itself)."""
     return getattr(module, "_orig_mod", module)
@@ -135,7 +143,7 @@ def load_decoding(path: str | Path, torch_compile: bool = False) -> Decoder | Se
         if kind not in ("causal", "encoder-decoder"):
             raise ValueError(f"unknown kind {kind!r}")
         names = ("decoder",) if kind == "causal" else ("encoder", "cross", "decoder")
-        graphs = [load_program(folder / f"{name}.pt2").module() for name in names]
+        graphs = [bound(load_program(folder / f"{name}.pt2").module()) for name in names]
         if torch_compile:
             graphs = [torch.compile(graph, dynamic=True) for graph in graphs]
         if kind == "causal":

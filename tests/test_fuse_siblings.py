@@ -17,6 +17,7 @@ from adaptc.decode import compile_decoder
 from adaptc.errors import AdaptcError
 from adaptc.frontend.trace import trace
 from adaptc.methods.lora import LoraAdapter
+from adaptc.passes.bind_ops import aten_op
 from adaptc.passes.graph import aten
 
 TOL = 1e-5
@@ -31,7 +32,7 @@ def unmerged(model, spec: str, path):
 
 
 def linear_count(gm) -> int:
-    return sum(n.op == "call_function" and n.target in (aten.linear.default, aten.addmm.default)
+    return sum(n.op == "call_function" and aten_op(n) in (aten.linear.default, aten.addmm.default)
                for n in gm.graph.nodes)
 
 

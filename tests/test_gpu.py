@@ -92,6 +92,35 @@ def test_vectors_kernel_on_cuda(dtype, tokens, top_k, feedforward):
                                atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_fused_ops_never_synchronize_the_host(tokens):
+    """After the first call (autotuning measures, so it waits), no op reads a device value
+    back: the host keeps queueing kernels. torch's sync debug mode raises on any op that
+    synchronises (`torch.bincount` did, in the mixture's grouping)."""
+    torch.manual_seed(0)
+    d, n, experts, rank, dtype = 256, 384, 8, 8, torch.bfloat16
+    x, res = randn(tokens, d, dtype=dtype), randn(tokens, d, dtype=dtype)
+    calls = [
+        lambda: torch.ops.adaptc.bottleneck_adapter(
+            x, res, randn(64, d, dtype=dtype), randn(64, dtype=dtype), randn(d, 64, dtype=dtype),
+            randn(d, dtype=dtype), "gelu"),
+        lambda: torch.ops.adaptc.mixture_lora(
+            x, res, randn(experts, d, dtype=dtype), randn(experts, rank, d, dtype=dtype),
+            randn(experts, d, rank, dtype=dtype), 2.0, 2),
+        lambda: torch.ops.adaptc.mixture_vectors(
+            randn(tokens, n, dtype=dtype), x, randn(experts, d, dtype=dtype),
+            randn(experts, n, dtype=dtype), 2)]
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def card_on_cuda(model, tmp_path: Path, scale: float):
     """(the model moved to CUDA, its train-mode card graph with random adapters scaled by
     `scale`, those adapters saved to a file)."""

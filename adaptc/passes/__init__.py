@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from adaptc.passes.base import CompileContext, Pass, PassResult
+from adaptc.passes.bind_ops import BindOps
 from adaptc.passes.canonicalize_linears import CanonicalizeLinears
 from adaptc.passes.fold_prompts import FoldPrompts
 from adaptc.passes.freeze_base import FreezeBase
@@ -64,6 +65,7 @@ def default_pipeline(mode: str = "train", merge: bool = True,
         *([FuseProjections()]  # linears reading one input (q, k, v, LoRA As) → one GEMM
           if fuse_projections else []),
         LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
+        BindOps(),           # aten overloads → torch's Python bindings; no-op nodes dropped
         Verify(),
     ]
 

@@ -11,8 +11,10 @@ Eager math: `adaptc.methods.mixture.MixtureOfLora.gates` / `forward` (plus the r
 Pipeline over the T flattened tokens and their T·k (token, slot) assignments:
   1. router kernel: logits, top-k by repeated argmax, softmax over the chosen → gates [T, E]
      float32, experts [T, k] int32. One program holds BLOCK_T tokens × all E logits.
-  2. grouping (torch ops, no host sync): a stable argsort of the assignments by expert id gives
-     the token of each sorted row, and a bincount/cumsum the segment offsets [E+1].
+  2. grouping (torch ops, no host sync): a stable sort of the assignments by expert id gives
+     the token of each sorted row, and a binary search of the sorted ids for 0..E the segment
+     offsets [E+1]. (Not `torch.bincount`: on CUDA it reads the ids' min and max back to the
+     host, two synchronisations per call that stall the launch queue.)
   3. shrink kernel, grid (token blocks, E): h = x[tokens] · A_eᵀ for the rows of segment e
      → h [T·k, r] in x's dtype. Segments hold at most T rows, so the grid needs no host sync;
      programs past their segment's end return at once.
@@ -336,11 +338,10 @@ def route_tokens(x: torch.Tensor, router: torch.Tensor,
 def group_by_expert(chosen: torch.Tensor,
                     num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the T·k assignments by expert: each sorted row's token [T·k], offsets [E+1]; int32."""
-    flat = chosen.flatten().long()
-    order = torch.argsort(flat, stable=True)
+    experts, order = torch.sort(chosen.flatten(), stable=True)
     tokens = (order // chosen.shape[1]).to(torch.int32)
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    bounds = torch.arange(num_experts + 1, dtype=experts.dtype, device=experts.device)
+    offsets = torch.searchsorted(experts, bounds, out_int32=True)
     return tokens, offsets
 
 

@@ -1,0 +1,151 @@
+"""Host time per forward pass and per decoding step: what a graph costs beyond its kernels.
+
+The GPU run of infer_speed.py (RESULTS.md, H200) showed eager 1.1B timings of ~23 ms at
+1×1 and at 8×512 alike: launch- and host-bound, with the traced base graph alone at 1.1–1.6×
+the Hugging Face model. This script measures that host time on any machine: a Llama with the
+1.1B model's 22 layers but hidden size 64 makes every kernel tiny, so a forward's time is
+the time spent calling ops. Each row is timed interleaved with the eager model in one run.
+
+    python benchmarks/host_overhead.py [--rounds 5] [--tokens 32] [--write]
+
+Forward rows (batch 1 × 1 token, float32): the eager HF model; its traced graph as exported
+(aten overloads); the same graph after `bind_ops`; and the infer-mode graphs of
+infer_speed.py's workloads (bound, as `adaptc.compile` returns them). Decoding rows: greedy
+tokens/s over a 4-token prompt, for transformers' `generate` (eager, dynamic cache), and
+for one saved cached decoder (decoding/decoder.pt2, merged LoRA r8 on q,v) loaded as saved
+(aten ops) and loaded through `load_decoding` (bound). The fused ops' rows on the CPU time
+their PyTorch reference, not the Triton path.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from timing import seconds
+
+LAYERS, VOCAB = 22, 256
+WORKLOADS = {  # infer_speed.py's workloads, by spec and merge
+    "LoRA all-linear r16, merged": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: "
+                                    "lora r=16 alpha=32", True),
+    "LoRA all-linear r16 unmerged": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: "
+                                     "lora r=16 alpha=32", False),
+    "bottleneck 64 after attention and FFN": ("attn,ffn: adapter bottleneck=64", True),
+    "mixture 8 experts top-2 r8 on q,v": ("q_proj,v_proj: lora r=8 alpha=16\n"
+                                          "mixture moe k=2 experts=8", True),
+}
+
+
+def narrow_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                         use_cache=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def calls(graph) -> int:
+    return sum(n.op in ("call_function", "call_method", "call_module") for n in graph.graph.nodes)
+
+
+def forward_variants(model) -> dict[str, torch.nn.Module]:
+    import adaptc
+    from adaptc.compiler import as_model
+    from adaptc.frontend.trace import trace
+    from adaptc.passes.bind_ops import bind_ops
+
+    bound = trace(as_model(model, None))
+    bind_ops(bound)
+    found = {"graph, aten ops": trace(as_model(model, None)), "graph, bound": bound}
+    for name, (spec, merge) in WORKLOADS.items():
+        found[f"adaptc: {name}"] = adaptc.compile(model, spec, "infer", merge=merge)
+    return found
+
+
+def decoders(model, scratch: Path, cache: int) -> dict[str, Callable[[int], object]]:
+    """name → generate(n new tokens) for the decoding rows."""
+    from adaptc.decode import Decoder, compile_decoder
+    from adaptc.decoding_program import load_decoding, save_decoding
+    from adaptc.export import load_program
+
+    save_decoding(compile_decoder(model, "q_proj,v_proj: lora r=8", max_cache_len=cache),
+                  scratch / "decoding")
+    saved = Decoder(load_program(scratch / "decoding" / "decoder.pt2").module(), cache, VOCAB)
+    bound = load_decoding(scratch / "decoding")
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    return {
+        "transformers generate": lambda n: model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, use_cache=True, pad_token_id=0),
+        "saved decoder, aten ops": lambda n: saved.generate([1, 2, 3, 4], n),
+        "saved decoder, bound": lambda n: bound.generate([1, 2, 3, 4], n)}
+
+
+@torch.no_grad()
+def measure(rounds: int, tokens: int) -> tuple[list, list]:
+    model = narrow_llama()
+    ids = torch.randint(0, VOCAB, (1, 1))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    variants = forward_variants(model)
+    runs = {"HF eager": model, **variants}
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for key, fn in runs.items():
+            times[key].append(seconds(lambda fn=fn: fn(**x), False))
+    base = statistics.median(times["HF eager"])
+    forward = [(key, calls(variants[key]) if key in variants else None,
+                statistics.median(t), statistics.median(t) / base) for key, t in times.items()]
+    for key, n, t, ratio in forward:
+        print(f"{key:50s} {n or '':>6} calls {t * 1e3:8.3f} ms  × eager {ratio:5.2f}", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        generate = decoders(model, Path(scratch), tokens + 8)
+        rates = {k: [] for k in generate}
+        for _ in range(rounds):
+            for key, fn in generate.items():
+                rates[key].append(tokens / seconds(lambda fn=fn: fn(tokens), False, repeat=3))
+    first = statistics.median(rates["transformers generate"])
+    decoding = [(key, statistics.median(r), statistics.median(r) / first)
+                for key, r in rates.items()]
+    for key, rate, ratio in decoding:
+        print(f"{key:50s} {rate:9.1f} tok/s  × generate {ratio:5.2f}", flush=True)
+    return forward, decoding
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # host time of one thread calling ops, as a GPU's host thread
+    forward, decoding = measure(args.rounds, args.tokens)
+    if args.write:
+        write(forward, decoding, args)
+
+
+def write(forward, decoding, args) -> None:
+    import transformers
+    lines = [f"\n## host_overhead.py — {datetime.date.today()}",
+             f"Device: CPU ({platform.machine()}, 1 thread). torch {torch.__version__}, "
+             f"transformers {transformers.__version__}, float32. Llama with {LAYERS} layers, "
+             f"hidden 64, vocab {VOCAB}: kernels are tiny, times are host time. Forward: "
+             f"1×1, fastest of 20 calls per round, median of {args.rounds} interleaved rounds. "
+             f"Decoding: 4-token prompt, {args.tokens} new tokens, greedy. Fused ops ran their "
+             f"PyTorch reference (no GPU).\n",
+             "| forward | calls | ms | × HF eager |", "|---|---|---|---|"]
+    lines += [f"| {k} | {n or ''} | {t * 1e3:.3f} | {r:.2f} |" for k, n, t, r in forward]
+    lines += ["", "| decoding | tokens/s | × transformers generate |", "|---|---|---|"]
+    lines += [f"| {k} | {rate:.1f} | {r:.2f} |" for k, rate, r in decoding]
+    with Path(__file__).with_name("RESULTS.md").open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
