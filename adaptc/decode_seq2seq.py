@@ -37,6 +37,7 @@ from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
 from adaptc.passes.base import CompileContext
+from adaptc.passes.bind_ops import shortcut_modules
 from adaptc.passes.hoist_invariant import hoist_invariant
 from adaptc.passes.insert_prefix import PREFIX_METHODS
 from adaptc.passes.insert_prompt import PROMPT_METHODS
@@ -193,6 +194,8 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
         check_all_loaded(adapters, encoder_ctx, decoder_ctx)
     cross, step, hoisted = hoist_invariant(decoder_graph, "encoder_hidden_states",
                                            ("decoder_input_ids", "cache_position"))
+    for graph in (cross, step):  # new GraphModules, new containers: bind_ops' shortcuts again
+        shortcut_modules(graph)
     graphs = encoder_graph, cross, step
     if torch_compile:
         graphs = tuple(torch.compile(graph, dynamic=True) for graph in graphs)

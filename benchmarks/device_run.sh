@@ -16,7 +16,7 @@
 # Arguments name the steps to run (default: all); on 2026-12-04 the five together needed
 # more than one 590 s call (the limits below are sized for a subset per call), so run them in
 # two or three calls, e.g.
-#   run(command="benchmarks/device_run.sh test_gpu decode", carry=[".whl"], timeout_s=590)
+#   run(command="benchmarks/device_run.sh test_gpu host decode", carry=[".whl"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/adaptc-device}
@@ -44,8 +44,11 @@ torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__
 'peft', peft.__version__)" | tee -a "$out/device.txt" || exit 1
 step test_gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step kernels 70 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 2048 --rank 8
+step host 120 python3 benchmarks/host_overhead.py --device cuda --rounds 3 --tokens 32 --write
 step infer_eager 300 python3 benchmarks/infer_speed.py --rounds 3 --write
 step decode 240 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 --write
 step infer_compile 400 python3 benchmarks/infer_speed.py --compile --rounds 3 --write \
   --shapes 8x512 --workloads merged "q,v r8" --providers adaptc peft
+step infer_cudagraphs 400 python3 benchmarks/infer_speed.py --compile reduce-overhead --rounds 3 \
+  --write --shapes 1x128 8x512 --workloads all-linear bottleneck mixture --providers adaptc
 cp benchmarks/RESULTS.md "$out/RESULTS.md"

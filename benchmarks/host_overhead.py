@@ -7,14 +7,16 @@ the Hugging Face model. This script measures that host time on any machine: a Ll
 the time spent calling ops. Each row is timed interleaved with the eager model in one run.
 
     python benchmarks/host_overhead.py [--rounds 5] [--tokens 32] [--write]
+    python benchmarks/host_overhead.py --device cuda  # launch + host time on a GPU
 
 Forward rows (batch 1 × 1 token, float32): the eager HF model; its traced graph as exported
 (aten overloads); the same graph after `bind_ops`; and the infer-mode graphs of
 infer_speed.py's workloads (bound, as `adaptc.compile` returns them). Decoding rows: greedy
 tokens/s over a 4-token prompt, for transformers' `generate` (eager, dynamic cache), and
 for one saved cached decoder (decoding/decoder.pt2, merged LoRA r8 on q,v) loaded as saved
-(aten ops) and loaded through `load_decoding` (bound). The fused ops' rows on the CPU time
-their PyTorch reference, not the Triton path.
+(aten ops) and loaded through `load_decoding` (bound). On the CPU the fused ops' rows time
+their PyTorch reference (with its arithmetic: these rows also vary between runs by up to
+~1.7×, unlike the others), on CUDA their Triton kernels' launches.
 """
 from __future__ import annotations
 
@@ -41,14 +43,15 @@ WORKLOADS = {  # infer_speed.py's workloads, by spec and merge
 }
 
 
-def narrow_llama():
+def narrow_llama(device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                          use_cache=False)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    with torch.device(device):
+        return LlamaForCausalLM(config).eval()
 
 
 def calls(graph) -> int:
@@ -79,7 +82,7 @@ def decoders(model, scratch: Path, cache: int) -> dict[str, Callable[[int], obje
                   scratch / "decoding")
     saved = Decoder(load_program(scratch / "decoding" / "decoder.pt2").module(), cache, VOCAB)
     bound = load_decoding(scratch / "decoding")
-    prompt = torch.tensor([[1, 2, 3, 4]])
+    prompt = torch.tensor([[1, 2, 3, 4]], device=model.device)
     return {
         "transformers generate": lambda n: model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
@@ -89,16 +92,16 @@ def decoders(model, scratch: Path, cache: int) -> dict[str, Callable[[int], obje
 
 
 @torch.no_grad()
-def measure(rounds: int, tokens: int) -> tuple[list, list]:
-    model = narrow_llama()
-    ids = torch.randint(0, VOCAB, (1, 1))
+def measure(rounds: int, tokens: int, device: str) -> tuple[list, list]:
+    model = narrow_llama(device)
+    ids = torch.randint(0, VOCAB, (1, 1), device=device)
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     variants = forward_variants(model)
     runs = {"HF eager": model, **variants}
     times = {k: [] for k in runs}
     for _ in range(rounds):
         for key, fn in runs.items():
-            times[key].append(seconds(lambda fn=fn: fn(**x), False))
+            times[key].append(seconds(lambda fn=fn: fn(**x), device == "cuda"))
     base = statistics.median(times["HF eager"])
     forward = [(key, calls(variants[key]) if key in variants else None,
                 statistics.median(t), statistics.median(t) / base) for key, t in times.items()]
@@ -109,6 +112,7 @@ def measure(rounds: int, tokens: int) -> tuple[list, list]:
         rates = {k: [] for k in generate}
         for _ in range(rounds):
             for key, fn in generate.items():
+                # wall time: each call waits for its tokens (stopping checks, token lists)
                 rates[key].append(tokens / seconds(lambda fn=fn: fn(tokens), False, repeat=3))
     first = statistics.median(rates["transformers generate"])
     decoding = [(key, statistics.median(r), statistics.median(r) / first)
@@ -122,23 +126,30 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # host time of one thread calling ops, as a GPU's host thread
-    forward, decoding = measure(args.rounds, args.tokens)
+    forward, decoding = measure(args.rounds, args.tokens, args.device)
     if args.write:
         write(forward, decoding, args)
 
 
 def write(forward, decoding, args) -> None:
     import transformers
+    if args.device == "cuda":
+        import triton
+        where = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+                 f"{triton.__version__}")
+        timer, ops = "triton's do_bench median", "Fused ops ran their Triton kernels."
+    else:
+        where = f"CPU ({platform.machine()}, 1 thread), torch {torch.__version__}"
+        timer, ops = "fastest of 20 calls", "Fused ops ran their PyTorch reference (no GPU)."
     lines = [f"\n## host_overhead.py — {datetime.date.today()}",
-             f"Device: CPU ({platform.machine()}, 1 thread). torch {torch.__version__}, "
-             f"transformers {transformers.__version__}, float32. Llama with {LAYERS} layers, "
-             f"hidden 64, vocab {VOCAB}: kernels are tiny, times are host time. Forward: "
-             f"1×1, fastest of 20 calls per round, median of {args.rounds} interleaved rounds. "
-             f"Decoding: 4-token prompt, {args.tokens} new tokens, greedy. Fused ops ran their "
-             f"PyTorch reference (no GPU).\n",
+             f"Device: {where}, transformers {transformers.__version__}, float32. Llama with "
+             f"{LAYERS} layers, hidden 64, vocab {VOCAB}: kernels are tiny, times are host "
+             f"time. Forward: 1×1, {timer} per round, median of {args.rounds} interleaved "
+             f"rounds. Decoding: 4-token prompt, {args.tokens} new tokens, greedy. {ops}\n",
              "| forward | calls | ms | × HF eager |", "|---|---|---|---|"]
     lines += [f"| {k} | {n or ''} | {t * 1e3:.3f} | {r:.2f} |" for k, n, t, r in forward]
     lines += ["", "| decoding | tokens/s | × transformers generate |", "|---|---|---|"]

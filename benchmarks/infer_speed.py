@@ -6,6 +6,7 @@ in one run, eager and under torch.compile, as a ratio to the base model's time.
     python benchmarks/infer_speed.py --write         # also append to benchmarks/RESULTS.md
     python benchmarks/infer_speed.py --compile --shapes 8x512 --providers adaptc peft
                                                      # a subset (torch.compile takes a while)
+    python benchmarks/infer_speed.py --compile reduce-overhead   # Inductor + CUDA graphs
 
 Model: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000 (random
 init, seeded). Shapes batch×seq 1×1, 1×128, 8×512. Providers per workload: adaptc (infer
@@ -90,7 +91,7 @@ def base_graph(model):
 
 
 @torch.no_grad()
-def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds: int,
+def measure(model, workloads: dict, shapes, device: str, compiled: str | None, rounds: int,
             wanted: set[str] | None = None) -> list:
     """Rows (workload, provider, shape, seconds, × base), base timed next to each variant;
     each row is printed as soon as it is measured. `wanted`: the providers to time."""
@@ -105,7 +106,7 @@ def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds:
                 x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                 runs = {"base": model, **variants}
                 if compiled:
-                    runs = {k: torch.compile(v) for k, v in runs.items()}
+                    runs = {k: torch.compile(v, mode=compiled) for k, v in runs.items()}
                 times = {k: [] for k in runs}
                 for _ in range(rounds):  # interleaved: base, then each provider, per round
                     for key, fn in runs.items():
@@ -122,7 +123,9 @@ def measure(model, workloads: dict, shapes, device: str, compiled: bool, rounds:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true", help="CPU smoke run on a toy model")
-    parser.add_argument("--compile", action="store_true", help="time under torch.compile")
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        help="time under torch.compile (its mode: default, reduce-overhead "
+                             "for CUDA graphs, max-autotune)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--shapes", nargs="+", metavar="BxS", help="e.g. 1x1 8x512")
@@ -149,7 +152,7 @@ def write(rows, device: str, dtype, args) -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else platform.machine()
     lines = [f"\n## infer_speed.py — {datetime.date.today()}",
              f"Device: {device} ({name}). torch {torch.__version__}, transformers "
-             f"{transformers.__version__}, {dtype}, {'torch.compile' if args.compile else 'eager'}"
+             f"{transformers.__version__}, {dtype}, {f'torch.compile mode={args.compile}' if args.compile else 'eager'}"
              f", {'toy 2-layer model' if args.small else 'Llama-shaped 1.1B'}; median of "
              f"{args.rounds} interleaved rounds.\n",
              "| workload | provider | batch×seq | ms | × base |", "|---|---|---|---|---|"]

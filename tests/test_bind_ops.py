@@ -51,12 +51,35 @@ def test_training_dropout_and_real_casts_stay():
     same = graph.call_function(aten.to.dtype, (half, torch.float32))
     graph.output(same)
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
-    assert bind_ops(gm) == {"ops_bound": 2, "nodes_dropped": 0}
+    assert bind_ops(gm) == {"ops_bound": 2, "nodes_dropped": 0, "modules_shortcut": 0}
     assert [aten_op(n) for n in gm.graph.nodes if n.op == "call_function"] == [
         aten.dropout.default, aten.to.dtype, aten.to.dtype]
     torch.manual_seed(0)
     out = gm(torch.ones(2, 3))
     assert out.dtype == torch.float32 and set(out.flatten().tolist()) <= {0.0, 2.0}
+
+
+def test_module_shortcuts_follow_the_module(tiny):
+    """Submodules are found in their parents' __dict__; tensors are still read from the
+    module, so moving it (new buffer objects) or replacing a submodule reads the new ones."""
+    model = tiny("llama")
+    gm = trace(model)
+    bind_ops(gm)
+    layer = gm.model.layers._modules["0"]
+    assert gm.__dict__["model"] is gm.model and layer.__dict__["self_attn"] is layer.self_attn
+    assert "weight" not in layer.self_attn.q_proj.__dict__
+    x = inputs()
+    with torch.no_grad():
+        before = main_output(gm(**x))
+        gm.to(torch.float64)  # buffers (rotary inv_freq) become new tensors
+        assert main_output(gm(**x)).dtype == torch.float64
+        torch.testing.assert_close(main_output(gm(**x)).float(), before, atol=1e-5, rtol=1e-5)
+        gm.to(torch.float32)
+        zero = copy.deepcopy(layer.self_attn.o_proj)
+        torch.nn.init.zeros_(zero.weight)
+        layer.self_attn.o_proj = zero  # Module.__setattr__ drops the shortcut
+        assert layer.__dict__["self_attn"].o_proj is zero
+        assert not torch.equal(main_output(gm(**x)), before)
 
 
 def test_infer_graphs_and_loaded_decoders_are_bound(tiny, tmp_path):
@@ -65,6 +88,8 @@ def test_infer_graphs_and_loaded_decoders_are_bound(tiny, tmp_path):
     infer = adaptc.compile(model, spec, "infer", merge=False)
     assert adaptc.report_of(infer).counts["ops_bound"] > 0
     assert not targets(infer) & set(BINDINGS)
+    user = {id(m) for m in model.module.modules()}
+    assert not user & {id(m) for m in infer.modules()}  # shortcuts never touch user modules
     assert torch.ops.adaptc.bottleneck_adapter.default in targets(infer)  # custom ops stay
     decoder = compile_decoder(model, spec, max_cache_len=24)
     save_decoding(decoder, tmp_path / "decoding")

@@ -9,6 +9,15 @@ a third (benchmarks/host_overhead.py). The pass also removes nodes that compute 
 inference: eval-mode dropout, casts to the dtype a tensor already has, and export's dtype
 assertions on intermediate tensors (the graph's dtypes are fixed by its weights).
 
+The generated code reads each weight through an attribute chain
+(`getattr(self.model.layers, "0").self_attn.q_proj.weight`), and nn.Module keeps submodules
+in `_modules`, so every link is a call to the Python-level `Module.__getattr__`: a fifth of
+the bound graph's host time. `shortcut_modules` also sets each submodule on those chains in
+its parent's instance dict, where attribute lookup finds it without that call. Only modules
+are shortcut, never tensors (`Module.to` replaces buffers, which must still be read from
+`_buffers`); setting a submodule through `Module.__setattr__` drops the shortcut, and the
+graph's own containers are the compiler's, not the user's modules.
+
 Only ops whose binding takes the same arguments under the same names are bound (`BINDINGS`);
 the rest (slices, index ops, in-place cache updates, adaptc's custom ops) stay as they are.
 Each bound node keeps its overload in `meta[ATEN]` for anything that needs the schema.
@@ -91,7 +100,25 @@ def bind_ops(gm: GraphModule) -> dict[str, int]:
             node.target = BINDINGS[node.target]
             bound += 1
     gm.recompile()
-    return {"ops_bound": bound, "nodes_dropped": dropped}
+    return {"ops_bound": bound, "nodes_dropped": dropped, "modules_shortcut": shortcut_modules(gm)}
+
+
+def shortcut_modules(gm: GraphModule) -> int:
+    """Put the submodules on get_attr and call_module paths in their parents' `__dict__`."""
+    done = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        parent = gm
+        for name in node.target.split("."):
+            child = parent._modules.get(name)
+            if child is None:
+                break
+            if (id(parent), name) not in done:
+                parent.__dict__[name] = child
+                done.add((id(parent), name))
+            parent = child
+    return len(done)
 
 
 def aten_op(node: Node):

@@ -14,8 +14,8 @@ from torch import nn
 
 from adaptc.backends.triton import moe_lora as op_module
 from adaptc.backends.triton.moe_lora import (MAX_EXPERTS, PER_TOKEN_MAX_TOKENS,
-                                             group_by_expert, mixture_lora_reference,
-                                             mixture_lora_triton, route_tokens)
+                                             mixture_lora_reference, mixture_lora_triton,
+                                             route_tokens, sort_by_expert)
 from adaptc.methods import LoraConfig, MixtureConfig, MixtureOfLora
 
 TOKENS, D_IN, D_OUT, EXPERTS, RANK = 37, 72, 100, 5, 3
@@ -54,10 +54,12 @@ def eager(module: MixtureOfLora, inputs: dict) -> torch.Tensor:
 @pytest.mark.parametrize("top_k", TOP_KS)
 def test_router_kernel_matches_module_gates(top_k: int) -> None:
     module, inputs = make_case(top_k)
-    gates, chosen = route_tokens(inputs["x"], inputs["router"], top_k)
+    gates, chosen, counts = route_tokens(inputs["x"], inputs["router"], top_k)
     expected, _ = module.gates(inputs["x"])
     torch.testing.assert_close(gates, expected, **FP32)
     assert torch.equal(chosen.long(), expected.topk(top_k, dim=-1).indices)
+    # counts summed over the router kernel's programs (T=37: three blocks of 16 tokens)
+    assert counts.tolist() == torch.bincount(chosen.flatten(), minlength=EXPERTS).tolist()
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
@@ -85,8 +87,8 @@ def test_per_token_kernel_matches_reference_and_module(top_k: int, dtype: torch.
 def test_op_takes_the_per_token_kernel_for_few_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to PER_TOKEN_MAX_TOKENS tokens: one launch, no grouping; one more: grouped."""
     grouped = []
-    monkeypatch.setattr(op_module, "group_by_expert",
-                        lambda *a: grouped.append(1) or group_by_expert(*a))
+    monkeypatch.setattr(op_module, "sort_by_expert",
+                        lambda *a: grouped.append(1) or sort_by_expert(*a))
     module, inputs = make_case(2, lead=(1, FEW))
     out = torch.ops.adaptc.mixture_lora(**inputs)
     torch.testing.assert_close(out, eager(module, inputs), **FP32)
@@ -105,19 +107,17 @@ def test_all_tokens_routed_to_the_same_experts(top_k: int, per_token: bool) -> N
     weight = torch.tensor([-1.0, -2.0, 3.0, -3.0, 1.0])  # expert 2 first, then expert 4
     inputs["router"] = weight[:, None] * torch.full((EXPERTS, D_IN), 0.05)
     module.router.copy_(inputs["router"])
-    _, chosen = route_tokens(inputs["x"], inputs["router"], top_k)
-    _, offsets = group_by_expert(chosen, EXPERTS)
-    expected_counts = [0, 0, tokens, 0, tokens if top_k == 2 else 0]
-    assert offsets.diff().tolist() == expected_counts
+    _, chosen, counts = route_tokens(inputs["x"], inputs["router"], top_k)
+    assert counts.tolist() == [0, 0, tokens, 0, tokens if top_k == 2 else 0]
     out = mixture_lora_triton(**inputs, per_token=per_token)
     torch.testing.assert_close(out, eager(module, inputs), **FP32)
 
 
-def test_group_by_expert_sorts_assignments_stably() -> None:
+def test_sort_by_expert_sorts_assignments_stably() -> None:
     chosen = torch.tensor([[2, 0], [0, 1], [2, 1]], dtype=torch.int32)
-    tokens, offsets = group_by_expert(chosen, num_experts=4)
-    assert tokens.tolist() == [0, 1, 1, 2, 0, 2]
-    assert offsets.tolist() == [0, 2, 4, 6, 6]
+    order = sort_by_expert(chosen)
+    assert order.tolist() == [1, 2, 3, 5, 0, 4]  # token·k + slot: expert 0, 0, 1, 1, 2, 2
+    assert (order // 2).tolist() == [0, 1, 1, 2, 0, 2]
 
 
 def test_op_runs_kernels_on_leading_dims_and_no_tokens() -> None:

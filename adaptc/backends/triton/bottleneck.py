@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from adaptc.backends.triton import (check_input, check_tensor, dot, dot_block, dot_precision,
-                                    interpreting, upcast_dot, use_triton)
+from adaptc.backends.triton import (check_input, check_tensor, define_op, dot, dot_block,
+                                    dot_precision, interpreting, upcast_dot, use_triton)
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 MAX_FUSED_BOTTLENECK = 128
@@ -234,9 +234,8 @@ def _launch_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
         UPCAST_DOT=upcast_dot(a))
 
 
-# --------------------------------------------------------------------------- torch custom op
+# --------------------------------------------------------------------------- the op
 
-@torch.library.custom_op("adaptc::bottleneck_adapter", mutates_args=())
 def bottleneck_adapter(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                        down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
                        activation: str) -> torch.Tensor:
@@ -247,7 +246,10 @@ def bottleneck_adapter(x: torch.Tensor, residual: torch.Tensor, down: torch.Tens
     return bottleneck_adapter_reference(x, residual, down, down_bias, up, up_bias, activation)
 
 
-@bottleneck_adapter.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
-      up: torch.Tensor, up_bias: torch.Tensor, activation: str) -> torch.Tensor:
+def _bottleneck_adapter_fake(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
+                             down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+                             activation: str) -> torch.Tensor:
     return residual.new_empty(residual.shape, dtype=x.dtype)
+
+
+define_op(bottleneck_adapter, _bottleneck_adapter_fake)

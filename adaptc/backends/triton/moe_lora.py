@@ -10,11 +10,14 @@ Eager math: `adaptc.methods.mixture.MixtureOfLora.gates` / `forward` (plus the r
 
 Pipeline over the T flattened tokens and their T·k (token, slot) assignments:
   1. router kernel: logits, top-k by repeated argmax, softmax over the chosen → gates [T, E]
-     float32, experts [T, k] int32. One program holds BLOCK_T tokens × all E logits.
-  2. grouping (torch ops, no host sync): a stable sort of the assignments by expert id gives
-     the token of each sorted row, and a binary search of the sorted ids for 0..E the segment
-     offsets [E+1]. (Not `torch.bincount`: on CUDA it reads the ids' min and max back to the
-     host, two synchronisations per call that stall the launch queue.)
+     float32, experts [T, k] int32, and each expert's number of assignments, counts [E]
+     (each program adds its block's counts with one vector of atomics). One program holds
+     BLOCK_T tokens × all E logits.
+  2. grouping: one stable sort of the T·k assignments by expert id; the sorted row i holds
+     assignment order[i] of token order[i] // k. Expert e's rows start at the sum of the
+     counts before e, which the kernels below add up themselves (E ≤ 64 values, one load),
+     so there is no offsets pass, and nothing reads a device value back to the host (as
+     `torch.bincount` does on CUDA, to size its output: it would stall the launch queue).
   3. shrink kernel, grid (token blocks, E): h = x[tokens] · A_eᵀ for the rows of segment e
      → h [T·k, r] in x's dtype. Segments hold at most T rows, so the grid needs no host sync;
      programs past their segment's end return at once.
@@ -38,8 +41,8 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from adaptc.backends.triton import (check_input, check_tensor, dot, dot_block, dot_precision,
-                                    interpreting, upcast_dot, use_triton)
+from adaptc.backends.triton import (check_input, check_tensor, define_op, dot, dot_block,
+                                    dot_precision, interpreting, upcast_dot, use_triton)
 
 MAX_EXPERTS = 64
 MAX_RANK = 128
@@ -103,16 +106,17 @@ def router_logits(x_ptr, router_ptr, rows, row_mask, ex, ex_mask, D_IN, stride_x
     return tl.where(ex_mask[None, :], acc, float("-inf"))
 
 
-@triton.autotune(configs=_router_configs(), key=["D_IN", "E"])
+@triton.autotune(configs=_router_configs(), key=["D_IN", "E"], restore_value=["counts_ptr"])
 @triton.jit
 def _router_kernel(
-    x_ptr, router_ptr, gates_ptr, experts_ptr,
+    x_ptr, router_ptr, gates_ptr, experts_ptr, counts_ptr,
     T, D_IN, E, top_k,
     stride_xt, stride_xk,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """gates[t]: softmax over the top_k logits, 0 elsewhere; experts[t]: their ids, best first."""
+    """gates[t]: softmax over the top_k logits, 0 elsewhere; experts[t]: their ids, best first;
+    counts[e] += how many of the block's tokens chose e."""
     # ---- this program's tokens and their logits
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
@@ -127,34 +131,45 @@ def _router_kernel(
         best = tl.argmax(remaining, axis=1, tie_break_left=True)
         tl.store(experts_ptr + rows * top_k + slot, best, mask=row_mask)
         remaining = tl.where(ex[None, :] == best[:, None], float("-inf"), remaining)
+    chosen = (remaining == float("-inf")) & ex_mask[None, :]
+    picks = (chosen & row_mask[:, None]).to(tl.int32)
+    tl.atomic_add(counts_ptr + ex, tl.sum(picks, axis=0), mask=ex_mask)
 
     # ---- softmax over the chosen logits (the knocked-out ones), shifted by the best
-    chosen = (remaining == float("-inf")) & ex_mask[None, :]
     p = tl.where(chosen, tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
     gates = p / tl.sum(p, axis=1)[:, None]
     tl.store(gates_ptr + rows[:, None] * E + ex[None, :], gates,
              mask=row_mask[:, None] & ex_mask[None, :])
 
 
+@triton.jit
+def _segment(counts_ptr, expert, E, BLOCK_E: tl.constexpr):
+    """[start, end) of `expert`'s rows among the assignments sorted by expert."""
+    ex = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + ex, mask=ex < E, other=0)
+    start = tl.sum(tl.where(ex < expert, counts, 0))
+    return start, start + tl.sum(tl.where(ex == expert, counts, 0))
+
+
 @triton.autotune(configs=_shrink_configs(), key=["D_IN", "R"])
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, tokens_ptr, offsets_ptr, h_ptr,
-    D_IN, R,
+    x_ptr, a_ptr, order_ptr, counts_ptr, h_ptr,
+    D_IN, R, E, top_k,
     stride_xt, stride_xk,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """h[row] = A_e · x[tokens[row]] for the sorted rows of expert e = program_id(1)."""
+    """h[row] = A_e · x[token of row] for the sorted rows of expert e = program_id(1)."""
     # ---- this program's rows of expert e's segment; nothing to do past its end
     expert = tl.program_id(1)
-    first = tl.load(offsets_ptr + expert) + tl.program_id(0) * BLOCK_T
-    end = tl.load(offsets_ptr + expert + 1)
+    start, end = _segment(counts_ptr, expert, E, BLOCK_E)
+    first = start + tl.program_id(0) * BLOCK_T
     if first >= end:
         return
     rows = first + tl.arange(0, BLOCK_T)
     row_mask = rows < end
-    tokens = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
+    tokens = tl.load(order_ptr + rows, mask=row_mask, other=0) // top_k
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < R
 
@@ -176,21 +191,21 @@ def _shrink_kernel(
 @triton.autotune(configs=_expand_configs(), key=["D_OUT", "R"], restore_value=["out_ptr"])
 @triton.jit
 def _expand_kernel(
-    h_ptr, b_ptr, tokens_ptr, offsets_ptr, gates_ptr, out_ptr,
-    D_OUT, R, E, scale,
+    h_ptr, b_ptr, order_ptr, counts_ptr, gates_ptr, out_ptr,
+    D_OUT, R, E, top_k, scale,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """out[token] += s·g[token, e]·(B_e · h[row]) for the rows of expert e = program_id(2)."""
     # ---- this program's rows of expert e's segment and its output columns
     expert = tl.program_id(2)
-    first = tl.load(offsets_ptr + expert) + tl.program_id(0) * BLOCK_T
-    end = tl.load(offsets_ptr + expert + 1)
+    start, end = _segment(counts_ptr, expert, E, BLOCK_E)
+    first = start + tl.program_id(0) * BLOCK_T
     if first >= end:
         return
     rows = first + tl.arange(0, BLOCK_T)
     row_mask = rows < end
-    tokens = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
+    tokens = tl.load(order_ptr + rows, mask=row_mask, other=0) // top_k
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < R
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -323,26 +338,23 @@ def check_mixture_inputs(x: torch.Tensor, residual: torch.Tensor, router: torch.
 
 
 def route_tokens(x: torch.Tensor, router: torch.Tensor,
-                 top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router kernel on x [T, in]: gates [T, E] float32, chosen experts [T, top_k] int32."""
+                 top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router kernel on x [T, in]: gates [T, E] float32, chosen experts [T, top_k] int32,
+    assignments per expert [E] int32."""
     (tokens, d_in), experts = x.shape, router.shape[0]
     gates = torch.empty((tokens, experts), dtype=torch.float32, device=x.device)
     chosen = torch.empty((tokens, top_k), dtype=torch.int32, device=x.device)
+    counts = torch.zeros(experts, dtype=torch.int32, device=x.device)
     _router_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),)](
-        x, router.contiguous(), gates, chosen, tokens, d_in, experts, top_k,
+        x, router.contiguous(), gates, chosen, counts, tokens, d_in, experts, top_k,
         x.stride(0), x.stride(1), DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
         BLOCK_E=dot_block(experts))
-    return gates, chosen
+    return gates, chosen, counts
 
 
-def group_by_expert(chosen: torch.Tensor,
-                    num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort the T·k assignments by expert: each sorted row's token [T·k], offsets [E+1]; int32."""
-    experts, order = torch.sort(chosen.flatten(), stable=True)
-    tokens = (order // chosen.shape[1]).to(torch.int32)
-    bounds = torch.arange(num_experts + 1, dtype=experts.dtype, device=experts.device)
-    offsets = torch.searchsorted(experts, bounds, out_int32=True)
-    return tokens, offsets
+def sort_by_expert(chosen: torch.Tensor) -> torch.Tensor:
+    """The T·k assignments (token·k + slot) in expert order, stably: int64 [T·k]."""
+    return torch.sort(chosen.flatten(), stable=True).indices
 
 
 def mixture_lora_triton(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor,
@@ -352,7 +364,7 @@ def mixture_lora_triton(x: torch.Tensor, residual: torch.Tensor, router: torch.T
     PER_TOKEN_MAX_TOKENS tokens), or route, group, shrink and expand into a float32 copy of
     the residual."""
     check_mixture_inputs(x, residual, router, A, B, top_k)
-    experts, d_in, d_out = A.shape[0], A.shape[2], B.shape[1]
+    d_in, d_out = A.shape[2], B.shape[1]
     x2 = x.reshape(-1, d_in)
     if per_token is None:
         per_token = x2.shape[0] <= PER_TOKEN_MAX_TOKENS
@@ -362,10 +374,10 @@ def mixture_lora_triton(x: torch.Tensor, residual: torch.Tensor, router: torch.T
     out = torch.empty((x2.shape[0], d_out), dtype=torch.float32, device=x.device)
     out.copy_(residual.reshape(-1, d_out))
     if x2.shape[0] > 0:
-        gates, chosen = route_tokens(x2, router, top_k)
-        tokens, offsets = group_by_expert(chosen, experts)
-        h = _shrink(x2, A.contiguous(), tokens, offsets)
-        _expand(h, B.contiguous(), tokens, offsets, gates, out, scale)
+        gates, chosen, counts = route_tokens(x2, router, top_k)
+        order = sort_by_expert(chosen)
+        h = _shrink(x2, A.contiguous(), order, counts, top_k)
+        _expand(h, B.contiguous(), order, counts, gates, out, scale, top_k)
     return out.to(x.dtype).reshape(residual.shape)
 
 
@@ -382,30 +394,31 @@ def _per_token(x: torch.Tensor, res: torch.Tensor, router: torch.Tensor, A: torc
     return out
 
 
-def _shrink(x: torch.Tensor, A: torch.Tensor, tokens: torch.Tensor,
-            offsets: torch.Tensor) -> torch.Tensor:
-    """h [T·k, r] in x's dtype: row i is A_e·x[tokens[i]] for the segment e that holds it."""
+def _shrink(x: torch.Tensor, A: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
+            top_k: int) -> torch.Tensor:
+    """h [T·k, r] in x's dtype: row i is A_e·x[order[i] // k] for the segment e holding it."""
     (experts, rank, d_in), n_tokens = A.shape, x.shape[0]
-    h = torch.empty((tokens.shape[0], rank), dtype=x.dtype, device=x.device)
+    h = torch.empty((order.shape[0], rank), dtype=x.dtype, device=x.device)
     _shrink_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), experts)](
-        x, A, tokens, offsets, h, d_in, rank, x.stride(0), x.stride(1),
-        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_R=dot_block(rank))
+        x, A, order, counts, h, d_in, rank, experts, top_k, x.stride(0), x.stride(1),
+        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_R=dot_block(rank),
+        BLOCK_E=dot_block(experts))
     return h
 
 
-def _expand(h: torch.Tensor, B: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor,
-            gates: torch.Tensor, out: torch.Tensor, scale: float) -> None:
-    """out[tokens[i]] += scale·g[tokens[i], e]·B_e·h[i], in float32."""
+def _expand(h: torch.Tensor, B: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
+            gates: torch.Tensor, out: torch.Tensor, scale: float, top_k: int) -> None:
+    """out[t] += scale·g[t, e]·B_e·h[i] for t = order[i] // k, in float32."""
     (experts, d_out, rank), n_tokens = B.shape, out.shape[0]
     _expand_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),
                                  triton.cdiv(d_out, meta["BLOCK_N"]), experts)](
-        h, B, tokens, offsets, gates, out, d_out, rank, experts, scale,
-        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(h), BLOCK_R=dot_block(rank))
+        h, B, order, counts, gates, out, d_out, rank, experts, top_k, scale,
+        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(h), BLOCK_R=dot_block(rank),
+        BLOCK_E=dot_block(experts))
 
 
-# --------------------------------------------------------------------------- torch custom op
+# --------------------------------------------------------------------------- the op
 
-@torch.library.custom_op("adaptc::mixture_lora", mutates_args=())
 def mixture_lora(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor, A: torch.Tensor,
                  B: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
     """residual + scale·Σ_e g_e·B_e·A_e·x, by kernels or reference (`use_triton`)."""
@@ -415,7 +428,9 @@ def mixture_lora(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor, 
     return mixture_lora_reference(x, residual, router, A, B, scale, top_k)
 
 
-@mixture_lora.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor, A: torch.Tensor,
-      B: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
+def _mixture_lora_fake(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor,
+                       A: torch.Tensor, B: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
     return residual.new_empty(residual.shape, dtype=x.dtype)
+
+
+define_op(mixture_lora, _mixture_lora_fake)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptc.backends.triton import (check_input, check_tensor, dot_block, dot_precision,
+from adaptc.backends.triton import (check_input, check_tensor, define_op, dot_block, dot_precision,
                                     interpreting, upcast_dot, use_triton)
 from adaptc.backends.triton.moe_lora import MAX_EXPERTS, route_reference, router_logits
 
@@ -140,7 +140,6 @@ def mixture_vectors_triton(values: torch.Tensor, x: torch.Tensor, router: torch.
     return out.reshape(values.shape)
 
 
-@torch.library.custom_op("adaptc::mixture_vectors", mutates_args=())
 def mixture_vectors(values: torch.Tensor, x: torch.Tensor, router: torch.Tensor,
                     vectors: torch.Tensor, top_k: int) -> torch.Tensor:
     """values ⊙ Σ_e g_e(x)·vectors_e, by kernel or reference (`use_triton`)."""
@@ -150,7 +149,9 @@ def mixture_vectors(values: torch.Tensor, x: torch.Tensor, router: torch.Tensor,
     return mixture_vectors_reference(values, x, router, vectors, top_k)
 
 
-@mixture_vectors.register_fake
-def _(values: torch.Tensor, x: torch.Tensor, router: torch.Tensor, vectors: torch.Tensor,
-      top_k: int) -> torch.Tensor:
+def _mixture_vectors_fake(values: torch.Tensor, x: torch.Tensor, router: torch.Tensor,
+                          vectors: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.empty_like(values)
+
+
+define_op(mixture_vectors, _mixture_vectors_fake)

@@ -114,17 +114,17 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
         }, {"ACTIVATION": act, "HAS_RESIDUAL": res is not None, **opts}))
     launches.append(Launch("mixture_router", moe_lora._router_kernel, {
         "x_ptr": ptr, "router_ptr": ptr, "gates_ptr": "*fp32", "experts_ptr": "*i32",
-        "T": tokens, "D_IN": hidden, "E": experts, "top_k": top_k, **rows,
+        "counts_ptr": "*i32", "T": tokens, "D_IN": hidden, "E": experts, "top_k": top_k, **rows,
     }, {**opts, "BLOCK_E": dot_block(experts)}))
     launches.append(Launch("mixture_shrink", moe_lora._shrink_kernel, {
-        "x_ptr": ptr, "a_ptr": ptr, "tokens_ptr": "*i32", "offsets_ptr": "*i32", "h_ptr": ptr,
-        "D_IN": hidden, "R": rank, **rows,
-    }, {**opts, "BLOCK_R": dot_block(rank)}))
+        "x_ptr": ptr, "a_ptr": ptr, "order_ptr": "*i64", "counts_ptr": "*i32", "h_ptr": ptr,
+        "D_IN": hidden, "R": rank, "E": experts, "top_k": top_k, **rows,
+    }, {**opts, "BLOCK_R": dot_block(rank), "BLOCK_E": dot_block(experts)}))
     launches.append(Launch("mixture_expand", moe_lora._expand_kernel, {
-        "h_ptr": ptr, "b_ptr": ptr, "tokens_ptr": "*i32", "offsets_ptr": "*i32",
+        "h_ptr": ptr, "b_ptr": ptr, "order_ptr": "*i64", "counts_ptr": "*i32",
         "gates_ptr": "*fp32", "out_ptr": "*fp32", "D_OUT": hidden, "R": rank, "E": experts,
-        "scale": 2.0,
-    }, {**opts, "BLOCK_R": dot_block(rank)}))
+        "top_k": top_k, "scale": 2.0,
+    }, {**opts, "BLOCK_R": dot_block(rank), "BLOCK_E": dot_block(experts)}))
     launches.append(Launch("mixture_per_token", moe_lora._per_token_kernel, {
         "x_ptr": ptr, "res_ptr": ptr, "router_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr,
         "out_ptr": ptr, "D_IN": hidden, "D_OUT": hidden, "R": rank, "E": experts,
