@@ -32,14 +32,14 @@ import torch
 from timing import seconds
 
 LAYERS, VOCAB = 22, 256
-WORKLOADS = {  # infer_speed.py's workloads, by spec and merge
-    "LoRA all-linear r16, merged": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: "
-                                    "lora r=16 alpha=32", True),
-    "LoRA all-linear r16 unmerged": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: "
-                                     "lora r=16 alpha=32", False),
-    "bottleneck 64 after attention and FFN": ("attn,ffn: adapter bottleneck=64", True),
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: lora r=16 alpha=32"
+WORKLOADS = {  # infer_speed.py's workloads: spec, merge, fuse_projections
+    "LoRA all-linear r16, merged": (ALL_LINEAR, True, False),
+    "LoRA all-linear r16 unmerged": (ALL_LINEAR, False, False),
+    "LoRA all-linear r16 unmerged, fused projections": (ALL_LINEAR, False, True),
+    "bottleneck 64 after attention and FFN": ("attn,ffn: adapter bottleneck=64", True, False),
     "mixture 8 experts top-2 r8 on q,v": ("q_proj,v_proj: lora r=8 alpha=16\n"
-                                          "mixture moe k=2 experts=8", True),
+                                          "mixture moe k=2 experts=8", True, False),
 }
 
 
@@ -67,8 +67,9 @@ def forward_variants(model) -> dict[str, torch.nn.Module]:
     bound = trace(as_model(model, None))
     bind_ops(bound)
     found = {"graph, aten ops": trace(as_model(model, None)), "graph, bound": bound}
-    for name, (spec, merge) in WORKLOADS.items():
-        found[f"adaptc: {name}"] = adaptc.compile(model, spec, "infer", merge=merge)
+    for name, (spec, merge, fuse) in WORKLOADS.items():
+        found[f"adaptc: {name}"] = adaptc.compile(model, spec, "infer", merge=merge,
+                                                  fuse_projections=fuse)
     return found
 
 

@@ -20,6 +20,9 @@ SPEC = "attn.*,ffn.*: lora r=4 alpha=12"
 # with the biased layers, zeros in the fused bias).
 GROUPS = {True: {"llama": (5, 2), "mistral": (5, 2), "gpt2": (0, 0), "bert": (3, 1)},
           False: {"llama": (11, 4), "mistral": (11, 4), "gpt2": (0, 0), "bert": (10, 4)}}
+# per layer, unmerged: (LoRA B GEMMs stacked, stacks): q, k, v | gate, up (BERT: q, k, v);
+# the single-site groups (o, down) keep their own B GEMM
+STACKED = {"llama": (5, 2), "mistral": (5, 2), "gpt2": (0, 0), "bert": (3, 1)}
 
 
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
@@ -36,7 +39,9 @@ def test_fused_projections_equal_train(tiny, tmp_path, family, merge):
     assert (counts["projections_concatenated"], counts["projection_groups"]) == (fused, groups)
     unfused = adaptc.compile(model, SPEC, "infer", adapters=tmp_path / "a.safetensors",
                              merge=merge)
-    assert linear_count(infer) == linear_count(unfused) - fused + groups
+    stacked, stacks = (0, 0) if merge else (2 * n for n in STACKED[family])
+    assert counts["lora_stacked"] == stacked
+    assert linear_count(infer) == linear_count(unfused) - fused + groups - stacked + stacks
 
 
 @pytest.mark.parametrize("family,spec", [("llama", "q_proj,v_proj,up_proj: lora r=4"),
@@ -69,3 +74,25 @@ def test_fused_decoder_gives_the_same_tokens(tiny, tmp_path):
                             fuse_projections=True)
     assert adaptc.report_of(fused.graph).counts["projection_groups"] == 4
     assert fused.generate([5, 17, 42], 6) == plain.generate([5, 17, 42], 6)
+
+
+def test_stacked_cross_attention_updates_are_hoisted(tmp_path):
+    """T5's cross-attention k and v of every layer read the encoder states: one GEMM for
+    their weights and LoRA A, one for their stacked B, both hoisted out of the step graph;
+    the tokens are those of the unfused decoder."""
+    from test_decode_seq2seq import SOURCE
+    from test_seq2seq import varied_t5
+
+    from adaptc.decode_seq2seq import compile_seq2seq_decoder
+    model = varied_t5()
+    spec = "attn.k,attn.v: lora r=2"
+    trained(model, spec, tmp_path / "a.safetensors")
+    plain, fused = (compile_seq2seq_decoder(model, spec, adapters=tmp_path / "a.safetensors",
+                                            merge=False, fuse_projections=fuse)
+                    for fuse in (False, True))
+    layers = model.module.config.num_decoder_layers
+    assert adaptc.report_of(fused.decoder).counts["lora_stacked"] >= 2 * layers
+    assert linear_count(fused.cross) == 2  # [W_k; W_v; …; A] and the stacked B
+    assert linear_count(plain.cross) == 4 * layers + 1
+    for source in (SOURCE, SOURCE[:3]):
+        assert fused.generate(source, 6) == plain.generate(source, 6)
