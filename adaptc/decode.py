@@ -45,6 +45,18 @@ class Decoder:
         self.graph, self.max_cache_len, self.vocab_size = graph, max_cache_len, vocab_size
         self.virtual = virtual
         self.device = next(graph.parameters()).device
+        self.step: StepGraph | None = None  # one-token steps replayed (capture_step)
+
+    def capture_step(self) -> None:
+        """Replay every later one-token step from a CUDA graph (`StepGraph`); prompts still
+        run the graph itself."""
+        if self.device.type != "cuda":
+            raise AdaptcError(f"a CUDA graph needs the decoder on a CUDA device; its weights "
+                              f"are on {self.device}")
+        if hasattr(self.graph, "_orig_mod"):
+            raise AdaptcError("torch_compile and cuda_graph do not combine: Inductor with "
+                              "CUDA graphs is torch.compile(mode='reduce-overhead')")
+        self.step = StepGraph(self.graph, self.device)
 
     @torch.no_grad()
     def logits(self, ids: list[int], start: int) -> torch.Tensor:
@@ -56,6 +68,8 @@ class Decoder:
         check_token_ids(ids, self.vocab_size)
         lead = self.virtual if start == 0 else 0
         first = start + self.virtual - lead
+        if self.step is not None and len(ids) == 1 and not lead:
+            return self.step(ids[0], first)
         positions = torch.arange(first, first + lead + len(ids), device=self.device)
         out = self.graph(input_ids=torch.tensor([[0] * lead + ids], device=self.device),
                          cache_position=positions)[0]
@@ -91,6 +105,43 @@ class Decoder:
 EMPTY_PROMPT = "generation needs a prompt of at least one token"
 
 
+class StepGraph:
+    """The decoder graph's one-token step, captured once as a CUDA graph, replayed per token.
+
+    A step is a few thousand small kernels: launched one at a time from Python, the GPU waits
+    on the host (benchmarks/host_overhead.py). A CUDA graph records the launches once and
+    replays them with one call. The replay reads its token and position from two device
+    tensors this object owns (filled before each replay) and writes the logits into memory
+    of the graph's private pool, copied out on return; the KV cache buffers are the graph
+    module's own, updated in place as by an ordinary call. Two calls on a side stream before
+    the capture compile and autotune the Triton kernels (autotuning synchronises, which a
+    capture must not); they write a placeholder token into cache slot 0, which the prompt's
+    prefill overwrites.
+    """
+
+    @torch.no_grad()
+    def __init__(self, graph: nn.Module, device: torch.device):
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        inputs = {"input_ids": self.ids, POSITIONS: self.position}
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                graph(**inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.replay = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.replay):
+            self.logits = graph(**inputs)[0]
+
+    def __call__(self, token: int, position: int) -> torch.Tensor:
+        """Logits [1, vocab] of `token` at cache position `position`."""
+        self.ids.fill_(token)
+        self.position.fill_(position)
+        self.replay.replay()
+        return self.logits.clone()
+
+
 def check_token_ids(ids: list[int], vocab_size: int) -> None:
     """An id past the vocabulary would surface as an IndexError inside the embedding."""
     if not ids:
@@ -103,14 +154,17 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
 
 def compile_decoder(model, spec, *, adapters: str | Path | None = None,
                     max_cache_len: int = MAX_CACHE_LEN, merge: bool = True,
-                    fuse_projections: bool = False, torch_compile: bool = False) -> Decoder:
+                    fuse_projections: bool = False, torch_compile: bool = False,
+                    cuda_graph: bool = False) -> Decoder:
     """The infer-mode graph of `spec` on a causal LM, exported for cached decoding
     (`merge` and `fuse_projections` as in `adaptc.compile`).
 
     `torch_compile=True` runs the graph through `torch.compile` (dynamic shapes: the
     prefill and the one-token steps compile once each, on their first call). Decoding one
     token is many small ops, which Inductor fuses: the same tokens, faster after the first
-    calls (benchmarks/decode.py --torch-compile)."""
+    calls (benchmarks/decode.py --torch-compile). `cuda_graph=True` (on CUDA) replays each
+    one-token step from a CUDA graph instead (`StepGraph`, benchmarks/decode.py --cuda-graph).
+    """
     if not isinstance(max_cache_len, int):
         raise TypeError(f"max_cache_len must be an int, got {max_cache_len!r}")
     if max_cache_len < 2:
@@ -136,7 +190,10 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     graph = run_pipeline(graph, ctx)
     if torch_compile:
         graph = torch.compile(graph, dynamic=True)
-    return Decoder(graph, max_cache_len, loaded.module.config.vocab_size, virtual)
+    decoder = Decoder(graph, max_cache_len, loaded.module.config.vocab_size, virtual)
+    if cuda_graph:
+        decoder.capture_step()
+    return decoder
 
 
 def example_step(device) -> dict:

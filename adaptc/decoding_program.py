@@ -28,7 +28,7 @@ from torch.export import Dim
 from adaptc.decode import Decoder, example_step, step_shapes
 from adaptc.decode_seq2seq import POSITIONS as SOURCE_POSITIONS
 from adaptc.decode_seq2seq import Seq2SeqDecoder, decoder_shapes, encoder_shapes
-from adaptc.errors import ArtifactError, first_line
+from adaptc.errors import AdaptcError, ArtifactError, first_line
 from adaptc.export import TOKENIZER_FILES, load_program
 from adaptc.frontend.trace import export_dynamic
 from adaptc.passes.bind_ops import bind_ops
@@ -126,9 +126,10 @@ def export_graph(graph: torch.nn.Module, inputs: dict, shapes: dict, name: str,
                             f"lengths: {first_line(err)}") from err
 
 
-def load_decoding(path: str | Path, torch_compile: bool = False) -> Decoder | Seq2SeqDecoder:
+def load_decoding(path: str | Path, torch_compile: bool = False,
+                  cuda_graph: bool = False) -> Decoder | Seq2SeqDecoder:
     """The decoder saved in `path`: an artifact directory holding decoding/, or decoding/
-    (`torch_compile` as in compile_decoder)."""
+    (`torch_compile` and, for a causal LM, `cuda_graph` as in compile_decoder)."""
     folder = Path(path)
     if (folder / DECODING_DIR / DESCRIPTION).is_file():
         folder = folder / DECODING_DIR
@@ -147,8 +148,14 @@ def load_decoding(path: str | Path, torch_compile: bool = False) -> Decoder | Se
         if torch_compile:
             graphs = [torch.compile(graph, dynamic=True) for graph in graphs]
         if kind == "causal":
-            return Decoder(*graphs, about["max_cache_len"], about["vocab_size"],
-                           about["virtual_tokens"])
+            decoder = Decoder(*graphs, about["max_cache_len"], about["vocab_size"],
+                              about["virtual_tokens"])
+            if cuda_graph:
+                decoder.capture_step()
+            return decoder
+        if cuda_graph:
+            raise AdaptcError("cuda_graph is for causal LM decoders; this one is "
+                              "encoder-decoder")
         return Seq2SeqDecoder(*graphs, about["max_cache_len"], about["max_source_len"],
                               about["vocab_size"], about["decoder_start_token_id"],
                               about["virtual_tokens"], about["hoisted"])

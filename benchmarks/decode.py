@@ -6,6 +6,7 @@ the same exported static-cache path.
     python benchmarks/decode.py [--model llama] [--tokens 64] [--rounds 3] [--write]
     python benchmarks/decode.py --model 1.1b     # on a GPU: infer_speed.py's model, bf16
     python benchmarks/decode.py --torch-compile  # every decoder through torch.compile
+    python benchmarks/decode.py --model 1.1b --cuda-graph  # steps replayed from CUDA graphs
 
 `--model` takes a preset or checkpoint directory (run on the CPU, float32), or `1.1b`: the
 Llama-shaped 1.1B model of infer_speed.py, random init, bfloat16 on CUDA when there is one.
@@ -50,7 +51,7 @@ def load_base(model_name: str):
     return base_model(False, device, dtype), device, dtype
 
 
-def decoders(model, cache: int, torch_compile: bool) -> dict:
+def decoders(model, cache: int, torch_compile: bool, cuda_graph: bool) -> dict:
     import adaptc
     from adaptc.decode import compile_decoder
 
@@ -65,7 +66,8 @@ def decoders(model, cache: int, torch_compile: bool) -> dict:
         adaptc.save_adapters(trained, path)
         start = time.perf_counter()
         built[name] = compile_decoder(model, spec, adapters=path, max_cache_len=cache,
-                                      torch_compile=torch_compile, **options)
+                                      torch_compile=torch_compile, cuda_graph=cuda_graph,
+                                      **options)
         built[name].generate([1, 2, 3, 4], 2)  # warm-up: kernels (and torch.compile) build here
         print(f"built {name} in {time.perf_counter() - start:.1f} s", flush=True)
     return built
@@ -83,10 +85,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--torch-compile", action="store_true")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay one-token steps from a CUDA graph (on CUDA)")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     model, device, dtype = load_base(args.model)
-    built = decoders(model, args.tokens + 8, args.torch_compile)
+    built = decoders(model, args.tokens + 8, args.torch_compile, args.cuda_graph)
     rates = {name: [] for name in built}
     for _ in range(args.rounds):  # interleaved: every variant once per round
         for name, decoder in built.items():
@@ -112,7 +116,8 @@ def write(rows, args, device: str, dtype: torch.dtype) -> None:
         ops = "Fused ops ran their PyTorch reference (no GPU)."
     lines = [f"\n## decode.py — {datetime.date.today()}",
              f"Device: {where}, transformers {transformers.__version__}, {dtype}. Model "
-             f"`{args.model}`{', torch.compile' if args.torch_compile else ', eager'}, batch 1, "
+             f"`{args.model}`{', torch.compile' if args.torch_compile else ', eager'}"
+             f"{', steps replayed from CUDA graphs' if args.cuda_graph else ''}, batch 1, "
              f"prompt 4 tokens, {args.tokens} new tokens, greedy; "
              f"median of {args.rounds} interleaved rounds. {ops}\n",
              "| variant | tokens/s | time × base |", "|---|---|---|"]

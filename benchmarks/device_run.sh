@@ -47,6 +47,8 @@ step kernels 70 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 
 step host 120 python3 benchmarks/host_overhead.py --device cuda --rounds 3 --tokens 32 --write
 step infer_eager 300 python3 benchmarks/infer_speed.py --rounds 3 --write
 step decode 240 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 --write
+step decode_graphs 240 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 \
+  --cuda-graph --write
 step infer_compile 400 python3 benchmarks/infer_speed.py --compile --rounds 3 --write \
   --shapes 8x512 --workloads merged "q,v r8" --providers adaptc peft
 step infer_cudagraphs 400 python3 benchmarks/infer_speed.py --compile reduce-overhead --rounds 3 \

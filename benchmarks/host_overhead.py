@@ -14,7 +14,8 @@ Forward rows (batch 1 × 1 token, float32): the eager HF model; its traced graph
 infer_speed.py's workloads (bound, as `adaptc.compile` returns them). Decoding rows: greedy
 tokens/s over a 4-token prompt, for transformers' `generate` (eager, dynamic cache), and
 for one saved cached decoder (decoding/decoder.pt2, merged LoRA r8 on q,v) loaded as saved
-(aten ops) and loaded through `load_decoding` (bound). On the CPU the fused ops' rows time
+(aten ops) and loaded through `load_decoding` (bound; on CUDA also with its one-token steps
+replayed from a CUDA graph, `cuda_graph=True`). On the CPU the fused ops' rows time
 their PyTorch reference (with its arithmetic: these rows also vary between runs by up to
 ~1.7×, unlike the others), on CUDA their Triton kernels' launches.
 """
@@ -54,8 +55,22 @@ def narrow_llama(device: str):
         return LlamaForCausalLM(config).eval()
 
 
-def calls(graph) -> int:
-    return sum(n.op in ("call_function", "call_method", "call_module") for n in graph.graph.nodes)
+# ops that only make views or read shapes: no kernel on a GPU
+METADATA = {"view", "reshape", "unsqueeze", "squeeze", "transpose", "permute", "expand", "slice",
+            "select", "split", "split_with_sizes", "alias", "t", "sym_size", "getitem",
+            "_guards_fn"}
+
+
+def calls(graph) -> tuple[int, int]:
+    """(calls the generated code makes, those of them that compute: a GPU's launches, counting
+    a fused op as one)."""
+    from adaptc.passes.bind_ops import aten_op
+
+    called = [n for n in graph.graph.nodes
+              if n.op in ("call_function", "call_method", "call_module")]
+    names = [n.target if n.op == "call_module" else
+             getattr(aten_op(n), "_opname", getattr(aten_op(n), "__name__", "")) for n in called]
+    return len(called), sum(name not in METADATA for name in names)
 
 
 def forward_variants(model) -> dict[str, torch.nn.Module]:
@@ -84,12 +99,17 @@ def decoders(model, scratch: Path, cache: int) -> dict[str, Callable[[int], obje
     saved = Decoder(load_program(scratch / "decoding" / "decoder.pt2").module(), cache, VOCAB)
     bound = load_decoding(scratch / "decoding")
     prompt = torch.tensor([[1, 2, 3, 4]], device=model.device)
-    return {
+    found = {
         "transformers generate": lambda n: model.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
             do_sample=False, use_cache=True, pad_token_id=0),
         "saved decoder, aten ops": lambda n: saved.generate([1, 2, 3, 4], n),
         "saved decoder, bound": lambda n: bound.generate([1, 2, 3, 4], n)}
+    if model.device.type == "cuda":
+        graphed = load_decoding(scratch / "decoding", cuda_graph=True)
+        found["saved decoder, bound, CUDA graph steps"] = \
+            lambda n: graphed.generate([1, 2, 3, 4], n)
+    return found
 
 
 @torch.no_grad()
@@ -104,10 +124,11 @@ def measure(rounds: int, tokens: int, device: str) -> tuple[list, list]:
         for key, fn in runs.items():
             times[key].append(seconds(lambda fn=fn: fn(**x), device == "cuda"))
     base = statistics.median(times["HF eager"])
-    forward = [(key, calls(variants[key]) if key in variants else None,
+    forward = [(key, calls(variants[key]) if key in variants else ("", ""),
                 statistics.median(t), statistics.median(t) / base) for key, t in times.items()]
-    for key, n, t, ratio in forward:
-        print(f"{key:50s} {n or '':>6} calls {t * 1e3:8.3f} ms  × eager {ratio:5.2f}", flush=True)
+    for key, (n, k), t, ratio in forward:
+        print(f"{key:52s} {n:>6} calls {k:>6} computing {t * 1e3:8.3f} ms  × eager {ratio:5.2f}",
+              flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         generate = decoders(model, Path(scratch), tokens + 8)
         rates = {k: [] for k in generate}
@@ -119,7 +140,7 @@ def measure(rounds: int, tokens: int, device: str) -> tuple[list, list]:
     decoding = [(key, statistics.median(r), statistics.median(r) / first)
                 for key, r in rates.items()]
     for key, rate, ratio in decoding:
-        print(f"{key:50s} {rate:9.1f} tok/s  × generate {ratio:5.2f}", flush=True)
+        print(f"{key:52s} {rate:9.1f} tok/s  × generate {ratio:5.2f}", flush=True)
     return forward, decoding
 
 
@@ -151,8 +172,9 @@ def write(forward, decoding, args) -> None:
              f"{LAYERS} layers, hidden 64, vocab {VOCAB}: kernels are tiny, times are host "
              f"time. Forward: 1×1, {timer} per round, median of {args.rounds} interleaved "
              f"rounds. Decoding: 4-token prompt, {args.tokens} new tokens, greedy. {ops}\n",
-             "| forward | calls | ms | × HF eager |", "|---|---|---|---|"]
-    lines += [f"| {k} | {n or ''} | {t * 1e3:.3f} | {r:.2f} |" for k, n, t, r in forward]
+             "| forward | calls | computing | ms | × HF eager |", "|---|---|---|---|---|"]
+    lines += [f"| {key} | {n} | {k} | {t * 1e3:.3f} | {r:.2f} |"
+              for key, (n, k), t, r in forward]
     lines += ["", "| decoding | tokens/s | × transformers generate |", "|---|---|---|"]
     lines += [f"| {k} | {rate:.1f} | {r:.2f} |" for k, rate, r in decoding]
     with Path(__file__).with_name("RESULTS.md").open("a") as handle:

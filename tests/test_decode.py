@@ -127,3 +127,10 @@ def test_gated_methods_are_refused_with_the_uncached_alternative(tiny, spec):
     with pytest.raises(AdaptcError, match="cannot run gated .* depends on the tokens after "
                                           "it; use adaptc.greedy_generate"):
         compile_decoder(tiny("llama"), spec)
+
+
+def test_cuda_graph_needs_a_cuda_decoder(tiny):
+    """CUDA-graph steps are for a decoder on a GPU (tests/test_gpu.py runs them there)."""
+    with pytest.raises(AdaptcError, match="a CUDA graph needs the decoder on a CUDA device; "
+                                          "its weights are on cpu"):
+        compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8, cuda_graph=True)

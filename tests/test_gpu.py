@@ -196,3 +196,25 @@ def test_saved_decoder_on_cuda(tiny, tmp_path):
     saved = load_decoding(tmp_path / "decoding")
     assert saved.device.type == "cuda" and about["check"]["same_tokens"]
     assert saved.generate([5, 17, 42], 8) == compiled.generate([5, 17, 42], 8)
+
+
+def test_cuda_graph_steps_give_the_same_tokens_and_logits(tiny, tmp_path):
+    """One-token steps replayed from a CUDA graph (fused bottleneck and mixture kernels in
+    it): the eager decoder's tokens twice over (the replay leaves no state behind), its
+    logits step by step, and the loaded program's tokens with cuda_graph=True."""
+    from adaptc.decode import compile_decoder
+    from adaptc.decoding_program import load_decoding, save_decoding
+    model, _, weights = card_on_cuda(tiny("llama"), tmp_path, scale=0.3)
+    eager = compile_decoder(model, CARD, adapters=weights, max_cache_len=32)
+    graphed = compile_decoder(model, CARD, adapters=weights, max_cache_len=32, cuda_graph=True)
+    prompt = [5, 17, 42]
+    tokens = eager.generate(prompt, 10)
+    assert graphed.generate(prompt, 10) == tokens
+    assert graphed.generate(prompt[:2], 10) == eager.generate(prompt[:2], 10)
+    want = [eager.logits(prompt, 0)] + [eager.logits([t], i) for i, t in enumerate(tokens)
+                                         if i >= len(prompt)]
+    got = [graphed.logits(prompt, 0)] + [graphed.logits([t], i) for i, t in enumerate(tokens)
+                                         if i >= len(prompt)]
+    assert (torch.cat(got) - torch.cat(want)).abs().max().item() <= 1e-4
+    save_decoding(eager, tmp_path / "decoding")
+    assert load_decoding(tmp_path / "decoding", cuda_graph=True).generate(prompt, 10) == tokens
