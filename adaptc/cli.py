@@ -115,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--torch-compile", action="store_true",
                      help="run the decoder graph through torch.compile (slow first tokens, "
                      "faster after)")
+    gen.add_argument("--cuda-graph", action="store_true",
+                     help="on a GPU, replay each one-token step from a CUDA graph captured "
+                     "once (causal LMs)")
     gen.add_argument("--no-merge", dest="merge", action="store_false",
                      help="keep weight-space updates beside the base weights")
     gen.add_argument("--fuse-projections", action="store_true",
@@ -197,11 +200,20 @@ def cached_decoder(model, plan, adapters: str | None, args):
     from adaptc.decode_seq2seq import compile_seq2seq_decoder
     from adaptc.frontend.trace import is_encoder_decoder
 
-    build = compile_seq2seq_decoder if is_encoder_decoder(model) else compile_decoder
     cache = MAX_CACHE_LEN if args.max_cache_len is None else args.max_cache_len
-    return build(model, plan, adapters=adapters, max_cache_len=cache,
-                 merge=args.merge, fuse_projections=args.fuse_projections,
-                 torch_compile=getattr(args, "torch_compile", False))
+    options = dict(adapters=adapters, max_cache_len=cache, merge=args.merge,
+                   fuse_projections=args.fuse_projections,
+                   torch_compile=getattr(args, "torch_compile", False))
+    if is_encoder_decoder(model):
+        refuse_cuda_graph(args)
+        return compile_seq2seq_decoder(model, plan, **options)
+    return compile_decoder(model, plan, cuda_graph=getattr(args, "cuda_graph", False),
+                           **options)
+
+
+def refuse_cuda_graph(args) -> None:
+    if getattr(args, "cuda_graph", False):
+        raise AdaptcError("--cuda-graph is for causal LMs; this model is an encoder-decoder")
 
 
 def train_reference(ctx, adapters: str | None, scratch: Path):
@@ -311,13 +323,14 @@ def run_generate(args) -> int:
             raise AdaptcError(f"--prompt takes token ids separated by spaces, got "
                               f"{args.prompt!r}") from None
     if saved:
-        tokens = load_decoding(args.spec, args.torch_compile).generate(
+        tokens = load_decoding(args.spec, args.torch_compile, args.cuda_graph).generate(
             prompt, args.max_new_tokens, eos)
     else:
         plan = spec_plan(args.spec)  # a spec error before the model loads
         model = placed_model(args)
         if is_encoder_decoder(model) and any(getattr(r.config, "gate", False)
                                              for r in plan.rules):
+            refuse_cuda_graph(args)
             tokens = generate_from_source(model, plan, prompt, args, eos)
         else:
             decoder = cached_decoder(model, plan, args.adapters, args)

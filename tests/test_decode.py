@@ -109,6 +109,11 @@ def test_cli_generate(capsys):
     assert "token ids" in capsys.readouterr().err
     assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 99999"]) == 1
     assert "token id 99999 is outside the model's vocabulary" in capsys.readouterr().err
+    assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5", "--cuda-graph"]) == 1
+    assert "a CUDA graph needs the decoder on a CUDA device" in capsys.readouterr().err
+    assert main(["generate", "specs/lora_qv.adapt", "--model", "t5", "--prompt", "5",
+                 "--cuda-graph"]) == 1
+    assert "--cuda-graph is for causal LMs" in capsys.readouterr().err
 
 
 def test_virtual_tokens_take_cache_slots(tiny):
