@@ -15,7 +15,8 @@ mode: LoRA merged, adapters/mixtures as fused custom ops; for the unmerged workl
 same with `fuse_projections=True`: q, k, v and gate, up as one GEMM each), "eager modules" (the
 train-mode graph in eval: adapter modules as written), and PEFT where it has the method.
 Besides the base model (the ratios' denominator), "base graph" times the base model's own
-exported graph with no adapters: what the graph module costs by itself.
+exported graph with no adapters, bound as the infer pipeline binds it (`bind_ops`): what the
+graph module costs by itself.
 """
 from __future__ import annotations
 
@@ -83,11 +84,14 @@ def providers(model, spec: str, merge: bool, peft_cfg, scratch: Path) -> dict:
 
 
 def base_graph(model):
-    """The base model traced the way adaptc traces it, no adapter inserted."""
+    """The base model traced and bound the way adaptc compiles it, no adapter inserted."""
     from adaptc.compiler import as_model
     from adaptc.frontend.trace import trace
+    from adaptc.passes.bind_ops import bind_ops
 
-    return trace(as_model(model, None))
+    graph = trace(as_model(model, None))
+    bind_ops(graph)
+    return graph
 
 
 @torch.no_grad()
