@@ -13,10 +13,12 @@
 # the others' output intact; rows print as they are measured, so a step cut short still
 # reports what it finished. torch.compile of the 22-layer model takes a while per provider,
 # so the compile step covers two workloads at 8x512 only: run more in a second call.
-# Arguments name the steps to run (default: all); on 2026-12-04 the five together needed
-# more than one 590 s call (the limits below are sized for a subset per call), so run them in
-# two or three calls, e.g.
-#   run(command="benchmarks/device_run.sh test_gpu host decode", carry=[".whl"], timeout_s=590)
+# Arguments name the steps to run (default: all). The eight steps' limits add up to ~35
+# minutes, more than a session's device time (15 minutes in all, start-up included), so run
+# the most telling first, e.g.
+#   run(command="benchmarks/device_run.sh test_gpu host kernels", carry=[".whl"], timeout_s=590)
+# (correctness of the kernels and CUDA-graph decoding, the Triton path's host cost per call,
+# rooflines), then as the time left allows "decode_graphs infer_cudagraphs" or "infer_eager".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/adaptc-device}
