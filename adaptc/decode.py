@@ -49,7 +49,8 @@ class Decoder:
 
     def capture_step(self) -> None:
         """Replay every later one-token step from a CUDA graph (`StepGraph`); prompts still
-        run the graph itself."""
+        run the graph itself. Its warm-up calls write cache slot 0, so it belongs before
+        generation (a prompt's prefill rewrites the slot), as compile_decoder calls it."""
         if self.device.type != "cuda":
             raise AdaptcError(f"a CUDA graph needs the decoder on a CUDA device; its weights "
                               f"are on {self.device}")
