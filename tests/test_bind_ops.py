@@ -96,3 +96,20 @@ def test_infer_graphs_and_loaded_decoders_are_bound(tiny, tmp_path):
     loaded = load_decoding(tmp_path / "decoding")
     assert not targets(loaded.graph) & set(BINDINGS)
     assert loaded.generate([3, 1, 4], 6) == decoder.generate([3, 1, 4], 6)
+
+
+def test_exported_program_binds_to_the_same_outputs(tiny):
+    """An infer module's exported program runs aten ops again; bound, it computes the same."""
+    from adaptc.export import export_program
+    model = tiny("gpt2")  # Conv1D's addmm, eval dropout, a fused bottleneck op
+    infer = adaptc.compile(model, "attn: adapter bottleneck=8; c_attn: lora r=4", "infer",
+                           merge=False)
+    program = export_program(infer, model).module()
+    assert set(BINDINGS) & targets(program)
+    bound = copy.deepcopy(program)
+    bind_ops(bound)
+    x = inputs()
+    with torch.no_grad():
+        want = main_output(program(**x))
+        assert torch.equal(main_output(bound(**x)), want)
+        torch.testing.assert_close(main_output(infer(**x)), want, atol=1e-6, rtol=1e-6)
