@@ -67,6 +67,25 @@ def test_wide_bottleneck_takes_two_launches_and_matches(dtype: torch.dtype) -> N
     torch.testing.assert_close(out.float(), eager(adapter, inputs), **TOLERANCES[dtype])
 
 
+def test_later_calls_launch_the_chosen_config_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call of a problem goes through the autotuner, which records its config; the
+    next ones (other token counts, other values) launch the JIT function with it and match."""
+    from adaptc.backends import triton as backend
+    monkeypatch.setattr(backend, "CHOSEN", {})
+    tuned = []
+    run = op_module._bottleneck_fused_kernel.run
+    monkeypatch.setattr(op_module._bottleneck_fused_kernel, "run",
+                        lambda *a, **k: tuned.append(1) or run(*a, **k))
+    for lead in [(TOKENS,), (5,), (2, 3)]:
+        adapter, inputs = make_case("relu", lead=lead)
+        inputs["x"] = inputs["x"] + len(lead)  # other values each time
+        out = bottleneck_adapter_triton(**inputs)
+        torch.testing.assert_close(out, bottleneck_adapter_reference(**inputs), **FP32)
+    assert tuned == [1]
+    assert list(backend.CHOSEN) == [(op_module._bottleneck_fused_kernel,
+                                     (D_IN, D_OUT, BOTTLENECK, torch.float32))]
+
+
 def test_op_runs_kernels_on_leading_dims_and_no_tokens() -> None:
     adapter, inputs = make_case("tanh", lead=(3, 5))
     out = torch.ops.adaptc.bottleneck_adapter(**inputs)

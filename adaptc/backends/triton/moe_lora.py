@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.nn import functional as F
 
 from adaptc.backends.triton import (check_input, check_tensor, define_op, dot, dot_block,
-                                    dot_precision, interpreting, upcast_dot, use_triton)
+                                    dot_precision, interpreting, launch, upcast_dot, use_triton)
 
 MAX_EXPERTS = 64
 MAX_RANK = 128
@@ -345,10 +345,11 @@ def route_tokens(x: torch.Tensor, router: torch.Tensor,
     gates = torch.empty((tokens, experts), dtype=torch.float32, device=x.device)
     chosen = torch.empty((tokens, top_k), dtype=torch.int32, device=x.device)
     counts = torch.zeros(experts, dtype=torch.int32, device=x.device)
-    _router_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),)](
-        x, router.contiguous(), gates, chosen, counts, tokens, d_in, experts, top_k,
-        x.stride(0), x.stride(1), DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
-        BLOCK_E=dot_block(experts))
+    launch(_router_kernel, (d_in, experts, x.dtype),
+           lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),),
+           x, router.contiguous(), gates, chosen, counts, tokens, d_in, experts, top_k,
+           x.stride(0), x.stride(1), DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
+           BLOCK_E=dot_block(experts))
     return gates, chosen, counts
 
 
@@ -387,10 +388,11 @@ def _per_token(x: torch.Tensor, res: torch.Tensor, router: torch.Tensor, A: torc
     (experts, rank, d_in), (n_tokens, d_out) = A.shape, res.shape
     out = torch.empty((n_tokens, d_out), dtype=x.dtype, device=x.device)
     if n_tokens > 0:
-        _per_token_kernel[lambda meta: (n_tokens, triton.cdiv(d_out, meta["BLOCK_N"]))](
-            x, res, router, A, B, out, d_in, d_out, rank, experts, top_k, scale,
-            x.stride(0), x.stride(1), res.stride(0), res.stride(1),
-            BLOCK_E=triton.next_power_of_2(experts), BLOCK_R=triton.next_power_of_2(rank))
+        launch(_per_token_kernel, (d_in, d_out, rank, experts, x.dtype),
+               lambda meta: (n_tokens, triton.cdiv(d_out, meta["BLOCK_N"])),
+               x, res, router, A, B, out, d_in, d_out, rank, experts, top_k, scale,
+               x.stride(0), x.stride(1), res.stride(0), res.stride(1),
+               BLOCK_E=triton.next_power_of_2(experts), BLOCK_R=triton.next_power_of_2(rank))
     return out
 
 
@@ -399,10 +401,11 @@ def _shrink(x: torch.Tensor, A: torch.Tensor, order: torch.Tensor, counts: torch
     """h [T·k, r] in x's dtype: row i is A_e·x[order[i] // k] for the segment e holding it."""
     (experts, rank, d_in), n_tokens = A.shape, x.shape[0]
     h = torch.empty((order.shape[0], rank), dtype=x.dtype, device=x.device)
-    _shrink_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), experts)](
-        x, A, order, counts, h, d_in, rank, experts, top_k, x.stride(0), x.stride(1),
-        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_R=dot_block(rank),
-        BLOCK_E=dot_block(experts))
+    launch(_shrink_kernel, (d_in, rank, x.dtype),
+           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), experts),
+           x, A, order, counts, h, d_in, rank, experts, top_k, x.stride(0), x.stride(1),
+           DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_R=dot_block(rank),
+           BLOCK_E=dot_block(experts))
     return h
 
 
@@ -410,11 +413,12 @@ def _expand(h: torch.Tensor, B: torch.Tensor, order: torch.Tensor, counts: torch
             gates: torch.Tensor, out: torch.Tensor, scale: float, top_k: int) -> None:
     """out[t] += scale·g[t, e]·B_e·h[i] for t = order[i] // k, in float32."""
     (experts, d_out, rank), n_tokens = B.shape, out.shape[0]
-    _expand_kernel[lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),
-                                 triton.cdiv(d_out, meta["BLOCK_N"]), experts)](
-        h, B, order, counts, gates, out, d_out, rank, experts, top_k, scale,
-        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(h), BLOCK_R=dot_block(rank),
-        BLOCK_E=dot_block(experts))
+    launch(_expand_kernel, (d_out, rank, h.dtype),
+           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),
+                         triton.cdiv(d_out, meta["BLOCK_N"]), experts),
+           h, B, order, counts, gates, out, d_out, rank, experts, top_k, scale,
+           DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(h), BLOCK_R=dot_block(rank),
+           BLOCK_E=dot_block(experts))
 
 
 # --------------------------------------------------------------------------- the op

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from adaptc.backends.triton import (check_input, check_tensor, define_op, dot_block, dot_precision,
-                                    interpreting, upcast_dot, use_triton)
+                                    interpreting, launch, upcast_dot, use_triton)
 from adaptc.backends.triton.moe_lora import MAX_EXPERTS, route_reference, router_logits
 
 _OP = "mixture_vectors"
@@ -133,10 +133,10 @@ def mixture_vectors_triton(values: torch.Tensor, x: torch.Tensor, router: torch.
         blocks = triton.cdiv(tokens, meta["BLOCK_T"])
         return blocks, splits or column_splits(blocks, triton.cdiv(n, meta["BLOCK_N"]), x.device)
 
-    _mixture_vectors_kernel[grid](
-        values2, x2, router.contiguous(), vectors.contiguous(), out, tokens, d_in, n, experts,
-        top_k, values2.stride(0), values2.stride(1), x2.stride(0), x2.stride(1),
-        DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_E=dot_block(experts))
+    launch(_mixture_vectors_kernel, (d_in, n, experts, x.dtype), grid,
+           values2, x2, router.contiguous(), vectors.contiguous(), out, tokens, d_in, n, experts,
+           top_k, values2.stride(0), values2.stride(1), x2.stride(0), x2.stride(1),
+           DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_E=dot_block(experts))
     return out.reshape(values.shape)
 
 
