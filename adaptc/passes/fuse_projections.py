@@ -111,7 +111,9 @@ def fuse_group(gm: GraphModule, group: list[Node], protected: frozenset[int]) ->
     lora = [i for i, node in enumerate(group) if node.meta.get(INSERTED) == "lora"]
     if len(lora) != 1:
         return 0
-    return stack_updates(gm, fused, pieces, sizes, lora[0], f"{base}_lora_B", protected)
+    layers = "_".join(target.split(".")[len(common)] for target in weights[:lora[0]])
+    target = ".".join([*common, f"{layers}_lora_B"])  # model.layers.0.mlp.gate_proj_up_proj_lora_B
+    return stack_updates(gm, fused, pieces, sizes, lora[0], target, protected)
 
 
 def stack_updates(gm: GraphModule, fused: Node, pieces: list[Node], sizes: list[int],
