@@ -6,6 +6,8 @@ Providers, side by side for each op and token count (milliseconds):
     triton    the op's kernels (adaptc/backends/triton), on a GPU only
     grouped   mixture_lora only: the grouped kernels forced at every token count (the op takes
               its one-launch per-token kernel up to PER_TOKEN_MAX_TOKENS tokens), on a GPU
+    per-token mixture_lora only: the per-token kernel forced at every token count, on a GPU;
+              where it beats `grouped` is where PER_TOKEN_MAX_TOKENS belongs
     torch     the op's pure-PyTorch reference
     compile   torch.compile(reference)
 
@@ -35,7 +37,7 @@ from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora
 from adaptc.backends.triton.moe_vectors import (mixture_vectors_reference,
                                                 mixture_vectors_triton)
 
-PROVIDERS = ("triton", "grouped", "torch", "compile")
+PROVIDERS = ("triton", "grouped", "per-token", "torch", "compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -106,11 +108,13 @@ def ceilings(factory: dict, on_gpu: bool) -> tuple[float, float]:
     return 2 * numel * src.element_size() / copy_s, 2 * n**3 / mm_s
 
 
-def sweep(name: str, make: Callable, kernels: Callable, grouped: Callable | None,
+def sweep(name: str, make: Callable, kernels: Callable, paths: dict[str, Callable],
           reference: Callable, args: argparse.Namespace, factory: dict,
           on_gpu: bool) -> list[tuple]:
-    """One row (op, tokens, ms per provider; None when skipped) per token count."""
-    providers = {"triton": kernels if on_gpu else None, "grouped": grouped if on_gpu else None,
+    """One row (op, tokens, ms per provider; None when skipped) per token count. `paths`:
+    the op's kernel paths forced ("grouped", "per-token"), if it has a choice."""
+    providers = {"triton": kernels if on_gpu else None,
+                 **{path: paths.get(path) if on_gpu else None for path in ("grouped", "per-token")},
                  "torch": reference, "compile": torch.compile(reference)}
     rows = []
     for tokens in args.tokens:
@@ -138,7 +142,7 @@ def print_roofline(rows: list[tuple], args: argparse.Namespace, itemsize: int,
     print(f"ceilings: copy {bandwidth / 1e9:.1f} GB/s, mm {flop_rate / 1e12:.2f} TFLOP/s")
     print(f"{'op':<20}{'tokens':>8}{'provider':>10}{'GB/s':>10}{'% copy':>8}"
           f"{'TFLOP/s':>10}{'% mm':>8}")
-    for name, tokens, triton_ms, _, torch_ms, _ in rows:
+    for name, tokens, triton_ms, _, _, torch_ms, _ in rows:
         provider, ms = ("triton", triton_ms) if triton_ms is not None else ("torch", torch_ms)
         moved, flops = COSTS[name](tokens, args, itemsize)
         rate, compute = moved / (ms / 1e3), flops / (ms / 1e3)
@@ -163,12 +167,13 @@ def main() -> None:
     factory = {"device": device, "dtype": dtype}
     with torch.inference_mode():
         bandwidth, flop_rate = ceilings(factory, on_gpu)
-        rows = sweep("bottleneck_adapter", bottleneck_inputs, bottleneck_adapter_triton, None,
+        rows = sweep("bottleneck_adapter", bottleneck_inputs, bottleneck_adapter_triton, {},
                      bottleneck_adapter_reference, args, factory, on_gpu)
         rows += sweep("mixture_lora", mixture_inputs, mixture_lora_triton,
-                      functools.partial(mixture_lora_triton, per_token=False),
+                      {"grouped": functools.partial(mixture_lora_triton, per_token=False),
+                       "per-token": functools.partial(mixture_lora_triton, per_token=True)},
                       mixture_lora_reference, args, factory, on_gpu)
-        rows += sweep("mixture_vectors", vectors_inputs, mixture_vectors_triton, None,
+        rows += sweep("mixture_vectors", vectors_inputs, mixture_vectors_triton, {},
                       mixture_vectors_reference, args, factory, on_gpu)
     print_table(rows)
     print_roofline(rows, args, dtype.itemsize, bandwidth, flop_rate)
