@@ -25,6 +25,8 @@ Pipeline over the T flattened tokens and their T·k (token, slot) assignments:
      float32 atomics into the output rows, which start as a float32 copy of the residual.
      Atomics keep memory at T·out (a deterministic reduction would need T·k·out); the price is
      that for k > 1 the order of the k additions, hence the last bits, can vary run to run.
+     With k = 1 each output row has one writer, which adds the residual and stores in x's
+     dtype: no float32 buffer, copy or cast, and no atomics.
 
 Few tokens (decoding: T ≤ PER_TOKEN_MAX_TOKENS) take one launch instead, in the spirit of
 Punica's BGMV beside its SGMV: the grouped pipeline's dozen launches (router, the sort and
@@ -191,12 +193,14 @@ def _shrink_kernel(
 @triton.autotune(configs=_expand_configs(), key=["D_OUT", "R"], restore_value=["out_ptr"])
 @triton.jit
 def _expand_kernel(
-    h_ptr, b_ptr, order_ptr, counts_ptr, gates_ptr, out_ptr,
+    h_ptr, b_ptr, order_ptr, counts_ptr, gates_ptr, res_ptr, out_ptr,
     D_OUT, R, E, top_k, scale,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_rt, stride_rn,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[token] += s·g[token, e]·(B_e · h[row]) for the rows of expert e = program_id(2)."""
+    """out[token] += s·g[token, e]·(B_e · h[row]) for the rows of expert e = program_id(2);
+    without ACCUMULATE (top_k = 1: one row per token) out[token] = residual[token] + that."""
     # ---- this program's rows of expert e's segment and its output columns
     expert = tl.program_id(2)
     start, end = _segment(counts_ptr, expert, E, BLOCK_E)
@@ -218,11 +222,18 @@ def _expand_kernel(
                   mask=out_mask[None, :] & rank_mask[:, None], other=0.0)
     y = dot(h, b_t, None, DOT_PRECISION, UPCAST_DOT)
 
-    # ---- weight by gate and scale, accumulate into the tokens' output rows
+    # ---- weight by gate and scale, accumulate into the tokens' output rows (or, the only
+    # writer of them, add the residual and store in the output's dtype)
     gate = tl.load(gates_ptr + tokens * E + expert, mask=row_mask, other=0.0)
     y = y * (gate * scale)[:, None]
-    tl.atomic_add(out_ptr + tokens[:, None] * D_OUT + outs[None, :], y,
-                  mask=row_mask[:, None] & out_mask[None, :])
+    tile_mask = row_mask[:, None] & out_mask[None, :]
+    if ACCUMULATE:
+        tl.atomic_add(out_ptr + tokens[:, None] * D_OUT + outs[None, :], y, mask=tile_mask)
+    else:
+        y += tl.load(res_ptr + tokens[:, None] * stride_rt + outs[None, :] * stride_rn,
+                     mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tokens[:, None] * D_OUT + outs[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -372,13 +383,17 @@ def mixture_lora_triton(x: torch.Tensor, residual: torch.Tensor, router: torch.T
     if per_token:
         return _per_token(x2, residual.reshape(-1, d_out), router.contiguous(), A.contiguous(),
                           B.contiguous(), scale, top_k).reshape(residual.shape)
-    out = torch.empty((x2.shape[0], d_out), dtype=torch.float32, device=x.device)
-    out.copy_(residual.reshape(-1, d_out))
+    res = residual.reshape(-1, d_out)
+    if top_k == 1:  # one writer per output row: residual + update straight into x's dtype
+        out = torch.empty((x2.shape[0], d_out), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((x2.shape[0], d_out), dtype=torch.float32, device=x.device)
+        out.copy_(res)
     if x2.shape[0] > 0:
         gates, chosen, counts = route_tokens(x2, router, top_k)
         order = sort_by_expert(chosen)
         h = _shrink(x2, A.contiguous(), order, counts, top_k)
-        _expand(h, B.contiguous(), order, counts, gates, out, scale, top_k)
+        _expand(h, B.contiguous(), order, counts, gates, res, out, scale, top_k)
     return out.to(x.dtype).reshape(residual.shape)
 
 
@@ -410,14 +425,17 @@ def _shrink(x: torch.Tensor, A: torch.Tensor, order: torch.Tensor, counts: torch
 
 
 def _expand(h: torch.Tensor, B: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
-            gates: torch.Tensor, out: torch.Tensor, scale: float, top_k: int) -> None:
-    """out[t] += scale·g[t, e]·B_e·h[i] for t = order[i] // k, in float32."""
+            gates: torch.Tensor, res: torch.Tensor, out: torch.Tensor, scale: float,
+            top_k: int) -> None:
+    """out[t] += scale·g[t, e]·B_e·h[i] for t = order[i] // k, in float32 (top_k = 1:
+    out[t] = res[t] + that, in out's dtype)."""
     (experts, d_out, rank), n_tokens = B.shape, out.shape[0]
-    launch(_expand_kernel, (d_out, rank, h.dtype),
+    launch(_expand_kernel, (d_out, rank, h.dtype, top_k == 1),
            lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),
                          triton.cdiv(d_out, meta["BLOCK_N"]), experts),
-           h, B, order, counts, gates, out, d_out, rank, experts, top_k, scale,
-           DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(h), BLOCK_R=dot_block(rank),
+           h, B, order, counts, gates, res, out, d_out, rank, experts, top_k, scale,
+           res.stride(0), res.stride(1), DOT_PRECISION=dot_precision(),
+           UPCAST_DOT=upcast_dot(h), ACCUMULATE=top_k > 1, BLOCK_R=dot_block(rank),
            BLOCK_E=dot_block(experts))
 
 

@@ -120,11 +120,13 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
         "x_ptr": ptr, "a_ptr": ptr, "order_ptr": "*i64", "counts_ptr": "*i32", "h_ptr": ptr,
         "D_IN": hidden, "R": rank, "E": experts, "top_k": top_k, **rows,
     }, {**opts, "BLOCK_R": dot_block(rank), "BLOCK_E": dot_block(experts)}))
-    launches.append(Launch("mixture_expand", moe_lora._expand_kernel, {
-        "h_ptr": ptr, "b_ptr": ptr, "order_ptr": "*i64", "counts_ptr": "*i32",
-        "gates_ptr": "*fp32", "out_ptr": "*fp32", "D_OUT": hidden, "R": rank, "E": experts,
-        "top_k": top_k, "scale": 2.0,
-    }, {**opts, "BLOCK_R": dot_block(rank), "BLOCK_E": dot_block(experts)}))
+    for name, k, out in (("mixture_expand", top_k, "*fp32"), ("mixture_expand_top1", 1, ptr)):
+        launches.append(Launch(name, moe_lora._expand_kernel, {
+            "h_ptr": ptr, "b_ptr": ptr, "order_ptr": "*i64", "counts_ptr": "*i32",
+            "gates_ptr": "*fp32", "res_ptr": ptr, "out_ptr": out, "D_OUT": hidden, "R": rank,
+            "E": experts, "top_k": k, "scale": 2.0, "stride_rt": hidden, "stride_rn": 1,
+        }, {**opts, "ACCUMULATE": k > 1, "BLOCK_R": dot_block(rank),
+            "BLOCK_E": dot_block(experts)}))
     launches.append(Launch("mixture_per_token", moe_lora._per_token_kernel, {
         "x_ptr": ptr, "res_ptr": ptr, "router_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr,
         "out_ptr": ptr, "D_IN": hidden, "D_OUT": hidden, "R": rank, "E": experts,
