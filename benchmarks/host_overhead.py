@@ -30,18 +30,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from infer_speed import WORKLOADS as INFER_WORKLOADS
+from infer_speed import base_graph
 from timing import seconds
 
 LAYERS, VOCAB = 22, 256
-ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: lora r=16 alpha=32"
-WORKLOADS = {  # infer_speed.py's workloads: spec, merge, fuse_projections
-    "LoRA all-linear r16, merged": (ALL_LINEAR, True, False),
-    "LoRA all-linear r16 unmerged": (ALL_LINEAR, False, False),
-    "LoRA all-linear r16 unmerged, fused projections": (ALL_LINEAR, False, True),
-    "bottleneck 64 after attention and FFN": ("attn,ffn: adapter bottleneck=64", True, False),
-    "mixture 8 experts top-2 r8 on q,v": ("q_proj,v_proj: lora r=8 alpha=16\n"
-                                          "mixture moe k=2 experts=8", True, False),
-}
+WORKLOADS = {  # infer_speed.py's workloads: spec, merge, and fuse_projections
+    name: (*INFER_WORKLOADS[workload][:2], fuse) for name, workload, fuse in (
+        ("LoRA all-linear r16, merged", "LoRA all-linear r16, merged", False),
+        ("LoRA all-linear r16 unmerged", "LoRA all-linear r16 unmerged", False),
+        ("LoRA all-linear r16 unmerged, fused projections", "LoRA all-linear r16 unmerged",
+         True),
+        ("bottleneck 64 after attention and FFN", "bottleneck 64 after attention and FFN",
+         False),
+        ("mixture 8 experts top-2 r8 on q,v", "mixture 8 experts top-2 r8 on q,v", False))}
 
 
 def narrow_llama(device: str):
@@ -77,11 +79,8 @@ def forward_variants(model) -> dict[str, torch.nn.Module]:
     import adaptc
     from adaptc.compiler import as_model
     from adaptc.frontend.trace import trace
-    from adaptc.passes.bind_ops import bind_ops
 
-    bound = trace(as_model(model, None))
-    bind_ops(bound)
-    found = {"graph, aten ops": trace(as_model(model, None)), "graph, bound": bound}
+    found = {"graph, aten ops": trace(as_model(model, None)), "graph, bound": base_graph(model)}
     for name, (spec, merge, fuse) in WORKLOADS.items():
         found[f"adaptc: {name}"] = adaptc.compile(model, spec, "infer", merge=merge,
                                                   fuse_projections=fuse)
