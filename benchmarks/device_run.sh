@@ -7,18 +7,20 @@
 # not lark): echo /.whl/ >> .git/info/exclude, then
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform any -d .whl \
-#     lark interegular pytest iniconfig pluggy pygments
+#     lark interegular pytest iniconfig pluggy pygments pytest-xdist execnet
 # Logs and the updated RESULTS.md come back under $OUT; copy the new RESULTS.md sections
 # into benchmarks/RESULTS.md here. Each step has its own time limit so a slow one leaves
 # the others' output intact; rows print as they are measured, so a step cut short still
 # reports what it finished. torch.compile of the 22-layer model takes a while per provider,
 # so the compile step covers two workloads at 8x512 only: run more in a second call.
-# Arguments name the steps to run (default: all). The eight steps' limits add up to ~35
-# minutes, more than a session's device time (15 minutes in all, start-up included), so run
-# the most telling first, e.g.
-#   run(command="benchmarks/device_run.sh test_gpu host kernels", carry=[".whl"], timeout_s=590)
-# (correctness of the kernels and CUDA-graph decoding, the Triton path's host cost per call,
-# rooflines), then as the time left allows "decode_graphs infer_cudagraphs" or "infer_eager".
+# Arguments name the steps to run (default: all). The steps' limits add up to ~40 minutes,
+# more than a session's device time (15 minutes in all, start-up included), so run the most
+# telling first, e.g.
+#   run(command="benchmarks/device_run.sh test_gpu infer_graphs kernels host", carry=[".whl"],
+#       timeout_s=590)
+# (correctness of the kernels and CUDA-graph decoding; every workload's device time at 1x1
+# and 8x512 with the host's cost taken out by CUDA-graph replay; rooflines; the Triton path's
+# host cost per call), then as the time left allows "decode_graphs" or "infer_eager".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/adaptc-device}
@@ -44,9 +46,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, triton, transformers, peft, lark, safetensors; print('torch', \
 torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
 'peft', peft.__version__)" | tee -a "$out/device.txt" || exit 1
-step test_gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # compiles in parallel
+step test_gpu 150 python3 -m pytest -q -p no:cacheprovider $workers tests/test_gpu.py
+step infer_graphs 200 python3 benchmarks/infer_speed.py --cuda-graph --rounds 3 --write \
+  --shapes 1x1 8x512
 step kernels 70 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 2048 --rank 8
-step host 120 python3 benchmarks/host_overhead.py --device cuda --rounds 3 --tokens 32 --write
+step host 100 python3 benchmarks/host_overhead.py --device cuda --rounds 3 --tokens 32 --write
 step infer_eager 300 python3 benchmarks/infer_speed.py --rounds 3 --write
 step decode 240 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 --write
 step decode_graphs 240 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 \

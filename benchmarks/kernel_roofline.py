@@ -11,9 +11,11 @@ Providers, side by side for each op and token count (milliseconds):
     torch     the op's pure-PyTorch reference
     compile   torch.compile(reference)
 
-On a GPU times are do_bench medians; on the CPU the best of a time.perf_counter loop (robust
-to other processes sharing the cores), and the triton provider is skipped with a note (the
-interpreter is a debugger, not a benchmark).
+On a GPU times are medians of CUDA-graph replays (do_bench_cudagraph): the device's time per
+call, without the host's launch cost, which host_overhead.py measures (plain do_bench timed
+the host: a fast kernel waited on its launches). On the CPU the best of a time.perf_counter
+loop (robust to other processes sharing the cores), and the triton provider is skipped with a
+note (the interpreter is a debugger, not a benchmark).
 
 Roofline: the run first measures the device's ceilings in the op dtype, copy bandwidth
 (`y.copy_(x)`, bytes read + written) and matmul rate (`torch.mm` on square matrices), then
@@ -119,7 +121,8 @@ def sweep(name: str, make: Callable, kernels: Callable, paths: dict[str, Callabl
     rows = []
     for tokens in args.tokens:
         inputs = make(tokens, args, **factory)
-        times = [None if fn is None else seconds(lambda fn=fn: fn(*inputs), on_gpu) * 1e3
+        times = [None if fn is None
+                 else seconds(lambda fn=fn: fn(*inputs), on_gpu, graph=True) * 1e3
                  for fn in providers.values()]
         rows.append((name, tokens, *times))
     return rows
