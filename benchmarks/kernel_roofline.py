@@ -4,10 +4,10 @@
 
 Providers, side by side for each op and token count (milliseconds):
     triton    the op's kernels (adaptc/backends/triton), on a GPU only
-    grouped   mixture_lora only: the grouped kernels forced at every token count (the op takes
-              its one-launch per-token kernel up to PER_TOKEN_MAX_TOKENS tokens), on a GPU
-    per-token mixture_lora only: the per-token kernel forced at every token count, on a GPU;
-              where it beats `grouped` is where PER_TOKEN_MAX_TOKENS belongs
+    stacked   mixture_lora only, on a GPU, each path forced at every token count (the op
+    grouped   chooses per-token up to PER_TOKEN_MAX_TOKENS tokens, then stacked while E·r ≤
+    per-token STACKED_MAX_COLUMNS, else grouped): where the paths cross is where those
+              bounds belong
     torch     the op's pure-PyTorch reference
     compile   torch.compile(reference)
 
@@ -39,7 +39,8 @@ from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora
 from adaptc.backends.triton.moe_vectors import (mixture_vectors_reference,
                                                 mixture_vectors_triton)
 
-PROVIDERS = ("triton", "grouped", "per-token", "torch", "compile")
+MIXTURE_PATHS = ("stacked", "grouped", "per-token")
+PROVIDERS = ("triton", *MIXTURE_PATHS, "torch", "compile")
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,7 +117,7 @@ def sweep(name: str, make: Callable, kernels: Callable, paths: dict[str, Callabl
     """One row (op, tokens, ms per provider; None when skipped) per token count. `paths`:
     the op's kernel paths forced ("grouped", "per-token"), if it has a choice."""
     providers = {"triton": kernels if on_gpu else None,
-                 **{path: paths.get(path) if on_gpu else None for path in ("grouped", "per-token")},
+                 **{path: paths.get(path) if on_gpu else None for path in MIXTURE_PATHS},
                  "torch": reference, "compile": torch.compile(reference)}
     rows = []
     for tokens in args.tokens:
@@ -145,7 +146,7 @@ def print_roofline(rows: list[tuple], args: argparse.Namespace, itemsize: int,
     print(f"ceilings: copy {bandwidth / 1e9:.1f} GB/s, mm {flop_rate / 1e12:.2f} TFLOP/s")
     print(f"{'op':<20}{'tokens':>8}{'provider':>10}{'GB/s':>10}{'% copy':>8}"
           f"{'TFLOP/s':>10}{'% mm':>8}")
-    for name, tokens, triton_ms, _, _, torch_ms, _ in rows:
+    for name, tokens, triton_ms, *_, torch_ms, _ in rows:
         provider, ms = ("triton", triton_ms) if triton_ms is not None else ("torch", torch_ms)
         moved, flops = COSTS[name](tokens, args, itemsize)
         rate, compute = moved / (ms / 1e3), flops / (ms / 1e3)
@@ -173,8 +174,8 @@ def main() -> None:
         rows = sweep("bottleneck_adapter", bottleneck_inputs, bottleneck_adapter_triton, {},
                      bottleneck_adapter_reference, args, factory, on_gpu)
         rows += sweep("mixture_lora", mixture_inputs, mixture_lora_triton,
-                      {"grouped": functools.partial(mixture_lora_triton, per_token=False),
-                       "per-token": functools.partial(mixture_lora_triton, per_token=True)},
+                      {path: functools.partial(mixture_lora_triton, path=path)
+                       for path in ("stacked", "grouped", "per-token")},
                       mixture_lora_reference, args, factory, on_gpu)
         rows += sweep("mixture_vectors", vectors_inputs, mixture_vectors_triton, {},
                       mixture_vectors_reference, args, factory, on_gpu)

@@ -55,11 +55,13 @@ def test_bottleneck_kernels_on_cuda(dtype, tokens, bottleneck):
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize("tokens,per_token", [(1, True), (1, False), (16, True), (37, False),
-                                              (4099, False)])
+@pytest.mark.parametrize("tokens,path", [(1, "per-token"), (1, "stacked"), (1, "grouped"),
+                                         (16, "per-token"), (37, "stacked"), (37, "grouped"),
+                                         (4099, "stacked"), (4099, "grouped")])
 @pytest.mark.parametrize("top_k", [1, 2, 8])  # k = experts: soft routing
-def test_mixture_kernels_on_cuda(dtype, tokens, per_token, top_k):
-    """Both paths: the per-token kernel (the op's choice up to 16 tokens) and the grouped ones."""
+def test_mixture_kernels_on_cuda(dtype, tokens, path, top_k):
+    """Every path: the per-token kernel (the op's choice up to 16 tokens), the stacked ones (its
+    choice above, E·r = 64 here) and the grouped ones."""
     from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
     torch.manual_seed(0)
     d, experts, rank = 2048, 8, 8
@@ -67,7 +69,7 @@ def test_mixture_kernels_on_cuda(dtype, tokens, per_token, top_k):
             randn(experts, d, dtype=dtype, scale=d**-0.5),
             randn(experts, rank, d, dtype=dtype, scale=d**-0.5),
             randn(experts, d, rank, dtype=dtype, scale=rank**-0.5), 2.0, top_k)
-    out = mixture_lora_triton(*args, per_token=per_token)
+    out = mixture_lora_triton(*args, path=path)
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(out, mixture_lora_reference(*args), atol=tol, rtol=tol)
 

@@ -52,7 +52,8 @@ def test_every_config_compiles_and_fits(reports, case):
     launches = {r["launch"] for r in results}
     assert launches == {"bottleneck_fused", "bottleneck_down", "bottleneck_up",
                         "mixture_router", "mixture_shrink", "mixture_expand",
-                        "mixture_expand_top1", "mixture_per_token", "mixture_vectors"}
+                        "mixture_expand_top1", "mixture_stacked_shrink",
+                        "mixture_stacked_expand", "mixture_per_token", "mixture_vectors"}
     assert len(results) >= 5 * len(launches)  # the autotune spaces, not a single config each
     for r in results:
         assert r["error"] is None, f"{r['launch']} [{r['config']}]: {r['error']}"

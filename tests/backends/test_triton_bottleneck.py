@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from adaptc.backends.triton import bottleneck as op_module
-from adaptc.backends.triton import upcast_dot, use_triton
+from adaptc.backends.triton import token_bucket, upcast_dot, use_triton
 from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
                                                bottleneck_adapter_triton)
 from adaptc.methods import AdapterConfig, BottleneckAdapter
@@ -68,8 +68,9 @@ def test_wide_bottleneck_takes_two_launches_and_matches(dtype: torch.dtype) -> N
 
 
 def test_later_calls_launch_the_chosen_config_directly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first call of a problem goes through the autotuner, which records its config; the
-    next ones (other token counts, other values) launch the JIT function with it and match."""
+    """The first call of a problem and token bucket goes through the autotuner, which records
+    its config; the next ones of that bucket (other token counts, other values) launch the JIT
+    function with it and match."""
     from adaptc.backends import triton as backend
     monkeypatch.setattr(backend, "CHOSEN", {})
     tuned = []
@@ -81,9 +82,15 @@ def test_later_calls_launch_the_chosen_config_directly(monkeypatch: pytest.Monke
         inputs["x"] = inputs["x"] + len(lead)  # other values each time
         out = bottleneck_adapter_triton(**inputs)
         torch.testing.assert_close(out, bottleneck_adapter_reference(**inputs), **FP32)
-    assert tuned == [1]
+    assert tuned == [1, 1]  # 37 tokens, then 5; 6 shares the bucket of 5
     assert list(backend.CHOSEN) == [(op_module._bottleneck_fused_kernel,
-                                     (D_IN, D_OUT, BOTTLENECK, torch.float32))]
+                                     (D_IN, D_OUT, BOTTLENECK, torch.float32, bucket))
+                                    for bucket in (64, 8)]
+
+
+def test_token_buckets_are_powers_of_two_up_to_16384() -> None:
+    assert [token_bucket(t) for t in (0, 1, 2, 3, 16, 17, 4096, 4099, 1 << 20)] == \
+        [1, 1, 2, 4, 16, 32, 4096, 8192, 16384]
 
 
 def test_op_runs_kernels_on_leading_dims_and_no_tokens() -> None:

@@ -1,6 +1,6 @@
-"""Parity of the grouped mixture-of-LoRA op with its PyTorch reference and with the eager
-MixtureOfLora (`residual + module(x)`, gates from `module.gates`), plus routing, grouping,
-dispatch, input checks, export and compile.
+"""Parity of the mixture-of-LoRA op's kernel paths (per-token, stacked, grouped) with its
+PyTorch reference and with the eager MixtureOfLora (`residual + module(x)`, gates from
+`module.gates`), plus routing, grouping, dispatch, input checks, export and compile.
 
 Kernels run under triton's interpreter (see conftest.py). Shapes are deliberately not multiples
 of the block sizes (T=37, in=72, out=100, E=5, r=3; the per-token kernel, one program per token
@@ -14,6 +14,7 @@ from torch import nn
 
 from adaptc.backends.triton import moe_lora as op_module
 from adaptc.backends.triton.moe_lora import (MAX_EXPERTS, PER_TOKEN_MAX_TOKENS,
+                                             STACKED_MAX_COLUMNS, choose_path,
                                              mixture_lora_reference, mixture_lora_triton,
                                              route_tokens, sort_by_expert)
 from adaptc.methods import LoraConfig, MixtureConfig, MixtureOfLora
@@ -62,11 +63,12 @@ def test_router_kernel_matches_module_gates(top_k: int) -> None:
     assert counts.tolist() == torch.bincount(chosen.flatten(), minlength=EXPERTS).tolist()
 
 
+@pytest.mark.parametrize("path", ["stacked", "grouped"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("top_k", TOP_KS)
-def test_kernels_match_reference_and_module(top_k: int, dtype: torch.dtype) -> None:
+def test_kernels_match_reference_and_module(top_k: int, dtype: torch.dtype, path: str) -> None:
     module, inputs = make_case(top_k, dtype)
-    out = mixture_lora_triton(**inputs)
+    out = mixture_lora_triton(**inputs, path=path)
     assert out.dtype == dtype and out.shape == (TOKENS, D_OUT)
     torch.testing.assert_close(out, mixture_lora_reference(**inputs), **TOLERANCES[dtype])
     torch.testing.assert_close(out.float(), eager(module, inputs), **TOLERANCES[dtype])
@@ -76,32 +78,45 @@ def test_kernels_match_reference_and_module(top_k: int, dtype: torch.dtype) -> N
                          [(2, dtype) for dtype in KERNEL_DTYPES], ids=str)
 def test_per_token_kernel_matches_reference_and_module(top_k: int, dtype: torch.dtype) -> None:
     module, inputs = make_case(top_k, dtype, lead=(FEW,))
-    out = mixture_lora_triton(**inputs, per_token=True)
+    out = mixture_lora_triton(**inputs, path="per-token")
     assert out.dtype == dtype and out.shape == (FEW, D_OUT)
     torch.testing.assert_close(out, mixture_lora_reference(**inputs), **TOLERANCES[dtype])
     torch.testing.assert_close(out.float(), eager(module, inputs), **TOLERANCES[dtype])
-    grouped = mixture_lora_triton(**inputs, per_token=False)
-    torch.testing.assert_close(out, grouped, **TOLERANCES[dtype])
+    for path in ("stacked", "grouped"):
+        torch.testing.assert_close(out, mixture_lora_triton(**inputs, path=path),
+                                   **TOLERANCES[dtype])
 
 
-def test_op_takes_the_per_token_kernel_for_few_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to PER_TOKEN_MAX_TOKENS tokens: one launch, no grouping; one more: grouped."""
-    grouped = []
-    monkeypatch.setattr(op_module, "sort_by_expert",
-                        lambda *a: grouped.append(1) or sort_by_expert(*a))
-    module, inputs = make_case(2, lead=(1, FEW))
-    out = torch.ops.adaptc.mixture_lora(**inputs)
-    torch.testing.assert_close(out, eager(module, inputs), **FP32)
-    assert grouped == []
-    _, inputs = make_case(2, lead=(PER_TOKEN_MAX_TOKENS + 1,))
-    torch.ops.adaptc.mixture_lora(**inputs)
-    assert grouped == [1]
+def test_op_chooses_its_path_by_tokens_and_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to PER_TOKEN_MAX_TOKENS tokens: one launch; more: stacked while E·r ≤
+    STACKED_MAX_COLUMNS, else grouped (the only path that sorts)."""
+    assert choose_path(PER_TOKEN_MAX_TOKENS, 64, 64) == "per-token"
+    assert choose_path(PER_TOKEN_MAX_TOKENS + 1, 8, STACKED_MAX_COLUMNS // 8) == "stacked"
+    assert choose_path(PER_TOKEN_MAX_TOKENS + 1, 8, STACKED_MAX_COLUMNS // 8 + 1) == "grouped"
+    taken = []
+    for name in ("_per_token", "_stacked", "sort_by_expert"):
+        monkeypatch.setattr(op_module, name, lambda *a, name=name, run=getattr(op_module, name):
+                            taken.append(name) or run(*a))
+    for lead in ((1, FEW), (PER_TOKEN_MAX_TOKENS + 1,)):
+        module, inputs = make_case(2, lead=lead)
+        torch.testing.assert_close(torch.ops.adaptc.mixture_lora(**inputs),
+                                   eager(module, inputs), **FP32)
+    assert taken == ["_per_token", "_stacked"]
+    monkeypatch.setattr(op_module, "STACKED_MAX_COLUMNS", EXPERTS * RANK - 1)
+    module, inputs = make_case(2, lead=(PER_TOKEN_MAX_TOKENS + 1,))
+    torch.testing.assert_close(torch.ops.adaptc.mixture_lora(**inputs), eager(module, inputs),
+                               **FP32)
+    assert taken == ["_per_token", "_stacked", "sort_by_expert"]
+    with pytest.raises(ValueError, match="stacked kernels take E·r ≤ 14, got 5·3"):
+        mixture_lora_triton(**inputs, path="stacked")
+    with pytest.raises(ValueError, match="path must be one of per-token, stacked, grouped"):
+        mixture_lora_triton(**inputs, path="dense")
 
 
-@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("path", ["per-token", "stacked", "grouped"])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_all_tokens_routed_to_the_same_experts(top_k: int, per_token: bool) -> None:
-    module, inputs = make_case(top_k, lead=(FEW if per_token else TOKENS,))
+def test_all_tokens_routed_to_the_same_experts(top_k: int, path: str) -> None:
+    module, inputs = make_case(top_k, lead=(FEW if path == "per-token" else TOKENS,))
     tokens = inputs["x"].shape[0]
     inputs["x"] = torch.rand(tokens, D_IN) + 0.1  # positive, so the logit order is that of `weight`
     weight = torch.tensor([-1.0, -2.0, 3.0, -3.0, 1.0])  # expert 2 first, then expert 4
@@ -109,7 +124,7 @@ def test_all_tokens_routed_to_the_same_experts(top_k: int, per_token: bool) -> N
     module.router.copy_(inputs["router"])
     _, chosen, counts = route_tokens(inputs["x"], inputs["router"], top_k)
     assert counts.tolist() == [0, 0, tokens, 0, tokens if top_k == 2 else 0]
-    out = mixture_lora_triton(**inputs, per_token=per_token)
+    out = mixture_lora_triton(**inputs, path=path)
     torch.testing.assert_close(out, eager(module, inputs), **FP32)
 
 

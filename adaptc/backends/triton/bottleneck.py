@@ -208,7 +208,7 @@ def _launch_fused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
                   down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
                   out: torch.Tensor, activation: str) -> None:
     (tokens, d_in), (d_out, bottleneck) = x.shape, up.shape
-    launch(_bottleneck_fused_kernel, (d_in, d_out, bottleneck, x.dtype),
+    launch(_bottleneck_fused_kernel, (d_in, d_out, bottleneck, x.dtype), tokens,
            lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),),
            x, res, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
            x.stride(0), x.stride(1), res.stride(0), res.stride(1),
@@ -229,7 +229,7 @@ def _launch_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
     """out = act(a·wᵀ + bias) (+ res); res None drops the residual epilogue."""
     (m, k), n = a.shape, w.shape[0]
     res_strides = (res.stride(0), res.stride(1)) if res is not None else (0, 0)
-    launch(_linear_kernel, (n, k, res is None, a.dtype),
+    launch(_linear_kernel, (n, k, res is None, a.dtype), m,
            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])),
            a, w, bias, res, out, m, n, k, a.stride(0), a.stride(1), *res_strides,
            ACTIVATION=activation, HAS_RESIDUAL=res is not None, DOT_PRECISION=dot_precision(),

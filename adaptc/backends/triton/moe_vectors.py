@@ -133,7 +133,7 @@ def mixture_vectors_triton(values: torch.Tensor, x: torch.Tensor, router: torch.
         blocks = triton.cdiv(tokens, meta["BLOCK_T"])
         return blocks, splits or column_splits(blocks, triton.cdiv(n, meta["BLOCK_N"]), x.device)
 
-    launch(_mixture_vectors_kernel, (d_in, n, experts, x.dtype), grid,
+    launch(_mixture_vectors_kernel, (d_in, n, experts, x.dtype), tokens, grid,
            values2, x2, router.contiguous(), vectors.contiguous(), out, tokens, d_in, n, experts,
            top_k, values2.stride(0), values2.stride(1), x2.stride(0), x2.stride(1),
            DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_E=dot_block(experts))

@@ -127,6 +127,14 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
             "E": experts, "top_k": k, "scale": 2.0, "stride_rt": hidden, "stride_rn": 1,
         }, {**opts, "ACCUMULATE": k > 1, "BLOCK_R": dot_block(rank),
             "BLOCK_E": dot_block(experts)}))
+    launches.append(Launch("mixture_stacked_shrink", moe_lora._stacked_shrink_kernel, {
+        "x_ptr": ptr, "router_ptr": ptr, "a_ptr": ptr, "hg_ptr": ptr, "T": tokens,
+        "D_IN": hidden, "E": experts, "R": rank, "top_k": top_k, "scale": 2.0, **rows,
+    }, {**opts, "BLOCK_E": dot_block(experts), "BLOCK_C": dot_block(experts * rank)}))
+    launches.append(Launch("mixture_stacked_expand", moe_lora._stacked_expand_kernel, {
+        "hg_ptr": ptr, "b_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "T": tokens,
+        "D_OUT": hidden, "E": experts, "R": rank, "stride_rt": hidden, "stride_rn": 1,
+    }, {**opts, "BLOCK_C": dot_block(experts * rank)}))
     launches.append(Launch("mixture_per_token", moe_lora._per_token_kernel, {
         "x_ptr": ptr, "res_ptr": ptr, "router_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr,
         "out_ptr": ptr, "D_IN": hidden, "D_OUT": hidden, "R": rank, "E": experts,
