@@ -16,11 +16,12 @@
 # Arguments name the steps to run (default: all). The steps' limits add up to ~40 minutes,
 # more than a session's device time (15 minutes in all, start-up included), so run the most
 # telling first, e.g.
-#   run(command="benchmarks/device_run.sh test_gpu infer_graphs kernels host", carry=[".whl"],
+#   run(command="benchmarks/device_run.sh test_gpu infer_graphs kernels", carry=[".whl"],
 #       timeout_s=590)
-# (correctness of the kernels and CUDA-graph decoding; every workload's device time at 1x1
-# and 8x512 with the host's cost taken out by CUDA-graph replay; rooflines; the Triton path's
-# host cost per call), then as the time left allows "decode_graphs" or "infer_eager".
+# (correctness of every kernel path and of CUDA-graph decoding; every workload's device time
+# at 1x1 and 8x512 with the host's cost taken out by CUDA-graph replay; rooflines of the
+# three mixture paths), then as the time left allows "host", "decode_graphs" or
+# "infer_eager". A machine stays warm 30 s after a call: have the next command ready.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/adaptc-device}
@@ -46,11 +47,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, triton, transformers, peft, lark, safetensors; print('torch', \
 torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
 'peft', peft.__version__)" | tee -a "$out/device.txt" || exit 1
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")  # compiles in parallel
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")  # compiles in parallel
 step test_gpu 150 python3 -m pytest -q -p no:cacheprovider $workers tests/test_gpu.py
-step infer_graphs 200 python3 benchmarks/infer_speed.py --cuda-graph --rounds 3 --write \
+step infer_graphs 240 python3 benchmarks/infer_speed.py --cuda-graph --rounds 3 --write \
   --shapes 1x1 8x512
-step kernels 70 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 2048 --rank 8
+step kernels 150 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 2048 --rank 8 \
+  --tokens 1 64 1024 4096 16384
 step host 100 python3 benchmarks/host_overhead.py --device cuda --rounds 3 --tokens 32 --write
 step infer_eager 300 python3 benchmarks/infer_speed.py --rounds 3 --write
 step decode 240 python3 benchmarks/decode.py --model 1.1b --tokens 32 --rounds 3 --write

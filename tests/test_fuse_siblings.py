@@ -17,6 +17,7 @@ from adaptc.decode import compile_decoder
 from adaptc.errors import AdaptcError
 from adaptc.frontend.trace import trace
 from adaptc.methods.lora import LoraAdapter
+from adaptc.passes.accumulate_updates import add_product_
 from adaptc.passes.bind_ops import aten_op
 from adaptc.passes.graph import aten
 
@@ -32,8 +33,9 @@ def unmerged(model, spec: str, path):
 
 
 def linear_count(gm) -> int:
-    return sum(n.op == "call_function" and aten_op(n) in (aten.linear.default, aten.addmm.default)
-               for n in gm.graph.nodes)
+    """GEMMs in the graph: linear and addmm ops, and B GEMMs that add in place (add_product_)."""
+    return sum(n.op == "call_function" and (n.target is add_product_ or aten_op(n) in (
+        aten.linear.default, aten.addmm.default)) for n in gm.graph.nodes)
 
 
 def tensor_bytes(gm) -> int:

@@ -1,6 +1,7 @@
 """The compiler's passes. `default_pipeline` is the compiler in one readable list."""
 from __future__ import annotations
 
+from adaptc.passes.accumulate_updates import AccumulateUpdates
 from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.bind_ops import BindOps
 from adaptc.passes.canonicalize_linears import CanonicalizeLinears
@@ -64,6 +65,7 @@ def default_pipeline(mode: str = "train", merge: bool = True,
         FuseSiblings(),      # unmerged LoRA → linear ops; siblings share one GEMM for their As
         *([FuseProjections()]  # linears reading one input (q, k, v, LoRA As) → one GEMM
           if fuse_projections else []),
+        AccumulateUpdates(),  # y + linear(h, s·B) → y.addmm_(h, (s·B)ᵀ): one GEMM, in place
         LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
         BindOps(),           # aten overloads → torch's Python bindings; no-op nodes dropped
         Verify(),

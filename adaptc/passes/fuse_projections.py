@@ -39,7 +39,7 @@ from torch.fx import GraphModule, Node
 
 from adaptc.graph_attrs import bind
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
-from adaptc.passes.graph import aten, drop_attr
+from adaptc.passes.graph import aten, attr_tensor, drop_attr
 
 CONCATENATED = "adaptc.concatenated"  # gm.meta key: {old name: (fused name, start, end)}
 
@@ -63,23 +63,18 @@ def operands(node: Node) -> tuple[Node, Node | None]:
 
 def projection_groups(gm: GraphModule) -> list[list[Node]]:
     """Linear nodes sharing input, dtype and device, in graph order."""
-    readers = Counter(id(tensor(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr")
+    readers = Counter(id(attr_tensor(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr")
     groups: dict[tuple, list[Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != aten.linear.default:
             continue
         reads = [arg for arg in operands(node) if arg is not None]
         if any(arg.op != "get_attr" or len(arg.users) != 1
-               or readers[id(tensor(gm, arg.target))] != 1 for arg in reads):
+               or readers[id(attr_tensor(gm, arg.target))] != 1 for arg in reads):
             continue
-        weight = tensor(gm, reads[0].target)
+        weight = attr_tensor(gm, reads[0].target)
         groups.setdefault((node.args[0], weight.dtype, weight.device), []).append(node)
     return [group for group in groups.values() if len(group) > 1]
-
-
-def tensor(gm: GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def fuse_group(gm: GraphModule, group: list[Node], protected: frozenset[int]) -> int:
@@ -93,7 +88,7 @@ def fuse_group(gm: GraphModule, group: list[Node], protected: frozenset[int]) ->
     common = os.path.commonprefix([target.split(".")[:-1] for target in weights])
     joined = "_".join(target.split(".")[len(common)] for target in weights)
     base = ".".join([*common, joined])  # model.layers.0.self_attn.q_proj_k_proj_v_proj
-    sizes = [tensor(gm, target).shape[0] for target in weights]
+    sizes = [attr_tensor(gm, target).shape[0] for target in weights]
     with graph.inserting_before(first):
         reads = [graph.get_attr(concatenate(gm, weights, sizes, f"{base}_weight", protected))]
         if any(biases):
@@ -185,8 +180,8 @@ def concatenate(gm: GraphModule, olds: list[str | None], sizes: list[int], targe
                 protected: frozenset[int]) -> str:
     """Bind the rows of `olds` one after another at `target` (zeros for a missing bias);
     record where each old tensor's rows went; return `target`."""
-    like = tensor(gm, next(old for old in olds if old is not None))
-    parts = [like.new_zeros(size) if old is None else tensor(gm, old).detach()
+    like = attr_tensor(gm, next(old for old in olds if old is not None))
+    parts = [like.new_zeros(size) if old is None else attr_tensor(gm, old).detach()
              for old, size in zip(olds, sizes)]
     with torch.no_grad():
         bind(gm, target, nn.Parameter(torch.cat(parts), requires_grad=False), protected)

@@ -24,6 +24,12 @@ def linear_input(node: Node) -> Node:
     return node.args[LINEAR_OPS[node.target][0]]
 
 
+def attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
+    """The tensor a get_attr node's `target` names (a parameter, buffer or plain attribute)."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
 def module_path(node: Node) -> str | None:
     """The innermost module a node was traced in."""
     stack = node.meta.get("nn_module_stack")

@@ -1,0 +1,102 @@
+"""Unmerged LoRA updates added in place by their B GEMM (`accumulate_updates`): the same
+outputs as the train graph, one addmm_ per site instead of a GEMM and an add, and no rewrite
+where the base output is read elsewhere or the dtypes differ."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FAMILIES, inputs
+from test_infer import max_diff, trained
+from torch.fx import Graph, GraphModule
+
+import adaptc
+from adaptc.passes.accumulate_updates import AccumulateUpdates, add_product_
+from adaptc.passes.base import INSERTED
+from adaptc.passes.bind_ops import aten_op
+from adaptc.passes.graph import aten
+
+ALL_LINEAR = "attn.*,ffn.*: lora r=4 alpha=12"
+
+
+def accumulated(gm) -> int:
+    return sum(n.op == "call_function" and n.target is add_product_ for n in gm.graph.nodes)
+
+
+def adds_of_lora_updates(gm) -> int:
+    """Adds whose right operand is a B GEMM: what the pass replaces."""
+    return sum(n.op == "call_function" and aten_op(n) == aten.add.Tensor
+               and getattr(n.args[1], "meta", {}).get(INSERTED) == "lora"
+               and aten_op(n.args[1]) == aten.linear.default for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unmerged_updates_are_added_by_their_gemm(tiny, tmp_path, family):
+    model = tiny(family)
+    train = trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
+                           merge=False)
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= 1e-5
+    counts = adaptc.report_of(infer).counts
+    assert counts["lora_updates_accumulated"] == accumulated(infer)
+    assert adds_of_lora_updates(infer) == 0 or family == "gpt2"
+    if family == "gpt2":  # Conv1D: aten.addmm then a view, not a fresh linear output
+        assert accumulated(infer) == 0
+    else:
+        assert accumulated(infer) == counts["lora_inserted"]
+
+
+def test_bf16_unmerged_stays_close_to_float32(tiny, tmp_path):
+    """In bf16 the in-place GEMM rounds y + h·Bᵀ once, in its float32 accumulator."""
+    model = tiny("llama")
+    trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    reference = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
+                               merge=False)
+    x = inputs()
+    expected = reference(**x)
+    model.module.to(torch.bfloat16)
+    infer = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
+                           merge=False)
+    assert accumulated(infer) == adaptc.report_of(infer).counts["lora_inserted"]
+    assert max_diff(infer(**x), expected) <= 0.1  # logits O(1); bf16 through two layers
+
+
+def site_graph(second_reader: bool, weight_dtype=torch.float32) -> GraphModule:
+    """x → y = linear(x, W); u = linear(x, B) (a LoRA update); y + u (and y·2 if asked)."""
+    root = torch.nn.Module()
+    root.W = torch.nn.Parameter(torch.randn(6, 4), requires_grad=False)
+    root.B = torch.nn.Parameter(torch.randn(6, 4).to(weight_dtype), requires_grad=False)
+    graph = Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(aten.linear.default, (x, graph.get_attr("W")))
+    y.meta["val"] = torch.empty(3, 6)
+    u = graph.call_function(aten.linear.default, (x, graph.get_attr("B")))
+    u.meta[INSERTED] = "lora"
+    out = graph.call_function(aten.add.Tensor, (y, u))
+    if second_reader:
+        out = graph.call_function(aten.add.Tensor, (out, graph.call_function(
+            aten.mul.Tensor, (y, 2.0))))
+    graph.output(out)
+    return GraphModule(root, graph)
+
+
+def test_rewrites_only_a_fresh_output_nothing_else_reads():
+    x = torch.randn(3, 4)
+    gm = site_graph(second_reader=False)
+    expected = gm(x)
+    assert AccumulateUpdates().run(gm, None).counts == {"lora_updates_accumulated": 1}
+    torch.testing.assert_close(gm(x), expected, rtol=1e-6, atol=1e-6)
+    assert accumulated(gm) == 1 and adds_of_lora_updates(gm) == 0
+    for kept in (site_graph(second_reader=True), site_graph(False, torch.float64)):
+        assert AccumulateUpdates().run(kept, None).counts == {"lora_updates_accumulated": 0}
+
+
+def test_exported_program_of_an_accumulating_graph_matches(tiny, tmp_path):
+    model = tiny("llama")
+    trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
+                           merge=False)
+    x = inputs()
+    exported = torch.export.export(infer, (), x)
+    assert torch.ops.aten.addmm_.default in {n.target for n in exported.graph.nodes}
+    assert max_diff(exported.module()(**x), infer(**x)) <= 1e-6
