@@ -13,6 +13,7 @@ from adaptc.cli import main
 from adaptc.decode_seq2seq import compile_seq2seq_decoder
 from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import wrap
+from adaptc.passes.accumulate_updates import add_product_
 from adaptc.passes.bind_ops import aten_op
 from adaptc.passes.graph import module_path
 
@@ -162,8 +163,9 @@ def test_cli_falls_back_to_full_sequence_decoding_for_gates(tmp_path, capsys):
 
 
 def linear_paths(graph) -> list[str]:
-    return [module_path(n) or "" for n in graph.graph.nodes
-            if n.op == "call_function" and aten_op(n) == torch.ops.aten.linear.default]
+    """Module paths of the graph's GEMMs: linear ops and in-place LoRA B GEMMs."""
+    return [module_path(n) or "" for n in graph.graph.nodes if n.op == "call_function" and (
+        aten_op(n) == torch.ops.aten.linear.default or n.target is add_product_)]
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -7,10 +7,11 @@ values as the kernel inputs.
 """
 import pytest
 import torch
+import triton
 from torch import nn
 
 from adaptc.backends.triton import bottleneck as op_module
-from adaptc.backends.triton import token_bucket, upcast_dot, use_triton
+from adaptc.backends.triton import cdiv, next_power_of_2, token_bucket, upcast_dot, use_triton
 from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
                                                bottleneck_adapter_triton)
 from adaptc.methods import AdapterConfig, BottleneckAdapter
@@ -91,6 +92,14 @@ def test_later_calls_launch_the_chosen_config_directly(monkeypatch: pytest.Monke
 def test_token_buckets_are_powers_of_two_up_to_16384() -> None:
     assert [token_bucket(t) for t in (0, 1, 2, 3, 16, 17, 4096, 4099, 1 << 20)] == \
         [1, 1, 2, 4, 16, 32, 4096, 8192, 16384]
+
+
+def test_host_side_grid_helpers_agree_with_triton() -> None:
+    """The plain cdiv / next_power_of_2 the launches call, against triton's own."""
+    assert [next_power_of_2(n) for n in range(1, 5000)] == \
+        [triton.next_power_of_2(n) for n in range(1, 5000)]
+    assert next_power_of_2(0) == 1
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 40))
 
 
 def test_op_runs_kernels_on_leading_dims_and_no_tokens() -> None:

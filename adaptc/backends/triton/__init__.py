@@ -76,12 +76,24 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return acc
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for grids. triton 3.9's `triton.cdiv` and `triton.next_power_of_2` are
+    ConstexprFunctions whose host-side call costs microseconds each; the ops call these
+    plain ones at every launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def dot_block(n: int) -> int:
     """Block width covering `n` columns of a `tl.dot` operand: a power of two, at least 16."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
-CHOSEN: dict[tuple, triton.Config] = {}  # (autotuned kernel, problem key) → its config
+CHOSEN: dict[tuple, dict] = {}  # (autotuned kernel, problem key) → its config's launch kwargs
 
 
 def launch(kernel: triton.runtime.Autotuner, key: tuple, tokens: int, grid, *args,
@@ -104,14 +116,14 @@ def launch(kernel: triton.runtime.Autotuner, key: tuple, tokens: int, grid, *arg
     if config is None:
         kernel.cache.clear()
         kernel[grid](*args, **kwargs)  # autotunes for this call's shapes
-        CHOSEN[(kernel, key)] = kernel.best_config
+        CHOSEN[(kernel, key)] = kernel.best_config.all_kwargs()
     else:
-        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        kernel.fn[grid](*args, **kwargs, **config)
 
 
 def token_bucket(tokens: int) -> int:
     """The power of two at or above `tokens`, at most 2**14: 15 sizes tuned per problem."""
-    return min(triton.next_power_of_2(max(tokens, 1)), 1 << 14)
+    return min(next_power_of_2(tokens), 1 << 14)
 
 
 def check_tensor(op: str, name: str, t: torch.Tensor, x: torch.Tensor,

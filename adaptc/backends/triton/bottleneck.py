@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from adaptc.backends.triton import (check_input, check_tensor, define_op, dot, dot_block,
-                                    dot_precision, interpreting, launch, upcast_dot, use_triton)
+from adaptc.backends.triton import (cdiv, check_input, check_tensor, define_op, dot,
+                                    dot_block, dot_precision, interpreting, launch, upcast_dot,
+                                    use_triton)
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 MAX_FUSED_BOTTLENECK = 128
@@ -209,7 +210,7 @@ def _launch_fused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
                   out: torch.Tensor, activation: str) -> None:
     (tokens, d_in), (d_out, bottleneck) = x.shape, up.shape
     launch(_bottleneck_fused_kernel, (d_in, d_out, bottleneck, x.dtype), tokens,
-           lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),),
+           lambda meta: (cdiv(tokens, meta["BLOCK_T"]),),
            x, res, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
            x.stride(0), x.stride(1), res.stride(0), res.stride(1),
            ACTIVATION=activation, DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
@@ -230,7 +231,7 @@ def _launch_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
     (m, k), n = a.shape, w.shape[0]
     res_strides = (res.stride(0), res.stride(1)) if res is not None else (0, 0)
     launch(_linear_kernel, (n, k, res is None, a.dtype), m,
-           lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])),
+           lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])),
            a, w, bias, res, out, m, n, k, a.stride(0), a.stride(1), *res_strides,
            ACTIVATION=activation, HAS_RESIDUAL=res is not None, DOT_PRECISION=dot_precision(),
            UPCAST_DOT=upcast_dot(a))

@@ -58,8 +58,9 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from adaptc.backends.triton import (check_input, check_tensor, define_op, dot, dot_block,
-                                    dot_precision, interpreting, launch, upcast_dot, use_triton)
+from adaptc.backends.triton import (cdiv, check_input, check_tensor, define_op, dot,
+                                    dot_block, dot_precision, interpreting, launch,
+                                    next_power_of_2, upcast_dot, use_triton)
 
 MAX_EXPERTS = 64
 MAX_RANK = 128
@@ -239,7 +240,7 @@ def _stacked_expand_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[t, block] = residual[t, block] + hg[t]·B_all[block]ᵀ, B_all[n, e·r+j] = B[e, n, j]."""
+    """out[t, block] = residual[t, block] + hg[t]·B_all[block]ᵀ (B_all[n, e·r+j] = B[e,n,j])"""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -471,7 +472,7 @@ def route_tokens(x: torch.Tensor, router: torch.Tensor,
     chosen = torch.empty((tokens, top_k), dtype=torch.int32, device=x.device)
     counts = torch.zeros(experts, dtype=torch.int32, device=x.device)
     launch(_router_kernel, (d_in, experts, x.dtype), tokens,
-           lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),),
+           lambda meta: (cdiv(tokens, meta["BLOCK_T"]),),
            x, router.contiguous(), gates, chosen, counts, tokens, d_in, experts, top_k,
            x.stride(0), x.stride(1), DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
            BLOCK_E=dot_block(experts))
@@ -533,10 +534,10 @@ def _per_token(x: torch.Tensor, res: torch.Tensor, router: torch.Tensor, A: torc
     out = torch.empty((n_tokens, d_out), dtype=x.dtype, device=x.device)
     if n_tokens > 0:
         launch(_per_token_kernel, (d_in, d_out, rank, experts, x.dtype), n_tokens,
-               lambda meta: (n_tokens, triton.cdiv(d_out, meta["BLOCK_N"])),
+               lambda meta: (n_tokens, cdiv(d_out, meta["BLOCK_N"])),
                x, res, router, A, B, out, d_in, d_out, rank, experts, top_k, scale,
                x.stride(0), x.stride(1), res.stride(0), res.stride(1),
-               BLOCK_E=triton.next_power_of_2(experts), BLOCK_R=triton.next_power_of_2(rank))
+               BLOCK_E=next_power_of_2(experts), BLOCK_R=next_power_of_2(rank))
     return out
 
 
@@ -550,13 +551,13 @@ def _stacked(x: torch.Tensor, res: torch.Tensor, router: torch.Tensor, A: torch.
     hg = torch.empty((n_tokens, experts * rank), dtype=x.dtype, device=x.device)
     columns = dot_block(experts * rank)
     launch(_stacked_shrink_kernel, (d_in, experts, rank, x.dtype), n_tokens,
-           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),),
+           lambda meta: (cdiv(n_tokens, meta["BLOCK_T"]),),
            x, router, A, hg, n_tokens, d_in, experts, rank, top_k, scale,
            x.stride(0), x.stride(1), DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
            BLOCK_E=dot_block(experts), BLOCK_C=columns)
     launch(_stacked_expand_kernel, (d_out, experts, rank, x.dtype), n_tokens,
-           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),
-                         triton.cdiv(d_out, meta["BLOCK_N"])),
+           lambda meta: (cdiv(n_tokens, meta["BLOCK_T"]),
+                         cdiv(d_out, meta["BLOCK_N"])),
            hg, B, res, out, n_tokens, d_out, experts, rank, res.stride(0), res.stride(1),
            DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_C=columns)
     return out
@@ -568,7 +569,7 @@ def _shrink(x: torch.Tensor, A: torch.Tensor, order: torch.Tensor, counts: torch
     (experts, rank, d_in), n_tokens = A.shape, x.shape[0]
     h = torch.empty((order.shape[0], rank), dtype=x.dtype, device=x.device)
     launch(_shrink_kernel, (d_in, rank, x.dtype), n_tokens,
-           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]), experts),
+           lambda meta: (cdiv(n_tokens, meta["BLOCK_T"]), experts),
            x, A, order, counts, h, d_in, rank, experts, top_k, x.stride(0), x.stride(1),
            DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_R=dot_block(rank),
            BLOCK_E=dot_block(experts))
@@ -582,8 +583,8 @@ def _expand(h: torch.Tensor, B: torch.Tensor, order: torch.Tensor, counts: torch
     out[t] = res[t] + that, in out's dtype)."""
     (experts, d_out, rank), n_tokens = B.shape, out.shape[0]
     launch(_expand_kernel, (d_out, rank, h.dtype, top_k == 1), n_tokens,
-           lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_T"]),
-                         triton.cdiv(d_out, meta["BLOCK_N"]), experts),
+           lambda meta: (cdiv(n_tokens, meta["BLOCK_T"]),
+                         cdiv(d_out, meta["BLOCK_N"]), experts),
            h, B, order, counts, gates, res, out, d_out, rank, experts, top_k, scale,
            res.stride(0), res.stride(1), DOT_PRECISION=dot_precision(),
            UPCAST_DOT=upcast_dot(h), ACCUMULATE=top_k > 1, BLOCK_R=dot_block(rank),

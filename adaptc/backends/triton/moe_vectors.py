@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptc.backends.triton import (check_input, check_tensor, define_op, dot_block, dot_precision,
-                                    interpreting, launch, upcast_dot, use_triton)
+from adaptc.backends.triton import (cdiv, check_input, check_tensor, define_op, dot_block,
+                                    dot_precision, interpreting, launch, upcast_dot, use_triton)
 from adaptc.backends.triton.moe_lora import MAX_EXPERTS, route_reference, router_logits
 
 _OP = "mixture_vectors"
@@ -113,7 +113,7 @@ def column_splits(token_blocks: int, column_blocks: int, device: torch.device) -
     the CPU), at most one per column block."""
     programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 1
-    return max(1, min(column_blocks, triton.cdiv(programs, max(token_blocks, 1))))
+    return max(1, min(column_blocks, cdiv(programs, max(token_blocks, 1))))
 
 
 def mixture_vectors_triton(values: torch.Tensor, x: torch.Tensor, router: torch.Tensor,
@@ -130,8 +130,8 @@ def mixture_vectors_triton(values: torch.Tensor, x: torch.Tensor, router: torch.
         return out.reshape(values.shape)
 
     def grid(meta):
-        blocks = triton.cdiv(tokens, meta["BLOCK_T"])
-        return blocks, splits or column_splits(blocks, triton.cdiv(n, meta["BLOCK_N"]), x.device)
+        blocks = cdiv(tokens, meta["BLOCK_T"])
+        return blocks, splits or column_splits(blocks, cdiv(n, meta["BLOCK_N"]), x.device)
 
     launch(_mixture_vectors_kernel, (d_in, n, experts, x.dtype), tokens, grid,
            values2, x2, router.contiguous(), vectors.contiguous(), out, tokens, d_in, n, experts,

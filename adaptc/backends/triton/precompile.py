@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from triton.errors import TritonError
 
 from adaptc.backends.triton import (bottleneck, dot_block, dot_precision, interpreting, moe_lora,
-                                    moe_vectors)
+                                    moe_vectors, next_power_of_2)
 from adaptc.errors import first_line
 
 # Shared memory one block may use (opt-in maximum, bytes), by compute capability (CUDA
@@ -139,7 +139,7 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
         "x_ptr": ptr, "res_ptr": ptr, "router_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr,
         "out_ptr": ptr, "D_IN": hidden, "D_OUT": hidden, "R": rank, "E": experts,
         "top_k": top_k, "scale": 2.0, **rows, "stride_rt": hidden, "stride_rn": 1,
-    }, {"BLOCK_E": triton.next_power_of_2(experts), "BLOCK_R": triton.next_power_of_2(rank)},
+    }, {"BLOCK_E": next_power_of_2(experts), "BLOCK_R": next_power_of_2(rank)},
         has_dot=False))
     launches.append(Launch("mixture_vectors", moe_vectors._mixture_vectors_kernel, {
         "values_ptr": ptr, "x_ptr": ptr, "router_ptr": ptr, "vectors_ptr": ptr, "out_ptr": ptr,
