@@ -68,6 +68,17 @@ def test_wide_bottleneck_takes_two_launches_and_matches(dtype: torch.dtype) -> N
     torch.testing.assert_close(out.float(), eager(adapter, inputs), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_programs_sharing_a_token_block_give_the_same_output(splits: int) -> None:
+    """Decoding's grid: several programs per token block, each redoing the down-projection
+    and writing its own d_out tiles (D_OUT=100 is four 32-column tiles: 3 splits take 2, 1,
+    1), equal to one program per block."""
+    adapter, inputs = make_case("gelu", lead=(3,))
+    out = bottleneck_adapter_triton(**inputs, splits=splits)
+    assert torch.equal(out, bottleneck_adapter_triton(**inputs, splits=1))
+    torch.testing.assert_close(out.float(), eager(adapter, inputs), **FP32)
+
+
 def test_later_calls_launch_the_chosen_config_directly(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first call of a problem and token bucket goes through the autotuner, which records
     its config; the next ones of that bucket (other token counts, other values) launch the JIT

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from adaptc.backends.triton import column_splits
 from adaptc.backends.triton import moe_vectors as op_module
 from adaptc.backends.triton.moe_lora import MAX_EXPERTS
-from adaptc.backends.triton.moe_vectors import (column_splits, mixture_vectors_reference,
+from adaptc.backends.triton.moe_vectors import (mixture_vectors_reference,
                                                 mixture_vectors_triton)
 from adaptc.methods import Ia3Config, MixtureConfig
 from adaptc.methods.mixture import MixtureOfVectors
@@ -81,6 +82,7 @@ def test_column_splits_fill_the_device_and_no_more() -> None:
         assert column_splits(1, 1000, gpu) == 2 * sms
         assert column_splits(1, 4, gpu) == 4
         assert column_splits(2 * sms, 16, gpu) == 1
+        assert column_splits(2 * sms - 1, 16, gpu) == 1  # the token blocks nearly fill it
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

@@ -13,6 +13,7 @@ machine without one and reports their registers, spills and shared memory. The h
 (and the `dot` the kernels call) are shared by the op modules, which are imported last for
 that reason.
 """
+import functools
 from collections.abc import Callable
 
 import torch
@@ -86,6 +87,21 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ≥ n (1 for n ≤ 1)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query is a driver call)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def column_splits(token_blocks: int, column_blocks: int, device: torch.device) -> int:
+    """Programs per token block for kernels whose programs can share a token block's output
+    columns (each redoing the block's per-token work): enough for the grid to reach two per
+    multiprocessor (one on the CPU), at most one per column block, and one once the token
+    blocks alone fill the device, where redoing that work would only re-read x."""
+    programs = 2 * multiprocessors(device) if device.type == "cuda" else 1
+    return max(1, min(column_blocks, programs // max(token_blocks, 1)))
 
 
 def dot_block(n: int) -> int:

@@ -13,8 +13,10 @@ Kernels: when the bottleneck fits in registers (≤ MAX_FUSED_BOTTLENECK = 128),
 it all: a program takes BLOCK_T tokens, computes their hidden activations h [BLOCK_T, bottleneck]
 once, then walks the output features tile by tile (h·Uᵀ + b_U + residual). Keeping the walk over
 d_out inside the program means the down-projection is never recomputed and h never touches
-memory; the grid is then only ⌈T / BLOCK_T⌉ programs, which the autotuner offsets with small
-BLOCK_T. Wider bottlenecks take two launches of a generic linear kernel whose epilogues are
+memory. With few tokens (decoding) ⌈T / BLOCK_T⌉ programs would leave most of the GPU idle
+while one program walks all of d_out, so the programs of a token block share its d_out tiles
+(`column_splits`: enough programs for two per multiprocessor), each redoing the block's
+down-projection, which at a few tokens is a small read of D. Wider bottlenecks take two launches of a generic linear kernel whose epilogues are
 constexpr flags: act(x·Dᵀ + b_D) into a hidden buffer in x's dtype, then hidden·Uᵀ + b_U +
 residual.
 """
@@ -23,9 +25,9 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 
-from adaptc.backends.triton import (cdiv, check_input, check_tensor, define_op, dot,
-                                    dot_block, dot_precision, interpreting, launch, upcast_dot,
-                                    use_triton)
+from adaptc.backends.triton import (cdiv, check_input, check_tensor, column_splits, define_op,
+                                    dot, dot_block, dot_precision, interpreting, launch,
+                                    upcast_dot, use_triton)
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 MAX_FUSED_BOTTLENECK = 128
@@ -80,7 +82,8 @@ def _bottleneck_fused_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program: BLOCK_T tokens × all d_out features; h stays in registers."""
+    """One program: BLOCK_T tokens × the d_out tiles j ≡ program_id(1) (mod num_programs(1));
+    h stays in registers."""
     # ---- this program's tokens and the (padded) bottleneck columns
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
@@ -102,8 +105,8 @@ def _bottleneck_fused_kernel(
     acc += tl.load(down_bias_ptr + hid, mask=hid_mask, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc, ACTIVATION).to(up_ptr.dtype.element_ty)
 
-    # ---- up-projection + bias + residual, one d_out tile at a time
-    for n0 in range(0, D_OUT, BLOCK_N):
+    # ---- up-projection + bias + residual, this program's d_out tiles one at a time
+    for n0 in range(tl.program_id(1) * BLOCK_N, D_OUT, tl.num_programs(1) * BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         out_mask = outs < D_OUT
         tile_mask = row_mask[:, None] & out_mask[None, :]
@@ -189,8 +192,9 @@ def check_bottleneck_inputs(x: torch.Tensor, residual: torch.Tensor, down: torch
 
 def bottleneck_adapter_triton(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                               down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                              activation: str) -> torch.Tensor:
-    """Check the inputs, allocate y and run the kernels (fused when the bottleneck ≤ 128)."""
+                              activation: str, splits: int | None = None) -> torch.Tensor:
+    """Check the inputs, allocate y and run the kernels (fused when the bottleneck ≤ 128;
+    `splits` fixes its programs per token block, None: `column_splits`)."""
     check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation)
     d_out, bottleneck = up.shape
     x2, res2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, d_out)
@@ -199,7 +203,7 @@ def bottleneck_adapter_triton(x: torch.Tensor, residual: torch.Tensor, down: tor
         return out
     weights = (down.contiguous(), down_bias.contiguous(), up.contiguous(), up_bias.contiguous())
     if bottleneck <= MAX_FUSED_BOTTLENECK:
-        _launch_fused(x2, res2, *weights, out.view(-1, d_out), activation)
+        _launch_fused(x2, res2, *weights, out.view(-1, d_out), activation, splits)
     else:
         _launch_unfused(x2, res2, *weights, out.view(-1, d_out), activation)
     return out
@@ -207,10 +211,14 @@ def bottleneck_adapter_triton(x: torch.Tensor, residual: torch.Tensor, down: tor
 
 def _launch_fused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
                   down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                  out: torch.Tensor, activation: str) -> None:
+                  out: torch.Tensor, activation: str, splits: int | None) -> None:
     (tokens, d_in), (d_out, bottleneck) = x.shape, up.shape
-    launch(_bottleneck_fused_kernel, (d_in, d_out, bottleneck, x.dtype), tokens,
-           lambda meta: (cdiv(tokens, meta["BLOCK_T"]),),
+
+    def grid(meta):
+        blocks = cdiv(tokens, meta["BLOCK_T"])
+        return blocks, splits or column_splits(blocks, cdiv(d_out, meta["BLOCK_N"]), x.device)
+
+    launch(_bottleneck_fused_kernel, (d_in, d_out, bottleneck, x.dtype), tokens, grid,
            x, res, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
            x.stride(0), x.stride(1), res.stride(0), res.stride(1),
            ACTIVATION=activation, DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),

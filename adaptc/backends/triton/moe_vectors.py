@@ -23,9 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptc.backends.triton import (cdiv, check_input, check_tensor, define_op, dot_block,
-                                    dot_precision, interpreting, launch, upcast_dot, use_triton)
-from adaptc.backends.triton.moe_lora import MAX_EXPERTS, route_reference, router_logits
+from adaptc.backends.triton import (cdiv, check_input, check_tensor, column_splits, define_op,
+                                    dot_block, dot_precision, interpreting, launch, upcast_dot,
+                                    use_triton)
+from adaptc.backends.triton.moe_lora import (MAX_EXPERTS, chosen_softmax, route_reference,
+                                             router_logits)
 
 _OP = "mixture_vectors"
 
@@ -64,9 +66,7 @@ def _mixture_vectors_kernel(
     for _ in range(top_k):
         best = tl.argmax(remaining, axis=1, tie_break_left=True)
         remaining = tl.where(ex[None, :] == best[:, None], float("-inf"), remaining)
-    chosen = (remaining == float("-inf")) & ex_mask[None, :]
-    p = tl.where(chosen, tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
-    gates = p / tl.sum(p, axis=1)[:, None]
+    gates = chosen_softmax(logits, (remaining == float("-inf")) & ex_mask[None, :])
 
     # ---- this program's column blocks: mix = g · l in float32, out = values ⊙ mix
     for n0 in range(tl.program_id(1) * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
@@ -106,14 +106,6 @@ def check_vectors_inputs(values: torch.Tensor, x: torch.Tensor, router: torch.Te
     check_tensor(_OP, "router", router, x, (experts, x.shape[-1]))
     check_tensor(_OP, "vectors", vectors, x, (experts, n))
     check_tensor(_OP, "values", values, x, (*x.shape[:-1], n))
-
-
-def column_splits(token_blocks: int, column_blocks: int, device: torch.device) -> int:
-    """Programs per token block: enough for the grid to reach two per multiprocessor (one on
-    the CPU), at most one per column block."""
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count \
-        if device.type == "cuda" else 1
-    return max(1, min(column_blocks, cdiv(programs, max(token_blocks, 1))))
 
 
 def mixture_vectors_triton(values: torch.Tensor, x: torch.Tensor, router: torch.Tensor,
