@@ -11,7 +11,8 @@ for all-linear r16 was 1.17× the base model's, and those passes over the seven 
 outputs of 22 layers are ~6.6 GB of the extra. The sum is also rounded once, in the GEMM's
 float32 accumulator, instead of twice.
 
-Only an add whose left operand is a linear/mm output used by nothing else, and whose right is
+Only an add whose left operand is a linear/mm/addmm output used by nothing else (GPT-2's
+Conv1D projections are addmm), and whose right is
 the site's B GEMM (no bias) in the same dtype, is rewritten: y is then a fresh contiguous
 tensor no other node sees, so updating it in place is invisible outside the node. Export
 and torch.compile trace through `add_product_` (functionalised to an out-of-place addmm).
@@ -24,7 +25,7 @@ from torch.fx import GraphModule, Node
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
 from adaptc.passes.graph import aten, attr_tensor
 
-FRESH_OUTPUTS = {aten.linear.default, aten.mm.default}
+FRESH_OUTPUTS = {aten.linear.default, aten.mm.default, aten.addmm.default}  # GPT-2: addmm
 
 
 def add_product_(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
