@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import FAMILIES, inputs
+from test_fuse_siblings import unmerged
 from test_infer import max_diff, trained
 from torch.fx import Graph, GraphModule
 
@@ -33,8 +34,7 @@ def adds_of_lora_updates(gm) -> int:
 def test_unmerged_updates_are_added_by_their_gemm(tiny, tmp_path, family):
     model = tiny(family)
     train = trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
-    infer = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
-                           merge=False)
+    infer = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
     x = inputs()
     assert max_diff(infer(**x), train(**x)) <= 1e-5
     counts = adaptc.report_of(infer).counts
@@ -47,13 +47,11 @@ def test_bf16_unmerged_stays_close_to_float32(tiny, tmp_path):
     """In bf16 the in-place GEMM rounds y + h·Bᵀ once, in its float32 accumulator."""
     model = tiny("llama")
     trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
-    reference = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
-                               merge=False)
+    reference = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
     x = inputs()
     expected = reference(**x)
     model.module.to(torch.bfloat16)
-    infer = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
-                           merge=False)
+    infer = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
     assert accumulated(infer) == adaptc.report_of(infer).counts["lora_inserted"]
     assert max_diff(infer(**x), expected) <= 0.1  # logits O(1); bf16 through two layers
 
@@ -91,8 +89,7 @@ def test_rewrites_only_a_fresh_output_nothing_else_reads():
 def test_exported_program_of_an_accumulating_graph_matches(tiny, tmp_path):
     model = tiny("llama")
     trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
-    infer = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
-                           merge=False)
+    infer = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
     x = inputs()
     exported = torch.export.export(infer, (), x)
     assert torch.ops.aten.addmm_.default in {n.target for n in exported.graph.nodes}
