@@ -6,6 +6,7 @@ from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.bind_ops import BindOps
 from adaptc.passes.canonicalize_linears import CanonicalizeLinears
 from adaptc.passes.fold_prompts import FoldPrompts
+from adaptc.passes.fold_stream_adds import FoldStreamAdds
 from adaptc.passes.freeze_base import FreezeBase
 from adaptc.passes.fuse_projections import FuseProjections
 from adaptc.passes.fuse_siblings import FuseSiblings
@@ -67,6 +68,7 @@ def default_pipeline(mode: str = "train", merge: bool = True,
           if fuse_projections else []),
         AccumulateUpdates(),  # y + linear(h, s·B) → y.addmm_(h, (s·B)ᵀ): one GEMM, in place
         LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
+        FoldStreamAdds(),    # stream + bottleneck op → the op's skip: added in its epilogue
         BindOps(),           # aten overloads → torch's Python bindings; no-op nodes dropped
         Verify(),
     ]

@@ -15,7 +15,7 @@ SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
 @pytest.mark.parametrize("family,spec", [("llama", "card.adapt"), ("bert", "mola.adapt"),
-                                         ("llama", "mov.adapt")])
+                                         ("llama", "mov.adapt"), ("gpt2", "houlsby.adapt")])
 def test_infer_graph_on_kernels_equals_train(tiny, tmp_path, family, spec):
     model = tiny(family)
     train = adaptc.compile(model, SPECS / spec).eval()
@@ -28,3 +28,5 @@ def test_infer_graph_on_kernels_equals_train(tiny, tmp_path, family, spec):
         ours, expected = main_output(infer(**x)), main_output(train(**x))
     assert (ours - expected).abs().max().item() <= 1e-5
     assert (expected - main_output(model.module(**x))).abs().max().item() > 1e-3
+    folded = adaptc.report_of(infer).counts["stream_adds_folded"]
+    assert folded == {"card.adapt": 2, "houlsby.adapt": 4}.get(spec, 0)  # 2 layers' down, o

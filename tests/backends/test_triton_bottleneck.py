@@ -68,6 +68,21 @@ def test_wide_bottleneck_takes_two_launches_and_matches(dtype: torch.dtype) -> N
     torch.testing.assert_close(out.float(), eager(adapter, inputs), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("bottleneck", [BOTTLENECK, WIDE_BOTTLENECK])
+def test_skip_is_added_in_the_epilogue(bottleneck: int, dtype: torch.dtype) -> None:
+    """`skip` (the residual stream), read through strides (a transposed view here), joins the
+    sum in float32 on both paths: the eager `skip + (residual + adapter(x))` up to rounding."""
+    adapter, inputs = make_case("gelu", bottleneck, dtype)
+    skip = torch.randn(D_OUT, TOKENS).to(dtype).t()
+    out = bottleneck_adapter_triton(**inputs, skip=skip)
+    torch.testing.assert_close(out, bottleneck_adapter_reference(**inputs, skip=skip),
+                               **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float(), skip.float() + eager(adapter, inputs),
+                               **TOLERANCES[dtype])
+    assert (out.float() - bottleneck_adapter_triton(**inputs).float()).abs().max() > 1
+
+
 @pytest.mark.parametrize("splits", [2, 3])
 def test_programs_sharing_a_token_block_give_the_same_output(splits: int) -> None:
     """Decoding's grid: several programs per token block, each redoing the down-projection
@@ -141,6 +156,7 @@ def test_reference_path_matches_module(monkeypatch: pytest.MonkeyPatch, dtype: t
 @pytest.mark.parametrize(("change", "error", "names"), [
     ({"up": torch.zeros(D_OUT, BOTTLENECK + 1)}, ValueError, "`up`"),
     ({"residual": torch.zeros(TOKENS, D_OUT + 1)}, ValueError, "`residual`"),
+    ({"skip": torch.zeros(TOKENS, D_OUT, dtype=torch.float64)}, TypeError, "`skip`"),
     ({"down_bias": torch.zeros(BOTTLENECK, dtype=torch.float16)}, TypeError, "`down_bias`"),
     ({"x": torch.zeros(TOKENS, D_IN, dtype=torch.int64)}, TypeError, "`x`"),
     ({"activation": "swish"}, ValueError, "swish"),

@@ -1,11 +1,14 @@
 """Fused bottleneck adapter (Houlsby / parallel adapters) for inference.
 
-    y = residual + U·act(D·x + b_D) + b_U
+    y = residual + U·act(D·x + b_D) + b_U (+ skip)
 
     x [..., d_in], residual [..., d_out], D `down` [bottleneck, d_in], b_D `down_bias`
     [bottleneck], U `up` [d_out, bottleneck], b_U `up_bias` [d_out];
     act ∈ relu | gelu (exact, erf) | silu | tanh. Accumulation in float32; y has x's dtype and
-    residual's shape.
+    residual's shape. `skip` (optional, residual's shape) is the transformer block's residual
+    stream when the adapter's output only feeds `stream + ·` (`fold_stream_adds`): adding it in
+    the epilogue saves that add's pass over the output (two reads and a write) and rounds the
+    sum once.
 
 Eager math: `adaptc.methods.bottleneck.BottleneckAdapter.forward`, plus the graph's residual add.
 
@@ -75,11 +78,11 @@ def _activate(h, ACTIVATION: tl.constexpr):
 @triton.autotune(configs=_fused_configs(), key=["D_IN", "D_OUT", "BOTTLENECK"])
 @triton.jit
 def _bottleneck_fused_kernel(
-    x_ptr, res_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr, out_ptr,
+    x_ptr, res_ptr, skip_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr, out_ptr,
     T, D_IN, D_OUT, BOTTLENECK,
-    stride_xt, stride_xk, stride_rt, stride_rn,
-    ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    stride_xt, stride_xk, stride_rt, stride_rn, stride_st, stride_sn,
+    ACTIVATION: tl.constexpr, HAS_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_T tokens × the d_out tiles j ≡ program_id(1) (mod num_programs(1));
@@ -105,7 +108,7 @@ def _bottleneck_fused_kernel(
     acc += tl.load(down_bias_ptr + hid, mask=hid_mask, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc, ACTIVATION).to(up_ptr.dtype.element_ty)
 
-    # ---- up-projection + bias + residual, this program's d_out tiles one at a time
+    # ---- up-projection + bias + residual (+ skip), this program's d_out tiles one at a time
     for n0 in range(tl.program_id(1) * BLOCK_N, D_OUT, tl.num_programs(1) * BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         out_mask = outs < D_OUT
@@ -116,6 +119,9 @@ def _bottleneck_fused_kernel(
         y += tl.load(up_bias_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
         y += tl.load(res_ptr + rows[:, None] * stride_rt + outs[None, :] * stride_rn,
                      mask=tile_mask, other=0.0).to(tl.float32)
+        if HAS_SKIP:
+            y += tl.load(skip_ptr + rows[:, None] * stride_st + outs[None, :] * stride_sn,
+                         mask=tile_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows[:, None] * D_OUT + outs[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -123,14 +129,15 @@ def _bottleneck_fused_kernel(
 @triton.autotune(configs=_linear_configs(), key=["N", "K"])
 @triton.jit
 def _linear_kernel(
-    a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    a_ptr, w_ptr, bias_ptr, res_ptr, skip_ptr, out_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_rm, stride_rn,
-    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    stride_am, stride_ak, stride_rm, stride_rn, stride_sm, stride_sn,
+    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SKIP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[M, N] = act(a · wᵀ + bias) (+ residual when HAS_RESIDUAL); w [N, K] row-major."""
+    """out[M, N] = act(a · wᵀ + bias) (+ residual when HAS_RESIDUAL, + skip when HAS_SKIP);
+    w [N, K] row-major."""
     # ---- this program's output tile
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,11 +156,14 @@ def _linear_kernel(
                       mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         acc = dot(a, w_t, acc, DOT_PRECISION, UPCAST_DOT)
 
-    # ---- epilogue: bias, activation, optional residual
+    # ---- epilogue: bias, activation, optional residual and skip
     acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     acc = _activate(acc, ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
+                       mask=tile_mask, other=0.0).to(tl.float32)
+    if HAS_SKIP:
+        acc += tl.load(skip_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn,
                        mask=tile_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=tile_mask)
@@ -163,17 +173,18 @@ def _linear_kernel(
 
 def bottleneck_adapter_reference(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                                  down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                                 activation: str) -> torch.Tensor:
+                                 activation: str, skip: torch.Tensor | None = None
+                                 ) -> torch.Tensor:
     """The op in plain PyTorch, float32 throughout, cast to x's dtype at the end."""
     act = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}[activation]
     hidden = act(F.linear(x.float(), down.float(), down_bias.float()))
-    update = F.linear(hidden, up.float(), up_bias.float())
-    return (residual.float() + update).to(x.dtype)
+    out = residual.float() + F.linear(hidden, up.float(), up_bias.float())
+    return (out if skip is None else out + skip.float()).to(x.dtype)
 
 
 def check_bottleneck_inputs(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                             down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                            activation: str) -> None:
+                            activation: str, skip: torch.Tensor | None = None) -> None:
     """Raise ValueError/TypeError naming the first tensor whose shape, dtype or device is off."""
     check_input(_OP, x)
     if activation not in ACTIVATIONS:
@@ -188,30 +199,40 @@ def check_bottleneck_inputs(x: torch.Tensor, residual: torch.Tensor, down: torch
     check_tensor(_OP, "up", up, x, (d_out, bottleneck))
     check_tensor(_OP, "up_bias", up_bias, x, (d_out,))
     check_tensor(_OP, "residual", residual, x, (*x.shape[:-1], d_out))
+    if skip is not None:
+        check_tensor(_OP, "skip", skip, x, (*x.shape[:-1], d_out))
 
 
 def bottleneck_adapter_triton(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                               down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                              activation: str, splits: int | None = None) -> torch.Tensor:
+                              activation: str, skip: torch.Tensor | None = None,
+                              splits: int | None = None) -> torch.Tensor:
     """Check the inputs, allocate y and run the kernels (fused when the bottleneck ≤ 128;
     `splits` fixes its programs per token block, None: `column_splits`)."""
-    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation)
+    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation, skip)
     d_out, bottleneck = up.shape
     x2, res2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, d_out)
+    skip2 = None if skip is None else skip.reshape(-1, d_out)
     out = torch.empty(residual.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0] == 0:
         return out
     weights = (down.contiguous(), down_bias.contiguous(), up.contiguous(), up_bias.contiguous())
     if bottleneck <= MAX_FUSED_BOTTLENECK:
-        _launch_fused(x2, res2, *weights, out.view(-1, d_out), activation, splits)
+        _launch_fused(x2, res2, skip2, *weights, out.view(-1, d_out), activation, splits)
     else:
-        _launch_unfused(x2, res2, *weights, out.view(-1, d_out), activation)
+        _launch_unfused(x2, res2, skip2, *weights, out.view(-1, d_out), activation)
     return out
 
 
-def _launch_fused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
-                  down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                  out: torch.Tensor, activation: str, splits: int | None) -> None:
+def strides(t: torch.Tensor | None) -> tuple[int, int]:
+    """A 2-d operand's strides; (0, 0) for an absent one (its epilogue flag is off)."""
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def _launch_fused(x: torch.Tensor, res: torch.Tensor, skip: torch.Tensor | None,
+                  down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
+                  up_bias: torch.Tensor, out: torch.Tensor, activation: str,
+                  splits: int | None) -> None:
     (tokens, d_in), (d_out, bottleneck) = x.shape, up.shape
 
     def grid(meta):
@@ -219,47 +240,50 @@ def _launch_fused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
         return blocks, splits or column_splits(blocks, cdiv(d_out, meta["BLOCK_N"]), x.device)
 
     launch(_bottleneck_fused_kernel, (d_in, d_out, bottleneck, x.dtype), tokens, grid,
-           x, res, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
-           x.stride(0), x.stride(1), res.stride(0), res.stride(1),
-           ACTIVATION=activation, DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
+           x, res, skip, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
+           *strides(x), *strides(res), *strides(skip), ACTIVATION=activation,
+           HAS_SKIP=skip is not None, DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
            BLOCK_B=dot_block(bottleneck))
 
 
-def _launch_unfused(x: torch.Tensor, res: torch.Tensor, down: torch.Tensor,
-                    down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                    out: torch.Tensor, activation: str) -> None:
+def _launch_unfused(x: torch.Tensor, res: torch.Tensor, skip: torch.Tensor | None,
+                    down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
+                    up_bias: torch.Tensor, out: torch.Tensor, activation: str) -> None:
     hidden = torch.empty((x.shape[0], down.shape[0]), dtype=x.dtype, device=x.device)
-    _launch_linear(x, down, down_bias, None, hidden, activation)
-    _launch_linear(hidden, up, up_bias, res, out, "identity")
+    _launch_linear(x, down, down_bias, None, None, hidden, activation)
+    _launch_linear(hidden, up, up_bias, res, skip, out, "identity")
 
 
 def _launch_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
-                   res: torch.Tensor | None, out: torch.Tensor, activation: str) -> None:
-    """out = act(a·wᵀ + bias) (+ res); res None drops the residual epilogue."""
+                   res: torch.Tensor | None, skip: torch.Tensor | None, out: torch.Tensor,
+                   activation: str) -> None:
+    """out = act(a·wᵀ + bias) (+ res) (+ skip); None drops that epilogue term."""
     (m, k), n = a.shape, w.shape[0]
-    res_strides = (res.stride(0), res.stride(1)) if res is not None else (0, 0)
     launch(_linear_kernel, (n, k, res is None, a.dtype), m,
            lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])),
-           a, w, bias, res, out, m, n, k, a.stride(0), a.stride(1), *res_strides,
-           ACTIVATION=activation, HAS_RESIDUAL=res is not None, DOT_PRECISION=dot_precision(),
-           UPCAST_DOT=upcast_dot(a))
+           a, w, bias, res, skip, out, m, n, k, *strides(a), *strides(res), *strides(skip),
+           ACTIVATION=activation, HAS_RESIDUAL=res is not None, HAS_SKIP=skip is not None,
+           DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(a))
 
 
 # --------------------------------------------------------------------------- the op
 
 def bottleneck_adapter(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                        down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                       activation: str) -> torch.Tensor:
-    """residual + up·act(down·x + down_bias) + up_bias, by kernels or reference (`use_triton`)."""
+                       activation: str, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + up·act(down·x + down_bias) + up_bias (+ skip), by kernels or reference
+    (`use_triton`)."""
     if use_triton(x):
-        return bottleneck_adapter_triton(x, residual, down, down_bias, up, up_bias, activation)
-    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation)
-    return bottleneck_adapter_reference(x, residual, down, down_bias, up, up_bias, activation)
+        return bottleneck_adapter_triton(x, residual, down, down_bias, up, up_bias, activation,
+                                         skip)
+    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation, skip)
+    return bottleneck_adapter_reference(x, residual, down, down_bias, up, up_bias, activation,
+                                        skip)
 
 
 def _bottleneck_adapter_fake(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                              down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                             activation: str) -> torch.Tensor:
+                             activation: str, skip: torch.Tensor | None = None) -> torch.Tensor:
     return residual.new_empty(residual.shape, dtype=x.dtype)
 
 
