@@ -57,11 +57,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def bottleneck_inputs(tokens: int, args: argparse.Namespace, **factory) -> tuple:
-    """(x, residual, down, down_bias, up, up_bias, activation) for one site."""
+    """(x, residual, down, down_bias, up, up_bias, activation, skip) for one site after a
+    sublayer, the residual stream folded in as infer graphs run it (`fold_stream_adds`)."""
     d, b = args.hidden, args.bottleneck
     return (torch.randn(tokens, d, **factory), torch.randn(tokens, d, **factory),
             torch.randn(b, d, **factory) / d**0.5, torch.randn(b, **factory),
-            torch.randn(d, b, **factory) / b**0.5, torch.randn(d, **factory), "gelu")
+            torch.randn(d, b, **factory) / b**0.5, torch.randn(d, **factory), "gelu",
+            torch.randn(tokens, d, **factory))
 
 
 def mixture_inputs(tokens: int, args: argparse.Namespace, **factory) -> tuple:
@@ -81,9 +83,9 @@ def vectors_inputs(tokens: int, args: argparse.Namespace, **factory) -> tuple:
 
 
 def bottleneck_cost(tokens: int, args: argparse.Namespace, itemsize: int) -> tuple[int, int]:
-    """(bytes, flops): x and residual read, output written, weights read once."""
+    """(bytes, flops): x, residual and stream read, output written, weights read once."""
     d, b = args.hidden, args.bottleneck
-    moved = tokens * 3 * d + 2 * b * d + b + d
+    moved = tokens * 4 * d + 2 * b * d + b + d
     return moved * itemsize, 4 * tokens * d * b
 
 
