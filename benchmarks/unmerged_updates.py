@@ -1,12 +1,14 @@
-"""A/B of `accumulate_updates`: unmerged all-linear LoRA with and without the pass, timed
-interleaved with the base model in one run, as ratios to the base model's time.
+"""A/B of `accumulate_updates`: all-linear LoRA, unmerged and merged, each compiled with and
+without the pass, timed interleaved with the base model in one run, as ratios to the base
+model's time.
 
     python benchmarks/unmerged_updates.py [--tokens 8x256] [--hidden 512] [--write]
 
 Model: a Llama with 4 layers of the given width (intermediate 2.75×), random init; LoRA r16
-on all seven projections, random non-zero weights, `merge=False`. "without" compiles the
-same spec with the pass replaced by one that changes nothing: each B GEMM writes its update
-and an add sums it with the base output (the graph before this pass existed).
+on all seven projections, random non-zero weights. "without" compiles the same spec with the
+pass replaced by one that changes nothing: unmerged, each B GEMM writes its update and an
+add sums it with the base output; merged and unmerged, each residual add reads the stream
+and o_proj's / down_proj's output back (the graphs before this pass existed).
 """
 import argparse
 import datetime
@@ -31,12 +33,17 @@ def variants(model, scratch: Path) -> dict:
         for p in adaptc.adapter_state_dict(train).values():
             p.normal_(0, 0.02)
     weights = adaptc.save_adapters(train, scratch / "a.safetensors")
-    found = {"with the pass": adaptc.compile(model, SPEC, "infer", adapters=weights,
-                                             merge=False)}
+
+    def both(with_pass: str) -> dict:
+        return {f"{kind}, {with_pass}": adaptc.compile(model, SPEC, "infer", adapters=weights,
+                                                       merge=kind == "merged")
+                for kind in ("unmerged", "merged")}
+
+    found = both("with the pass")
     run = accumulate_updates.AccumulateUpdates.run
     accumulate_updates.AccumulateUpdates.run = lambda self, gm, ctx: PassResult(gm, {})
     try:
-        found["without"] = adaptc.compile(model, SPEC, "infer", adapters=weights, merge=False)
+        found |= both("without")
     finally:
         accumulate_updates.AccumulateUpdates.run = run
     return found
@@ -70,13 +77,13 @@ def main() -> None:
     base = statistics.median(times["base model"])
     rows = [(key, statistics.median(t), statistics.median(t) / base) for key, t in times.items()]
     for key, t, ratio in rows:
-        print(f"{key:16s} {t * 1e3:9.2f} ms  × base {ratio:5.3f}", flush=True)
+        print(f"{key:26s} {t * 1e3:9.2f} ms  × base {ratio:5.3f}", flush=True)
     if args.write:
         name = torch.cuda.get_device_name() if on_gpu else platform.machine()
         lines = [f"\n## unmerged_updates.py — {datetime.date.today()}",
                  f"Device: {device} ({name}), {torch.get_num_threads()} threads, torch "
                  f"{torch.__version__}, {dtype}. Llama, 4 layers, hidden {args.hidden}, "
-                 f"{args.tokens} tokens; unmerged all-linear LoRA r16; median of "
+                 f"{args.tokens} tokens; all-linear LoRA r16; median of "
                  f"{args.rounds} interleaved rounds.\n",
                  "| variant | ms | × base |", "|---|---|---|"]
         lines += [f"| {key} | {t * 1e3:.2f} | {ratio:.3f} |" for key, t, ratio in rows]

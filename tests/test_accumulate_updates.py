@@ -19,8 +19,10 @@ from adaptc.passes.graph import aten
 ALL_LINEAR = "attn.*,ffn.*: lora r=4 alpha=12"
 
 
-def accumulated(gm) -> int:
-    return sum(n.op == "call_function" and n.target is add_product_ for n in gm.graph.nodes)
+def accumulated(gm, method: str | None = "lora") -> int:
+    """In-place GEMMs adding LoRA updates (`method` "lora") or base products (None)."""
+    return sum(n.op == "call_function" and n.target is add_product_
+               and n.meta.get(INSERTED) == method for n in gm.graph.nodes)
 
 
 def adds_of_lora_updates(gm) -> int:
@@ -68,6 +70,7 @@ def site_graph(second_reader: bool, weight_dtype=torch.float32) -> GraphModule:
     u = graph.call_function(aten.linear.default, (x, graph.get_attr("B")))
     u.meta[INSERTED] = "lora"
     out = graph.call_function(aten.add.Tensor, (y, u))
+    out.meta["val"] = torch.empty(3, 6)
     if second_reader:
         out = graph.call_function(aten.add.Tensor, (out, graph.call_function(
             aten.mul.Tensor, (y, 2.0))))
@@ -79,11 +82,12 @@ def test_rewrites_only_a_fresh_output_nothing_else_reads():
     x = torch.randn(3, 4)
     gm = site_graph(second_reader=False)
     expected = gm(x)
-    assert AccumulateUpdates().run(gm, None).counts == {"lora_updates_accumulated": 1}
+    assert AccumulateUpdates().run(gm, None).counts == {"lora_updates_accumulated": 1,
+                                                        "stream_adds_accumulated": 0}
     torch.testing.assert_close(gm(x), expected, rtol=1e-6, atol=1e-6)
     assert accumulated(gm) == 1 and adds_of_lora_updates(gm) == 0
     for kept in (site_graph(second_reader=True), site_graph(False, torch.float64)):
-        assert AccumulateUpdates().run(kept, None).counts == {"lora_updates_accumulated": 0}
+        assert AccumulateUpdates().run(kept, None).counts["lora_updates_accumulated"] == 0
 
 
 def test_exported_program_of_an_accumulating_graph_matches(tiny, tmp_path):
@@ -94,3 +98,56 @@ def test_exported_program_of_an_accumulating_graph_matches(tiny, tmp_path):
     exported = torch.export.export(infer, (), x)
     assert torch.ops.aten.addmm_.default in {n.target for n in exported.graph.nodes}
     assert max_diff(exported.module()(**x), infer(**x)) <= 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_residual_adds_take_the_sublayers_last_gemm(tiny, tmp_path, family):
+    """stream + o_proj(·) and stream + down_proj(·) become stream.addmm_ (two per layer, two
+    layers), merged or not (then the LoRA update joins the same stream); GPT-2's and BERT's
+    projections have biases and keep their adds."""
+    model = tiny(family)
+    train = trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    x = inputs(segments=family == "bert")
+    expected = 4 if family in ("llama", "mistral") else 0
+    for merge in (True, False):
+        infer = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
+                               merge=merge)
+        assert max_diff(infer(**x), train(**x)) <= 1e-5
+        assert adaptc.report_of(infer).counts["stream_adds_accumulated"] == expected
+        assert accumulated(infer, None) == expected
+
+
+def stream_graph(later_reader: bool, input_is_view: bool) -> GraphModule:
+    """x → s = x + x; n = s·2 (read before); y = linear(n, W) (or of a view of s); s + y
+    (and + s·3 after, if asked)."""
+    root = torch.nn.Module()
+    root.W = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+    graph = Graph()
+    x = graph.placeholder("x")
+    s = graph.call_function(aten.add.Tensor, (x, x))
+    n = graph.call_function(aten.mul.Tensor, (s, 2.0))
+    h = graph.call_function(aten.view.default, (s, [3, 4])) if input_is_view else n
+    y = graph.call_function(aten.linear.default, (h, graph.get_attr("W")))
+    out = graph.call_function(aten.add.Tensor, (s, y))
+    if later_reader:
+        out = graph.call_function(aten.add.Tensor, (out, graph.call_function(
+            aten.mul.Tensor, (s, 3.0))))
+    for node, shape in ((x, (3, 4)), (s, (3, 4)), (n, (3, 4)), (h, (3, 4)), (y, (3, 4)),
+                        (out, (3, 4))):
+        node.meta["val"] = torch.empty(shape)
+    graph.output(out)
+    return GraphModule(root, graph)
+
+
+@pytest.mark.parametrize(("later_reader", "input_is_view", "rewrites"),
+                         [(False, False, 1), (True, False, 0), (False, True, 0)])
+def test_stream_updates_in_place_only_when_no_one_sees_it(later_reader, input_is_view,
+                                                          rewrites):
+    """The stream is updated in place only if nothing reads it after the add and the GEMM's
+    input is not a view of it."""
+    gm = stream_graph(later_reader, input_is_view)
+    x = torch.randn(3, 4)
+    expected = gm(x)
+    assert AccumulateUpdates().run(gm, None).counts["stream_adds_accumulated"] == rewrites
+    assert accumulated(gm, None) == rewrites
+    torch.testing.assert_close(gm(x), expected, rtol=1e-6, atol=1e-6)

@@ -66,7 +66,7 @@ def default_pipeline(mode: str = "train", merge: bool = True,
         FuseSiblings(),      # unmerged LoRA → linear ops; siblings share one GEMM for their As
         *([FuseProjections()]  # linears reading one input (q, k, v, LoRA As) → one GEMM
           if fuse_projections else []),
-        AccumulateUpdates(),  # y + linear(h, s·B) → y.addmm_(h, (s·B)ᵀ): one GEMM, in place
+        AccumulateUpdates(),  # y + linear(h, W) → y.addmm_(h, Wᵀ) in place: LoRA B, o/down + stream
         LowerToTriton(),     # bottleneck adapters and mixtures → fused custom ops
         FoldStreamAdds(),    # stream + bottleneck op → the op's skip: added in its epilogue
         BindOps(),           # aten overloads → torch's Python bindings; no-op nodes dropped

@@ -1,21 +1,28 @@
-"""Pass (infer mode): unmerged LoRA updates are added by the GEMM that computes them.
+"""Pass (infer mode): GEMM results are added by the GEMM that computes them, in place.
 
-    y = linear(x, W);  u = linear(h, s·B);  out = y + u
-      →  out = add_product_(linear(x, W), h, s·B)      y += h·(s·B)ᵀ in place: one addmm_
+    y = linear(x, W);  u = linear(h, s·B);  out = y + u       (an unmerged LoRA site)
+      →  out = add_product_(linear(x, W), h, s·B)             y += h·(s·B)ᵀ: one addmm_
+    s = stream + linear(x, W)                                 (a residual add after o, down)
+      →  s = add_product_(stream, x, W)                       stream += x·Wᵀ: one addmm_
 
 `fuse_siblings` leaves each unmerged LoRA site as a B GEMM and an add: the GEMM writes the
 update u, the add reads y and u back and writes the sum, four passes over an output-sized
 tensor besides the base GEMM's one write. `addmm_` on y (cuBLAS / BLAS with β = 1) reads y
 once and writes it once: at 8×512 tokens on the Llama-shaped 1.1B, the H200's device time
 for all-linear r16 was 1.17× the base model's, and those passes over the seven projection
-outputs of 22 layers are ~6.6 GB of the extra. The sum is also rounded once, in the GEMM's
-float32 accumulator, instead of twice.
+outputs of 22 layers are ~6.6 GB of the extra. A transformer block's residual adds are the
+same pattern with the stream in y's place: the sublayer's last GEMM (o_proj, down_proj, their
+LoRA updates after it) adds into the stream, which saves the add's three passes over the
+hidden state, twice per layer, in the base model's own computation. Each sum is rounded
+once, in the GEMM's float32 accumulator, instead of twice.
 
-Only an add whose left operand is a linear/mm/addmm output used by nothing else (GPT-2's
-Conv1D projections are addmm), and whose right is
-the site's B GEMM (no bias) in the same dtype, is rewritten: y is then a fresh contiguous
-tensor no other node sees, so updating it in place is invisible outside the node. Export
-and torch.compile trace through `add_product_` (functionalised to an out-of-place addmm).
+The left operand y must be a fresh result (a GEMM, an add, an embedding, a fused op) whose
+every other reader, through anything that may alias it (views, no-op casts), runs before the
+add, so updating it in place is invisible outside the rewrite; the right operand a chain of
+bias-free GEMMs (linear, or a linear some updates were already added to) that nothing else
+reads; all in one dtype, no broadcast. GPT-2's and BERT's projections have biases: there only
+the LoRA updates accumulate. Export and torch.compile trace through `add_product_`
+(functionalised to an out-of-place addmm).
 """
 from __future__ import annotations
 
@@ -23,9 +30,15 @@ import torch
 from torch.fx import GraphModule, Node
 
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.bind_ops import computes_nothing
 from adaptc.passes.graph import aten, attr_tensor
 
-FRESH_OUTPUTS = {aten.linear.default, aten.mm.default, aten.addmm.default}  # GPT-2: addmm
+FRESH_RESULTS = {  # ops whose output shares storage with none of their inputs
+    aten.linear.default, aten.mm.default, aten.addmm.default, aten.add.Tensor, aten.sub.Tensor,
+    aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default,
+    aten.embedding.default, aten._to_copy.default, aten.layer_norm.default,
+    aten.native_layer_norm.default,
+}
 
 
 def add_product_(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -39,39 +52,114 @@ class AccumulateUpdates:
     name = "accumulate_updates"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        rewritten = 0
+        counts = {"lora_updates_accumulated": 0, "stream_adds_accumulated": 0}
+        earlier: set[Node] = set()
         for node in list(gm.graph.nodes):
-            operands = update_operands(gm, node)
-            if operands is None:
+            found = accumulation(gm, node, earlier)
+            earlier.add(node)
+            if found is None:
                 continue
-            base, update = node.args
+            target, terms, product = found
+            fused = target
             with gm.graph.inserting_before(node):
-                fused = gm.graph.call_function(add_product_, (base, *operands))
-            fused.meta.update(node.meta)
-            fused.meta[INSERTED] = "lora"
+                for h, weight, source in terms:
+                    fused = gm.graph.call_function(add_product_, (fused, h, weight))
+                    fused.meta.update(node.meta)
+                    fused.meta[INSERTED] = source.meta.get(INSERTED)
+                    earlier.add(fused)
             node.replace_all_uses_with(fused)
             gm.graph.erase_node(node)
-            gm.graph.erase_node(update)
-            rewritten += 1
+            for done in chain_nodes(product):
+                gm.graph.erase_node(done)
+            lora = product.op == "call_function" and product.target == aten.linear.default \
+                and product.meta.get(INSERTED) == "lora"
+            counts["lora_updates_accumulated" if lora else "stream_adds_accumulated"] += 1
         gm.recompile()
-        return PassResult(gm, {"lora_updates_accumulated": rewritten})
+        return PassResult(gm, counts)
 
 
-def update_operands(gm: GraphModule, add: Node) -> tuple[Node, Node] | None:
-    """(h, s·B) when `add` is y + linear(h, s·B) with y a fresh GEMM output only it reads,
-    both in one dtype; else None."""
+def accumulation(gm: GraphModule, add: Node, earlier: set[Node]
+                 ) -> tuple[Node, list[tuple[Node, Node, Node]], Node] | None:
+    """(y, [(h, W, the GEMM node it came from), ...], the right operand) when `add` is
+    y + Σ h·Wᵀ and y can take the products in place; else None. `earlier`: the nodes before
+    `add`."""
     if add.op != "call_function" or add.target != aten.add.Tensor or add.kwargs \
-            or len(add.args) != 2 or not all(isinstance(a, Node) for a in add.args):
+            or len(add.args) != 2 or not all(isinstance(a, Node) for a in add.args) \
+            or add.args[0] is add.args[1]:
         return None
-    base, update = add.args
-    if update.op != "call_function" or update.target != aten.linear.default \
-            or len(update.args) != 2 or update.kwargs or len(update.users) != 1 \
-            or update.meta.get(INSERTED) != "lora" or update.args[1].op != "get_attr":
+    for target, product in (add.args, add.args[::-1]):
+        terms = product_terms(gm, product)
+        if terms is None or not updatable(target, add, earlier):
+            continue
+        aliases, value, out = alias_closure(storage_owner(target)), target.meta["val"], \
+            add.meta.get("val")
+        if isinstance(out, torch.Tensor) and out.shape == value.shape \
+                and all(h not in aliases and fits(gm, h, w, value) for h, w, _ in terms):
+            return target, terms, product
+    return None
+
+
+def product_terms(gm: GraphModule, node: Node) -> list[tuple[Node, Node, Node]] | None:
+    """[(h, W, GEMM node)] when `node` is a bias-free linear(h, W), or add_product_ of such a
+    chain, read only by its one user; else None."""
+    if node.op != "call_function" or len(node.users) != 1 or node.kwargs:
         return None
-    if base.op != "call_function" or base.target not in FRESH_OUTPUTS or len(base.users) != 1:
-        return None
-    value, weight = base.meta.get("val"), attr_tensor(gm, update.args[1].target)
-    if not isinstance(value, torch.Tensor) or weight.dtype != value.dtype \
-            or weight.shape[0] != value.shape[-1]:
-        return None
-    return update.args
+    if node.target == aten.linear.default and len(node.args) == 2:
+        return [(node.args[0], node.args[1], node)]
+    if node.target is add_product_:
+        inner = product_terms(gm, node.args[0])
+        return None if inner is None else [*inner, (node.args[1], node.args[2], node)]
+    return None
+
+
+def chain_nodes(product: Node) -> list[Node]:
+    """The product chain's nodes, outermost first (erasable in that order)."""
+    nodes = [product]
+    while nodes[-1].target is add_product_:
+        nodes.append(nodes[-1].args[0])
+    return nodes
+
+
+def updatable(target: Node, add: Node, earlier: set[Node]) -> bool:
+    """Whether `target` is a fresh contiguous tensor (or a no-op cast of one: the stream in a
+    float32 Llama) that nothing reads after `add`."""
+    root = storage_owner(target)
+    fresh = root.op == "call_function" and (
+        root.target in FRESH_RESULTS or root.target is add_product_
+        or getattr(root.target, "namespace", None) == "adaptc")
+    value = target.meta.get("val")
+    if not fresh or not isinstance(value, torch.Tensor) or not value.is_contiguous():
+        return False
+    readers = {user for alias in alias_closure(root) for user in alias.users}
+    return all(reader is add or reader in earlier for reader in readers)
+
+
+def storage_owner(node: Node) -> Node:
+    """The node whose result `node` is, seen through no-op casts and eval-mode dropout."""
+    while node.op == "call_function" and computes_nothing(node):
+        node = node.args[0]
+    return node
+
+
+def alias_closure(node: Node) -> set[Node]:
+    """`node` and every node downstream that may share its storage (any op not known to
+    return a fresh tensor: views, no-op casts, eval-mode dropout)."""
+    seen, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and user.op == "call_function" \
+                    and user.target not in FRESH_RESULTS and user.target is not add_product_ \
+                    and getattr(user.target, "namespace", None) != "adaptc":
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def fits(gm: GraphModule, h: Node, weight: Node, out: torch.Tensor) -> bool:
+    """Whether h·weightᵀ adds into `out` as is: weight [n, r] in out's dtype, and h (where
+    traced: a pass's new nodes are not) in that dtype with out's leading shape."""
+    w = attr_tensor(gm, weight.target) if weight.op == "get_attr" else weight.meta.get("val")
+    value = h.meta.get("val")
+    return isinstance(w, torch.Tensor) and w.dtype == out.dtype and w.shape[0] == out.shape[-1] \
+        and (not isinstance(value, torch.Tensor)
+             or (value.dtype == out.dtype and value.shape[:-1] == out.shape[:-1]))

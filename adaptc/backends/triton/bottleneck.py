@@ -45,7 +45,8 @@ def _fused_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_N": 32})]
     tiles = [(16, 64, 64), (16, 64, 128), (32, 64, 64), (32, 64, 128), (64, 32, 64), (64, 64, 128)]
     return [triton.Config({"BLOCK_T": t, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for t, k, n in tiles for w, s in ((4, 3), (8, 2))]
+            for t, k, n in tiles for w, s in ((4, 3), (8, 2))
+            if (t, k, n, w) != (64, 64, 128, 4)]  # with the skip tile it spills on sm_80 fp16
 
 
 def _linear_configs() -> list[triton.Config]:
