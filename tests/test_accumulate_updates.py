@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import FAMILIES, inputs
 from test_fuse_siblings import unmerged
-from test_infer import max_diff, trained
+from test_infer import ROOT, max_diff, trained
 from torch.fx import Graph, GraphModule
 
 import adaptc
@@ -151,3 +151,22 @@ def test_stream_updates_in_place_only_when_no_one_sees_it(later_reader, input_is
     assert AccumulateUpdates().run(gm, None).counts["stream_adds_accumulated"] == rewrites
     assert accumulated(gm, None) == rewrites
     torch.testing.assert_close(gm(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("spec", "on_stream"), [
+    ("o_proj,down_proj: lora r=4\nmixture moe k=2 experts=3", 4),  # o, down × 2 layers
+    (str(ROOT / "specs/loramoe.adapt"), 2)])  # down × 2 (and o_proj's plain add × 2)
+def test_mixtures_after_o_and_down_read_the_updated_stream(tiny, tmp_path, spec, on_stream):
+    """stream + (o_proj(a) + moe(a)) → (stream += a·W_oᵀ) + moe(a): the GEMM adds into the
+    stream and the fused mixture op takes it as its residual (LoRAMoE's FFN mixtures)."""
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= 1e-5
+    assert max_diff(infer(**x), model.module(**x)) > 1e-3
+    counts = adaptc.report_of(infer).counts
+    assert counts["stream_adds_accumulated"] == accumulated(infer, None) == 4
+    mixtures = [n for n in infer.graph.nodes
+                if n.target == torch.ops.adaptc.mixture_lora.default]
+    assert sum(call.args[1].target is add_product_ for call in mixtures) == on_stream

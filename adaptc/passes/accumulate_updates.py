@@ -4,6 +4,8 @@
       →  out = add_product_(linear(x, W), h, s·B)             y += h·(s·B)ᵀ: one addmm_
     s = stream + linear(x, W)                                 (a residual add after o, down)
       →  s = add_product_(stream, x, W)                       stream += x·Wᵀ: one addmm_
+    s = stream + (linear(x, W) + m)                           (m: a mixture's module call)
+      →  s = add_product_(stream, x, W) + m                   lowered: the op's residual
 
 `fuse_siblings` leaves each unmerged LoRA site as a B GEMM and an add: the GEMM writes the
 update u, the add reads y and u back and writes the sum, four passes over an output-sized
@@ -13,8 +15,10 @@ for all-linear r16 was 1.17× the base model's, and those passes over the seven 
 outputs of 22 layers are ~6.6 GB of the extra. A transformer block's residual adds are the
 same pattern with the stream in y's place: the sublayer's last GEMM (o_proj, down_proj, their
 LoRA updates after it) adds into the stream, which saves the add's three passes over the
-hidden state, twice per layer, in the base model's own computation. Each sum is rounded
-once, in the GEMM's float32 accumulator, instead of twice.
+hidden state, twice per layer, in the base model's own computation; where a mixture (or a
+parallel adapter) sits on o_proj or down_proj, the sum is reassociated so the fused op reads
+the updated stream as its residual and the block's add disappears. Each sum is rounded once,
+in the GEMM's float32 accumulator, instead of twice.
 
 The left operand y must be a fresh result (a GEMM, an add, an embedding, a fused op) whose
 every other reader, through anything that may alias it (views, no-op casts), runs before the
@@ -59,7 +63,7 @@ class AccumulateUpdates:
             earlier.add(node)
             if found is None:
                 continue
-            target, terms, product = found
+            target, terms, product, rest = found
             fused = target
             with gm.graph.inserting_before(node):
                 for h, weight, source in terms:
@@ -67,8 +71,16 @@ class AccumulateUpdates:
                     fused.meta.update(node.meta)
                     fused.meta[INSERTED] = source.meta.get(INSERTED)
                     earlier.add(fused)
+                if rest is not None:  # (y + m) → (stream + y) + m: m's add stays for lowering
+                    fused = gm.graph.call_function(aten.add.Tensor, (fused, rest))
+                    fused.meta.update(node.meta)
+                    earlier.add(fused)
             node.replace_all_uses_with(fused)
             gm.graph.erase_node(node)
+            if rest is not None:
+                inner = product.args[0]
+                gm.graph.erase_node(product)
+                product = inner
             for done in chain_nodes(product):
                 gm.graph.erase_node(done)
             lora = product.op == "call_function" and product.target == aten.linear.default \
@@ -79,23 +91,30 @@ class AccumulateUpdates:
 
 
 def accumulation(gm: GraphModule, add: Node, earlier: set[Node]
-                 ) -> tuple[Node, list[tuple[Node, Node, Node]], Node] | None:
-    """(y, [(h, W, the GEMM node it came from), ...], the right operand) when `add` is
-    y + Σ h·Wᵀ and y can take the products in place; else None. `earlier`: the nodes before
-    `add`."""
+                 ) -> tuple[Node, list[tuple[Node, Node, Node]], Node, Node | None] | None:
+    """(y, [(h, W, the GEMM node it came from), ...], the right operand, m) when `add` is
+    y + Σ h·Wᵀ, or y + (Σ h·Wᵀ + m) with m an adapter's output (a mixture after o_proj or
+    down_proj, still a module call here), and y can take the products in place; else None
+    (m None when there is none). `earlier`: the nodes before `add`."""
     if add.op != "call_function" or add.target != aten.add.Tensor or add.kwargs \
             or len(add.args) != 2 or not all(isinstance(a, Node) for a in add.args) \
             or add.args[0] is add.args[1]:
         return None
     for target, product in (add.args, add.args[::-1]):
-        terms = product_terms(gm, product)
+        rest = None
+        if product.op == "call_function" and product.target == aten.add.Tensor \
+                and len(product.users) == 1 and not product.kwargs \
+                and len(product.args) == 2 and isinstance(product.args[1], Node) \
+                and product.args[1].op == "call_module":
+            rest = product.args[1]
+        terms = product_terms(gm, product.args[0] if rest is not None else product)
         if terms is None or not updatable(target, add, earlier):
             continue
         aliases, value, out = alias_closure(storage_owner(target)), target.meta["val"], \
             add.meta.get("val")
-        if isinstance(out, torch.Tensor) and out.shape == value.shape \
+        if isinstance(out, torch.Tensor) and out.shape == value.shape and rest not in aliases \
                 and all(h not in aliases and fits(gm, h, w, value) for h, w, _ in terms):
-            return target, terms, product
+            return target, terms, product, rest
     return None
 
 
