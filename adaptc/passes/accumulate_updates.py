@@ -35,7 +35,7 @@ from torch.fx import GraphModule, Node
 
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
 from adaptc.passes.bind_ops import computes_nothing
-from adaptc.passes.graph import aten, attr_tensor
+from adaptc.passes.graph import aten, attr_tensor, plain_add
 
 FRESH_RESULTS = {  # ops whose output shares storage with none of their inputs
     aten.linear.default, aten.mm.default, aten.addmm.default, aten.add.Tensor, aten.sub.Tensor,
@@ -75,17 +75,12 @@ class AccumulateUpdates:
                     fused = gm.graph.call_function(aten.add.Tensor, (fused, rest))
                     fused.meta.update(node.meta)
                     earlier.add(fused)
-            node.replace_all_uses_with(fused)
-            gm.graph.erase_node(node)
-            if rest is not None:
-                inner = product.args[0]
-                gm.graph.erase_node(product)
-                product = inner
-            for done in chain_nodes(product):
-                gm.graph.erase_node(done)
-            lora = product.op == "call_function" and product.target == aten.linear.default \
-                and product.meta.get(INSERTED) == "lora"
+            chain = product.args[0] if rest is not None else product
+            lora = chain.target == aten.linear.default and chain.meta.get(INSERTED) == "lora"
             counts["lora_updates_accumulated" if lora else "stream_adds_accumulated"] += 1
+            node.replace_all_uses_with(fused)
+            for done in [node, *([product] if rest is not None else []), *chain_nodes(chain)]:
+                gm.graph.erase_node(done)
         gm.recompile()
         return PassResult(gm, counts)
 
@@ -96,22 +91,16 @@ def accumulation(gm: GraphModule, add: Node, earlier: set[Node]
     y + Σ h·Wᵀ, or y + (Σ h·Wᵀ + m) with m an adapter's output (a mixture after o_proj or
     down_proj, still a module call here), and y can take the products in place; else None
     (m None when there is none). `earlier`: the nodes before `add`."""
-    if add.op != "call_function" or add.target != aten.add.Tensor or add.kwargs \
-            or len(add.args) != 2 or not all(isinstance(a, Node) for a in add.args) \
-            or add.args[0] is add.args[1]:
+    if not plain_add(add):
         return None
     for target, product in (add.args, add.args[::-1]):
-        rest = None
-        if product.op == "call_function" and product.target == aten.add.Tensor \
-                and len(product.users) == 1 and not product.kwargs \
-                and len(product.args) == 2 and isinstance(product.args[1], Node) \
-                and product.args[1].op == "call_module":
-            rest = product.args[1]
+        rest = product.args[1] if plain_add(product) and len(product.users) == 1 \
+            and product.args[1].op == "call_module" else None
         terms = product_terms(gm, product.args[0] if rest is not None else product)
-        if terms is None or not updatable(target, add, earlier):
+        aliases = None if terms is None else writable_aliases(target, add, earlier)
+        if aliases is None:
             continue
-        aliases, value, out = alias_closure(storage_owner(target)), target.meta["val"], \
-            add.meta.get("val")
+        value, out = target.meta["val"], add.meta.get("val")
         if isinstance(out, torch.Tensor) and out.shape == value.shape and rest not in aliases \
                 and all(h not in aliases and fits(gm, h, w, value) for h, w, _ in terms):
             return target, terms, product, rest
@@ -139,18 +128,19 @@ def chain_nodes(product: Node) -> list[Node]:
     return nodes
 
 
-def updatable(target: Node, add: Node, earlier: set[Node]) -> bool:
-    """Whether `target` is a fresh contiguous tensor (or a no-op cast of one: the stream in a
-    float32 Llama) that nothing reads after `add`."""
+def writable_aliases(target: Node, add: Node, earlier: set[Node]) -> set[Node] | None:
+    """The nodes sharing `target`'s storage when it is a fresh contiguous tensor (or a no-op
+    cast of one: the stream in a float32 Llama) that nothing reads after `add`; else None."""
     root = storage_owner(target)
     fresh = root.op == "call_function" and (
         root.target in FRESH_RESULTS or root.target is add_product_
         or getattr(root.target, "namespace", None) == "adaptc")
     value = target.meta.get("val")
     if not fresh or not isinstance(value, torch.Tensor) or not value.is_contiguous():
-        return False
-    readers = {user for alias in alias_closure(root) for user in alias.users}
-    return all(reader is add or reader in earlier for reader in readers)
+        return None
+    aliases = alias_closure(root)
+    readers = {user for alias in aliases for user in alias.users}
+    return aliases if all(r is add or r in earlier for r in readers) else None
 
 
 def storage_owner(node: Node) -> Node:

@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from adaptc.passes.base import CompileContext, PassResult
 from adaptc.passes.bind_ops import computes_nothing
-from adaptc.passes.graph import aten
+from adaptc.passes.graph import plain_add
 
 OP_ARGS = 7  # bottleneck_adapter's arguments before `skip`
 
@@ -64,9 +64,7 @@ def path_to_add(adapter: Node) -> tuple[list[Node], Node] | None:
         if not computes_nothing(user):
             break
     add = path[-1]
-    if len(path) < 2 or add.op != "call_function" or add.target != aten.add.Tensor \
-            or add.kwargs or len(add.args) != 2 \
-            or not all(isinstance(a, Node) for a in add.args) or add.args[0] is add.args[1]:
+    if len(path) < 2 or not plain_add(add):
         return None
     stream = add.args[1] if add.args[0] is path[-2] else add.args[0]
     return (path, stream) if same_layout(adapter, stream) else None

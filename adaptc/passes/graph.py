@@ -19,6 +19,13 @@ def is_linear(node: Node) -> bool:
     return node.op == "call_function" and node.target in LINEAR_OPS
 
 
+def plain_add(node: Node) -> bool:
+    """`node` is aten.add of two distinct graph values, without alpha."""
+    return node.op == "call_function" and node.target == aten.add.Tensor and not node.kwargs \
+        and len(node.args) == 2 and all(isinstance(a, Node) for a in node.args) \
+        and node.args[0] is not node.args[1]
+
+
 def linear_input(node: Node) -> Node:
     """The activation operand of aten.linear(x, W, b) or GPT-2's aten.addmm(b, x, W)."""
     return node.args[LINEAR_OPS[node.target][0]]
