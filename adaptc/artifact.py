@@ -13,6 +13,7 @@ into place, so a failure never leaves a half-written output.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -67,6 +68,15 @@ def refuse_existing(out: Path, force: bool) -> None:
         raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
 
 
+def created_mode(directory: bool) -> int:
+    """The permissions `open`/`mkdir` would give a new file or directory under the process's
+    umask. Temporary files and directories are private (0600/0700); what is renamed into
+    place from one gets these instead, so an output is as readable as any other."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def write_file(path: Path, text: str, force: bool) -> None:
     """Write `text` to `path` through a temporary file renamed into place; an existing file
     is replaced only with `force`."""
@@ -78,6 +88,7 @@ def write_file(path: Path, text: str, force: bool) -> None:
         try:
             with handle:
                 handle.write(text)
+            Path(handle.name).chmod(created_mode(directory=False))
             Path(handle.name).replace(path)
         finally:
             Path(handle.name).unlink(missing_ok=True)
@@ -96,6 +107,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     except OSError as err:
         raise ArtifactError(f"{out}: cannot create the output directory: {err.strerror}") from err
     try:
+        staging.chmod(created_mode(directory=True))  # mkdtemp's is 0700
         yield staging
         if out.exists():
             shutil.rmtree(out)
