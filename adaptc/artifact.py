@@ -109,13 +109,29 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     try:
         staging.chmod(created_mode(directory=True))  # mkdtemp's is 0700
         yield staging
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        move_into_place(staging, out)
     except OSError as err:
         raise ArtifactError(f"{out}: cannot write the output: {err.strerror or err}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into_place(staging: Path, out: Path) -> None:
+    """Rename `staging` to `out`. An existing `out` is first renamed aside and deleted only
+    once the new one is in place (deleting it first would leave a half-deleted or no output
+    when the deletion or the rename fails); it is renamed back when the rename fails."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    out.rename(old)  # onto the empty directory mkdtemp made
+    try:
+        staging.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # the output is complete: what is left is a hidden
+    # directory beside it, not a reason to fail
 
 
 def fill(folder: Path, gm: GraphModule, model: LoadedModel) -> None:

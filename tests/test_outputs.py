@@ -28,3 +28,33 @@ def test_outputs_follow_the_umask_not_the_staging_permissions(tmp_path, umask_02
     assert mode(out / "spec.adapt") == 0o640 and mode(out / "model") == 0o750
     write_file(tmp_path / "s.adapt", "q_proj: lora\n", force=False)  # import-peft -o
     assert mode(tmp_path / "s.adapt") == 0o640  # NamedTemporaryFile's is 0600
+
+
+def test_force_keeps_the_old_output_when_the_new_one_cannot_be_moved_in(tmp_path, monkeypatch):
+    """--force replaces an output whole: the old one is renamed aside, not deleted, until the
+    new one is in place (a failing rename used to leave the old one deleted and no output)."""
+    import adaptc.artifact
+    from adaptc.artifact import atomic_directory
+    from adaptc.errors import ArtifactError
+
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with atomic_directory(out) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+    rename = adaptc.artifact.Path.rename
+
+    def refuse_staging(self, target):
+        if self.name.startswith(".dist.tmp-"):
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(adaptc.artifact.Path, "rename", refuse_staging)
+    with pytest.raises(ArtifactError, match="dist: cannot write the output: No space left"):
+        with atomic_directory(out) as staging:
+            (staging / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
+    assert (out / "new.txt").read_text() == "new" and len(list(out.iterdir())) == 1
