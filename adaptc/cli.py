@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
@@ -23,12 +27,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     hf_logging.disable_progress_bar()  # transformers' shard bars would interleave our report
     try:
-        return args.run(args)
+        with exit_on_sigterm():
+            return args.run(args)
     except AdaptcError as err:
         print(str(err), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill`, a job scheduler's timeout) raises SystemExit(143) instead of ending
+    the process at once, so the `finally` blocks that remove staged outputs run, as they do
+    for Ctrl-C; otherwise a killed compile leaves its staging directory beside the output."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a library caller keeps its own
+        return
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 SPEC_HELP = "a .adapt file, or - to read the spec from standard input"

@@ -3,6 +3,7 @@ the permissions of any other new file, and are whole or absent."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,25 @@ def test_force_keeps_the_old_output_when_the_new_one_cannot_be_moved_in(tmp_path
             (staging / "newer.txt").write_text("newer")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
     assert (out / "new.txt").read_text() == "new" and len(list(out.iterdir())) == 1
+
+
+def test_sigterm_during_a_write_leaves_no_staging_directory(tmp_path):
+    """`kill` while the artifact is being written: exit 143, and neither the output nor its
+    staging directory remains (SIGTERM's default action skipped the cleanup)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "serve"
+    proc = subprocess.Popen([sys.executable, "-m", "adaptc.cli", "compile", "specs/lora_qv.adapt",
+                             "--mode", "infer", "-o", str(out), "--decoder"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob(".serve.tmp-*")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read()
+    assert list(tmp_path.iterdir()) == [] and "Traceback" not in proc.stderr.read()
