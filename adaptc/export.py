@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,10 +102,36 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
         path = path / PROGRAM
     if not path.is_file():
         raise ArtifactError(f"{path}: no such program file (an infer artifact has {PROGRAM})")
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError(f"{path}: cannot load the exported program: not a zip archive "
+                            "(a .pt2 file is one; this one is damaged or of another kind)")
+    with held_log_records("torch.export") as records:
+        try:
+            return torch.export.load(str(path))
+        except Exception as err:  # zip, pickle and schema errors alike mean "not a program"
+            causes = [r.exc_info[1] for r in records if r.exc_info] + [err]
+            raise ArtifactError(f"{path}: cannot load the exported program: "
+                                f"{first_line(causes[0])}") from err
+
+
+@contextmanager
+def held_log_records(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Hold back what logger `name` logs inside the block: torch.export.load logs the
+    traceback of a failed read as a warning before it fails again with a message that says
+    "check the warnings above"; the caller turns the held error into its own message. When
+    the block succeeds, the held records are logged as they would have been."""
+    logger, records = logging.getLogger(name), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
     try:
-        return torch.export.load(str(path))
-    except Exception as err:  # zip, pickle and schema errors alike mean "not a program"
-        raise ArtifactError(f"{path}: cannot load the exported program: {first_line(err)}") from err
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+    for record in records:
+        logger.handle(record)
 
 
 # --------------------------------------------------------------------------- hf/

@@ -109,3 +109,21 @@ def test_damaged_manifests_name_the_file(artifact, tmp_path, manifest, message):
     (copy / "manifest.json").write_text(json.dumps(format_ok))
     with pytest.raises(ArtifactError, match="no 'mode' entry"):
         adaptc.load(copy)
+
+
+def test_damaged_program_files_are_one_line_errors(tmp_path, capfd):
+    """Not a zip, or a zip that is no program: an ArtifactError with the first error torch
+    met, and nothing on stderr (torch.export.load logs that error's traceback as a warning)."""
+    import zipfile
+    garbage = tmp_path / "garbage.pt2"
+    garbage.write_bytes(b"not a program")
+    with pytest.raises(ArtifactError, match="garbage.pt2: cannot load the exported program: "
+                                            "not a zip archive"):
+        adaptc.load_program(garbage)
+    other = tmp_path / "other.pt2"
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("notes/a.txt", "hi")
+    with pytest.raises(ArtifactError, match="other.pt2: cannot load the exported program: ") as err:
+        adaptc.load_program(other)
+    assert "\n" not in str(err.value) and "warnings above" not in str(err.value)
+    assert capfd.readouterr().err == ""
