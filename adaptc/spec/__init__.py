@@ -7,6 +7,7 @@ whose diagnostics point into the spec text.
 """
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from adaptc.errors import Diagnostic, SpecError
@@ -21,12 +22,27 @@ __all__ = ["compile_spec", "load_spec", "lower", "parse_spec"]
 def load_spec(path: str | Path) -> Spec:
     """Read and parse a spec file (UTF-8, an optional BOM is dropped)."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "it is not UTF-8 text"
+        data = Path(path).read_bytes()
+    except OSError as error:
         raise SpecError([Diagnostic(str(path), "", 1, 1, 2, "E100",
-                                    f"cannot read spec file '{path}': {reason}")]) from error
+                                    f"cannot read spec file '{path}': {error.strerror}")]) from error
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError([not_utf8(str(path), data, error)]) from None
     return parse_spec(text, str(path))
+
+
+def not_utf8(path: str, data: bytes, error: UnicodeDecodeError) -> Diagnostic:
+    """E100 at the first byte that is not UTF-8, shown in its line (bad bytes as U+FFFD)."""
+    line_start = data.rfind(b"\n", 0, error.start) + 1
+    line = data.count(b"\n", 0, error.start) + 1
+    column = len(data[line_start:error.start].decode("utf-8")) + 1
+    source = data.decode("utf-8", errors="replace")
+    byte = data[error.start]
+    return Diagnostic(path, source, line, column, column + 1, "E100",
+                      f"cannot read spec file '{path}': it is not UTF-8 text (byte 0x{byte:02x})")
 
 
 def compile_spec(text: str, path: str = "<spec>") -> Plan:

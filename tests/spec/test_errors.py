@@ -180,8 +180,19 @@ def test_load_spec_missing_file(tmp_path):
     assert str(path) in diagnostic.message and "No such file" in diagnostic.message
 
 
-def test_load_spec_not_utf8(tmp_path):
+def test_load_spec_not_utf8_points_at_the_byte(tmp_path):
+    """Line and column of the first bad byte, counted in characters after a BOM and UTF-8
+    text on its line."""
     path = tmp_path / "latin.adapt"
-    path.write_bytes(b"q: lora name='\xe9'")
-    with pytest.raises(SpecError, match="not UTF-8"):
+    path.write_bytes("\ufeffq_proj: lora\n# café\nv_proj: lora # é ".encode() + b"\xe9\n")
+    with pytest.raises(SpecError) as caught:
         load_spec(path)
+    assert (caught.value.first.line, caught.value.first.column) == (3, 18)
+    path.write_bytes("\ufeff# café\n".encode() + b"q: lora # caf\xe9\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert str(caught.value) == (
+        f"{path}:2:14: error[E100]: cannot read spec file '{path}': it is not UTF-8 text "
+        "(byte 0xe9)\n"
+        "   2 | q: lora # caf\ufffd\n"
+        "     |              ^")
