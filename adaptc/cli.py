@@ -56,6 +56,15 @@ def exit_on_sigterm() -> Iterator[None]:
 SPEC_HELP = "a .adapt file, or - to read the spec from standard input"
 
 
+def path(text: str) -> str:
+    """A path or model argument: an empty one is an argument error, not the current directory
+    (`--model ''`, `export-peft A ''`) nor the option left out (`--adapters ''` compiled the
+    initial weights, `-o ''` wrote nothing)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="adaptc", description="Compile .adapt specs into "
                                   "adapter graphs for parameter-efficient fine-tuning.")
@@ -63,13 +72,15 @@ def parser() -> argparse.ArgumentParser:
     models = f"preset ({', '.join(PRESETS)}) or a checkpoint directory; default {DEFAULT_MODEL}"
 
     comp = sub.add_parser("compile", help="compile a spec onto a model")
-    comp.add_argument("spec", help=SPEC_HELP)
-    comp.add_argument("--model", default=DEFAULT_MODEL, help=models)
+    comp.add_argument("spec", type=path, help=SPEC_HELP)
+    comp.add_argument("--model", type=path, default=DEFAULT_MODEL, help=models)
     comp.add_argument("--mode", default="train", choices=("train", "infer"))
-    comp.add_argument("--adapters", metavar="FILE", help="infer mode: trained adapter weights "
-                      "(.safetensors from adaptc.save_adapters); default: the initial weights")
-    comp.add_argument("-o", "--output", help="write an artifact directory (infer mode: "
-                      "program.pt2, hf/ when everything merged, decoding/ with --decoder, report.json)")
+    comp.add_argument("--adapters", type=path, metavar="FILE", help="infer mode: trained "
+                      "adapter weights (.safetensors from adaptc.save_adapters); default: the "
+                      "initial weights")
+    comp.add_argument("-o", "--output", type=path, help="write an artifact directory (infer "
+                      "mode: program.pt2, hf/ when everything merged, decoding/ with --decoder, "
+                      "report.json)")
     comp.add_argument("--no-merge", dest="merge", action="store_false",
                       help="infer mode: keep weight-space updates beside the base weights "
                       "(LoRA as linear ops, sibling A matrices in one GEMM)")
@@ -82,27 +93,28 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--max-cache-len", type=int,
                       help="with --decoder: the KV cache's length in tokens (default 128)")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
-    comp.add_argument("--dump-passes", metavar="DIR", help="write the graph after each pass")
+    comp.add_argument("--dump-passes", type=path, metavar="DIR",
+                      help="write the graph after each pass")
     add_placement(comp)
     comp.set_defaults(run=run_compile)
 
     insp = sub.add_parser("inspect", help="show matched sites, parameter counts and one block")
-    insp.add_argument("spec", help=SPEC_HELP)
-    insp.add_argument("--model", default=DEFAULT_MODEL, help=models)
+    insp.add_argument("spec", type=path, help=SPEC_HELP)
+    insp.add_argument("--model", type=path, default=DEFAULT_MODEL, help=models)
     insp.add_argument("--block", type=int, default=0,
                       help="layer index whose graph to show (negative: from the last)")
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate a spec without a model")
-    check.add_argument("spec", help=SPEC_HELP)
+    check.add_argument("spec", type=path, help=SPEC_HELP)
     check.set_defaults(run=run_check)
 
     imp = sub.add_parser("import-peft", help="print the spec equivalent to a PEFT adapter "
                          "directory (adapter_config.json) for a model")
-    imp.add_argument("directory")
-    imp.add_argument("--model", default=DEFAULT_MODEL, help=models)
-    imp.add_argument("-o", "--output", help="also write the spec to this .adapt file")
-    imp.add_argument("--weights", metavar="FILE",
+    imp.add_argument("directory", type=path)
+    imp.add_argument("--model", type=path, default=DEFAULT_MODEL, help=models)
+    imp.add_argument("-o", "--output", type=path, help="also write the spec to this .adapt file")
+    imp.add_argument("--weights", type=path, metavar="FILE",
                      help="also write the adapter weights in adaptc's format (.safetensors), "
                           "for `compile --adapters FILE`")
     imp.add_argument("--force", action="store_true", help="replace existing output files")
@@ -110,8 +122,8 @@ def parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export-peft", help="write an artifact's adapters as a PEFT adapter "
                          "directory")
-    exp.add_argument("artifact", help="a directory written by `adaptc compile -o`")
-    exp.add_argument("output")
+    exp.add_argument("artifact", type=path, help="a directory written by `adaptc compile -o`")
+    exp.add_argument("output", type=path)
     exp.add_argument("--task-type", help="PEFT task_type to record (e.g. CAUSAL_LM; prompts and "
                      "prefixes need it)")
     exp.add_argument("--force", action="store_true", help="replace an existing output")
@@ -120,10 +132,10 @@ def parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode; "
                          "encoder-decoders: the decoder's reply to the source, without a "
                          "cache for gated methods)")
-    gen.add_argument("spec", help=f"{SPEC_HELP}; or an infer artifact directory written "
+    gen.add_argument("spec", type=path, help=f"{SPEC_HELP}; or an infer artifact directory written "
                      "with --decoder, whose programs run without compiling")
-    gen.add_argument("--model", help=models)
-    gen.add_argument("--adapters", metavar="FILE", help="trained adapter weights")
+    gen.add_argument("--model", type=path, help=models)
+    gen.add_argument("--adapters", type=path, metavar="FILE", help="trained adapter weights")
     given = gen.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="token ids, e.g. '5 17 42'")
     given.add_argument("--text", help="text, encoded with the checkpoint directory's tokenizer "

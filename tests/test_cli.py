@@ -203,3 +203,21 @@ def test_load_places_the_artifact_model(tmp_path):
     assert gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.dtype == torch.bfloat16
     with pytest.raises(adaptc.ModelError, match="unknown dtype 'bf16'"):
         adaptc.load(out, dtype="bf16")
+
+
+@pytest.mark.parametrize("argv", [
+    ["compile", "specs/lora_qv.adapt", "--mode", "infer", "--adapters", "", "-o", "{out}"],
+    ["compile", "specs/lora_qv.adapt", "-o", ""],
+    ["compile", "specs/lora_qv.adapt", "--model", "", "-o", "{out}"],
+    ["export-peft", "dist", ""],
+    ["check", ""],
+])
+def test_empty_paths_are_argument_errors(argv, tmp_path, capsys):
+    """`--adapters ''` compiled the initial weights into the artifact, `-o ''` wrote nothing,
+    `--model ''` read the current directory: each is exit 2 naming the argument."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exited:
+        main([arg.format(out=out) for arg in argv])
+    assert exited.value.code == 2
+    assert ": an empty path" in capsys.readouterr().err.splitlines()[-1]
+    assert not out.exists()
