@@ -171,6 +171,8 @@ def load(folder: str | Path, *, dtype: str | None = None, device: str | None = N
         raise ArtifactError(f"{manifest_file}: unsupported artifact format {found}")
     if "mode" not in manifest:
         raise ArtifactError(f"{manifest_file}: no 'mode' entry")
+    if manifest["mode"] not in ("train", "infer"):
+        raise ArtifactError(f"{manifest_file}: unknown mode {manifest['mode']!r} (train or infer)")
     model = place(load_checkpoint(folder / "model", dtype), dtype, device)
     gm = compile(model, folder / "spec.adapt", manifest["mode"])
     load_adapters(gm, folder / "adapters.safetensors")

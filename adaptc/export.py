@@ -101,7 +101,8 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
     if path.is_dir():
         path = path / PROGRAM
     if not path.is_file():
-        raise ArtifactError(f"{path}: no such program file (an infer artifact has {PROGRAM})")
+        hint = f" (an infer artifact has {PROGRAM})" if path.name == PROGRAM else ""
+        raise ArtifactError(f"{path}: no such program file{hint}")
     if not zipfile.is_zipfile(path):
         raise ArtifactError(f"{path}: cannot load the exported program: not a zip archive "
                             "(a .pt2 file is one; this one is damaged or of another kind)")

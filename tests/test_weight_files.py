@@ -109,6 +109,9 @@ def test_damaged_manifests_name_the_file(artifact, tmp_path, manifest, message):
     (copy / "manifest.json").write_text(json.dumps(format_ok))
     with pytest.raises(ArtifactError, match="no 'mode' entry"):
         adaptc.load(copy)
+    (copy / "manifest.json").write_text(json.dumps({**format_ok, "mode": "banana"}))
+    with pytest.raises(ArtifactError, match="manifest.json: unknown mode 'banana'"):
+        adaptc.load(copy)  # was the compiler's "unknown mode 'banana'", naming no file
 
 
 def test_damaged_program_files_are_one_line_errors(tmp_path, capfd):
