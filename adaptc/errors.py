@@ -6,6 +6,9 @@ message and exits non-zero without a traceback. Spec problems carry rendered dia
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -102,3 +105,24 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (torch's run to pages), or its type's name."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextmanager
+def held_log_records(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Hold back what logger `name` logs inside the block, for a caller that reports a
+    failure as its own error: torch.export.load logs the traceback of a failed read as a
+    warning (then fails with "check the warnings above"), transformers' from_pretrained a
+    table of missing and misshapen tensors. When the block succeeds, the held records are
+    logged as they would have been; when it raises, they are dropped."""
+    logger, records = logging.getLogger(name), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+    for record in records:
+        logger.handle(record)

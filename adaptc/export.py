@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import shutil
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from adaptc.artifact import PROGRAM, atomic_directory, refuse_existing, versions
 from adaptc.compiler import REPORT, as_model
-from adaptc.errors import ArtifactError, first_line
+from adaptc.errors import ArtifactError, first_line, held_log_records
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import dynamic_shapes, export_dynamic
 from adaptc.passes.base import INSERTED, MERGED
@@ -113,26 +110,6 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
             causes = [r.exc_info[1] for r in records if r.exc_info] + [err]
             raise ArtifactError(f"{path}: cannot load the exported program: "
                                 f"{first_line(causes[0])}") from err
-
-
-@contextmanager
-def held_log_records(name: str) -> Iterator[list[logging.LogRecord]]:
-    """Hold back what logger `name` logs inside the block: torch.export.load logs the
-    traceback of a failed read as a warning before it fails again with a message that says
-    "check the warnings above"; the caller turns the held error into its own message. When
-    the block succeeds, the held records are logged as they would have been."""
-    logger, records = logging.getLogger(name), []
-    handler = logging.Handler()
-    handler.emit = records.append
-    propagate, logger.propagate = logger.propagate, False
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-    for record in records:
-        logger.handle(record)
 
 
 # --------------------------------------------------------------------------- hf/

@@ -144,3 +144,22 @@ def test_checkpoint_keeps_the_head_its_config_names(tmp_path):
     assert (program(**x).logits - gm(**x).logits).abs().max().item() <= 1e-5
     single = {k: v for k, v in x.items() if k != "token_type_ids"}
     assert (gm(**x).logits - gm(**single).logits).abs().max().item() > 1e-4
+
+
+def test_cli_prints_one_line_for_a_misshapen_checkpoint(tiny, tmp_path):
+    """The ModelError alone, not also transformers' LOAD REPORT table of the same tensors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+    tiny("llama").module.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:64].contiguous()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    result = subprocess.run([sys.executable, "-m", "adaptc.cli", "compile", "specs/lora_qv.adapt",
+                             "--model", str(tmp_path)], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == (f"{tmp_path}: tensor 'model.norm.weight' has shape (64,), the "
+                             "model's config gives (128,) (1 tensor(s) mismatched)\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptc.errors import ModelError, first_line
+from adaptc.errors import ModelError, first_line, held_log_records
 
 TINY = {"vocab_size": 512, "max_position_embeddings": 512}
 FLAN_T5 = {"vocab_size": 32128, "d_kv": 64, "feed_forward_proj": "gated-gelu",
@@ -166,13 +166,17 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
     except Exception as err:
         raise ModelError(f"{config_file}: cannot read the model config: "
                          f"{' '.join(str(err).split())}") from None
-    try:
-        module, info = model_class(config).from_pretrained(
-            path, local_files_only=True, ignore_mismatched_sizes=True, output_loading_info=True,
-            dtype=load_as)
-    except Exception as err:
-        raise ModelError(f"{path}: cannot load the checkpoint weights: {first_line(err)}") from None
-    check_loading_info(path, info)
+    # transformers logs a table of the tensors it could not fill; check_loading_info's error
+    # names them in one line instead (the table is logged when the load goes on)
+    with held_log_records("transformers.modeling_utils"):
+        try:
+            module, info = model_class(config).from_pretrained(
+                path, local_files_only=True, ignore_mismatched_sizes=True,
+                output_loading_info=True, dtype=load_as)
+        except Exception as err:
+            raise ModelError(f"{path}: cannot load the checkpoint weights: "
+                             f"{first_line(err)}") from None
+        check_loading_info(path, info)
     return wrap(module.eval(), source=str(path))
 
 
