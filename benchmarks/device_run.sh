@@ -48,7 +48,8 @@ python3 -c "import torch, triton, transformers, peft, lark, safetensors; print('
 torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
 'peft', peft.__version__)" | tee -a "$out/device.txt" || exit 1
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")  # compiles in parallel
-step test_gpu 150 python3 -m pytest -q -p no:cacheprovider $workers tests/test_gpu.py
+# -v: each test's result as it finishes, so a step cut at its limit still says which ran
+step test_gpu 150 python3 -m pytest -v -p no:cacheprovider $workers tests/test_gpu.py
 step infer_graphs 240 python3 benchmarks/infer_speed.py --cuda-graph --rounds 3 --write \
   --shapes 1x1 8x512
 step kernels 150 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 2048 --rank 8 \

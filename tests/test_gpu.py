@@ -6,11 +6,13 @@ tests/backends/conftest.py makes triton interpret kernels for the rest of its pr
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import inputs, main_output
+from triton.runtime.autotuner import Autotuner
 
 import adaptc
 
@@ -31,8 +33,96 @@ def compiled_kernels():
                     "first); run tests/test_gpu.py on its own")
 
 
+def autotuned_kernels() -> dict[str, Autotuner]:
+    """Every autotuned kernel of the backend, by name."""
+    from adaptc.backends.triton import bottleneck, moe_lora, moe_vectors
+    return {name: kernel for module in (bottleneck, moe_lora, moe_vectors)
+            for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
+
+
+ALL_TILES = {name: list(kernel.configs) for name, kernel in autotuned_kernels().items()}
+
+
+@pytest.fixture(autouse=True)
+def first_tile_only(compiled_kernels):
+    """Each kernel runs its first autotune config. Tuning compiles and times every config at
+    each new shape and token bucket, in each xdist worker: on the H200 that kept 7 of this
+    file's tests from finishing in the device run's time. test_every_tile_computes_the_reference
+    runs the other configs."""
+    from adaptc.backends.triton import CHOSEN
+    kernels = autotuned_kernels()
+    for name, kernel in kernels.items():
+        kernel.configs = ALL_TILES[name][:1]
+    CHOSEN.clear()
+    yield
+    for name, kernel in kernels.items():
+        kernel.configs = ALL_TILES[name]
+    CHOSEN.clear()
+
+
 def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def tile_case(case: str, dtype: torch.dtype) -> tuple[list[str], Callable, Callable]:
+    """(the kernels `case` launches, a call of its Triton path, a call of its reference), at
+    widths and token counts that are not multiples of any tile."""
+    from adaptc.backends.triton.bottleneck import (
+        bottleneck_adapter_reference,
+        bottleneck_adapter_triton,
+    )
+    from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
+    from adaptc.backends.triton.moe_vectors import mixture_vectors_reference, mixture_vectors_triton
+    torch.manual_seed(0)
+    tokens, d, n, experts, rank = 300, 1000, 1500, 8, 8
+    if case.startswith("bottleneck"):
+        width = 64 if case == "bottleneck fused" else 136
+        args = (randn(tokens, d, dtype=dtype), randn(tokens, d, dtype=dtype),
+                randn(width, d, dtype=dtype, scale=d**-0.5), randn(width, dtype=dtype),
+                randn(d, width, dtype=dtype, scale=width**-0.5), randn(d, dtype=dtype), "gelu",
+                randn(tokens, d, dtype=dtype))
+        kernels = ["_bottleneck_fused_kernel" if width == 64 else "_linear_kernel"]
+        return (kernels, lambda: bottleneck_adapter_triton(*args),
+                lambda: bottleneck_adapter_reference(*args))
+    if case == "vectors":
+        args = (randn(tokens, n, dtype=dtype), randn(tokens, d, dtype=dtype),
+                randn(experts, d, dtype=dtype, scale=d**-0.5),
+                1 + randn(experts, n, dtype=dtype, scale=0.1), 2)
+        return (["_mixture_vectors_kernel"], lambda: mixture_vectors_triton(*args),
+                lambda: mixture_vectors_reference(*args))
+    path, top_k = case.split()[1], 1 if case.endswith("k=1") else 2
+    kernels = {"per-token": ["_per_token_kernel"],
+               "stacked": ["_stacked_shrink_kernel", "_stacked_expand_kernel"],
+               "grouped": ["_router_kernel", "_shrink_kernel", "_expand_kernel"]}[path]
+    if path == "per-token":
+        tokens = 5
+    args = (randn(tokens, d, dtype=dtype), randn(tokens, n, dtype=dtype),
+            randn(experts, d, dtype=dtype, scale=d**-0.5),
+            randn(experts, rank, d, dtype=dtype, scale=d**-0.5),
+            randn(experts, n, rank, dtype=dtype, scale=rank**-0.5), 2.0, top_k)
+    return (kernels, lambda: mixture_lora_triton(*args, path=path),
+            lambda: mixture_lora_reference(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", ["bottleneck fused", "bottleneck two launches",
+                                  "mixture per-token", "mixture stacked", "mixture grouped k=1",
+                                  "mixture grouped k=2", "vectors"])
+def test_every_tile_computes_the_reference(case, dtype):
+    """Every autotune config of every kernel, each launched as the only one (the autotuner
+    picks among them by time alone, so a tile that masked its edges wrongly would be chosen
+    wherever it was fastest)."""
+    from adaptc.backends.triton import CHOSEN
+    names, triton_path, reference = tile_case(case, dtype)
+    kernels, expected, tol = autotuned_kernels(), reference(), TOLERANCES[dtype]
+    for i in range(max(len(ALL_TILES[name]) for name in names)):
+        for name in names:
+            tiles = ALL_TILES[name]
+            kernels[name].configs = [tiles[min(i, len(tiles) - 1)]]
+        CHOSEN.clear()
+        tiles = [kernels[name].configs[0] for name in names]
+        torch.testing.assert_close(triton_path(), expected, atol=tol, rtol=tol,
+                                   msg=lambda message, tiles=tiles: f"{case}, {tiles}: {message}")
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
@@ -84,8 +174,7 @@ def test_mixture_kernels_on_cuda(dtype, tokens, path, top_k):
 def test_vectors_kernel_on_cuda(dtype, tokens, top_k, feedforward):
     """MoV's kernel at the benchmark's widths: output scaling (router on a 2048-wide input,
     5632-wide values) and feedforward (values are the router's input)."""
-    from adaptc.backends.triton.moe_vectors import (mixture_vectors_reference,
-                                                    mixture_vectors_triton)
+    from adaptc.backends.triton.moe_vectors import mixture_vectors_reference, mixture_vectors_triton
     torch.manual_seed(0)
     d, n, experts = 2048, 5632, 8
     x = randn(tokens, d, dtype=dtype)
