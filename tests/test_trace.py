@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import adaptc
-from adaptc.errors import ModelError
+from adaptc.errors import ModelError, SpecError
 from adaptc.frontend.blocks import find_stack
 from adaptc.frontend.models import build_preset, wrap
 from adaptc.frontend.trace import trace
@@ -130,6 +130,8 @@ def test_calls_that_do_not_fit_the_traced_inputs_name_the_input(tiny, mode):
 @pytest.mark.parametrize("preset,spec,limit", [
     ("gpt2", "embed: prompt tokens=4", 508),  # the prompt takes 4 rows of wpe
     ("gpt2", "attn: prefix tokens=3", 509),  # positions shift by the prefix
+    ("gpt2", "attn: prefix tokens=3; embed: prompt tokens=4", 505),  # both (was 508: the
+    # prompt's count replaced the prefix's, and 506 to 508 tokens failed inside the embedding)
     ("bert", "attn: prefix tokens=3", 509),
     ("llama", "embed: prompt tokens=4", 512),  # rotary: no table to run out of
     ("gpt2", "c_attn: lora r=2", 512),
@@ -144,6 +146,21 @@ def test_sequences_longer_than_the_positions_are_refused(tiny, preset, spec, lim
     with pytest.raises(ValueError, match=f"input 'input_ids' has {limit + 1} tokens; the "
                        f"compiled module takes at most {limit} \\(the model's 512 positions{taken}\\)"):
         gm(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("spec,column,message", [
+    ("embed: prompt tokens=512", 22, "tokens=512 virtual tokens take all 512 rows"),
+    ("attn: prefix tokens=600", 21, "tokens=600 virtual tokens take all 512 rows"),
+    ("attn: prefix tokens=300; embed: prompt tokens=212", 47,
+     "tokens=212 virtual tokens \\(besides the prefix's 300\\) take all 512 rows of the "
+     "model's position table, leaving none for the input; need tokens < 212"),
+])
+def test_virtual_tokens_that_take_the_whole_position_table_are_spec_errors(tiny, spec, column,
+                                                                           message):
+    """They compiled into a module whose max_tokens was 0 or less: every call refused."""
+    with pytest.raises(SpecError, match=message) as err:
+        adaptc.compile(tiny("gpt2"), spec)
+    assert (err.value.first.code, err.value.first.column) == ("E307", column)
 
 
 def test_blocks_with_lifted_constants_are_traced_whole(tmp_path):

@@ -12,8 +12,10 @@ from typing import Protocol
 
 from torch.fx import GraphModule
 
+from adaptc.errors import SpecError
 from adaptc.frontend.models import LoadedModel
-from adaptc.frontend.targets import Assignment
+from adaptc.frontend.targets import Assignment, diag
+from adaptc.frontend.trace import sequence_limit
 from adaptc.spec.ir import Plan
 
 # node.meta keys written by passes
@@ -65,6 +67,21 @@ def record_merge(gm: GraphModule, layer: str, operand: str, target: str) -> None
     """Note that the base parameter `<layer>.<operand>` is now read as `target` (a merged
     weight, a trained copy): the hf/ export writes `target` under the base name."""
     gm.meta.setdefault(MERGED, {})[f"{layer}.{operand}" if layer else operand] = target
+
+
+def take_positions(ctx: CompileContext, rule, tokens: int) -> None:
+    """Count `tokens` virtual tokens (a prompt's or a prefix's) against the rows of the
+    model's learned position table (`ctx.table_positions`, which bounds the compiled module's
+    inputs): a prompt and a prefix both take theirs. E307 at the statement's `tokens` when
+    they take every row, leaving the module no input length it accepts."""
+    limit = sequence_limit(ctx.model)
+    if ctx.table_positions + tokens >= limit:
+        taken = f" (besides the prefix's {ctx.table_positions})" if ctx.table_positions else ""
+        raise SpecError([diag(ctx.plan, rule.span_of("tokens"), "E307",
+                              f"tokens={tokens} virtual tokens{taken} take all {limit} rows of "
+                              f"the model's position table, leaving none for the input; need "
+                              f"tokens < {limit - ctx.table_positions}")])
+    ctx.table_positions += tokens
 
 
 def report(site, method: str, assignment, adapter) -> dict:

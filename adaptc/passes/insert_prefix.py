@@ -31,7 +31,7 @@ from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.frontend.trace import is_encoder_decoder
 from adaptc.methods.prefix import PrefixAttention, PrefixEncoder, RelativePositions
-from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
+from adaptc.passes.base import INSERTED, CompileContext, PassResult, report, take_positions
 from adaptc.passes.graph import (
     attention_op,
     graph_input,
@@ -68,7 +68,8 @@ class InsertPrefix:
         for _, group in groupby(todo, key=lambda a: a.rule.index):
             self.insert_rule(gm, ctx, list(group), ops, relative)
         shifted = shift_positions(gm, tokens, "prefix", within) if within != [] else 0
-        ctx.table_positions = tokens if shifted and table else 0
+        if shifted and table:
+            take_positions(ctx, todo[0].rule, tokens)
         return PassResult(gm, {"prefix_inserted": len(ops)})
 
     def insert_rule(self, gm: GraphModule, ctx: CompileContext, group: list[Assignment],

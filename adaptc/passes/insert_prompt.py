@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prompt import PromptEmbedding, PromptEncoder
-from adaptc.passes.base import INSERTED, CompileContext, PassResult, report
+from adaptc.passes.base import INSERTED, CompileContext, PassResult, report, take_positions
 from adaptc.passes.graph import graph_input, in_module, reads_position_table
 
 aten = torch.ops.aten
@@ -52,8 +52,8 @@ class InsertPrompt:
         lookup, ids = embedding_lookup(gm, assignment.site.path, weight)
         tokens = assignment.rule.config.tokens
         positions = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
-        if positions is None:
-            ctx.table_positions = tokens if reads_position_table(gm) else 0
+        if positions is None and reads_position_table(gm):
+            take_positions(ctx, assignment.rule, tokens)
         sliced = 0 if positions else extend_inputs(gm, ids, tokens)
         module = build(assignment, gm.get_parameter(lookup.args[0].target))
         splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method,
