@@ -22,7 +22,8 @@ from torch.export import Dim
 from adaptc.compiler import as_model, prepare, run_pipeline
 from adaptc.errors import AdaptcError, ModelError
 from adaptc.frontend.models import LoadedModel
-from adaptc.frontend.trace import export, is_encoder_decoder
+from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
+from adaptc.passes.graph import reads_position_table
 from adaptc.passes.insert_prompt import PROMPT_METHODS
 
 PREFIX = "model."
@@ -188,13 +189,27 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
         graph = export(wrapped, step_shapes(max_cache_len))
+    table = reads_position_table(graph)
     graph = run_pipeline(graph, ctx)
+    if table:
+        check_cache_positions(max_cache_len, sequence_limit(loaded), ctx.table_positions)
     if torch_compile:
         graph = torch.compile(graph, dynamic=True)
     decoder = Decoder(graph, max_cache_len, loaded.module.config.vocab_size, virtual)
     if cuda_graph:
         decoder.capture_step()
     return decoder
+
+
+def check_cache_positions(max_cache_len: int, limit: int, prefix: int) -> None:
+    """A model whose positions index a learned table (GPT-2's `wpe`) has `limit` of them, a
+    prefix taking the first `prefix`: a longer cache would fill its later slots through an
+    IndexError inside the embedding, mid-generation. (Rotary models have no table.)"""
+    if max_cache_len + prefix > limit:
+        taken = f" ({prefix} of them taken by the prefix)" if prefix else ""
+        raise AdaptcError(f"max_cache_len={max_cache_len} exceeds the model's {limit} "
+                          f"positions{taken}: its learned position table has no row past "
+                          f"them; use max_cache_len <= {limit - prefix}")
 
 
 def example_step(device) -> dict:

@@ -77,6 +77,25 @@ def test_decoder_limits(tiny):
         compile_decoder(tiny("bert"), "query: lora r=2")
 
 
+def test_cache_longer_than_a_learned_position_table_is_refused():
+    """GPT-2 with 16 positions: a 16-slot cache decodes to its end; a 17-slot one failed at
+    the 17th token with an IndexError inside the position embedding. A prefix takes rows."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from adaptc.frontend.models import wrap
+    torch.manual_seed(0)
+    model = wrap(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32,
+                                            n_layer=1, n_head=2)).eval())
+    decoder = compile_decoder(model, "c_attn: lora r=2", max_cache_len=16)
+    assert len(decoder.generate([5, 17], 14)) == 16
+    with pytest.raises(AdaptcError, match="max_cache_len=17 exceeds the model's 16 positions: "
+                                          ".* use max_cache_len <= 16"):
+        compile_decoder(model, "c_attn: lora r=2", max_cache_len=17)
+    with pytest.raises(AdaptcError, match=r"max_cache_len=14 exceeds the model's 16 positions "
+                                          r"\(3 of them taken by the prefix\).* <= 13"):
+        compile_decoder(model, "attn: prefix tokens=3", max_cache_len=14)
+
+
 def test_cli_generate_text_with_the_checkpoint_tokenizer(tiny, tmp_path, capsys):
     from adaptc.cli import main
     from helpers import save_word_tokenizer
