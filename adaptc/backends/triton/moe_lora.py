@@ -238,20 +238,24 @@ def _stacked_expand_kernel(
     T, D_OUT, E, R,
     stride_rt, stride_rn,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[t, block] = residual[t, block] + hg[t]·B_all[block]ᵀ (B_all[n, e·r+j] = B[e,n,j])"""
+    """out[t, block] = residual[t, block] + hg[t]·B_all[block]ᵀ (B_all[n, e·r+j] = B[e,n,j]),
+    the E·r columns taken BLOCK_J at a time (`stacked_step`)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = outs < D_OUT
-    cols = tl.arange(0, BLOCK_C)
-    col_mask = cols < E * R
-    hg = tl.load(hg_ptr + rows[:, None] * (E * R) + cols[None, :],
-                 mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-    b_t = tl.load(b_ptr + (cols // R)[:, None] * D_OUT * R + outs[None, :] * R
-                  + (cols % R)[:, None], mask=col_mask[:, None] & out_mask[None, :], other=0.0)
-    y = dot(hg, b_t, None, DOT_PRECISION, UPCAST_DOT)
+    y = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for c0 in tl.static_range(0, BLOCK_C, BLOCK_J):
+        cols = c0 + tl.arange(0, BLOCK_J)
+        col_mask = cols < E * R
+        hg = tl.load(hg_ptr + rows[:, None] * (E * R) + cols[None, :],
+                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        b_t = tl.load(b_ptr + (cols // R)[:, None] * D_OUT * R + outs[None, :] * R
+                      + (cols % R)[:, None], mask=col_mask[:, None] & out_mask[None, :],
+                      other=0.0)
+        y = dot(hg, b_t, y, DOT_PRECISION, UPCAST_DOT)
     tile_mask = row_mask[:, None] & out_mask[None, :]
     y += tl.load(res_ptr + rows[:, None] * stride_rt + outs[None, :] * stride_rn,
                  mask=tile_mask, other=0.0).to(tl.float32)
@@ -559,8 +563,16 @@ def _stacked(x: torch.Tensor, res: torch.Tensor, router: torch.Tensor, A: torch.
            lambda meta: (cdiv(n_tokens, meta["BLOCK_T"]),
                          cdiv(d_out, meta["BLOCK_N"])),
            hg, B, res, out, n_tokens, d_out, experts, rank, res.stride(0), res.stride(1),
-           DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_C=columns)
+           DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x), BLOCK_C=columns,
+           BLOCK_J=stacked_step(columns, x.dtype))
     return out
+
+
+def stacked_step(columns: int, dtype: torch.dtype) -> int:
+    """Columns of E·r per `tl.dot` in the stacked expand: all of them in half precision
+    (tensor cores), 16 in float32, whose IEEE dot runs on FMA units and holds both operand
+    tiles in registers (one K = 64 dot spilled in 7 of 8 configs on sm_90)."""
+    return min(columns, 16) if dtype == torch.float32 else columns
 
 
 def _shrink(x: torch.Tensor, A: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,

@@ -137,7 +137,8 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
     launches.append(Launch("mixture_stacked_expand", moe_lora._stacked_expand_kernel, {
         "hg_ptr": ptr, "b_ptr": ptr, "res_ptr": ptr, "out_ptr": ptr, "T": tokens,
         "D_OUT": hidden, "E": experts, "R": rank, "stride_rt": hidden, "stride_rn": 1,
-    }, {**opts, "BLOCK_C": dot_block(experts * rank)}))
+    }, {**opts, "BLOCK_C": dot_block(experts * rank),
+        "BLOCK_J": moe_lora.stacked_step(dot_block(experts * rank), dtype)}))
     launches.append(Launch("mixture_per_token", moe_lora._per_token_kernel, {
         "x_ptr": ptr, "res_ptr": ptr, "router_ptr": ptr, "a_ptr": ptr, "b_ptr": ptr,
         "out_ptr": ptr, "D_IN": hidden, "D_OUT": hidden, "R": rank, "E": experts,
