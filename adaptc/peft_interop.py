@@ -51,6 +51,9 @@ from adaptc.peft_prompts import (CONFIG_KEYS, PROMPT_KINDS, export_prompts, impo
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
+# peft.TaskType's values: PeftConfig refuses any other task_type when it reads the directory
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")
 
 
 # ---- export -----------------------------------------------------------------------------
@@ -72,6 +75,9 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
 
     out = Path(out)
     refuse_existing(out, force)
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise InteropError(f"unknown PEFT task type '{task_type}': PEFT reads only "
+                           f"{', '.join(TASK_TYPES)}")
     if virtual_token_modules(module):
         config, tensors = export_prompts(module, task_type)
     else:

@@ -212,6 +212,22 @@ def test_export_refuses_a_non_empty_directory_without_force(tiny, tmp_path):
                                                            "adapter_model.safetensors"]
 
 
+def test_export_refuses_a_task_type_peft_cannot_read(tiny, tmp_path):
+    """It was written into adapter_config.json, which PeftConfig then refused to read."""
+    from peft import TaskType
+
+    from adaptc.peft_interop import TASK_TYPES
+    assert set(TASK_TYPES) == {t.value for t in TaskType}
+    gm = adaptc.compile(tiny("llama"), "attn: prefix tokens=2")
+    with pytest.raises(adaptc.errors.InteropError, match="unknown PEFT task type 'causal_lm': "
+                                                         "PEFT reads only SEQ_CLS, "):
+        export_peft(gm, tmp_path / "out", task_type="causal_lm")
+    assert not (tmp_path / "out").exists()
+    export_peft(gm, tmp_path / "out", task_type="CAUSAL_LM")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["task_type"] == \
+        "CAUSAL_LM"
+
+
 # ---- AdaLoRA, both ways ---------------------------------------------------------------------
 
 ADALORA = "q_proj,v_proj: adalora init_r=4 target_r=2 total_step=20 alpha=8"
