@@ -26,7 +26,9 @@ def load_spec(path: str | Path) -> Spec:
     except OSError as error:
         raise SpecError([Diagnostic(str(path), "", 1, 1, 2, "E100",
                                     f"cannot read spec file '{path}': {error.strerror}")]) from error
-    data = data.removeprefix(codecs.BOM_UTF8)
+    # universal newlines, as read_text gives them: \r\n and a lone \r (old Mac files) end
+    # lines (ASCII bytes, never inside a UTF-8 sequence, so a bad byte's line counts them)
+    data = data.removeprefix(codecs.BOM_UTF8).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -171,6 +171,19 @@ def test_load_spec_reads_utf8_with_bom(tmp_path):
     assert spec.statements[0].options[0].value.value == 4
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_load_spec_reads_every_newline_convention(tmp_path, newline):
+    path = tmp_path / "card.adapt"
+    path.write_bytes(f"q_proj: lora r=4{newline}v_proj: lora r=2{newline}".encode())
+    spec = load_spec(path)
+    assert spec.source == "q_proj: lora r=4\nv_proj: lora r=2\n"
+    assert [s.span.line for s in spec.statements] == [1, 2]
+    path.write_bytes(f"q_proj: lora{newline}# caf".encode() + b"\xe9" + newline.encode())
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert (caught.value.first.line, caught.value.first.column) == (2, 6)
+
+
 def test_load_spec_missing_file(tmp_path):
     path = tmp_path / "nope.adapt"
     with pytest.raises(SpecError) as caught:
