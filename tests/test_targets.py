@@ -104,6 +104,48 @@ def test_model_time_errors_are_located(tiny, spec, code, line, col, fragment):
     assert f"<string>:{line}:{col}: error[{code}]" in str(info.value)
 
 
+@pytest.mark.parametrize("spec,line,col,fragment", [
+    ("q_proj: adapter bottleneck=100000000", 1, 28, "bottleneck=100000000 gives the adapter"),
+    ("q_proj: vera r=1000000000", 1, 16, "r=1000000000 gives the vera of the shared"),
+    ("q_proj: adalora init_r=100000000 total_step=10", 1, 24, "init_r=100000000 gives"),
+    ("attn: prefix tokens=1000000000", 1, 21, "tokens=1000000000 gives the prefix"),
+    ("attn: prefix tokens=4 projection=1000000000", 1, 34, "projection=1000000000 gives"),
+    ("embed: prompt tokens=1000000000", 1, 22, "tokens=1000000000 gives the prompt"),
+    ("embed: ptuning hidden=1000000000", 1, 23, "hidden=1000000000 gives the ptuning"),
+    ("q_proj: lora r=2\nmixture moe k=1 experts=100000000", 2, 25, "experts=100000000"),
+])
+def test_adapters_larger_than_the_model_are_refused_at_the_option(tiny, spec, line, col,
+                                                                  fragment):
+    """E308 before anything is allocated: they failed in the pass with the CPU allocator's
+    "can't allocate memory" (or took all of it) and no position in the spec."""
+    with pytest.raises(SpecError) as info:
+        adaptc.compile(tiny("llama"), spec)
+    diag = info.value.first
+    assert (diag.code, diag.line, diag.column) == ("E308", line, col)
+    assert fragment in diag.message and "an adapter may hold at most" in diag.message
+
+
+def test_an_adapter_that_cannot_be_allocated_is_refused_at_the_option(tiny, monkeypatch):
+    """Under the E308 bound but beyond the device's memory: the allocator's error, located."""
+    import adaptc.passes.insert_bottleneck as insert
+    real = insert.BottleneckAdapter
+
+    def out_of_memory(config, d_in, d_out, device=None, dtype=None):
+        if torch.device(device).type != "meta":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 1 bytes")
+        return real(config, d_in, d_out, device=device, dtype=dtype)
+
+    monkeypatch.setattr(insert, "BottleneckAdapter", out_of_memory)
+    with pytest.raises(SpecError) as info:
+        adaptc.compile(tiny("llama"), "q_proj: lora r=2\nq_proj: adapter bottleneck=8")
+    diag = info.value.first
+    assert (diag.code, diag.line, diag.column) == ("E308", 2, 28)
+    assert diag.message.startswith("cannot allocate the adapter of 'model.layers.0.self_attn."
+                                   "q_proj' (bottleneck=8, ")
+    assert "DefaultCPUAllocator: can't allocate memory" in diag.message
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow in a submodule: torch.export cannot trace it."""
 

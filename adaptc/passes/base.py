@@ -6,13 +6,17 @@ prints. Analyses are stored on nodes under `adaptc.*` meta keys.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Protocol
 
+import torch
+from torch import nn
 from torch.fx import GraphModule
 
-from adaptc.errors import SpecError
+from adaptc.errors import SpecError, first_line
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.targets import Assignment, diag
 from adaptc.frontend.trace import sequence_limit
@@ -45,6 +49,7 @@ class CompileContext:
     loaded_adapters: frozenset[str] = frozenset()  # the names load_adapters copied
     positions_input: str | None = None  # cached decoding: the input of absolute positions
     table_positions: int = 0  # rows of the position table that virtual tokens take
+    model_parameters: int = 0  # elements of the base model's parameters (`build_sized`)
 
     def user_modules(self) -> frozenset[int]:
         """Ids of the user's modules: passes never bind tensors into them (`bind`)."""
@@ -82,6 +87,48 @@ def take_positions(ctx: CompileContext, rule, tokens: int) -> None:
                               f"the model's position table, leaving none for the input; need "
                               f"tokens < {limit - ctx.table_positions}")])
     ctx.table_positions += tokens
+
+
+# E308: one adapter module (a site's, or a statement's shared one) may hold at most as many
+# elements as the larger of the base model's parameters and this floor (64 MiB in float32),
+# so a tiny test model still takes the usual sizes
+ADAPTER_FLOOR = 2 ** 24
+
+
+def build_sized(ctx: CompileContext, rule, option: str, where: str,
+                make: Callable[..., nn.Module], device, dtype) -> nn.Module:
+    """`make(device=..., dtype=...)`: an adapter for `where` whose size is set by `option` of
+    `rule` (a statement or the mixture statement). Built on `meta` first, which allocates
+    nothing: E308 at the option when it holds more elements than the larger of the base
+    model's parameters and ADAPTER_FLOOR; E308 too when allocating it fails (out of memory)."""
+    probe = make(device=torch.device("meta"), dtype=dtype)
+    elements = sum(t.numel() for t in chain(probe.parameters(), probe.buffers()))
+    if not ctx.model_parameters:
+        ctx.model_parameters = sum(p.numel() for p in ctx.model.module.parameters())
+    limit = max(ctx.model_parameters, ADAPTER_FLOOR)
+    setting = f"{option}={getattr(rule.config, option)}"
+    if elements > limit:
+        raise SpecError([diag(ctx.plan, rule.span_of(option), "E308",
+                              f"{setting} gives the {rule.config.method} of {where} "
+                              f"{elements:,} elements; an adapter may hold at most {limit:,} "
+                              f"(the larger of the model's {ctx.model_parameters:,} "
+                              f"parameters and {ADAPTER_FLOOR:,})")])
+    try:
+        return make(device=device, dtype=dtype)
+    except (RuntimeError, MemoryError) as err:
+        if not out_of_memory(err):
+            raise
+        raise SpecError([diag(ctx.plan, rule.span_of(option), "E308",
+                              f"cannot allocate the {rule.config.method} of {where} "
+                              f"({setting}, {elements:,} elements) on {device}: "
+                              f"{first_line(err)}")]) from err
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """torch's failed allocations: MemoryError, torch.OutOfMemoryError (CUDA), and the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return (isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            or "allocate memory" in str(err))
 
 
 def report(site, method: str, assignment, adapter) -> dict:

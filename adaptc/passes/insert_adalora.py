@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.adalora import AdaLoraAdapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, build_sized, report
 from adaptc.passes.graph import factory, linear_input, linear_weight, splice
 
 
@@ -24,8 +24,11 @@ class InsertAdaLora:
             if assignment is None:
                 continue
             site = node.meta[SITE]
-            adapter = AdaLoraAdapter(assignment.rule.config, site.in_features, site.out_features,
-                                     **factory(gm, linear_weight(node).target))
+            adapter = build_sized(
+                ctx, assignment.rule, "init_r", f"'{site.path}'",
+                lambda site=site, **kw: AdaLoraAdapter(assignment.rule.config, site.in_features,
+                                                       site.out_features, **kw),
+                **factory(gm, linear_weight(node).target))
             splice(gm, node, linear_input(node), f"{site.path}.adalora", adapter, "adalora")
             ctx.sites.append(report(site, "adalora", assignment, adapter))
             count += 1

@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 
 from adaptc.errors import ModelError
 from adaptc.methods.bottleneck import BottleneckAdapter
-from adaptc.passes.base import CompileContext, PassResult, report
+from adaptc.passes.base import CompileContext, PassResult, build_sized, report
 from adaptc.passes.graph import in_module, splice
 
 
@@ -40,7 +40,9 @@ class InsertBottleneck:
             raise ModelError(f"gated adapter on module '{site.path}': its input is not "
                              "[batch, seq, features] in the traced graph; drop 'gate' there")
         like = output.meta["val"]
-        adapter = BottleneckAdapter(config, d_in, d_out, device=like.device, dtype=like.dtype)
+        adapter = build_sized(ctx, assignment.rule, "bottleneck", f"'{site.path}'",
+                              lambda **kw: BottleneckAdapter(config, d_in, d_out, **kw),
+                              like.device, like.dtype)
         splice(gm, output, source, f"{site.path}.adapter", adapter, "adapter", keep_users=members)
         row = report(site, f"adapter/{config.placement}", assignment, adapter)
         ctx.sites.append({**row, "in": d_in, "out": d_out})

@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 
 from adaptc.errors import ModelError
 from adaptc.methods.mixture import MixtureOfLora, MixtureOfVectors
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, build_sized, report
 from adaptc.passes.graph import (factory, linear_input, linear_weight, splice, wrap_input,
                                  wrap_output)
 
@@ -35,8 +35,11 @@ class InsertMixture:
                 site, config = node.meta[SITE], assignment.rule.config
                 experts = mixture.experts_at(site.layer, ctx.n_layers)
                 kind = MixtureOfLora if method == "lora" else MixtureOfVectors
-                adapter = kind(config, mixture, experts, site.in_features, site.out_features,
-                               **factory(gm, linear_weight(node).target))
+                adapter = build_sized(
+                    ctx, ctx.plan.mixture, "experts", f"'{site.path}'",
+                    lambda kind=kind, config=config, experts=experts, site=site, **kw: kind(
+                        config, mixture, experts, site.in_features, site.out_features, **kw),
+                    **factory(gm, linear_weight(node).target))
                 x = linear_input(node)
                 if mixture.method == "loramoe" and x.meta["val"].dim() != 3:
                     raise ModelError(f"loramoe balances each example's router weights, and "

@@ -31,7 +31,14 @@ from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.frontend.trace import is_encoder_decoder
 from adaptc.methods.prefix import PrefixAttention, PrefixEncoder, RelativePositions
-from adaptc.passes.base import INSERTED, CompileContext, PassResult, report, take_positions
+from adaptc.passes.base import (
+    INSERTED,
+    CompileContext,
+    PassResult,
+    build_sized,
+    report,
+    take_positions,
+)
 from adaptc.passes.graph import (
     attention_op,
     graph_input,
@@ -89,9 +96,15 @@ class InsertPrefix:
                              f"attentions of different shapes ({group[0].site.path}: {heads} "
                              f"heads of {head_dim}; {other}: {int(keys[other].shape[1])} of "
                              f"{int(keys[other].shape[-1])}); write one statement for each")
-        encoder = PrefixEncoder(rule.config, len(group), kv_heads(ctx, heads), head_dim,
-                                device=key.device, dtype=key.dtype)
         target = f"{ENCODERS}.{rule.config.method}_{rule.index}"
+        width, layers = kv_heads(ctx, heads) * head_dim, len(group)
+        projection = getattr(rule.config, "projection", 0)
+        # the larger of the prefix tensors [P, ·] and the MLP [h, ·] sets the size
+        option = "projection" if projection * (1 + 2 * layers) > rule.config.tokens else "tokens"
+        encoder = build_sized(ctx, rule, option, f"'{target}' ({layers} layers)",
+                              lambda **kw: PrefixEncoder(rule.config, layers,
+                                                         kv_heads(ctx, heads), head_dim, **kw),
+                              key.device, key.dtype)
         source = encoder_node(gm, target, encoder, rule.config.method)
         ctx.sites.append({"path": target, "method": f"{rule.config.method}[{rule.config.tokens}]",
                           "line": rule.statement.span.line, "in": None, "out": None,

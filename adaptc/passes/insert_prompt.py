@@ -27,7 +27,14 @@ from torch.fx import GraphModule, Node
 from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prompt import PromptEmbedding, PromptEncoder
-from adaptc.passes.base import INSERTED, CompileContext, PassResult, report, take_positions
+from adaptc.passes.base import (
+    INSERTED,
+    CompileContext,
+    PassResult,
+    build_sized,
+    report,
+    take_positions,
+)
 from adaptc.passes.graph import graph_input, in_module, reads_position_table
 
 aten = torch.ops.aten
@@ -54,8 +61,8 @@ class InsertPrompt:
         positions = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
         if positions is None and reads_position_table(gm):
             take_positions(ctx, assignment.rule, tokens)
+        module = build(ctx, assignment, gm.get_parameter(lookup.args[0].target))
         sliced = 0 if positions else extend_inputs(gm, ids, tokens)
-        module = build(assignment, gm.get_parameter(lookup.args[0].target))
         splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method,
                        positions)
         row = report(assignment.site, f"{assignment.method}[{tokens}]", assignment, module)
@@ -90,11 +97,19 @@ def reads_tensor(gm: GraphModule, node: Node, tensor: torch.Tensor) -> bool:
     return node.op == "get_attr" and gm.get_parameter(node.target) is tensor
 
 
-def build(assignment: Assignment, weight: torch.Tensor) -> PromptEmbedding | PromptEncoder:
+def build(ctx: CompileContext, assignment: Assignment, weight: torch.Tensor
+          ) -> PromptEmbedding | PromptEncoder:
     config = assignment.rule.config
+    where = f"'{assignment.site.path}'"
     if config.method == "ptuning":
-        return PromptEncoder(config, weight.shape[1], device=weight.device, dtype=weight.dtype)
-    return PromptEmbedding(config, weight)
+        option = "hidden" if config.hidden > config.tokens else "tokens"
+        return build_sized(ctx, assignment.rule, option, where,
+                           lambda **kw: PromptEncoder(config, weight.shape[1], **kw),
+                           weight.device, weight.dtype)
+    return build_sized(ctx, assignment.rule, "tokens", where,
+                       lambda device, dtype: PromptEmbedding(
+                           config, weight if device == weight.device else weight.to("meta")),
+                       weight.device, weight.dtype)
 
 
 def extend_inputs(gm: GraphModule, ids: Node, tokens: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from adaptc.methods.vera import VeraAdapter, VeraProjections
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, build_sized, report
 from adaptc.passes.graph import factory, linear_input, linear_weight, splice
 
 
@@ -20,32 +20,40 @@ class InsertVera:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         todo = [n for n in gm.graph.nodes if "vera" in n.meta.get(METHODS, {})]
-        shared = self.register_projections(gm, todo)
+        shared = self.register_projections(gm, ctx, todo)
         for node in todo:
             assignment = node.meta[METHODS]["vera"]
             site, config = node.meta[SITE], assignment.rule.config
             name = shared_name(config)
             with gm.graph.inserting_before(node):
                 A, B = (gm.graph.get_attr(f"{name}.{t}") for t in ("A", "B"))
-            adapter = VeraAdapter(config, site.in_features, site.out_features,
-                                  **factory(gm, linear_weight(node).target))
+            adapter = build_sized(
+                ctx, assignment.rule, "r", f"'{site.path}'",
+                lambda site=site, config=config, **kw: VeraAdapter(
+                    config, site.in_features, site.out_features, **kw),
+                **factory(gm, linear_weight(node).target))
             adapter.share(gm.get_submodule(name))
             splice(gm, node, linear_input(node), f"{site.path}.vera", adapter, "vera",
                    extra_args=(A, B))
             ctx.sites.append(report(site, "vera", assignment, adapter))
         return PassResult(gm, {"vera_inserted": len(todo), "vera_shared": shared})
 
-    def register_projections(self, gm: GraphModule, nodes: list[Node]) -> int:
+    def register_projections(self, gm: GraphModule, ctx: CompileContext,
+                             nodes: list[Node]) -> int:
         """One VeraProjections per (r, seed), sized to the largest site that uses it."""
         sizes: dict[str, tuple] = {}
         for node in nodes:
-            config, site = node.meta[METHODS]["vera"].rule.config, node.meta[SITE]
-            name = shared_name(config)
-            _, in_max, out_max = sizes.get(name, (config, 0, 0))
-            sizes[name] = (config, max(in_max, site.in_features), max(out_max, site.out_features))
+            rule, site = node.meta[METHODS]["vera"].rule, node.meta[SITE]
+            name = shared_name(rule.config)
+            _, in_max, out_max = sizes.get(name, (rule, 0, 0))
+            sizes[name] = (rule, max(in_max, site.in_features), max(out_max, site.out_features))
         like = factory(gm, linear_weight(nodes[0]).target) if nodes else {}
-        for name, (config, in_max, out_max) in sizes.items():
-            gm.add_submodule(name, VeraProjections(config.r, in_max, out_max, config.seed, **like))
+        for name, (rule, in_max, out_max) in sizes.items():
+            config = rule.config
+            gm.add_submodule(name, build_sized(
+                ctx, rule, "r", f"the shared projections '{name}'",
+                lambda **kw: VeraProjections(config.r, in_max, out_max, config.seed, **kw),
+                **like))
         return len(sizes)
 
 
