@@ -146,6 +146,18 @@ def test_an_adapter_that_cannot_be_allocated_is_refused_at_the_option(tiny, monk
     assert "DefaultCPUAllocator: can't allocate memory" in diag.message
 
 
+def test_an_adapter_on_a_module_without_one_output_is_located(tiny):
+    """The rotary embedding returns (cos, sin): no place for an adapter after it. It was a
+    ModelError naming the module only, not the statement that put the adapter there."""
+    with pytest.raises(SpecError) as info:
+        adaptc.compile(tiny("llama"), "q_proj: lora r=2\nrotary_emb: adapter bottleneck=4")
+    diag = info.value.first
+    assert (diag.code, diag.line, diag.column, diag.end_column) == ("E302", 2, 1, 11)
+    assert diag.message == ("adapter cannot adapt model.rotary_emb (LlamaRotaryEmbedding): it "
+                            "has 2 outputs in the traced graph (need exactly one); target one "
+                            "of its linear layers instead")
+
+
 class Branchy(nn.Module):
     """Data-dependent control flow in a submodule: torch.export cannot trace it."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
-from adaptc.errors import ModelError
+from adaptc.errors import SpecError
+from adaptc.frontend.targets import Assignment, diag
 from adaptc.methods.bottleneck import BottleneckAdapter
 from adaptc.passes.base import CompileContext, PassResult, build_sized, report
 from adaptc.passes.graph import in_module, splice
@@ -31,14 +32,16 @@ class InsertBottleneck:
         site, config = assignment.site, assignment.rule.config
         inside = [n for n in gm.graph.nodes if in_module(n, site.path)]
         members = set(inside)
-        output = single(site.path, "output", [n for n in inside if any(u not in members for u in n.users)])
+        output = single(ctx, assignment, "output",
+                        [n for n in inside if any(u not in members for u in n.users)])
         source = output
         if config.placement == "parallel":
-            source = single(site.path, "tensor input", external_inputs(inside, members, output))
-        d_in, d_out = width(source, site.path), width(output, site.path)
+            source = single(ctx, assignment, "tensor input",
+                            external_inputs(inside, members, output))
+        d_in, d_out = width(ctx, assignment, source), width(ctx, assignment, output)
         if config.gate and source.meta["val"].dim() != 3:
-            raise ModelError(f"gated adapter on module '{site.path}': its input is not "
-                             "[batch, seq, features] in the traced graph; drop 'gate' there")
+            raise refused(ctx, assignment, "gate", "its input is not [batch, seq, features] "
+                          "in the traced graph; drop 'gate' there")
         like = output.meta["val"]
         adapter = build_sized(ctx, assignment.rule, "bottleneck", f"'{site.path}'",
                               lambda **kw: BottleneckAdapter(config, d_in, d_out, **kw),
@@ -62,16 +65,24 @@ def external_inputs(inside: list[Node], members: set[Node], output: Node) -> lis
     return seen
 
 
-def single(path: str, what: str, nodes: list[Node]) -> Node:
+def single(ctx: CompileContext, assignment: Assignment, what: str, nodes: list[Node]) -> Node:
     if len(nodes) != 1 or "val" not in nodes[0].meta:
-        raise ModelError(f"cannot place an adapter on module '{path}': it has {len(nodes)} "
-                         f"{what}s in the traced graph (need exactly one); target one of its "
-                         "linear layers instead")
+        raise refused(ctx, assignment, None, f"it has {len(nodes)} {what}s in the traced graph "
+                      "(need exactly one); target one of its linear layers instead")
     return nodes[0]
 
 
-def width(node: Node, path: str) -> int:
+def width(ctx: CompileContext, assignment: Assignment, node: Node) -> int:
     size = node.meta["val"].shape[-1]
     if not isinstance(size, int):
-        raise ModelError(f"module '{path}': feature dimension is not static ({size})")
+        raise refused(ctx, assignment, None, f"its feature dimension is not static ({size})")
     return size
+
+
+def refused(ctx: CompileContext, assignment: Assignment, option: str | None,
+            why: str) -> SpecError:
+    """E302 at the statement's target (or at `option`): the module it names has no place
+    for an adapter."""
+    span = assignment.rule.span_of(option) if option else assignment.target.span
+    return SpecError([diag(ctx.plan, span, "E302", f"adapter cannot adapt "
+                           f"{assignment.site.describe()}: {why}")])
