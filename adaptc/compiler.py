@@ -4,7 +4,7 @@ in train mode, merged and fused for inference in infer mode.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -69,13 +69,22 @@ def as_model(model: str | nn.Module | LoadedModel, example_inputs: dict | None) 
     return wrap(model, example_inputs=example_inputs)
 
 
-def prepare(model, spec, mode: str, example_inputs: dict | None = None) -> CompileContext:
-    """Everything before tracing: the plan, the model, and where each method goes."""
+def prepare(model, spec, mode: str, example_inputs: dict | None = None,
+            inside: str = "") -> CompileContext:
+    """Everything before tracing: the plan, the model, and where each method goes.
+
+    `inside` is where the user's model sits in a wrapper (cached decoding: "model."): the
+    spec is resolved against the model's own module names, which its errors show as
+    `compile` and `adaptc inspect` do, and the sites then take the wrapper's paths."""
     if mode not in MODES:
         raise AdaptcError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
     plan, loaded = as_plan(spec), as_model(model, example_inputs)
-    sites = site_table(loaded.module)
-    assignments = resolve(plan, sites, loaded.family, parameter_table(loaded.module))
+    root = loaded.module.get_submodule(inside.removesuffix(".")) if inside else loaded.module
+    sites = site_table(root)
+    assignments = resolve(plan, sites, loaded.family, parameter_table(root))
+    if inside:
+        assignments = [replace(a, site=replace(a.site, path=inside + a.site.path))
+                       for a in assignments]
     return CompileContext(plan, loaded, assignments, mode, layer_count(sites))
 
 

@@ -175,7 +175,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     device = next(loaded.module.parameters()).device
     wrapped = LoadedModel(static_cache_module(loaded, max_cache_len), example_step(device),
                           loaded.source, loaded.family)
-    ctx = prepare(wrapped, spec, "infer")
+    ctx = prepare(wrapped, spec, "infer", inside=PREFIX)
     gated = sorted({a.method for a in ctx.assignments if getattr(a.rule.config, "gate", False)})
     if gated:
         raise AdaptcError(f"cached decoding cannot run gated {', '.join(gated)} (UniPELT): a "

@@ -174,7 +174,7 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
     encoder = LoadedModel(SourceEncoder(copy.copy(loaded.module)),
                           {"input_ids": ids, POSITIONS: torch.arange(3, device=device)},
                           loaded.source, loaded.family)
-    encoder_ctx = prepare(encoder, spec, "infer")
+    encoder_ctx = prepare(encoder, spec, "infer", inside=PREFIX)
     virtual = sum(a.rule.config.tokens for a in encoder_ctx.assignments
                   if a.method in PROMPT_METHODS)
     source = Dim("source", min=1, max=limit)
@@ -187,7 +187,7 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
                            "cache_position": torch.arange(2, device=device)},
                           loaded.source, loaded.family)
     steps = Dim("steps", min=1, max=max_cache_len)
-    decoder_ctx = prepare(decoder, spec, "infer")
+    decoder_ctx = prepare(decoder, spec, "infer", inside=PREFIX)
     decoder_graph = compile_half(decoder, decoder_ctx, decoder_shapes(source, steps),
                                  adapters, merge, fuse_projections, prompts=False)
     if adapters is not None:

@@ -8,7 +8,7 @@ import torch
 
 import adaptc
 from adaptc.decode import compile_decoder
-from adaptc.errors import AdaptcError, ModelError
+from adaptc.errors import AdaptcError, ModelError, SpecError
 from helpers import randomize_adapters
 
 PROMPT = [5, 17, 42, 7, 99]
@@ -75,6 +75,20 @@ def test_decoder_limits(tiny):
             decoder.generate([5, bad], 2)
     with pytest.raises(ModelError, match="not a causal language model"):
         compile_decoder(tiny("bert"), "query: lora r=2")
+
+
+def test_spec_errors_name_the_modules_as_compile_does(tiny):
+    """The decoder resolves the spec inside transformers' static-cache wrapper: its E301
+    notes and E302 messages said 'model.model.layers.0.self_attn.q_proj', a name no spec
+    or `adaptc inspect` uses."""
+    spec = "qproj: lora r=2\nembed_tokens: lora r=2"
+    with pytest.raises(SpecError) as decoding:
+        compile_decoder(tiny("llama"), spec)
+    with pytest.raises(SpecError) as compiling:
+        adaptc.compile(tiny("llama"), spec)
+    assert str(decoding.value) == str(compiling.value)
+    assert "model.model." not in str(decoding.value)
+    assert [d.code for d in decoding.value.diagnostics] == ["E301", "E302"]
 
 
 def test_cache_longer_than_a_learned_position_table_is_refused():

@@ -11,7 +11,7 @@ from test_seq2seq import varied_t5
 import adaptc
 from adaptc.cli import main
 from adaptc.decode_seq2seq import compile_seq2seq_decoder
-from adaptc.errors import AdaptcError, ModelError, WeightsError
+from adaptc.errors import AdaptcError, ModelError, SpecError, WeightsError
 from adaptc.frontend.models import wrap
 from adaptc.passes.accumulate_updates import add_product_
 from adaptc.passes.bind_ops import aten_op
@@ -111,6 +111,17 @@ def test_graphs_split_the_adapters(tmp_path):
     train_sites = [f"model.{row['path']}" for row in adaptc.report_of(gm).sites]
     assert sorted(encoder_sites + decoder_sites) == sorted(train_sites)
     assert decoder.encode(SOURCE)[0].shape[1] == 3 + len(SOURCE)
+
+
+def test_spec_errors_name_the_modules_as_compile_does():
+    """Both halves resolve the spec inside a wrapper (the model at `model`): E301's nearest
+    names were 'model.encoder.block.0...', not the names compile and `adaptc inspect` show."""
+    t5 = varied_t5()
+    with pytest.raises(SpecError) as decoding:
+        compile_seq2seq_decoder(t5, "qq: lora r=2")
+    with pytest.raises(SpecError) as compiling:
+        adaptc.compile(t5, "qq: lora r=2")
+    assert str(decoding.value) == str(compiling.value)
 
 
 def test_refuses_what_it_cannot_decode(tmp_path):
