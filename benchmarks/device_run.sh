@@ -16,13 +16,14 @@
 # Arguments name the steps to run (default: all). The steps' limits add up to ~40 minutes,
 # more than a session's device time (15 minutes in all, start-up included), so run the most
 # telling first, e.g.
-#   run(command="benchmarks/device_run.sh test_gpu targets kernels", carry=[".whl"],
+#   run(command="benchmarks/device_run.sh test_gpu targets updates", carry=[".whl"],
 #       timeout_s=590)
 # (correctness of every kernel path, every autotune tile and CUDA-graph decoding; the
 # device time of issue 3's open targets at 8x512, the host's cost taken out by CUDA-graph
-# replay; rooflines of the three mixture paths), then as the time left allows
-# "infer_graphs" (every workload at 1x1 and 8x512), "host", "decode_graphs" or
-# "infer_eager". A machine stays warm 30 s after a call: have the next command ready.
+# replay; the accumulate_updates A/B), then as the time left allows "kernels" (rooflines
+# of the three mixture paths), "infer_graphs" (every workload at 1x1 and 8x512), "host",
+# "decode_graphs" or "infer_eager". A machine stays warm 30 s after a call: have the next
+# command ready.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/adaptc-device}
@@ -54,6 +55,8 @@ step test_gpu 150 python3 -m pytest -v -p no:cacheprovider $workers tests/test_g
 # issue 3's three open targets alone, first: device time at 8x512 (CUDA-graph replay)
 step targets 150 python3 benchmarks/infer_speed.py --cuda-graph --rounds 3 --shapes 8x512 \
   --workloads all-linear bottleneck mixture --providers adaptc peft
+# accumulate_updates A/B (4-layer Llama at the 1.1B's width; device time)
+step updates 120 python3 benchmarks/unmerged_updates.py --tokens 8x512 --hidden 2048 --write
 step infer_graphs 240 python3 benchmarks/infer_speed.py --cuda-graph --rounds 3 --write \
   --shapes 1x1 8x512
 step kernels 150 python3 benchmarks/kernel_roofline.py --dtype bfloat16 --hidden 2048 --rank 8 \

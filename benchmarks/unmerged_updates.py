@@ -8,7 +8,10 @@ Model: a Llama with 4 layers of the given width (intermediate 2.75×), random in
 on all seven projections, random non-zero weights. "without" compiles the same spec with the
 pass replaced by one that changes nothing: unmerged, each B GEMM writes its update and an
 add sums it with the base output; merged and unmerged, each residual add reads the stream
-and o_proj's / down_proj's output back (the graphs before this pass existed).
+and o_proj's / down_proj's output back (the graphs before this pass existed). The pass adds
+a LoRA site's two GEMMs in one of two orders (`accumulate_updates.INTO_SHORTER_ON`: by
+device); "B GEMM into y" and "base GEMM into u" compile each: the base GEMM writes y and the
+B GEMM (K = r) adds into it, or the B GEMM writes u and the base GEMM adds into that.
 """
 import argparse
 import datetime
@@ -40,6 +43,14 @@ def variants(model, scratch: Path) -> dict:
                 for kind in ("unmerged", "merged")}
 
     found = both("with the pass")
+    default = accumulate_updates.INTO_SHORTER_ON
+    for name, devices in (("B GEMM into y", set()), ("base GEMM into u", {"cpu", "cuda"})):
+        accumulate_updates.INTO_SHORTER_ON = devices
+        try:
+            found[f"unmerged, {name}"] = adaptc.compile(model, SPEC, "infer", adapters=weights,
+                                                        merge=False)
+        finally:
+            accumulate_updates.INTO_SHORTER_ON = default
     run = accumulate_updates.AccumulateUpdates.run
     accumulate_updates.AccumulateUpdates.run = lambda self, gm, ctx: PassResult(gm, {})
     try:
@@ -73,17 +84,19 @@ def main() -> None:
         times = {k: [] for k in runs}
         for _ in range(args.rounds):
             for key, fn in runs.items():
-                times[key].append(seconds(lambda fn=fn: fn(**x), on_gpu, repeat=3))
+                times[key].append(seconds(lambda fn=fn: fn(**x), on_gpu, repeat=3,
+                                          graph=on_gpu))  # device time on a GPU
     base = statistics.median(times["base model"])
     rows = [(key, statistics.median(t), statistics.median(t) / base) for key, t in times.items()]
     for key, t, ratio in rows:
-        print(f"{key:26s} {t * 1e3:9.2f} ms  × base {ratio:5.3f}", flush=True)
+        print(f"{key:28s} {t * 1e3:9.2f} ms  × base {ratio:5.3f}", flush=True)
     if args.write:
         name = torch.cuda.get_device_name() if on_gpu else platform.machine()
         lines = [f"\n## unmerged_updates.py — {datetime.date.today()}",
                  f"Device: {device} ({name}), {torch.get_num_threads()} threads, torch "
                  f"{torch.__version__}, {dtype}. Llama, 4 layers, hidden {args.hidden}, "
-                 f"{args.tokens} tokens; all-linear LoRA r16; median of "
+                 f"{args.tokens} tokens; all-linear LoRA r16; "
+                 f"{'device time by CUDA-graph replay, ' if on_gpu else ''}median of "
                  f"{args.rounds} interleaved rounds.\n",
                  "| variant | ms | × base |", "|---|---|---|"]
         lines += [f"| {key} | {t * 1e3:.2f} | {ratio:.3f} |" for key, t, ratio in rows]

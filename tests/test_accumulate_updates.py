@@ -8,9 +8,10 @@ import torch
 from helpers import FAMILIES, inputs
 from test_fuse_siblings import unmerged
 from test_infer import ROOT, max_diff, trained
-from torch.fx import Graph, GraphModule
+from torch.fx import Graph, GraphModule, Node
 
 import adaptc
+from adaptc.passes import accumulate_updates
 from adaptc.passes.accumulate_updates import AccumulateUpdates, add_product_
 from adaptc.passes.base import INSERTED
 from adaptc.passes.bind_ops import aten_op
@@ -20,16 +21,30 @@ ALL_LINEAR = "attn.*,ffn.*: lora r=4 alpha=12"
 
 
 def accumulated(gm, method: str | None = "lora") -> int:
-    """In-place GEMMs adding LoRA updates (`method` "lora") or base products (None)."""
+    """In-place GEMMs at LoRA sites (`method` "lora": one adding a LoRA update, or a base GEMM
+    adding into its site's update) or adding base products into a residual stream (None)."""
+    def site(node) -> str | None:
+        return node.meta.get(INSERTED) or ("lora" if lora_update(node.args[0]) else None)
+    return sum(n.op == "call_function" and n.target is add_product_ and site(n) == method
+               for n in gm.graph.nodes)
+
+
+def lora_update(node) -> bool:
+    """A LoRA B GEMM, before or after bind_ops."""
+    return node.meta.get(INSERTED) == "lora" and aten_op(node) == aten.linear.default
+
+
+def base_gemms_into_updates(gm) -> int:
+    """In-place GEMMs adding a base product into a LoRA update's output."""
     return sum(n.op == "call_function" and n.target is add_product_
-               and n.meta.get(INSERTED) == method for n in gm.graph.nodes)
+               and lora_update(n.args[0]) for n in gm.graph.nodes)
 
 
 def adds_of_lora_updates(gm) -> int:
-    """Adds whose right operand is a B GEMM: what the pass replaces."""
+    """Adds with a B GEMM operand: what the pass replaces."""
     return sum(n.op == "call_function" and aten_op(n) == aten.add.Tensor
-               and getattr(n.args[1], "meta", {}).get(INSERTED) == "lora"
-               and aten_op(n.args[1]) == aten.linear.default for n in gm.graph.nodes)
+               and any(isinstance(a, Node) and lora_update(a) for a in n.args)
+               for n in gm.graph.nodes)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -43,6 +58,25 @@ def test_unmerged_updates_are_added_by_their_gemm(tiny, tmp_path, family):
     assert counts["lora_updates_accumulated"] == accumulated(infer)
     assert adds_of_lora_updates(infer) == 0
     assert accumulated(infer) == counts["lora_inserted"]  # GPT-2's base GEMMs are addmm
+    assert base_gemms_into_updates(infer) == 0  # on the CPU the B GEMM adds into y
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_on_a_gpu_the_base_gemm_adds_into_the_update(tiny, tmp_path, family, monkeypatch):
+    """Where the GEMM with the longer reduction adds into the other's output (a GPU's choice,
+    here forced on the CPU): at q, k, v, gate and up (2 layers) the bias-free base GEMM adds
+    into the B GEMM's output; o and down add both into the stream; biased base GEMMs (GPT-2,
+    BERT) keep y as the target."""
+    monkeypatch.setattr(accumulate_updates, "INTO_SHORTER_ON", {"cpu"})
+    model = tiny(family)
+    train = trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    infer = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    x = inputs(segments=family == "bert")
+    assert max_diff(infer(**x), train(**x)) <= 1e-5
+    assert base_gemms_into_updates(infer) == (10 if family in ("llama", "mistral") else 0)
+    counts = adaptc.report_of(infer).counts
+    assert accumulated(infer) == counts["lora_updates_accumulated"] == counts["lora_inserted"]
+    assert adds_of_lora_updates(infer) == 0
 
 
 def test_bf16_unmerged_stays_close_to_float32(tiny, tmp_path):

@@ -2,6 +2,7 @@
 
     y = linear(x, W);  u = linear(h, s·B);  out = y + u       (an unmerged LoRA site)
       →  out = add_product_(linear(x, W), h, s·B)             y += h·(s·B)ᵀ: one addmm_
+      or out = add_product_(linear(h, s·B), x, W)             u += x·Wᵀ (on a GPU)
     s = stream + linear(x, W)                                 (a residual add after o, down)
       →  s = add_product_(stream, x, W)                       stream += x·Wᵀ: one addmm_
     s = stream + (linear(x, W) + m)                           (m: a mixture's module call)
@@ -19,6 +20,13 @@ hidden state, twice per layer, in the base model's own computation; where a mixt
 parallel adapter) sits on o_proj or down_proj, the sum is reassociated so the fused op reads
 the updated stream as its residual and the block's add disappears. Each sum is rounded once,
 in the GEMM's float32 accumulator, instead of twice.
+
+On a GPU, of two GEMMs summed, the one with the shorter reduction writes its result and the
+other adds into it (`by_reduction`): a GEMM reads the tensor it adds into in its epilogue,
+which a long reduction (the base GEMM, K = d_in) can hide behind its arithmetic, while a
+short one (a LoRA B GEMM, K = r) is all memory traffic, where the read is one more pass over
+the output. Not yet timed on a GPU (benchmarks/unmerged_updates.py times both orders). On the
+CPU, where the two differ by less than the measurements' noise, the B GEMM adds into y.
 
 The left operand y must be a fresh result (a GEMM, an add, an embedding, a fused op) whose
 every other reader, through anything that may alias it (views, no-op casts), runs before the
@@ -76,13 +84,19 @@ class AccumulateUpdates:
                     fused.meta.update(node.meta)
                     earlier.add(fused)
             chain = product.args[0] if rest is not None else product
-            lora = chain.target == aten.linear.default and chain.meta.get(INSERTED) == "lora"
+            lora = lora_update(target) or lora_update(chain)
             counts["lora_updates_accumulated" if lora else "stream_adds_accumulated"] += 1
             node.replace_all_uses_with(fused)
             for done in [node, *([product] if rest is not None else []), *chain_nodes(chain)]:
                 gm.graph.erase_node(done)
         gm.recompile()
         return PassResult(gm, counts)
+
+
+def lora_update(node: Node) -> bool:
+    """`node` is an unmerged LoRA update's B GEMM (each `add_product_` carries the mark of the
+    GEMM it computes, so one adding a base GEMM into that update is unmarked)."""
+    return node.target == aten.linear.default and node.meta.get(INSERTED) == "lora"
 
 
 def accumulation(gm: GraphModule, add: Node, earlier: set[Node]
@@ -93,7 +107,7 @@ def accumulation(gm: GraphModule, add: Node, earlier: set[Node]
     (m None when there is none). `earlier`: the nodes before `add`."""
     if not plain_add(add):
         return None
-    for target, product in (add.args, add.args[::-1]):
+    for target, product in by_reduction(gm, add):
         rest = product.args[1] if plain_add(product) and len(product.users) == 1 \
             and product.args[1].op == "call_module" else None
         terms = product_terms(gm, product.args[0] if rest is not None else product)
@@ -105,6 +119,29 @@ def accumulation(gm: GraphModule, add: Node, earlier: set[Node]
                 and all(h not in aliases and fits(gm, h, w, value) for h, w, _ in terms):
             return target, terms, product, rest
     return None
+
+
+INTO_SHORTER_ON = {"cuda"}  # device types where the shorter-reduction GEMM is added into
+
+
+def by_reduction(gm: GraphModule, add: Node) -> list[tuple[Node, Node]]:
+    """The (target, product) orders of `add`'s operands to try: on INTO_SHORTER_ON devices the
+    one whose target is the GEMM with the shorter reduction first (an operand that is no
+    linear counts as longest), elsewhere the add's own order."""
+    def reduction(node: Node) -> float:
+        weight = weight_of(gm, node.args[1]) if node.target == aten.linear.default else None
+        if not isinstance(weight, torch.Tensor) or weight.device.type not in INTO_SHORTER_ON:
+            return float("inf")
+        return weight.shape[-1]
+    a, b = add.args
+    return sorted([(a, b), (b, a)], key=lambda pair: reduction(pair[0]))
+
+
+def weight_of(gm: GraphModule, weight: Node) -> torch.Tensor | None:
+    """The tensor (or its fake, where traced) a GEMM's weight operand stands for."""
+    if not isinstance(weight, Node):
+        return None
+    return attr_tensor(gm, weight.target) if weight.op == "get_attr" else weight.meta.get("val")
 
 
 def product_terms(gm: GraphModule, node: Node) -> list[tuple[Node, Node, Node]] | None:
@@ -167,7 +204,7 @@ def alias_closure(node: Node) -> set[Node]:
 def fits(gm: GraphModule, h: Node, weight: Node, out: torch.Tensor) -> bool:
     """Whether h·weightᵀ adds into `out` as is: weight [n, r] in out's dtype, and h (where
     traced: a pass's new nodes are not) in that dtype with out's leading shape."""
-    w = attr_tensor(gm, weight.target) if weight.op == "get_attr" else weight.meta.get("val")
+    w = weight_of(gm, weight)
     value = h.meta.get("val")
     return isinstance(w, torch.Tensor) and w.dtype == out.dtype and w.shape[0] == out.shape[-1] \
         and (not isinstance(value, torch.Tensor)

@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 from adaptc.graph_attrs import bind
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
-from adaptc.passes.graph import aten
+from adaptc.passes.graph import aten, infer_value
 
 
 class FuseSiblings:
@@ -84,7 +84,7 @@ def lower_group(gm: GraphModule, calls: list[Node], target: str,
             parts = [graph.call_function(operator.getitem, (split, i)) for i in range(len(calls))]
             added += [split, *parts]
     for node in added:
-        tag(node, calls[0])
+        tag(gm, node, calls[0])
     for call, adapter, part in zip(calls, adapters, parts):
         lower_site(gm, call, adapter, part, protected)
 
@@ -99,16 +99,18 @@ def lower_site(gm: GraphModule, call: Node, adapter: LoraAdapter, part: Node,
     with gm.graph.inserting_before(call):
         update = gm.graph.call_function(aten.linear.default,
                                         (part, gm.graph.get_attr(f"{site}.lora_B")))
-    tag(update, call)
+    tag(gm, update, call)
     call.replace_all_uses_with(update)
     gm.graph.erase_node(call)
     release(gm, call.target, protected)
 
 
-def tag(node: Node, like: Node) -> None:
-    """Module path and inserting method of a node this pass added (no value metadata)."""
+def tag(gm: GraphModule, node: Node, like: Node) -> None:
+    """Module path, inserting method and value of a node this pass added (accumulate_updates
+    reads the B GEMM's shape and dtype to add the base GEMM into its output)."""
     node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
     node.meta[INSERTED] = "lora"
+    infer_value(gm, node)
 
 
 def release(gm: GraphModule, target: str, protected: frozenset[int]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule, Node
 
 from adaptc.errors import ModelError
@@ -35,6 +36,27 @@ def attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
     """The tensor a get_attr node's `target` names (a parameter, buffer or plain attribute)."""
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def infer_value(gm: GraphModule, node: Node) -> None:
+    """Give a node a pass added the `meta["val"]` export gives traced nodes: its op run on its
+    inputs' fake values (get_attr tensors made fake in their mode), symbolic dims included.
+    Nothing when no input has a fake value."""
+    def value(arg):
+        if not isinstance(arg, Node):
+            return arg
+        return attr_tensor(gm, arg.target) if arg.op == "get_attr" else arg.meta.get("val")
+    args = [value(arg) for arg in node.args]
+    fakes = [arg for arg in args if isinstance(arg, FakeTensor)]
+    fakes += [t for arg in args if isinstance(arg, (list, tuple)) for t in arg
+              if isinstance(t, FakeTensor)]
+    if not fakes or any(arg is None for arg in args):
+        return
+    mode = fakes[0].fake_mode
+    with mode:
+        args = [mode.from_tensor(arg) if isinstance(arg, torch.Tensor)
+                and not isinstance(arg, FakeTensor) else arg for arg in args]
+        node.meta["val"] = node.target(*args)
 
 
 def module_path(node: Node) -> str | None:

@@ -49,10 +49,10 @@ def invariant_nodes(gm: GraphModule, source: Node, varying: set[Node]) -> set[No
 
 def computes_size(node: Node) -> bool:
     """Shape arithmetic: a SymInt-valued node (nodes inserted without a traced value are
-    taken as tensors unless they call a sym_* op)."""
+    taken as tensors unless they call a sym_* op; a split's value is a list of tensors)."""
     value = node.meta.get("val")
     if value is not None:
-        return not isinstance(value, torch.Tensor)
+        return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
     return "sym_" in str(node.target)
 
 
