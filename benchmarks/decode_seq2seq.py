@@ -29,7 +29,7 @@ QV = "attn.q,attn.v: lora r=8"
 PEFT_TARGETS = ["q", "v"]
 
 
-def variants(model, source_len: int, new_tokens: int) -> dict:
+def variants(model, new_tokens: int) -> dict:
     """name → callable(source ids) producing `new_tokens` tokens."""
     import adaptc
     from adaptc.decode_seq2seq import compile_seq2seq_decoder
@@ -121,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     model = random_init(args.model)
     ids = [3 + i % 50 for i in range(args.source)]
-    built = variants(model, args.source, args.tokens)
+    built = variants(model, args.tokens)
     for run in built.values():
         run(ids[:4])  # warm-up
     times = {name: [] for name in built}

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from adaptc.spec.ast import Attach, Mixture, Span, Spec, Target
+
+if TYPE_CHECKING:
+    from adaptc.methods.options import MethodConfig
 
 
 @dataclass(frozen=True)
@@ -12,7 +16,7 @@ class Rule:
 
     index: int  # position among the spec's statements; later rules override earlier ones
     targets: tuple[Target, ...]
-    config: object  # a MethodConfig dataclass instance
+    config: MethodConfig  # the method's options dataclass
     statement: Attach
 
     def span_of(self, key: str) -> Span:
