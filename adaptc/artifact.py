@@ -17,7 +17,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 from adaptc.adapters import adapter_state_dict, load_adapters, save_adapters
 from adaptc.compiler import REPORT, compile
 from adaptc.errors import ArtifactError
-from adaptc.frontend.models import LoadedModel, load_checkpoint, place
+from adaptc.frontend.models import PRESETS, LoadedModel, load_checkpoint, place
 
 FORMAT = 1
 PROGRAM = "program.pt2"  # an infer artifact's exported program (export.py writes it)
@@ -45,6 +45,7 @@ def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: 
     """Write the artifact for a train-mode compilation into `out`, atomically."""
     out = Path(out)
     refuse_existing(out, force)
+    refuse_inputs(out, model_inputs(model))
     if model.on_meta:
         raise ArtifactError(f"{out}: model '{model.source}' is on the meta device (shapes only); "
                             "an artifact needs real weights")
@@ -66,6 +67,30 @@ def refuse_existing(out: Path, force: bool) -> None:
         raise ArtifactError(f"{out}: cannot create the output directory: {blocking} is a file")
     if out.exists() and any(out.iterdir()) and not force:
         raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
+
+
+def refuse_inputs(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output that is, or is a directory above, one of the inputs (`(what, path)`:
+    the model checkpoint, the adapter file, the spec, ...): writing the output replaces what
+    is at its path, so --force would delete the input (after reading it)."""
+    target = out.resolve()
+    for what, path in inputs:
+        if path is None or str(path) in ("", "-"):
+            continue
+        found = Path(path).resolve()
+        if found == target or target in found.parents:
+            relation = "is" if found == target else "contains"
+            raise ArtifactError(f"{out}: the output {relation} the {what} '{path}' that this "
+                                f"command reads; writing it would replace the {what} (with "
+                                "--force, delete it): write the output elsewhere")
+
+
+def model_inputs(model: LoadedModel) -> list[tuple[str, str]]:
+    """The checkpoint directory a model was loaded from, as an input for `refuse_inputs`."""
+    source = model.source
+    if source in PRESETS or not Path(source).is_dir():
+        return []
+    return [("model checkpoint", source)]
 
 
 def created_mode(directory: bool) -> int:

@@ -183,7 +183,8 @@ def placed_model(args):
 
 
 def run_compile(args) -> int:
-    from adaptc.artifact import refuse_existing
+    from adaptc.artifact import refuse_existing, refuse_inputs
+    from adaptc.frontend.models import PRESETS
     from adaptc.compiler import compile, prepare, report_of
 
     if args.adapters and args.mode != "infer":
@@ -200,6 +201,10 @@ def run_compile(args) -> int:
                           "--decoder")
     if args.output:
         refuse_existing(Path(args.output), args.force)  # before the work, not only after it
+        refuse_inputs(Path(args.output), [("model checkpoint", None if args.model in PRESETS
+                                           else args.model),
+                                          ("adapter file", args.adapters),
+                                          ("spec file", args.spec)])
     start = time.perf_counter()
     plan = spec_plan(args.spec)  # a spec error before the model loads
     ctx = prepare(placed_model(args), plan, args.mode)
@@ -432,14 +437,20 @@ def checkpoint_tokenizer(model: str):
 
 def run_import_peft(args) -> int:
     from adaptc.adapters import save_adapters
-    from adaptc.artifact import write_file
+    from adaptc.artifact import refuse_inputs, write_file
     from adaptc.compiler import report_of
-    from adaptc.peft_interop import import_peft, spec_from_peft
+    from adaptc.frontend.models import PRESETS
+    from adaptc.peft_interop import CONFIG, WEIGHTS, import_peft, spec_from_peft
 
     outputs = [Path(f) for f in (args.output, args.weights) if f]
+    peft = Path(args.directory)
+    inputs = [("PEFT adapter file", peft / CONFIG), ("PEFT adapter file", peft / WEIGHTS),
+              ("PEFT adapter directory", peft),
+              ("model checkpoint", None if args.model in PRESETS else args.model)]
     for path in outputs:  # before the work, not only after it
         if path.exists() and not args.force:
             raise ArtifactError(f"{path}: file exists (use --force)")
+        refuse_inputs(path, inputs)
     if args.weights:
         imported = import_peft(args.model, args.directory)
         spec = report_of(imported).spec_source
@@ -455,10 +466,11 @@ def run_import_peft(args) -> int:
 
 
 def run_export_peft(args) -> int:
-    from adaptc.artifact import load, refuse_existing
+    from adaptc.artifact import load, refuse_existing, refuse_inputs
     from adaptc.peft_interop import export_peft
 
     refuse_existing(Path(args.output), args.force)  # before the work, not only after it
+    refuse_inputs(Path(args.output), [("artifact", args.artifact)])
     out = export_peft(load(args.artifact), args.output, task_type=args.task_type,
                       force=args.force)
     print(f"wrote {out}/ (adapter_config.json, adapter_model.safetensors)")

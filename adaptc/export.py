@@ -28,7 +28,14 @@ import torch
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from adaptc.artifact import PROGRAM, atomic_directory, refuse_existing, versions
+from adaptc.artifact import (
+    PROGRAM,
+    atomic_directory,
+    model_inputs,
+    refuse_existing,
+    refuse_inputs,
+    versions,
+)
 from adaptc.compiler import REPORT, as_model
 from adaptc.errors import ArtifactError, first_line, held_log_records
 from adaptc.frontend.models import LoadedModel
@@ -53,6 +60,7 @@ def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: 
     out = Path(out)
     refuse_existing(out, force)
     model = as_model(model, None)
+    refuse_inputs(out, model_inputs(model))
     if gm.meta[REPORT].mode != "infer":
         raise ArtifactError(f"{out}: an infer artifact needs a module compiled with mode='infer'")
     if model.on_meta:

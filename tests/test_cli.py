@@ -57,6 +57,46 @@ def test_existing_output_is_not_overwritten(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_an_output_that_is_or_holds_an_input_is_refused(tiny, tmp_path, capsys):
+    """--force replaced the output directory: `-o` naming the checkpoint (or a directory
+    above it, the adapter file or the spec) deleted the input once the artifact was written."""
+    base = tmp_path / "base"
+    tiny("llama").module.save_pretrained(base)
+    spec = tmp_path / "lora.adapt"
+    spec.write_text("q_proj: lora r=2\n")
+    files = sorted(p.name for p in base.iterdir())
+    capsys.readouterr()  # save_pretrained's progress bar
+    for out, what in ((base, "is the model checkpoint"), (tmp_path, "contains the model")):
+        argv = ["compile", str(spec), "--model", str(base), "-o", str(out), "--force"]
+        assert main(argv) == 1
+        printed = capsys.readouterr()
+        assert printed.err.startswith(f"{out}: the output {what}") and "compiled" not in printed.out
+        assert sorted(p.name for p in base.iterdir()) == files and spec.exists()
+    assert main(["compile", str(spec), "--model", str(base), "-o", str(tmp_path / "dist")]) == 0
+    artifact = tmp_path / "dist"
+    capsys.readouterr()
+    assert main(["export-peft", str(artifact), str(artifact), "--force"]) == 1
+    assert "the output is the artifact" in capsys.readouterr().err
+    assert (artifact / "manifest.json").exists()
+    peft = tmp_path / "peft"
+    assert main(["export-peft", str(artifact), str(peft)]) == 0
+    config = (peft / "adapter_config.json").read_text()
+    capsys.readouterr()
+    assert main(["import-peft", str(peft), "--model", str(base), "-o",
+                 str(peft / "adapter_config.json"), "--force"]) == 1
+    assert "the output is the PEFT adapter file" in capsys.readouterr().err
+    assert (peft / "adapter_config.json").read_text() == config
+    holder = tmp_path / "specs"
+    holder.mkdir()
+    (holder / "s.adapt").write_text("q_proj: lora r=2\n")
+    assert main(["compile", str(holder / "s.adapt"), "-o", str(holder), "--force"]) == 1
+    assert "contains the spec file" in capsys.readouterr().err
+    gm = adaptc.compile(str(base), "q_proj: lora r=2")  # the Python API checks the checkpoint
+    with pytest.raises(adaptc.errors.ArtifactError, match="is the model checkpoint"):
+        adaptc.write_artifact(gm, adaptc.compiler.as_model(str(base), None), base, force=True)
+    assert sorted(p.name for p in base.iterdir()) == files
+
+
 def test_outputs_that_cannot_be_written_are_errors_not_tracebacks(tmp_path, capsys):
     """A path under a regular file cannot be created (deterministic even as root)."""
     blocker = tmp_path / "file"
