@@ -49,6 +49,11 @@ def test_bad_checkpoint_directories(tmp_path):
     ("reshape", r"tensor 'model.layers.0.self_attn.q_proj.weight' has shape \(128, 64\), "
                 r"the model's config gives \(128, 128\)"),
     ("drop", "lacks 1 tensor.*first 'model.layers.1.mlp.up_proj.weight'"),
+    ("int32", r"model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' is stored "
+              r"as I32; the model needs floating-point values \(torch.float32\)"),
+    ("nan", r"model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' has 1 NaN "
+            r"or infinite value\(s\)"),
+    ("inf", r"model.safetensors: tensor 'model.norm.weight' has 2 NaN or infinite value"),
 ])
 def test_damaged_checkpoint_weights_name_the_tensor(tiny, tmp_path, damage, message):
     """transformers would load these with random weights in place of the bad tensors."""
@@ -59,9 +64,15 @@ def test_damaged_checkpoint_weights_name_the_tensor(tiny, tmp_path, damage, mess
         weights.write_bytes(weights.read_bytes()[:1000])
     else:
         tensors = load_file(weights)
+        name = "model.layers.0.self_attn.q_proj.weight"
         if damage == "reshape":
-            name = "model.layers.0.self_attn.q_proj.weight"
             tensors[name] = tensors[name][:, :64].contiguous()
+        elif damage == "int32":  # transformers cast it to float32: whole numbers
+            tensors[name] = (tensors[name] * 100).to(torch.int32)
+        elif damage == "nan":
+            tensors[name][3, 5] = float("nan")
+        elif damage == "inf":
+            tensors["model.norm.weight"][:2] = torch.tensor([float("inf"), -float("inf")])
         else:
             del tensors["model.layers.1.mlp.up_proj.weight"]
         save_file(tensors, weights, metadata={"format": "pt"})

@@ -177,7 +177,42 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
             raise ModelError(f"{path}: cannot load the checkpoint weights: "
                              f"{first_line(err)}") from None
         check_loading_info(path, info)
+    check_values(path, module)
     return wrap(module.eval(), source=str(path))
+
+
+def check_values(path: Path, module: nn.Module) -> None:
+    """Refuse a checkpoint tensor stored as integers (or bools) where the model has a
+    floating-point one (from_pretrained casts it silently: int32 weights would load as
+    whole numbers), and NaN or infinite values in a floating-point tensor the checkpoint
+    filled (one isfinite pass each). Safetensors files are matched by name (their headers
+    give the stored dtypes without reading the data); other formats get the value check
+    over every parameter."""
+    from safetensors import safe_open
+
+    state = module.state_dict()
+    prefix = f"{getattr(module, 'base_model_prefix', '')}."
+    stored: dict[str, tuple[Path, str]] = {}  # model tensor → (file, stored dtype)
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                name = next((n for n in (key, prefix + key, key.removeprefix(prefix))
+                             if n in state), None)
+                if name is not None:
+                    stored[name] = (file, handle.get_slice(key).get_dtype())
+    for name, (file, dtype) in stored.items():
+        if state[name].is_floating_point() and not dtype.startswith(("F", "BF")):
+            raise ModelError(f"{file}: tensor '{name}' is stored as {dtype}; the model needs "
+                             f"floating-point values ({state[name].dtype})")
+    checked = stored or dict(module.named_parameters())
+    for name in checked:
+        tensor = state.get(name)
+        if tensor is None:  # a tied parameter, under its other name
+            continue
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            where = stored[name][0] if name in stored else path
+            bad = (~torch.isfinite(tensor)).sum().item()
+            raise ModelError(f"{where}: tensor '{name}' has {bad} NaN or infinite value(s)")
 
 
 def check_loading_info(path: Path, info: dict) -> None:
