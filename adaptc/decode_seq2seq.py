@@ -32,12 +32,13 @@ from torch.export import Dim
 
 from adaptc.adapters import ENCODERS
 from adaptc.compiler import as_model, prepare, run_pipeline
-from adaptc.decode import MAX_CACHE_LEN, PREFIX, check_token_ids
+from adaptc.decode import MAX_CACHE_LEN, PREFIX, check_cache_positions, check_token_ids
 from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
 from adaptc.passes.base import CompileContext
 from adaptc.passes.bind_ops import shortcut_modules
+from adaptc.passes.graph import reads_position_table
 from adaptc.passes.hoist_invariant import hoist_invariant
 from adaptc.passes.insert_prefix import PREFIX_METHODS
 from adaptc.passes.insert_prompt import PROMPT_METHODS
@@ -189,7 +190,8 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
     steps = Dim("steps", min=1, max=max_cache_len)
     decoder_ctx = prepare(decoder, spec, "infer", inside=PREFIX)
     decoder_graph = compile_half(decoder, decoder_ctx, decoder_shapes(source, steps),
-                                 adapters, merge, fuse_projections, prompts=False)
+                                 adapters, merge, fuse_projections, prompts=False,
+                                 cache_len=max_cache_len)
     if adapters is not None:
         check_all_loaded(adapters, encoder_ctx, decoder_ctx)
     cross, step, hoisted = hoist_invariant(decoder_graph, "encoder_hidden_states",
@@ -216,9 +218,11 @@ def decoder_shapes(source: Dim, steps: Dim) -> dict:
 
 
 def compile_half(model: LoadedModel, ctx, shapes: dict, adapters, merge: bool,
-                 fuse_projections: bool, prompts: bool) -> nn.Module:
+                 fuse_projections: bool, prompts: bool, cache_len: int = 0) -> nn.Module:
     """One of the two graphs: exported, given the assignments whose modules it calls (virtual
-    tokens only in the encoder's), run through the infer pipeline."""
+    tokens only in the encoder's), run through the infer pipeline. The decoder's, given its
+    `cache_len`, is refused when its positions index a learned table (BART's
+    `decoder.embed_positions`) with fewer rows than the cache and a prefix take."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
         graph = export(model, shapes)
@@ -238,7 +242,11 @@ def compile_half(model: LoadedModel, ctx, shapes: dict, adapters, merge: bool,
     ctx.adapters, ctx.adapter_prefix, ctx.partial = adapters, PREFIX, True
     ctx.merge, ctx.fuse_projections = merge, fuse_projections
     ctx.positions_input = POSITIONS if prompts else "cache_position"
-    return run_pipeline(graph, ctx)
+    table = reads_position_table(graph)
+    graph = run_pipeline(graph, ctx)
+    if cache_len and table:
+        check_cache_positions(cache_len, sequence_limit(model), ctx.table_positions)
+    return graph
 
 
 def check_all_loaded(path: str | Path, *contexts: CompileContext) -> None:

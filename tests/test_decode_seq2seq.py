@@ -124,6 +124,29 @@ def test_spec_errors_name_the_modules_as_compile_does():
     assert str(decoding.value) == str(compiling.value)
 
 
+def test_cache_longer_than_bart_positions_is_refused():
+    """BART's decoder reads learned positions (16 rows past its offset of 2): a 16-slot
+    cache decodes to its end; a longer cache, or a prefix's rows on top, failed mid-way
+    with an IndexError inside the position embedding (as GPT-2's did, test_decode)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    config = AutoConfig.for_model("bart", d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                  encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, vocab_size=64,
+                                  max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    decoder = compile_seq2seq_decoder(model, "q_proj: lora r=2", max_cache_len=16)
+    assert len(decoder.generate([5, 7, 9], 16)) == 16
+    with pytest.raises(AdaptcError, match="max_cache_len=17 exceeds the model's 16 positions: "
+                                          ".* use max_cache_len <= 16"):
+        compile_seq2seq_decoder(model, "q_proj: lora r=2", max_cache_len=17)
+    with pytest.raises(AdaptcError, match=r"max_cache_len=16 exceeds the model's 16 positions "
+                                          r"\(3 of them taken by the prefix\).* <= 13"):
+        compile_seq2seq_decoder(model, "attn: prefix tokens=3", max_cache_len=16)
+    prefixed = compile_seq2seq_decoder(model, "attn: prefix tokens=3", max_cache_len=13)
+    assert len(prefixed.generate([5, 7, 9], 13)) == 13
+
+
 def test_refuses_what_it_cannot_decode(tmp_path):
     t5 = varied_t5()
     with pytest.raises(AdaptcError, match="cannot run gated lora .*decoder.*greedy_generate"):
@@ -138,7 +161,8 @@ def test_refuses_what_it_cannot_decode(tmp_path):
         decoder.generate(SOURCE, 5)
     with pytest.raises(AdaptcError, match="token id 99999 is outside"):
         decoder.generate([5, 99999], 2)
-    bart = compile_seq2seq_decoder(varied_bart(), "embed: prompt tokens=4")
+    bart = compile_seq2seq_decoder(varied_bart(), "embed: prompt tokens=4",
+                                   max_cache_len=16)  # within its 64 decoder positions
     with pytest.raises(AdaptcError, match="61-token source exceeds the encoder's 60 positions "
                                           "left by 4 virtual tokens"):
         bart.generate(list(range(3, 64)), 1)
