@@ -85,6 +85,18 @@ def test_column_splits_fill_the_device_and_no_more() -> None:
         assert column_splits(2 * sms - 1, 16, gpu) == 1  # the token blocks nearly fill it
 
 
+def test_column_splits_aim_at_the_programs_per_multiprocessor_asked(monkeypatch) -> None:
+    """The bottleneck kernel's configs choose 2, 1 or 0 programs per multiprocessor (0: no
+    split); a 132-multiprocessor device stands in for the GPU."""
+    import adaptc.backends.triton as triton_ops
+    monkeypatch.setattr(triton_ops, "multiprocessors", lambda device: 132)
+    gpu = torch.device("cuda")
+    assert column_splits(64, 16, gpu) == 4
+    assert column_splits(64, 16, gpu, per_multiprocessor=1) == 2
+    assert column_splits(64, 16, gpu, per_multiprocessor=0) == 1
+    assert column_splits(200, 16, gpu, per_multiprocessor=1) == 1
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_all_tokens_routed_to_the_same_experts(top_k: int) -> None:
     module, inputs = make_case(top_k)

@@ -95,12 +95,14 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def column_splits(token_blocks: int, column_blocks: int, device: torch.device) -> int:
+def column_splits(token_blocks: int, column_blocks: int, device: torch.device,
+                  per_multiprocessor: int = 2) -> int:
     """Programs per token block for kernels whose programs can share a token block's output
-    columns (each redoing the block's per-token work): enough for the grid to reach two per
-    multiprocessor (one on the CPU), at most one per column block, and one once the token
-    blocks alone fill the device, where redoing that work would only re-read x."""
-    programs = 2 * multiprocessors(device) if device.type == "cuda" else 1
+    columns (each redoing the block's per-token work): enough for the grid to reach
+    `per_multiprocessor` programs per multiprocessor (one in all on the CPU), at most one per
+    column block, and one once the token blocks alone fill that, where redoing the work would
+    only re-read x and the weights."""
+    programs = per_multiprocessor * multiprocessors(device) if device.type == "cuda" else 1
     return max(1, min(column_blocks, programs // max(token_blocks, 1)))
 
 

@@ -18,8 +18,9 @@ once, then walks the output features tile by tile (h·Uᵀ + b_U + residual). Ke
 d_out inside the program means the down-projection is never recomputed and h never touches
 memory. With few tokens (decoding) ⌈T / BLOCK_T⌉ programs would leave most of the GPU idle
 while one program walks all of d_out, so the programs of a token block share its d_out tiles
-(`column_splits`: enough programs for two per multiprocessor), each redoing the block's
-down-projection, which at a few tokens is a small read of D. Wider bottlenecks take two launches of a generic linear kernel whose epilogues are
+(`column_splits`: enough programs for two per multiprocessor, or one, or no split: the
+autotuner picks), each redoing the block's down-projection, which at a few tokens is a small
+read of D and at thousands a large one (every program reads all of D). Wider bottlenecks take two launches of a generic linear kernel whose epilogues are
 constexpr flags: act(x·Dᵀ + b_D) into a hidden buffer in x's dtype, then hidden·Uᵀ + b_U +
 residual.
 """
@@ -40,13 +41,23 @@ _OP = "bottleneck_adapter"
 # --------------------------------------------------------------------------- autotune configs
 
 def _fused_configs() -> list[triton.Config]:
-    """Tiles for the fused kernel: tokens per program, d_in step, d_out step."""
+    """Tiles for the fused kernel: tokens per program, d_in step, d_out step, and the programs
+    per multiprocessor its grid aims for (`column_splits`)."""
     if interpreting():
-        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_N": 32})]
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 32, "BLOCK_N": 32, "PROGRAMS_PER_SM": 2})]
     tiles = [(16, 64, 64), (16, 64, 128), (32, 64, 64), (32, 64, 128), (64, 32, 64), (64, 64, 128)]
-    return [triton.Config({"BLOCK_T": t, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for t, k, n in tiles for w, s in ((4, 3), (8, 2))
-            if (t, k, n, w) != (64, 64, 128, 4)]  # with the skip tile it spills on sm_80 fp16
+    configs = [triton.Config({"BLOCK_T": t, "BLOCK_K": k, "BLOCK_N": n, "PROGRAMS_PER_SM": 2},
+                             num_warps=w, num_stages=s)
+               for t, k, n in tiles for w, s in ((4, 3), (8, 2))
+               if (t, k, n, w) != (64, 64, 128, 4)]  # with the skip tile it spills on sm_80 fp16
+    # Fewer, taller programs for many tokens: every program of a split token block reads all of
+    # D (256 KiB at 2048 × 64 in bf16) from L2, so at 4096 tokens two programs per
+    # multiprocessor read D 128-256 times over, more bytes than x, residual, skip and y together.
+    configs += [triton.Config({"BLOCK_T": t, "BLOCK_K": 64, "BLOCK_N": n, "PROGRAMS_PER_SM": p},
+                              num_warps=8, num_stages=2)
+                for t, n, p in ((32, 128, 1), (64, 128, 1), (64, 128, 0), (128, 64, 1),
+                                (128, 64, 0))]
+    return configs
 
 
 def _linear_configs() -> list[triton.Config]:
@@ -85,9 +96,10 @@ def _bottleneck_fused_kernel(
     ACTIVATION: tl.constexpr, HAS_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
 ):
     """One program: BLOCK_T tokens × the d_out tiles j ≡ program_id(1) (mod num_programs(1));
-    h stays in registers."""
+    h stays in registers. PROGRAMS_PER_SM is the grid's (a config choice the autotuner times)."""
     # ---- this program's tokens and the (padded) bottleneck columns
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
@@ -238,7 +250,8 @@ def _launch_fused(x: torch.Tensor, res: torch.Tensor, skip: torch.Tensor | None,
 
     def grid(meta):
         blocks = cdiv(tokens, meta["BLOCK_T"])
-        return blocks, splits or column_splits(blocks, cdiv(d_out, meta["BLOCK_N"]), x.device)
+        return blocks, splits or column_splits(blocks, cdiv(d_out, meta["BLOCK_N"]), x.device,
+                                               meta["PROGRAMS_PER_SM"])
 
     launch(_bottleneck_fused_kernel, (d_in, d_out, bottleneck, x.dtype), tokens, grid,
            x, res, skip, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
