@@ -26,8 +26,8 @@ class InsertAdaLora:
             site = node.meta[SITE]
             adapter = build_sized(
                 ctx, assignment.rule, "init_r", f"'{site.path}'",
-                lambda site=site, **kw: AdaLoraAdapter(assignment.rule.config, site.in_features,
-                                                       site.out_features, **kw),
+                lambda **kw: AdaLoraAdapter(assignment.rule.config, site.in_features,
+                                            site.out_features, **kw),
                 **factory(gm, linear_weight(node).target))
             splice(gm, node, linear_input(node), f"{site.path}.adalora", adapter, "adalora")
             ctx.sites.append(report(site, "adalora", assignment, adapter))

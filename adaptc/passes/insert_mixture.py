@@ -37,7 +37,7 @@ class InsertMixture:
                 kind = MixtureOfLora if method == "lora" else MixtureOfVectors
                 adapter = build_sized(
                     ctx, ctx.plan.mixture, "experts", f"'{site.path}'",
-                    lambda kind=kind, config=config, experts=experts, site=site, **kw: kind(
+                    lambda **kw: kind(
                         config, mixture, experts, site.in_features, site.out_features, **kw),
                     **factory(gm, linear_weight(node).target))
                 x = linear_input(node)

@@ -29,7 +29,7 @@ class InsertVera:
                 A, B = (gm.graph.get_attr(f"{name}.{t}") for t in ("A", "B"))
             adapter = build_sized(
                 ctx, assignment.rule, "r", f"'{site.path}'",
-                lambda site=site, config=config, **kw: VeraAdapter(
+                lambda **kw: VeraAdapter(
                     config, site.in_features, site.out_features, **kw),
                 **factory(gm, linear_weight(node).target))
             adapter.share(gm.get_submodule(name))
