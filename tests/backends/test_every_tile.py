@@ -47,10 +47,14 @@ def autotuned_kernels() -> dict[str, Autotuner]:
             for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
 
 
-def gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[triton.Config]]:
-    """The configs each kernel would hold on a GPU (the config functions read the knob)."""
-    with monkeypatch.context() as patch:
-        patch.setattr(triton.knobs.runtime, "interpret", False)
+def gpu_tiles() -> dict[str, list[triton.Config]]:
+    """The configs each kernel would hold on a GPU (the config functions read the knob).
+
+    The knob's own `scope` restores it: setting it also writes TRITON_INTERPRET, and
+    monkeypatch's undo would leave a Python-level override that outlives a later `delenv`.
+    """
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = False
         return {name: configs() for name, configs in GPU_TILES.items()}
 
 
@@ -95,7 +99,7 @@ def test_every_kernel_has_its_tiles_listed() -> None:
 def test_every_gpu_tile_computes_the_reference(monkeypatch: pytest.MonkeyPatch, case: str,
                                                dtype: torch.dtype) -> None:
     names, (triton_path, reference) = CASES[case], calls(case, dtype)
-    kernels, all_tiles, tol = autotuned_kernels(), gpu_tiles(monkeypatch), TOLERANCES[dtype]
+    kernels, all_tiles, tol = autotuned_kernels(), gpu_tiles(), TOLERANCES[dtype]
     expected = reference()
     for i in range(max(len(all_tiles[name]) for name in names)):
         tiles = [all_tiles[name][min(i, len(all_tiles[name]) - 1)] for name in names]
