@@ -120,3 +120,19 @@ def test_scaling_merges_with_conv1d_and_biases(tiny, tmp_path, family, spec):
                 and n.meta.get("adaptc.inserted") in ("dora", "ia3")]
     assert sum(p.numel() for p in infer.parameters()) == sum(
         p.numel() for p in model.module.parameters())
+
+
+@pytest.mark.parametrize("spec", ["q_proj,down_proj: lora r=4 alpha=8", "q_proj: lora r=4 dora",
+                                  "q_proj: vera r=8", "q_proj: ia3\ndown_proj: ia3 feedforward",
+                                  "q_proj: adalora init_r=4 target_r=2 total_step=5"])
+def test_float64_merges_in_float64(tiny, tmp_path, spec):
+    """A float64 model's merged weights keep float64 precision: a float32 detour rounded W₀
+    itself (1e-7 off the train graph)."""
+    model = tiny("llama")
+    model.module.double()
+    gm = adaptc.compile(model, spec).eval()
+    perturb(gm)
+    adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, mode="infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    assert (main_output(infer(**x)) - main_output(gm(**x))).abs().max().item() <= 1e-12

@@ -13,7 +13,9 @@ from helpers import inputs, main_output
 
 TOL = 1e-5
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"],
-           "bert": ["query", "value", "intermediate.dense"]}
+           "bert": ["query", "value", "intermediate.dense"],
+           "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D of three shapes: fan_in_fan_out
+           "qwen2": ["q_proj", "v_proj", "o_proj", "down_proj"]}  # biased q, v; GQA's narrow v
 
 
 @pytest.mark.parametrize("family", list(TARGETS))
@@ -23,7 +25,7 @@ def test_vera_equals_peft(tiny, family):
     gm = adaptc.compile(model, f"{','.join(targets)}: vera r=16 seed=7 d_init=0.2")
     twin = get_peft_model(copy.deepcopy(model.module),
                           VeraConfig(r=16, target_modules=targets, projection_prng_key=7,
-                                     d_initial=0.2)).eval()
+                                     d_initial=0.2, fan_in_fan_out=family == "gpt2")).eval()
     shared = gm.get_submodule("vera_r16_seed7")
     assert torch.equal(shared.A, twin.base_model.vera_A["default"])
     assert torch.equal(shared.B, twin.base_model.vera_B["default"])

@@ -30,6 +30,7 @@ from torch import nn
 
 from adaptc.errors import AdaptcError
 from adaptc.methods.options import option
+from adaptc.methods.precision import wide
 
 SCHEDULE = ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg", "total_step")
 
@@ -110,13 +111,13 @@ class AdaLoraAdapter(nn.Module):
                 torch.linalg.norm(self.B.T @ self.B - eye))
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = (α/r₀)·P·diag(Λ)·Q in float32, [out, in]."""
-        return (self.B.float() @ (self.A.float() * self.E.float())) * self.config.scale
+        """ΔW = (α/r₀)·P·diag(Λ)·Q in float32 or wider (`wide`), [out, in]."""
+        return (wide(self.B) @ (wide(self.A) * wide(self.E))) * self.config.scale
 
     def merged(self, weight: torch.Tensor, bias: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W + ΔW, b) for `weight` [out, in]; pruned triplets (Λ_i = 0) add nothing."""
-        return (weight.float() + self.delta_weight()).to(weight.dtype), bias
+        return (wide(weight) + self.delta_weight()).to(weight.dtype), bias
 
 
 def adalora_adapters(module: nn.Module) -> dict[str, AdaLoraAdapter]:

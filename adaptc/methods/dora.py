@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from adaptc.methods.lora import LoraAdapter, LoraConfig
+from adaptc.methods.precision import wide
 
 
 class DoraAdapter(LoraAdapter):
@@ -65,6 +66,6 @@ class DoraAdapter(LoraAdapter):
     def merged(self, weight: torch.Tensor, bias: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(m/‖W'‖ ⊙ W', b) with W' = W + s·B·A, for `weight` [out, in]; float32, cast once."""
-        full = weight.float() + self.delta_weight()
-        factor = self.magnitude.float() / torch.linalg.norm(full, dim=1)
+        full = wide(weight) + self.delta_weight()
+        factor = wide(self.magnitude) / torch.linalg.norm(full, dim=1)
         return (factor[:, None] * full).to(weight.dtype), bias

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from adaptc.methods.options import option
+from adaptc.methods.precision import wide
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class Ia3Adapter(nn.Module):
     def merged(self, weight: torch.Tensor, bias: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Output: (l[:, None]·W, l ⊙ b); feedforward: (W·l[None, :], b). `weight` [out, in]."""
-        scale = self.scale.float()
+        scale = wide(self.scale)
         if self.config.feedforward:
-            return (weight.float() * scale[None, :]).to(weight.dtype), bias
-        folded = (weight.float() * scale[:, None]).to(weight.dtype)
-        return folded, None if bias is None else (bias.float() * scale).to(bias.dtype)
+            return (wide(weight) * scale[None, :]).to(weight.dtype), bias
+        folded = (wide(weight) * scale[:, None]).to(weight.dtype)
+        return folded, None if bias is None else (wide(bias) * scale).to(bias.dtype)

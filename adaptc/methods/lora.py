@@ -26,6 +26,7 @@ from torch import nn
 
 from adaptc.methods.gate import Gate
 from adaptc.methods.options import option
+from adaptc.methods.precision import wide
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -98,16 +99,16 @@ class LoraAdapter(nn.Module):
         return {"A": self.A} if self.config.freeze_a else {}
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s·B·A in float32, shaped like an nn.Linear weight [out, in]."""
+        """ΔW = s·B·A in float32 or wider (`wide`), shaped like an nn.Linear weight [out, in]."""
         if self.gate is not None:
             raise ValueError("a gated LoRA update depends on the input; it cannot be merged")
-        return (self.B.float() @ self.A.float()) * self.scale
+        return (wide(self.B) @ wide(self.A)) * self.scale
 
     def merged(self, weight: torch.Tensor, bias: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W + s·B·A, b): `weight` is the [out, in] weight the layer reads in the graph
-        (the PiSSA residual when init=pissa); folded in float32, cast back once."""
-        return (weight.float() + self.delta_weight()).to(weight.dtype), bias
+        (the PiSSA residual when init=pissa); folded in float32 or wider, cast back once."""
+        return (wide(weight) + self.delta_weight()).to(weight.dtype), bias
 
     def init_pissa(self, weight: torch.Tensor) -> torch.Tensor:
         """Set A, B from the top-r singular triplets of `weight` [out, in]; return the
@@ -155,8 +156,8 @@ class ExpertLora(nn.Module):
         return {"A": self.A} if self.config.freeze_a else {}
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s·B·A in float32, shaped like the stack [E, d₁, d₂]."""
-        return (self.B.float() @ self.A.float()) * self.scale
+        """ΔW = s·B·A in float32 or wider (`wide`), shaped like the stack [E, d₁, d₂]."""
+        return (wide(self.B) @ wide(self.A)) * self.scale
 
 
 def init_a(A: torch.Tensor, config: LoraConfig) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from adaptc.methods.options import option
+from adaptc.methods.precision import wide
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,13 @@ class VeraAdapter(nn.Module):
         self._projections = (projections,)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = diag(λ_b)·B[:out]·diag(λ_d)·A[:, :in] in float32, [out, in]."""
+        """ΔW = diag(λ_b)·B[:out]·diag(λ_d)·A[:, :in] in float32 or wider (`wide`), [out, in]."""
         (shared,) = self._projections
-        a = shared.A[:, :self.in_features].float() * self.lambda_d.float()[:, None]
-        b = shared.B[:self.out_features].float() * self.lambda_b.float()[:, None]
+        a = wide(shared.A[:, :self.in_features]) * wide(self.lambda_d)[:, None]
+        b = wide(shared.B[:self.out_features]) * wide(self.lambda_b)[:, None]
         return b @ a
 
     def merged(self, weight: torch.Tensor, bias: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W + ΔW, b) for `weight` [out, in]; float32, cast back once."""
-        return (weight.float() + self.delta_weight()).to(weight.dtype), bias
+        return (wide(weight) + self.delta_weight()).to(weight.dtype), bias

@@ -5,7 +5,7 @@
     IA3 output:  <site>.ia3(linear(x, W₀, b))                 →  linear(x, l ⊙ W₀, l ⊙ b)
     IA3 input:   linear(<site>.ia3(x), W₀, b)                 →  linear(x, W₀ ⊙ l, b)
 
-Each adapter's `merged(weight, bias)` rule computes the folded tensors in float32 and casts
+Each adapter's `merged(weight, bias)` rule computes the folded tensors in float32 (float64 for float64 weights) and casts
 them back once; they become new parameters beside the adapter (`<site>.merged_weight`,
 `<site>.merged_bias`, recorded in `gm.meta["adaptc.merged"]`), so the user's tensors are
 never written.

@@ -4,8 +4,8 @@
     (and likewise <site>.vera: ΔW = Λ_b·B·Λ_d·A, <site>.adalora: ΔW = s·P·Λ·Q)
     W₀ + <experts>.lora_<name>()        →  W'  (an expert stack, W'[e] = W₀[e] + s·B[e]·A[e])
 
-W' is computed in float32 (the adapter's `delta_weight()`) and cast once to W₀'s dtype; for
-GPT-2's Conv1D (`aten.addmm(b, x, W)` with W [in, out]) the update is transposed. W' is a
+W' is computed in float32, or float64 for float64 weights (`methods.precision.wide`), and
+cast once to W₀'s dtype; for GPT-2's Conv1D (`aten.addmm(b, x, W)` with W [in, out]) the update is transposed. W' is a
 new parameter of the graph module: the base weights are the user's tensors (torch.export
 shares them), so they are never written. W' takes W₀'s name when W₀ feeds only this linear
 node, which keeps the module's state dict in the base model's names; a weight read elsewhere
@@ -23,6 +23,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from adaptc.graph_attrs import bind
+from adaptc.methods.precision import wide
 from adaptc.methods.quantize import Nf4Weight
 from adaptc.passes.base import INSERTED, CompileContext, PassResult, record_merge
 from adaptc.passes.graph import LINEAR_OPS, aten
@@ -51,7 +52,7 @@ class MergeWeights:
 
 def merge_expert_stack(gm: GraphModule, target: str, users: frozenset[int],
                        tied: set[int]) -> None:
-    """Replace every `W₀ + <target>()` by a read of W' = W₀ + ΔW, folded in float32 and cast
+    """Replace every `W₀ + <target>()` by a read of W' = W₀ + ΔW, folded in float32 (or wider) and cast
     once (named as W₀ when nothing else reads W₀, as merged linear weights are)."""
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
     adds = [next(iter(call.users)) for call in calls]
@@ -63,7 +64,7 @@ def merge_expert_stack(gm: GraphModule, target: str, users: frozenset[int],
     merged = original if alone else f"{owner}.merged_{name.removeprefix('lora_')}"
     delta = gm.get_submodule(target).delta_weight().to(base.device)
     with torch.no_grad():
-        bind(gm, merged, nn.Parameter((base.float() + delta).to(base.dtype),
+        bind(gm, merged, nn.Parameter((wide(base) + delta).to(base.dtype),
                                       requires_grad=False), users)
     for add, call in zip(adds, calls):
         with gm.graph.inserting_before(add):
@@ -134,13 +135,13 @@ def base_weight(gm: GraphModule, weight: Node, call: Node) -> torch.Tensor:
 
 
 def merged_weight(base: torch.Tensor, adapter: nn.Module, op) -> nn.Parameter:
-    """W₀ + ΔW in float32 (`adapter.delta_weight()`, e.g. s·B·A), cast once to W₀'s dtype
+    """W₀ + ΔW in float32 or wider (`adapter.delta_weight()`, e.g. s·B·A), cast once to W₀'s dtype
     (transposed for addmm's [in, out])."""
     delta = adapter.delta_weight().to(base.device)
     if op == aten.addmm.default:
         delta = delta.t()
     with torch.no_grad():
-        return nn.Parameter((base.float() + delta).to(base.dtype), requires_grad=False)
+        return nn.Parameter((wide(base) + delta).to(base.dtype), requires_grad=False)
 
 
 def merged_name(gm: GraphModule, weight: Node, adapter_target: str, tied: set[int]) -> str:
