@@ -319,10 +319,10 @@ def write_infer(args, ctx, gm, reference, decoder) -> None:
 
 def spec_plan(spec: str):
     """The validated spec of a command: a .adapt file, or standard input for '-'."""
-    from adaptc.spec import compile_spec, load_spec, lower
+    from adaptc.spec import decode_spec, load_spec, lower
 
-    if spec == "-":
-        return compile_spec(sys.stdin.read(), "<stdin>")
+    if spec == "-":  # bytes, decoded as files are (text mode let a bad byte through)
+        return lower(decode_spec(sys.stdin.buffer.read(), "<stdin>"))
     return lower(load_spec(spec))
 
 

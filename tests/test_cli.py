@@ -156,17 +156,37 @@ def test_check_and_passes(capsys):
     assert "ok (2 attach statements + mixture)" in text and "insert_lora" in text
 
 
-def test_spec_from_standard_input(tmp_path, monkeypatch, capsys):
+def stdin_bytes(data: bytes):
     import io
-    monkeypatch.setattr("sys.stdin", io.StringIO("q_proj: lora r=2\n"))
+    return io.TextIOWrapper(io.BytesIO(data))
+
+
+def test_spec_from_standard_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", stdin_bytes(b"q_proj: lora r=2\n"))
     assert main(["check", "-"]) == 0
     assert capsys.readouterr().out == "<stdin>: ok (1 attach statement)\n"
-    monkeypatch.setattr("sys.stdin", io.StringIO("q_proj: lora r=2\n"))
+    monkeypatch.setattr("sys.stdin", stdin_bytes(b"q_proj: lora r=2\n"))
     assert main(["compile", "-", "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "spec.adapt").read_text() == "q_proj: lora r=2\n"
     result = subprocess.run([sys.executable, "-m", "adaptc.cli", "check", "-"], input="q: lora r=x",
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 1 and result.stderr.startswith("<stdin>:1:11: error[E203]")
+
+
+def test_standard_input_is_read_as_spec_files_are(tmp_path):
+    """A BOM and CRLF are dropped, a byte that is not UTF-8 is E100 at its line and column
+    (text-mode stdin refused the BOM and let the byte through, to a UnicodeEncodeError
+    traceback when the artifact's spec.adapt was written)."""
+    def check(data: bytes, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "adaptc.cli", *argv], input=data,
+                              capture_output=True, cwd=ROOT, timeout=300)
+    result = check(b"\xef\xbb\xbfq_proj: lora r=2\r\n", "check", "-")
+    assert result.returncode == 0 and result.stdout == b"<stdin>: ok (1 attach statement)\n"
+    out = tmp_path / "out"
+    result = check(b"q_proj: lora r=2\n# caf\xe9\n", "compile", "-", "-o", str(out))
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.decode().startswith("<stdin>:2:6: error[E100]: cannot read spec file "
+                                             "'<stdin>': it is not UTF-8 text (byte 0xe9)")
 
 
 def test_unreadable_spec_file_points_at_nothing(tmp_path):
