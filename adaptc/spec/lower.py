@@ -266,10 +266,15 @@ def _check_range(key: str, node: Value, low: float | None, high: float | None,
 def _range_words(low: float | None, high: float | None, high_open: bool) -> str:
     """`in [0, 1)`, `>= 1`, `<= 4` or `< 4`."""
     if low is not None and high is not None:
-        return f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"in [{_bound(low)}, {_bound(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f">= {low:g}"
-    return f"{'<' if high_open else '<='} {high:g}"
+        return f">= {_bound(low)}"
+    return f"{'<' if high_open else '<='} {_bound(high)}"
+
+
+def _bound(number: float) -> str:
+    """An int bound in full (`:g` shows 2**64 - 1 as 1.84467e+19), a float as `:g`."""
+    return str(number) if isinstance(number, int) else f"{number:g}"
 
 
 def _shown(node: Value) -> str:

@@ -117,6 +117,8 @@ INVALID = [
     ("q: lora\nmixture moe router=hard", "E204", 2, 20, 24, "'hard' is not a valid router"),
     ("q: lora\nmixture moe experts=[2, 0]", "E204", 2, 25, 26, "experts must be >= 1, got 0"),
     ("q: lora\nmixture moe balance=-1.5", "E204", 2, 21, 25, "balance must be >= 0, got -1.5"),
+    ("q: vera seed=18446744073709551616", "E204", 1, 14, 34,  # torch's seeds end at 2^64 - 1
+     "seed must be in [0, 18446744073709551615], got 18446744073709551616"),
     # E205 the config's own check(): at the key's value, or the kind if the key took its default
     ("q: lora\nmixture moe k=5", "E205", 2, 15, 16, "k=5 exceeds the number of experts (4)"),
     ("q: lora\nmixture moe experts=1", "E205", 2, 9, 12, "k=2 exceeds the number of experts (1)"),
