@@ -132,7 +132,8 @@ def _values(cls: type, name: str, options: tuple[Option, ...],
         if option.key not in fields:
             problems.add(option.span, "E202", f"unknown key '{option.key}' for {name}"
                          f"{_did_you_mean(option.key, fields)}",
-                         (f"valid keys for {name}: {', '.join(fields)}",))
+                         (f"valid keys for {name}: {', '.join(fields)}" if fields
+                          else f"{name} takes no keys",))
             continue
         try:
             values[option.key] = _convert(option, *fields[option.key])

@@ -192,6 +192,7 @@ def test_unknown_kind_lists_known_ones():
 def test_unknown_key_lists_valid_keys():
     assert only_problem("q: lora rank=8").notes == (
         "valid keys for lora: r, alpha, dropout, rslora, init, freeze_a, dora, gate",)
+    assert only_problem("*.bias: train lr=2").notes == ("train takes no keys",)  # was "...: "
 
 
 def test_invalid_choice_lists_choices():
