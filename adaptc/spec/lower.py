@@ -247,7 +247,7 @@ def _check_allowed(key: str, node: Value, meta: Mapping[str, Any]) -> None:
 
 def _check_choice(key: str, node: Value, choices: tuple[str, ...]) -> None:
     if node.value not in choices:
-        raise _Invalid("E204", f"'{node.value}' is not a valid {key}"
+        raise _Invalid("E204", f"{node.value!r} is not a valid {key}"
                        f"{_did_you_mean(node.value, choices)}",
                        node.span, (f"{key} must be one of: {', '.join(choices)}",))
 

@@ -114,6 +114,7 @@ INVALID = [
      "'gleu' is not a valid activation; did you mean 'gelu'?"),
     ("q: adapter placement='inside'", "E204", 1, 22, 30, "'inside' is not a valid placement"),
     ("q: lora init=svd", "E204", 1, 14, 17, "'svd' is not a valid init"),
+    ("q: lora init='\\n'", "E204", 1, 14, 18, "'\\n' is not a valid init"),  # escaped, one line
     ("q: lora\nmixture moe router=hard", "E204", 2, 20, 24, "'hard' is not a valid router"),
     ("q: lora\nmixture moe experts=[2, 0]", "E204", 2, 25, 26, "experts must be >= 1, got 0"),
     ("q: lora\nmixture moe balance=-1.5", "E204", 2, 21, 25, "balance must be >= 0, got -1.5"),
