@@ -24,7 +24,7 @@ def load_spec(path: str | Path) -> Spec:
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise SpecError([Diagnostic(str(path), "", 1, 1, 2, "E100",
+        raise SpecError([Diagnostic(str(path), None, 1, 1, 2, "E100",
                                     f"cannot read spec file '{path}': {error.strerror}")]) from error
     return decode_spec(data, str(path))
 

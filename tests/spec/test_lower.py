@@ -221,6 +221,15 @@ def test_rendered_semantic_error():
         "     |                          ^^^")
 
 
+
+def test_an_empty_file_is_located_like_a_comment_only_one():
+    """An empty source rendered as an unreadable file's, without the line and column."""
+    with pytest.raises(SpecError) as caught:
+        compile_spec("", "empty.adapt")
+    assert str(caught.value).startswith("empty.adapt:1:1: error[E208]: the spec has no "
+                                        "statements\n   1 | \n     | ^\n")
+
+
 # ---- everything at once -------------------------------------------------------------------
 
 def test_all_problems_are_collected_and_sorted():
