@@ -57,6 +57,19 @@ def test_existing_output_is_not_overwritten(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_force_replaces_the_current_directory_given_as_dot(tmp_path, monkeypatch):
+    """`-o .` has no name to stage beside: the staging went inside the output, the rename
+    failed with EBUSY after the work, and an empty '..old-*' directory was left behind."""
+    out = tmp_path / "here"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    monkeypatch.chdir(out)
+    assert main(["compile", str(ROOT / "specs" / "lora_qv.adapt"), "-o", ".", "--force"]) == 0
+    assert {p.name for p in out.iterdir()} == {"spec.adapt", "model", "adapters.safetensors",
+                                                "manifest.json"}
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
+
+
 def test_an_output_that_is_or_holds_an_input_is_refused(tiny, tmp_path, capsys):
     """--force replaced the output directory: `-o` naming the checkpoint (or a directory
     above it, the adapter file or the spec) deleted the input once the artifact was written."""
