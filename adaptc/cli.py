@@ -443,6 +443,9 @@ def run_import_peft(args) -> int:
     from adaptc.peft_interop import CONFIG, WEIGHTS, import_peft, spec_from_peft
 
     outputs = [Path(f) for f in (args.output, args.weights) if f]
+    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+        raise ArtifactError(f"{args.output}: -o and --weights name the same file (the weights "
+                            "would replace the spec)")
     peft = Path(args.directory)
     inputs = [("PEFT adapter file", peft / CONFIG), ("PEFT adapter file", peft / WEIGHTS),
               ("PEFT adapter directory", peft),
