@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -205,6 +206,7 @@ def run_compile(args) -> int:
                                            else args.model),
                                           ("adapter file", args.adapters),
                                           ("spec file", args.spec)])
+        refuse_dump_inside(Path(args.output), args.dump_passes or os.environ.get("ADAPTC_DUMP"))
     start = time.perf_counter()
     plan = spec_plan(args.spec)  # a spec error before the model loads
     ctx = prepare(placed_model(args), plan, args.mode)
@@ -231,6 +233,16 @@ def run_compile(args) -> int:
     elif args.output:
         write_infer(args, ctx, gm, reference, decoder)
     return 0
+
+
+def refuse_dump_inside(out: Path, dump: str | None) -> None:
+    """--dump-passes (or ADAPTC_DUMP) into the -o directory filled it during the work, so -o
+    then refused the non-empty output (or, with --force, replaced the dump)."""
+    target = out.resolve()
+    if dump and (Path(dump).resolve() == target or target in Path(dump).resolve().parents):
+        raise ArtifactError(f"{out}: the graph dump ({dump}, --dump-passes or ADAPTC_DUMP) "
+                            "writes into the output directory, "
+                            "which -o replaces when the compile is done; dump elsewhere")
 
 
 def cached_decoder(model, plan, adapters: str | None, args):

@@ -57,6 +57,21 @@ def test_existing_output_is_not_overwritten(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("dump,env", [("out", False), ("out/passes", False), ("out", True)])
+def test_dumping_the_passes_into_the_output_is_refused_before_the_work(tmp_path, capsys,
+                                                                       monkeypatch, dump, env):
+    """It was refused after the work: the dump had made the output non-empty."""
+    out = tmp_path / "out"
+    if env:
+        monkeypatch.setenv("ADAPTC_DUMP", str(tmp_path / dump))
+    given = [] if env else ["--dump-passes", str(tmp_path / dump)]
+    assert main(["compile", "specs/lora_qv.adapt", "-o", str(out), *given]) == 1
+    printed = capsys.readouterr()
+    assert f"{out}: the graph dump ({tmp_path / dump}, --dump-passes or ADAPTC_DUMP) writes " \
+           "into the output" in printed.err
+    assert "compiled" not in printed.out and not out.exists()
+
+
 def test_force_replaces_the_current_directory_given_as_dot(tmp_path, monkeypatch):
     """`-o .` has no name to stage beside: the staging went inside the output, the rename
     failed with EBUSY after the work, and an empty '..old-*' directory was left behind."""
