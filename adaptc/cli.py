@@ -191,9 +191,7 @@ def run_compile(args) -> int:
     if args.adapters and args.mode != "infer":
         raise AdaptcError("--adapters is for --mode infer (train mode starts from the initial "
                           "weights; load saved ones with adaptc.load_adapters)")
-    if args.mode != "infer" and (not args.merge or args.fuse_projections):
-        raise AdaptcError("--no-merge and --fuse-projections are for --mode infer (train "
-                          "mode keeps the layers as traced)")
+    refuse_infer_options(args)
     if args.decoder and not (args.mode == "infer" and args.output):
         raise AdaptcError("--decoder writes decoding programs into an infer artifact: it "
                           "needs --mode infer and -o DIR")
@@ -233,6 +231,12 @@ def run_compile(args) -> int:
     elif args.output:
         write_infer(args, ctx, gm, reference, decoder)
     return 0
+
+
+def refuse_infer_options(args) -> None:
+    if args.mode != "infer" and (not args.merge or args.fuse_projections):
+        raise AdaptcError("--no-merge and --fuse-projections are for --mode infer (train "
+                          "mode keeps the layers as traced)")
 
 
 def refuse_dump_inside(out: Path, dump: str | None) -> None:
@@ -495,6 +499,7 @@ def run_export_peft(args) -> int:
 def run_passes(args) -> int:
     from adaptc.passes import PassManager, default_pipeline
 
+    refuse_infer_options(args)  # the train pipeline was printed as if they applied
     print(PassManager(default_pipeline(args.mode, args.merge, args.fuse_projections)).describe())
     return 0
 

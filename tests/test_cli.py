@@ -182,6 +182,9 @@ def test_check_and_passes(capsys):
     assert main(["passes"]) == 0
     text = capsys.readouterr().out
     assert "ok (2 attach statements + mixture)" in text and "insert_lora" in text
+    for flag in ("--no-merge", "--fuse-projections"):  # printed the train pipeline
+        assert main(["passes", flag]) == 1
+        assert "are for --mode infer" in capsys.readouterr().err
 
 
 def stdin_bytes(data: bytes):
