@@ -45,7 +45,8 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
 
     The metadata records the spec the module was compiled from, so a file loaded into a
     module of another spec is refused with the spec it belongs to."""
-    from adaptc.compiler import REPORT  # the compiler imports this module
+    from adaptc.artifact import created_mode  # artifact and the compiler import this module
+    from adaptc.compiler import REPORT
     path = Path(path)
     metadata = {"format": "pt", "producer": "adaptc"}
     report = getattr(module, "meta", {}).get(REPORT)
@@ -61,6 +62,7 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
         os.close(handle)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, created_mode(directory=False))  # mkstemp's is 0600
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -125,16 +125,19 @@ def write_file(path: Path, text: str, force: bool) -> None:
 def atomic_directory(out: Path) -> Iterator[Path]:
     """A staging directory beside `out`, renamed to `out` when the block succeeds and removed
     when it fails, so `out` is either the old contents or complete new ones. A file-system
-    error (no permission, disk full) becomes an ArtifactError naming `out`."""
+    error (no permission, disk full) becomes an ArtifactError naming `out`. `out` is placed
+    by its absolute path: `.` or `dir/..` have no name to stage beside (`-o . --force`
+    staged inside the output and failed to rename it, after the work)."""
+    place = Path(os.path.abspath(out))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        place.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=place.parent, prefix=f".{place.name}.tmp-"))
     except OSError as err:
         raise ArtifactError(f"{out}: cannot create the output directory: {err.strerror}") from err
     try:
         staging.chmod(created_mode(directory=True))  # mkdtemp's is 0700
         yield staging
-        move_into_place(staging, out)
+        move_into_place(staging, place)
     except OSError as err:
         raise ArtifactError(f"{out}: cannot write the output: {err.strerror or err}") from err
     finally:
@@ -149,7 +152,11 @@ def move_into_place(staging: Path, out: Path) -> None:
         staging.rename(out)
         return
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    out.rename(old)  # onto the empty directory mkdtemp made
+    try:
+        out.rename(old)  # onto the empty directory mkdtemp made
+    except OSError:
+        old.rmdir()
+        raise
     try:
         staging.rename(out)
     except OSError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -190,9 +191,7 @@ def run_compile(args) -> int:
     if args.adapters and args.mode != "infer":
         raise AdaptcError("--adapters is for --mode infer (train mode starts from the initial "
                           "weights; load saved ones with adaptc.load_adapters)")
-    if args.mode != "infer" and (not args.merge or args.fuse_projections):
-        raise AdaptcError("--no-merge and --fuse-projections are for --mode infer (train "
-                          "mode keeps the layers as traced)")
+    refuse_infer_options(args)
     if args.decoder and not (args.mode == "infer" and args.output):
         raise AdaptcError("--decoder writes decoding programs into an infer artifact: it "
                           "needs --mode infer and -o DIR")
@@ -205,6 +204,7 @@ def run_compile(args) -> int:
                                            else args.model),
                                           ("adapter file", args.adapters),
                                           ("spec file", args.spec)])
+        refuse_dump_inside(Path(args.output), args.dump_passes or os.environ.get("ADAPTC_DUMP"))
     start = time.perf_counter()
     plan = spec_plan(args.spec)  # a spec error before the model loads
     ctx = prepare(placed_model(args), plan, args.mode)
@@ -231,6 +231,22 @@ def run_compile(args) -> int:
     elif args.output:
         write_infer(args, ctx, gm, reference, decoder)
     return 0
+
+
+def refuse_infer_options(args) -> None:
+    if args.mode != "infer" and (not args.merge or args.fuse_projections):
+        raise AdaptcError("--no-merge and --fuse-projections are for --mode infer (train "
+                          "mode keeps the layers as traced)")
+
+
+def refuse_dump_inside(out: Path, dump: str | None) -> None:
+    """--dump-passes (or ADAPTC_DUMP) into the -o directory filled it during the work, so -o
+    then refused the non-empty output (or, with --force, replaced the dump)."""
+    target = out.resolve()
+    if dump and (Path(dump).resolve() == target or target in Path(dump).resolve().parents):
+        raise ArtifactError(f"{out}: the graph dump ({dump}, --dump-passes or ADAPTC_DUMP) "
+                            "writes into the output directory, "
+                            "which -o replaces when the compile is done; dump elsewhere")
 
 
 def cached_decoder(model, plan, adapters: str | None, args):
@@ -319,10 +335,10 @@ def write_infer(args, ctx, gm, reference, decoder) -> None:
 
 def spec_plan(spec: str):
     """The validated spec of a command: a .adapt file, or standard input for '-'."""
-    from adaptc.spec import compile_spec, load_spec, lower
+    from adaptc.spec import decode_spec, load_spec, lower
 
-    if spec == "-":
-        return compile_spec(sys.stdin.read(), "<stdin>")
+    if spec == "-":  # bytes, decoded as files are (text mode let a bad byte through)
+        return lower(decode_spec(sys.stdin.buffer.read(), "<stdin>"))
     return lower(load_spec(spec))
 
 
@@ -443,6 +459,9 @@ def run_import_peft(args) -> int:
     from adaptc.peft_interop import CONFIG, WEIGHTS, import_peft, spec_from_peft
 
     outputs = [Path(f) for f in (args.output, args.weights) if f]
+    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+        raise ArtifactError(f"{args.output}: -o and --weights name the same file (the weights "
+                            "would replace the spec)")
     peft = Path(args.directory)
     inputs = [("PEFT adapter file", peft / CONFIG), ("PEFT adapter file", peft / WEIGHTS),
               ("PEFT adapter directory", peft),
@@ -480,6 +499,7 @@ def run_export_peft(args) -> int:
 def run_passes(args) -> int:
     from adaptc.passes import PassManager, default_pipeline
 
+    refuse_infer_options(args)  # the train pipeline was printed as if they applied
     print(PassManager(default_pipeline(args.mode, args.merge, args.fuse_projections)).describe())
     return 0
 

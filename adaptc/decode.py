@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.export import Dim
 
 from adaptc.compiler import as_model, prepare, run_pipeline
-from adaptc.errors import AdaptcError, ModelError
+from adaptc.errors import AdaptcError, ModelError, first_line
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
+from adaptc.passes.base import out_of_memory
 from adaptc.passes.graph import reads_position_table
 from adaptc.passes.insert_prompt import PROMPT_METHODS
 
 PREFIX = "model."
 POSITIONS = "cache_position"  # the static-cache module's input of absolute positions
 MAX_CACHE_LEN = 128  # the default cache length in tokens (also of encoder-decoders' decoders)
+Built = TypeVar("Built")
 
 
 class Decoder:
@@ -212,6 +216,19 @@ def check_cache_positions(max_cache_len: int, limit: int, prefix: int) -> None:
                           f"them; use max_cache_len <= {limit - prefix}")
 
 
+def allocate_cache(build: Callable[[], Built], max_cache_len: int) -> Built:
+    """`build()`, which allocates a static KV cache of `max_cache_len` slots: a cache beyond
+    the device's memory, or beyond torch's int64 sizes, is an AdaptcError naming
+    max_cache_len (it was the allocator's traceback from inside transformers' StaticCache)."""
+    try:
+        return build()
+    except (RuntimeError, MemoryError, TypeError) as err:
+        if not (out_of_memory(err) or "overflow" in str(err).lower()):
+            raise
+        raise AdaptcError(f"max_cache_len={max_cache_len}: cannot allocate the KV cache "
+                          f"({first_line(err)}); use a smaller max_cache_len") from None
+
+
 def example_step(device) -> dict:
     """Inputs the decoder graph is traced (and saved, decoding_program) with: two tokens."""
     return {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
@@ -242,6 +259,7 @@ def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
     root.generation_config = GenerationConfig(
         use_cache=True, cache_implementation="static",
         cache_config={"batch_size": 1, "max_cache_len": max_cache_len})
-    wrapper = TorchExportableModuleWithStaticCache(root, batch_size=1, max_cache_len=max_cache_len)
+    wrapper = allocate_cache(lambda: TorchExportableModuleWithStaticCache(
+        root, batch_size=1, max_cache_len=max_cache_len), max_cache_len)
     wrapper.config = root.config  # passes read the model's config (insert_prefix: GQA's kv heads)
     return wrapper

@@ -32,7 +32,8 @@ from torch.export import Dim
 
 from adaptc.adapters import ENCODERS
 from adaptc.compiler import as_model, prepare, run_pipeline
-from adaptc.decode import MAX_CACHE_LEN, PREFIX, check_cache_positions, check_token_ids
+from adaptc.decode import (MAX_CACHE_LEN, PREFIX, allocate_cache, check_cache_positions,
+                           check_token_ids)
 from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
@@ -183,7 +184,9 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
                                  adapters, merge, fuse_projections, prompts=True)
     with torch.no_grad():
         states = encoder.module(**encoder.example_inputs)
-    decoder = LoadedModel(CachedDecoder(copy.copy(loaded.module), max_cache_len),
+    cached = allocate_cache(lambda: CachedDecoder(copy.copy(loaded.module), max_cache_len),
+                            max_cache_len)
+    decoder = LoadedModel(cached,
                           {"decoder_input_ids": ids[:, :2], "encoder_hidden_states": states,
                            "cache_position": torch.arange(2, device=device)},
                           loaded.source, loaded.family)

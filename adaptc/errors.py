@@ -20,10 +20,11 @@ class AdaptcError(Exception):
 
 @dataclass(frozen=True)
 class Diagnostic:
-    """One located problem in a spec file: where, what, and optional follow-up notes."""
+    """One located problem in a spec file: where, what, and optional follow-up notes.
+    `source` is None for a file that could not be read (nothing to point at)."""
 
     path: str
-    source: str
+    source: str | None
     line: int
     column: int
     end_column: int
@@ -33,7 +34,7 @@ class Diagnostic:
 
     def render(self) -> str:
         """`path:line:col: error[CODE]: message`, the source line, a caret under the span."""
-        if not self.source:  # the file could not be read: nothing to point at
+        if self.source is None:  # the file could not be read: nothing to point at
             return "\n".join([f"{self.path}: error[{self.code}]: {self.message}"]
                              + [f"   = note: {note}" for note in self.notes])
         lines = self.source.splitlines()

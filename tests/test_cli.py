@@ -57,6 +57,34 @@ def test_existing_output_is_not_overwritten(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("dump,env", [("out", False), ("out/passes", False), ("out", True)])
+def test_dumping_the_passes_into_the_output_is_refused_before_the_work(tmp_path, capsys,
+                                                                       monkeypatch, dump, env):
+    """It was refused after the work: the dump had made the output non-empty."""
+    out = tmp_path / "out"
+    if env:
+        monkeypatch.setenv("ADAPTC_DUMP", str(tmp_path / dump))
+    given = [] if env else ["--dump-passes", str(tmp_path / dump)]
+    assert main(["compile", "specs/lora_qv.adapt", "-o", str(out), *given]) == 1
+    printed = capsys.readouterr()
+    assert f"{out}: the graph dump ({tmp_path / dump}, --dump-passes or ADAPTC_DUMP) writes " \
+           "into the output" in printed.err
+    assert "compiled" not in printed.out and not out.exists()
+
+
+def test_force_replaces_the_current_directory_given_as_dot(tmp_path, monkeypatch):
+    """`-o .` has no name to stage beside: the staging went inside the output, the rename
+    failed with EBUSY after the work, and an empty '..old-*' directory was left behind."""
+    out = tmp_path / "here"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    monkeypatch.chdir(out)
+    assert main(["compile", str(ROOT / "specs" / "lora_qv.adapt"), "-o", ".", "--force"]) == 0
+    assert {p.name for p in out.iterdir()} == {"spec.adapt", "model", "adapters.safetensors",
+                                                "manifest.json"}
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
+
+
 def test_an_output_that_is_or_holds_an_input_is_refused(tiny, tmp_path, capsys):
     """--force replaced the output directory: `-o` naming the checkpoint (or a directory
     above it, the adapter file or the spec) deleted the input once the artifact was written."""
@@ -154,19 +182,42 @@ def test_check_and_passes(capsys):
     assert main(["passes"]) == 0
     text = capsys.readouterr().out
     assert "ok (2 attach statements + mixture)" in text and "insert_lora" in text
+    for flag in ("--no-merge", "--fuse-projections"):  # printed the train pipeline
+        assert main(["passes", flag]) == 1
+        assert "are for --mode infer" in capsys.readouterr().err
+
+
+def stdin_bytes(data: bytes):
+    import io
+    return io.TextIOWrapper(io.BytesIO(data))
 
 
 def test_spec_from_standard_input(tmp_path, monkeypatch, capsys):
-    import io
-    monkeypatch.setattr("sys.stdin", io.StringIO("q_proj: lora r=2\n"))
+    monkeypatch.setattr("sys.stdin", stdin_bytes(b"q_proj: lora r=2\n"))
     assert main(["check", "-"]) == 0
     assert capsys.readouterr().out == "<stdin>: ok (1 attach statement)\n"
-    monkeypatch.setattr("sys.stdin", io.StringIO("q_proj: lora r=2\n"))
+    monkeypatch.setattr("sys.stdin", stdin_bytes(b"q_proj: lora r=2\n"))
     assert main(["compile", "-", "-o", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "spec.adapt").read_text() == "q_proj: lora r=2\n"
     result = subprocess.run([sys.executable, "-m", "adaptc.cli", "check", "-"], input="q: lora r=x",
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 1 and result.stderr.startswith("<stdin>:1:11: error[E203]")
+
+
+def test_standard_input_is_read_as_spec_files_are(tmp_path):
+    """A BOM and CRLF are dropped, a byte that is not UTF-8 is E100 at its line and column
+    (text-mode stdin refused the BOM and let the byte through, to a UnicodeEncodeError
+    traceback when the artifact's spec.adapt was written)."""
+    def check(data: bytes, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "adaptc.cli", *argv], input=data,
+                              capture_output=True, cwd=ROOT, timeout=300)
+    result = check(b"\xef\xbb\xbfq_proj: lora r=2\r\n", "check", "-")
+    assert result.returncode == 0 and result.stdout == b"<stdin>: ok (1 attach statement)\n"
+    out = tmp_path / "out"
+    result = check(b"q_proj: lora r=2\n# caf\xe9\n", "compile", "-", "-o", str(out))
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.decode().startswith("<stdin>:2:6: error[E100]: cannot read spec file "
+                                             "'<stdin>': it is not UTF-8 text (byte 0xe9)")
 
 
 def test_unreadable_spec_file_points_at_nothing(tmp_path):

@@ -51,6 +51,18 @@ def test_torch_compiled_decoder_gives_the_same_tokens(tiny):
     assert compiled.generate(PROMPT, 4) == eager
 
 
+@pytest.mark.parametrize("name", ["llama", "t5"])
+@pytest.mark.parametrize("cache", [10 ** 11, 10 ** 20])  # beyond memory; beyond int64
+def test_a_cache_that_cannot_be_allocated_names_max_cache_len(tiny, name, cache):
+    """It was the CPU allocator's (or torch's size overflow) traceback from inside
+    transformers' StaticCache."""
+    from adaptc.decode_seq2seq import compile_seq2seq_decoder
+    build = compile_seq2seq_decoder if name == "t5" else compile_decoder
+    with pytest.raises(AdaptcError, match=f"max_cache_len={cache}: cannot allocate the KV "
+                                          "cache .*; use a smaller max_cache_len"):
+        build(tiny(name), "attn.q: lora r=2", max_cache_len=cache)
+
+
 def test_decoder_limits(tiny):
     decoder = compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8)
     with pytest.raises(AdaptcError, match="5-token prompt and 6 new tokens exceed the cache"):

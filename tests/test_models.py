@@ -42,6 +42,10 @@ def test_bad_checkpoint_directories(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelError, match="cannot load the checkpoint weights"):
         load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(ModelError, match="config.json: model type 'vit' has no "
+                                         "AutoModelForCausalLM class"):
+        load_model(str(tmp_path))  # was "cannot load the checkpoint weights: <class '...'>"
 
 
 @pytest.mark.parametrize("damage,message", [

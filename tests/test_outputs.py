@@ -27,6 +27,7 @@ def test_outputs_follow_the_umask_not_the_staging_permissions(tmp_path, umask_02
     assert main(["compile", "specs/lora_qv.adapt", "-o", str(out)]) == 0
     assert mode(out) == 0o750  # mkdtemp's staging directory is 0700
     assert mode(out / "spec.adapt") == 0o640 and mode(out / "model") == 0o750
+    assert mode(out / "adapters.safetensors") == 0o640  # save_adapters' mkstemp: 0600
     write_file(tmp_path / "s.adapt", "q_proj: lora\n", force=False)  # import-peft -o
     assert mode(tmp_path / "s.adapt") == 0o640  # NamedTemporaryFile's is 0600
 

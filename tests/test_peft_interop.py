@@ -172,6 +172,11 @@ def test_cli_import_peft_prints_the_spec(tiny, tmp_path, capsys):
                  "--force"]) == 0
     assert "q_proj, v_proj: lora r=2 alpha=4" in spec.read_text()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    same = tmp_path / "both"  # the weights were written over the spec just written
+    assert main(["import-peft", str(tmp_path), "--model", "llama", "-o", str(same),
+                 "--weights", str(tmp_path / "." / "both")]) == 1
+    assert "both: -o and --weights name the same file" in capsys.readouterr().err
+    assert not same.exists()
 
 
 def test_cli_import_peft_weights_serve_in_infer_mode(tiny, tmp_path, capsys):

@@ -137,6 +137,17 @@ def test_quantized_tensors_own_their_storage(double):
         assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
 
 
+def test_a_second_level_block_wider_than_the_constants_is_not_padded_to():
+    """64 block constants: one group whatever double_block is, the same weight; padding the
+    group to double_block allocated 400 MB per layer for 1e8 (and overflowed for 1e20)."""
+    weight = torch.randn(64, 64)
+    usual = Nf4Weight(weight, QuantizeConfig(double_block=256))
+    for wide in (10 ** 8, 10 ** 20):
+        stored = Nf4Weight(weight, QuantizeConfig(double_block=wide))
+        assert torch.equal(stored(), usual())
+        assert stored.stored_bytes() == usual.stored_bytes()
+
+
 def test_quantized_weights_are_buffers_and_the_user_model_is_untouched(tiny):
     model = tiny("llama")
     before = {k: v.clone() for k, v in model.module.state_dict().items()}

@@ -113,6 +113,7 @@ def test_model_time_errors_are_located(tiny, spec, code, line, col, fragment):
     ("embed: prompt tokens=1000000000", 1, 22, "tokens=1000000000 gives the prompt"),
     ("embed: ptuning hidden=1000000000", 1, 23, "hidden=1000000000 gives the ptuning"),
     ("q_proj: lora r=2\nmixture moe k=1 experts=100000000", 2, 25, "experts=100000000"),
+    ("q_proj: quantize block=100000000", 1, 24, "block=100000000 gives the quantize"),
 ])
 def test_adapters_larger_than_the_model_are_refused_at_the_option(tiny, spec, line, col,
                                                                   fragment):
@@ -123,6 +124,25 @@ def test_adapters_larger_than_the_model_are_refused_at_the_option(tiny, spec, li
     diag = info.value.first
     assert (diag.code, diag.line, diag.column) == ("E308", line, col)
     assert fragment in diag.message and "an adapter may hold at most" in diag.message
+
+
+@pytest.mark.parametrize("spec,line,col", [
+    ("q_proj: adapter bottleneck=99999999999999999999999", 1, 28),  # beyond int64
+    ("q_proj: adapter bottleneck=9223372036854775807", 1, 28),  # its bytes beyond int64
+    ("q_proj: vera r=9223372036854775807", 1, 16),
+    ("q_proj: adalora total_step=9 init_r=9223372036854775807", 1, 37),
+    ("embed: ptuning hidden=99999999999999999999999", 1, 23),
+    ("q_proj: lora r=2\nmixture moe k=1 experts=9223372036854775807", 2, 25),
+    ("q_proj: quantize block=99999999999999999999998", 1, 24),
+])
+def test_adapters_beyond_what_torch_can_size_are_refused_at_the_option(tiny, spec, line, col):
+    """Sizes whose tensors overflow torch's int64 sizes even on meta: E308 too (they were the
+    pass's "Storage size calculation overflowed" or a page of C++ frames, with no position)."""
+    with pytest.raises(SpecError) as info:
+        adaptc.compile(tiny("llama"), spec)
+    diag = info.value.first
+    assert (diag.code, diag.line, diag.column) == ("E308", line, col)
+    assert "a tensor of more than 2^63 bytes" in diag.message
 
 
 def test_an_adapter_that_cannot_be_allocated_is_refused_at_the_option(tiny, monkeypatch):

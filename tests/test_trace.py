@@ -124,6 +124,15 @@ def test_calls_that_do_not_fit_the_traced_inputs_name_the_input(tiny, mode):
     ]:
         with pytest.raises(TypeError, match=message):
             call()
+    for call, message in [  # were "Guard failed" and a reshape error inside the graph
+        (lambda: gm(input_ids=ids, attention_mask=mask[:, :3]),
+         r"'attention_mask' has shape \(2, 3\) and input 'input_ids' \(2, 5\)"),
+        (lambda: gm(input_ids=ids, attention_mask=mask[:1]), r"has shape \(1, 5\)"),
+        (lambda: gm(input_ids=ids[:, :0], attention_mask=mask[:, :0]),
+         r"input 'input_ids' is empty \(shape \(2, 0\)\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            call()
     assert gm(input_ids=ids, attention_mask=mask).logits.shape == (2, 5, 512)
 
 

@@ -147,6 +147,9 @@ def model_class(config) -> type:
             return named
     auto = (AutoModel if config.model_type == "bert" else AutoModelForSeq2SeqLM
             if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM)
+    if type(config) not in auto._model_mapping:
+        raise ModelError(f"model type '{config.model_type}' has no {auto.__name__} class, "
+                         "and `architectures` names no transformers class for it")
     return auto._model_mapping[type(config)]
 
 
@@ -166,11 +169,15 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
     except Exception as err:
         raise ModelError(f"{config_file}: cannot read the model config: "
                          f"{' '.join(str(err).split())}") from None
+    try:
+        cls = model_class(config)
+    except ModelError as err:
+        raise ModelError(f"{config_file}: {err}") from None
     # transformers logs a table of the tensors it could not fill; check_loading_info's error
     # names them in one line instead (the table is logged when the load goes on)
     with held_log_records("transformers.modeling_utils"):
         try:
-            module, info = model_class(config).from_pretrained(
+            module, info = cls.from_pretrained(
                 path, local_files_only=True, ignore_mismatched_sizes=True,
                 output_loading_info=True, dtype=load_as)
         except Exception as err:

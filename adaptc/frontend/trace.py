@@ -183,7 +183,24 @@ class InputCheck:
             if rank == 2 and not floating and value.shape[1] > self.max_tokens:
                 raise ValueError(f"input '{name}' has {value.shape[1]} tokens; the compiled "
                                  f"module takes at most {self.max_tokens} ({self.why})")
+        self.check_token_shapes(kwargs)
         return args, kwargs
+
+    def check_token_shapes(self, kwargs: dict) -> None:
+        """Token inputs of one sequence (input_ids, attention_mask, ...; an encoder-decoder's
+        decoder_* apart) share one non-empty [batch, tokens] shape: a mismatch failed as the
+        graph's "Guard failed" AssertionError, no tokens as a reshape error inside it."""
+        first: dict[bool, tuple[str, tuple[int, ...]]] = {}
+        for name, traced in self.expected.items():
+            if traced != (2, False):
+                continue
+            shape = tuple(kwargs[name].shape)
+            if 0 in shape:
+                raise ValueError(f"input '{name}' is empty (shape {shape})")
+            seen = first.setdefault(name.startswith("decoder_"), (name, shape))
+            if seen[1] != shape:
+                raise ValueError(f"input '{name}' has shape {shape} and input '{seen[0]}' "
+                                 f"{seen[1]}: the token inputs of a sequence share one shape")
 
 
 def sequence_limit(model: LoadedModel) -> int:

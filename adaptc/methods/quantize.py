@@ -75,13 +75,21 @@ def quantize_nf4(weight: torch.Tensor, config: QuantizeConfig) -> dict[str, torc
     if not config.double:
         return {**state, "absmax": absmax}
     mean = absmax.mean()
-    pad2 = (-absmax.numel()) % config.double_block
-    groups = torch.cat([absmax - mean, absmax.new_zeros(pad2)]).view(-1, config.double_block)
+    width = group_width(absmax.numel(), config)
+    pad2 = (-absmax.numel()) % width
+    groups = torch.cat([absmax - mean, absmax.new_zeros(pad2)]).view(-1, width)
     scale = groups.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     quantized = torch.round(127 * groups / scale[:, None]).to(torch.int8).view(-1)
     # clone: absmax_q owns its bytes, so saved programs do not carry the padded storage
     return {**state, "absmax_q": quantized[:absmax.numel()].clone(), "absmax_scale": scale,
             "absmax_mean": mean.reshape(1)}
+
+
+def group_width(constants: int, config: QuantizeConfig) -> int:
+    """Block constants per second-level group as laid out: `double_block`, or all of them
+    when there are fewer. The same groups and scales (the zeros a wider group is padded with
+    change no max), without padding up to `double_block` (1e8: 400 MB per layer and forward)."""
+    return min(config.double_block, constants)
 
 
 class Nf4Weight(nn.Module):
@@ -109,8 +117,9 @@ class Nf4Weight(nn.Module):
         if not self.config.double:
             return self.absmax
         groups = self.absmax_q.float()
-        pad = (-groups.numel()) % self.config.double_block
-        groups = torch.cat([groups, groups.new_zeros(pad)]).view(-1, self.config.double_block)
+        width = group_width(groups.numel(), self.config)
+        pad = (-groups.numel()) % width
+        groups = torch.cat([groups, groups.new_zeros(pad)]).view(-1, width)
         values = (groups * (self.absmax_scale[:, None] / 127)).reshape(-1)
         return values[:self.absmax_q.numel()] + self.absmax_mean
 

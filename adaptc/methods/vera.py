@@ -36,7 +36,7 @@ class VeraConfig:
     r: int = option(256, "rank of the shared random projections A and B", low=1)
     d_init: float = option(0.1, "initial value of every entry of λ_d")
     seed: int = option(0, "seed that regenerates the shared A and B (PEFT's projection_prng_key)",
-                       low=0)
+                       low=0, high=2 ** 64 - 1)  # what torch.Generator.manual_seed takes
     dropout: float = option(0.0, "dropout on the adapter's input while training", low=0, high=1,
                             high_open=True)
 

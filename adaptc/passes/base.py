@@ -100,13 +100,21 @@ def build_sized(ctx: CompileContext, rule, option: str, where: str,
     """`make(device=..., dtype=...)`: an adapter for `where` whose size is set by `option` of
     `rule` (a statement or the mixture statement). Built on `meta` first, which allocates
     nothing: E308 at the option when it holds more elements than the larger of the base
-    model's parameters and ADAPTER_FLOOR; E308 too when allocating it fails (out of memory)."""
-    probe = make(device=torch.device("meta"), dtype=dtype)
+    model's parameters and ADAPTER_FLOOR, or a tensor of it more bytes than torch can count
+    (2^63); E308 too when allocating it fails (out of memory)."""
+    setting = f"{option}={getattr(rule.config, option)}"
+    try:
+        probe = make(device=torch.device("meta"), dtype=dtype)
+    except (RuntimeError, TypeError) as err:  # "Storage size calculation overflowed", or a
+        if "overflow" not in str(err).lower():  # size beyond int64 ("Overflow when unpacking")
+            raise
+        raise SpecError([diag(ctx.plan, rule.span_of(option), "E308",
+                              f"{setting} gives the {rule.config.method} of {where} a tensor "
+                              "of more than 2^63 bytes, beyond what torch can hold")]) from err
     elements = sum(t.numel() for t in chain(probe.parameters(), probe.buffers()))
     if not ctx.model_parameters:
         ctx.model_parameters = sum(p.numel() for p in ctx.model.module.parameters())
     limit = max(ctx.model_parameters, ADAPTER_FLOOR)
-    setting = f"{option}={getattr(rule.config, option)}"
     if elements > limit:
         raise SpecError([diag(ctx.plan, rule.span_of(option), "E308",
                               f"{setting} gives the {rule.config.method} of {where} "

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.quantize import Nf4Weight
-from adaptc.passes.base import INSERTED, METHODS, SITE, CompileContext, PassResult
+from adaptc.passes.base import INSERTED, METHODS, SITE, CompileContext, PassResult, build_sized
 from adaptc.passes.graph import drop_attr, linear_weight
 
 
@@ -28,7 +28,10 @@ class QuantizeWeights:
             site, old = node.meta[SITE], linear_weight(node)
             owner, _, name = old.target.rpartition(".")
             weight = getattr(gm.get_submodule(owner) if owner else gm, name)
-            stored = Nf4Weight(weight, assignment.rule.config)
+            config = assignment.rule.config
+            stored = build_sized(ctx, assignment.rule, "block", f"'{site.path}'",  # E308
+                                 lambda device, dtype: Nf4Weight(weight.to(device), config),
+                                 weight.device, weight.dtype)
             target = f"{site.path}.nf4"
             gm.add_submodule(target, stored)
             with gm.graph.inserting_after(old):

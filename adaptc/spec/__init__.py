@@ -2,8 +2,8 @@
 
     text ──parse_spec──▶ Spec (AST, spans) ──lower──▶ Plan (Rules with method configs)
 
-`compile_spec` runs both; `load_spec` reads a file first. Every problem is a `SpecError`
-whose diagnostics point into the spec text.
+`compile_spec` runs both; `load_spec` reads a file first, `decode_spec` the bytes of one
+(standard input). Every problem is a `SpecError` whose diagnostics point into the spec text.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from adaptc.spec.ir import Plan
 from adaptc.spec.lower import lower
 from adaptc.spec.parse import parse_spec
 
-__all__ = ["compile_spec", "load_spec", "lower", "parse_spec"]
+__all__ = ["compile_spec", "decode_spec", "load_spec", "lower", "parse_spec"]
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -24,16 +24,22 @@ def load_spec(path: str | Path) -> Spec:
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise SpecError([Diagnostic(str(path), "", 1, 1, 2, "E100",
+        raise SpecError([Diagnostic(str(path), None, 1, 1, 2, "E100",
                                     f"cannot read spec file '{path}': {error.strerror}")]) from error
+    return decode_spec(data, str(path))
+
+
+def decode_spec(data: bytes, path: str) -> Spec:
+    """Parse the bytes of a spec file, or of standard input, as `load_spec` reads files;
+    `path` labels diagnostics."""
     # universal newlines, as read_text gives them: \r\n and a lone \r (old Mac files) end
     # lines (ASCII bytes, never inside a UTF-8 sequence, so a bad byte's line counts them)
     data = data.removeprefix(codecs.BOM_UTF8).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise SpecError([not_utf8(str(path), data, error)]) from None
-    return parse_spec(text, str(path))
+        raise SpecError([not_utf8(path, data, error)]) from None
+    return parse_spec(text, path)
 
 
 def not_utf8(path: str, data: bytes, error: UnicodeDecodeError) -> Diagnostic:

@@ -132,7 +132,8 @@ def _values(cls: type, name: str, options: tuple[Option, ...],
         if option.key not in fields:
             problems.add(option.span, "E202", f"unknown key '{option.key}' for {name}"
                          f"{_did_you_mean(option.key, fields)}",
-                         (f"valid keys for {name}: {', '.join(fields)}",))
+                         (f"valid keys for {name}: {', '.join(fields)}" if fields
+                          else f"{name} takes no keys",))
             continue
         try:
             values[option.key] = _convert(option, *fields[option.key])
@@ -246,7 +247,7 @@ def _check_allowed(key: str, node: Value, meta: Mapping[str, Any]) -> None:
 
 def _check_choice(key: str, node: Value, choices: tuple[str, ...]) -> None:
     if node.value not in choices:
-        raise _Invalid("E204", f"'{node.value}' is not a valid {key}"
+        raise _Invalid("E204", f"{node.value!r} is not a valid {key}"
                        f"{_did_you_mean(node.value, choices)}",
                        node.span, (f"{key} must be one of: {', '.join(choices)}",))
 
@@ -266,10 +267,15 @@ def _check_range(key: str, node: Value, low: float | None, high: float | None,
 def _range_words(low: float | None, high: float | None, high_open: bool) -> str:
     """`in [0, 1)`, `>= 1`, `<= 4` or `< 4`."""
     if low is not None and high is not None:
-        return f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"in [{_bound(low)}, {_bound(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f">= {low:g}"
-    return f"{'<' if high_open else '<='} {high:g}"
+        return f">= {_bound(low)}"
+    return f"{'<' if high_open else '<='} {_bound(high)}"
+
+
+def _bound(number: float) -> str:
+    """An int bound in full (`:g` shows 2**64 - 1 as 1.84467e+19), a float as `:g`."""
+    return str(number) if isinstance(number, int) else f"{number:g}"
 
 
 def _shown(node: Value) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from lark import Token, Transformer, UnexpectedCharacters, UnexpectedInput, UnexpectedToken, v_args
+from lark import (Token, Transformer, Tree, UnexpectedCharacters, UnexpectedInput, UnexpectedToken,
+                  v_args)
 from lark.exceptions import VisitError
 from lark.tree import Meta
 
@@ -21,6 +22,7 @@ from adaptc.spec.ast import Attach, LayerSelect, Mixture, Option, Span, Spec, Ta
 __all__ = ["parse_spec"]
 
 _WORD_TAIL = re.compile(r"[A-Za-z0-9_]+")
+MAX_LIST_DEPTH = 32  # the tree is built recursively: ~500 levels hit Python's recursion limit
 ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'"}
 
 
@@ -30,11 +32,29 @@ def parse_spec(text: str, path: str = "<spec>") -> Spec:
         tree = parser().parse(text)
     except UnexpectedInput as error:
         raise SpecError([_syntax_diagnostic(error, text, path)]) from None
+    _refuse_deep_lists(tree, text, path)
     try:
         statements = _Builder(path, text).transform(tree)
     except VisitError as error:  # keep our own error type, not Lark's wrapper
         raise error.orig_exc from None
     return Spec(path=path, source=text, statements=statements)
+
+
+def _refuse_deep_lists(tree: Tree, text: str, path: str) -> None:
+    """E101 at the first list nested deeper than MAX_LIST_DEPTH (walked with a stack, not
+    recursion; `[[[…]]]` 500 deep was a RecursionError traceback from the transformer)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, Tree):
+            continue
+        depth += node.data == "list"
+        if depth > MAX_LIST_DEPTH:
+            meta = node.meta
+            raise SpecError([Diagnostic(
+                path, text, meta.line, meta.column, meta.column + 1, "E101",
+                f"lists nested more than {MAX_LIST_DEPTH} deep")]) from None
+        stack.extend((child, depth) for child in reversed(node.children))
 
 
 def _span(node: Token | Meta) -> Span:

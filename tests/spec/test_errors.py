@@ -34,6 +34,8 @@ MALFORMED = [
     ("q: lora e=[1 2]", "E102", 1, 14, "expected ',' between list items, found '2'"),
     ("q: lora e=[1,]", "E102", 1, 14, "trailing ',' in a list"),
     ("q: lora e=[,]", "E102", 1, 12, "expected a value or ']' in the list"),
+    ("q: lora e=" + "[" * 33 + "]" * 33, "E101", 1, 43, "lists nested more than 32 deep"),
+    ("q: lora e=" + "[" * 600 + "]" * 600, "E101", 1, 43, "nested"),  # was a RecursionError
     # strings
     ('q: lora s="abc', "E101", 1, 11, 'unclosed string: add the closing "'),
     ("a: lora\nb: lora s='abc\nc: lora", "E101", 2, 11, "unclosed string: add the closing '"),

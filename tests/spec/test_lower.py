@@ -114,9 +114,12 @@ INVALID = [
      "'gleu' is not a valid activation; did you mean 'gelu'?"),
     ("q: adapter placement='inside'", "E204", 1, 22, 30, "'inside' is not a valid placement"),
     ("q: lora init=svd", "E204", 1, 14, 17, "'svd' is not a valid init"),
+    ("q: lora init='\\n'", "E204", 1, 14, 18, "'\\n' is not a valid init"),  # escaped, one line
     ("q: lora\nmixture moe router=hard", "E204", 2, 20, 24, "'hard' is not a valid router"),
     ("q: lora\nmixture moe experts=[2, 0]", "E204", 2, 25, 26, "experts must be >= 1, got 0"),
     ("q: lora\nmixture moe balance=-1.5", "E204", 2, 21, 25, "balance must be >= 0, got -1.5"),
+    ("q: vera seed=18446744073709551616", "E204", 1, 14, 34,  # torch's seeds end at 2^64 - 1
+     "seed must be in [0, 18446744073709551615], got 18446744073709551616"),
     # E205 the config's own check(): at the key's value, or the kind if the key took its default
     ("q: lora\nmixture moe k=5", "E205", 2, 15, 16, "k=5 exceeds the number of experts (4)"),
     ("q: lora\nmixture moe experts=1", "E205", 2, 9, 12, "k=2 exceeds the number of experts (1)"),
@@ -190,6 +193,7 @@ def test_unknown_kind_lists_known_ones():
 def test_unknown_key_lists_valid_keys():
     assert only_problem("q: lora rank=8").notes == (
         "valid keys for lora: r, alpha, dropout, rslora, init, freeze_a, dora, gate",)
+    assert only_problem("*.bias: train lr=2").notes == ("train takes no keys",)  # was "...: "
 
 
 def test_invalid_choice_lists_choices():
@@ -215,6 +219,15 @@ def test_rendered_semantic_error():
         "card.adapt:1:26: error[E204]: dropout must be in [0, 1), got 1.0\n"
         "   1 | q_proj: lora r=8 dropout=1.0\n"
         "     |                          ^^^")
+
+
+
+def test_an_empty_file_is_located_like_a_comment_only_one():
+    """An empty source rendered as an unreadable file's, without the line and column."""
+    with pytest.raises(SpecError) as caught:
+        compile_spec("", "empty.adapt")
+    assert str(caught.value).startswith("empty.adapt:1:1: error[E208]: the spec has no "
+                                        "statements\n   1 | \n     | ^\n")
 
 
 # ---- everything at once -------------------------------------------------------------------
