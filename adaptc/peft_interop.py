@@ -350,7 +350,8 @@ def selected_sites(config: dict, sites: list[Site], where: str) -> list[Site]:
                 raise InteropError(f"{where}: target_modules entry {entry!r} matches no module "
                                    "of the model (PEFT would skip it silently)")
             found += [s for s in hits if s not in found]
-        found = [s for s in found if in_layers(config, s.path)]  # lists only, as in PEFT
+        # as in PEFT: layers_to_transform filters suffix matches of a list, not full paths
+        found = [s for s in found if s.path in targets or in_layers(config, s.path)]
     refused = [s for s in found if s.kind != "linear" and config["peft_type"] != "LN_TUNING"]
     if refused:
         raise InteropError(f"{where}: target {refused[0].describe()} is not a linear layer; "

@@ -97,6 +97,9 @@ IMPORTS = [
     ("llama", LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.1\.self_attn\.(k|o)_proj",
                          use_dora=True),
      "k_proj[1], o_proj[1]: lora r=4 alpha=8 dora"),
+    ("llama", LoraConfig(r=4, lora_alpha=8, layers_to_transform=[1],  # not for full paths
+                         target_modules=["model.layers.0.self_attn.q_proj", "v_proj"]),
+     "q_proj[0], v_proj[1]: lora r=4 alpha=8"),
     ("gpt2", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
                         use_rslora=True), "c_attn: lora r=4 alpha=8 rslora"),
     ("bert", LoraConfig(r=4, lora_alpha=8, target_modules=["dense"]), None),
