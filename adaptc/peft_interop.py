@@ -100,8 +100,8 @@ def export_layers(module: nn.Module, task_type: str | None) -> tuple[dict, dict]
     config, tensors = EXPORTERS[kind](module, entries)
     config.update({"peft_type": kind, "task_type": task_type, "base_model_name_or_path": None,
                    "revision": None, "inference_mode": True, "modules_to_save": None,
-                   "fan_in_fan_out": one_value(entries, "fan_in_fan_out",
-                                               lambda e: e.conv1d)})
+                   # PEFT sets it per layer (true for Conv1D, false for Linear) when it loads
+                   "fan_in_fan_out": any(e.conv1d for e in entries)})
     return config, tensors
 
 

@@ -32,6 +32,7 @@ def close(a, b) -> float:
 EXPORTS = [
     ("llama", "q_proj,v_proj: lora r=4 alpha=8\nv_proj[1]: lora r=8 alpha=4"),
     ("gpt2", "c_attn,c_fc: lora r=4 alpha=8 rslora"),
+    ("gpt2", "c_attn,lm_head: lora r=4 alpha=8"),  # Conv1D and Linear: PEFT sets fan_in_fan_out per layer
     ("llama", "q_proj,down_proj: lora r=4 alpha=8 dora"),
     ("llama", "q_proj,v_proj: lora r=4 alpha=8 init=pissa"),
     ("bert", "key,value: ia3\noutput.dense: ia3 feedforward"),
