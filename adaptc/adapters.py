@@ -49,6 +49,10 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     metadata = {"format": "pt", "producer": "adaptc"}
     report = getattr(module, "meta", {}).get(REPORT)
+    if report is not None and report.mode == "infer":
+        raise WeightsError(f"{path}: an infer-mode module holds its adapters merged into its "
+                           "weights or fused, not as adapter tensors; save the train-mode "
+                           "module's adapters (the file mode='infer' was compiled with)")
     if report is not None:
         metadata[SPEC_KEY] = report.spec_source
     tensors = adapter_state_dict(module)

@@ -83,6 +83,17 @@ def test_unreadable_adapter_files(saved, tmp_path):
         adaptc.load_adapters(gm, cut)
 
 
+def test_an_infer_mode_module_has_no_adapters_to_save(saved, tiny, tmp_path):
+    """Its adapters are merged into its weights: the file and the artifact held no tensors
+    (an artifact of it reloaded as the initial adapters: the trained weights were lost)."""
+    infer = adaptc.compile(tiny("llama"), SPEC, "infer", adapters=saved[1])
+    with pytest.raises(WeightsError, match="an infer-mode module holds its adapters merged"):
+        adaptc.save_adapters(infer, tmp_path / "i.safetensors")
+    with pytest.raises(ArtifactError, match="dist: write_artifact takes a train-mode module"):
+        adaptc.write_artifact(infer, tiny("llama"), tmp_path / "dist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     from adaptc.cli import main
