@@ -133,9 +133,9 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], so
         if param.is_floating_point() and not tensor.is_floating_point():
             raise WeightsError(f"{path}: tensor '{name}' has dtype {tensor.dtype}, "
                                f"the compiled module expects floating point ({param.dtype})")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
             raise WeightsError(f"{path}: tensor '{name}' holds NaN or infinite values "
-                               "(did training diverge?)")
+                               "(did training diverge?)")  # float(): fp8 has no isfinite
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])
