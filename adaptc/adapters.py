@@ -136,6 +136,9 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], so
         if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
             raise WeightsError(f"{path}: tensor '{name}' holds NaN or infinite values "
                                "(did training diverge?)")  # float(): fp8 has no isfinite
+        if param.is_floating_point() and not torch.isfinite(tensor.to(param.dtype).float()).all():
+            raise WeightsError(f"{path}: tensor '{name}' has values beyond the range of "
+                               f"{param.dtype}, the compiled module's dtype")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])

@@ -75,6 +75,18 @@ def test_half_precision_adapter_files_load_into_float32(saved, tmp_path):
                        load_file(path)[FIRST].float())
 
 
+def test_values_beyond_the_modules_dtype_are_refused(saved, tiny, tmp_path):
+    """A float32 file into a float16 module: copy_ turned 1e5 into inf silently."""
+    model = tiny("llama")
+    model.module.half()
+    gm = adaptc.compile(model, SPEC)
+    path = damaged(saved, tmp_path, lambda t: t[FIRST].__setitem__((0, 0), 1e5))
+    with pytest.raises(WeightsError, match=rf"tensor '{FIRST}' has values beyond the range "
+                                           "of torch.float16"):
+        adaptc.load_adapters(gm, path)
+    assert torch.isfinite(adaptc.adapter_state_dict(gm)[FIRST]).all()
+
+
 def test_unreadable_adapter_files(saved, tmp_path):
     gm, path = saved
     with pytest.raises(WeightsError, match="no-such.safetensors: cannot read adapter weights"):
