@@ -121,6 +121,8 @@ def test_calls_that_do_not_fit_the_traced_inputs_name_the_input(tiny, mode):
         (lambda: gm(input_ids=ids[0], attention_mask=mask[0]),
          "'input_ids' must be a 2-D integer tensor .*got 1-D torch.int64"),
         (lambda: gm(input_ids=ids.tolist(), attention_mask=mask), "must be a tensor, got list"),
+        (lambda: gm(input_ids=ids, attention_mask=mask[:, :3]),  # was export's AssertionError
+         r"input 'attention_mask' has shape \(2, 3\), input_ids \(2, 5\): the two must match"),
     ]:
         with pytest.raises(TypeError, match=message):
             call()

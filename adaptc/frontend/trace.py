@@ -135,6 +135,7 @@ def tracing_state(module: nn.Module):
 
 
 OPTIONAL_INPUTS = ("token_type_ids",)  # all zeros when not given, as in transformers
+SHAPED_LIKE_IDS = ("attention_mask", "token_type_ids")  # one entry per input token
 
 
 class InputCheck:
@@ -183,6 +184,11 @@ class InputCheck:
             if rank == 2 and not floating and value.shape[1] > self.max_tokens:
                 raise ValueError(f"input '{name}' has {value.shape[1]} tokens; the compiled "
                                  f"module takes at most {self.max_tokens} ({self.why})")
+        for name in SHAPED_LIKE_IDS:
+            value, ids = kwargs.get(name), kwargs.get("input_ids")
+            if name in self.expected and ids is not None and value.shape != ids.shape:
+                raise TypeError(f"input '{name}' has shape {tuple(value.shape)}, input_ids "
+                                f"{tuple(ids.shape)}: the two must match")
         return args, kwargs
 
 
