@@ -50,6 +50,10 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     metadata = {"format": "pt", "producer": "adaptc"}
     report = getattr(module, "meta", {}).get(REPORT)
+    if report is not None and report.mode == "infer":
+        raise WeightsError(f"{path}: an infer-mode module holds its adapters merged into its "
+                           "weights or fused, not as adapter tensors; save the train-mode "
+                           "module's adapters (the file mode='infer' was compiled with)")
     if report is not None:
         metadata[SPEC_KEY] = report.spec_source
     tensors = adapter_state_dict(module)
@@ -131,9 +135,12 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], so
         if param.is_floating_point() and not tensor.is_floating_point():
             raise WeightsError(f"{path}: tensor '{name}' has dtype {tensor.dtype}, "
                                f"the compiled module expects floating point ({param.dtype})")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
             raise WeightsError(f"{path}: tensor '{name}' holds NaN or infinite values "
-                               "(did training diverge?)")
+                               "(did training diverge?)")  # float(): fp8 has no isfinite
+        if param.is_floating_point() and not torch.isfinite(tensor.to(param.dtype).float()).all():
+            raise WeightsError(f"{path}: tensor '{name}' has values beyond the range of "
+                               f"{param.dtype}, the compiled module's dtype")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])

@@ -46,6 +46,10 @@ def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: 
     out = Path(out)
     refuse_existing(out, force)
     refuse_inputs(out, model_inputs(model))
+    if gm.meta[REPORT].mode != "train":
+        raise ArtifactError(f"{out}: write_artifact takes a train-mode module (an infer-mode "
+                            "module has no adapter tensors to save); write_infer_artifact "
+                            "exports an infer-mode one")
     if model.on_meta:
         raise ArtifactError(f"{out}: model '{model.source}' is on the meta device (shapes only); "
                             "an artifact needs real weights")

@@ -139,4 +139,8 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
 
 
 def report_of(gm: GraphModule) -> CompileReport:
-    return gm.meta[REPORT]
+    report = getattr(gm, "meta", {}).get(REPORT)
+    if report is None:
+        raise AdaptcError(f"{type(gm).__name__} has no compile report: report_of takes a module "
+                          "adaptc.compile returned")
+    return report

@@ -10,8 +10,8 @@ A compiled module is a torch.fx GraphModule traced from the model's forward with
    attention op reads the keys and values of the current call only, so there is nothing to
    carry from one decoding step to the next.
 3. A cached decoding step feeds 1 new token with a mask over all past tokens; the traced
-   graph requires the mask and the token ids to have the same length (export's guard
-   `attention_mask.size()[1] == input_ids.size()[1]` fails).
+   graph requires the mask and the token ids to have the same length (the compiled module
+   refuses such a call with a ValueError naming both shapes).
 
 What works on such a module is decoding without a cache: run the whole sequence each step
 (`adaptc.decode.compile_decoder` traces a separate graph with a static cache instead).

@@ -100,8 +100,8 @@ def export_layers(module: nn.Module, task_type: str | None) -> tuple[dict, dict]
     config, tensors = EXPORTERS[kind](module, entries)
     config.update({"peft_type": kind, "task_type": task_type, "base_model_name_or_path": None,
                    "revision": None, "inference_mode": True, "modules_to_save": None,
-                   "fan_in_fan_out": one_value(entries, "fan_in_fan_out",
-                                               lambda e: e.conv1d)})
+                   # PEFT sets it per layer (true for Conv1D, false for Linear) when it loads
+                   "fan_in_fan_out": any(e.conv1d for e in entries)})
     return config, tensors
 
 
@@ -350,7 +350,8 @@ def selected_sites(config: dict, sites: list[Site], where: str) -> list[Site]:
                 raise InteropError(f"{where}: target_modules entry {entry!r} matches no module "
                                    "of the model (PEFT would skip it silently)")
             found += [s for s in hits if s not in found]
-        found = [s for s in found if in_layers(config, s.path)]  # lists only, as in PEFT
+        # as in PEFT: layers_to_transform filters suffix matches of a list, not full paths
+        found = [s for s in found if s.path in targets or in_layers(config, s.path)]
     refused = [s for s in found if s.kind != "linear" and config["peft_type"] != "LN_TUNING"]
     if refused:
         raise InteropError(f"{where}: target {refused[0].describe()} is not a linear layer; "
@@ -619,6 +620,7 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
     gm = compile(loaded, found.spec)
     if found.kind == "VERA":
         check_projections(gm, tensors, directory)
+    check_base_layers(loaded.module, tensors, directory)
     extra = sorted(set(tensors) - set(found.names))
     missing = sorted(set(found.names) - set(tensors))
     if missing or extra:
@@ -642,6 +644,21 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     # older PEFT versions name DoRA's magnitude `...lora_magnitude_vector.weight`
     return {k.removesuffix(".lora_magnitude_vector.weight") + ".lora_magnitude_vector"
             if k.endswith(".lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
+
+
+def check_base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
+    """PEFT saves the base weights of a targeted lm_head or embed_tokens beside its adapter
+    (`save_embedding_layers`, `<module>.base_layer.weight`): they must equal the model's."""
+    for name in [k for k in tensors if k.startswith(PREFIX) and ".base_layer." in k]:
+        path, _, param = name.removeprefix(PREFIX).rpartition(".base_layer.")
+        try:
+            mine = model.get_submodule(path).get_parameter(param)
+        except AttributeError:
+            continue  # not a module's base layer: the name check reports it
+        saved = tensors.pop(name)
+        if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype), mine.detach().cpu()):
+            raise WeightsError(f"{directory}: the saved base weight {name} differs from the "
+                               "model's (was the PEFT adapter trained on another model?)")
 
 
 def check_projections(gm: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:

@@ -125,6 +125,19 @@ def test_user_model_and_train_graph_unchanged(tiny, tmp_path):
     assert max_diff(infer(**x), train(**x)) <= TOL
 
 
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_compiling_leaves_the_user_models_requires_grad(tiny, mode):
+    """Freezing the base gives the graph frozen aliases of the user's tensors (same storage,
+    tied weights still one tensor); it switched off requires_grad in the user's model."""
+    model = tiny("gpt2")
+    gm = adaptc.compile(model, "attn.qkv: lora r=4", mode)
+    assert all(p.requires_grad for p in model.module.parameters())
+    wte = gm.get_parameter("transformer.wte.weight")
+    assert not wte.requires_grad and wte.data_ptr() == model.module.transformer.wte.weight.data_ptr()
+    assert gm.get_parameter("lm_head.weight") is wte
+    assert any(p.requires_grad for p in gm.parameters()) == (mode == "train")
+
+
 MERGED_AND_FUSED = "q_proj: lora r=4; q_proj,mlp: adapter bottleneck=8 placement=parallel activation=silu"
 CASES = [("llama", "specs/card.adapt"), ("gpt2", "specs/houlsby.adapt"), ("llama", MERGED_AND_FUSED),
          ("llama", "specs/mov.adapt"), ("gpt2", "attn.c_attn: ia3; mlp.c_proj: ia3 feedforward\n"

@@ -118,6 +118,14 @@ def test_compile_names_a_bad_spec_or_mode_argument(tiny):
         adaptc.compile(42, "q_proj: lora")
 
 
+def test_report_of_a_module_adaptc_did_not_compile(tiny):
+    """An AttributeError ('no attribute meta') or a KeyError from the graph's meta before."""
+    with pytest.raises(adaptc.AdaptcError, match="LlamaForCausalLM has no compile report"):
+        adaptc.report_of(tiny("llama").module)
+    with pytest.raises(adaptc.AdaptcError, match="Linear has no compile report"):
+        adaptc.report_of(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)))
+
+
 def test_load_model_places_presets():
     model = adaptc.load_model("llama", dtype="bfloat16")
     assert {p.dtype for p in model.module.parameters()} == {torch.bfloat16}

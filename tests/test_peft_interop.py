@@ -32,6 +32,7 @@ def close(a, b) -> float:
 EXPORTS = [
     ("llama", "q_proj,v_proj: lora r=4 alpha=8\nv_proj[1]: lora r=8 alpha=4"),
     ("gpt2", "c_attn,c_fc: lora r=4 alpha=8 rslora"),
+    ("gpt2", "c_attn,lm_head: lora r=4 alpha=8"),  # Conv1D and Linear: PEFT sets fan_in_fan_out per layer
     ("llama", "q_proj,down_proj: lora r=4 alpha=8 dora"),
     ("llama", "q_proj,v_proj: lora r=4 alpha=8 init=pissa"),
     ("bert", "key,value: ia3\noutput.dense: ia3 feedforward"),
@@ -97,6 +98,11 @@ IMPORTS = [
     ("llama", LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.1\.self_attn\.(k|o)_proj",
                          use_dora=True),
      "k_proj[1], o_proj[1]: lora r=4 alpha=8 dora"),
+    ("llama", LoraConfig(r=4, lora_alpha=8, layers_to_transform=[1],  # not for full paths
+                         target_modules=["model.layers.0.self_attn.q_proj", "v_proj"]),
+     "q_proj[0], v_proj[1]: lora r=4 alpha=8"),
+    ("llama", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),  # PEFT saves
+     "lm_head"),  # lm_head's base weight too (save_embedding_layers)
     ("gpt2", LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
                         use_rslora=True), "c_attn: lora r=4 alpha=8 rslora"),
     ("bert", LoraConfig(r=4, lora_alpha=8, target_modules=["dense"]), None),
@@ -130,6 +136,19 @@ def test_import_layers_to_transform_writes_paths(tiny, tmp_path):
                tmp_path)
     spec = spec_from_peft(tmp_path, model)
     assert spec.splitlines()[1] == "q_proj[1]: lora r=2 alpha=8"
+
+
+def test_import_refuses_a_saved_base_weight_other_than_the_models(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = tiny("llama")
+    saved_peft(model, LoraConfig(r=2, target_modules=["lm_head"]), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["base_model.model.lm_head.base_layer.weight"] += 1
+    save_file(tensors, str(path))
+    with pytest.raises(adaptc.WeightsError, match="the saved base weight base_model.model."
+                                                  "lm_head.base_layer.weight differs"):
+        import_peft(model, tmp_path)
 
 
 def broken(tmp_path, model, **changes):

@@ -41,6 +41,8 @@ def damaged(saved, tmp_path, change) -> str:
     (lambda t: t[FIRST].__setitem__((0, 0), float("nan")),
      rf"tensor '{FIRST}' holds NaN or infinite values"),
     (lambda t: t[FIRST].__setitem__((1, 2), float("inf")), "holds NaN or infinite"),
+    (lambda t: t.update({FIRST: torch.full((4, 128), float("nan")).to(torch.float8_e4m3fn)}),
+     "holds NaN or infinite"),  # torch has no isfinite for fp8: a NotImplementedError
 ])
 def test_bad_adapter_files_name_the_tensor_and_change_nothing(saved, tmp_path, change, message):
     gm, _ = saved
@@ -73,6 +75,18 @@ def test_half_precision_adapter_files_load_into_float32(saved, tmp_path):
                        load_file(path)[FIRST].float())
 
 
+def test_values_beyond_the_modules_dtype_are_refused(saved, tiny, tmp_path):
+    """A float32 file into a float16 module: copy_ turned 1e5 into inf silently."""
+    model = tiny("llama")
+    model.module.half()
+    gm = adaptc.compile(model, SPEC)
+    path = damaged(saved, tmp_path, lambda t: t[FIRST].__setitem__((0, 0), 1e5))
+    with pytest.raises(WeightsError, match=rf"tensor '{FIRST}' has values beyond the range "
+                                           "of torch.float16"):
+        adaptc.load_adapters(gm, path)
+    assert torch.isfinite(adaptc.adapter_state_dict(gm)[FIRST]).all()
+
+
 def test_unreadable_adapter_files(saved, tmp_path):
     gm, path = saved
     with pytest.raises(WeightsError, match="no-such.safetensors: cannot read adapter weights"):
@@ -81,6 +95,17 @@ def test_unreadable_adapter_files(saved, tmp_path):
     cut.write_bytes(path.read_bytes()[:100])
     with pytest.raises(WeightsError, match="cut.safetensors: cannot read adapter weights"):
         adaptc.load_adapters(gm, cut)
+
+
+def test_an_infer_mode_module_has_no_adapters_to_save(saved, tiny, tmp_path):
+    """Its adapters are merged into its weights: the file and the artifact held no tensors
+    (an artifact of it reloaded as the initial adapters: the trained weights were lost)."""
+    infer = adaptc.compile(tiny("llama"), SPEC, "infer", adapters=saved[1])
+    with pytest.raises(WeightsError, match="an infer-mode module holds its adapters merged"):
+        adaptc.save_adapters(infer, tmp_path / "i.safetensors")
+    with pytest.raises(ArtifactError, match="dist: write_artifact takes a train-mode module"):
+        adaptc.write_artifact(infer, tiny("llama"), tmp_path / "dist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
 
 @pytest.fixture(scope="module")
