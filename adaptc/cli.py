@@ -416,11 +416,12 @@ def generate_from_source(model, plan, source: list[int], args, eos: int | None) 
     import torch
 
     from adaptc.compiler import compile
-    from adaptc.decode import check_token_ids
+    from adaptc.decode import check_eos, check_token_ids
     from adaptc.generation import greedy_generate
 
     config = model.module.config
     check_token_ids(source, config.vocab_size)
+    check_eos(eos, config.vocab_size)
     gm = compile(model, plan, "infer", adapters=args.adapters, merge=args.merge,
                  fuse_projections=args.fuse_projections)
     run = torch.compile(gm) if args.torch_compile else gm

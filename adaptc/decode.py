@@ -94,6 +94,7 @@ class Decoder:
             raise AdaptcError(EMPTY_PROMPT)
         if max_new_tokens < 0:
             raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_eos(eos_token_id, self.vocab_size)
         if self.virtual + len(prompt) + max_new_tokens > self.max_cache_len:
             raise AdaptcError(f"a {len(prompt)}-token prompt and {max_new_tokens} new tokens"
                               f"{self.virtual_note()} exceed the cache ({self.max_cache_len}); "
@@ -109,6 +110,14 @@ class Decoder:
 
 
 EMPTY_PROMPT = "generation needs a prompt of at least one token"
+
+
+def check_eos(eos_token_id: int | None, vocab_size: int) -> None:
+    """An end id no argmax can produce (-1, or past the vocabulary) would never stop
+    generation: refuse it rather than silently run every step."""
+    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
+        raise AdaptcError(f"eos_token_id {eos_token_id} is outside the model's vocabulary "
+                          f"(0..{vocab_size - 1}), so generation would never stop at it")
 
 
 class StepGraph:

@@ -33,7 +33,7 @@ from torch.export import Dim
 from adaptc.adapters import ENCODERS
 from adaptc.compiler import as_model, prepare, run_pipeline
 from adaptc.decode import (MAX_CACHE_LEN, PREFIX, allocate_cache, check_cache_positions,
-                           check_token_ids)
+                           check_eos, check_token_ids)
 from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
@@ -129,6 +129,7 @@ class Seq2SeqDecoder:
             raise TypeError(f"source must be a list of token ids (ints), got {source!r:.60}")
         if max_new_tokens < 0:
             raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_eos(eos_token_id, self.vocab_size)
         if max_new_tokens > self.max_cache_len:
             raise AdaptcError(f"{max_new_tokens} new tokens exceed the decoder's cache "
                               f"({self.max_cache_len}); compile it with a larger max_cache_len")

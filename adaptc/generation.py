@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
+
+from adaptc.compiler import REPORT
 
 
 @torch.no_grad()
@@ -43,6 +46,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     seq2seq = decoder_start_token_id is not None
+    check_length(model, (1 if seq2seq else input_ids.shape[1]) + max_new_tokens)
     tokens = (torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype,
                          device=input_ids.device) if seq2seq else input_ids)
     done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
@@ -52,6 +56,9 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                            decoder_input_ids=tokens).logits
         else:
             logits = model(input_ids=tokens, attention_mask=attention_mask).logits
+        if eos_token_id is not None and not 0 <= eos_token_id < logits.shape[-1]:
+            raise ValueError(f"eos_token_id {eos_token_id} is outside the model's vocabulary "
+                             f"(0..{logits.shape[-1] - 1}), so generation would never stop at it")
         token = logits[:, -1].argmax(-1, keepdim=True)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, eos_token_id), token)
@@ -62,3 +69,14 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         if eos_token_id is not None and done.all():
             break
     return tokens
+
+
+def check_length(model: nn.Module, length: int) -> None:
+    """A compiled module's sequence bound (`report_of(module).max_tokens`), checked before the
+    first step: past it the call would fail only when the sequence reaches it, all the steps
+    before it wasted."""
+    report = getattr(model, "meta", {}).get(REPORT) if isinstance(model, GraphModule) else None
+    limit = report.max_tokens if report is not None else None
+    if limit is not None and length > limit:
+        raise ValueError(f"generation would reach {length} tokens; the compiled module takes at "
+                         f"most {limit} (fewer max_new_tokens, or a shorter prompt)")

@@ -73,6 +73,8 @@ def test_decoder_limits(tiny):
         compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=0)
     with pytest.raises(AdaptcError, match="max_new_tokens must be >= 0, got -1"):
         decoder.generate(PROMPT, -1)
+    with pytest.raises(AdaptcError, match=r"eos_token_id 100000 is outside .*would never stop"):
+        decoder.generate(PROMPT, 2, 100000)
     assert decoder.generate(PROMPT, 0) == PROMPT
     full = decoder.generate(PROMPT, 3)
     eos = full[len(PROMPT) + 1]
@@ -154,6 +156,9 @@ def test_cli_generate(capsys):
     assert "token ids" in capsys.readouterr().err
     assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5 99999"]) == 1
     assert "token id 99999 is outside the model's vocabulary" in capsys.readouterr().err
+    assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5", "--eos-token-id",
+                 "-1"]) == 1  # was accepted: no argmax is -1, so it never stopped anything
+    assert "eos_token_id -1 is outside the model's vocabulary" in capsys.readouterr().err
     assert main(["generate", "specs/lora_qv.adapt", "--prompt", "5", "--cuda-graph"]) == 1
     assert "a CUDA graph needs the decoder on a CUDA device" in capsys.readouterr().err
     assert main(["generate", "specs/lora_qv.adapt", "--model", "t5", "--prompt", "5",

@@ -70,3 +70,18 @@ def test_greedy_stops_rows_at_eos(tiny):
     first = adaptc.greedy_generate(gm, ids, mask, 1)[:, -1]
     out = adaptc.greedy_generate(gm, ids, mask, 4, eos_token_id=int(first[0]))
     assert (out[0, 6:] == first[0]).all()
+
+
+def test_greedy_refuses_what_would_fail_late_or_never_stop(tiny):
+    """A sequence past the compiled module's bound is refused before the first step (it failed
+    when the sequence reached the bound); an end id outside the vocabulary is refused, since
+    no argmax produces it."""
+    gm = adaptc.compile(tiny("llama"), "embed: prompt tokens=2")
+    ids, mask = prompt_ids()
+    limit = adaptc.report_of(gm).max_tokens
+    with pytest.raises(ValueError, match=f"would reach {limit + 1} tokens; the compiled module "
+                                         f"takes at most {limit}"):
+        adaptc.greedy_generate(gm, ids, mask, limit + 1 - ids.shape[1])
+    with pytest.raises(ValueError, match=r"eos_token_id -1 is outside the model's vocabulary "
+                                         r"\(0\.\.511\)"):
+        adaptc.greedy_generate(gm, ids, mask, 2, eos_token_id=-1)

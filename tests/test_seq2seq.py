@@ -165,6 +165,8 @@ def test_cli_generate_replies(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(t) for t in want]
     assert main([*args, "--max-new-tokens", "6", "--eos-token-id", str(want[1])]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in want[:want.index(want[1]) + 1]]
+    assert main([*args, "--eos-token-id", "-1"]) == 1
+    assert "eos_token_id -1 is outside the model's vocabulary" in capsys.readouterr().err
     save_word_tokenizer(tmp_path / "ckpt", words=511)  # "w<id - 1>"; no eos token: 6 tokens
     text = [*args[:-2], "--text", "w4 w16 w41", "--max-new-tokens", "6"]
     assert main(text) == 0
