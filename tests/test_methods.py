@@ -153,6 +153,11 @@ def test_loramoe_equals_float64_reference(tiny):
     assert got.item() == pytest.approx(want.item(), rel=1e-5) and got.item() > 0
     with pytest.raises(ValueError, match="needs the type of each example"):
         adaptc.balance_loss(gm)
+    with pytest.raises(ValueError, match="sample_types has 2 entries for a batch of 3 examples"):
+        adaptc.balance_loss(gm, sample_types=types[:2])
+    with pytest.raises(ValueError, match=r"sample_types holds \[1.0, 0.5, 0.0\]: each example's "
+                                         r"type is 1 \(world knowledge\) or 0 \(task\)"):
+        adaptc.balance_loss(gm, sample_types=torch.tensor([1, 0.5, 0]))  # counted as task before
 
 
 def test_loramoe_refuses_flattened_tokens():

@@ -109,6 +109,9 @@ class LoraMoeConfig:
         if gates.dim() != 3 or types.numel() != importance.shape[0]:
             raise ValueError(f"sample_types has {types.numel()} entries for a batch of "
                              f"{importance.shape[0] if gates.dim() == 3 else '?'} examples")
+        if not ((types == 0) | (types == 1)).all():
+            raise ValueError(f"sample_types holds {types.tolist()}: each example's type is 1 "
+                             "(world knowledge) or 0 (task)")
         group = self.knowledge or self.experts // 2
         knows = torch.arange(self.experts, device=gates.device) < group
         matched = knows[None, :] == (types == 1)[:, None]
