@@ -130,6 +130,9 @@ def test_calls_that_do_not_fit_the_traced_inputs_name_the_input(tiny, mode):
         (lambda: gm(input_ids=ids, attention_mask=mask[:1]), r"has shape \(1, 5\)"),
         (lambda: gm(input_ids=ids[:, :0], attention_mask=mask[:, :0]),
          r"input 'input_ids' is empty \(shape \(2, 0\)\)"),
+        (lambda: gm(input_ids=ids.index_fill(1, torch.tensor([3]), 512), attention_mask=mask),
+         r"input 'input_ids' holds token id 512, outside the model's vocabulary \(0\.\.511\)"),
+        (lambda: gm(input_ids=-ids - 1, attention_mask=mask), "holds token id -"),
     ]:
         with pytest.raises(ValueError, match=message):
             call()

@@ -141,14 +141,18 @@ class InputCheck:
     """A forward pre-hook for compiled modules: calls that do not fit the traced inputs
     (names, rank, integer or float) fail with a TypeError naming the input, instead of an
     IndexError or a dtype error from inside the graph, and so do token inputs longer than
-    `max_tokens` (`why` says where that bound comes from). Optional inputs the call leaves
-    out are filled in as transformers would."""
+    `max_tokens` (`why` says where that bound comes from). Token ids outside the vocabulary
+    (`vocab_size`, when the model has one) are a ValueError on tensors outside a GPU, where
+    the embedding raised an IndexError; on a GPU the check would stall every call on a device
+    sync, and the embedding's device assert reports them. Optional inputs the call leaves out
+    are filled in as transformers would."""
 
-    def __init__(self, example_inputs: dict, max_tokens: int, why: str):
+    def __init__(self, example_inputs: dict, max_tokens: int, why: str,
+                 vocab_size: int | None = None):
         self.expected = {name: (value.dim(), value.is_floating_point())
                          if isinstance(value, torch.Tensor) else None
                          for name, value in example_inputs.items()}
-        self.max_tokens, self.why = max_tokens, why
+        self.max_tokens, self.why, self.vocab_size = max_tokens, why, vocab_size
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         names = ", ".join(self.expected)
@@ -184,7 +188,20 @@ class InputCheck:
                 raise ValueError(f"input '{name}' has {value.shape[1]} tokens; the compiled "
                                  f"module takes at most {self.max_tokens} ({self.why})")
         self.check_token_shapes(kwargs)
+        self.check_vocabulary(kwargs)
         return args, kwargs
+
+    def check_vocabulary(self, kwargs: dict) -> None:
+        if not isinstance(self.vocab_size, int):
+            return
+        for name in self.expected:
+            ids = kwargs[name]
+            if not name.endswith("input_ids") or ids.is_cuda:
+                continue
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+            if bad.numel():
+                raise ValueError(f"input '{name}' holds token id {bad[0].item()}, outside the "
+                                 f"model's vocabulary (0..{self.vocab_size - 1})")
 
     def check_token_shapes(self, kwargs: dict) -> None:
         """Token inputs of one sequence (input_ids, attention_mask, ...; an encoder-decoder's
