@@ -22,11 +22,15 @@ def test_compile_from_checkpoint_directory(tiny, tmp_path, capsys):
     assert torch.equal(loaded.module(input_ids=ids).logits, model.module(input_ids=ids).logits)
     spec = tmp_path / "s.adapt"
     spec.write_text("attn.qkv: lora r=4\n")
+    (tmp_path / "dump").mkdir()
+    (tmp_path / "dump" / "17_from_an_earlier_run.py").write_text("stale")
+    (tmp_path / "dump" / "notes.txt").write_text("the user's")
     assert main(["compile", str(spec), "--model", str(tmp_path / "ckpt"),
                  "--dump-passes", str(tmp_path / "dump")]) == 0
     assert "lora_inserted=2" in capsys.readouterr().out
     dumps = sorted(p.name for p in (tmp_path / "dump").iterdir())
     assert dumps[:3] == ["01_canonicalize_linears.py", "02_locate_sites.py", "03_insert_lora.py"]
+    assert "17_from_an_earlier_run.py" not in dumps and "notes.txt" in dumps
     assert "c_attn.lora" in (tmp_path / "dump" / "03_insert_lora.py").read_text()
 
 

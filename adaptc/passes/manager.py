@@ -3,6 +3,8 @@
 Verification (`graph.lint()` + recompile) after every pass is on when `verify=True` or
 ADAPTC_VERIFY=1 (the tests turn it on); ADAPTC_DUMP=DIR (or `dump_dir`) writes the
 generated code after each pass as DIR/NN_<pass>.py so a user can see what each pass changed.
+A run's first dump removes the NN_*.py files an earlier run left there (another pipeline's
+numbering would mix with this one's); other files in DIR stay.
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ class PassManager:
         folder = Path(self.dump_dir)
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            if index == 1:
+                for stale in folder.glob("[0-9][0-9]_*.py"):
+                    stale.unlink()
             (folder / f"{index:02d}_{name}.py").write_text(gm.code)
         except OSError as err:
             raise AdaptcError(f"{folder}: cannot write the graph dump: {err.strerror}") from err
