@@ -139,3 +139,19 @@ def test_loraplus_rejects_bad_input(tiny):
     gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
     with pytest.raises(adaptc.AdaptcError, match="ratio > 0"):
         adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=0)
+
+
+def test_pissa_on_a_float64_model_is_exact_to_float64(tiny):
+    """The SVD runs in the weight's precision when that is wider than float32: residual + s·B·A
+    rebuilds a float64 weight to 1e-12 (a float32 SVD left ~1e-7), and the adapted model's
+    output at init is the base model's."""
+    model = tiny("llama")
+    model.module.double()
+    gm = adaptc.compile(model, "q_proj,v_proj: lora r=4 alpha=8 init=pissa")
+    for path, ours in adaptc.adapters.adapter_modules(gm).items():
+        weight = model.module.get_submodule(path.rsplit(".", 1)[0]).weight
+        assert ours.A.dtype == ours.residual.dtype == torch.float64
+        rebuilt = ours.residual + ours.scale * (ours.B @ ours.A)
+        assert (rebuilt - weight).abs().max().item() <= 1e-12
+    x = inputs()
+    assert (main_output(gm(**x)) - main_output(model.module(**x))).abs().max().item() <= 1e-10

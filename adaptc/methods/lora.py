@@ -170,7 +170,7 @@ def init_a(A: torch.Tensor, config: LoraConfig) -> None:
 
 def pissa_factors(weight: torch.Tensor, r: int, scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PiSSA: W = U·diag(S)·Vh (float32 SVD); A = diag(√(S_r/s))·Vh_r [r, in],
+    """PiSSA: W = U·diag(S)·Vh (SVD in float32, or float64 for a float64 model); A = diag(√(S_r/s))·Vh_r [r, in],
     B = U_r·diag(√(S_r/s)) [out, r]; residual W − s·B·A. Same formula as PEFT's
     `init_lora_weights="pissa"`; singular vectors are unique up to a joint sign flip of
     (U_i, Vh_i), so A and B may differ from PEFT's by row/column signs while B·A agrees."""
@@ -178,7 +178,7 @@ def pissa_factors(weight: torch.Tensor, r: int, scale: float
         out, inp = weight.shape
         return (torch.empty(r, inp, device="meta", dtype=weight.dtype),
                 torch.empty(out, r, device="meta", dtype=weight.dtype), torch.empty_like(weight))
-    full = weight.detach().float()
+    full = wide(weight.detach())
     U, S, Vh = torch.linalg.svd(full, full_matrices=False)
     root = torch.sqrt(S[:r] / scale)
     A = root[:, None] * Vh[:r]
