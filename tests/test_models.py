@@ -50,6 +50,11 @@ def test_bad_checkpoint_directories(tmp_path):
     with pytest.raises(ModelError, match="config.json: model type 'vit' has no "
                                          "AutoModelForCausalLM class"):
         load_model(str(tmp_path))  # was "cannot load the checkpoint weights: <class '...'>"
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "vit", "architectures": ["ViTForImageClassification"]}))
+    with pytest.raises(ModelError, match=r"config.json: a 'vit' model reads no token ids .*"
+                                         r"adaptc.compile\(module, spec, example_inputs=...\)"):
+        load_model(str(tmp_path))  # was "ViTForImageClassification: pass example_inputs"
 
 
 @pytest.mark.parametrize("damage,message", [

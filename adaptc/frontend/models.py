@@ -173,6 +173,11 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
         cls = model_class(config)
     except ModelError as err:
         raise ModelError(f"{config_file}: {err}") from None
+    if not hasattr(config, "vocab_size"):  # wrap derives the traced inputs from token ids
+        raise ModelError(f"{config_file}: a '{config.model_type}' model reads no token ids (its "
+                         "config has no vocab_size), which adaptc traces checkpoints with; "
+                         "load it in Python and call adaptc.compile(module, spec, "
+                         "example_inputs=...)")
     # transformers logs a table of the tensors it could not fill; check_loading_info's error
     # names them in one line instead (the table is logged when the load goes on)
     with held_log_records("transformers.modeling_utils"):
