@@ -609,14 +609,15 @@ def spec_from_peft(directory: str | Path, model, example_inputs: dict | None = N
 
 def import_peft(model, directory: str | Path, example_inputs: dict | None = None):
     """Compile the spec generated from a PEFT adapter directory onto `model` and load its
-    weights: the result computes what `PeftModel.from_pretrained(model, directory)` does."""
+    weights: the result computes what `PeftModel.from_pretrained(model, directory)` does, and
+    is in eval mode as that model is (adapter dropout off; `.train()` to go on training)."""
     from adaptc.compiler import as_model, compile
 
     loaded = as_model(model, example_inputs)
     found = read_peft(directory, loaded)
     tensors = read_weights(Path(directory) / WEIGHTS)
     if found.kind in PROMPT_KINDS:
-        return import_prompts(loaded, directory, found.config, found.spec, tensors)
+        return import_prompts(loaded, directory, found.config, found.spec, tensors).eval()
     gm = compile(loaded, found.spec)
     if found.kind == "VERA":
         check_projections(gm, tensors, directory)
@@ -633,7 +634,7 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
     if found.kind == "IA3":
         ours = {k: v.reshape(-1) for k, v in ours.items()}
     load_adapter_tensors(gm, ours, f"{directory}/{WEIGHTS}")
-    return gm
+    return gm.eval()
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -130,6 +130,19 @@ def test_import_equals_peft(tiny, tmp_path, family, config, fragment):
     assert adaptc.report_of(gm).trainable == twin.get_nb_trainable_parameters()[0]
 
 
+def test_import_is_in_eval_mode_as_from_pretrained_is(tiny, tmp_path):
+    """PeftModel.from_pretrained returns an eval-mode model: with adapter dropout the imported
+    module gives its outputs as imported (it was in training mode, dropout on)."""
+    model = tiny("llama")
+    saved_peft(model, LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"]), tmp_path)
+    twin = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path)
+    gm = import_peft(model, tmp_path)
+    assert not gm.training and not twin.training
+    x = inputs()
+    assert close(gm(**x), twin(**x)) <= TOL
+    assert gm.train().training  # and it still trains
+
+
 def test_import_layers_to_transform_writes_paths(tiny, tmp_path):
     model = tiny("llama")
     saved_peft(model, LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1]),
