@@ -51,13 +51,21 @@ class Diagnostic:
 
 
 class SpecError(AdaptcError):
-    """A spec that does not parse or does not validate; holds one or more diagnostics."""
+    """A spec that does not parse or does not validate; holds one or more diagnostics. The
+    message renders the first SHOWN of them (a generated spec can hold thousands of errors,
+    and the later ones often follow from the first) and counts the rest; `diagnostics` holds
+    them all."""
 
     code = "E100"
+    SHOWN = 20
 
     def __init__(self, diagnostics: list[Diagnostic]):
         self.diagnostics = list(diagnostics)
-        super().__init__("\n".join(d.render() for d in self.diagnostics))
+        rendered = [d.render() for d in self.diagnostics[:self.SHOWN]]
+        hidden = len(self.diagnostics) - self.SHOWN
+        if hidden > 0:
+            rendered.append(f"... and {hidden} more error{'s' * (hidden != 1)} not shown")
+        super().__init__("\n".join(rendered))
 
     @property
     def first(self) -> Diagnostic:

@@ -256,3 +256,15 @@ def test_unknown_method_does_not_report_its_options():
 def test_good_statements_do_not_hide_bad_ones():
     found = problems("a: lora r=4\nb: lora r=-1\nc: adapter\nd: adapter bottleneck=0.5")
     assert [(d.code, d.line) for d in found] == [("E204", 2), ("E203", 4)]
+
+
+def test_many_errors_show_the_first_twenty_and_count_the_rest():
+    """A generated spec with hundreds of mistakes prints twenty diagnostics and a count, not a
+    screenful per line; `diagnostics` still holds every one."""
+    with pytest.raises(SpecError) as err:
+        compile_spec("".join("q_proj: lora r=0\n" for _ in range(25)))
+    assert len(err.value.diagnostics) == 25
+    message = str(err.value)
+    assert message.count("error[E204]") == 20 and "<spec>:20:16:" in message
+    assert "<spec>:21:" not in message
+    assert message.endswith("... and 5 more errors not shown")
