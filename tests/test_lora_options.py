@@ -135,6 +135,16 @@ def test_loraplus_groups_match_peft(tiny):
     torch.optim.AdamW(adaptc.loraplus_param_groups(gm, lr=1e-3))  # usable as is
 
 
+def test_loraplus_gives_mixture_experts_b_the_fast_rate(tiny):
+    """A `mixture moe` turns the LoRA sites into experts: their B's are still LoRA's B."""
+    gm = adaptc.compile(tiny("llama"), "q_proj,v_proj: lora r=4; mixture moe k=1 experts=2")
+    slow, fast = adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=16)
+    adapters = adaptc.adapters.adapter_modules(gm).values()
+    assert fast["lr"] == pytest.approx(16e-3)
+    assert {id(p) for p in fast["params"]} == {id(a.B) for a in adapters}
+    assert {id(p) for p in slow["params"]} == {id(p) for a in adapters for p in (a.A, a.router)}
+
+
 def test_loraplus_rejects_bad_input(tiny):
     gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
     with pytest.raises(adaptc.AdaptcError, match="ratio > 0"):

@@ -163,6 +163,8 @@ class MixtureOfLora(Routed):
     Shapes: x [..., in] → [..., out]. `A` [E, r, in], `B` [E, out, r], `router` [E, in].
     """
 
+    fast_parameters: ClassVar[tuple[str, ...]] = ("B",)  # LoRA+: each expert's B, as LoRA's
+
     def __init__(self, lora: LoraConfig, mixture: MixtureConfig | LoraMoeConfig, experts: int,
                  in_features: int, out_features: int, device: torch.device | None = None,
                  dtype: torch.dtype | None = None):
