@@ -139,6 +139,19 @@ def test_calls_that_do_not_fit_the_traced_inputs_name_the_input(tiny, mode):
     assert gm(input_ids=ids, attention_mask=mask).logits.shape == (2, 5, 512)
 
 
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_a_module_moved_after_compiling_says_so(tiny, mode):
+    """.to(dtype) failed inside the graph: "Tensor dtype mismatch! Expected: Float, Got:
+    c10::BFloat16" (train), a scaled_dot_product_attention dtype error (infer)."""
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2", mode)
+    x = inputs()
+    gm.to(torch.bfloat16)
+    with pytest.raises(adaptc.AdaptcError, match=r"compiled with torch.float32 weights on cpu, "
+                       r"and 'model.embed_tokens.weight' is now torch.bfloat16 on cpu: .*"
+                       r"model.to\(...\) before adaptc.compile"):
+        gm(**x)
+
+
 @pytest.mark.parametrize("preset,spec,limit", [
     ("gpt2", "embed: prompt tokens=4", 508),  # the prompt takes 4 rows of wpe
     ("gpt2", "attn: prefix tokens=3", 509),  # positions shift by the prefix

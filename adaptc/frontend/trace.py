@@ -19,7 +19,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from adaptc.errors import ModelError, first_line
+from adaptc.errors import AdaptcError, ModelError, first_line
 from adaptc.frontend.blocks import find_stack, replicate, restore_configs, shallow_model
 from adaptc.frontend.models import LoadedModel
 
@@ -145,16 +145,22 @@ class InputCheck:
     (`vocab_size`, when the model has one) are a ValueError on tensors outside a GPU, where
     the embedding raised an IndexError; on a GPU the check would stall every call on a device
     sync, and the embedding's device assert reports them. Optional inputs the call leaves out
-    are filled in as transformers would."""
+    are filled in as transformers would. A module moved to another dtype or device after
+    compiling (`module` the compiled one: its first floating-point weight says where it was)
+    is an AdaptcError."""
 
     def __init__(self, example_inputs: dict, max_tokens: int, why: str,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, module: nn.Module | None = None):
         self.expected = {name: (value.dim(), value.is_floating_point())
                          if isinstance(value, torch.Tensor) else None
                          for name, value in example_inputs.items()}
         self.max_tokens, self.why, self.vocab_size = max_tokens, why, vocab_size
+        weights = module.named_parameters() if module is not None else ()
+        self.placed = next(((name, p.dtype, p.device) for name, p in weights
+                            if p.is_floating_point()), None)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.check_placement(module)
         names = ", ".join(self.expected)
         if args:
             raise TypeError(f"the compiled module takes keyword inputs ({names}), "
@@ -190,6 +196,21 @@ class InputCheck:
         self.check_token_shapes(kwargs)
         self.check_vocabulary(kwargs)
         return args, kwargs
+
+    def check_placement(self, module: nn.Module) -> None:
+        """`.to(dtype)` or `.to(device)` after compiling moves the weights but not what the
+        graph builds (positions, masks) nor its dtype assertions: the call failed inside the
+        graph ("Tensor dtype mismatch", an attention dtype error)."""
+        if self.placed is None:
+            return
+        name, dtype, device = self.placed
+        weight = module.get_parameter(name)
+        if (weight.dtype, weight.device) != (dtype, device):
+            raise AdaptcError(f"the module was compiled with {dtype} weights on {device}, and "
+                              f"'{name}' is now {weight.dtype} on {weight.device}: the graph "
+                              "keeps the dtypes and devices it was traced with; place the "
+                              "model before compiling (adaptc.load_model(..., dtype=..., "
+                              "device=...) or model.to(...) before adaptc.compile)")
 
     def check_vocabulary(self, kwargs: dict) -> None:
         if not isinstance(self.vocab_size, int):
