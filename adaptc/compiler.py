@@ -135,7 +135,7 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
            + (f", {taken} of them for the virtual tokens" if taken else ""))
     vocab_size = getattr(getattr(ctx.model.module, "config", None), "vocab_size", None)
     check = InputCheck(ctx.model.example_inputs, report_of(gm).max_tokens, why, vocab_size, gm)
-    gm.register_forward_pre_hook(check, prepend=True, with_kwargs=True)
+    check.attach(gm)
     return gm
 
 

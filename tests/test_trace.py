@@ -1,6 +1,8 @@
 """Tracing: block reuse gives the same graph behaviour as exporting the whole model."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ import adaptc
 from adaptc.errors import ModelError, SpecError
 from adaptc.frontend.blocks import find_stack
 from adaptc.frontend.models import build_preset, wrap
-from adaptc.frontend.trace import trace
+from adaptc.frontend.trace import InputCheck, trace
 from helpers import inputs, main_output, randomize_adapters, small_decoder
 
 
@@ -150,6 +152,19 @@ def test_a_module_moved_after_compiling_says_so(tiny, mode):
                        r"and 'model.embed_tokens.weight' is now torch.bfloat16 on cpu: .*"
                        r"model.to\(...\) before adaptc.compile"):
         gm(**x)
+
+
+def test_a_deepcopied_module_checks_its_inputs(tiny):
+    """GraphModule's deepcopy drops forward hooks: the copy took a call without a mask and
+    failed inside the graph ("forward() missing 1 required positional argument")."""
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
+    twice = copy.deepcopy(copy.deepcopy(gm))
+    x = inputs()
+    assert torch.equal(twice(**x).logits, gm(**x).logits)
+    with pytest.raises(TypeError, match="missing input 'attention_mask'"):
+        twice(input_ids=x["input_ids"])
+    checks = [h for h in twice._forward_pre_hooks.values() if isinstance(h, InputCheck)]
+    assert len(checks) == 1 and checks[0] is not gm.meta["adaptc.input_check"]
 
 
 @pytest.mark.parametrize("preset,spec,limit", [

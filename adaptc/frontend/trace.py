@@ -135,6 +135,7 @@ def tracing_state(module: nn.Module):
 
 
 OPTIONAL_INPUTS = ("token_type_ids",)  # all zeros when not given, as in transformers
+INPUT_CHECK = "adaptc.input_check"  # gm.meta key: the module's InputCheck
 
 
 class InputCheck:
@@ -158,6 +159,13 @@ class InputCheck:
         weights = module.named_parameters() if module is not None else ()
         self.placed = next(((name, p.dtype, p.device) for name, p in weights
                             if p.is_floating_point()), None)
+
+    def attach(self, gm: GraphModule) -> None:
+        """Check the calls of `gm` and of its deep copies (GraphModule's deepcopy keeps no
+        forward hooks: a copy ran unchecked)."""
+        gm.meta[INPUT_CHECK] = self
+        gm.register_forward_pre_hook(self, prepend=True, with_kwargs=True)
+        gm._register_deepcopy_hook(reattach_input_check)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.check_placement(module)
@@ -239,6 +247,11 @@ class InputCheck:
             if seen[1] != shape:
                 raise ValueError(f"input '{name}' has shape {shape} and input '{seen[0]}' "
                                  f"{seen[1]}: the token inputs of a sequence share one shape")
+
+
+def reattach_input_check(gm: GraphModule) -> None:
+    """Deepcopy hook: the copy's calls go through its copy of the check (its meta's)."""
+    gm.register_forward_pre_hook(gm.meta[INPUT_CHECK], prepend=True, with_kwargs=True)
 
 
 def sequence_limit(model: LoadedModel) -> int:
