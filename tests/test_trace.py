@@ -167,6 +167,17 @@ def test_a_deepcopied_module_checks_its_inputs(tiny):
     assert len(checks) == 1 and checks[0] is not gm.meta["adaptc.input_check"]
 
 
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_int32_ids_and_a_bool_mask_run_as_the_traced_int64(tiny, mode):
+    """transformers takes them; the graph raised "Tensor dtype mismatch! Expected: Long, Got:
+    bool" (train mode's export assertions)."""
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2", mode)
+    x = inputs()
+    expected = gm(**x).logits
+    narrow = gm(input_ids=x["input_ids"].int(), attention_mask=x["attention_mask"].bool())
+    assert torch.equal(narrow.logits, expected)
+
+
 @pytest.mark.parametrize("preset,spec,limit", [
     ("gpt2", "embed: prompt tokens=4", 508),  # the prompt takes 4 rows of wpe
     ("gpt2", "attn: prefix tokens=3", 509),  # positions shift by the prefix

@@ -146,15 +146,18 @@ class InputCheck:
     (`vocab_size`, when the model has one) are a ValueError on tensors outside a GPU, where
     the embedding raised an IndexError; on a GPU the check would stall every call on a device
     sync, and the embedding's device assert reports them. Optional inputs the call leaves out
-    are filled in as transformers would. A module moved to another dtype or device after
-    compiling (`module` the compiled one: its first floating-point weight says where it was)
-    is an AdaptcError."""
+    are filled in as transformers would, and integer inputs of another integer dtype (int32
+    ids, a bool mask, which transformers takes) are cast to the traced one. A module moved
+    to another dtype or device after compiling (`module` the compiled one: its first
+    floating-point weight says where it was) is an AdaptcError."""
 
     def __init__(self, example_inputs: dict, max_tokens: int, why: str,
                  vocab_size: int | None = None, module: nn.Module | None = None):
         self.expected = {name: (value.dim(), value.is_floating_point())
                          if isinstance(value, torch.Tensor) else None
                          for name, value in example_inputs.items()}
+        self.integer_dtypes = {name: value.dtype for name, value in example_inputs.items()
+                               if isinstance(value, torch.Tensor) and not value.is_floating_point()}
         self.max_tokens, self.why, self.vocab_size = max_tokens, why, vocab_size
         weights = module.named_parameters() if module is not None else ()
         self.placed = next(((name, p.dtype, p.device) for name, p in weights
@@ -198,6 +201,8 @@ class InputCheck:
                 kind = "floating-point" if floating else "integer"
                 raise TypeError(f"input '{name}' must be a {rank}-D {kind} tensor (as traced), "
                                 f"got {value.dim()}-D {value.dtype}")
+            if not floating and value.dtype != self.integer_dtypes[name]:
+                kwargs[name] = value = value.to(self.integer_dtypes[name])
             if rank == 2 and not floating and value.shape[1] > self.max_tokens:
                 raise ValueError(f"input '{name}' has {value.shape[1]} tokens; the compiled "
                                  f"module takes at most {self.max_tokens} ({self.why})")
