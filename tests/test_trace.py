@@ -178,6 +178,17 @@ def test_int32_ids_and_a_bool_mask_run_as_the_traced_int64(tiny, mode):
     assert torch.equal(narrow.logits, expected)
 
 
+def test_batches_beyond_4096_rows_run(tiny):
+    """The README says any batch size; the batch dim was traced with max=4096 and a larger
+    batch failed the graph's guard ("Guard failed: input_ids.size()[0] <= 4096")."""
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
+    ids = torch.arange(4097).remainder(512).unsqueeze(1)
+    with torch.no_grad():
+        logits = gm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        one = gm(input_ids=ids[-1:], attention_mask=torch.ones_like(ids[-1:])).logits
+    torch.testing.assert_close(logits[-1:], one, atol=1e-5, rtol=0)  # GEMMs of other shapes
+
+
 @pytest.mark.parametrize("preset,spec,limit", [
     ("gpt2", "embed: prompt tokens=4", 508),  # the prompt takes 4 rows of wpe
     ("gpt2", "attn: prefix tokens=3", 509),  # positions shift by the prefix

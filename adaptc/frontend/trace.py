@@ -275,7 +275,7 @@ def dynamic_shapes(model: LoadedModel, max_tokens: int | None = None) -> dict | 
     have a sequence dim of their own); other tensors get a batch dim that export keeps
     dynamic where it can."""
     limit = max_tokens or sequence_limit(model)
-    batch = Dim("batch", min=1, max=4096)
+    batch = Dim("batch", min=1)
     seq = {"": Dim("seq", min=1, max=limit), "decoder_": Dim("decoder_seq", min=1, max=limit)}
     shapes = {}
     for name, value in model.example_inputs.items():
