@@ -26,6 +26,9 @@ ENCODERS = "adaptc"  # root submodule of a compiled graph: statement-wide prefix
 
 
 def adapter_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """By path in the compiled module, also through torch.compile's wrapper (its paths start
+    with `_orig_mod.`, and a file saved under them loaded into no other module)."""
+    module = getattr(module, "_orig_mod", module)
     return {name: m for name, m in module.named_modules() if hasattr(m, "adapter_parameters")}
 
 

@@ -65,6 +65,19 @@ def test_a_file_of_another_spec_is_refused_with_the_spec_it_was_saved_from(saved
         f"  the file was saved from a module compiled from this spec:\n    {SPEC}")
 
 
+def test_a_torch_compiled_module_saves_and_loads_under_the_compiled_names(saved, tiny, tmp_path):
+    """torch.compile wraps the module as `_orig_mod`: its files held `_orig_mod.model...`
+    names, which no freshly compiled module loaded."""
+    gm, _ = saved
+    with torch.no_grad():
+        adaptc.adapter_state_dict(gm)[FIRST].fill_(0.25)
+    path = adaptc.save_adapters(torch.compile(gm), tmp_path / "compiled.safetensors")
+    assert sorted(load_file(path)) == sorted(adaptc.adapter_state_dict(gm))
+    fresh = adaptc.compile(tiny("llama"), SPEC)
+    adaptc.load_adapters(torch.compile(fresh), path)
+    assert torch.equal(adaptc.adapter_state_dict(fresh)[FIRST], torch.full((4, 128), 0.25))
+
+
 def test_half_precision_adapter_files_load_into_float32(saved, tmp_path):
     """A file saved from a bf16 module loads into a float32 one (values cast, as copy_ does)."""
     gm, _ = saved
