@@ -45,10 +45,16 @@ class Diagnostic:
         out = [
             f"{self.path}:{self.line}:{self.column}: error[{self.code}]: {self.message}",
             f"{gutter}{text}",
-            " " * (len(gutter) - 2) + "| " + " " * (self.column - 1) + "^" * width,
+            " " * (len(gutter) - 2) + "| " + indent(text[:self.column - 1]) + "^" * width,
         ]
         out += [f"   = note: {note}" for note in self.notes]
         return "\n".join(out)
+
+
+def indent(prefix: str) -> str:
+    """Blanks as wide as `prefix` on a terminal: its tabs kept, so the caret stays under a
+    column that follows tabs."""
+    return "".join("\t" if char == "\t" else " " for char in prefix)
 
 
 class SpecError(AdaptcError):

@@ -219,3 +219,11 @@ def test_rendered_line_is_the_parsers_line():
     with pytest.raises(SpecError) as caught:
         parse_spec("# a\u2028b\fc\r\nv_proj lora\n", "x.adapt")
     assert str(caught.value).splitlines()[1] == "   2 | v_proj lora"
+
+
+def test_caret_under_a_column_after_tabs():
+    """One space per tab put the caret left of the token wherever a terminal expands tabs."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec("\tq_proj\tlora\n", "x.adapt")
+    assert str(caught.value).splitlines()[1:3] == ["   1 | \tq_proj\tlora",
+                                                   "     | \t      \t^^^^"]
