@@ -167,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     passes.add_argument("--fuse-projections", action="store_true",
                         help="the infer pipeline with fuse_projections")
     passes.set_defaults(run=run_passes)
+    for command in sub.choices.values():  # `inspect --mode infer` was read as `--model infer`
+        command.allow_abbrev = False
     return top
 
 

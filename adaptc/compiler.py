@@ -4,6 +4,7 @@ in train mode, merged and fused for inference in infer mode.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from adaptc.frontend.models import LoadedModel, load_model, wrap
 from adaptc.frontend.sites import layer_count, parameter_table, site_table
 from adaptc.frontend.targets import resolve
 from adaptc.frontend.trace import InputCheck, sequence_limit, trace
+from adaptc.methods.quantize import Nf4Weight
 from adaptc.passes import CompileContext, PassManager, default_pipeline
 from adaptc.spec import compile_spec, load_spec, lower
 from adaptc.spec.ir import Plan
@@ -98,10 +100,17 @@ def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = Non
     gm, counts = manager.run(gm, ctx)
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     gm.meta[REPORT] = CompileReport(ctx.plan.spec.path, ctx.plan.spec.source, ctx.model.source, ctx.mode, ctx.sites,
-                                    counts, trainable, sum(p.numel() for p in gm.parameters()),
+                                    counts, trainable, parameter_count(gm),
                                     [p.name for p in manager.passes],
                                     sequence_limit(ctx.model) - ctx.table_positions)
     return gm
+
+
+def parameter_count(gm: GraphModule) -> int:
+    """All parameters as PEFT counts them: an NF4 weight by its original elements (PEFT counts
+    bitsandbytes' packed Params4bit as two per byte), not dropped for living in buffers."""
+    quantized = sum(math.prod(m.shape) for m in gm.modules() if isinstance(m, Nf4Weight))
+    return sum(p.numel() for p in gm.parameters()) + quantized
 
 
 def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = None,

@@ -37,17 +37,24 @@ class Diagnostic:
         if self.source is None:  # the file could not be read: nothing to point at
             return "\n".join([f"{self.path}: error[{self.code}]: {self.message}"]
                              + [f"   = note: {note}" for note in self.notes])
-        lines = self.source.splitlines()
-        text = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        lines = self.source.split("\n")  # as the parser counts lines: splitlines() also
+        # breaks at form feeds and U+2028 in comments, and showed an earlier line
+        text = lines[self.line - 1].removesuffix("\r") if 0 < self.line <= len(lines) else ""
         width = max(1, self.end_column - self.column)
         gutter = f"{self.line:>4} | "
         out = [
             f"{self.path}:{self.line}:{self.column}: error[{self.code}]: {self.message}",
             f"{gutter}{text}",
-            " " * (len(gutter) - 2) + "| " + " " * (self.column - 1) + "^" * width,
+            " " * (len(gutter) - 2) + "| " + indent(text[:self.column - 1]) + "^" * width,
         ]
         out += [f"   = note: {note}" for note in self.notes]
         return "\n".join(out)
+
+
+def indent(prefix: str) -> str:
+    """Blanks as wide as `prefix` on a terminal: its tabs kept, so the caret stays under a
+    column that follows tabs."""
+    return "".join("\t" if char == "\t" else " " for char in prefix)
 
 
 class SpecError(AdaptcError):

@@ -312,3 +312,17 @@ def test_empty_paths_are_argument_errors(argv, tmp_path, capsys):
     assert exited.value.code == 2
     assert ": an empty path" in capsys.readouterr().err.splitlines()[-1]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["inspect", "specs/lora_qv.adapt", "--model", "llama", "--mode", "infer"],
+    ["generate", "specs/lora_qv.adapt", "--mode", "infer", "--prompt", "5"],
+])
+def test_option_prefixes_are_not_abbreviations(argv, capsys):
+    """`inspect` has no --mode: argparse read `--mode infer` as `--model infer` and the error
+    was "unknown model 'infer'"; now the option itself is named."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "adaptc: error: unrecognized arguments: --mode infer")

@@ -127,6 +127,15 @@ def test_storage_is_about_4_127_bits_per_weight():
     assert counts["weight_bytes_after"] < counts["weight_bytes_before"] / 7.7
 
 
+def test_all_params_count_quantized_weights_as_peft_does():
+    """PEFT counts a packed Params4bit as two parameters per byte: QLoRA on Llama-2-7B is
+    PEFT's well-known line, not 282M (the NF4 buffers left out)."""
+    from adaptc.frontend.models import build_preset
+    gm = adaptc.compile(build_preset("llama-7b"), "*_proj: quantize\n*_proj: lora r=8 alpha=16")
+    assert adaptc.report_of(gm).peft_line() == (
+        "trainable params: 19,988,480 || all params: 6,758,404,096 || trainable%: 0.2958")
+
+
 @pytest.mark.parametrize("double", [False, True])
 def test_quantized_tensors_own_their_storage(double):
     """No view of the padded block tensor: a saved program would carry the padding, and

@@ -211,3 +211,19 @@ def test_load_spec_not_utf8_points_at_the_byte(tmp_path):
         "(byte 0xe9)\n"
         "   2 | q: lora # caf\ufffd\n"
         "     |              ^")
+
+
+def test_rendered_line_is_the_parsers_line():
+    """A comment holding a line separator (U+2028, a form feed) is one line to the parser;
+    str.splitlines() split it and showed 'b' under line 2."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec("# a\u2028b\fc\r\nv_proj lora\n", "x.adapt")
+    assert str(caught.value).splitlines()[1] == "   2 | v_proj lora"
+
+
+def test_caret_under_a_column_after_tabs():
+    """One space per tab put the caret left of the token wherever a terminal expands tabs."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec("\tq_proj\tlora\n", "x.adapt")
+    assert str(caught.value).splitlines()[1:3] == ["   1 | \tq_proj\tlora",
+                                                   "     | \t      \t^^^^"]

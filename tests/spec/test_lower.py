@@ -1,4 +1,6 @@
 """spec.lower: configs from options, every E2xx check located exactly, all problems at once."""
+from pathlib import Path
+
 import pytest
 
 from adaptc.errors import SpecError
@@ -268,3 +270,11 @@ def test_many_errors_show_the_first_twenty_and_count_the_rest():
     assert message.count("error[E204]") == 20 and "<spec>:20:16:" in message
     assert "<spec>:21:" not in message
     assert message.endswith("... and 5 more errors not shown")
+
+
+def test_language_doc_shows_the_configs_repr():
+    """docs/LANGUAGE.md's "Using it from Python" prints the plan's config; it lacked `gate`."""
+    doc = (Path(__file__).parents[2] / "docs" / "LANGUAGE.md").read_text(encoding="utf-8")
+    shown = doc.split("plan.rules[0].config")[1].split("# ", 1)[1].split("\n")[0]
+    plan = compile_spec("q_proj,v_proj: lora r=8 alpha=16", "inline.adapt")
+    assert shown == repr(plan.rules[0].config)
