@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    if args.hidden < 128 or args.hidden % 128:
+        parser.error(f"--hidden must be a multiple of 128 (heads of 64, 2 KV heads), "
+                     f"got {args.hidden}")
     on_gpu = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
     torch.manual_seed(0)
