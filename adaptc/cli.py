@@ -66,6 +66,15 @@ def path(text: str) -> str:
     return text
 
 
+def count(text: str) -> int:
+    """A token count (--max-new-tokens): a negative one is an argument error naming the flag,
+    not the library's message about `max_new_tokens`."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="adaptc", description="Compile .adapt specs into "
                                   "adapter graphs for parameter-efficient fine-tuning.")
@@ -142,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     given.add_argument("--text", help="text, encoded with the checkpoint directory's tokenizer "
                        "(the output is decoded, and generation stops at its end-of-sequence "
                        "token unless --eos-token-id says otherwise)")
-    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--max-new-tokens", type=count, default=16)
     gen.add_argument("--max-cache-len", type=int, help="the KV cache's length in tokens "
                      "(default 128)")
     gen.add_argument("--eos-token-id", type=int, metavar="ID",

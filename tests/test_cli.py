@@ -326,3 +326,13 @@ def test_option_prefixes_are_not_abbreviations(argv, capsys):
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "adaptc: error: unrecognized arguments: --mode infer")
+
+
+def test_negative_max_new_tokens_names_the_flag(capsys):
+    """The library's 'max_new_tokens must be >= 0' named a Python argument; the CLI names its
+    flag, before any model loads."""
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "specs/lora_qv.adapt", "--prompt", "5", "--max-new-tokens", "-1"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "adaptc generate: error: argument --max-new-tokens: must be >= 0, got -1")
