@@ -73,7 +73,8 @@ def export_prompts(module: nn.Module, task_type: str | None) -> tuple[dict, dict
                            f"prefix this module has '{what}'")
     if task_type is None:
         raise InteropError("PEFT applies prompts and prefixes in its task model: give the "
-                           "task type (CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, FEATURE_EXTRACTION, ...)")
+                           "task type (task_type=, or --task-type for adaptc export-peft: "
+                           "CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, FEATURE_EXTRACTION, ...)")
     adapter, = found.values()
     report = report_of(module)
     with torch.no_grad():

@@ -146,7 +146,8 @@ def test_what_peft_lays_out_otherwise_is_refused(tiny, tmp_path):
                                            "prefixes on 1 of 2 layers"):
         export_peft(gm, tmp_path / "partial", task_type="CAUSAL_LM")
     gm = adaptc.compile(tiny("llama"), "embed: prompt tokens=3")
-    with pytest.raises(InteropError, match="give the task type"):
+    with pytest.raises(InteropError, match=r"give the task type \(task_type=, or --task-type "
+                                           r"for adaptc export-peft: CAUSAL_LM"):
         export_peft(gm, tmp_path / "untyped")
     gm = adaptc.compile(tiny("llama"), "embed: prompt tokens=3\nq_proj: lora r=2")
     with pytest.raises(InteropError, match="holds one method; besides its prompt or prefix "
