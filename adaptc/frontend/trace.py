@@ -143,9 +143,9 @@ class InputCheck:
     (names, rank, integer or float) fail with a TypeError naming the input, instead of an
     IndexError or a dtype error from inside the graph, and so do token inputs longer than
     `max_tokens` (`why` says where that bound comes from). Token ids outside the vocabulary
-    (`vocab_size`, when the model has one) are a ValueError on tensors outside a GPU, where
-    the embedding raised an IndexError; on a GPU the check would stall every call on a device
-    sync, and the embedding's device assert reports them. Optional inputs the call leaves out
+    (`vocab_size`, when the model has one) are a ValueError on CPU tensors, where the
+    embedding raised an IndexError; on a GPU the check would stall every call on a device
+    sync, and the embedding's device assert reports them (meta tensors hold no ids). Optional inputs the call leaves out
     are filled in as transformers would, and integer inputs of another integer dtype (int32
     ids, a bool mask, which transformers takes) are cast to the traced one. A module moved
     to another dtype or device after compiling (`module` the compiled one: its first
@@ -230,7 +230,7 @@ class InputCheck:
             return
         for name in self.expected:
             ids = kwargs[name]
-            if not name.endswith("input_ids") or ids.is_cuda:
+            if not name.endswith("input_ids") or ids.device.type != "cpu":
                 continue
             bad = ids[(ids < 0) | (ids >= self.vocab_size)]
             if bad.numel():
