@@ -34,6 +34,16 @@ def test_compile_from_checkpoint_directory(tiny, tmp_path, capsys):
     assert "c_attn.lora" in (tmp_path / "dump" / "03_insert_lora.py").read_text()
 
 
+def test_an_artifact_given_as_model_points_at_its_checkpoint(tiny, tmp_path, capsys):
+    """`--model DIR` with a train artifact said only 'no config.json'; it names DIR/model."""
+    model = tiny("llama")
+    adaptc.write_artifact(adaptc.compile(model, "q_proj: lora r=2"), model, tmp_path / "dist")
+    assert main(["inspect", "specs/lora_qv.adapt", "--model", str(tmp_path / "dist")]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'dist'}: not a Hugging Face checkpoint directory (no config.json); an "
+        f"adaptc artifact keeps its checkpoint in {tmp_path / 'dist' / 'model'}")
+
+
 def test_bad_checkpoint_directories(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         load_model(str(tmp_path))

@@ -161,7 +161,12 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
     load_as = torch_dtype(dtype) or "auto"
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+        inside = [path / sub for sub in ("model", "hf") if (path / sub / "config.json").is_file()]
+        hint = (f"; an adaptc artifact keeps its checkpoint in {inside[0]}"
+                if inside and any((path / f).is_file() for f in ("manifest.json", "report.json"))
+                else "")
+        raise ModelError(f"{path}: not a Hugging Face checkpoint directory (no config.json)"
+                         f"{hint}")
     # transformers and huggingface_hub raise many types for a bad file (ValueError, KeyError,
     # OSError, StrictDataclassFieldValidationError, ...); each means the checkpoint is unusable.
     try:
