@@ -7,6 +7,7 @@ message and exits non-zero without a traceback. Spec problems carry rendered dia
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ class Diagnostic:
         lines = self.source.split("\n")  # as the parser counts lines: splitlines() also
         # breaks at form feeds and U+2028 in comments, and showed an earlier line
         text = lines[self.line - 1].removesuffix("\r") if 0 < self.line <= len(lines) else ""
-        width = max(1, self.end_column - self.column)
+        span = text[self.column - 1:self.end_column - 1]
+        width = max(1, sum(map(cells, span)) if span else self.end_column - self.column)
         gutter = f"{self.line:>4} | "
         out = [
             f"{self.path}:{self.line}:{self.column}: error[{self.code}]: {self.message}",
@@ -52,9 +54,17 @@ class Diagnostic:
 
 
 def indent(prefix: str) -> str:
-    """Blanks as wide as `prefix` on a terminal: its tabs kept, so the caret stays under a
-    column that follows tabs."""
-    return "".join("\t" if char == "\t" else " " for char in prefix)
+    """Blanks as wide as `prefix` on a terminal, so the caret stays under its column: its
+    tabs kept, and each other character as many blanks as the cells it takes."""
+    return "".join("\t" if char == "\t" else " " * cells(char) for char in prefix)
+
+
+def cells(char: str) -> int:
+    """Terminal cells a character takes: two when wide (CJK, full-width), none for a
+    combining mark, one otherwise."""
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
 
 
 class SpecError(AdaptcError):

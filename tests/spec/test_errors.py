@@ -227,3 +227,14 @@ def test_caret_under_a_column_after_tabs():
         parse_spec("\tq_proj\tlora\n", "x.adapt")
     assert str(caught.value).splitlines()[1:3] == ["   1 | \tq_proj\tlora",
                                                    "     | \t      \t^^^^"]
+
+
+def test_caret_under_a_column_after_wide_characters():
+    """A CJK character takes two terminal cells: one blank each put the caret left of the
+    token after it, and a caret one cell per character under it too short."""
+    from adaptc.spec import compile_spec
+    with pytest.raises(SpecError) as caught:
+        compile_spec('q_proj: lora init="设定" r=0\n')
+    lines = str(caught.value).splitlines()
+    assert lines[2] == "     | " + " " * 18 + "^" * 6  # under "设定", 6 cells wide
+    assert lines[6] == "     | " + " " * 27 + "^"  # 25 characters, 27 cells, then r's value
