@@ -194,3 +194,57 @@ def assert_cached_decoding_follows(train, checkpoint, spec: str, weights) -> Non
     with torch.no_grad():
         logits = train(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
     assert tokens[3:] == logits[2:-1].argmax(-1).tolist()
+
+
+TRITON_CASES = {  # a case of the Triton backend: the autotuned kernels it launches
+    "bottleneck fused": ["_bottleneck_fused_kernel"],
+    "bottleneck two launches": ["_linear_kernel"],
+    "mixture per-token": ["_per_token_kernel"],
+    "mixture stacked": ["_stacked_shrink_kernel", "_stacked_expand_kernel"],
+    "mixture grouped k=1": ["_router_kernel", "_shrink_kernel", "_expand_kernel"],
+    "mixture grouped k=2": ["_router_kernel", "_shrink_kernel", "_expand_kernel"],
+    "vectors": ["_mixture_vectors_kernel"],
+}
+
+
+def autotuned_kernels() -> dict:
+    """Every autotuned kernel of the Triton backend, by name. Imported here, not at the top:
+    triton decides whether to interpret a kernel when its module is imported."""
+    from triton.runtime.autotuner import Autotuner
+
+    from adaptc.backends.triton import bottleneck, moe_lora, moe_vectors
+    return {name: kernel for module in (bottleneck, moe_lora, moe_vectors)
+            for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
+
+
+def triton_case_calls(case: str, dtype: torch.dtype, *, tokens: int, d: int, n: int,
+                      fused_width: int, device: str) -> tuple:
+    """(a call of `case`'s Triton path, a call of its reference) on seeded random inputs on
+    `device`: the bottleneck maps d → n through `fused_width` (the fused kernel) or 136 (two
+    launches); the mixtures read d and add into n (the per-token path: 5 tokens)."""
+    from adaptc.backends.triton.bottleneck import (bottleneck_adapter_reference,
+                                                   bottleneck_adapter_triton)
+    from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
+    from adaptc.backends.triton.moe_vectors import mixture_vectors_reference, mixture_vectors_triton
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    torch.manual_seed(0)
+    experts, rank = 8, 8
+    if case.startswith("bottleneck"):
+        width = fused_width if case == "bottleneck fused" else 136
+        args = (randn(tokens, d), randn(tokens, n), randn(width, d, scale=d**-0.5), randn(width),
+                randn(n, width, scale=width**-0.5), randn(n), "gelu", randn(tokens, n))
+        return lambda: bottleneck_adapter_triton(*args), lambda: bottleneck_adapter_reference(*args)
+    if case == "vectors":
+        args = (randn(tokens, n), randn(tokens, d), randn(experts, d, scale=d**-0.5),
+                1 + randn(experts, n, scale=0.1), 2)
+        return lambda: mixture_vectors_triton(*args), lambda: mixture_vectors_reference(*args)
+    path, top_k = case.split()[1], 1 if case.endswith("k=1") else 2
+    if path == "per-token":
+        tokens = 5
+    args = (randn(tokens, d), randn(tokens, n), randn(experts, d, scale=d**-0.5),
+            randn(experts, rank, d, scale=d**-0.5), randn(experts, n, rank, scale=rank**-0.5),
+            2.0, top_k)
+    return lambda: mixture_lora_triton(*args, path=path), lambda: mixture_lora_reference(*args)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import inputs, main_output
-from triton.runtime.autotuner import Autotuner
+from helpers import TRITON_CASES, autotuned_kernels, inputs, main_output, triton_case_calls
 
 import adaptc
 
@@ -31,13 +30,6 @@ def compiled_kernels():
     if isinstance(bottleneck._activate, InterpretedFunction):
         pytest.skip("triton interprets the kernels in this process (tests/backends ran "
                     "first); run tests/test_gpu.py on its own")
-
-
-def autotuned_kernels() -> dict[str, Autotuner]:
-    """Every autotuned kernel of the backend, by name."""
-    from adaptc.backends.triton import bottleneck, moe_lora, moe_vectors
-    return {name: kernel for module in (bottleneck, moe_lora, moe_vectors)
-            for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
 
 
 ALL_TILES = {name: list(kernel.configs) for name, kernel in autotuned_kernels().items()}
@@ -67,47 +59,13 @@ def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
 def tile_case(case: str, dtype: torch.dtype) -> tuple[list[str], Callable, Callable]:
     """(the kernels `case` launches, a call of its Triton path, a call of its reference), at
     widths and token counts that are not multiples of any tile."""
-    from adaptc.backends.triton.bottleneck import (
-        bottleneck_adapter_reference,
-        bottleneck_adapter_triton,
-    )
-    from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
-    from adaptc.backends.triton.moe_vectors import mixture_vectors_reference, mixture_vectors_triton
-    torch.manual_seed(0)
-    tokens, d, n, experts, rank = 300, 1000, 1500, 8, 8
-    if case.startswith("bottleneck"):
-        width = 64 if case == "bottleneck fused" else 136
-        args = (randn(tokens, d, dtype=dtype), randn(tokens, d, dtype=dtype),
-                randn(width, d, dtype=dtype, scale=d**-0.5), randn(width, dtype=dtype),
-                randn(d, width, dtype=dtype, scale=width**-0.5), randn(d, dtype=dtype), "gelu",
-                randn(tokens, d, dtype=dtype))
-        kernels = ["_bottleneck_fused_kernel" if width == 64 else "_linear_kernel"]
-        return (kernels, lambda: bottleneck_adapter_triton(*args),
-                lambda: bottleneck_adapter_reference(*args))
-    if case == "vectors":
-        args = (randn(tokens, n, dtype=dtype), randn(tokens, d, dtype=dtype),
-                randn(experts, d, dtype=dtype, scale=d**-0.5),
-                1 + randn(experts, n, dtype=dtype, scale=0.1), 2)
-        return (["_mixture_vectors_kernel"], lambda: mixture_vectors_triton(*args),
-                lambda: mixture_vectors_reference(*args))
-    path, top_k = case.split()[1], 1 if case.endswith("k=1") else 2
-    kernels = {"per-token": ["_per_token_kernel"],
-               "stacked": ["_stacked_shrink_kernel", "_stacked_expand_kernel"],
-               "grouped": ["_router_kernel", "_shrink_kernel", "_expand_kernel"]}[path]
-    if path == "per-token":
-        tokens = 5
-    args = (randn(tokens, d, dtype=dtype), randn(tokens, n, dtype=dtype),
-            randn(experts, d, dtype=dtype, scale=d**-0.5),
-            randn(experts, rank, d, dtype=dtype, scale=d**-0.5),
-            randn(experts, n, rank, dtype=dtype, scale=rank**-0.5), 2.0, top_k)
-    return (kernels, lambda: mixture_lora_triton(*args, path=path),
-            lambda: mixture_lora_reference(*args))
+    n = 1000 if case.startswith("bottleneck") else 1500
+    return TRITON_CASES[case], *triton_case_calls(case, dtype, tokens=300, d=1000, n=n,
+                                                  fused_width=64, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("case", ["bottleneck fused", "bottleneck two launches",
-                                  "mixture per-token", "mixture stacked", "mixture grouped k=1",
-                                  "mixture grouped k=2", "vectors"])
+@pytest.mark.parametrize("case", list(TRITON_CASES))
 def test_every_tile_computes_the_reference(case, dtype):
     """Every autotune config of every kernel, each launched as the only one (the autotuner
     picks among them by time alone, so a tile that masked its edges wrongly would be chosen

@@ -145,9 +145,10 @@ class InputCheck:
     `max_tokens` (`why` says where that bound comes from). Token ids outside the vocabulary
     (`vocab_size`, when the model has one) are a ValueError on CPU tensors, where the
     embedding raised an IndexError; on a GPU the check would stall every call on a device
-    sync, and the embedding's device assert reports them (meta tensors hold no ids). Optional inputs the call leaves out
-    are filled in as transformers would, and integer inputs of another integer dtype (int32
-    ids, a bool mask, which transformers takes) are cast to the traced one. A module moved
+    sync, and the embedding's device assert reports them (meta tensors hold no ids).
+    Optional inputs the call leaves out are filled in as transformers would, and integer
+    inputs of another integer dtype (int32 ids, a bool mask, which transformers takes) are
+    cast to the traced one. A module moved
     to another dtype or device after compiling (`module` the compiled one: its first
     floating-point weight says where it was) is an AdaptcError."""
 

@@ -12,12 +12,9 @@ from collections.abc import Callable
 import pytest
 import torch
 import triton
-from triton.runtime.autotuner import Autotuner
+from helpers import TRITON_CASES, autotuned_kernels, triton_case_calls
 
 from adaptc.backends.triton import CHOSEN, bottleneck, moe_lora, moe_vectors
-from adaptc.backends.triton.bottleneck import bottleneck_adapter_reference, bottleneck_adapter_triton
-from adaptc.backends.triton.moe_lora import mixture_lora_reference, mixture_lora_triton
-from adaptc.backends.triton.moe_vectors import mixture_vectors_reference, mixture_vectors_triton
 
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # atol = rtol; outputs are O(1)
 GPU_TILES = {  # each autotuned kernel's GPU configs
@@ -31,20 +28,6 @@ GPU_TILES = {  # each autotuned kernel's GPU configs
     "_per_token_kernel": moe_lora._per_token_configs,
     "_mixture_vectors_kernel": moe_vectors._configs,
 }
-CASES = {  # a case: the kernels it launches
-    "bottleneck fused": ["_bottleneck_fused_kernel"],
-    "bottleneck two launches": ["_linear_kernel"],
-    "mixture per-token": ["_per_token_kernel"],
-    "mixture stacked": ["_stacked_shrink_kernel", "_stacked_expand_kernel"],
-    "mixture grouped k=1": ["_router_kernel", "_shrink_kernel", "_expand_kernel"],
-    "mixture grouped k=2": ["_router_kernel", "_shrink_kernel", "_expand_kernel"],
-    "vectors": ["_mixture_vectors_kernel"],
-}
-
-
-def autotuned_kernels() -> dict[str, Autotuner]:
-    return {name: kernel for module in (bottleneck, moe_lora, moe_vectors)
-            for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
 
 
 def gpu_tiles() -> dict[str, list[triton.Config]]:
@@ -58,47 +41,21 @@ def gpu_tiles() -> dict[str, list[triton.Config]]:
         return {name: configs() for name, configs in GPU_TILES.items()}
 
 
-def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape) * scale).to(dtype)
-
-
 def calls(case: str, dtype: torch.dtype) -> tuple[Callable, Callable]:
     """(the case's Triton path, its reference), on CPU tensors."""
-    torch.manual_seed(0)
-    tokens, d, n, experts, rank = 70, 100, 150, 8, 8
-    if case.startswith("bottleneck"):
-        width = 24 if case == "bottleneck fused" else 136
-        args = (randn(tokens, d, dtype=dtype), randn(tokens, n, dtype=dtype),
-                randn(width, d, dtype=dtype, scale=d**-0.5), randn(width, dtype=dtype),
-                randn(n, width, dtype=dtype, scale=width**-0.5), randn(n, dtype=dtype), "gelu",
-                randn(tokens, n, dtype=dtype))
-        return lambda: bottleneck_adapter_triton(*args), lambda: bottleneck_adapter_reference(*args)
-    if case == "vectors":
-        args = (randn(tokens, n, dtype=dtype), randn(tokens, d, dtype=dtype),
-                randn(experts, d, dtype=dtype, scale=d**-0.5),
-                1 + randn(experts, n, dtype=dtype, scale=0.1), 2)
-        return lambda: mixture_vectors_triton(*args), lambda: mixture_vectors_reference(*args)
-    path, top_k = case.split()[1], 1 if case.endswith("k=1") else 2
-    if path == "per-token":
-        tokens = 5
-    args = (randn(tokens, d, dtype=dtype), randn(tokens, n, dtype=dtype),
-            randn(experts, d, dtype=dtype, scale=d**-0.5),
-            randn(experts, rank, d, dtype=dtype, scale=d**-0.5),
-            randn(experts, n, rank, dtype=dtype, scale=rank**-0.5), 2.0, top_k)
-    return (lambda: mixture_lora_triton(*args, path=path),
-            lambda: mixture_lora_reference(*args))
+    return triton_case_calls(case, dtype, tokens=70, d=100, n=150, fused_width=24, device="cpu")
 
 
 def test_every_kernel_has_its_tiles_listed() -> None:
     assert set(GPU_TILES) == set(autotuned_kernels())
-    assert set(GPU_TILES) == {name for names in CASES.values() for name in names}
+    assert set(GPU_TILES) == {name for names in TRITON_CASES.values() for name in names}
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(TRITON_CASES))
 def test_every_gpu_tile_computes_the_reference(monkeypatch: pytest.MonkeyPatch, case: str,
                                                dtype: torch.dtype) -> None:
-    names, (triton_path, reference) = CASES[case], calls(case, dtype)
+    names, (triton_path, reference) = TRITON_CASES[case], calls(case, dtype)
     kernels, all_tiles, tol = autotuned_kernels(), gpu_tiles(), TOLERANCES[dtype]
     expected = reference()
     for i in range(max(len(all_tiles[name]) for name in names)):
