@@ -7,6 +7,7 @@ needed to restore the adapter, such as LoRA-FA's frozen A).
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from adaptc.methods.mixture import Routed
 
 
 SPEC_KEY = "adaptc.spec"
+OPTIONS_KEY = "adaptc.options"  # JSON: "site method" → the options that change its outputs
 ENCODERS = "adaptc"  # root submodule of a compiled graph: statement-wide prefix encoders
 
 
@@ -47,18 +49,19 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     """Write every adapter tensor to one safetensors file, atomically (temp file + rename).
 
     The metadata records the spec the module was compiled from, so a file loaded into a
-    module of another spec is refused with the spec it belongs to."""
+    module of another spec is refused with the spec it belongs to, and each site's options
+    that change its outputs (alpha, rslora, k, ...), which a loading module must share."""
     from adaptc.artifact import created_mode  # artifact and the compiler import this module
-    from adaptc.compiler import REPORT
     path = Path(path)
     metadata = {"format": "pt", "producer": "adaptc"}
-    report = getattr(module, "meta", {}).get(REPORT)
+    report = compile_report(module)
     if report is not None and report.mode == "infer":
         raise WeightsError(f"{path}: an infer-mode module holds its adapters merged into its "
                            "weights or fused, not as adapter tensors; save the train-mode "
                            "module's adapters (the file mode='infer' was compiled with)")
     if report is not None:
         metadata[SPEC_KEY] = report.spec_source
+        metadata[OPTIONS_KEY] = json.dumps(site_options(report.sites))
     tensors = adapter_state_dict(module)
     if any(t.is_meta for t in tensors.values()):
         raise WeightsError("cannot save adapters of a model on the meta device (it has no values)")
@@ -84,15 +87,24 @@ PEFT_CONVERT = ("`adaptc import-peft DIR --model MODEL -o spec.adapt --weights "
                 "adapters.safetensors` converts the PEFT directory")
 
 
+def site_options(sites: list[dict], prefix: str = "") -> dict[str, dict]:
+    """"<prefix><site path> <method>" → its output-changing options, from report rows, in
+    the form they take through JSON (lists, not tuples)."""
+    return json.loads(json.dumps({f"{prefix}{row['path']} {row['method']}": row["options"]
+                                  for row in sites if "options" in row}))
+
+
 def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
-                  partial: bool = False) -> None:
+                  partial: bool = False, sites: list[dict] | None = None) -> None:
     """Copy tensors from a safetensors file into the module's adapters; all or nothing.
 
     `prefix` is prepended to the file's names: a module that wraps the compiled model (the
     KV-cache decoder holds it as `model`) loads a file saved from the unwrapped one. Names
     under ENCODERS (statement-wide encoders at the graph's root) stay as they are. `partial`
     skips the file's tensors the module has no adapter for (the module must still find all
-    of its own).
+    of its own). `sites`, the module's compile-report rows (by default its report's), must
+    agree with the file's on every option that changes outputs at the sites both have:
+    tensors trained with alpha=16 compute something else under alpha=32.
     """
     if Path(path).is_dir():
         peft = (Path(path) / "adapter_config.json").is_file()
@@ -101,7 +113,8 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
                            + (f"\n  it holds a PEFT adapter: {PEFT_CONVERT}" if peft else ""))
     try:
         with safe_open(str(path), "pt") as handle:
-            saved_spec = (handle.metadata() or {}).get(SPEC_KEY)
+            saved = handle.metadata() or {}
+            saved_spec = saved.get(SPEC_KEY)
             tensors = {(k if k.startswith(f"{ENCODERS}.") else prefix + k): handle.get_tensor(k)
                        for k in handle.keys()}
     except (OSError, SafetensorError) as err:
@@ -109,7 +122,56 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
     if partial:
         own = adapter_state_dict(module)
         tensors = {k: v for k, v in tensors.items() if k in own}
+    if OPTIONS_KEY in saved:
+        if sites is None:
+            report = compile_report(module)
+            sites = [] if report is None else report.sites
+        check_options(str(path), json.loads(saved[OPTIONS_KEY]), prefix, sites, saved_spec)
     load_adapter_tensors(module, tensors, str(path), saved_spec)
+
+
+def spec_text(value) -> str:
+    """A value as a spec writes it: true/false, 16 rather than 16.0, names bare."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(value)
+
+
+def compile_report(module: nn.Module):
+    """The CompileReport of a compiled module (also through torch.compile's wrapper)."""
+    from adaptc.compiler import REPORT  # the compiler imports this module
+    module = getattr(module, "_orig_mod", module)
+    return getattr(module, "meta", {}).get(REPORT)
+
+
+def check_options(path: str, saved: dict[str, dict], prefix: str, sites: list[dict],
+                  saved_spec: str | None) -> None:
+    """Refuse a file whose adapters were trained with other output-changing options than the
+    module's (names and shapes already match): name each differing site and option."""
+    saved = {prefix + key: options for key, options in saved.items()}
+    lines = []
+    for key, options in site_options(sites).items():
+        filed = saved.get(key)
+        if filed is None or filed == options:
+            continue
+        site = key.split(" ", 1)[0]
+        for name, config in options.items():
+            was = filed.get(name, {})
+            changed = [f"{k}={spec_text(was.get(k))} in the file, {k}={spec_text(v)} here"
+                       for k, v in config.items() if was.get(k) != v]
+            if changed:
+                lines.append(f"{site} {name}: " + "; ".join(changed))
+    if lines:
+        shown = "".join(f"\n  {line}" for line in lines[:5])
+        more = f"\n  ... and {len(lines) - 5} more" if len(lines) > 5 else ""
+        origin = "" if saved_spec is None else (
+            "\n  the file was saved from a module compiled from this spec:\n"
+            + "".join(f"    {line}\n" for line in saved_spec.strip().splitlines()))
+        raise WeightsError(f"{path}: the adapters were trained with other options than the "
+                           f"compiled module's, so they would compute other outputs "
+                           f"({len(lines)} sites):{shown}{more}{origin.rstrip()}")
 
 
 def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str,

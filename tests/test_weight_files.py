@@ -168,3 +168,53 @@ def test_damaged_program_files_are_one_line_errors(tmp_path, capfd):
         adaptc.load_program(other)
     assert "\n" not in str(err.value) and "warnings above" not in str(err.value)
     assert capfd.readouterr().err == ""
+
+
+def test_adapters_trained_with_another_alpha_are_refused(saved, tiny, tmp_path):
+    """Same names and shapes, another scale: the file loaded silently and the module computed
+    other outputs. The file records each site's output-changing options; training-only keys
+    (dropout) may differ."""
+    gm, path = saved
+    other = adaptc.compile(tiny("llama"), SPEC + " alpha=32")
+    before = {k: v.clone() for k, v in adaptc.adapter_state_dict(other).items()}
+    with pytest.raises(WeightsError) as err:
+        adaptc.load_adapters(other, path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == (f"{path}: the adapters were trained with other options than the "
+                        "compiled module's, so they would compute other outputs (4 sites):")
+    assert lines[1] == "  model.layers.0.self_attn.q_proj lora: alpha=8 in the file, alpha=32 here"
+    assert lines[-2:] == ["  the file was saved from a module compiled from this spec:",
+                          f"    {SPEC}"]
+    after = adaptc.adapter_state_dict(other)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(WeightsError, match="rslora=false in the file, rslora=true here"):
+        adaptc.compile(tiny("llama"), SPEC + " rslora=true", "infer", adapters=path)
+    with torch.no_grad():
+        adaptc.adapter_state_dict(gm)[FIRST.replace(".A", ".B")].normal_()
+    adaptc.save_adapters(gm, path)
+    dropout = adaptc.compile(tiny("llama"), SPEC + " dropout=0.5").eval()
+    adaptc.load_adapters(dropout, path)
+    ids = {"input_ids": torch.tensor([[3, 9, 27, 81]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.equal(dropout(**ids).logits, gm.eval()(**ids).logits)
+
+
+def test_a_mixture_with_another_k_is_refused(tiny, tmp_path):
+    """The mixture statement's options are recorded beside the LoRA statement's."""
+    spec = "q_proj: lora r=2\nmixture moe experts=4 k={k}"
+    path = adaptc.save_adapters(adaptc.compile(tiny("llama"), spec.format(k=2)),
+                                tmp_path / "m.safetensors")
+    with pytest.raises(WeightsError, match=r"q_proj moe: k=2 in the file, k=1 here"):
+        adaptc.load_adapters(adaptc.compile(tiny("llama"), spec.format(k=1)), path)
+    adaptc.load_adapters(adaptc.compile(tiny("llama"), spec.format(k=2) + " balance=0.5"), path)
+
+
+def test_a_decoder_checks_the_options_under_its_prefix(saved, tiny, tmp_path):
+    """compile_decoder traces the model inside a cache wrapper (site paths start `model.`)."""
+    from adaptc.decode import compile_decoder
+    folder = tmp_path / "ckpt"
+    tiny("llama").module.save_pretrained(folder)
+    with pytest.raises(WeightsError, match=r"model\.model\.layers\.0\.self_attn\.q_proj lora: "
+                                           "alpha=8 in the file, alpha=2 here"):
+        compile_decoder(str(folder), SPEC + " alpha=2", adapters=saved[1], max_cache_len=8)
+    compile_decoder(str(folder), SPEC, adapters=saved[1], max_cache_len=8)

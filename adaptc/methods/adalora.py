@@ -46,14 +46,20 @@ class AdaLoraConfig:
     alpha: float = option(8.0, "scale numerator: the update is multiplied by alpha/init_r "
                           "(0: by 1)", low=0)
     dropout: float = option(0.0, "dropout on the adapter's input while training", low=0, high=1,
-                            high_open=True)
-    total_step: int = option(0, "total training steps (required, > 0)", low=0)
-    tinit: int = option(0, "warm-up steps before any pruning", low=0)
-    tfinal: int = option(0, "final steps with the rank pattern fixed", low=0)
-    delta_t: int = option(1, "steps between two budget allocations", low=1)
-    beta1: float = option(0.85, "EMA factor of the sensitivity", low=0, high=1, high_open=True)
-    beta2: float = option(0.85, "EMA factor of the uncertainty", low=0, high=1, high_open=True)
-    orth_reg: float = option(0.5, "weight of the orthogonality regulariser", low=0)
+                            high_open=True, training=True)
+    total_step: int = option(0, "total training steps (required, > 0)", low=0,
+                            training=True)
+    tinit: int = option(0, "warm-up steps before any pruning", low=0, training=True)
+    tfinal: int = option(0, "final steps with the rank pattern fixed", low=0,
+                        training=True)
+    delta_t: int = option(1, "steps between two budget allocations", low=1,
+                         training=True)
+    beta1: float = option(0.85, "EMA factor of the sensitivity", low=0, high=1, high_open=True,
+                          training=True)
+    beta2: float = option(0.85, "EMA factor of the uncertainty", low=0, high=1, high_open=True,
+                          training=True)
+    orth_reg: float = option(0.5, "weight of the orthogonality regulariser", low=0,
+                             training=True)
 
     def check(self) -> list[tuple[str, str]]:
         if self.total_step <= 0:

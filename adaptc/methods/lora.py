@@ -41,7 +41,7 @@ class LoraConfig:
     r: int = option(8, "rank of the update B·A", low=1)
     alpha: float = option(8.0, "scale numerator: the update is multiplied by alpha/r", low=0)
     dropout: float = option(0.0, "dropout on the adapter's input while training", low=0, high=1,
-                            high_open=True)
+                            high_open=True, training=True)
     rslora: bool = option(False, "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r")
     init: str = option("kaiming", "kaiming: A Kaiming-uniform, B zero; gaussian: A ~ N(0, 1/r²), "
                        "B zero; pissa: A, B from the top-r singular vectors of W, the layer keeps "

@@ -37,7 +37,8 @@ class MixtureConfig:
                                       "from the first to the last layers (MoLA)", low=1)
     router: str = option("topk", "topk: sparse softmax over the k best; soft: all experts",
                          choices=("topk", "soft"))
-    balance: float = option(0.01, "weight of the load-balancing loss", low=0)
+    balance: float = option(0.01, "weight of the load-balancing loss", low=0,
+                           training=True)
 
     def check(self) -> list[tuple[str, str]]:
         fewest = min(self.experts) if isinstance(self.experts, list) else self.experts
@@ -74,11 +75,12 @@ class LoraMoeConfig:
 
     experts: int = option(6, "LoRA experts per site", low=2)
     knowledge: int = option(0, "experts of the world-knowledge group (the first ones); "
-                            "0: half of them", low=0)
+                            "0: half of them", low=0, training=True)
     delta: float = option(0.1, "imbalance δ between the groups: importance of an expert of "
                           "the sample's own type counts 1 + δ, of the other type 1 - δ",
-                          low=0, high=1, high_open=True)
-    balance: float = option(0.1, "weight of the localized balancing loss", low=0)
+                          low=0, high=1, high_open=True, training=True)
+    balance: float = option(0.1, "weight of the localized balancing loss", low=0,
+                            training=True)
 
     @property
     def k(self) -> int:

@@ -60,7 +60,7 @@ class Ptuning2Config:
     tokens: int = option(16, "virtual tokens P prepended to every adapted layer's keys and values",
                          low=1)
     dropout: float = option(0.0, "dropout on the prefix while training (P-tuning v2)", low=0,
-                            high=1, high_open=True)
+                            high=1, high_open=True, training=True)
     projection: ClassVar[int] = 0
     gate: ClassVar[bool] = False
 

@@ -37,7 +37,8 @@ class PromptConfig:
     tokens: int = option(8, "virtual tokens n prepended to the input embeddings", low=1)
     init: str | list[int] = option("random", "random: N(0, 1); vocab: embeddings of random "
                                    "vocabulary tokens; [ids]: embeddings of these token ids, "
-                                   "repeated to n", low=0, choices=INITS)
+                                   "repeated to n", low=0, choices=INITS,
+                                   training=True)
 
     def check(self) -> list[tuple[str, str]]:
         if isinstance(self.init, list) and not self.init:

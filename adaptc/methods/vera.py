@@ -34,11 +34,11 @@ class VeraConfig:
     rank_bound: ClassVar[bool] = False  # the random projections may be wider than the layer
 
     r: int = option(256, "rank of the shared random projections A and B", low=1)
-    d_init: float = option(0.1, "initial value of every entry of λ_d")
+    d_init: float = option(0.1, "initial value of every entry of λ_d", training=True)
     seed: int = option(0, "seed that regenerates the shared A and B (PEFT's projection_prng_key)",
                        low=0, high=2 ** 64 - 1)  # what torch.Generator.manual_seed takes
     dropout: float = option(0.0, "dropout on the adapter's input while training", low=0, high=1,
-                            high_open=True)
+                            high_open=True, training=True)
 
     def check(self) -> list[tuple[str, str]]:
         return []

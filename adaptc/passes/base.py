@@ -20,6 +20,7 @@ from adaptc.errors import SpecError, first_line
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.targets import Assignment, diag
 from adaptc.frontend.trace import sequence_limit
+from adaptc.methods.options import output_options
 from adaptc.spec.ir import Plan
 
 # node.meta keys written by passes
@@ -139,8 +140,12 @@ def out_of_memory(err: BaseException) -> bool:
             or "allocate memory" in str(err))
 
 
-def report(site, method: str, assignment, adapter) -> dict:
-    """One row of the compile report: where, what, from which line, how many parameters."""
+def report(site, method: str, assignment, adapter, *configs) -> dict:
+    """One row of the compile report: where, what, from which line, how many parameters, and
+    the options that change what the adapter computes (of its statement and of `configs`,
+    a mixture's), which saved adapter files record."""
+    config = assignment.rule.config
     return {"path": site.path, "method": method, "line": assignment.rule.statement.span.line,
             "type": site.type_name, "in": site.in_features, "out": site.out_features,
-            "params": sum(p.numel() for p in adapter.adapter_parameters().values())}
+            "params": sum(p.numel() for p in adapter.adapter_parameters().values()),
+            "options": {c.method: output_options(c) for c in (config, *configs)}}

@@ -53,6 +53,7 @@ class InsertMixture:
                 else:
                     wrap_output(gm, node, f"{site.path}.mov", adapter, "mov", (x,))
                 label = "moe" if method == "lora" else "mov"
-                ctx.sites.append(report(site, f"{label}[{experts}]", assignment, adapter))
+                ctx.sites.append(report(site, f"{label}[{experts}]", assignment, adapter,
+                                        mixture))
                 count += 1
         return PassResult(gm, {"mixture_inserted": count})

@@ -21,6 +21,7 @@ class LoadAdapters:
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         if ctx.adapters is None:
             return PassResult(gm, {"adapter_tensors_loaded": 0})
-        load_adapters(gm, ctx.adapters, ctx.adapter_prefix, partial=ctx.partial)
+        load_adapters(gm, ctx.adapters, ctx.adapter_prefix, partial=ctx.partial,
+                      sites=ctx.sites)
         ctx.loaded_adapters = frozenset(adapter_state_dict(gm))
         return PassResult(gm, {"adapter_tensors_loaded": len(ctx.loaded_adapters)})
