@@ -31,6 +31,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from adaptc.compiler import REPORT
+from adaptc.frontend.trace import INPUT_CHECK
 
 
 @torch.no_grad()
@@ -46,6 +47,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     seq2seq = decoder_start_token_id is not None
+    check_kind(model, seq2seq)
     check_length(model, (1 if seq2seq else input_ids.shape[1]) + max_new_tokens)
     tokens = (torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype,
                          device=input_ids.device) if seq2seq else input_ids)
@@ -69,6 +71,21 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         if eos_token_id is not None and done.all():
             break
     return tokens
+
+
+def check_kind(model: nn.Module, seq2seq: bool) -> None:
+    """A compiled encoder-decoder takes `decoder_input_ids`, a decoder-only one does not: the
+    wrong call failed inside the first step with an input error that named neither
+    `decoder_start_token_id` nor what to pass."""
+    check = getattr(model, "meta", {}).get(INPUT_CHECK) if isinstance(model, GraphModule) else None
+    if check is None or seq2seq == ("decoder_input_ids" in check.expected):
+        return
+    if seq2seq:
+        raise ValueError("decoder_start_token_id is for an encoder-decoder; this compiled "
+                         "module is decoder-only (it takes no decoder_input_ids)")
+    raise ValueError("the compiled module is an encoder-decoder (it takes decoder_input_ids): "
+                     "pass decoder_start_token_id, its config's "
+                     "(model.config.decoder_start_token_id)")
 
 
 def check_length(model: nn.Module, length: int) -> None:

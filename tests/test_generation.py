@@ -85,3 +85,6 @@ def test_greedy_refuses_what_would_fail_late_or_never_stop(tiny):
     with pytest.raises(ValueError, match=r"eos_token_id -1 is outside the model's vocabulary "
                                          r"\(0\.\.511\)"):
         adaptc.greedy_generate(gm, ids, mask, 2, eos_token_id=-1)
+    with pytest.raises(ValueError, match="decoder_start_token_id is for an encoder-decoder; "
+                                         "this compiled module is decoder-only"):
+        adaptc.greedy_generate(gm, ids, mask, 2, decoder_start_token_id=0)

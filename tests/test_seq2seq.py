@@ -11,7 +11,7 @@ from peft import IA3Config, TaskType, get_peft_model
 
 import adaptc
 from adaptc.decode import compile_decoder
-from adaptc.errors import ModelError, SpecError
+from adaptc.errors import AdaptcError, ModelError, SpecError
 from adaptc.frontend.models import wrap
 from helpers import (copy_ia3_scales, peft_twin, randomize_adapters, randomize_and_copy,
                      save_word_tokenizer, serve_checkpoint, small_bart)
@@ -141,6 +141,10 @@ def test_greedy_generate_equals_transformers_generate(name):
                            num_beams=1, eos_token_id=None, forced_eos_token_id=None)  # BART's
     assert ours.shape == (3, 7) and torch.equal(ours, theirs)
     assert ours[:, 0].tolist() == [start] * 3 and ours[:, 1:].unique().numel() > 3
+    with pytest.raises(ValueError, match=r"the compiled module is an encoder-decoder \(it takes "
+                                         r"decoder_input_ids\): pass decoder_start_token_id"):
+        adaptc.greedy_generate(gm, x["input_ids"], x["attention_mask"], 6)  # it said: missing
+        # input 'decoder_input_ids'
 
 
 def test_cli_generate_replies(tmp_path, capsys):
@@ -411,6 +415,24 @@ def test_inspect_shows_the_block_whose_layer_index_is_asked():
     text = adaptc.inspect("t5", "ffn: adapter bottleneck=4", block=1)
     assert "block encoder.block.1: original | rewritten" in text
     assert "+ encoder_block_1_layer_1_dense_relu_dense_adapter" in text
+
+
+def test_inspect_shows_a_decoder_block_named_by_its_path(tmp_path, capsys):
+    """A layer index reaches only the encoder's blocks; a module path reaches the decoder's."""
+    from adaptc.cli import main
+    spec = "ffn: adapter bottleneck=4"
+    text = adaptc.inspect("t5", spec, block="decoder.block.1")
+    assert "block decoder.block.1: original | rewritten" in text
+    assert "+ decoder_block_1_layer_2_dense_relu_dense_adapter" in text
+    assert "encoder_block" not in text.split("original | rewritten")[1]
+    with pytest.raises(AdaptcError, match=r"block 'decoder\.blok\.1': no adapted module inside "
+                                          r"it \(blocks with one: encoder\.block\.0, "
+                                          r"encoder\.block\.1, decoder\.block\.0, "):
+        adaptc.inspect("t5", spec, block="decoder.blok.1")
+    (tmp_path / "s.adapt").write_text(spec + "\n")
+    assert main(["inspect", str(tmp_path / "s.adapt"), "--model", "t5",
+                 "--block", "decoder.block.0"]) == 0
+    assert "block decoder.block.0: original | rewritten" in capsys.readouterr().out
 
 
 def test_flan_t5_base_count_line_matches_peft():
