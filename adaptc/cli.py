@@ -66,6 +66,14 @@ def path(text: str) -> str:
     return text
 
 
+def block_arg(text: str) -> int | str:
+    """`--block`: an integer is a layer index, anything else a block's module path."""
+    try:
+        return int(text)
+    except ValueError:
+        return path(text)
+
+
 def count(text: str) -> int:
     """A token count (--max-new-tokens): a negative one is an argument error naming the flag,
     not the library's message about `max_new_tokens`."""
@@ -111,8 +119,9 @@ def parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="show matched sites, parameter counts and one block")
     insp.add_argument("spec", type=path, help=SPEC_HELP)
     insp.add_argument("--model", type=path, default=DEFAULT_MODEL, help=models)
-    insp.add_argument("--block", type=int, default=0,
-                      help="layer index whose graph to show (negative: from the last)")
+    insp.add_argument("--block", type=block_arg, default=0,
+                      help="layer index whose graph to show (negative: from the last), or a "
+                           "block's module path (decoder.block.0 of an encoder-decoder)")
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate a spec without a model")

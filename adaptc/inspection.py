@@ -18,14 +18,20 @@ from adaptc.passes.graph import in_module
 COLUMN = 64
 
 
-def inspect(model, spec, block: int = 0, example_inputs: dict | None = None) -> str:
+def inspect(model, spec, block: int | str = 0, example_inputs: dict | None = None) -> str:
+    """`block`: a layer index (the first layer stack's, as the spec's layer ranges count), or
+    a block's module path, which reaches any stack (`decoder.block.0` of a T5)."""
     ctx = prepare(model, spec, "train", example_inputs)
-    if ctx.n_layers and not -ctx.n_layers <= block < ctx.n_layers:
-        raise AdaptcError(f"block {block} is out of range: {ctx.model.source} has "
-                          f"{ctx.n_layers} layers (0..{ctx.n_layers - 1}, or -1 for the last)")
-    if block < 0:
-        block += ctx.n_layers
-    prefix = block_prefix([a.site.path for a in ctx.assignments], block)
+    paths = [a.site.path for a in ctx.assignments]
+    if isinstance(block, str):
+        prefix = named_block(paths, block)
+    else:
+        if ctx.n_layers and not -ctx.n_layers <= block < ctx.n_layers:
+            raise AdaptcError(f"block {block} is out of range: {ctx.model.source} has "
+                              f"{ctx.n_layers} layers (0..{ctx.n_layers - 1}, or -1 for the last)")
+        if block < 0:
+            block += ctx.n_layers
+        prefix = block_prefix(paths, block)
     gm = trace(ctx.model)
     before = block_lines(gm, prefix)
     gm = run_pipeline(gm, ctx)
@@ -47,6 +53,18 @@ def block_prefix(paths: list[str], block: int) -> str | None:
         if found and int(found.group(1)) == block:
             return path[:found.end(1)]
     return None
+
+
+def named_block(paths: list[str], name: str) -> str:
+    """`name` when an adapted site lies inside it; else an error listing the blocks that hold one."""
+    name = name.strip(".")
+    if any(path.startswith(f"{name}.") for path in paths):
+        return name
+    blocks = list(dict.fromkeys(path[:found.end(1)] for path in paths
+                                if (found := LAYER_INDEX.search(path))))
+    listed = ", ".join(blocks[:6]) + (", ..." if len(blocks) > 6 else "")
+    raise AdaptcError(f"block '{name}': no adapted module inside it"
+                      + (f" (blocks with one: {listed})" if blocks else ""))
 
 
 def site_table(rows: list[dict]) -> str:
