@@ -138,9 +138,10 @@ def hf_blocker(gm: GraphModule, model: LoadedModel) -> str | None:
     names: dict[int, list[str]] = {}
     for name, param in model.module.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
     for base in gm.meta.get(MERGED, {}):
         tied = names.get(id(model.module.get_parameter(base)), [])
-        if len(tied) > 1:
+        if len(tied) > 1 and read.intersection(tied):  # one tie reads the update, one does not
             return f"merged weight '{base}' is tied to {', '.join(n for n in tied if n != base)}"
     return None
 

@@ -225,6 +225,33 @@ def test_hf_export_holds_every_merged_or_trained_tensor(tiny, tmp_path, spec):
     assert (main_output(model.module(**x)) - expected).abs().max().item() > 1e-3
 
 
+def test_hf_export_of_a_trained_tied_embedding(tiny, tmp_path):
+    """GPT-2's wte is also its lm_head: `embed: train` redirects both reads to the trained
+    copy, so the checkpoint holds it once, tied, and loads equal to the infer module (the
+    export was skipped as 'tied'); LoRA on lm_head alone still cannot be one checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny("gpt2")
+    for spec, exported in [("embed: train\nattn.qkv: lora r=2", True),
+                           ("lm_head: lora r=2", False)]:
+        folder = tmp_path / spec.split(":")[0]
+        train = trained(model, spec, folder / "a.safetensors")
+        infer = adaptc.compile(model, spec, "infer", adapters=folder / "a.safetensors")
+        adaptc.write_infer_artifact(infer, model, folder / "dist", reference=train)
+        report = json.loads((folder / "dist" / "report.json").read_text())
+        assert (folder / "dist" / "hf").is_dir() == exported
+        if not exported:
+            assert report["hf_skipped"] == ("merged weight 'lm_head.weight' is tied to "
+                                            "transformer.wte.weight")
+            continue
+        hf = AutoModelForCausalLM.from_pretrained(folder / "dist" / "hf", local_files_only=True)
+        assert hf.lm_head.weight is hf.transformer.wte.weight
+        x = inputs(vocab=hf.config.vocab_size)
+        expected = main_output(infer(**x))
+        assert (main_output(hf.eval()(**x)) - expected).abs().max().item() <= 1e-6
+        assert (main_output(model.module(**x)) - expected).abs().max().item() > 1e-3
+
+
 @pytest.mark.parametrize("spec,method", [("attn: prefix tokens=3", "prefix"),
                                          ("embed: prompt tokens=3", "prompt"),
                                          ("attn.q: lora r=4 gate", "lora")])
