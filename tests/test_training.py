@@ -52,3 +52,37 @@ def test_loss_goes_down(tiny, spec, lr, share):
     with torch.no_grad():
         after = lm_loss(gm, ids).item()
     assert after < share * before, (before, after)
+
+
+def test_half_precision_models_train_float32_adapters_as_peft_does(tiny):
+    """float16 model, AdamW with its defaults: the adapters are float32 like PEFT's
+    (autocast_adapter_dtype), so eps=1e-8 does not round to 0 (float16 adapters: NaN from
+    step 1); forward and five optimizer steps follow PEFT's within float16 rounding."""
+    from helpers import peft_twin, randomize_and_copy
+
+    model = tiny("llama")
+    model.module.half()
+    gm = adaptc.compile(model, "q_proj,v_proj: lora r=4 alpha=8")
+    twin = peft_twin(model.module, ["q_proj", "v_proj"], 4, 8)
+    ours = [p for p in gm.parameters() if p.requires_grad]
+    theirs = [p for p in twin.parameters() if p.requires_grad]
+    assert {p.dtype for p in ours} == {p.dtype for p in theirs} == {torch.float32}
+    assert sum(p.numel() for p in ours) == sum(p.numel() for p in theirs)
+    randomize_and_copy(gm, twin)
+    gm.train(), twin.train()
+    ids = next_token_batch()
+    losses = {}
+    for name, module, params in [("ours", gm, ours), ("peft", twin, theirs)]:
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        losses[name] = []
+        for _ in range(5):
+            loss = lm_loss(module, ids)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    assert all(torch.isfinite(p).all() for p in ours)
+    assert losses["ours"][-1] < losses["ours"][0]
+    # the losses are float16: 1e-2 is two units in the last place at 6
+    assert max(abs(a - b) for a, b in zip(losses["ours"], losses["peft"])) <= 1e-2, losses
+    assert all(p.dtype == torch.float16 for n, p in gm.named_parameters() if not p.requires_grad)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from adaptc.passes.accumulate_updates import AccumulateUpdates
+from adaptc.passes.adapter_precision import AdapterPrecision
 from adaptc.passes.base import CompileContext, Pass, PassResult
 from adaptc.passes.bind_ops import BindOps
 from adaptc.passes.canonicalize_linears import CanonicalizeLinears
@@ -55,7 +56,9 @@ def default_pipeline(mode: str = "train", merge: bool = True,
         FreezeBase(),        # only adapter parameters train (infer: none)
     ]
     if mode == "train":
-        return [*build, Verify()]  # lint, reachability, recompile
+        return [*build,
+                AdapterPrecision(),  # a 16-bit model's adapters train in float32 (PEFT's way)
+                Verify()]            # lint, reachability, recompile
     return [
         *build,
         LoadAdapters(),      # trained adapter weights (--adapters), else the initial ones
