@@ -63,7 +63,8 @@ def test_a_float_input_keeps_its_traced_shape_but_the_batch(mode):
     """Only dim 0 of a custom module's float input is dynamic: another size of dim 1 failed
     as the graph's "Guard failed: x.size()[1] == 3" AssertionError."""
     model = Uneven()
-    gm = adaptc.compile(model, "blocks.*: lora r=2", mode, example_inputs={"x": torch.randn(2, 3, 4)})
+    gm = adaptc.compile(model, "blocks.*: lora r=2", mode,
+                        example_inputs={"x": torch.randn(2, 3, 4)})
     x = torch.randn(5, 3, 4)
     assert torch.allclose(gm(x=x), model(x), atol=1e-6)
     with pytest.raises(ValueError, match=r"input 'x' has shape \(2, 6, 4\); the compiled module "
