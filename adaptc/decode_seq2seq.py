@@ -163,8 +163,10 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
                             torch_compile: bool = False) -> Seq2SeqDecoder:
     """The infer-mode graphs of `spec` on an encoder-decoder, exported for cached decoding
     (`merge`, `fuse_projections` and `torch_compile` as in `adaptc.compile_decoder`)."""
-    if not isinstance(max_cache_len, int) or max_cache_len < 1:
-        raise AdaptcError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+    if not isinstance(max_cache_len, int):
+        raise TypeError(f"max_cache_len must be an int, got {max_cache_len!r}")
+    if max_cache_len < 2:  # the decoder is traced with two steps, and export needs min < max
+        raise AdaptcError(f"max_cache_len must be at least 2, got {max_cache_len}")
     loaded = as_model(model, None)
     if loaded.on_meta:
         raise ModelError(f"model '{loaded.source}' is on the meta device; decoding needs weights")

@@ -151,6 +151,21 @@ def test_residual_adds_take_the_sublayers_last_gemm(tiny, tmp_path, family):
         assert accumulated(infer, None) == expected
 
 
+def test_quantized_blocks_after_the_first_accumulate_too(tiny, tmp_path):
+    """QLoRA: every layer's o_proj and down_proj read a dequantised weight. Block reuse copied
+    layer 0's weight nodes for the other layers without their fake values, so there only
+    layer 0's adds accumulated (2 of 4), the shape check finding no weight shape."""
+    spec = "*_proj: quantize; *_proj: lora r=4"
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    x = inputs()
+    for merge in (True, False):
+        infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors",
+                               merge=merge)
+        assert max_diff(infer(**x), train(**x)) <= 1e-5
+        assert adaptc.report_of(infer).counts["stream_adds_accumulated"] == 4
+
+
 def stream_graph(later_reader: bool, input_is_view: bool) -> GraphModule:
     """x → s = x + x; n = s·2 (read before); y = linear(n, W) (or of a view of s); s + y
     (and + s·3 after, if asked)."""

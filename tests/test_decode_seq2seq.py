@@ -156,6 +156,9 @@ def test_refuses_what_it_cannot_decode(tmp_path):
         compile_seq2seq_decoder("llama", "q_proj: lora r=2")
     with pytest.raises(ModelError, match="meta device"):
         compile_seq2seq_decoder(wrap(varied_bart().module.to("meta")), "q_proj: lora r=2")
+    with pytest.raises(AdaptcError, match="max_cache_len must be at least 2, got 1"):
+        compile_seq2seq_decoder(t5, "attn.q: lora r=2", max_cache_len=1)  # was torch's
+        # "AssertionError: Cannot create Dim with inconsistent min=1, max=1"
     decoder = compile_seq2seq_decoder(t5, "attn.q: lora r=2", max_cache_len=4)
     with pytest.raises(AdaptcError, match="5 new tokens exceed the decoder's cache \\(4\\)"):
         decoder.generate(SOURCE, 5)

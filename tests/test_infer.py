@@ -165,6 +165,22 @@ def test_fused_equals_train(tiny, tmp_path, family, spec):
     assert sum(fused.values()) > 0
 
 
+@pytest.mark.parametrize("spec", ["attn.q: lora r=2; mixture moe k=2 experts=65",
+                                  "attn.k: ia3; mixture moe k=2 experts=65"])
+def test_mixtures_beyond_the_kernels_limits_stay_eager(tiny, tmp_path, spec):
+    """The mixture kernels route at most 64 experts: a wider mixture (valid in train mode)
+    stays an eager module; fused, its op refused every call (CPU reference included) with
+    "`A` holds 65 experts; the router kernel supports 1..64"."""
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= TOL
+    counts = adaptc.report_of(infer).counts
+    assert counts["mixture_fused"] == 0 and counts["kept_eager"] == counts["mixture_inserted"] == 2
+    assert not fused_ops(infer)
+
+
 @pytest.mark.parametrize("spec,merged", [("attn.q,attn.v,ffn.down: lora r=4 alpha=8", True),
                                          ("specs/card.adapt", False)])
 def test_export_round_trip(tiny, tmp_path, spec, merged):

@@ -58,6 +58,20 @@ def test_uneven_blocks_are_traced_whole():
     assert wrap(model, example_inputs={"x": x}).family is None
 
 
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_a_float_input_keeps_its_traced_shape_but_the_batch(mode):
+    """Only dim 0 of a custom module's float input is dynamic: another size of dim 1 failed
+    as the graph's "Guard failed: x.size()[1] == 3" AssertionError."""
+    model = Uneven()
+    gm = adaptc.compile(model, "blocks.*: lora r=2", mode,
+                        example_inputs={"x": torch.randn(2, 3, 4)})
+    x = torch.randn(5, 3, 4)
+    assert torch.allclose(gm(x=x), model(x), atol=1e-6)
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(2, 6, 4\); the compiled module "
+                                         r"takes \(batch, 3, 4\) as traced"):
+        gm(x=torch.randn(2, 6, 4))
+
+
 def test_llama_70b_compiles_on_meta():
     gm = adaptc.compile("llama-70b", "attn.q,attn.v: lora r=8 alpha=16")
     report = adaptc.report_of(gm)

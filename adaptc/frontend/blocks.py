@@ -110,6 +110,7 @@ def copy_block(gm: GraphModule, model: nn.Module, block: list[Node], params: set
         bind(gm, target, tensor_at(model, target))
         with graph.inserting_before(block[0]):
             mapping[node] = graph.get_attr(target)
+        mapping[node].meta = dict(node.meta)  # its fake value: later passes read its shape
     anchor = previous
     for node in block:
         with graph.inserting_after(anchor):

@@ -148,7 +148,9 @@ class InputCheck:
     sync, and the embedding's device assert reports them (meta tensors hold no ids).
     Optional inputs the call leaves out are filled in as transformers would, and integer
     inputs of another integer dtype (int32 ids, a bool mask, which transformers takes) are
-    cast to the traced one. A module moved
+    cast to the traced one. A floating-point input (a custom module's `example_inputs`) keeps
+    its traced shape but for the batch dim: another size failed as the graph's "Guard failed"
+    AssertionError. A module moved
     to another dtype or device after compiling (`module` the compiled one: its first
     floating-point weight says where it was) is an AdaptcError."""
 
@@ -159,6 +161,8 @@ class InputCheck:
                          for name, value in example_inputs.items()}
         self.integer_dtypes = {name: value.dtype for name, value in example_inputs.items()
                                if isinstance(value, torch.Tensor) and not value.is_floating_point()}
+        self.fixed = {name: tuple(value.shape[1:]) for name, value in example_inputs.items()
+                      if isinstance(value, torch.Tensor) and value.is_floating_point()}
         self.max_tokens, self.why, self.vocab_size = max_tokens, why, vocab_size
         weights = module.named_parameters() if module is not None else ()
         self.placed = next(((name, p.dtype, p.device) for name, p in weights
@@ -202,6 +206,10 @@ class InputCheck:
                 kind = "floating-point" if floating else "integer"
                 raise TypeError(f"input '{name}' must be a {rank}-D {kind} tensor (as traced), "
                                 f"got {value.dim()}-D {value.dtype}")
+            if floating and tuple(value.shape[1:]) != self.fixed[name]:
+                raise ValueError(f"input '{name}' has shape {tuple(value.shape)}; the compiled "
+                                 f"module takes (batch, {', '.join(map(str, self.fixed[name]))})"
+                                 " as traced: only a floating-point input's batch dim is dynamic")
             if not floating and value.dtype != self.integer_dtypes[name]:
                 kwargs[name] = value = value.to(self.integer_dtypes[name])
             if rank == 2 and not floating and value.shape[1] > self.max_tokens:

@@ -5,8 +5,9 @@
     <site>.mov(y, x)       →  torch.ops.adaptc.mixture_vectors(y, x, W_g, l, top_k)
     <site>.mov(x)          →  torch.ops.adaptc.mixture_vectors(x, x, W_g, l, top_k)  (feedforward)
 
-Adapters the kernels do not cover (an output scale, a UniPELT gate) stay eager modules in
-the graph (`kept_eager`), so the infer graph still computes what train mode computes.
+Adapters the kernels do not cover (an output scale, a UniPELT gate, a mixture of more
+experts or a higher rank than the kernels take) stay eager modules in the graph
+(`kept_eager`), so the infer graph still computes what train mode computes.
 
 The ops (adaptc/backends/triton) run their Triton kernels on CUDA and their PyTorch
 reference elsewhere; they are inference only (no dropout, no balance loss). The weights
@@ -44,6 +45,15 @@ class Fusion:
     scales: bool = False  # the op replaces `adapter(values[, x])` itself, not `residual + ·`
 
 
+def within_kernel_limits(mixture: MixtureOfLora | MixtureOfVectors) -> bool:
+    """The mixture ops check E ≤ MAX_EXPERTS and r ≤ MAX_RANK on every call, the CPU
+    reference too: a wider mixture, valid in train mode, fused into an op that refused it."""
+    from adaptc.backends.triton.moe_lora import MAX_EXPERTS, MAX_RANK
+
+    rank = mixture.A.shape[1] if isinstance(mixture, MixtureOfLora) else 0
+    return mixture.experts <= MAX_EXPERTS and rank <= MAX_RANK
+
+
 FUSIONS = {
     BottleneckAdapter: Fusion("adapter_fused", "bottleneck_adapter",
                               ("down", "down_bias", "up", "up_bias"),
@@ -51,9 +61,10 @@ FUSIONS = {
                               # the kernel has no output scale (MAM) and no gate (UniPELT)
                               lambda a: a.gate is None and a.config.scale == 1.0),
     MixtureOfLora: Fusion("mixture_fused", "mixture_lora", ("router", "A", "B"),
-                          lambda a: (a.scale, a.top_k)),
+                          lambda a: (a.scale, a.top_k), within_kernel_limits),
     MixtureOfVectors: Fusion("mixture_fused", "mixture_vectors", ("router", "vectors"),
-                             lambda a: (a.top_k,), scales=True),
+                             lambda a: (a.top_k,), within_kernel_limits,
+                             scales=True),
 }
 
 
