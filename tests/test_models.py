@@ -205,3 +205,20 @@ def test_cli_prints_one_line_for_a_misshapen_checkpoint(tiny, tmp_path):
     assert result.returncode == 1
     assert result.stderr == (f"{tmp_path}: tensor 'model.norm.weight' has shape (64,), the "
                              "model's config gives (128,) (1 tensor(s) mismatched)\n")
+
+
+def test_only_the_files_the_checkpoint_loads_from_are_checked(tiny, tmp_path):
+    """A stray .safetensors beside the weights (a truncated download) was opened by the value
+    check and raised SafetensorError with a traceback; a shard of a sharded checkpoint is
+    still checked."""
+    from safetensors.torch import load_file, save_file
+    tiny("llama").module.save_pretrained(tmp_path, max_shard_size="100KB")
+    (tmp_path / "partial.safetensors").write_bytes(b"\x00" * 100)
+    assert load_model(str(tmp_path)).source == str(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors = load_file(tmp_path / index[name])
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, tmp_path / index[name], metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=rf"{index[name]}: tensor '{name}' is stored as I32"):
+        load_model(str(tmp_path))

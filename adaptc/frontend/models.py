@@ -7,6 +7,7 @@ Face checkpoint directory (config.json + safetensors), or any `nn.Module` from P
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def check_values(path: Path, module: nn.Module) -> None:
     state = module.state_dict()
     prefix = f"{getattr(module, 'base_model_prefix', '')}."
     stored: dict[str, tuple[Path, str]] = {}  # model tensor → (file, stored dtype)
-    for file in sorted(path.glob("*.safetensors")):
+    for file in weight_files(path):
         with safe_open(str(file), "pt") as handle:
             for key in handle.keys():
                 name = next((n for n in (key, prefix + key, key.removeprefix(prefix))
@@ -230,6 +231,20 @@ def check_values(path: Path, module: nn.Module) -> None:
             where = stored[name][0] if name in stored else path
             bad = (~torch.isfinite(tensor)).sum().item()
             raise ModelError(f"{where}: tensor '{name}' has {bad} NaN or infinite value(s)")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files from_pretrained read, in its order of preference: model.safetensors,
+    else the shards its index names. Other files in the directory (an adapter file, a stale
+    or half-downloaded copy) were not loaded: opening them raised on a corrupt one."""
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    shards = json.loads(index.read_text())["weight_map"].values()  # from_pretrained read it
+    return [path / name for name in sorted(set(shards))]
 
 
 def check_loading_info(path: Path, info: dict) -> None:
