@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.fx import GraphModule
 
 from adaptc.adapters import adapter_state_dict, load_adapters, save_adapters
@@ -142,8 +143,9 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         staging.chmod(created_mode(directory=True))  # mkdtemp's is 0700
         yield staging
         move_into_place(staging, place)
-    except OSError as err:
-        raise ArtifactError(f"{out}: cannot write the output: {err.strerror or err}") from err
+    except (OSError, SafetensorError) as err:  # save_pretrained's disk full is a SafetensorError
+        raise ArtifactError(f"{out}: cannot write the output: "
+                            f"{getattr(err, 'strerror', None) or err}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -29,7 +29,7 @@ from adaptc.decode import Decoder, example_step, step_shapes
 from adaptc.decode_seq2seq import POSITIONS as SOURCE_POSITIONS
 from adaptc.decode_seq2seq import Seq2SeqDecoder, decoder_shapes, encoder_shapes
 from adaptc.errors import AdaptcError, ArtifactError, first_line
-from adaptc.export import TOKENIZER_FILES, load_program
+from adaptc.export import TOKENIZER_FILES, load_program, save_program
 from adaptc.frontend.trace import export_dynamic
 from adaptc.passes.bind_ops import bind_ops
 
@@ -46,7 +46,7 @@ def save_decoding(decoder: Decoder | Seq2SeqDecoder, folder: Path,
                 else export_seq2seq(decoder))
     folder.mkdir()
     for name, program in programs.items():
-        torch.export.save(program, folder / f"{name}.pt2")
+        save_program(program, folder / f"{name}.pt2")
     description = {"format": FORMAT, **limits(decoder)}
     (folder / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
     description["check"] = check(load_decoding(folder), decoder)

@@ -147,6 +147,33 @@ def test_outputs_that_cannot_be_written_are_errors_not_tracebacks(tmp_path, caps
     assert blocker.read_text() == ""
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_is_an_error_naming_the_output(tmp_path, capsys, monkeypatch):
+    """Out of space, torch.export.save's writer aborted the process (`terminate called`, exit
+    134) and save_pretrained's SafetensorError was a traceback; either is one line naming -o,
+    and nothing is left beside it. /dev/full fails every write with ENOSPC."""
+    import builtins
+
+    import adaptc.export
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    full = "Error while serializing: I/O error: No space left on device (os error 28)"
+    def no_space(*args, **kwargs):
+        raise SafetensorError(full)
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedModel, "save_pretrained", no_space)
+        assert main(["compile", "specs/lora_qv.adapt", "-o", str(tmp_path / "train")]) == 1
+    assert capsys.readouterr().err == f"{tmp_path / 'train'}: cannot write the output: {full}\n"
+    monkeypatch.setattr(adaptc.export, "open", lambda path, mode: builtins.open("/dev/full", mode),
+                        raising=False)
+    assert main(["compile", "specs/lora_qv.adapt", "--mode", "infer", "-o",
+                 str(tmp_path / "infer")]) == 1
+    assert capsys.readouterr().err == (f"{tmp_path / 'infer'}: cannot write the output: No space "
+                                       "left on device\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_spec_error_exits_1_without_traceback(tmp_path):
     spec = tmp_path / "bad.adapt"
     spec.write_text("q_proj: lora r=8\nv_proj: lora rank=8\n")
