@@ -181,12 +181,32 @@ def broken(tmp_path, model, **changes):
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
     ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
+    # each was a TypeError, ValueError or re.error traceback, or a spec that did not compile
+    ({"lora_alpha": "x"}, "option lora_alpha='x' is not a number"),
+    ({"target_modules": 5}, "option target_modules=5 is not a regex or a list of module names"),
+    ({"target_modules": "q_proj["}, r"option target_modules: 'q_proj\[' is not a regex "
+                                    r"\(unterminated character set"),
+    ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern=.* is not a mapping of module names to "
+                                        "numbers"),
+    ({"layers_to_transform": "0"}, "layers_to_transform='0' is not a layer index"),
+    ({"r": 0}, r"adapter_config.json: the options give an invalid spec: r must be >= 1, got 0"),
+    ({"lora_dropout": 2}, r"invalid spec: dropout must be in \[0, 1\), got 2"),
 ])
 def test_import_refuses_what_it_would_change(tiny, tmp_path, changes, message):
     model = tiny("llama")
     broken(tmp_path, model, **changes)
     with pytest.raises(adaptc.AdaptcError, match=message):
         import_peft(model, tmp_path)
+
+
+def test_an_adapter_config_that_is_not_a_json_object(tiny, tmp_path):
+    """A JSON list raised AttributeError ('list' object has no attribute 'get'); bytes that
+    are not UTF-8, UnicodeDecodeError."""
+    for text, message in ((b"[]", "not a PEFT adapter config .a JSON object.; found a list"),
+                          (b"\xff{}", "cannot read the PEFT adapter config: 'utf-8' codec")):
+        (tmp_path / "adapter_config.json").write_bytes(text)
+        with pytest.raises(adaptc.errors.InteropError, match=message):
+            spec_from_peft(tmp_path, tiny("llama"))
 
 
 def test_cli_import_peft_prints_the_spec(tiny, tmp_path, capsys):
