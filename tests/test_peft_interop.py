@@ -258,6 +258,35 @@ def test_cli_import_peft_weights_serve_in_infer_mode(tiny, tmp_path, capsys):
     assert close(program(**x), model.module(**x)) > 1e-3
 
 
+def test_cli_import_peft_writes_the_spec_and_the_weights_or_neither(tiny, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Out of space for --weights, -o's spec was already written; a directory in -o's way,
+    the weights were. Either way the command failed and left one of the two."""
+    import adaptc.adapters
+    from safetensors import SafetensorError
+
+    from adaptc.cli import main
+    model = tiny("llama")
+    model.module.save_pretrained(tmp_path / "base")
+    saved_peft(model, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "peft")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["import-peft", str(tmp_path / "peft"), "--model", str(tmp_path / "base"), "-o",
+            str(out / "s.adapt"), "--weights", str(out / "w.safetensors")]
+    full = "Error while serializing: I/O error: No space left on device (os error 28)"
+    def no_space(*args, **kwargs):
+        raise SafetensorError(full)
+    with monkeypatch.context() as patch:
+        patch.setattr(adaptc.adapters, "save_file", no_space)
+        assert main(argv) == 1
+    assert capsys.readouterr().err == (f"{out / 'w.safetensors'}: cannot write adapter weights: "
+                                       f"{full}\n")
+    (out / "s.adapt").mkdir()
+    assert main([*argv, "--force"]) == 1
+    assert "s.adapt: cannot write" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["s.adapt"] and not any((out / "s.adapt").iterdir())
+
+
 def test_export_refuses_a_non_empty_directory_without_force(tiny, tmp_path):
     gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
     (tmp_path / "notes.txt").write_text("keep")
