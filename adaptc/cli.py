@@ -457,7 +457,8 @@ def checkpoint_tokenizer(model: str):
         raise AdaptcError(f"{model}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) "
                           "to encode --text with; pass token ids with --prompt")
     try:
-        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+        return AutoTokenizer.from_pretrained(model, local_files_only=True,
+                                             trust_remote_code=False)  # no y/N prompt
     except (OSError, ValueError) as err:
         raise AdaptcError(f"{model}: no tokenizer to encode --text with ({first_line(err)}); "
                           "pass token ids with --prompt") from None

@@ -222,3 +222,16 @@ def test_only_the_files_the_checkpoint_loads_from_are_checked(tiny, tmp_path):
     save_file(tensors, tmp_path / index[name], metadata={"format": "pt"})
     with pytest.raises(ModelError, match=rf"{index[name]}: tensor '{name}' is stored as I32"):
         load_model(str(tmp_path))
+
+
+def test_a_checkpoint_of_custom_code_is_refused_without_asking(tiny, tmp_path, capsys):
+    """A config.json with auto_map made transformers ask "Do you wish to run the custom code?
+    [y/N]" on the terminal (15 s, and 'y' ran the directory's code); adaptc runs none."""
+    tiny("llama").module.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="my_llama", auto_map={"AutoConfig": "modeling.MyConfig"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"config.json: the model is defined by custom code in "
+                                         r"the checkpoint \(auto_map\), which adaptc does not run"):
+        load_model(str(tmp_path))
+    assert "Do you wish" not in capsys.readouterr().out

@@ -170,9 +170,14 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                          f"{hint}")
     # transformers and huggingface_hub raise many types for a bad file (ValueError, KeyError,
     # OSError, StrictDataclassFieldValidationError, ...); each means the checkpoint is unusable.
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:  # trust_remote_code=None asked "run the custom code? [y/N]" on the terminal
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as err:
+        if "trust_remote_code" in str(err):
+            raise ModelError(f"{config_file}: the model is defined by custom code in the "
+                             "checkpoint (auto_map), which adaptc does not run; load it in "
+                             "Python (trust_remote_code=True) and pass the module to "
+                             "adaptc.compile") from None
         raise ModelError(f"{config_file}: cannot read the model config: "
                          f"{' '.join(str(err).split())}") from None
     try:
