@@ -235,3 +235,20 @@ def test_a_checkpoint_of_custom_code_is_refused_without_asking(tiny, tmp_path, c
                                          r"the checkpoint \(auto_map\), which adaptc does not run"):
         load_model(str(tmp_path))
     assert "Do you wish" not in capsys.readouterr().out
+
+
+def test_a_pytorch_model_bin_is_checked_as_safetensors_are(tiny, tmp_path):
+    """int32 weights in a pytorch_model.bin loaded as whole numbers: only safetensors headers
+    were read for the stored dtypes."""
+    from safetensors.torch import load_file
+    tiny("llama").module.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    assert torch.equal(load_model(str(tmp_path)).module.get_parameter(name), tensors[name])
+    tensors[name] = (tensors[name] * 100).to(torch.int32)
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=rf"pytorch_model.bin: tensor '{name}' is stored as int32; "
+                                         r"the model needs floating-point values"):
+        load_model(str(tmp_path))
