@@ -131,9 +131,10 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     """A staging directory beside `out`, renamed to `out` when the block succeeds and removed
     when it fails, so `out` is either the old contents or complete new ones. A file-system
     error (no permission, disk full) becomes an ArtifactError naming `out`. `out` is placed
-    by its absolute path: `.` or `dir/..` have no name to stage beside (`-o . --force`
-    staged inside the output and failed to rename it, after the work)."""
-    place = Path(os.path.abspath(out))
+    by its real path: `.` or `dir/..` have no name to stage beside (`-o . --force` staged
+    inside the output and failed to rename it, after the work), and a symlink's directory is
+    the one to replace (renaming the link itself failed, 'Is a directory', after the work)."""
+    place = Path(os.path.realpath(out))
     try:
         place.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=place.parent, prefix=f".{place.name}.tmp-"))

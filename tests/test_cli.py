@@ -85,6 +85,23 @@ def test_force_replaces_the_current_directory_given_as_dot(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["here"]
 
 
+def test_an_output_behind_a_symlink_is_written_where_the_link_points(tmp_path, capsys):
+    """`-o LINK` to an (empty or --force) directory renamed the link aside onto a directory
+    and failed, 'Is a directory', after the work; a dangling link, 'Not a directory'. The
+    link stays and its directory holds the artifact."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "later")
+    for out in ("link", "dangling"):
+        assert main(["compile", "specs/lora_qv.adapt", "-o", str(tmp_path / out)]) == 0
+        assert "wrote" in capsys.readouterr().out
+    for real in ("real", "later"):
+        assert {p.name for p in (tmp_path / real).iterdir()} == {
+            "spec.adapt", "model", "adapters.safetensors", "manifest.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "later", "link", "real"]
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "dangling").is_symlink()
+
+
 def test_an_output_that_is_or_holds_an_input_is_refused(tiny, tmp_path, capsys):
     """--force replaced the output directory: `-o` naming the checkpoint (or a directory
     above it, the adapter file or the spec) deleted the input once the artifact was written."""
