@@ -109,17 +109,19 @@ def created_mode(directory: bool) -> int:
 
 def write_file(path: Path, text: str, force: bool) -> None:
     """Write `text` to `path` through a temporary file renamed into place; an existing file
-    is replaced only with `force`."""
+    is replaced only with `force`. A symlink's file is the one replaced, as in
+    `atomic_directory` (the rename replaced the link with a file)."""
     if path.exists() and not force:
         raise ArtifactError(f"{path}: file exists (use --force)")
+    place = Path(os.path.realpath(path))
     try:
-        handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.tmp-",
-                                             delete=False)
+        handle = tempfile.NamedTemporaryFile("w", dir=place.parent,
+                                             prefix=f".{place.name}.tmp-", delete=False)
         try:
             with handle:
                 handle.write(text)
             Path(handle.name).chmod(created_mode(directory=False))
-            Path(handle.name).replace(path)
+            Path(handle.name).replace(place)
         finally:
             Path(handle.name).unlink(missing_ok=True)
     except OSError as err:

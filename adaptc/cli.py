@@ -504,12 +504,13 @@ def write_imported(imported, spec: str, args) -> None:
     from adaptc.artifact import write_file
 
     weights = Path(args.weights)
-    staged = weights.with_name(f".{weights.name}.import-{os.getpid()}")
+    place = Path(os.path.realpath(weights))  # a symlink's file, as write_file's
+    staged = place.with_name(f".{place.name}.import-{os.getpid()}")
     try:
         save_adapters(imported, staged)
         if args.output:
             write_file(Path(args.output), spec, args.force)
-        staged.replace(weights)
+        staged.replace(place)
     except WeightsError as err:
         if err.__cause__ is None:
             raise

@@ -88,7 +88,8 @@ def test_force_replaces_the_current_directory_given_as_dot(tmp_path, monkeypatch
 def test_an_output_behind_a_symlink_is_written_where_the_link_points(tmp_path, capsys):
     """`-o LINK` to an (empty or --force) directory renamed the link aside onto a directory
     and failed, 'Is a directory', after the work; a dangling link, 'Not a directory'. The
-    link stays and its directory holds the artifact."""
+    link stays and its directory holds the artifact. A spec file's link was replaced by a
+    file."""
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     (tmp_path / "dangling").symlink_to(tmp_path / "later")
@@ -100,6 +101,11 @@ def test_an_output_behind_a_symlink_is_written_where_the_link_points(tmp_path, c
             "spec.adapt", "model", "adapters.safetensors", "manifest.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "later", "link", "real"]
     assert (tmp_path / "link").is_symlink() and (tmp_path / "dangling").is_symlink()
+    from adaptc.artifact import write_file  # import-peft -o: the link's file, not the link
+    (tmp_path / "s.adapt").symlink_to(tmp_path / "real" / "spec.adapt")
+    write_file(tmp_path / "s.adapt", "q_proj: lora\n", force=True)
+    assert (tmp_path / "s.adapt").is_symlink()
+    assert (tmp_path / "real" / "spec.adapt").read_text() == "q_proj: lora\n"
 
 
 def test_an_output_that_is_or_holds_an_input_is_refused(tiny, tmp_path, capsys):
