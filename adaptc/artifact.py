@@ -1,7 +1,8 @@
 """Train-mode artifacts: a directory a training script loads in one line (`adaptc.load`).
 
     DIR/spec.adapt            the spec as compiled
-    DIR/model/                the base model as a Hugging Face checkpoint (config + safetensors)
+    DIR/model/                the base model as a Hugging Face checkpoint (config + safetensors,
+                              and the input's tokenizer files)
     DIR/adapters.safetensors  the adapter weights (initial, or as last saved)
     DIR/manifest.json         spec, model source, mode, counts, tensor names, versions
 
@@ -32,6 +33,8 @@ from adaptc.frontend.models import PRESETS, LoadedModel, load_checkpoint, place
 
 FORMAT = 1
 PROGRAM = "program.pt2"  # an infer artifact's exported program (export.py writes it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
 
 
 def versions() -> dict[str, str]:
@@ -88,6 +91,16 @@ def refuse_inputs(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) ->
             raise ArtifactError(f"{out}: the output {relation} the {what} '{path}' that this "
                                 f"command reads; writing it would replace the {what} (with "
                                 "--force, delete it): write the output elsewhere")
+
+
+def copy_tokenizer(source: str | Path, folder: Path) -> None:
+    """Copy the tokenizer files of checkpoint directory `source` (none for a preset) into
+    `folder`, so a checkpoint written from the model encodes text as the input did."""
+    if str(source) in PRESETS or not Path(source).is_dir():
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, folder / name)
 
 
 def model_inputs(model: LoadedModel) -> list[tuple[str, str]]:
@@ -179,6 +192,7 @@ def fill(folder: Path, gm: GraphModule, model: LoadedModel) -> None:
     report = gm.meta[REPORT]
     (folder / "spec.adapt").write_text(report.spec_source)
     model.module.save_pretrained(folder / "model", safe_serialization=True)
+    copy_tokenizer(model.source, folder / "model")  # `--text` on a checkpoint made from it
     save_adapters(gm, folder / "adapters.safetensors")
     manifest = {
         "format": FORMAT, "mode": report.mode, "spec": report.spec_path, "model": report.model,

@@ -448,7 +448,7 @@ def checkpoint_tokenizer(model: str):
     """The tokenizer saved in checkpoint directory `model` (presets have none)."""
     from transformers import AutoTokenizer
 
-    from adaptc.export import TOKENIZER_FILES
+    from adaptc.artifact import TOKENIZER_FILES
 
     if not Path(model).is_dir():
         raise AdaptcError(f"--text needs a checkpoint directory with a tokenizer; '{model}' is "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from torch.utils import _pytree as pytree
 from adaptc.artifact import (
     PROGRAM,
     atomic_directory,
+    copy_tokenizer,
     model_inputs,
     refuse_existing,
     refuse_inputs,
@@ -46,8 +46,6 @@ from adaptc.passes.fuse_projections import graph_tensor
 
 FORMAT = 1
 HF_DIR, REPORT_FILE = "hf", "report.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
 
 
 def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: GraphModule,
@@ -194,10 +192,7 @@ def write_hf(gm: GraphModule, model: LoadedModel, folder: Path) -> None:
         for base, target in gm.meta.get(MERGED, {}).items():
             merged_model.get_parameter(base).copy_(graph_tensor(gm, target))
     merged_model.save_pretrained(folder, safe_serialization=True)
-    source = Path(model.source)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
+    copy_tokenizer(model.source, folder)
 
 
 # --------------------------------------------------------------------------- report.json
