@@ -67,7 +67,8 @@ def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: 
 
 def refuse_existing(out: Path, force: bool) -> None:
     """An existing non-empty output is replaced only with `force` (--force). Checked before
-    the work that fills it, as is a file where the path needs a directory."""
+    the work that fills it, as are a file where the path needs a directory and a mount
+    point."""
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out}: exists and is not a directory")
     blocking = next((p for p in out.parents if p.exists()), None)
@@ -75,6 +76,10 @@ def refuse_existing(out: Path, force: bool) -> None:
         raise ArtifactError(f"{out}: cannot create the output directory: {blocking} is a file")
     if out.exists() and any(out.iterdir()) and not force:
         raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
+    # a container's volume, say: renaming onto it failed, EBUSY, after the work
+    if os.path.ismount(os.path.realpath(out)):
+        raise ArtifactError(f"{out}: a mount point, which the finished output cannot be "
+                            f"renamed onto; write to a directory inside it (-o {out}/NAME)")
 
 
 def refuse_inputs(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:

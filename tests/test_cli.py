@@ -108,6 +108,15 @@ def test_an_output_behind_a_symlink_is_written_where_the_link_points(tmp_path, c
     assert (tmp_path / "real" / "spec.adapt").read_text() == "q_proj: lora\n"
 
 
+def test_a_mount_point_as_output_is_refused_before_the_work():
+    """`-o /out` on a container's volume: renaming the finished output onto the mount point
+    failed, 'Device or resource busy', after the work. `/` is a mount point everywhere."""
+    from adaptc.artifact import refuse_existing
+    with pytest.raises(adaptc.errors.ArtifactError, match="^/: a mount point, which the finished "
+                                                          "output cannot be renamed onto"):
+        refuse_existing(Path("/"), force=True)
+
+
 def test_an_output_that_is_or_holds_an_input_is_refused(tiny, tmp_path, capsys):
     """--force replaced the output directory: `-o` naming the checkpoint (or a directory
     above it, the adapter file or the spec) deleted the input once the artifact was written."""
