@@ -67,8 +67,8 @@ def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: 
 
 def refuse_existing(out: Path, force: bool) -> None:
     """An existing non-empty output is replaced only with `force` (--force). Checked before
-    the work that fills it, as are a file where the path needs a directory and a mount
-    point."""
+    the work that fills it, as are a file where the path needs a directory, a mount point,
+    and a directory to stage in that is not writable."""
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out}: exists and is not a directory")
     blocking = next((p for p in out.parents if p.exists()), None)
@@ -80,6 +80,11 @@ def refuse_existing(out: Path, force: bool) -> None:
     if os.path.ismount(os.path.realpath(out)):
         raise ArtifactError(f"{out}: a mount point, which the finished output cannot be "
                             f"renamed onto; write to a directory inside it (-o {out}/NAME)")
+    place = Path(os.path.realpath(out))
+    beside = next(p for p in place.parents if p.exists())  # where atomic_directory stages
+    if not os.access(beside, os.W_OK | os.X_OK):  # a writable `out` in a read-only parent
+        raise ArtifactError(f"{out}: {beside} is not writable (the output is assembled "
+                            "there and renamed into place)")
 
 
 def refuse_inputs(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:

@@ -117,6 +117,22 @@ def test_a_mount_point_as_output_is_refused_before_the_work():
         refuse_existing(Path("/"), force=True)
 
 
+def test_an_output_whose_parent_is_not_writable_is_refused_before_the_work(tmp_path, capsys,
+                                                                           monkeypatch):
+    """A writable `-o DIR` in a read-only parent (a directory made for the user): staging
+    beside DIR failed after the work. os.access stands in for the permissions (tests may
+    run as root, whom they do not stop)."""
+    import os
+    (tmp_path / "out").mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(tmp_path) and access(p, mode))
+    assert main(["compile", "specs/lora_qv.adapt", "-o", str(tmp_path / "out")]) == 1
+    printed = capsys.readouterr()
+    assert printed.err == (f"{tmp_path / 'out'}: {tmp_path} is not writable (the output is "
+                           "assembled there and renamed into place)\n")
+    assert "compiled" not in printed.out
+
+
 def test_an_output_that_is_or_holds_an_input_is_refused(tiny, tmp_path, capsys):
     """--force replaced the output directory: `-o` naming the checkpoint (or a directory
     above it, the adapter file or the spec) deleted the input once the artifact was written."""
