@@ -1,7 +1,8 @@
 """Train-mode artifacts: a directory a training script loads in one line (`adaptc.load`).
 
     DIR/spec.adapt            the spec as compiled
-    DIR/model/                the base model as a Hugging Face checkpoint (config + safetensors)
+    DIR/model/                the base model as a Hugging Face checkpoint (config + safetensors,
+                              and the input's tokenizer files)
     DIR/adapters.safetensors  the adapter weights (initial, or as last saved)
     DIR/manifest.json         spec, model source, mode, counts, tensor names, versions
 
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.fx import GraphModule
 
 from adaptc.adapters import adapter_state_dict, load_adapters, save_adapters
@@ -31,6 +33,8 @@ from adaptc.frontend.models import PRESETS, LoadedModel, load_checkpoint, place
 
 FORMAT = 1
 PROGRAM = "program.pt2"  # an infer artifact's exported program (export.py writes it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
 
 
 def versions() -> dict[str, str]:
@@ -63,7 +67,8 @@ def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: 
 
 def refuse_existing(out: Path, force: bool) -> None:
     """An existing non-empty output is replaced only with `force` (--force). Checked before
-    the work that fills it, as is a file where the path needs a directory."""
+    the work that fills it, as are a file where the path needs a directory, a mount point,
+    and a directory to stage in that is not writable."""
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out}: exists and is not a directory")
     blocking = next((p for p in out.parents if p.exists()), None)
@@ -71,6 +76,15 @@ def refuse_existing(out: Path, force: bool) -> None:
         raise ArtifactError(f"{out}: cannot create the output directory: {blocking} is a file")
     if out.exists() and any(out.iterdir()) and not force:
         raise ArtifactError(f"{out}: output directory exists and is not empty (use --force)")
+    # a container's volume, say: renaming onto it failed, EBUSY, after the work
+    if os.path.ismount(os.path.realpath(out)):
+        raise ArtifactError(f"{out}: a mount point, which the finished output cannot be "
+                            f"renamed onto; write to a directory inside it (-o {out}/NAME)")
+    place = Path(os.path.realpath(out))
+    beside = next(p for p in place.parents if p.exists())  # where atomic_directory stages
+    if not os.access(beside, os.W_OK | os.X_OK):  # a writable `out` in a read-only parent
+        raise ArtifactError(f"{out}: {beside} is not writable (the output is assembled "
+                            "there and renamed into place)")
 
 
 def refuse_inputs(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
@@ -87,6 +101,16 @@ def refuse_inputs(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) ->
             raise ArtifactError(f"{out}: the output {relation} the {what} '{path}' that this "
                                 f"command reads; writing it would replace the {what} (with "
                                 "--force, delete it): write the output elsewhere")
+
+
+def copy_tokenizer(source: str | Path, folder: Path) -> None:
+    """Copy the tokenizer files of checkpoint directory `source` (none for a preset) into
+    `folder`, so a checkpoint written from the model encodes text as the input did."""
+    if str(source) in PRESETS or not Path(source).is_dir():
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, folder / name)
 
 
 def model_inputs(model: LoadedModel) -> list[tuple[str, str]]:
@@ -108,17 +132,19 @@ def created_mode(directory: bool) -> int:
 
 def write_file(path: Path, text: str, force: bool) -> None:
     """Write `text` to `path` through a temporary file renamed into place; an existing file
-    is replaced only with `force`."""
+    is replaced only with `force`. A symlink's file is the one replaced, as in
+    `atomic_directory` (the rename replaced the link with a file)."""
     if path.exists() and not force:
         raise ArtifactError(f"{path}: file exists (use --force)")
+    place = Path(os.path.realpath(path))
     try:
-        handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.tmp-",
-                                             delete=False)
+        handle = tempfile.NamedTemporaryFile("w", dir=place.parent,
+                                             prefix=f".{place.name}.tmp-", delete=False)
         try:
             with handle:
                 handle.write(text)
             Path(handle.name).chmod(created_mode(directory=False))
-            Path(handle.name).replace(path)
+            Path(handle.name).replace(place)
         finally:
             Path(handle.name).unlink(missing_ok=True)
     except OSError as err:
@@ -130,9 +156,10 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     """A staging directory beside `out`, renamed to `out` when the block succeeds and removed
     when it fails, so `out` is either the old contents or complete new ones. A file-system
     error (no permission, disk full) becomes an ArtifactError naming `out`. `out` is placed
-    by its absolute path: `.` or `dir/..` have no name to stage beside (`-o . --force`
-    staged inside the output and failed to rename it, after the work)."""
-    place = Path(os.path.abspath(out))
+    by its real path: `.` or `dir/..` have no name to stage beside (`-o . --force` staged
+    inside the output and failed to rename it, after the work), and a symlink's directory is
+    the one to replace (renaming the link itself failed, 'Is a directory', after the work)."""
+    place = Path(os.path.realpath(out))
     try:
         place.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=place.parent, prefix=f".{place.name}.tmp-"))
@@ -142,8 +169,9 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         staging.chmod(created_mode(directory=True))  # mkdtemp's is 0700
         yield staging
         move_into_place(staging, place)
-    except OSError as err:
-        raise ArtifactError(f"{out}: cannot write the output: {err.strerror or err}") from err
+    except (OSError, SafetensorError) as err:  # save_pretrained's disk full is a SafetensorError
+        raise ArtifactError(f"{out}: cannot write the output: "
+                            f"{getattr(err, 'strerror', None) or err}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -174,6 +202,7 @@ def fill(folder: Path, gm: GraphModule, model: LoadedModel) -> None:
     report = gm.meta[REPORT]
     (folder / "spec.adapt").write_text(report.spec_source)
     model.module.save_pretrained(folder / "model", safe_serialization=True)
+    copy_tokenizer(model.source, folder / "model")  # `--text` on a checkpoint made from it
     save_adapters(gm, folder / "adapters.safetensors")
     manifest = {
         "format": FORMAT, "mode": report.mode, "spec": report.spec_path, "model": report.model,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from adaptc.errors import AdaptcError, ArtifactError, first_line
+from adaptc.errors import AdaptcError, ArtifactError, WeightsError, first_line
 from adaptc.frontend.models import DEFAULT_MODEL, DTYPES, PRESETS
 
 
@@ -457,7 +457,7 @@ def checkpoint_tokenizer(model: str):
     """The tokenizer saved in checkpoint directory `model` (presets have none)."""
     from transformers import AutoTokenizer
 
-    from adaptc.export import TOKENIZER_FILES
+    from adaptc.artifact import TOKENIZER_FILES
 
     if not Path(model).is_dir():
         raise AdaptcError(f"--text needs a checkpoint directory with a tokenizer; '{model}' is "
@@ -466,14 +466,14 @@ def checkpoint_tokenizer(model: str):
         raise AdaptcError(f"{model}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) "
                           "to encode --text with; pass token ids with --prompt")
     try:
-        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+        return AutoTokenizer.from_pretrained(model, local_files_only=True,
+                                             trust_remote_code=False)  # no y/N prompt
     except (OSError, ValueError) as err:
         raise AdaptcError(f"{model}: no tokenizer to encode --text with ({first_line(err)}); "
                           "pass token ids with --prompt") from None
 
 
 def run_import_peft(args) -> int:
-    from adaptc.adapters import save_adapters
     from adaptc.artifact import refuse_inputs, write_file
     from adaptc.compiler import report_of
     from adaptc.frontend.models import PRESETS
@@ -497,12 +497,40 @@ def run_import_peft(args) -> int:
     else:
         spec = spec_from_peft(args.directory, args.model)
     print(spec, end="")
-    if args.output:
-        write_file(Path(args.output), spec, args.force)
     if args.weights:
-        save_adapters(imported, args.weights)
+        write_imported(imported, spec, args)
         print(f"wrote {args.weights} (adapter weights for this spec)", file=sys.stderr)
+    elif args.output:
+        write_file(Path(args.output), spec, args.force)
     return 0
+
+
+def write_imported(imported, spec: str, args) -> None:
+    """--weights, and -o when given: both or neither. The weights are staged beside their path
+    and renamed into place after the spec is written (a full disk while writing the weights
+    left the spec written alone)."""
+    from adaptc.adapters import save_adapters
+    from adaptc.artifact import write_file
+
+    weights = Path(args.weights)
+    place = Path(os.path.realpath(weights))  # a symlink's file, as write_file's
+    staged = place.with_name(f".{place.name}.import-{os.getpid()}")
+    try:
+        save_adapters(imported, staged)
+        if args.output:
+            write_file(Path(args.output), spec, args.force)
+        staged.replace(place)
+    except WeightsError as err:
+        if err.__cause__ is None:
+            raise
+        cause = err.__cause__  # the write error; the message named the staged file
+        raise WeightsError(f"{weights}: cannot write adapter weights: "
+                           f"{getattr(cause, 'strerror', None) or cause}") from cause
+    except OSError as err:
+        raise WeightsError(f"{weights}: cannot write adapter weights: "
+                           f"{err.strerror or err}") from err
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def run_export_peft(args) -> int:

@@ -19,17 +19,17 @@ programs run on the device they were compiled for.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from torch.export import Dim
 
+from adaptc.artifact import copy_tokenizer
 from adaptc.decode import Decoder, example_step, step_shapes
 from adaptc.decode_seq2seq import POSITIONS as SOURCE_POSITIONS
 from adaptc.decode_seq2seq import Seq2SeqDecoder, decoder_shapes, encoder_shapes
 from adaptc.errors import AdaptcError, ArtifactError, first_line
-from adaptc.export import TOKENIZER_FILES, load_program
+from adaptc.export import load_program, save_program
 from adaptc.frontend.trace import export_dynamic
 from adaptc.passes.bind_ops import bind_ops
 
@@ -46,15 +46,13 @@ def save_decoding(decoder: Decoder | Seq2SeqDecoder, folder: Path,
                 else export_seq2seq(decoder))
     folder.mkdir()
     for name, program in programs.items():
-        torch.export.save(program, folder / f"{name}.pt2")
+        save_program(program, folder / f"{name}.pt2")
     description = {"format": FORMAT, **limits(decoder)}
     (folder / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
     description["check"] = check(load_decoding(folder), decoder)
     (folder / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
-    source = Path(tokenizer_source) if tokenizer_source else None
-    for name in TOKENIZER_FILES if source and source.is_dir() else ():
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
+    if tokenizer_source:
+        copy_tokenizer(tokenizer_source, folder)
     return description
 
 

@@ -19,8 +19,8 @@ helpers); an existing non-empty output is refused unless `force`.
 from __future__ import annotations
 
 import copy
+import io
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 from adaptc.artifact import (
     PROGRAM,
     atomic_directory,
+    copy_tokenizer,
     model_inputs,
     refuse_existing,
     refuse_inputs,
@@ -45,8 +46,6 @@ from adaptc.passes.fuse_projections import graph_tensor
 
 FORMAT = 1
 HF_DIR, REPORT_FILE = "hf", "report.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
 
 
 def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: GraphModule,
@@ -69,7 +68,7 @@ def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: 
     program = export_program(gm, model)
     why_no_hf = hf_blocker(gm, model)
     with atomic_directory(out) as staging:
-        torch.export.save(program, staging / PROGRAM)
+        save_program(program, staging / PROGRAM)
         if why_no_hf is None:
             write_hf(gm, model, staging / HF_DIR)
         check = verify(load_program(staging / PROGRAM).module(), reference, model)
@@ -92,6 +91,46 @@ def export_program(gm: GraphModule, model: LoadedModel) -> torch.export.Exported
     except Exception as err:  # torch.export raises many types; all mean "cannot export"
         raise ArtifactError(f"cannot export the infer graph to {PROGRAM} with dynamic batch "
                             f"and sequence dims: {first_line(err)}") from err
+
+
+class FailedWrites(io.RawIOBase):
+    """A file torch.export.save writes through: the first OSError (disk full) is kept and
+    later writes are dropped, so the archive writer finishes and save_program raises it.
+    Writing to the path directly, the writer's C++ destructor met the same error again and
+    aborted the process (`terminate called`, exit 134) instead of raising."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except OSError as err:
+                self.error = err
+        return len(data)
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """torch.export.save into `path`; a write error is an OSError (as from `open`), which
+    `atomic_directory` reports as an ArtifactError naming the output."""
+    with open(path, "wb") as file:
+        writes = FailedWrites(file)
+        torch.export.save(program, writes)
+    if writes.error is not None:
+        raise writes.error
 
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:
@@ -154,10 +193,7 @@ def write_hf(gm: GraphModule, model: LoadedModel, folder: Path) -> None:
         for base, target in gm.meta.get(MERGED, {}).items():
             merged_model.get_parameter(base).copy_(graph_tensor(gm, target))
     merged_model.save_pretrained(folder, safe_serialization=True)
-    source = Path(model.source)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
+    copy_tokenizer(model.source, folder)
 
 
 # --------------------------------------------------------------------------- report.json

@@ -315,8 +315,11 @@ def read_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG
     try:
         config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
         raise InteropError(f"{path}: cannot read the PEFT adapter config: {err}") from None
+    if not isinstance(config, dict):  # `config.get` raised AttributeError on a list
+        raise InteropError(f"{path}: not a PEFT adapter config (a JSON object); found a "
+                           f"{type(config).__name__}")
     kind = config.get("peft_type")
     if kind not in HANDLED:
         raise InteropError(f"{path}: peft_type {kind!r} is not supported (adaptc reads "
@@ -329,7 +332,56 @@ def read_config(directory: str | Path) -> dict:
     if config.get("bias", "none") != "none":
         raise InteropError(f"{path}: option bias={config['bias']!r} is not supported by adaptc "
                            "(write a `*.bias: train` statement alongside instead)")
+    check_types(config, path)
     return config
+
+
+# the values the import reads, by the JSON types PEFT writes for them; another type raised
+# TypeError or ValueError from inside the import (`float('x')`, iterating over 5)
+NAMES = {"target_modules", "feedforward_modules", "layers_pattern"}  # a regex or a list
+NUMBERS = {"r", "lora_alpha", "lora_dropout", "init_r", "target_r", "total_step", "tinit",
+           "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "d_initial",
+           "vera_dropout", "projection_prng_key"}
+
+
+def check_types(config: dict, path: Path) -> None:
+    """Refuse option values of a type PEFT does not write, and regexes that do not compile."""
+    def refuse(key: str, value, wanted: str):
+        raise InteropError(f"{path}: option {key}={value!r} is not {wanted}")
+    def regex(key: str, text: str):
+        try:
+            re.compile(text)
+        except re.error as err:
+            raise InteropError(f"{path}: option {key}: {text!r} is not a regex ({err})") from None
+    for key in NAMES & set(config):
+        value = config[key]
+        if isinstance(value, str):
+            regex(key, value)
+        elif value is not None and not (isinstance(value, list)
+                                        and all(isinstance(v, str) for v in value)):
+            refuse(key, value, "a regex or a list of module names")
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = config.get(key) or {}
+        if not isinstance(value, dict) or not all(is_number(v) for v in value.values()):
+            refuse(key, value, "a mapping of module names to numbers")
+        for name in value:
+            regex(key, name)
+    wanted = config.get("layers_to_transform")
+    if not (wanted is None or is_integer(wanted)
+            or isinstance(wanted, list) and all(is_integer(v) for v in wanted)):
+        refuse("layers_to_transform", wanted, "a layer index or a list of them")
+    for key in NUMBERS & set(config):
+        if not is_number(config[key]) and not (config[key] is None and
+                                               config["peft_type"] == "ADALORA"):
+            refuse(key, config[key], "a number")
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def selected_sites(config: dict, sites: list[Site], where: str) -> list[Site]:
@@ -502,6 +554,8 @@ class PeftImport:
 
 
 def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
+    from adaptc.spec import compile_spec
+
     where = str(Path(directory) / CONFIG)
     config = read_config(directory)
     kind = config["peft_type"]
@@ -515,6 +569,11 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     for site in chosen + stacks:
         groups.setdefault(OPTIONS[kind](config, site, where), []).append(site.path)
     spec = write_spec(kind, groups, sites, model.family, params)
+    try:  # options out of range (r=0, dropout=2) made a spec that printed but did not compile
+        compile_spec(spec, "<peft>")
+    except SpecError as err:
+        raise InteropError(f"{where}: the options give an invalid spec: "
+                           f"{err.first.message}") from None
     names = {k: v for site in chosen for k, v in tensor_names(
         kind, config, site.path, own_parameters(model.module, site.path)).items()}
     shapes = {}

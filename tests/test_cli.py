@@ -85,6 +85,54 @@ def test_force_replaces_the_current_directory_given_as_dot(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["here"]
 
 
+def test_an_output_behind_a_symlink_is_written_where_the_link_points(tmp_path, capsys):
+    """`-o LINK` to an (empty or --force) directory renamed the link aside onto a directory
+    and failed, 'Is a directory', after the work; a dangling link, 'Not a directory'. The
+    link stays and its directory holds the artifact. A spec file's link was replaced by a
+    file."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "later")
+    for out in ("link", "dangling"):
+        assert main(["compile", "specs/lora_qv.adapt", "-o", str(tmp_path / out)]) == 0
+        assert "wrote" in capsys.readouterr().out
+    for real in ("real", "later"):
+        assert {p.name for p in (tmp_path / real).iterdir()} == {
+            "spec.adapt", "model", "adapters.safetensors", "manifest.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "later", "link", "real"]
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "dangling").is_symlink()
+    from adaptc.artifact import write_file  # import-peft -o: the link's file, not the link
+    (tmp_path / "s.adapt").symlink_to(tmp_path / "real" / "spec.adapt")
+    write_file(tmp_path / "s.adapt", "q_proj: lora\n", force=True)
+    assert (tmp_path / "s.adapt").is_symlink()
+    assert (tmp_path / "real" / "spec.adapt").read_text() == "q_proj: lora\n"
+
+
+def test_a_mount_point_as_output_is_refused_before_the_work():
+    """`-o /out` on a container's volume: renaming the finished output onto the mount point
+    failed, 'Device or resource busy', after the work. `/` is a mount point everywhere."""
+    from adaptc.artifact import refuse_existing
+    with pytest.raises(adaptc.errors.ArtifactError, match="^/: a mount point, which the finished "
+                                                          "output cannot be renamed onto"):
+        refuse_existing(Path("/"), force=True)
+
+
+def test_an_output_whose_parent_is_not_writable_is_refused_before_the_work(tmp_path, capsys,
+                                                                           monkeypatch):
+    """A writable `-o DIR` in a read-only parent (a directory made for the user): staging
+    beside DIR failed after the work. os.access stands in for the permissions (tests may
+    run as root, whom they do not stop)."""
+    import os
+    (tmp_path / "out").mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: str(p) != str(tmp_path) and access(p, mode))
+    assert main(["compile", "specs/lora_qv.adapt", "-o", str(tmp_path / "out")]) == 1
+    printed = capsys.readouterr()
+    assert printed.err == (f"{tmp_path / 'out'}: {tmp_path} is not writable (the output is "
+                           "assembled there and renamed into place)\n")
+    assert "compiled" not in printed.out
+
+
 def test_an_output_that_is_or_holds_an_input_is_refused(tiny, tmp_path, capsys):
     """--force replaced the output directory: `-o` naming the checkpoint (or a directory
     above it, the adapter file or the spec) deleted the input once the artifact was written."""
@@ -145,6 +193,33 @@ def test_outputs_that_cannot_be_written_are_errors_not_tracebacks(tmp_path, caps
     with pytest.raises(adaptc.errors.WeightsError, match="cannot write adapter weights"):
         adaptc.save_adapters(gm, blocker / "a.safetensors")
     assert blocker.read_text() == ""
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_is_an_error_naming_the_output(tmp_path, capsys, monkeypatch):
+    """Out of space, torch.export.save's writer aborted the process (`terminate called`, exit
+    134) and save_pretrained's SafetensorError was a traceback; either is one line naming -o,
+    and nothing is left beside it. /dev/full fails every write with ENOSPC."""
+    import builtins
+
+    import adaptc.export
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    full = "Error while serializing: I/O error: No space left on device (os error 28)"
+    def no_space(*args, **kwargs):
+        raise SafetensorError(full)
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedModel, "save_pretrained", no_space)
+        assert main(["compile", "specs/lora_qv.adapt", "-o", str(tmp_path / "train")]) == 1
+    assert capsys.readouterr().err == f"{tmp_path / 'train'}: cannot write the output: {full}\n"
+    monkeypatch.setattr(adaptc.export, "open", lambda path, mode: builtins.open("/dev/full", mode),
+                        raising=False)
+    assert main(["compile", "specs/lora_qv.adapt", "--mode", "infer", "-o",
+                 str(tmp_path / "infer")]) == 1
+    assert capsys.readouterr().err == (f"{tmp_path / 'infer'}: cannot write the output: No space "
+                                       "left on device\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_spec_error_exits_1_without_traceback(tmp_path):

@@ -309,7 +309,9 @@ def test_infer_graph_runs_under_torch_compile(tiny):
 
 
 def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
-    """A checkpoint directory with a tokenizer gives an hf/ export that has it too."""
+    """A checkpoint directory with a tokenizer gives an hf/ export that has it too, and a
+    train artifact's model/ (which had none: an infer artifact compiled from it could not
+    encode `--text`)."""
     from transformers import AutoTokenizer
 
     checkpoint = tmp_path / "ckpt"
@@ -317,8 +319,11 @@ def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
     save_word_tokenizer(checkpoint)
     assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--model", str(checkpoint),
                  "--mode", "infer", "-o", str(tmp_path / "dist")]) == 0
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "dist" / "hf", local_files_only=True)
-    assert tokenizer("w3 w7 nope")["input_ids"] == [4, 8, 0]
+    assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--model", str(checkpoint),
+                 "-o", str(tmp_path / "train")]) == 0
+    for saved in (tmp_path / "dist" / "hf", tmp_path / "train" / "model"):
+        tokenizer = AutoTokenizer.from_pretrained(saved, local_files_only=True)
+        assert tokenizer("w3 w7 nope")["input_ids"] == [4, 8, 0]
 
 
 @pytest.mark.parametrize("spec", [

@@ -205,3 +205,50 @@ def test_cli_prints_one_line_for_a_misshapen_checkpoint(tiny, tmp_path):
     assert result.returncode == 1
     assert result.stderr == (f"{tmp_path}: tensor 'model.norm.weight' has shape (64,), the "
                              "model's config gives (128,) (1 tensor(s) mismatched)\n")
+
+
+def test_only_the_files_the_checkpoint_loads_from_are_checked(tiny, tmp_path):
+    """A stray .safetensors beside the weights (a truncated download) was opened by the value
+    check and raised SafetensorError with a traceback; a shard of a sharded checkpoint is
+    still checked."""
+    from safetensors.torch import load_file, save_file
+    tiny("llama").module.save_pretrained(tmp_path, max_shard_size="100KB")
+    (tmp_path / "partial.safetensors").write_bytes(b"\x00" * 100)
+    assert load_model(str(tmp_path)).source == str(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors = load_file(tmp_path / index[name])
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, tmp_path / index[name], metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=rf"{index[name]}: tensor '{name}' is stored as I32"):
+        load_model(str(tmp_path))
+
+
+def test_a_checkpoint_of_custom_code_is_refused_without_asking(tiny, tmp_path, capsys):
+    """A config.json with auto_map made transformers ask "Do you wish to run the custom code?
+    [y/N]" on the terminal (15 s, and 'y' ran the directory's code); adaptc runs none."""
+    tiny("llama").module.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="my_llama", auto_map={"AutoConfig": "modeling.MyConfig"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"config.json: the model is defined by custom code in "
+                                         r"the checkpoint \(auto_map\), which adaptc does not run"):
+        load_model(str(tmp_path))
+    assert "Do you wish" not in capsys.readouterr().out
+
+
+def test_a_pytorch_model_bin_is_checked_as_safetensors_are(tiny, tmp_path):
+    """int32 weights in a pytorch_model.bin loaded as whole numbers: only safetensors headers
+    were read for the stored dtypes."""
+    from safetensors.torch import load_file
+    tiny("llama").module.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    assert torch.equal(load_model(str(tmp_path)).module.get_parameter(name), tensors[name])
+    tensors[name] = (tensors[name] * 100).to(torch.int32)
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=rf"pytorch_model.bin: tensor '{name}' is stored as int32; "
+                                         r"the model needs floating-point values"):
+        load_model(str(tmp_path))

@@ -181,12 +181,32 @@ def broken(tmp_path, model, **changes):
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
     ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
+    # each was a TypeError, ValueError or re.error traceback, or a spec that did not compile
+    ({"lora_alpha": "x"}, "option lora_alpha='x' is not a number"),
+    ({"target_modules": 5}, "option target_modules=5 is not a regex or a list of module names"),
+    ({"target_modules": "q_proj["}, r"option target_modules: 'q_proj\[' is not a regex "
+                                    r"\(unterminated character set"),
+    ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern=.* is not a mapping of module names to "
+                                        "numbers"),
+    ({"layers_to_transform": "0"}, "layers_to_transform='0' is not a layer index"),
+    ({"r": 0}, r"adapter_config.json: the options give an invalid spec: r must be >= 1, got 0"),
+    ({"lora_dropout": 2}, r"invalid spec: dropout must be in \[0, 1\), got 2"),
 ])
 def test_import_refuses_what_it_would_change(tiny, tmp_path, changes, message):
     model = tiny("llama")
     broken(tmp_path, model, **changes)
     with pytest.raises(adaptc.AdaptcError, match=message):
         import_peft(model, tmp_path)
+
+
+def test_an_adapter_config_that_is_not_a_json_object(tiny, tmp_path):
+    """A JSON list raised AttributeError ('list' object has no attribute 'get'); bytes that
+    are not UTF-8, UnicodeDecodeError."""
+    for text, message in ((b"[]", "not a PEFT adapter config .a JSON object.; found a list"),
+                          (b"\xff{}", "cannot read the PEFT adapter config: 'utf-8' codec")):
+        (tmp_path / "adapter_config.json").write_bytes(text)
+        with pytest.raises(adaptc.errors.InteropError, match=message):
+            spec_from_peft(tmp_path, tiny("llama"))
 
 
 def test_cli_import_peft_prints_the_spec(tiny, tmp_path, capsys):
@@ -236,6 +256,35 @@ def test_cli_import_peft_weights_serve_in_infer_mode(tiny, tmp_path, capsys):
     x = inputs()
     assert close(program(**x), twin(**x)) <= TOL
     assert close(program(**x), model.module(**x)) > 1e-3
+
+
+def test_cli_import_peft_writes_the_spec_and_the_weights_or_neither(tiny, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Out of space for --weights, -o's spec was already written; a directory in -o's way,
+    the weights were. Either way the command failed and left one of the two."""
+    import adaptc.adapters
+    from safetensors import SafetensorError
+
+    from adaptc.cli import main
+    model = tiny("llama")
+    model.module.save_pretrained(tmp_path / "base")
+    saved_peft(model, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "peft")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["import-peft", str(tmp_path / "peft"), "--model", str(tmp_path / "base"), "-o",
+            str(out / "s.adapt"), "--weights", str(out / "w.safetensors")]
+    full = "Error while serializing: I/O error: No space left on device (os error 28)"
+    def no_space(*args, **kwargs):
+        raise SafetensorError(full)
+    with monkeypatch.context() as patch:
+        patch.setattr(adaptc.adapters, "save_file", no_space)
+        assert main(argv) == 1
+    assert capsys.readouterr().err == (f"{out / 'w.safetensors'}: cannot write adapter weights: "
+                                       f"{full}\n")
+    (out / "s.adapt").mkdir()
+    assert main([*argv, "--force"]) == 1
+    assert "s.adapt: cannot write" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["s.adapt"] and not any((out / "s.adapt").iterdir())
 
 
 def test_export_refuses_a_non_empty_directory_without_force(tiny, tmp_path):

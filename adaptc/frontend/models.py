@@ -7,6 +7,8 @@ Face checkpoint directory (config.json + safetensors), or any `nn.Module` from P
 from __future__ import annotations
 
 import inspect
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,9 +171,14 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                          f"{hint}")
     # transformers and huggingface_hub raise many types for a bad file (ValueError, KeyError,
     # OSError, StrictDataclassFieldValidationError, ...); each means the checkpoint is unusable.
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:  # trust_remote_code=None asked "run the custom code? [y/N]" on the terminal
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as err:
+        if "trust_remote_code" in str(err):
+            raise ModelError(f"{config_file}: the model is defined by custom code in the "
+                             "checkpoint (auto_map), which adaptc does not run; load it in "
+                             "Python (trust_remote_code=True) and pass the module to "
+                             "adaptc.compile") from None
         raise ModelError(f"{config_file}: cannot read the model config: "
                          f"{' '.join(str(err).split())}") from None
     try:
@@ -202,23 +209,19 @@ def check_values(path: Path, module: nn.Module) -> None:
     """Refuse a checkpoint tensor stored as integers (or bools) where the model has a
     floating-point one (from_pretrained casts it silently: int32 weights would load as
     whole numbers), and NaN or infinite values in a floating-point tensor the checkpoint
-    filled (one isfinite pass each). Safetensors files are matched by name (their headers
-    give the stored dtypes without reading the data); other formats get the value check
-    over every parameter."""
-    from safetensors import safe_open
-
+    filled (one isfinite pass each). The weight files are matched by name (their headers,
+    or torch.load onto meta, give the stored dtypes without reading the data)."""
     state = module.state_dict()
     prefix = f"{getattr(module, 'base_model_prefix', '')}."
     stored: dict[str, tuple[Path, str]] = {}  # model tensor → (file, stored dtype)
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():
-                name = next((n for n in (key, prefix + key, key.removeprefix(prefix))
-                             if n in state), None)
-                if name is not None:
-                    stored[name] = (file, handle.get_slice(key).get_dtype())
+    for file, dtypes in stored_dtypes(path):
+        for key, dtype in dtypes.items():
+            name = next((n for n in (key, prefix + key, key.removeprefix(prefix))
+                         if n in state), None)
+            if name is not None:
+                stored[name] = (file, dtype)
     for name, (file, dtype) in stored.items():
-        if state[name].is_floating_point() and not dtype.startswith(("F", "BF")):
+        if state[name].is_floating_point() and not dtype.startswith(("F", "BF", "float", "bfloat")):
             raise ModelError(f"{file}: tensor '{name}' is stored as {dtype}; the model needs "
                              f"floating-point values ({state[name].dtype})")
     checked = stored or dict(module.named_parameters())
@@ -230,6 +233,36 @@ def check_values(path: Path, module: nn.Module) -> None:
             where = stored[name][0] if name in stored else path
             bad = (~torch.isfinite(tensor)).sum().item()
             raise ModelError(f"{where}: tensor '{name}' has {bad} NaN or infinite value(s)")
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # from_pretrained's order
+
+
+def stored_dtypes(path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+    """Each weight file from_pretrained read, with its tensors' stored dtypes (safetensors'
+    names, I32, F16; torch's, int32, float16): the first of model.safetensors, its sharded
+    index, pytorch_model.bin, its index. Other files in the directory (an adapter file, a
+    stale or half-downloaded copy) were not loaded: opening them raised on a corrupt one."""
+    from safetensors import safe_open
+
+    for single in WEIGHT_FILES:
+        index = path / f"{single}.index.json"
+        if (path / single).is_file():
+            files = [path / single]
+        elif index.is_file():  # from_pretrained read it
+            files = [path / name for name in sorted(set(json.loads(
+                index.read_text())["weight_map"].values()))]
+        else:
+            continue
+        for file in files:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as handle:
+                    yield file, {k: handle.get_slice(k).get_dtype() for k in handle.keys()}
+            else:  # on meta: the dtypes without reading the tensors
+                tensors = torch.load(file, map_location="meta", weights_only=True)
+                yield file, {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()
+                             if isinstance(v, torch.Tensor)}
+        return
 
 
 def check_loading_info(path: Path, info: dict) -> None:
