@@ -21,7 +21,11 @@ from __future__ import annotations
 import copy
 import io
 import json
+import signal
+import threading
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -123,12 +127,34 @@ class FailedWrites(io.RawIOBase):
         return len(data)
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and SIGINT that arrive inside the block are raised again when it ends. The
+    archive writer is C++ calling back into FailedWrites.write; an exception raised there by
+    the CLI's handlers (SystemExit, KeyboardInterrupt) aborted the process instead of
+    unwinding, so the exit status and the staging cleanup were lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers, and only it runs them
+        return
+    arrived: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in arrived[:1]:
+            signal.raise_signal(signum)
+
+
 def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
     """torch.export.save into `path`; a write error is an OSError (as from `open`), which
     `atomic_directory` reports as an ArtifactError naming the output."""
     with open(path, "wb") as file:
         writes = FailedWrites(file)
-        torch.export.save(program, writes)
+        with signals_deferred():
+            torch.export.save(program, writes)
     if writes.error is not None:
         raise writes.error
 

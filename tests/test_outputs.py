@@ -82,3 +82,26 @@ def test_sigterm_during_a_write_leaves_no_staging_directory(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, proc.stderr.read()
     assert list(tmp_path.iterdir()) == [] and "Traceback" not in proc.stderr.read()
+
+
+def test_a_signal_inside_an_archive_write_is_raised_when_the_write_ends():
+    """The archive writer is C++ calling back into Python: SIGTERM's SystemExit raised there
+    aborted the process, so it waits until save_program's write is over."""
+    import signal
+
+    from adaptc.export import signals_deferred
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    finished = False
+    try:
+        with pytest.raises(SystemExit) as exit:
+            with signals_deferred():
+                signal.raise_signal(signal.SIGTERM)
+                finished = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert finished and exit.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is previous
