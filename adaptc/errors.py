@@ -41,6 +41,7 @@ class Diagnostic:
         lines = self.source.split("\n")  # as the parser counts lines: splitlines() also
         # breaks at form feeds and U+2028 in comments, and showed an earlier line
         text = lines[self.line - 1].removesuffix("\r") if 0 < self.line <= len(lines) else ""
+        text = "".join(map(printable, text))
         span = text[self.column - 1:self.end_column - 1]
         width = max(1, sum(map(cells, span)) if span else self.end_column - self.column)
         gutter = f"{self.line:>4} | "
@@ -51,6 +52,12 @@ class Diagnostic:
         ]
         out += [f"   = note: {note}" for note in self.notes]
         return "\n".join(out)
+
+
+def printable(char: str) -> str:
+    """A control character (NUL, ESC: a binary file given as the spec) shown as U+FFFD, one
+    cell, so the terminal neither acts on it nor moves the caret; tabs are kept."""
+    return "\ufffd" if char != "\t" and unicodedata.category(char) == "Cc" else char
 
 
 def indent(prefix: str) -> str:

@@ -231,6 +231,16 @@ def test_spec_error_exits_1_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr and "^^^^" in result.stderr
 
 
+def test_python_dash_m_adaptc_is_the_command(tmp_path):
+    """`python -m adaptc` runs the CLI (a venv that is not activated has no `adaptc` on PATH):
+    the same exit status and diagnostic as the console script."""
+    spec = tmp_path / "bad.adapt"
+    spec.write_text("q_proj: lora rank=8\n")
+    result = subprocess.run([sys.executable, "-m", "adaptc", "check", str(spec)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and f"{spec}:1:14: error[E202]" in result.stderr
+
+
 def test_model_time_error_and_unknown_model(tmp_path):
     spec = tmp_path / "x.adapt"
     spec.write_text("qproj: lora\n")

@@ -238,3 +238,15 @@ def test_caret_under_a_column_after_wide_characters():
     lines = str(caught.value).splitlines()
     assert lines[2] == "     | " + " " * 18 + "^" * 6  # under "设定", 6 cells wide
     assert lines[6] == "     | " + " " * 27 + "^"  # 25 characters, 27 cells, then r's value
+
+
+def test_control_characters_in_the_shown_line_are_replaced(tmp_path):
+    """A binary file given as the spec: its NUL and ESC bytes are shown as U+FFFD, so the
+    terminal does not act on them and the caret stays under the bad byte."""
+    path = tmp_path / "binary.adapt"
+    path.write_bytes(b"\x7fELF\x02\x01\x00\x1b[2J\xd0\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    shown = str(caught.value).splitlines()
+    assert shown[1] == "   1 | \ufffdELF\ufffd\ufffd\ufffd\ufffd[2J\ufffd"
+    assert shown[2] == "     |            ^"
