@@ -83,6 +83,7 @@ def save_adapters(module: nn.Module, path: str | Path) -> Path:
     return path
 
 
+ARTIFACT_ADAPTERS = "adapters.safetensors"  # the adapter file in a train-mode artifact
 PEFT_CONVERT = ("`adaptc import-peft DIR --model MODEL -o spec.adapt --weights "
                 "adapters.safetensors` converts the PEFT directory")
 
@@ -108,9 +109,12 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
     """
     if Path(path).is_dir():
         peft = (Path(path) / "adapter_config.json").is_file()
+        artifact = Path(path) / ARTIFACT_ADAPTERS
         raise WeightsError(f"{path}: is a directory, not an adapter weights file (the "
                            "safetensors file adaptc.save_adapters writes)"
-                           + (f"\n  it holds a PEFT adapter: {PEFT_CONVERT}" if peft else ""))
+                           + (f"\n  it holds a PEFT adapter: {PEFT_CONVERT}" if peft else "")
+                           + (f"\n  it holds a train artifact's weights: pass {artifact}"
+                              if artifact.is_file() else ""))
     try:
         with safe_open(str(path), "pt") as handle:
             saved = handle.metadata() or {}

@@ -26,7 +26,12 @@ import torch
 from safetensors import SafetensorError
 from torch.fx import GraphModule
 
-from adaptc.adapters import adapter_state_dict, load_adapters, save_adapters
+from adaptc.adapters import (
+    ARTIFACT_ADAPTERS,
+    adapter_state_dict,
+    load_adapters,
+    save_adapters,
+)
 from adaptc.compiler import REPORT, compile
 from adaptc.errors import ArtifactError
 from adaptc.frontend.models import PRESETS, LoadedModel, load_checkpoint, place
@@ -203,7 +208,7 @@ def fill(folder: Path, gm: GraphModule, model: LoadedModel) -> None:
     (folder / "spec.adapt").write_text(report.spec_source)
     model.module.save_pretrained(folder / "model", safe_serialization=True)
     copy_tokenizer(model.source, folder / "model")  # `--text` on a checkpoint made from it
-    save_adapters(gm, folder / "adapters.safetensors")
+    save_adapters(gm, folder / ARTIFACT_ADAPTERS)
     manifest = {
         "format": FORMAT, "mode": report.mode, "spec": report.spec_path, "model": report.model,
         "inputs": sorted(model.example_inputs), "counts": report.counts,
@@ -240,5 +245,5 @@ def load(folder: str | Path, *, dtype: str | None = None, device: str | None = N
         raise ArtifactError(f"{manifest_file}: unknown mode {manifest['mode']!r} (train or infer)")
     model = place(load_checkpoint(folder / "model", dtype), dtype, device)
     gm = compile(model, folder / "spec.adapt", manifest["mode"])
-    load_adapters(gm, folder / "adapters.safetensors")
+    load_adapters(gm, folder / ARTIFACT_ADAPTERS)
     return gm

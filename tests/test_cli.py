@@ -422,3 +422,18 @@ def test_negative_max_new_tokens_names_the_flag(capsys):
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "adaptc generate: error: argument --max-new-tokens: must be >= 0, got -1")
+
+
+def test_a_train_artifact_given_as_adapter_file_names_its_weights(tmp_path, capsys):
+    """`--adapters DIR` with a train artifact's directory: the error names the file in it
+    to pass, and nothing is written."""
+    art = tmp_path / "run"
+    assert main(["compile", "specs/lora_qv.adapt", "--mode", "train", "-o", str(art)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "serve"
+    assert main(["compile", "specs/lora_qv.adapt", "--mode", "infer", "--adapters", str(art),
+                 "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{art}: is a directory, not an adapter weights file" in err
+    assert f"it holds a train artifact's weights: pass {art / 'adapters.safetensors'}" in err
+    assert not out.exists()
