@@ -170,12 +170,21 @@ def check_options(path: str, saved: dict[str, dict], prefix: str, sites: list[di
     if lines:
         shown = "".join(f"\n  {line}" for line in lines[:5])
         more = f"\n  ... and {len(lines) - 5} more" if len(lines) > 5 else ""
-        origin = "" if saved_spec is None else (
-            "\n  the file was saved from a module compiled from this spec:\n"
-            + "".join(f"    {line}\n" for line in saved_spec.strip().splitlines()))
         raise WeightsError(f"{path}: the adapters were trained with other options than the "
                            f"compiled module's, so they would compute other outputs "
-                           f"({len(lines)} sites):{shown}{more}{origin.rstrip()}")
+                           f"({len(lines)} sites):{shown}{more}{saved_from(saved_spec)}")
+
+
+def saved_from(saved_spec: str | None, own_spec: str | None = None) -> str:
+    """The note on where a refused file came from: the spec it was saved from, or, when that
+    is the module's own spec, that the model differs."""
+    if saved_spec is None:
+        return ""
+    if own_spec is not None and own_spec.strip() == saved_spec.strip():
+        return ("\n  the file was saved from a module compiled from the same spec onto another "
+                "model (other layers or module names)")
+    return ("\n  the file was saved from a module compiled from this spec:"
+            + "".join(f"\n    {line}" for line in saved_spec.strip().splitlines()))
 
 
 def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str,
@@ -188,14 +197,13 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], so
     extra = sorted(set(tensors) - set(params))
     if missing or extra:
         detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
-        origin = "" if saved_spec is None else (
-            "\n  the file was saved from a module compiled from this spec:\n"
-            + "".join(f"    {line}\n" for line in saved_spec.strip().splitlines()))
+        report = compile_report(module)
+        origin = saved_from(saved_spec, None if report is None else report.spec_source)
         if any("base_model.model." in name for name in extra):
             origin += f"\n  these are PEFT's tensor names: {PEFT_CONVERT}"
         raise WeightsError(f"{path}: adapter tensors do not match the compiled module "
                            f"({len(missing)} missing, {len(extra)} unexpected; {detail})"
-                           + origin.rstrip("\n"))
+                           + origin)
     for name, param in params.items():
         tensor = tensors[name]
         if tuple(tensor.shape) != tuple(param.shape):

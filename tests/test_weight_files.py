@@ -65,6 +65,21 @@ def test_a_file_of_another_spec_is_refused_with_the_spec_it_was_saved_from(saved
         f"  the file was saved from a module compiled from this spec:\n    {SPEC}")
 
 
+def test_a_file_of_the_same_spec_on_another_model_says_the_model_differs(saved):
+    """Saved from a 3-layer model, loaded into the 2-layer one: the spec is the same, so
+    printing it as "the spec it was saved from" pointed at the wrong cause."""
+    from adaptc.frontend.models import build_preset
+
+    deeper = adaptc.compile(build_preset("llama", layers=3), SPEC)
+    path = adaptc.save_adapters(deeper, saved[1].parent / "deeper.safetensors")
+    with pytest.raises(WeightsError) as err:
+        adaptc.load_adapters(saved[0], path)
+    assert str(err.value).endswith(
+        "(0 missing, 4 unexpected; unexpected model.layers.2.self_attn.q_proj.lora.A)\n"
+        "  the file was saved from a module compiled from the same spec onto another model "
+        "(other layers or module names)")
+
+
 def test_a_torch_compiled_module_saves_and_loads_under_the_compiled_names(saved, tiny, tmp_path):
     """torch.compile wraps the module as `_orig_mod`: its files held `_orig_mod.model...`
     names, which no freshly compiled module loaded."""
