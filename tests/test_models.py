@@ -34,6 +34,22 @@ def test_compile_from_checkpoint_directory(tiny, tmp_path, capsys):
     assert "c_attn.lora" in (tmp_path / "dump" / "03_insert_lora.py").read_text()
 
 
+@pytest.mark.parametrize(("stored", "config"), [(torch.float32, "bfloat16"),
+                                                (torch.bfloat16, "float32")])
+def test_a_checkpoint_loads_in_the_dtype_its_files_hold(tiny, tmp_path, stored, config):
+    """Without --dtype the weights stay as stored: from_pretrained's "auto" took config.json's
+    dtype, rounding float32 files to bfloat16 or doubling bfloat16 ones to float32."""
+    model = tiny("llama").module.to(stored)
+    model.save_pretrained(tmp_path / "ckpt")
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**written, "dtype": config}))
+    loaded = load_model(str(tmp_path / "ckpt")).module
+    assert {p.dtype for p in loaded.parameters()} == {stored}
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), model.parameters()))
+    asked = load_model(str(tmp_path / "ckpt"), dtype="float16").module
+    assert {p.dtype for p in asked.parameters()} == {torch.float16}
+
+
 def test_an_artifact_given_as_model_points_at_its_checkpoint(tiny, tmp_path, capsys):
     """`--model DIR` with a train artifact said only 'no config.json'; it names DIR/model."""
     model = tiny("llama")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,10 +158,10 @@ def model_class(config) -> type:
 
 def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
     """Load config.json + safetensors weights from a local directory (no hub access), in
-    `dtype` when given (read as that dtype: no second copy in the stored one)."""
+    `dtype` when given (read as that dtype: no second copy in the stored one), else in the
+    dtype its weight files hold."""
     from transformers import AutoConfig
 
-    load_as = torch_dtype(dtype) or "auto"
     config_file = path / "config.json"
     if not config_file.is_file():
         inside = [path / sub for sub in ("model", "hf") if (path / sub / "config.json").is_file()]
@@ -190,6 +191,7 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                          "config has no vocab_size), which adaptc traces checkpoints with; "
                          "load it in Python and call adaptc.compile(module, spec, "
                          "example_inputs=...)")
+    load_as = torch_dtype(dtype) or stored_dtype(path)
     # transformers logs a table of the tensors it could not fill; check_loading_info's error
     # names them in one line instead (the table is logged when the load goes on)
     with held_log_records("transformers.modeling_utils"):
@@ -236,6 +238,25 @@ def check_values(path: Path, module: nn.Module) -> None:
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # from_pretrained's order
+
+
+STORED_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stored_dtype(path: Path) -> torch.dtype | str:
+    """The floating dtype most of the checkpoint's tensors are stored in, which the model is
+    read in when no dtype is asked for. from_pretrained's "auto" takes the config's `dtype`
+    first: a config saying bfloat16 over float32 files halved the weights' precision, one
+    saying float32 over bfloat16 files doubled their memory. "auto" when no header says
+    (a damaged file: from_pretrained's error names it)."""
+    counts: Counter[torch.dtype] = Counter()
+    try:
+        for _, dtypes in stored_dtypes(path):
+            counts.update(STORED_FLOATS[d] for d in dtypes.values() if d in STORED_FLOATS)
+    except Exception:  # safetensors and torch.load raise many types for a damaged file
+        return "auto"
+    return counts.most_common(1)[0][0] if counts else "auto"
 
 
 def stored_dtypes(path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
