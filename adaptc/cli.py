@@ -439,6 +439,9 @@ def generate_from_source(model, plan, source: list[int], args, eos: int | None) 
     from adaptc.decode import check_eos, check_token_ids
     from adaptc.generation import greedy_generate
 
+    if args.max_cache_len is not None:  # it was ignored: the reply looked length-limited
+        raise AdaptcError("--max-cache-len sizes a KV cache; a gated spec on an encoder-decoder "
+                          "decodes without one (the whole sequence at each step)")
     config = model.module.config
     check_token_ids(source, config.vocab_size)
     check_eos(eos, config.vocab_size)
