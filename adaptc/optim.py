@@ -2,9 +2,9 @@
 
 LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B's learning rate is a fixed multiple of A's,
 η_B = ratio·η_A (the paper suggests ratio ≈ 16). Adapter modules name their "fast" tensors
-in a `fast_parameters` class attribute (LoRA: B; DoRA: B and the magnitude, as PEFT's
-`create_loraplus_optimizer` groups 1-D tensors with B); all other trainable adapter tensors
-keep the base learning rate.
+in a `fast_parameters` attribute (LoRA: B; DoRA: B and the magnitude; VeRA: λ_d, λ_b; a
+`train` statement: its 1-D tensors, as PEFT's `create_loraplus_optimizer` groups 1-D tensors
+with B); all other trainable adapter tensors keep the base learning rate.
 """
 from __future__ import annotations
 

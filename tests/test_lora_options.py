@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LNTuningConfig, LoraConfig, VeraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 
 import adaptc
@@ -133,6 +133,29 @@ def test_loraplus_groups_match_peft(tiny):
     assert [n for _, n in ours] == [n for _, n in sizes]
     assert [lr for lr, _ in ours] == pytest.approx([lr for lr, _ in sizes])
     torch.optim.AdamW(adaptc.loraplus_param_groups(gm, lr=1e-3))  # usable as is
+
+
+@pytest.mark.parametrize("spec,config", [
+    ("q_proj,v_proj: vera r=16", VeraConfig(r=16, target_modules=["q_proj", "v_proj"])),
+    ("input_layernorm, norm: train", LNTuningConfig(target_modules=["input_layernorm", "norm"])),
+    ("q_proj: lora r=4\nlm_head: train", None)])
+def test_loraplus_groups_of_vectors_match_peft(tiny, spec, config):
+    """PEFT's LoRA+ gives every 1-D tensor B's rate: VeRA's λ_d, λ_b and tuned norms are fast
+    (they kept the base rate, so LoRA+ did nothing there); a trained matrix stays slow."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, spec)
+    ours = sorted((g["lr"], sum(p.numel() for p in g["params"]))
+                  for g in adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=16))
+    if config is None:  # lm_head [512, 128] slow with A (2·512 + 65536); B (2·512) fast
+        assert ours == [(1e-3, 2 * 512 + 65536), (pytest.approx(16e-3), 2 * 512)]
+        return
+    twin = get_peft_model(copy.deepcopy(model.module), config)
+    theirs = create_loraplus_optimizer(twin, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    sizes = sorted((g["lr"], sum(p.numel() for p in g["params"])) for g in theirs.param_groups
+                   if g["params"])
+    assert [n for _, n in ours] == [n for _, n in sizes]
+    assert [lr for lr, _ in ours] == pytest.approx([lr for lr, _ in sizes])
+    assert [lr for lr, _ in ours] == pytest.approx([16e-3])
 
 
 def test_loraplus_gives_mixture_experts_b_the_fast_rate(tiny):

@@ -40,3 +40,9 @@ class TrainedParameters(nn.Module):
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters(recurse=False))
+
+    @property
+    def fast_parameters(self) -> tuple[str, ...]:
+        """LoRA+: the 1-D tensors (norm weights, biases) get ratio × lr, as PEFT's
+        `create_loraplus_optimizer` groups them with B; matrices keep the base rate."""
+        return tuple(name for name, p in self.named_parameters(recurse=False) if p.ndim == 1)

@@ -77,6 +77,9 @@ class VeraAdapter(nn.Module):
     """λ_b ⊙ (B[:out]·(λ_d ⊙ (A[:, :in]·dropout(x)))); called from the graph as
     `vera(x, A, B)` with the shared projections. Shapes: x [..., in] → [..., out]."""
 
+    # LoRA+: both vectors get ratio × lr, as PEFT's `create_loraplus_optimizer` gives 1-D tensors
+    fast_parameters: ClassVar[tuple[str, ...]] = ("lambda_d", "lambda_b")
+
     def __init__(self, config: VeraConfig, in_features: int, out_features: int,
                  device: torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
