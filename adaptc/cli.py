@@ -124,8 +124,8 @@ def parser() -> argparse.ArgumentParser:
                            "block's module path (decoder.block.0 of an encoder-decoder)")
     insp.set_defaults(run=run_inspect)
 
-    check = sub.add_parser("check", help="parse and validate a spec without a model")
-    check.add_argument("spec", type=path, help=SPEC_HELP)
+    check = sub.add_parser("check", help="parse and validate specs without a model")
+    check.add_argument("specs", type=path, nargs="+", metavar="spec", help=SPEC_HELP)
     check.set_defaults(run=run_check)
 
     imp = sub.add_parser("import-peft", help="print the spec equivalent to a PEFT adapter "
@@ -370,11 +370,20 @@ def run_inspect(args) -> int:
 
 
 def run_check(args) -> int:
-    plan = spec_plan(args.spec)
-    mixture = " + mixture" if plan.mixture else ""
-    count = len(plan.rules)
-    print(f"{plan.spec.path}: ok ({count} attach statement{'s' * (count != 1)}{mixture})")
-    return 0
+    """Each spec's `ok` line, or its diagnostics on stderr; exit 1 when any failed, after all
+    were checked (a pre-commit hook or CI step passes every .adapt file at once)."""
+    failed = False
+    for spec in args.specs:
+        try:
+            plan = spec_plan(spec)
+        except AdaptcError as err:
+            print(str(err), file=sys.stderr)
+            failed = True
+            continue
+        mixture = " + mixture" if plan.mixture else ""
+        count = len(plan.rules)
+        print(f"{plan.spec.path}: ok ({count} attach statement{'s' * (count != 1)}{mixture})")
+    return 1 if failed else 0
 
 
 def run_generate(args) -> int:

@@ -272,6 +272,19 @@ def test_check_and_passes(capsys):
         assert "are for --mode infer" in capsys.readouterr().err
 
 
+def test_check_takes_several_specs_and_reports_each(tmp_path, capsys):
+    """`adaptc check specs/*.adapt` (a pre-commit hook): every file is checked, a bad one in
+    the middle does not hide the ones after it, and the exit status says one failed."""
+    bad = tmp_path / "bad.adapt"
+    bad.write_text("q_proj: lora rank=8\n")
+    assert main(["check", "specs/lora_qv.adapt", str(bad), "specs/card.adapt"]) == 1
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == [
+        "specs/lora_qv.adapt", "specs/card.adapt"]
+    assert captured.err.startswith(f"{bad}:1:14: error[E202]")
+    assert main(["check", "specs/lora_qv.adapt", "specs/card.adapt"]) == 0
+
+
 def stdin_bytes(data: bytes):
     import io
     return io.TextIOWrapper(io.BytesIO(data))
