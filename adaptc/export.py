@@ -144,8 +144,8 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in arrived[:1]:
-            signal.raise_signal(signum)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def save_program(program: torch.export.ExportedProgram, path: Path) -> None:

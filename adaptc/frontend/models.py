@@ -191,7 +191,11 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                          "config has no vocab_size), which adaptc traces checkpoints with; "
                          "load it in Python and call adaptc.compile(module, spec, "
                          "example_inputs=...)")
-    load_as = torch_dtype(dtype) or stored_dtype(path)
+    try:  # the weight files' headers, read once: the load's dtype and check_values use them
+        stored = list(stored_dtypes(path))
+    except Exception:  # safetensors and torch.load raise many types for a damaged file;
+        stored = []    # from_pretrained's error below names it
+    load_as = torch_dtype(dtype) or most_stored_float(stored)
     # transformers logs a table of the tensors it could not fill; check_loading_info's error
     # names them in one line instead (the table is logged when the load goes on)
     with held_log_records("transformers.modeling_utils"):
@@ -203,20 +207,20 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
             raise ModelError(f"{path}: cannot load the checkpoint weights: "
                              f"{first_line(err)}") from None
         check_loading_info(path, info)
-    check_values(path, module)
+    check_values(path, module, stored)
     return wrap(module.eval(), source=str(path))
 
 
-def check_values(path: Path, module: nn.Module) -> None:
+def check_values(path: Path, module: nn.Module,
+                 files: list[tuple[Path, dict[str, str]]]) -> None:
     """Refuse a checkpoint tensor stored as integers (or bools) where the model has a
     floating-point one (from_pretrained casts it silently: int32 weights would load as
     whole numbers), and NaN or infinite values in a floating-point tensor the checkpoint
-    filled (one isfinite pass each). The weight files are matched by name (their headers,
-    or torch.load onto meta, give the stored dtypes without reading the data)."""
+    filled (one isfinite pass each). `files` are stored_dtypes' weight files, matched by name."""
     state = module.state_dict()
     prefix = f"{getattr(module, 'base_model_prefix', '')}."
     stored: dict[str, tuple[Path, str]] = {}  # model tensor → (file, stored dtype)
-    for file, dtypes in stored_dtypes(path):
+    for file, dtypes in files:
         for key, dtype in dtypes.items():
             name = next((n for n in (key, prefix + key, key.removeprefix(prefix))
                          if n in state), None)
@@ -244,18 +248,13 @@ STORED_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.floa
                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def stored_dtype(path: Path) -> torch.dtype | str:
+def most_stored_float(files: list[tuple[Path, dict[str, str]]]) -> torch.dtype | str:
     """The floating dtype most of the checkpoint's tensors are stored in, which the model is
     read in when no dtype is asked for. from_pretrained's "auto" takes the config's `dtype`
     first: a config saying bfloat16 over float32 files halved the weights' precision, one
-    saying float32 over bfloat16 files doubled their memory. "auto" when no header says
-    (a damaged file: from_pretrained's error names it)."""
-    counts: Counter[torch.dtype] = Counter()
-    try:
-        for _, dtypes in stored_dtypes(path):
-            counts.update(STORED_FLOATS[d] for d in dtypes.values() if d in STORED_FLOATS)
-    except Exception:  # safetensors and torch.load raise many types for a damaged file
-        return "auto"
+    saying float32 over bfloat16 files doubled their memory. "auto" when no header says."""
+    counts = Counter(STORED_FLOATS[d] for _, dtypes in files for d in dtypes.values()
+                     if d in STORED_FLOATS)
     return counts.most_common(1)[0][0] if counts else "auto"
 
 
