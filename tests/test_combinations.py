@@ -168,6 +168,8 @@ def test_unipelt_gates_are_trainable_and_bounded(tiny):
     assert value.shape == (3, 1, 1) and ((value > 0) & (value < 1)).all()
 
 
-def test_gated_lora_on_gpt2_conv1d_is_refused(tiny):
-    with pytest.raises(adaptc.ModelError, match="gated LoRA"):
-        adaptc.compile(tiny("gpt2"), "attn.qkv: lora r=2 gate")
+def test_gated_lora_on_gpt2_conv1d_is_refused_at_the_gate_option(tiny):
+    with pytest.raises(adaptc.SpecError, match="gated LoRA") as err:
+        adaptc.compile(tiny("gpt2"), "# qkv\nattn.qkv: lora r=2 gate")
+    first = err.value.first
+    assert (first.code, first.line, first.column, first.end_column) == ("E302", 2, 20, 24)

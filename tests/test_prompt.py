@@ -116,5 +116,7 @@ def test_prompt_spec_errors(tiny, spec, code):
 
 
 def test_prompt_on_a_table_that_is_not_the_input(tiny):
-    with pytest.raises(ModelError, match="word embedding that reads the token ids"):
+    with pytest.raises(SpecError, match="word embedding that reads the token ids") as err:
         adaptc.compile(tiny("bert"), "position_embeddings: prompt")
+    first = err.value.first
+    assert (first.code, first.line, first.column, first.end_column) == ("E302", 1, 1, 20)

@@ -90,6 +90,8 @@ def test_tied_weight_trains_under_its_listed_name(tiny):
         adaptc.compile(model, "lm_head: train")
 
 
-def test_parameter_replaced_by_pissa_is_a_model_error(tiny):
-    with pytest.raises(adaptc.ModelError, match="q_proj.weight' selected by `train`"):
+def test_parameter_replaced_by_pissa_is_refused_at_the_train_target(tiny):
+    with pytest.raises(adaptc.SpecError, match="q_proj.weight' selected by `train`") as err:
         adaptc.compile(tiny("llama"), "q_proj: lora r=2 init=pissa\nq_proj.weight: train")
+    first = err.value.first
+    assert (first.code, first.line, first.column, first.end_column) == ("E302", 2, 1, 14)

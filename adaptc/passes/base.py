@@ -75,6 +75,13 @@ def record_merge(gm: GraphModule, layer: str, operand: str, target: str) -> None
     gm.meta.setdefault(MERGED, {})[f"{layer}.{operand}" if layer else operand] = target
 
 
+def misplaced(ctx: CompileContext, span, message: str) -> SpecError:
+    """E302 at `span` of the spec: a statement the model cannot take where it puts it, which
+    shows only in the traced graph (a flattened input, a parameter nothing reads), so the
+    user is sent to the line to change rather than to a module path alone."""
+    return SpecError([diag(ctx.plan, span, "E302", message)])
+
+
 def take_positions(ctx: CompileContext, rule, tokens: int) -> None:
     """Count `tokens` virtual tokens (a prompt's or a prefix's) against the rows of the
     model's learned position table (`ctx.table_positions`, which bounds the compiled module's

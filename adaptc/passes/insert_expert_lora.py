@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from adaptc.errors import ModelError
 from adaptc.methods.lora import ExpertLora
-from adaptc.passes.base import CompileContext, PassResult, report
+from adaptc.passes.base import CompileContext, PassResult, misplaced, report
 from adaptc.passes.graph import splice
 from adaptc.passes.train_parameters import tensor_readers
 
@@ -31,8 +30,9 @@ class InsertExpertLora:
             weight = ctx.model.module.get_parameter(site.path)
             nodes = [n for n in readers.get(id(weight), []) if n.users]
             if not nodes:
-                raise ModelError(f"expert stack '{site.path}' is not read by the traced graph; "
-                                 "lora cannot adapt it")
+                raise misplaced(ctx, assignment.target.span,
+                                f"expert stack '{site.path}' is not read by the traced graph; "
+                                "lora cannot adapt it")
             owner, _, name = site.path.rpartition(".")
             target = f"{owner}.lora_{name}"
             module = ctx.model.module.get_submodule(owner)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from adaptc.errors import ModelError
 from adaptc.methods.lora import LoraAdapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
+from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, misplaced, report
 from adaptc.passes.graph import (dense_weight, factory, linear_input, linear_weight, splice,
                                  swap_weight)
 
@@ -31,7 +30,7 @@ class InsertLora:
             if config.dora:
                 continue  # insert_dora's
             if config.gate:
-                check_gate_input(node, site)
+                check_gate_input(ctx, node, assignment)
             adapter = LoraAdapter(config, site.in_features, site.out_features,
                                   **factory(gm, linear_weight(node).target))
             target = f"{site.path}.lora"
@@ -46,9 +45,11 @@ class InsertLora:
         return PassResult(gm, counts)
 
 
-def check_gate_input(node, site) -> None:
+def check_gate_input(ctx: CompileContext, node, assignment) -> None:
     """A gate averages over the sequence: it needs the linear's input as [batch, seq, features]."""
     val = linear_input(node).meta.get("val")
     if val is None or val.dim() != 3:
-        raise ModelError(f"gated LoRA on {site.describe()}: the traced input is not "
-                         "[batch, seq, features] (GPT-2's Conv1D flattens it); drop 'gate' there")
+        raise misplaced(ctx, assignment.rule.span_of("gate"),
+                        f"gated LoRA on {assignment.site.describe()}: the traced input is not "
+                        "[batch, seq, features] (GPT-2's Conv1D flattens it); drop 'gate' "
+                        "for this target")

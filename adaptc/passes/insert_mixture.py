@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from adaptc.errors import ModelError
 from adaptc.methods.mixture import MixtureOfLora, MixtureOfVectors
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, build_sized, report
+from adaptc.passes.base import (METHODS, SITE, CompileContext, PassResult, build_sized,
+                                misplaced, report)
 from adaptc.passes.graph import (factory, linear_input, linear_weight, splice, wrap_input,
                                  wrap_output)
 
@@ -42,10 +42,11 @@ class InsertMixture:
                     **factory(gm, linear_weight(node).target))
                 x = linear_input(node)
                 if mixture.method == "loramoe" and x.meta["val"].dim() != 3:
-                    raise ModelError(f"loramoe balances each example's router weights, and "
-                                     f"'{site.path}' reads its tokens flattened "
-                                     f"({x.meta['val'].dim()}-D, GPT-2's Conv1D): no batch "
-                                     "rows to weigh")
+                    raise misplaced(ctx, ctx.plan.mixture.statement.kind_span,
+                                    f"loramoe balances each example's router weights, and "
+                                    f"'{site.path}' reads its tokens flattened "
+                                    f"({x.meta['val'].dim()}-D, GPT-2's Conv1D): no batch "
+                                    "rows to weigh")
                 if method == "lora":
                     splice(gm, node, x, f"{site.path}.moe", adapter, "moe")
                 elif config.feedforward:

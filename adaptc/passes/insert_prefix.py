@@ -36,6 +36,7 @@ from adaptc.passes.base import (
     CompileContext,
     PassResult,
     build_sized,
+    misplaced,
     report,
     take_positions,
 )
@@ -92,10 +93,11 @@ class InsertPrefix:
         other = next((path for path, k in keys.items()
                       if (int(k.shape[1]), int(k.shape[-1])) != (heads, head_dim)), None)
         if other:
-            raise ModelError(f"the prefix statement on line {rule.statement.span.line} adapts "
-                             f"attentions of different shapes ({group[0].site.path}: {heads} "
-                             f"heads of {head_dim}; {other}: {int(keys[other].shape[1])} of "
-                             f"{int(keys[other].shape[-1])}); write one statement for each")
+            raise misplaced(ctx, rule.statement.method_span,
+                            f"this {rule.config.method} statement adapts attentions of "
+                            f"different shapes ({group[0].site.path}: {heads} heads of "
+                            f"{head_dim}; {other}: {int(keys[other].shape[1])} of "
+                            f"{int(keys[other].shape[-1])}); write one statement for each")
         target = f"{ENCODERS}.{rule.config.method}_{rule.index}"
         width, layers = kv_heads(ctx, heads) * head_dim, len(group)
         projection = getattr(rule.config, "projection", 0)

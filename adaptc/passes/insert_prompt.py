@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from adaptc.errors import ModelError
 from adaptc.frontend.targets import Assignment
 from adaptc.methods.prompt import PromptEmbedding, PromptEncoder
 from adaptc.passes.base import (
@@ -32,6 +31,7 @@ from adaptc.passes.base import (
     CompileContext,
     PassResult,
     build_sized,
+    misplaced,
     report,
     take_positions,
 )
@@ -52,11 +52,18 @@ class InsertPrompt:
             return PassResult(gm, {"prompt_inserted": 0})
         if len(todo) > 1:
             paths = ", ".join(a.site.path for a in todo)
-            raise ModelError(f"virtual tokens go before one input embedding; the spec puts "
-                             f"them on {len(todo)} modules ({paths})")
+            raise misplaced(ctx, todo[1].target.span,
+                            f"virtual tokens go before one input embedding; the spec puts "
+                            f"them on {len(todo)} modules ({paths})")
         assignment = todo[0]
         weight = ctx.model.module.get_submodule(assignment.site.path).weight
-        lookup, ids = embedding_lookup(gm, assignment.site.path, weight)
+        found = embedding_lookup(gm, assignment.site.path, weight)
+        if found is None:
+            raise misplaced(ctx, assignment.target.span,
+                            "virtual tokens need the word embedding that reads the token ids; "
+                            f"module '{assignment.site.path}' is not one (target the 'embed' "
+                            "role)")
+        lookup, ids = found
         tokens = assignment.rule.config.tokens
         positions = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
         if positions is None and reads_position_table(gm):
@@ -70,12 +77,14 @@ class InsertPrompt:
         return PassResult(gm, {"prompt_inserted": 1, "outputs_sliced": sliced})
 
 
-def embedding_lookup(gm: GraphModule, path: str, weight: torch.Tensor) -> tuple[Node, Node]:
+def embedding_lookup(gm: GraphModule, path: str,
+                     weight: torch.Tensor) -> tuple[Node, Node] | None:
     """The aten.embedding node of module `path` (or of a module tied to it: an
     encoder-decoder's `shared` is traced as `encoder.embed_tokens` and `decoder.embed_tokens`)
     and the token-id input it reads, directly or through views (GPT-2 reads
     `input_ids.view(-1, seq)`). Of several, the one that reads `input_ids`: virtual tokens go
-    before the encoder's input, as Lester et al. put them before T5's."""
+    before the encoder's input, as Lester et al. put them before T5's. None when there is not
+    exactly one."""
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == aten.embedding.default and (
@@ -87,10 +96,7 @@ def embedding_lookup(gm: GraphModule, path: str, weight: torch.Tensor) -> tuple[
                 found.append((node, ids))
     if len(found) > 1:
         found = [pair for pair in found if pair[1].target == "input_ids"]
-    if len(found) != 1:
-        raise ModelError(f"virtual tokens need the word embedding that reads the token ids; "
-                         f"module '{path}' is not one (target the 'embed' role)")
-    return found[0]
+    return found[0] if len(found) == 1 else None
 
 
 def reads_tensor(gm: GraphModule, node: Node, tensor: torch.Tensor) -> bool:

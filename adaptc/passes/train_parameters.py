@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
-from adaptc.errors import ModelError
 from adaptc.methods.train import TrainedParameters
-from adaptc.passes.base import INSERTED, CompileContext, PassResult, record_merge
+from adaptc.passes.base import INSERTED, CompileContext, PassResult, misplaced, record_merge
 from adaptc.passes.graph import drop_attr
 
 
@@ -31,9 +30,10 @@ class TrainParameters:
         for a in chosen:
             tensor = ctx.model.module.get_parameter(a.site.path)
             if not any(node.users for node in readers.get(id(tensor), [])):
-                raise ModelError(f"parameter '{a.site.path}' selected by `train` (line "
-                                 f"{a.rule.statement.span.line}) is not read by the compiled "
-                                 "graph (another method replaced it, e.g. init=pissa)")
+                raise misplaced(ctx, a.target.span,
+                                f"parameter '{a.site.path}' selected by `train` is not read by "
+                                "the compiled graph (another method replaced it, e.g. "
+                                "init=pissa)")
             owners.setdefault(a.site.path.rpartition(".")[0], []).append((a, tensor))
         for owner, found in owners.items():
             self.copy_owner(gm, ctx, owner, found, readers)
