@@ -86,3 +86,49 @@ def test_half_precision_models_train_float32_adapters_as_peft_does(tiny):
     # the losses are float16: 1e-2 is two units in the last place at 6
     assert max(abs(a - b) for a, b in zip(losses["ours"], losses["peft"])) <= 1e-2, losses
     assert all(p.dtype == torch.float16 for n, p in gm.named_parameters() if not p.requires_grad)
+
+
+def test_resuming_with_the_optimizer_state_continues_the_same_run(tiny, tmp_path):
+    """An optimizer's state_dict maps to parameters by position, so resuming in a new process
+    (a fresh compile, the saved adapters and optimizer state) needs `parameters()` in one
+    order every time: each replicated layer lists its tensors in block 0's order (they came
+    in the order of a set of nodes, which follows memory addresses: Adam's moments of q_proj
+    went to v_proj, or failed on their shapes)."""
+    import re
+
+    from adaptc.frontend.models import build_preset
+
+    spec = "*_proj: lora r=2 alpha=4"
+    model = build_preset("llama", layers=4)
+    gm = adaptc.compile(model, spec)
+    layers: dict[str, list[str]] = {}
+    for name, _ in gm.named_parameters():
+        if found := re.match(r"model\.layers\.(\d+)\.(.*)", name):
+            layers.setdefault(found[1], []).append(found[2])
+    assert len(layers) == 4 and all(names == layers["0"] for names in layers.values())
+
+    ids = next_token_batch()
+
+    def steps(module, optimizer, n):
+        losses = []
+        for _ in range(n):
+            loss = lm_loss(module, ids)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    def adam(module):
+        return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+
+    optimizer = adam(gm)
+    steps(gm, optimizer, 2)
+    adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    torch.save(optimizer.state_dict(), tmp_path / "opt.pt")
+    straight = steps(gm, optimizer, 3)
+    again = adaptc.compile(model, spec)
+    adaptc.load_adapters(again, tmp_path / "a.safetensors")
+    resumed = adam(again)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    assert steps(again, resumed, 3) == straight
