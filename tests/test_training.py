@@ -132,3 +132,12 @@ def test_resuming_with_the_optimizer_state_continues_the_same_run(tiny, tmp_path
     resumed = adam(again)
     resumed.load_state_dict(torch.load(tmp_path / "opt.pt"))
     assert steps(again, resumed, 3) == straight
+
+
+def test_dora_with_a_gate_is_refused_at_the_gate(tiny):
+    """`dora gate` compiled a gate that DoRA's forward never called: two trainable tensors per
+    site that got no gradient, and infer mode failed in merge_scaling."""
+    with pytest.raises(adaptc.SpecError, match="gate does not combine with dora") as err:
+        adaptc.compile(tiny("llama"), "q_proj: lora r=2 dora gate")
+    first = err.value.first
+    assert (first.code, first.line, first.column, first.end_column) == ("E205", 1, 23, 27)
