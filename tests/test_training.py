@@ -141,3 +141,37 @@ def test_dora_with_a_gate_is_refused_at_the_gate(tiny):
         adaptc.compile(tiny("llama"), "q_proj: lora r=2 dora gate")
     first = err.value.first
     assert (first.code, first.line, first.column, first.end_column) == ("E205", 1, 23, 27)
+
+
+def test_gated_prefix_on_gpt2_reads_the_attention_input_per_example(tiny):
+    """GPT-2's c_attn reads its input flattened to [B·S, F]; the prefix gate read that view
+    and its mean over the sequence failed on the first batch. It reads the attention input
+    [B, S, F]: each row equals the ungated prefix scaled by that row's
+    G = mean_t σ(w·ln_1(x)_t + b), computed here by hand."""
+    from adaptc.frontend.models import build_preset
+
+    model = build_preset("gpt2", layers=1)
+    gated = adaptc.compile(model, "attn: prefix tokens=2 gate")
+    plain = adaptc.compile(model, "attn: prefix tokens=2")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        prefix = torch.randn(gated.adaptc.prefix_0.prefix.shape, generator=gen)
+        gated.adaptc.prefix_0.prefix.copy_(prefix)
+        gate = gated.get_submodule("transformer.h.0.attn.prefix.gate")
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) * 0.3)
+    ids = next_token_batch()
+    mask = torch.ones_like(ids)
+    seen = {}
+    hook = model.module.transformer.h[0].ln_1.register_forward_hook(
+        lambda module, args, out: seen.setdefault("x", out))
+    with torch.no_grad():
+        shifted = torch.arange(2, 2 + ids.shape[1]).expand_as(ids)  # after the 2 prefix slots
+        model.module(input_ids=ids, attention_mask=mask, position_ids=shifted)
+        hook.remove()
+        g = torch.sigmoid(seen["x"] @ gate.weight.T + gate.bias).mean(dim=(1, 2))
+        out = gated(input_ids=ids, attention_mask=mask).logits
+        for row in range(len(ids)):
+            plain.adaptc.prefix_0.prefix.copy_(prefix * g[row])
+            expected = plain(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
+            assert (out[row] - expected[0]).abs().max().item() <= 1e-5
+    assert g.max() - g.min() > 1e-3  # the rows' gates differ
