@@ -112,3 +112,35 @@ def test_allocator_needs_adalora_sites_and_gradients(tiny):
     gm = adaptc.compile(tiny("llama"), "q_proj: adalora total_step=4 init_r=4 target_r=1")
     with pytest.raises(adaptc.AdaptcError, match="after loss.backward"):
         adaptc.AdaLoraAllocator(gm).step(2)
+
+
+def test_allocator_resumed_in_the_final_phase_keeps_the_saved_rank_pattern(tiny, tmp_path):
+    """Training resumed after total_step - tfinal from saved adapters: a new allocator has
+    no final allocation of its own, so it re-applies the saved one (Λ_i = 0); before, the
+    pruned triplets grew back and all 16 were kept instead of the budget's 8."""
+    spec = "q_proj,v_proj: adalora init_r=4 target_r=2 total_step=6 tfinal=4"
+    model = tiny("llama")
+    ids = next_token_batch()
+
+    def steps(gm, optimizer, allocator, at):
+        for step in at:
+            (lm_loss(gm, ids) + adaptc.orth_loss(gm)).backward()
+            optimizer.step()
+            kept = allocator.step(step)
+            optimizer.zero_grad()
+        return kept
+
+    def sgd(gm):
+        return torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
+
+    gm = adaptc.compile(model, spec)
+    optimizer, allocator = sgd(gm), adaptc.AdaLoraAllocator(gm)
+    steps(gm, optimizer, allocator, range(4))
+    adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    straight = steps(gm, optimizer, allocator, range(4, 8))
+    again = adaptc.compile(model, spec)
+    adaptc.load_adapters(again, tmp_path / "a.safetensors")
+    resumed = steps(again, sgd(again), adaptc.AdaLoraAllocator(again), range(4, 8))
+    assert resumed == straight and sum(resumed.values()) == 2 * 4
+    ours, theirs = adaptc.adapter_state_dict(again), adaptc.adapter_state_dict(gm)
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6

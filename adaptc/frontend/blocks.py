@@ -78,7 +78,11 @@ def replicate(gm: GraphModule, model: nn.Module, path: str, count: int) -> bool:
     block = [n for n in gm.graph.nodes if in_block(n, prefix)]
     members = set(block)
     outputs = [n for n in block if any(u not in members for u in n.users)]
-    params = {n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix + ".")}
+    # in graph order: each copy binds its layer's tensors in this order, which makes the order
+    # of the layer's submodules, and so of `parameters()` (an optimizer's state_dict), that
+    # of block 0 in every process (a set's order follows the nodes' addresses)
+    params = dict.fromkeys(n for n in gm.graph.nodes
+                           if n.op == "get_attr" and n.target.startswith(prefix + "."))
     inputs = {a for n in block for a in n.all_input_nodes if a not in members and a not in params}
     hidden = [a for a in inputs if is_hidden(a, outputs)]
     if len(outputs) != 1 or len(hidden) != 1 or not all(owned(model, n.target) for n in params):
@@ -100,7 +104,7 @@ def is_hidden(node: Node, outputs: list[Node]) -> bool:
     return shape is not None and out is not None and str(shape) == str(out.shape)
 
 
-def copy_block(gm: GraphModule, model: nn.Module, block: list[Node], params: set[Node],
+def copy_block(gm: GraphModule, model: nn.Module, block: list[Node], params: dict[Node, None],
                path: str, index: int, hidden: Node, previous: Node) -> Node:
     graph = gm.graph
     mapping: dict[Node, Node] = {hidden: previous}

@@ -16,7 +16,8 @@ Importance of a triplet i (P[:, i], Λ_i, Q[i]): with s(w) = Ī(w)·Ū(w), where
 + mean_j s(P[j, i]). The budget (total kept triplets) falls from Σ r₀ to target_r·sites
 along a cubic schedule between steps tinit and total_step − tfinal; every delta_t steps the
 lowest-scoring triplets beyond the budget get Λ_i = 0, and in the last tfinal steps the final
-mask is re-applied after every step. `AdaLoraAllocator.step(global_step)` does this, called
+mask is re-applied after every step (an allocator created on loaded adapters, to resume
+training, re-applies theirs: Λ_i = 0). `AdaLoraAllocator.step(global_step)` does this, called
 after `loss.backward()` and the optimizer step, before `zero_grad()` (PEFT's
 `update_and_allocate`).
 """
@@ -154,6 +155,8 @@ class AdaLoraAllocator:
         for name, adapter in adapters.items():
             key = adapter.config.schedule()
             self.groups.setdefault(key, _Budget(adapter.config)).sites[name] = adapter
+        for budget in self.groups.values():
+            budget.resume()
 
     def step(self, global_step: int) -> dict[str, int]:
         """Update importance, prune to the budget when due; returns the kept rank per site."""
@@ -173,6 +176,14 @@ class _Budget:
         self.exp_avg_ipt: dict[tuple[str, str], torch.Tensor] = {}
         self.exp_avg_unc: dict[tuple[str, str], torch.Tensor] = {}
         self.masks: dict[str, torch.Tensor] = {}
+
+    def resume(self) -> None:
+        """Adapters that have trained (some Λ_i ≠ 0; loaded to resume training) bring their
+        rank pattern: the triplets with Λ_i = 0 were pruned, and the final phase re-applies
+        that mask (a new allocator has no final allocation of its own to re-apply)."""
+        kept = {name: a.E.detach().view(-1) != 0 for name, a in self.sites.items()}
+        if any(mask.any() for mask in kept.values()):
+            self.masks = kept
 
     @property
     def init_bgt(self) -> int:

@@ -54,6 +54,10 @@ class LoraConfig:
         if self.init == "pissa" and self.alpha == 0:
             why = "init=pissa needs alpha > 0 (the singular values are divided by alpha/r)"
             return [("alpha", why)]
+        if self.dora and self.gate:
+            return [("gate", "gate does not combine with dora: UniPELT's gate scales a LoRA "
+                             "update, DoRA rescales the whole layer (its gate got no gradient "
+                             "and did nothing)")]
         return []
 
     @property

@@ -24,6 +24,7 @@ from __future__ import annotations
 import operator
 from itertools import groupby
 
+import torch
 from torch.fx import GraphModule, Node
 
 from adaptc.adapters import ENCODERS
@@ -186,12 +187,20 @@ def encoder_node(gm: GraphModule, target: str, encoder: PrefixEncoder, method: s
     return node
 
 
+FLATTENS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+
+
 def attention_input(gm: GraphModule, path: str) -> Node:
     """What the attention module projects into queries, keys and values: the input of its
-    first linear op (the gate of a gated prefix reads it)."""
+    first linear op (the gate of a gated prefix reads it), as [batch, seq, features]: GPT-2's
+    Conv1D reads a flattened view of it, on which the gate's mean over the sequence failed."""
     for node in gm.graph.nodes:
         if is_linear(node) and in_module(node, path):
-            return linear_input(node)
+            x = linear_input(node)
+            if (x.meta["val"].dim() == 2 and x.target in FLATTENS
+                    and x.args[0].meta["val"].dim() == 3):
+                return x.args[0]
+            return x
     raise ModelError(f"module '{path}' has no linear projection to read a prefix gate's input from")
 
 
