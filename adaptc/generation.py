@@ -46,6 +46,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     with that id, as transformers' `generate` returns them."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_batch(input_ids)
     seq2seq = decoder_start_token_id is not None
     check_kind(model, seq2seq)
     check_length(model, (1 if seq2seq else input_ids.shape[1]) + max_new_tokens)
@@ -71,6 +72,16 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         if eos_token_id is not None and done.all():
             break
     return tokens
+
+
+def check_batch(input_ids: torch.Tensor) -> None:
+    """The sequence length is read from `input_ids` before the module sees it: a single row
+    without its batch dimension failed there with a bare IndexError."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = (tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor)
+                 else f"a {type(input_ids).__name__}")
+        raise ValueError(f"input_ids must be a 2-D tensor [batch, sequence], got {shape} "
+                         "(a single prompt is input_ids[None])")
 
 
 def check_kind(model: nn.Module, seq2seq: bool) -> None:

@@ -88,3 +88,14 @@ def test_greedy_refuses_what_would_fail_late_or_never_stop(tiny):
     with pytest.raises(ValueError, match="decoder_start_token_id is for an encoder-decoder; "
                                          "this compiled module is decoder-only"):
         adaptc.greedy_generate(gm, ids, mask, 2, decoder_start_token_id=0)
+
+
+def test_greedy_refuses_a_prompt_without_its_batch_dimension(tiny):
+    """A 1-D prompt failed with a bare IndexError while the length bound was checked."""
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
+    ids = torch.tensor([5, 17, 42])
+    with pytest.raises(ValueError, match=r"input_ids must be a 2-D tensor \[batch, sequence\], "
+                                         r"got \(3,\) \(a single prompt is input_ids\[None\]\)"):
+        adaptc.greedy_generate(gm, ids, torch.ones_like(ids), 2)
+    out = adaptc.greedy_generate(gm, ids[None], torch.ones_like(ids)[None], 2)
+    assert out[0, :3].tolist() == [5, 17, 42] and out.shape == (1, 5)
