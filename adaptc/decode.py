@@ -199,6 +199,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     ctx.fuse_projections, ctx.positions_input = fuse_projections, POSITIONS
     virtual = sum(a.rule.config.tokens for a in ctx.assignments
                   if a.method in PROMPT_METHODS)
+    check_room(max_cache_len, virtual)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
         graph = export(wrapped, step_shapes(max_cache_len))
@@ -212,6 +213,16 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     if cuda_graph:
         decoder.capture_step()
     return decoder
+
+
+def check_room(max_cache_len: int, virtual: int) -> None:
+    """Virtual tokens fill the first cache slots: a cache without two more (a prompt token
+    and a new one) could decode nothing, and `compile --decoder` failed only after exporting
+    it, in its check, on a prompt the user never gave."""
+    if max_cache_len < virtual + 2:
+        raise AdaptcError(f"max_cache_len={max_cache_len} leaves no room for a prompt and a "
+                          f"new token after the {virtual} virtual tokens in the first cache "
+                          f"slots; use max_cache_len >= {virtual + 2}")
 
 
 def check_cache_positions(max_cache_len: int, limit: int, prefix: int) -> None:

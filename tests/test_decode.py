@@ -176,6 +176,22 @@ def test_virtual_tokens_take_cache_slots(tiny):
         decoder.logits([1], 7)
 
 
+def test_a_cache_the_virtual_tokens_fill_is_refused(tiny, tmp_path, capsys):
+    """With 3 virtual tokens a 4-slot cache held nothing to decode: `compile --decoder`
+    exported it and then failed in its check on a '1-token prompt' the user never gave."""
+    from adaptc.cli import main
+    with pytest.raises(AdaptcError, match=r"max_cache_len=4 leaves no room for a prompt and a "
+                                          r"new token after the 3 virtual tokens .*>= 5"):
+        compile_decoder(tiny("llama"), "embed: prompt tokens=3", max_cache_len=4)
+    assert compile_decoder(tiny("llama"), "embed: prompt tokens=3",
+                           max_cache_len=5).generate([7], 1)[0] == 7
+    (tmp_path / "p.adapt").write_text("embed: prompt tokens=3\n")
+    assert main(["compile", str(tmp_path / "p.adapt"), "--mode", "infer", "--decoder",
+                 "--max-cache-len", "3", "-o", str(tmp_path / "out")]) == 1
+    assert "max_cache_len=3 leaves no room" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("spec", ["q_proj: lora r=2 gate", "attn: prefix tokens=2 gate"])
 def test_gated_methods_are_refused_with_the_uncached_alternative(tiny, spec):
     """UniPELT's gates average over the sequence: a token's output depends on later tokens."""
