@@ -200,9 +200,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     virtual = sum(a.rule.config.tokens for a in ctx.assignments
                   if a.method in PROMPT_METHODS)
     check_room(max_cache_len, virtual)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
-        graph = export(wrapped, step_shapes(max_cache_len))
+    graph = export_cached(wrapped, type(loaded.module).__name__, max_cache_len)
     table = reads_position_table(graph)
     graph = run_pipeline(graph, ctx)
     if table:
@@ -213,6 +211,21 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     if cuda_graph:
         decoder.capture_step()
     return decoder
+
+
+def export_cached(wrapped: LoadedModel, name: str, max_cache_len: int) -> nn.Module:
+    """The static-cache wrapper exported. Some models' forward cannot run over a static
+    cache under torch.export (OPT's positions read the mask's values, MPT's attention bias
+    has a fixed length): the export error named transformers' wrapper class and advised
+    `make_fx`, not what still decodes the model."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
+            return export(wrapped, step_shapes(max_cache_len))
+    except ModelError as err:
+        raise ModelError(f"cached decoding cannot export {name} over a static KV cache "
+                         f"({err}); adaptc.greedy_generate decodes a compiled module without "
+                         "a cache") from err
 
 
 def check_room(max_cache_len: int, virtual: int) -> None:

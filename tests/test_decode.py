@@ -205,3 +205,20 @@ def test_cuda_graph_needs_a_cuda_decoder(tiny):
     with pytest.raises(AdaptcError, match="a CUDA graph needs the decoder on a CUDA device; "
                                           "its weights are on cpu"):
         compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8, cuda_graph=True)
+
+
+def test_a_model_that_cannot_export_over_the_cache_names_the_uncached_alternative():
+    """OPT's positions read the mask's values under export: the error named transformers'
+    wrapper class and torch's make_fx advice; greedy_generate decodes it as `generate` does."""
+    from helpers import small_decoder
+
+    from adaptc.frontend.models import wrap
+    model = wrap(small_decoder("opt"))
+    with pytest.raises(ModelError, match=r"cached decoding cannot export OPTForCausalLM over a "
+                                         r"static KV cache \(.*'model.model.decoder' "
+                                         r"\(OPTDecoder\).*\); adaptc.greedy_generate decodes"):
+        compile_decoder(model, "q_proj: lora r=2", max_cache_len=8)
+    ids = torch.tensor([[5, 17, 42]])
+    ours = adaptc.greedy_generate(adaptc.compile(model, "q_proj: lora r=2", mode="infer"), ids,
+                                  torch.ones_like(ids), 4)
+    assert torch.equal(ours, model.module.generate(ids, max_new_tokens=4, do_sample=False))
