@@ -105,6 +105,22 @@ def test_spec_errors_name_the_modules_as_compile_does(tiny):
     assert [d.code for d in decoding.value.diagnostics] == ["E301", "E302"]
 
 
+@pytest.mark.parametrize("spec", ["q_proj: lora r=4", "q_proj,v_proj: lora r=2",
+                                  "q_proj,v_proj: lora r=4; k_proj: ia3"])
+def test_adapter_file_errors_name_the_tensors_as_compile_does(tiny, tmp_path, spec):
+    """The decoder loads the file inside transformers' wrapper (at `model`): a mismatch
+    named 'model.model.layers.0…', a tensor the file does not hold."""
+    from adaptc.errors import WeightsError
+    weights = adaptc.save_adapters(adaptc.compile(tiny("llama"), "q_proj,v_proj: lora r=4"),
+                                   tmp_path / "a.safetensors")
+    with pytest.raises(WeightsError) as decoding:
+        compile_decoder(tiny("llama"), spec, adapters=weights, max_cache_len=8)
+    with pytest.raises(WeightsError) as compiling:
+        adaptc.compile(tiny("llama"), spec, mode="infer", adapters=weights)
+    assert str(decoding.value) == str(compiling.value)
+    assert "model.model." not in str(decoding.value)
+
+
 def test_cache_longer_than_a_learned_position_table_is_refused():
     """GPT-2 with 16 positions: a 16-slot cache decodes to its end; a 17-slot one failed at
     the 17th token with an IndexError inside the position embedding. A prefix takes rows."""
