@@ -216,6 +216,29 @@ def test_gated_methods_are_refused_with_the_uncached_alternative(tiny, spec):
         compile_decoder(tiny("llama"), spec)
 
 
+def test_cli_generates_gated_specs_without_a_cache(tiny, tmp_path, capsys):
+    """`adaptc generate specs/unipelt.adapt` was refused with advice to call greedy_generate
+    from Python; it runs the infer graph on the whole sequence each step, as for T5."""
+    from adaptc.cli import main
+    model = tiny("llama")
+    model.module.save_pretrained(tmp_path / "ckpt")
+    spec = tmp_path / "s.adapt"
+    spec.write_text("q_proj,v_proj: lora r=4 gate\nffn: adapter bottleneck=8 gate\n")
+    gm = adaptc.compile(model, spec.read_text())
+    randomize_adapters(gm, 0.3)
+    weights = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    ids = torch.tensor([PROMPT])
+    want = adaptc.greedy_generate(gm.eval(), ids, torch.ones_like(ids), 5)[0].tolist()
+    args = ["generate", str(spec), "--model", str(tmp_path / "ckpt"), "--adapters", str(weights),
+            "--prompt", "5 17 42 7 99", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want]
+    assert main([*args, "--eos-token-id", str(want[6])]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want[:7]]
+    assert main([*args, "--max-cache-len", "16"]) == 1
+    assert "a gated spec decodes without one" in capsys.readouterr().err
+
+
 def test_cuda_graph_needs_a_cuda_decoder(tiny):
     """CUDA-graph steps are for a decoder on a GPU (tests/test_gpu.py runs them there)."""
     with pytest.raises(AdaptcError, match="a CUDA graph needs the decoder on a CUDA device; "
