@@ -233,8 +233,9 @@ def test_cli_generates_gated_specs_without_a_cache(tiny, tmp_path, capsys):
             "--prompt", "5 17 42 7 99", "--max-new-tokens", "5"]
     assert main(args) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in want]
-    assert main([*args, "--eos-token-id", str(want[6])]) == 0
-    assert capsys.readouterr().out.split() == [str(t) for t in want[:7]]
+    eos = want[6]
+    assert main([*args, "--eos-token-id", str(eos)]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want[:want.index(eos, 5) + 1]]
     assert main([*args, "--max-cache-len", "16"]) == 1
     assert "a gated spec decodes without one" in capsys.readouterr().err
 
