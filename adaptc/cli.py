@@ -458,10 +458,14 @@ def generate_uncached(model, plan, prompt: list[int], args, eos: int | None) -> 
     run = torch.compile(gm) if args.torch_compile else gm
     device = next(gm.parameters()).device
     ids = torch.tensor([prompt], device=device)
-    if not is_encoder_decoder(model):
-        return greedy_generate(run, ids, torch.ones_like(ids), args.max_new_tokens, eos)[0].tolist()
-    out = greedy_generate(run, ids, torch.ones_like(ids), args.max_new_tokens, eos,
-                          decoder_start_token_id=config.decoder_start_token_id)
+    seq2seq = is_encoder_decoder(model)
+    try:
+        out = greedy_generate(run, ids, torch.ones_like(ids), args.max_new_tokens, eos,
+                              config.decoder_start_token_id if seq2seq else None)
+    except ValueError as err:  # the module's length bound: was a traceback from the command
+        raise AdaptcError(str(err)) from None
+    if not seq2seq:
+        return out[0].tolist()
     tokens = out[0, 1:].tolist()
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
