@@ -443,13 +443,16 @@ def generate_uncached(model, plan, prompt: list[int], args, eos: int | None) -> 
     import torch
 
     from adaptc.compiler import compile
-    from adaptc.decode import check_eos, check_token_ids
+    from adaptc.decode import check_causal_lm, check_eos, check_token_ids
     from adaptc.frontend.trace import is_encoder_decoder
     from adaptc.generation import greedy_generate
 
     if args.max_cache_len is not None:  # it was ignored: the reply looked length-limited
         raise AdaptcError("--max-cache-len sizes a KV cache; a gated spec decodes without one "
                           "(the whole sequence at each step)")
+    seq2seq = is_encoder_decoder(model)
+    if not seq2seq:
+        check_causal_lm(model)
     config = model.module.config
     check_token_ids(prompt, config.vocab_size)
     check_eos(eos, config.vocab_size)
@@ -458,7 +461,6 @@ def generate_uncached(model, plan, prompt: list[int], args, eos: int | None) -> 
     run = torch.compile(gm) if args.torch_compile else gm
     device = next(gm.parameters()).device
     ids = torch.tensor([prompt], device=device)
-    seq2seq = is_encoder_decoder(model)
     try:
         out = greedy_generate(run, ids, torch.ones_like(ids), args.max_new_tokens, eos,
                               config.decoder_start_token_id if seq2seq else None)

@@ -274,6 +274,13 @@ def step_shapes(max_cache_len: int) -> dict:
     return {"input_ids": {1: steps}, POSITIONS: {0: steps}}
 
 
+def check_causal_lm(model: LoadedModel) -> None:
+    """A model without a language-model head (BERT's encoder) has no next token to pick."""
+    if not hasattr(model.module, "generate"):
+        raise ModelError(f"{type(model.module).__name__} is not a causal language model; "
+                         "decoding needs one")
+
+
 def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
     """transformers' export wrapper around a shallow copy (the user's model is not changed)."""
     from transformers import GenerationConfig
@@ -285,9 +292,7 @@ def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
         raise ModelError(f"{type(model.module).__name__} is an encoder-decoder; "
                          "compile_decoder is for causal language models: decode it with "
                          "adaptc.decode_seq2seq.compile_seq2seq_decoder")
-    if not hasattr(model.module, "generate"):
-        raise ModelError(f"{type(model.module).__name__} is not a causal language model; "
-                         "cached decoding needs one")
+    check_causal_lm(model)
     root = copy.copy(model.module)
     root.generation_config = GenerationConfig(
         use_cache=True, cache_implementation="static",

@@ -238,6 +238,9 @@ def test_cli_generates_gated_specs_without_a_cache(tiny, tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(t) for t in want[:want.index(eos, 5) + 1]]
     assert main([*args, "--max-cache-len", "16"]) == 1
     assert "a gated spec decodes without one" in capsys.readouterr().err
+    assert main(["generate", str(spec), "--model", "bert", "--prompt", "5"]) == 1
+    assert capsys.readouterr().err.strip() == ("BertModel is not a causal language model; "
+                                               "decoding needs one")
     assert main([*args[:-1], "5000"]) == 1  # was a ValueError traceback
     assert capsys.readouterr().err.strip() == ("generation would reach 5005 tokens; the compiled "
                                                "module takes at most 512 (fewer "
