@@ -131,7 +131,7 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
             report = compile_report(module)
             sites = [] if report is None else report.sites
         check_options(str(path), json.loads(saved[OPTIONS_KEY]), prefix, sites, saved_spec)
-    load_adapter_tensors(module, tensors, str(path), saved_spec)
+    load_adapter_tensors(module, tensors, str(path), saved_spec, prefix)
 
 
 def spec_text(value) -> str:
@@ -160,7 +160,7 @@ def check_options(path: str, saved: dict[str, dict], prefix: str, sites: list[di
         filed = saved.get(key)
         if filed is None or filed == options:
             continue
-        site = key.split(" ", 1)[0]
+        site = key.split(" ", 1)[0].removeprefix(prefix)  # as the file names it
         for name, config in options.items():
             was = filed.get(name, {})
             changed = [f"{k}={spec_text(was.get(k))} in the file, {k}={spec_text(v)} here"
@@ -188,15 +188,17 @@ def saved_from(saved_spec: str | None, own_spec: str | None = None) -> str:
 
 
 def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], source: str,
-                         saved_spec: str | None = None) -> None:
+                         saved_spec: str | None = None, prefix: str = "") -> None:
     """Copy `tensors` (adapter state names → values) into the module; all or nothing.
-    `saved_spec`, the spec the tensors were saved from, goes into the mismatch error."""
+    `saved_spec`, the spec the tensors were saved from, goes into the mismatch error; the
+    names errors show leave out `prefix` (load_adapters' wrapper path), as the file has them."""
     path = source
     params = adapter_state_dict(module)
     missing = sorted(set(params) - set(tensors))
     extra = sorted(set(tensors) - set(params))
     if missing or extra:
-        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+        detail = (f"missing {missing[0].removeprefix(prefix)}" if missing
+                  else f"unexpected {extra[0].removeprefix(prefix)}")
         report = compile_report(module)
         origin = saved_from(saved_spec, None if report is None else report.spec_source)
         if any("base_model.model." in name for name in extra):
@@ -205,18 +207,18 @@ def load_adapter_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], so
                            f"({len(missing)} missing, {len(extra)} unexpected; {detail})"
                            + origin)
     for name, param in params.items():
-        tensor = tensors[name]
+        tensor, shown = tensors[name], name.removeprefix(prefix)
         if tuple(tensor.shape) != tuple(param.shape):
-            raise WeightsError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+            raise WeightsError(f"{path}: tensor '{shown}' has shape {tuple(tensor.shape)}, "
                                f"the compiled module expects {tuple(param.shape)}")
         if param.is_floating_point() and not tensor.is_floating_point():
-            raise WeightsError(f"{path}: tensor '{name}' has dtype {tensor.dtype}, "
+            raise WeightsError(f"{path}: tensor '{shown}' has dtype {tensor.dtype}, "
                                f"the compiled module expects floating point ({param.dtype})")
         if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():
-            raise WeightsError(f"{path}: tensor '{name}' holds NaN or infinite values "
+            raise WeightsError(f"{path}: tensor '{shown}' holds NaN or infinite values "
                                "(did training diverge?)")  # float(): fp8 has no isfinite
         if param.is_floating_point() and not torch.isfinite(tensor.to(param.dtype).float()).all():
-            raise WeightsError(f"{path}: tensor '{name}' has values beyond the range of "
+            raise WeightsError(f"{path}: tensor '{shown}' has values beyond the range of "
                                f"{param.dtype}, the compiled module's dtype")
     with torch.no_grad():
         for name, param in params.items():

@@ -149,8 +149,8 @@ def parser() -> argparse.ArgumentParser:
     exp.set_defaults(run=run_export_peft)
 
     gen = sub.add_parser("generate", help="greedy decoding with a KV cache (infer mode; "
-                         "encoder-decoders: the decoder's reply to the source, without a "
-                         "cache for gated methods)")
+                         "without a cache for gated methods; encoder-decoders: the "
+                         "decoder's reply to the source)")
     gen.add_argument("spec", type=path, help=f"{SPEC_HELP}; or an infer artifact directory written "
                      "with --decoder, whose programs run without compiling")
     gen.add_argument("--model", type=path, help=models)
@@ -388,7 +388,6 @@ def run_check(args) -> int:
 
 def run_generate(args) -> int:
     from adaptc.decoding_program import DECODING_DIR, load_decoding
-    from adaptc.frontend.trace import is_encoder_decoder
 
     saved = Path(args.spec).is_dir()
     if saved:
@@ -412,10 +411,9 @@ def run_generate(args) -> int:
     else:
         plan = spec_plan(args.spec)  # a spec error before the model loads
         model = placed_model(args)
-        if is_encoder_decoder(model) and any(getattr(r.config, "gate", False)
-                                             for r in plan.rules):
+        if any(getattr(r.config, "gate", False) for r in plan.rules):
             refuse_cuda_graph(args)
-            tokens = generate_from_source(model, plan, prompt, args, eos)
+            tokens = generate_uncached(model, plan, prompt, args, eos)
         else:
             decoder = cached_decoder(model, plan, args.adapters, args)
             tokens = decoder.generate(prompt, args.max_new_tokens, eos)
@@ -438,29 +436,38 @@ def refuse_compile_options(args) -> None:
                           "--mode infer --decoder`)")
 
 
-def generate_from_source(model, plan, source: list[int], args, eos: int | None) -> list[int]:
-    """An encoder-decoder's reply to `source` under a gated (UniPELT) method, which the
-    cached Seq2SeqDecoder refuses in the decoder: the infer graph run on the whole decoder
-    sequence at each step (no KV cache), greedy; the decoder's new tokens."""
+def generate_uncached(model, plan, prompt: list[int], args, eos: int | None) -> list[int]:
+    """Greedy decoding under a gated (UniPELT) method, which the cached decoders refuse: the
+    infer graph run on the whole sequence at each step (no KV cache). A causal LM's prompt and
+    new tokens; an encoder-decoder's reply to the source `prompt` (its new tokens)."""
     import torch
 
     from adaptc.compiler import compile
-    from adaptc.decode import check_eos, check_token_ids
+    from adaptc.decode import check_causal_lm, check_eos, check_token_ids
+    from adaptc.frontend.trace import is_encoder_decoder
     from adaptc.generation import greedy_generate
 
     if args.max_cache_len is not None:  # it was ignored: the reply looked length-limited
-        raise AdaptcError("--max-cache-len sizes a KV cache; a gated spec on an encoder-decoder "
-                          "decodes without one (the whole sequence at each step)")
+        raise AdaptcError("--max-cache-len sizes a KV cache; a gated spec decodes without one "
+                          "(the whole sequence at each step)")
+    seq2seq = is_encoder_decoder(model)
+    if not seq2seq:
+        check_causal_lm(model)
     config = model.module.config
-    check_token_ids(source, config.vocab_size)
+    check_token_ids(prompt, config.vocab_size)
     check_eos(eos, config.vocab_size)
     gm = compile(model, plan, "infer", adapters=args.adapters, merge=args.merge,
                  fuse_projections=args.fuse_projections)
     run = torch.compile(gm) if args.torch_compile else gm
     device = next(gm.parameters()).device
-    ids = torch.tensor([source], device=device)
-    out = greedy_generate(run, ids, torch.ones_like(ids), args.max_new_tokens, eos,
-                          decoder_start_token_id=config.decoder_start_token_id)
+    ids = torch.tensor([prompt], device=device)
+    try:
+        out = greedy_generate(run, ids, torch.ones_like(ids), args.max_new_tokens, eos,
+                              config.decoder_start_token_id if seq2seq else None)
+    except ValueError as err:  # the module's length bound: was a traceback from the command
+        raise AdaptcError(str(err)) from None
+    if not seq2seq:
+        return out[0].tolist()
     tokens = out[0, 1:].tolist()
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 

@@ -199,9 +199,8 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     ctx.fuse_projections, ctx.positions_input = fuse_projections, POSITIONS
     virtual = sum(a.rule.config.tokens for a in ctx.assignments
                   if a.method in PROMPT_METHODS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
-        graph = export(wrapped, step_shapes(max_cache_len))
+    check_room(max_cache_len, virtual)
+    graph = export_cached(wrapped, type(loaded.module).__name__, max_cache_len)
     table = reads_position_table(graph)
     graph = run_pipeline(graph, ctx)
     if table:
@@ -212,6 +211,31 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     if cuda_graph:
         decoder.capture_step()
     return decoder
+
+
+def export_cached(wrapped: LoadedModel, name: str, max_cache_len: int) -> nn.Module:
+    """The static-cache wrapper exported. Some models' forward cannot run over a static
+    cache under torch.export (OPT's positions read the mask's values, MPT's attention bias
+    has a fixed length): the export error named transformers' wrapper class and advised
+    `make_fx`, not what still decodes the model."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # one per mutated cache buffer
+            return export(wrapped, step_shapes(max_cache_len))
+    except ModelError as err:
+        raise ModelError(f"cached decoding cannot export {name} over a static KV cache "
+                         f"({err}); adaptc.greedy_generate decodes a compiled module without "
+                         "a cache") from err
+
+
+def check_room(max_cache_len: int, virtual: int) -> None:
+    """Virtual tokens fill the first cache slots: a cache without two more (a prompt token
+    and a new one) could decode nothing, and `compile --decoder` failed only after exporting
+    it, in its check, on a prompt the user never gave."""
+    if max_cache_len < virtual + 2:
+        raise AdaptcError(f"max_cache_len={max_cache_len} leaves no room for a prompt and a "
+                          f"new token after the {virtual} virtual tokens in the first cache "
+                          f"slots; use max_cache_len >= {virtual + 2}")
 
 
 def check_cache_positions(max_cache_len: int, limit: int, prefix: int) -> None:
@@ -250,6 +274,13 @@ def step_shapes(max_cache_len: int) -> dict:
     return {"input_ids": {1: steps}, POSITIONS: {0: steps}}
 
 
+def check_causal_lm(model: LoadedModel) -> None:
+    """A model without a language-model head (BERT's encoder) has no next token to pick."""
+    if not hasattr(model.module, "generate"):
+        raise ModelError(f"{type(model.module).__name__} is not a causal language model; "
+                         "decoding needs one")
+
+
 def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
     """transformers' export wrapper around a shallow copy (the user's model is not changed)."""
     from transformers import GenerationConfig
@@ -261,9 +292,7 @@ def static_cache_module(model: LoadedModel, max_cache_len: int) -> nn.Module:
         raise ModelError(f"{type(model.module).__name__} is an encoder-decoder; "
                          "compile_decoder is for causal language models: decode it with "
                          "adaptc.decode_seq2seq.compile_seq2seq_decoder")
-    if not hasattr(model.module, "generate"):
-        raise ModelError(f"{type(model.module).__name__} is not a causal language model; "
-                         "cached decoding needs one")
+    check_causal_lm(model)
     root = copy.copy(model.module)
     root.generation_config = GenerationConfig(
         use_cache=True, cache_implementation="static",

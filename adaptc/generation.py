@@ -19,10 +19,11 @@ Prefixes and virtual tokens are part of the graph, so every call re-applies them
 `greedy_generate` produces the greedy tokens of PEFT's model for prefix tuning and prompt
 tuning, which are those of PEFT's `generate` with its KV cache before transformers 5.24
 (with 5.24 and PEFT 0.21.2 that `generate` loses the virtual tokens;
-tests/test_generation.py), at O(S²) cost instead of O(S). One difference remains for
-left-padded batches: `generate` gives each row positions counted from its first real token,
-the traced forward counts from the first column (as the model's forward does without
-`position_ids`).
+tests/test_generation.py), at O(S²) cost instead of O(S). In a left-padded batch
+`generate` gives each row positions counted from its first real token, the traced forward
+counts from the first column (as the model's forward does without `position_ids`): the same
+scores under rotary positions, which depend on distances only, but not with a learned
+position table (GPT-2's `wpe`), so there each padded row is decoded alone (`by_row`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from torch.fx import GraphModule
 
 from adaptc.compiler import REPORT
 from adaptc.frontend.trace import INPUT_CHECK
+from adaptc.passes.graph import reads_position_table
 
 
 @torch.no_grad()
@@ -46,9 +48,12 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     with that id, as transformers' `generate` returns them."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_batch(input_ids)
     seq2seq = decoder_start_token_id is not None
     check_kind(model, seq2seq)
     check_length(model, (1 if seq2seq else input_ids.shape[1]) + max_new_tokens)
+    if not seq2seq and shifts_positions(model, attention_mask):
+        return by_row(model, input_ids, attention_mask, max_new_tokens, eos_token_id)
     tokens = (torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype,
                          device=input_ids.device) if seq2seq else input_ids)
     done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
@@ -71,6 +76,43 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         if eos_token_id is not None and done.all():
             break
     return tokens
+
+
+def shifts_positions(model: nn.Module, attention_mask: torch.Tensor) -> bool:
+    """Whether a row's padding moves its tokens to other rows of a learned position table
+    (a compiled module's graph that reads one, and a left-padded mask: 0s, then 1s)."""
+    graph = getattr(model, "_orig_mod", model)
+    left = attention_mask.bool()
+    return (isinstance(graph, GraphModule) and not bool(left[:, 0].all())
+            and bool((left[:, 1:] >= left[:, :-1]).all()) and reads_position_table(graph))
+
+
+def by_row(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           max_new_tokens: int, eos_token_id: int | None) -> torch.Tensor:
+    """greedy_generate of each row without its padding, put back behind it: the tokens
+    `generate` gives a left-padded row (the batch's padded positions would read other rows
+    of the position table). Rows that stop early continue with `eos_token_id`."""
+    rows = []
+    for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+        if not mask.any():
+            raise ValueError(f"row {i} of attention_mask is all padding: no token to continue")
+        real = ids[mask.bool()][None]
+        out = greedy_generate(model, real, torch.ones_like(real), max_new_tokens, eos_token_id)
+        rows.append(torch.cat([ids[~mask.bool()], out[0]]))
+    width = max(len(row) for row in rows)
+    fill = eos_token_id if eos_token_id is not None else 0  # only rows ended by the end id
+    return torch.stack([torch.cat([row, row.new_full((width - len(row),), fill)])
+                        for row in rows])
+
+
+def check_batch(input_ids: torch.Tensor) -> None:
+    """The sequence length is read from `input_ids` before the module sees it: a single row
+    without its batch dimension failed there with a bare IndexError."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = (tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor)
+                 else f"a {type(input_ids).__name__}")
+        raise ValueError(f"input_ids must be a 2-D tensor [batch, sequence], got {shape} "
+                         "(a single prompt is input_ids[None])")
 
 
 def check_kind(model: nn.Module, seq2seq: bool) -> None:

@@ -105,6 +105,22 @@ def test_spec_errors_name_the_modules_as_compile_does(tiny):
     assert [d.code for d in decoding.value.diagnostics] == ["E301", "E302"]
 
 
+@pytest.mark.parametrize("spec", ["q_proj: lora r=4", "q_proj,v_proj: lora r=2",
+                                  "q_proj,v_proj: lora r=4; k_proj: ia3"])
+def test_adapter_file_errors_name_the_tensors_as_compile_does(tiny, tmp_path, spec):
+    """The decoder loads the file inside transformers' wrapper (at `model`): a mismatch
+    named 'model.model.layers.0…', a tensor the file does not hold."""
+    from adaptc.errors import WeightsError
+    weights = adaptc.save_adapters(adaptc.compile(tiny("llama"), "q_proj,v_proj: lora r=4"),
+                                   tmp_path / "a.safetensors")
+    with pytest.raises(WeightsError) as decoding:
+        compile_decoder(tiny("llama"), spec, adapters=weights, max_cache_len=8)
+    with pytest.raises(WeightsError) as compiling:
+        adaptc.compile(tiny("llama"), spec, mode="infer", adapters=weights)
+    assert str(decoding.value) == str(compiling.value)
+    assert "model.model." not in str(decoding.value)
+
+
 def test_cache_longer_than_a_learned_position_table_is_refused():
     """GPT-2 with 16 positions: a 16-slot cache decodes to its end; a 17-slot one failed at
     the 17th token with an IndexError inside the position embedding. A prefix takes rows."""
@@ -176,6 +192,22 @@ def test_virtual_tokens_take_cache_slots(tiny):
         decoder.logits([1], 7)
 
 
+def test_a_cache_the_virtual_tokens_fill_is_refused(tiny, tmp_path, capsys):
+    """With 3 virtual tokens a 4-slot cache held nothing to decode: `compile --decoder`
+    exported it and then failed in its check on a '1-token prompt' the user never gave."""
+    from adaptc.cli import main
+    with pytest.raises(AdaptcError, match=r"max_cache_len=4 leaves no room for a prompt and a "
+                                          r"new token after the 3 virtual tokens .*>= 5"):
+        compile_decoder(tiny("llama"), "embed: prompt tokens=3", max_cache_len=4)
+    assert compile_decoder(tiny("llama"), "embed: prompt tokens=3",
+                           max_cache_len=5).generate([7], 1)[0] == 7
+    (tmp_path / "p.adapt").write_text("embed: prompt tokens=3\n")
+    assert main(["compile", str(tmp_path / "p.adapt"), "--mode", "infer", "--decoder",
+                 "--max-cache-len", "3", "-o", str(tmp_path / "out")]) == 1
+    assert "max_cache_len=3 leaves no room" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("spec", ["q_proj: lora r=2 gate", "attn: prefix tokens=2 gate"])
 def test_gated_methods_are_refused_with_the_uncached_alternative(tiny, spec):
     """UniPELT's gates average over the sequence: a token's output depends on later tokens."""
@@ -184,8 +216,56 @@ def test_gated_methods_are_refused_with_the_uncached_alternative(tiny, spec):
         compile_decoder(tiny("llama"), spec)
 
 
+def test_cli_generates_gated_specs_without_a_cache(tiny, tmp_path, capsys):
+    """`adaptc generate specs/unipelt.adapt` was refused with advice to call greedy_generate
+    from Python; it runs the infer graph on the whole sequence each step, as for T5."""
+    from adaptc.cli import main
+    model = tiny("llama")
+    model.module.save_pretrained(tmp_path / "ckpt")
+    spec = tmp_path / "s.adapt"
+    spec.write_text("q_proj,v_proj: lora r=4 gate\nffn: adapter bottleneck=8 gate\n")
+    gm = adaptc.compile(model, spec.read_text())
+    randomize_adapters(gm, 0.3)
+    weights = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    ids = torch.tensor([PROMPT])
+    want = adaptc.greedy_generate(gm.eval(), ids, torch.ones_like(ids), 5)[0].tolist()
+    args = ["generate", str(spec), "--model", str(tmp_path / "ckpt"), "--adapters", str(weights),
+            "--prompt", "5 17 42 7 99", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want]
+    eos = want[6]
+    assert main([*args, "--eos-token-id", str(eos)]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want[:want.index(eos, 5) + 1]]
+    assert main([*args, "--max-cache-len", "16"]) == 1
+    assert "a gated spec decodes without one" in capsys.readouterr().err
+    assert main(["generate", str(spec), "--model", "bert", "--prompt", "5"]) == 1
+    assert capsys.readouterr().err.strip() == ("BertModel is not a causal language model; "
+                                               "decoding needs one")
+    assert main([*args[:-1], "5000"]) == 1  # was a ValueError traceback
+    assert capsys.readouterr().err.strip() == ("generation would reach 5005 tokens; the compiled "
+                                               "module takes at most 512 (fewer "
+                                               "max_new_tokens, or a shorter prompt)")
+
+
 def test_cuda_graph_needs_a_cuda_decoder(tiny):
     """CUDA-graph steps are for a decoder on a GPU (tests/test_gpu.py runs them there)."""
     with pytest.raises(AdaptcError, match="a CUDA graph needs the decoder on a CUDA device; "
                                           "its weights are on cpu"):
         compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=8, cuda_graph=True)
+
+
+def test_a_model_that_cannot_export_over_the_cache_names_the_uncached_alternative():
+    """OPT's positions read the mask's values under export: the error named transformers'
+    wrapper class and torch's make_fx advice; greedy_generate decodes it as `generate` does."""
+    from helpers import small_decoder
+
+    from adaptc.frontend.models import wrap
+    model = wrap(small_decoder("opt"))
+    with pytest.raises(ModelError, match=r"cached decoding cannot export OPTForCausalLM over a "
+                                         r"static KV cache \(.*'model.model.decoder' "
+                                         r"\(OPTDecoder\).*\); adaptc.greedy_generate decodes"):
+        compile_decoder(model, "q_proj: lora r=2", max_cache_len=8)
+    ids = torch.tensor([[5, 17, 42]])
+    ours = adaptc.greedy_generate(adaptc.compile(model, "q_proj: lora r=2", mode="infer"), ids,
+                                  torch.ones_like(ids), 4)
+    assert torch.equal(ours, model.module.generate(ids, max_new_tokens=4, do_sample=False))

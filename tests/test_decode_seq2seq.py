@@ -201,8 +201,8 @@ def test_cli_falls_back_to_full_sequence_decoding_for_gates(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "s.adapt"), "--model", str(tmp_path / "ckpt"),
                  "--prompt", "5 17 42", "--max-cache-len", "4"]) == 1
     assert capsys.readouterr().err.strip() == (
-        "--max-cache-len sizes a KV cache; a gated spec on an encoder-decoder decodes without "
-        "one (the whole sequence at each step)")
+        "--max-cache-len sizes a KV cache; a gated spec decodes without one (the whole "
+        "sequence at each step)")
 
 
 def linear_paths(graph) -> list[str]:

@@ -88,3 +88,42 @@ def test_greedy_refuses_what_would_fail_late_or_never_stop(tiny):
     with pytest.raises(ValueError, match="decoder_start_token_id is for an encoder-decoder; "
                                          "this compiled module is decoder-only"):
         adaptc.greedy_generate(gm, ids, mask, 2, decoder_start_token_id=0)
+
+
+def test_greedy_refuses_a_prompt_without_its_batch_dimension(tiny):
+    """A 1-D prompt failed with a bare IndexError while the length bound was checked."""
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
+    ids = torch.tensor([5, 17, 42])
+    with pytest.raises(ValueError, match=r"input_ids must be a 2-D tensor \[batch, sequence\], "
+                                         r"got \(3,\) \(a single prompt is input_ids\[None\]\)"):
+        adaptc.greedy_generate(gm, ids, torch.ones_like(ids), 2)
+    out = adaptc.greedy_generate(gm, ids[None], torch.ones_like(ids)[None], 2)
+    assert out[0, :3].tolist() == [5, 17, 42] and out.shape == (1, 5)
+
+
+def test_left_padded_rows_over_a_position_table_give_generate_tokens(tiny):
+    """GPT-2's positions index a learned table: a left-padded row read its tokens at the
+    positions after its padding, and gave other tokens than PEFT's `generate` (which counts
+    a row's positions from its first real token) and than the row alone. Rows that stop at
+    the end id continue with it, as `generate` pads them with pad_token_id = that id."""
+    from helpers import peft_twin, randomize_and_copy
+
+    model = tiny("gpt2")
+    gm = adaptc.compile(model, "c_attn: lora r=4 alpha=8")
+    twin = peft_twin(model.module, ["c_attn"], 4, 8)
+    randomize_and_copy(gm, twin)
+    rows = [[5, 17, 42, 7, 99], [9, 8], [3, 4, 5]]
+    ids = torch.tensor([[0] * (5 - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (5 - len(r)) + [1] * len(r) for r in rows])
+    theirs = twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = adaptc.greedy_generate(gm, ids, mask, 6)
+    assert torch.equal(ours, theirs)
+    for i, row in enumerate(rows):
+        alone = adaptc.greedy_generate(gm, torch.tensor([row]),
+                                       torch.ones(1, len(row), dtype=torch.long), 6)
+        assert ours[i, 5 - len(row):].tolist() == alone[0].tolist()
+    eos = int(ours[1, 5])  # row 1's first new token
+    theirs = twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                           do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    assert torch.equal(adaptc.greedy_generate(gm, ids, mask, 6, eos), theirs)

@@ -224,11 +224,12 @@ def test_a_mixture_with_another_k_is_refused(tiny, tmp_path):
 
 
 def test_a_decoder_checks_the_options_under_its_prefix(saved, tiny, tmp_path):
-    """compile_decoder traces the model inside a cache wrapper (site paths start `model.`)."""
+    """compile_decoder traces the model inside a cache wrapper (site paths start `model.`);
+    the error names the sites as the file does."""
     from adaptc.decode import compile_decoder
     folder = tmp_path / "ckpt"
     tiny("llama").module.save_pretrained(folder)
-    with pytest.raises(WeightsError, match=r"model\.model\.layers\.0\.self_attn\.q_proj lora: "
+    with pytest.raises(WeightsError, match=r"\n  model\.layers\.0\.self_attn\.q_proj lora: "
                                            "alpha=8 in the file, alpha=2 here"):
         compile_decoder(str(folder), SPEC + " alpha=2", adapters=saved[1], max_cache_len=8)
     compile_decoder(str(folder), SPEC, adapters=saved[1], max_cache_len=8)
