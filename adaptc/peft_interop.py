@@ -1,7 +1,8 @@
 """PEFT interop: compiled adapters ⇄ PEFT adapter directories.
 
-A PEFT adapter directory is `adapter_config.json` + `adapter_model.safetensors`, with tensor
-names like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+A PEFT adapter directory is `adapter_config.json` + `adapter_model.safetensors` (import also
+reads the pickled `adapter_model.bin` PEFT falls back to), with tensor names like
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 
 Export (`export_peft`) writes a compiled module's `lora` (with rsLoRA, PiSSA, DoRA), `ia3`,
 `vera`, `adalora` or `train` (LN_TUNING) adapters as one such directory, or its prompt or
@@ -24,6 +25,7 @@ PROMPT_TUNING, P_TUNING and PREFIX_TUNING.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from adaptc.peft_prompts import (CONFIG_KEYS, PROMPT_KINDS, export_prompts, impo
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PICKLED = "adapter_model.bin"  # save_pretrained(safe_serialization=False), older PEFT versions
 PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
 # peft.TaskType's values: PeftConfig refuses any other task_type when it reads the directory
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
@@ -674,9 +677,10 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
 
     loaded = as_model(model, example_inputs)
     found = read_peft(directory, loaded)
-    tensors = read_weights(Path(directory) / WEIGHTS)
+    source = weights_file(directory)
+    tensors = read_weights(source)
     if found.kind in PROMPT_KINDS:
-        return import_prompts(loaded, directory, found.config, found.spec, tensors).eval()
+        return import_prompts(loaded, source, found.config, found.spec, tensors).eval()
     gm = compile(loaded, found.spec)
     if found.kind == "VERA":
         check_projections(gm, tensors, directory)
@@ -685,22 +689,37 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
     missing = sorted(set(found.names) - set(tensors))
     if missing or extra:
         detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise WeightsError(f"{directory}/{WEIGHTS}: tensors do not match the adapter config "
+        raise WeightsError(f"{source}: tensors do not match the adapter config "
                            f"({len(missing)} missing, {len(extra)} unexpected; {detail})")
     ours = {found.names[k]: v for k, v in tensors.items()}
     ours = {k: stack_from_peft(k[-1], v, found.stacks[k]) if k in found.stacks else v
             for k, v in ours.items()}
     if found.kind == "IA3":
         ours = {k: v.reshape(-1) for k, v in ours.items()}
-    load_adapter_tensors(gm, ours, f"{directory}/{WEIGHTS}")
+    load_adapter_tensors(gm, ours, str(source))
     return gm.eval()
+
+
+def weights_file(directory: str | Path) -> Path:
+    """The directory's weights file as PEFT picks it: the safetensors file, else the pickled
+    one PEFT falls back to."""
+    pickled = Path(directory) / PICKLED
+    if not (Path(directory) / WEIGHTS).exists() and pickled.is_file():
+        return pickled
+    return Path(directory) / WEIGHTS
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as err:
+        if path.name == PICKLED:  # weights_only: a pickle runs no code while it loads
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            tensors = load_file(str(path))
+    except (OSError, SafetensorError, RuntimeError, pickle.UnpicklingError) as err:
         raise WeightsError(f"{path}: cannot read the PEFT adapter weights: {err}") from None
+    if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor)
+                                              for v in tensors.values())):
+        raise WeightsError(f"{path}: not a PEFT adapter state dict (names to tensors)")
     # older PEFT versions name DoRA's magnitude `...lora_magnitude_vector.weight`
     return {k.removesuffix(".lora_magnitude_vector.weight") + ".lora_magnitude_vector"
             if k.endswith(".lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}

@@ -145,12 +145,12 @@ def prompt_spec(config: dict, model: LoadedModel, where: str) -> str:
     return f"{header}\nembed: prompt tokens={tokens}{note}\n"
 
 
-def import_prompts(model: LoadedModel, directory: str | Path, config: dict, spec: str,
+def import_prompts(model: LoadedModel, source: Path, config: dict, spec: str,
                    tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """Compile `spec` and load PEFT's `prompt_embeddings` into its prompt or prefix."""
+    """Compile `spec` and load PEFT's `prompt_embeddings` (read from `source`) into its
+    prompt or prefix."""
     from adaptc.compiler import compile
 
-    source = f"{directory}/adapter_model.safetensors"
     if set(tensors) != {TENSOR}:
         raise WeightsError(f"{source}: a {config['peft_type']} adapter holds one tensor, "
                            f"'{TENSOR}'; found {', '.join(sorted(tensors)) or 'none'}")
@@ -158,7 +158,8 @@ def import_prompts(model: LoadedModel, directory: str | Path, config: dict, spec
     (path, adapter), = virtual_token_modules(gm).items()
     saved = tensors[TENSOR]
     if isinstance(adapter, PromptEmbedding):  # PEFT's second n rows (seq2seq) go unread
-        load_adapter_tensors(gm, {f"{path}.embedding": saved[:adapter.config.tokens]}, source)
+        load_adapter_tensors(gm, {f"{path}.embedding": saved[:adapter.config.tokens]},
+                             str(source))
         return gm
     layers, _, tokens, heads, dim = adapter.shape
     expected = (config.get("num_layers"), config.get("num_attention_heads"))
@@ -170,5 +171,5 @@ def import_prompts(model: LoadedModel, directory: str | Path, config: dict, spec
     prefix = saved[:tokens].reshape(tokens, layers, 2, heads, dim).permute(1, 2, 0, 3, 4)
     if is_encoder_decoder(model):
         prefix = prefix[[2 * layer % layers for layer in range(layers)]]
-    load_adapter_tensors(gm, {f"{path}.prefix": prefix}, source)
+    load_adapter_tensors(gm, {f"{path}.prefix": prefix}, str(source))
     return gm

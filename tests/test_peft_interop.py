@@ -130,6 +130,25 @@ def test_import_equals_peft(tiny, tmp_path, family, config, fragment):
     assert adaptc.report_of(gm).trainable == twin.get_nb_trainable_parameters()[0]
 
 
+def test_import_reads_the_pickled_weights_peft_falls_back_to(tiny, tmp_path):
+    """save_pretrained(safe_serialization=False) writes adapter_model.bin, which
+    PeftModel.from_pretrained reads; the import said the safetensors file did not exist."""
+    model = tiny("gpt2")
+    config = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True)
+    twin = get_peft_model(copy.deepcopy(model.module), config)
+    perturb([p for p in twin.parameters() if p.requires_grad])
+    twin.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
+                                                           "adapter_model.bin"]
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path).eval()
+    x = inputs()
+    assert close(import_peft(model, tmp_path)(**x), theirs(**x)) <= TOL
+    (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(adaptc.WeightsError, match="adapter_model.bin: cannot read the PEFT "
+                                                  "adapter weights"):
+        import_peft(model, tmp_path)
+
+
 def test_import_is_in_eval_mode_as_from_pretrained_is(tiny, tmp_path):
     """PeftModel.from_pretrained returns an eval-mode model: with adapter dropout the imported
     module gives its outputs as imported (it was in training mode, dropout on)."""
