@@ -280,10 +280,31 @@ def export_ln_tuning(module: nn.Module, entries: list[Entry]) -> tuple[dict, dic
     """`train` statements as PEFT's LN_TUNING: a trained copy of each owning module
     (`<module>.ln_tuning_layers.<name>`). PEFT trains every parameter of those modules; the
     ones adaptc left frozen keep their values there, so the outputs are the same."""
+    for e in entries:
+        reader = foreign_reader(module, e.site)
+        if reader is not None:
+            raise InteropError(f"'{e.site}' holds a weight '{reader}' also reads (tied "
+                               "weights): adaptc trains it for both, PEFT's LN_TUNING copy "
+                               f"replaces it in '{e.site}' only")
     config = {"target_modules": sorted(e.site for e in entries)}
     tensors = {f"{PREFIX}{e.site}.ln_tuning_layers.{name}": tensor
                for e in entries for name, tensor in e.adapter.adapter_parameters().items()}
     return config, tensors
+
+
+def foreign_reader(module: nn.Module, site: str) -> str | None:
+    """A module outside `site` whose ops read `site`'s trained copy (GPT-2's lm_head reads
+    wte's tied weight), by the module stack the trace recorded for each op."""
+    graph = getattr(module, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        if node.op != "get_attr" or not node.target.startswith(f"{site}.trained."):
+            continue
+        for user in node.users:
+            stack = user.meta.get("nn_module_stack") or {}
+            reader = list(stack.values())[-1][0] if stack else site
+            if reader != site and not reader.startswith(f"{site}."):
+                return reader
+    return None
 
 
 EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera,
@@ -568,6 +589,9 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     stacks = selected_stacks(config, model.module, params, where) if kind == "LORA" else []
     chosen = (selected_sites(config, sites, where)
               if config.get("target_modules") != [] or not stacks else [])
+    if kind == "LN_TUNING":
+        for site in chosen:
+            check_untied(model.module, site.path, where)
     groups: dict[str, list[str]] = {}
     for site in chosen + stacks:
         groups.setdefault(OPTIONS[kind](config, site, where), []).append(site.path)
@@ -587,6 +611,21 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
             names[peft] = f"{owner}.lora_{name}.{ours}"
             shapes[names[peft]] = stack.shape
     return PeftImport(kind, spec, names, shapes, config)
+
+
+def check_untied(model: nn.Module, path: str, where: str) -> None:
+    """Refuse an LN_TUNING target whose parameter the model also holds under another name
+    (tied embeddings; T5's `shared` is also each stack's `embed_tokens`): PEFT's trained copy
+    replaces it in that one module, adaptc's `train` wherever the weight is read."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for name, param in model.get_submodule(path).named_parameters(prefix=path):
+        other = [n for n in names[id(param)] if not n.startswith(f"{path}.")]
+        if other:
+            raise InteropError(f"{where}: LN_TUNING target '{path}' holds '{name}', tied to "
+                               f"'{other[0]}': PEFT's copy replaces it in '{path}' only, "
+                               "adaptc's `train` wherever it is read")
 
 
 def own_parameters(model: nn.Module, path: str) -> tuple[str, ...]:

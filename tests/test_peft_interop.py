@@ -149,6 +149,31 @@ def test_import_reads_the_pickled_weights_peft_falls_back_to(tiny, tmp_path):
         import_peft(model, tmp_path)
 
 
+def test_ln_tuning_of_a_tied_weight_is_refused_both_ways(tiny, tmp_path):
+    """PEFT's LN_TUNING copy of GPT-2's wte replaces the weight in wte only (lm_head reads
+    the original; T5's stacks read `shared` as their own embed_tokens, so its copy is never
+    read), adaptc's `train` wherever the weight is read: both ways gave other outputs."""
+    model = tiny("gpt2")
+    twin = saved_peft(model, LNTuningConfig(target_modules=["wte"]), tmp_path / "peft")
+    gm = adaptc.compile(model, "wte: train")
+    with torch.no_grad():  # PEFT's trained values, as adaptc applies them
+        gm.get_parameter("transformer.wte.trained.weight").copy_(
+            twin.get_parameter("base_model.model.transformer.wte.ln_tuning_layers.default.weight"))
+    x = inputs()
+    assert close(gm(**x), twin(**x)) > 1e-1
+    with pytest.raises(adaptc.errors.InteropError, match="'transformer.wte' holds a weight "
+                                                         "'lm_head' also reads .tied weights."):
+        export_peft(gm, tmp_path / "out")
+    with pytest.raises(adaptc.errors.InteropError, match="LN_TUNING target 'transformer.wte' "
+                                                         "holds 'transformer.wte.weight', tied "
+                                                         "to 'lm_head.weight'"):
+        import_peft(model, tmp_path / "peft")
+    saved_peft(tiny("t5"), LNTuningConfig(target_modules=["shared"]), tmp_path / "t5")
+    with pytest.raises(adaptc.errors.InteropError, match="target 'shared' holds 'shared.weight', "
+                                                         "tied to 'encoder.embed_tokens.weight'"):
+        import_peft(tiny("t5"), tmp_path / "t5")
+
+
 def test_import_is_in_eval_mode_as_from_pretrained_is(tiny, tmp_path):
     """PeftModel.from_pretrained returns an eval-mode model: with adapter dropout the imported
     module gives its outputs as imported (it was in training mode, dropout on)."""
