@@ -169,6 +169,14 @@ def export_lora(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
         raise InteropError(f"'{odd[0].site}': PEFT's target_parameters take the adapter's one "
                            f"r and alpha (r={r}, alpha={number(alpha)}); this stack has "
                            f"r={odd[0].adapter.config.r}, alpha={number(odd[0].adapter.config.alpha)}")
+    if init == "pissa":
+        # the graph module keeps a weight PiSSA replaced only while something else reads it
+        kept = dict(module.named_parameters(remove_duplicate=False))
+        for e in linears:
+            if f"{e.site}.weight" in kept:
+                raise InteropError(f"'{e.site}': its weight is tied to another module's, and "
+                                   "PEFT's init_lora_weights='pissa' replaces it by the residual "
+                                   f"in both; adaptc in '{e.site}' only")
     config = {
         "r": r, "lora_alpha": number(alpha), "init_lora_weights": PEFT_INIT[init], "bias": "none",
         "lora_dropout": number(one_value(entries, "lora_dropout", option("dropout"))),
@@ -589,9 +597,9 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     stacks = selected_stacks(config, model.module, params, where) if kind == "LORA" else []
     chosen = (selected_sites(config, sites, where)
               if config.get("target_modules") != [] or not stacks else [])
-    if kind == "LN_TUNING":
+    if kind == "LN_TUNING" or kind == "LORA" and config.get("init_lora_weights") == "pissa":
         for site in chosen:
-            check_untied(model.module, site.path, where)
+            check_untied(model.module, site.path, kind, where)
     groups: dict[str, list[str]] = {}
     for site in chosen + stacks:
         groups.setdefault(OPTIONS[kind](config, site, where), []).append(site.path)
@@ -613,19 +621,24 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     return PeftImport(kind, spec, names, shapes, config)
 
 
-def check_untied(model: nn.Module, path: str, where: str) -> None:
-    """Refuse an LN_TUNING target whose parameter the model also holds under another name
-    (tied embeddings; T5's `shared` is also each stack's `embed_tokens`): PEFT's trained copy
-    replaces it in that one module, adaptc's `train` wherever the weight is read."""
+def check_untied(model: nn.Module, path: str, kind: str, where: str) -> None:
+    """Refuse an LN_TUNING or PiSSA target whose parameter the model also holds under another
+    name (tied embeddings; T5's `shared` is also each stack's `embed_tokens`): PEFT's trained
+    copy replaces it in that one module, adaptc's `train` wherever the weight is read; PEFT's
+    PiSSA residual replaces it everywhere, adaptc's in the target only."""
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
     for name, param in model.get_submodule(path).named_parameters(prefix=path):
         other = [n for n in names[id(param)] if not n.startswith(f"{path}.")]
         if other:
-            raise InteropError(f"{where}: LN_TUNING target '{path}' holds '{name}', tied to "
-                               f"'{other[0]}': PEFT's copy replaces it in '{path}' only, "
-                               "adaptc's `train` wherever it is read")
+            if kind == "LN_TUNING":
+                raise InteropError(f"{where}: LN_TUNING target '{path}' holds '{name}', tied "
+                                   f"to '{other[0]}': PEFT's copy replaces it in '{path}' "
+                                   "only, adaptc's `train` wherever it is read")
+            raise InteropError(f"{where}: init_lora_weights='pissa' on '{path}', whose '{name}' "
+                               f"is tied to '{other[0]}': PEFT replaces the weight by its "
+                               f"residual in both, adaptc in '{path}' only")
 
 
 def own_parameters(model: nn.Module, path: str) -> tuple[str, ...]:
@@ -723,7 +736,7 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
     gm = compile(loaded, found.spec)
     if found.kind == "VERA":
         check_projections(gm, tensors, directory)
-    check_base_layers(loaded.module, tensors, directory)
+    check_base_layers(loaded.module, gm, tensors, directory)
     extra = sorted(set(tensors) - set(found.names))
     missing = sorted(set(found.names) - set(tensors))
     if missing or extra:
@@ -764,9 +777,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             if k.endswith(".lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
 
 
-def check_base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
+def check_base_layers(model: nn.Module, gm: nn.Module, tensors: dict[str, torch.Tensor],
+                      directory) -> None:
     """PEFT saves the base weights of a targeted lm_head or embed_tokens beside its adapter
-    (`save_embedding_layers`, `<module>.base_layer.weight`): they must equal the model's."""
+    (`save_embedding_layers`, `<module>.base_layer.weight`): they must equal the model's, or
+    with PiSSA the residual adaptc computed from them (PEFT saves its own: equal to rounding)."""
     for name in [k for k in tensors if k.startswith(PREFIX) and ".base_layer." in k]:
         path, _, param = name.removeprefix(PREFIX).rpartition(".base_layer.")
         try:
@@ -774,9 +789,27 @@ def check_base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], direct
         except AttributeError:
             continue  # not a module's base layer: the name check reports it
         saved = tensors.pop(name)
-        if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype), mine.detach().cpu()):
+        residual = pissa_residual(gm, path) if param == "weight" else None
+        if residual is not None:
+            mine = residual.detach().cpu()
+            same = saved.shape == mine.shape and torch.allclose(
+                saved.to(mine.dtype), mine, rtol=0, atol=1e-5 * mine.abs().max().item())
+        else:
+            same = saved.shape == mine.shape and torch.equal(saved.to(mine.dtype),
+                                                             mine.detach().cpu())
+        if not same:
             raise WeightsError(f"{directory}: the saved base weight {name} differs from the "
                                "model's (was the PEFT adapter trained on another model?)")
+
+
+def pissa_residual(gm: nn.Module, path: str) -> torch.Tensor | None:
+    """The weight PiSSA left in place of `path`'s, if its LoRA or DoRA has init=pissa."""
+    for owner in ("lora", "dora"):
+        try:
+            return gm.get_parameter(f"{path}.{owner}.residual")
+        except AttributeError:
+            continue
+    return None
 
 
 def check_projections(gm: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:

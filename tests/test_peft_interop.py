@@ -174,6 +174,35 @@ def test_ln_tuning_of_a_tied_weight_is_refused_both_ways(tiny, tmp_path):
         import_peft(tiny("t5"), tmp_path / "t5")
 
 
+def test_pissa_on_lm_head_imports_with_its_saved_residual(tiny, tmp_path):
+    """PEFT saves a targeted lm_head's base weight, which with PiSSA is the residual: the
+    import compared it to the model's weight and refused every such directory."""
+    model = tiny("llama")
+    twin = saved_peft(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                        init_lora_weights="pissa"), tmp_path)
+    x = inputs()
+    assert close(import_peft(model, tmp_path)(**x), twin(**x)) <= TOL
+
+
+def test_pissa_on_a_tied_weight_is_refused_both_ways(tiny, tmp_path):
+    """PEFT's PiSSA writes the residual into the weight tensor, so GPT-2's wte, tied to
+    lm_head, changes too; adaptc's residual replaces it in lm_head only."""
+    model = tiny("gpt2")
+    twin = saved_peft(model, LoraConfig(r=4, target_modules=["lm_head"],
+                                        init_lora_weights="pissa"), tmp_path / "peft")
+    wte = twin.get_parameter("base_model.model.transformer.wte.weight")
+    assert (wte - model.module.transformer.wte.weight).abs().max() > 1e-2
+    with pytest.raises(adaptc.errors.InteropError, match="init_lora_weights='pissa' on "
+                                                         "'lm_head', whose 'lm_head.weight' is "
+                                                         "tied to 'transformer.wte.weight'"):
+        import_peft(model, tmp_path / "peft")
+    gm = adaptc.compile(model, "lm_head: lora r=4 init=pissa")
+    with pytest.raises(adaptc.errors.InteropError, match="'lm_head': its weight is tied to "
+                                                         "another module's, and PEFT's "
+                                                         "init_lora_weights='pissa'"):
+        export_peft(gm, tmp_path / "out")
+
+
 def test_import_is_in_eval_mode_as_from_pretrained_is(tiny, tmp_path):
     """PeftModel.from_pretrained returns an eval-mode model: with adapter dropout the imported
     module gives its outputs as imported (it was in training mode, dropout on)."""
