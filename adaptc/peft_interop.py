@@ -531,8 +531,8 @@ OPTIONS = {"LORA": lora_options, "IA3": ia3_options, "VERA": vera_options,
 
 def tensor_names(kind: str, config: dict, path: str, params: tuple[str, ...] = ()
                  ) -> dict[str, str]:
-    """PEFT tensor name → adaptc adapter state name, for one adapted module (`params`: its
-    own parameters' names, which LN_TUNING copies)."""
+    """PEFT tensor name → adaptc adapter state name, for one adapted module (`params`: the
+    names of the parameters LN_TUNING copies, its submodules' too)."""
     peft = f"{PREFIX}{path}"
     if kind == "LORA":
         owner = "dora" if config.get("use_dora") else "lora"
@@ -546,8 +546,11 @@ def tensor_names(kind: str, config: dict, path: str, params: tuple[str, ...] = (
     if kind == "ADALORA":
         return {f"{peft}.{name}": f"{path}.adalora.{ours}"
                 for name, ours in (("lora_A", "A"), ("lora_B", "B"), ("lora_E", "E"))}
-    if kind == "LN_TUNING":
-        return {f"{peft}.ln_tuning_layers.{name}": f"{path}.trained.{name}" for name in params}
+    if kind == "LN_TUNING":  # PEFT keeps its adapter name in a submodule's parameter's name
+        return {f"{peft}.ln_tuning_layers.{'default.' if '.' in name else ''}{name}":
+                ".".join(filter(None, (path, name.rpartition(".")[0], "trained",
+                                       name.rpartition(".")[2])))
+                for name in params}
     return {f"{peft}.vera_lambda_d": f"{path}.vera.lambda_d",
             f"{peft}.vera_lambda_b": f"{path}.vera.lambda_b"}
 
@@ -642,7 +645,7 @@ def check_untied(model: nn.Module, path: str, kind: str, where: str) -> None:
 
 
 def own_parameters(model: nn.Module, path: str) -> tuple[str, ...]:
-    return tuple(name for name, _ in model.get_submodule(path).named_parameters(recurse=False))
+    return tuple(name for name, _ in model.get_submodule(path).named_parameters())
 
 
 def write_spec(kind: str, groups: dict[str, list[str]], sites: list[Site],

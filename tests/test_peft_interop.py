@@ -113,6 +113,8 @@ IMPORTS = [
     ("llama", LNTuningConfig(target_modules=["input_layernorm", "norm"]),
      "input_layernorm, norm: train"),
     ("bert", LNTuningConfig(target_modules=r".*\.1\..*LayerNorm"), ": train"),
+    # a module with submodules: PEFT names their copies `ln_tuning_layers.default.<name>`
+    ("gpt2", LNTuningConfig(target_modules=["ln_1", "mlp"]), "transformer.h.0.mlp, "),
 ]
 
 
