@@ -345,6 +345,10 @@ LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa"}
 
 def read_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG
+    named = sorted(p.parent.name for p in Path(directory).glob(f"*/{CONFIG}"))
+    if named and not path.exists():  # save_pretrained puts an adapter not named default there
+        raise InteropError(f"{directory}: holds no adapter_config.json but PEFT adapters in "
+                           f"subdirectories {', '.join(named)}: give one of those")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8

@@ -205,6 +205,25 @@ def test_pissa_on_a_tied_weight_is_refused_both_ways(tiny, tmp_path):
         export_peft(gm, tmp_path / "out")
 
 
+def test_named_adapters_import_from_their_subdirectories(tiny, tmp_path):
+    """save_pretrained writes an adapter not named `default` into `<dir>/<name>/`: each
+    imports from there; the directory itself names them (it said no such file)."""
+    model = tiny("llama")
+    twin = get_peft_model(copy.deepcopy(model.module), LoraConfig(r=4, target_modules=["q_proj"]),
+                          adapter_name="first")
+    twin.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"]))
+    perturb([p for p in twin.parameters() if p.requires_grad])
+    twin.save_pretrained(tmp_path)
+    x = inputs()
+    for name in ("first", "second"):
+        theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / name).eval()
+        assert close(import_peft(model, tmp_path / name)(**x), theirs(**x)) <= TOL
+    with pytest.raises(adaptc.errors.InteropError, match="holds no adapter_config.json but PEFT "
+                                                         "adapters in subdirectories first, "
+                                                         "second: give one of those"):
+        import_peft(model, tmp_path)
+
+
 def test_import_is_in_eval_mode_as_from_pretrained_is(tiny, tmp_path):
     """PeftModel.from_pretrained returns an eval-mode model: with adapter dropout the imported
     module gives its outputs as imported (it was in training mode, dropout on)."""
