@@ -14,7 +14,7 @@ goes to `target_parameters`, its tensors in the layout of PEFT's ParamWrapper
 
 Import (`spec_from_peft`, `import_peft`) resolves the config against the model with PEFT's
 own matching rules (list entries: exact or `.suffix`; a string: a regex over the whole path;
-`layers_to_transform`; `rank_pattern`), writes an adapt spec that selects exactly those
+`layers_to_transform`; `rank_pattern`; `exclude_modules`), writes an adapt spec that selects exactly those
 modules (short names when they are exact, full paths otherwise; checked by resolving it),
 compiles it and loads the weights. Anything PEFT would treat differently is an
 `InteropError` naming the option, never a silently different model: a `target_modules`
@@ -327,17 +327,18 @@ ANY_VALUE = {"qalora_group_size", "megatron_core"}  # only read when another opt
 HANDLED = {
     "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
              "target_modules", "target_parameters", "rank_pattern", "alpha_pattern",
-             "layers_to_transform",
+             "layers_to_transform", "exclude_modules",
              "layers_pattern", "fan_in_fan_out", "bias"},
-    "IA3": {"target_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
+    "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
+            "init_ia3_weights"},
     "VERA": {"r", "projection_prng_key", "d_initial", "vera_dropout", "save_projection",
              "target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
              "init_weights", "bias"},
     "ADALORA": {"r", "init_r", "target_r", "lora_alpha", "lora_dropout", "total_step", "tinit",
                 "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "target_modules",
-                "layers_to_transform", "layers_pattern", "fan_in_fan_out", "init_lora_weights",
-                "bias", "rank_pattern"},
-    "LN_TUNING": {"target_modules"},
+                "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+                "init_lora_weights", "bias", "rank_pattern"},
+    "LN_TUNING": {"target_modules", "exclude_modules"},
     **CONFIG_KEYS,
 }
 LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa"}
@@ -374,7 +375,8 @@ def read_config(directory: str | Path) -> dict:
 
 # the values the import reads, by the JSON types PEFT writes for them; another type raised
 # TypeError or ValueError from inside the import (`float('x')`, iterating over 5)
-NAMES = {"target_modules", "feedforward_modules", "layers_pattern"}  # a regex or a list
+NAMES = {"target_modules", "exclude_modules", "feedforward_modules",  # a regex or a list
+         "layers_pattern"}
 NUMBERS = {"r", "lora_alpha", "lora_dropout", "init_r", "target_r", "total_step", "tinit",
            "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "d_initial",
            "vera_dropout", "projection_prng_key"}
@@ -440,14 +442,25 @@ def selected_sites(config: dict, sites: list[Site], where: str) -> list[Site]:
             found += [s for s in hits if s not in found]
         # as in PEFT: layers_to_transform filters suffix matches of a list, not full paths
         found = [s for s in found if s.path in targets or in_layers(config, s.path)]
+    found = [s for s in found if not excluded(config, s.path)]
     refused = [s for s in found if s.kind != "linear" and config["peft_type"] != "LN_TUNING"]
     if refused:
         raise InteropError(f"{where}: target {refused[0].describe()} is not a linear layer; "
                            "adaptc's PEFT import adapts linear layers only")
     if not found:
-        raise InteropError(f"{where}: layers_to_transform leaves no module to adapt")
+        raise InteropError(f"{where}: layers_to_transform or exclude_modules leaves no "
+                           "module to adapt")
     order = {s.path: i for i, s in enumerate(sites)}
     return sorted(found, key=lambda s: order[s.path])
+
+
+def excluded(config: dict, path: str) -> bool:
+    """PEFT's exclude_modules test, its target_modules one: a regex over the whole path, or
+    list entries exact or `.suffix` (a container's entry leaves its submodules adapted)."""
+    modules = config.get("exclude_modules") or []
+    if isinstance(modules, str):
+        return re.fullmatch(modules, path) is not None
+    return path in modules or any(path.endswith(f".{entry}") for entry in modules)
 
 
 def in_layers(config: dict, path: str) -> bool:
@@ -566,6 +579,9 @@ def selected_stacks(config: dict, model: nn.Module, params: list[Site],
     """The expert stacks of `target_parameters` (each entry: a parameter path or its
     `.suffix`), [E, out, in] stacks only, in the model's parameter order."""
     stacks = [p for p in params if p.expert_stack]
+    if config.get("target_parameters") and config.get("exclude_modules"):
+        raise InteropError(f"{where}: exclude_modules with target_parameters is not supported "
+                           "by adaptc")
     found = []
     for entry in config.get("target_parameters") or []:
         hits = [p for p in stacks if p.path == entry or p.path.endswith(f".{entry}")]

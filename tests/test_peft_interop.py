@@ -115,6 +115,12 @@ IMPORTS = [
     ("bert", LNTuningConfig(target_modules=r".*\.1\..*LayerNorm"), ": train"),
     # a module with submodules: PEFT names their copies `ln_tuning_layers.default.<name>`
     ("gpt2", LNTuningConfig(target_modules=["ln_1", "mlp"]), "transformer.h.0.mlp, "),
+    # exclude_modules: PEFT's target matching, per module (a container's entry excludes none)
+    ("llama", LoraConfig(r=4, target_modules=".*_proj", exclude_modules=["self_attn", "mlp",
+                                                                        "layers.0.self_attn.q_proj"]),
+     "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, q_proj[1]: lora r=4 alpha=8"),
+    ("gpt2", IA3Config(target_modules=["c_attn", "c_proj"], feedforward_modules=["c_proj"],
+                       exclude_modules=r".*attn\.c_proj"), "mlp.c_proj: ia3 feedforward"),
 ]
 
 
@@ -271,6 +277,7 @@ def broken(tmp_path, model, **changes):
     ({"target_modules": ["mlp"]}, "is not a linear layer"),
     ({"target_modules": None}, "target_modules is null"),
     ({"lora_bias": True}, "option lora_bias=True is not supported"),
+    ({"exclude_modules": ["q_proj"]}, "layers_to_transform or exclude_modules leaves no module"),
     ({"modules_to_save": ["lm_head"]}, "option modules_to_save"),
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
