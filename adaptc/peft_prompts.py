@@ -157,6 +157,13 @@ def import_prompts(model: LoadedModel, source: Path, config: dict, spec: str,
     gm = compile(model, spec)
     (path, adapter), = virtual_token_modules(gm).items()
     saved = tensors[TENSOR]
+    tokens = config["num_virtual_tokens"]
+    rows = tokens  # PEFT's prefix holds n rows, its prompt n per transformer submodule
+    if isinstance(adapter, PromptEmbedding):
+        rows *= config.get("num_transformer_submodules") or 1
+    if saved.ndim != 2 or saved.shape[0] != rows:
+        raise WeightsError(f"{source}: '{TENSOR}' has shape {tuple(saved.shape)}; "
+                           f"num_virtual_tokens={tokens} gives {rows} rows (PEFT refuses it)")
     if isinstance(adapter, PromptEmbedding):  # PEFT's second n rows (seq2seq) go unread
         load_adapter_tensors(gm, {f"{path}.embedding": saved[:adapter.config.tokens]},
                              str(source))

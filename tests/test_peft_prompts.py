@@ -182,3 +182,18 @@ def test_an_untyped_prompt_directory_is_refused(tiny, tmp_path, config):
     with pytest.raises(InteropError, match=f"task_type is null, so PEFT's model ignores this "
                                            f"{config.peft_type.value} adapter"):
         import_peft(model, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_rows_must_fit_num_virtual_tokens(tiny, tmp_path, kind):
+    """PEFT refuses a prompt_embeddings with more rows than num_virtual_tokens gives; the
+    import read the first rows."""
+    model = tiny("llama")
+    get_peft_model(copy.deepcopy(model.module), CONFIGS[kind]("CAUSAL_LM")).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_virtual_tokens": 3}))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path)
+    with pytest.raises(WeightsError, match=r"'prompt_embeddings' has shape \(4, \d+\); "
+                                           "num_virtual_tokens=3 gives 3 rows"):
+        import_peft(model, tmp_path)
