@@ -57,6 +57,10 @@ PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
 # peft.TaskType's values: PeftConfig refuses any other task_type when it reads the directory
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
               "FEATURE_EXTRACTION")
+# the heads these task models wrap as modules_to_save (any module whose path ends so), whose
+# weights they then read from the adapter file
+HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+         "QUESTION_ANS": ("qa_outputs",)}
 
 
 # ---- export -----------------------------------------------------------------------------
@@ -83,13 +87,33 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
                            f"{', '.join(TASK_TYPES)}")
     if virtual_token_modules(module):
         config, tensors = export_prompts(module, task_type)
+        heads = head_tensors(module, task_type, "base_model.")
     else:
         config, tensors = export_layers(module, task_type)
+        heads = head_tensors(module, task_type, PREFIX)
+    if heads:  # as PEFT's task model writes it
+        config["modules_to_save"] = list(HEADS[task_type])
+    tensors.update(heads)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_directory(out) as staging:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "producer": "adaptc"})
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def head_tensors(module: nn.Module, task_type: str | None, prefix: str) -> dict:
+    """The weights of the heads PEFT's task model wraps as modules_to_save and reads from the
+    adapter file (it failed to load without them): the model's, which adaptc left frozen."""
+    names = HEADS.get(task_type, ())
+    heads = {path for path, _ in module.named_modules() if path and path.endswith(names)}
+    for path in adapter_modules(module):
+        inside = [h for h in heads if path.startswith(f"{h}.")]
+        if inside:
+            raise InteropError(f"'{path}' adapts '{inside[0]}', which PEFT's {task_type} model "
+                               "replaces by its modules_to_save copy; adaptc exports the head "
+                               "as the model has it (frozen)")
+    return {f"{prefix}{name}": param for name, param in module.named_parameters()
+            if any(name.startswith(f"{h}.") for h in heads)}
 
 
 def export_layers(module: nn.Module, task_type: str | None) -> tuple[dict, dict]:
@@ -324,6 +348,7 @@ EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera,
 METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
             "auto_mapping", "peft_version"}
 ANY_VALUE = {"qalora_group_size", "megatron_core"}  # only read when another option is on
+EVERY_KIND = {"modules_to_save"}  # checked against the weights (`check_saved_modules`)
 HANDLED = {
     "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
              "target_modules", "target_parameters", "rank_pattern", "alpha_pattern",
@@ -362,7 +387,7 @@ def read_config(directory: str | Path) -> dict:
         raise InteropError(f"{path}: peft_type {kind!r} is not supported (adaptc reads "
                            f"{', '.join(HANDLED)})")
     for key, value in config.items():
-        if key in METADATA or key in ANY_VALUE or key in HANDLED[kind]:
+        if key in METADATA or key in ANY_VALUE or key in EVERY_KIND or key in HANDLED[kind]:
             continue
         if value not in (None, False, {}, [], ""):
             raise InteropError(f"{path}: option {key}={value!r} is not supported by adaptc")
@@ -460,7 +485,9 @@ def excluded(config: dict, path: str) -> bool:
     modules = config.get("exclude_modules") or []
     if isinstance(modules, str):
         return re.fullmatch(modules, path) is not None
-    return path in modules or any(path.endswith(f".{entry}") for entry in modules)
+    saved = config.get("modules_to_save") or []  # PEFT adapts nothing inside those
+    return (path in modules or any(path.endswith(f".{entry}") for entry in modules)
+            or any(re.match(rf"(^|.*\.){entry}($|\..*)", path) for entry in saved))
 
 
 def in_layers(config: dict, path: str) -> bool:
@@ -754,7 +781,10 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
     found = read_peft(directory, loaded)
     source = weights_file(directory)
     tensors = read_weights(source)
-    if found.kind in PROMPT_KINDS:
+    prompts = found.kind in PROMPT_KINDS
+    check_saved_modules(loaded.module, found.config, tensors,
+                        "base_model." if prompts else PREFIX, source)
+    if prompts:
         return import_prompts(loaded, source, found.config, found.spec, tensors).eval()
     gm = compile(loaded, found.spec)
     if found.kind == "VERA":
@@ -798,6 +828,27 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     # older PEFT versions name DoRA's magnitude `...lora_magnitude_vector.weight`
     return {k.removesuffix(".lora_magnitude_vector.weight") + ".lora_magnitude_vector"
             if k.endswith(".lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
+
+
+def check_saved_modules(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor],
+                        prefix: str, source: Path) -> None:
+    """PEFT saves a whole copy of each module in modules_to_save (its SEQ_CLS, TOKEN_CLS and
+    QUESTION_ANS models add their head), any module whose path ends with an entry: adaptc
+    imports them as the model has them (frozen, as adaptc's export writes them), not trained."""
+    names = tuple(config.get("modules_to_save") or ())
+    for path, module in model.named_modules():
+        if not names or not path.endswith(names):
+            continue
+        for name, mine in module.named_parameters(prefix=path):
+            saved = tensors.pop(f"{prefix}{name}", None)
+            if saved is None:
+                raise WeightsError(f"{source}: modules_to_save '{path}' has no saved "
+                                   f"'{prefix}{name}' (PEFT fails to load it)")
+            if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype),
+                                                             mine.detach().cpu()):
+                raise InteropError(f"{source}: modules_to_save '{path}' was trained ('{name}' "
+                                   "differs from the model's); adaptc imports it only as the "
+                                   "model has it")
 
 
 def check_base_layers(model: nn.Module, gm: nn.Module, tensors: dict[str, torch.Tensor],

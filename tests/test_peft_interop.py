@@ -230,6 +230,47 @@ def test_named_adapters_import_from_their_subdirectories(tiny, tmp_path):
         import_peft(model, tmp_path)
 
 
+def classifier(tiny):
+    from transformers import AutoModelForSequenceClassification
+
+    from adaptc.frontend.models import wrap
+    torch.manual_seed(0)
+    return wrap(AutoModelForSequenceClassification.from_config(tiny("bert").module.config).eval())
+
+
+def test_seq_cls_directories_carry_the_head_both_ways(tiny, tmp_path):
+    """PEFT's SEQ_CLS model wraps the head as modules_to_save and reads its weights from the
+    file: the export left them out (PEFT's load raised KeyError), the import refused the
+    option. The head travels frozen; a trained one is refused, a LoRA on it too."""
+    from safetensors.torch import load_file, save_file
+    model = classifier(tiny)
+    gm = adaptc.compile(model, "query, value: lora r=4")
+    perturb(adaptc.adapter_state_dict(gm).values())
+    export_peft(gm, tmp_path / "ours", task_type="SEQ_CLS")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / "ours").eval()
+    x = inputs()
+    assert close(gm.eval()(**x), theirs(**x)) <= TOL
+    assert close(import_peft(model, tmp_path / "ours")(**x), theirs(**x)) <= TOL
+    twin = saved_peft(model, LoraConfig(r=4, target_modules=["query", "value"],
+                                        task_type="SEQ_CLS"), tmp_path / "peft")
+    with pytest.raises(adaptc.errors.InteropError, match="modules_to_save 'classifier' was "
+                                                         "trained .'classifier.weight' differs"):
+        import_peft(model, tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    for name in ("weight", "bias"):  # the head as the model has it
+        tensors[f"base_model.model.classifier.{name}"] = model.module.get_parameter(
+            f"classifier.{name}").detach().clone()
+        twin.get_parameter(f"base_model.model.classifier.modules_to_save.default.{name}"
+                           ).data.copy_(tensors[f"base_model.model.classifier.{name}"])
+    save_file(tensors, str(weights))
+    assert close(import_peft(model, tmp_path / "peft")(**x), twin(**x)) <= TOL
+    with pytest.raises(adaptc.errors.InteropError, match="'classifier.lora' adapts "
+                                                         "'classifier', which PEFT's SEQ_CLS"):
+        export_peft(adaptc.compile(model, "classifier: lora r=2"), tmp_path / "head",
+                    task_type="SEQ_CLS")
+
+
 def test_import_is_in_eval_mode_as_from_pretrained_is(tiny, tmp_path):
     """PeftModel.from_pretrained returns an eval-mode model: with adapter dropout the imported
     module gives its outputs as imported (it was in training mode, dropout on)."""
@@ -278,7 +319,8 @@ def broken(tmp_path, model, **changes):
     ({"target_modules": None}, "target_modules is null"),
     ({"lora_bias": True}, "option lora_bias=True is not supported"),
     ({"exclude_modules": ["q_proj"]}, "layers_to_transform or exclude_modules leaves no module"),
-    ({"modules_to_save": ["lm_head"]}, "option modules_to_save"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save 'lm_head' has no saved "
+                                       "'base_model.model.lm_head.weight'"),
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
     ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
