@@ -85,15 +85,19 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
     if task_type is not None and task_type not in TASK_TYPES:
         raise InteropError(f"unknown PEFT task type '{task_type}': PEFT reads only "
                            f"{', '.join(TASK_TYPES)}")
+    heads = {path for path, _ in module.named_modules()
+             if path and path.endswith(HEADS.get(task_type, ()))}
+    trained = {path for path, adapter in adapter_modules(module).items()  # travel in the heads
+               if isinstance(adapter, TrainedParameters) and inside(path, heads)}
     if virtual_token_modules(module):
-        config, tensors = export_prompts(module, task_type)
-        heads = head_tensors(module, task_type, "base_model.")
+        config, tensors = export_prompts(module, task_type, trained)
+        head = head_tensors(module, task_type, heads, trained, "base_model.")
     else:
-        config, tensors = export_layers(module, task_type)
-        heads = head_tensors(module, task_type, PREFIX)
-    if heads:  # as PEFT's task model writes it
+        config, tensors = export_layers(module, task_type, trained)
+        head = head_tensors(module, task_type, heads, trained, PREFIX)
+    if head:  # as PEFT's task model writes it
         config["modules_to_save"] = list(HEADS[task_type])
-    tensors.update(heads)
+    tensors.update(head)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_directory(out) as staging:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "producer": "adaptc"})
@@ -101,24 +105,29 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
     return out
 
 
-def head_tensors(module: nn.Module, task_type: str | None, prefix: str) -> dict:
+def inside(path: str, modules: set[str]) -> bool:
+    return any(path.startswith(f"{m}.") for m in modules)
+
+
+def head_tensors(module: nn.Module, task_type: str | None, heads: set[str], trained: set[str],
+                 prefix: str) -> dict:
     """The weights of the heads PEFT's task model wraps as modules_to_save and reads from the
-    adapter file (it failed to load without them): the model's, which adaptc left frozen."""
-    names = HEADS.get(task_type, ())
-    heads = {path for path, _ in module.named_modules() if path and path.endswith(names)}
+    adapter file (it failed to load without them): their `train` copies where the module has
+    them, else the model's frozen ones. Another method on a head is refused."""
     for path in adapter_modules(module):
-        inside = [h for h in heads if path.startswith(f"{h}.")]
-        if inside:
-            raise InteropError(f"'{path}' adapts '{inside[0]}', which PEFT's {task_type} model "
-                               "replaces by its modules_to_save copy; adaptc exports the head "
-                               "as the model has it (frozen)")
-    return {f"{prefix}{name}": param for name, param in module.named_parameters()
-            if any(name.startswith(f"{h}.") for h in heads)}
+        if inside(path, heads) and path not in trained:
+            raise InteropError(f"'{path}' adapts a head which PEFT's {task_type} model replaces "
+                               "by its modules_to_save copy; adaptc exports heads trained by "
+                               "`train` or frozen")
+    return {f"{prefix}{name.replace('.trained.', '.')}": param
+            for name, param in module.named_parameters() if inside(name, heads)}
 
 
-def export_layers(module: nn.Module, task_type: str | None) -> tuple[dict, dict]:
-    """PEFT's config and tensors for a module whose adapters are one per-layer method."""
-    entries = exported_entries(module)
+def export_layers(module: nn.Module, task_type: str | None,
+                  trained: set[str]) -> tuple[dict, dict]:
+    """PEFT's config and tensors for a module whose adapters are one per-layer method (besides
+    the `trained` heads)."""
+    entries = exported_entries(module, trained)
     kinds = {peft_kind(e.adapter) for e in entries}
     if len(kinds) != 1:
         raise InteropError("a PEFT adapter directory holds one method; this module has "
@@ -132,12 +141,14 @@ def export_layers(module: nn.Module, task_type: str | None) -> tuple[dict, dict]
     return config, tensors
 
 
-def exported_entries(module: nn.Module) -> list[Entry]:
+def exported_entries(module: nn.Module, skip: set[str] = frozenset()) -> list[Entry]:
     from adaptc.compiler import report_of
 
     types = {row["path"]: row.get("type") for row in report_of(module).sites}
     entries = []
     for path, adapter in adapter_modules(module).items():
+        if path in skip:
+            continue
         if peft_kind(adapter) is None:
             raise InteropError(f"'{path}' is a {type(adapter).__name__}: adaptc exports "
                                "lora (with rslora, pissa, dora), ia3, vera, adalora, prompt "
@@ -348,7 +359,7 @@ EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera,
 METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
             "auto_mapping", "peft_version"}
 ANY_VALUE = {"qalora_group_size", "megatron_core"}  # only read when another option is on
-EVERY_KIND = {"modules_to_save"}  # checked against the weights (`check_saved_modules`)
+EVERY_KIND = {"modules_to_save"}  # any kind: imported as `train` of those modules
 HANDLED = {
     "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
              "target_modules", "target_parameters", "rank_pattern", "alpha_pattern",
@@ -592,9 +603,7 @@ def tensor_names(kind: str, config: dict, path: str, params: tuple[str, ...] = (
                 for name, ours in (("lora_A", "A"), ("lora_B", "B"), ("lora_E", "E"))}
     if kind == "LN_TUNING":  # PEFT keeps its adapter name in a submodule's parameter's name
         return {f"{peft}.ln_tuning_layers.{'default.' if '.' in name else ''}{name}":
-                ".".join(filter(None, (path, name.rpartition(".")[0], "trained",
-                                       name.rpartition(".")[2])))
-                for name in params}
+                trained_name(path, name) for name in params}
     return {f"{peft}.vera_lambda_d": f"{path}.vera.lambda_d",
             f"{peft}.vera_lambda_b": f"{path}.vera.lambda_b"}
 
@@ -641,8 +650,16 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     where = str(Path(directory) / CONFIG)
     config = read_config(directory)
     kind = config["peft_type"]
+    heads = saved_modules(model.module, config)  # PEFT's trainable copies: adaptc's `train`
+    for path in heads:
+        check_untied(model.module, path, "modules_to_save", where)
+    names = {f"{'base_model.' if kind in PROMPT_KINDS else PREFIX}{path}.{name}":
+             trained_name(path, name) for path in heads
+             for name in own_parameters(model.module, path)}
     if kind in PROMPT_KINDS:
-        return PeftImport(kind, prompt_spec(config, model, where), {}, {}, config)
+        spec = prompt_spec(config, model, where)
+        return PeftImport(kind, spec + (f"{', '.join(heads)}: train\n" if heads else ""),
+                          names, {}, config)
     sites, params = site_table(model.module), parameter_table(model.module)
     stacks = selected_stacks(config, model.module, params, where) if kind == "LORA" else []
     chosen = (selected_sites(config, sites, where)
@@ -653,14 +670,16 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     groups: dict[str, list[str]] = {}
     for site in chosen + stacks:
         groups.setdefault(OPTIONS[kind](config, site, where), []).append(site.path)
+    groups.setdefault("train", []).extend(p for p in heads if p not in groups.get("train", []))
+    groups = {options: paths for options, paths in groups.items() if paths}
     spec = write_spec(kind, groups, sites, model.family, params)
     try:  # options out of range (r=0, dropout=2) made a spec that printed but did not compile
         compile_spec(spec, "<peft>")
     except SpecError as err:
         raise InteropError(f"{where}: the options give an invalid spec: "
                            f"{err.first.message}") from None
-    names = {k: v for site in chosen for k, v in tensor_names(
-        kind, config, site.path, own_parameters(model.module, site.path)).items()}
+    names.update({k: v for site in chosen for k, v in tensor_names(
+        kind, config, site.path, own_parameters(model.module, site.path)).items()})
     shapes = {}
     for stack in stacks:
         owner, _, name = stack.path.rpartition(".")
@@ -682,13 +701,28 @@ def check_untied(model: nn.Module, path: str, kind: str, where: str) -> None:
     for name, param in model.get_submodule(path).named_parameters(prefix=path):
         other = [n for n in names[id(param)] if not n.startswith(f"{path}.")]
         if other:
-            if kind == "LN_TUNING":
-                raise InteropError(f"{where}: LN_TUNING target '{path}' holds '{name}', tied "
-                                   f"to '{other[0]}': PEFT's copy replaces it in '{path}' "
-                                   "only, adaptc's `train` wherever it is read")
+            if kind in ("LN_TUNING", "modules_to_save"):
+                what = "LN_TUNING target" if kind == "LN_TUNING" else kind
+                raise InteropError(f"{where}: {what} '{path}' holds '{name}', tied to "
+                                   f"'{other[0]}': PEFT's copy replaces it in '{path}' only, "
+                                   "adaptc's `train` wherever it is read")
             raise InteropError(f"{where}: init_lora_weights='pissa' on '{path}', whose '{name}' "
                                f"is tied to '{other[0]}': PEFT replaces the weight by its "
                                f"residual in both, adaptc in '{path}' only")
+
+
+def saved_modules(model: nn.Module, config: dict) -> list[str]:
+    """The modules PEFT keeps a trainable copy of, modules_to_save (its SEQ_CLS, TOKEN_CLS and
+    QUESTION_ANS models add their head): any module whose path ends with an entry."""
+    names = tuple(config.get("modules_to_save") or ())
+    paths = [path for path, _ in model.named_modules() if names and path.endswith(names)]
+    return [p for p in paths if p and not any(p.startswith(f"{q}.") for q in paths)]
+
+
+def trained_name(path: str, name: str) -> str:
+    """adaptc's name for the trained copy of parameter `name` of module `path`."""
+    owner, _, leaf = name.rpartition(".")
+    return ".".join(filter(None, (path, owner, "trained", leaf)))
 
 
 def own_parameters(model: nn.Module, path: str) -> tuple[str, ...]:
@@ -716,7 +750,7 @@ def short_targets(paths: list[str], sites: list[Site], family: str | None) -> li
     layer_of = {s.path: s.layer for s in sites}
     chosen: dict[str, set[int] | None] = {}
     for path in paths:
-        suffix, layer = shortest_suffix(path, layer_of[path], group, sites, aliases)
+        suffix, layer = shortest_suffix(path, layer_of.get(path), group, sites, aliases)
         if layer is None or chosen.get(suffix, set()) is None:
             chosen[suffix] = None
         else:
@@ -781,11 +815,13 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
     found = read_peft(directory, loaded)
     source = weights_file(directory)
     tensors = read_weights(source)
-    prompts = found.kind in PROMPT_KINDS
-    check_saved_modules(loaded.module, found.config, tensors,
-                        "base_model." if prompts else PREFIX, source)
-    if prompts:
-        return import_prompts(loaded, source, found.config, found.spec, tensors).eval()
+    if found.kind in PROMPT_KINDS:
+        missing = sorted(set(found.names) - set(tensors))
+        if missing:
+            raise WeightsError(f"{source}: tensors do not match the adapter config (missing "
+                               f"{missing[0]} of its modules_to_save)")
+        heads = {found.names[k]: tensors.pop(k) for k in found.names}
+        return import_prompts(loaded, source, found.config, found.spec, tensors, heads).eval()
     gm = compile(loaded, found.spec)
     if found.kind == "VERA":
         check_projections(gm, tensors, directory)
@@ -800,7 +836,7 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
     ours = {k: stack_from_peft(k[-1], v, found.stacks[k]) if k in found.stacks else v
             for k, v in ours.items()}
     if found.kind == "IA3":
-        ours = {k: v.reshape(-1) for k, v in ours.items()}
+        ours = {k: v.reshape(-1) if k.endswith(".ia3.scale") else v for k, v in ours.items()}
     load_adapter_tensors(gm, ours, str(source))
     return gm.eval()
 
@@ -828,27 +864,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     # older PEFT versions name DoRA's magnitude `...lora_magnitude_vector.weight`
     return {k.removesuffix(".lora_magnitude_vector.weight") + ".lora_magnitude_vector"
             if k.endswith(".lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
-
-
-def check_saved_modules(model: nn.Module, config: dict, tensors: dict[str, torch.Tensor],
-                        prefix: str, source: Path) -> None:
-    """PEFT saves a whole copy of each module in modules_to_save (its SEQ_CLS, TOKEN_CLS and
-    QUESTION_ANS models add their head), any module whose path ends with an entry: adaptc
-    imports them as the model has them (frozen, as adaptc's export writes them), not trained."""
-    names = tuple(config.get("modules_to_save") or ())
-    for path, module in model.named_modules():
-        if not names or not path.endswith(names):
-            continue
-        for name, mine in module.named_parameters(prefix=path):
-            saved = tensors.pop(f"{prefix}{name}", None)
-            if saved is None:
-                raise WeightsError(f"{source}: modules_to_save '{path}' has no saved "
-                                   f"'{prefix}{name}' (PEFT fails to load it)")
-            if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype),
-                                                             mine.detach().cpu()):
-                raise InteropError(f"{source}: modules_to_save '{path}' was trained ('{name}' "
-                                   "differs from the model's); adaptc imports it only as the "
-                                   "model has it")
 
 
 def check_base_layers(model: nn.Module, gm: nn.Module, tensors: dict[str, torch.Tensor],

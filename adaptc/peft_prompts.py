@@ -60,13 +60,15 @@ def virtual_token_modules(module: nn.Module) -> dict[str, nn.Module]:
 
 # ---- export -------------------------------------------------------------------------------
 
-def export_prompts(module: nn.Module, task_type: str | None) -> tuple[dict, dict]:
-    """PEFT's config and tensors for a module whose adapters are one prompt or one prefix."""
+def export_prompts(module: nn.Module, task_type: str | None,
+                   heads: set[str] = frozenset()) -> tuple[dict, dict]:
+    """PEFT's config and tensors for a module whose adapters are one prompt or one prefix
+    (besides the `heads` adapters, which travel as modules_to_save)."""
     from adaptc.compiler import report_of
 
     found = virtual_token_modules(module)
-    others = [p for p, m in adapter_modules(module).items()
-              if p not in found and not (isinstance(m, PrefixAttention) and m.gate is None)]
+    others = [p for p, m in adapter_modules(module).items() if p not in found and p not in heads
+              and not (isinstance(m, PrefixAttention) and m.gate is None)]
     if others or len(found) != 1:
         what = others[0] if others else ", ".join(found)
         raise InteropError(f"a PEFT adapter directory holds one method; besides its prompt or "
@@ -146,9 +148,10 @@ def prompt_spec(config: dict, model: LoadedModel, where: str) -> str:
 
 
 def import_prompts(model: LoadedModel, source: Path, config: dict, spec: str,
-                   tensors: dict[str, torch.Tensor]) -> nn.Module:
+                   tensors: dict[str, torch.Tensor], copies: dict[str, torch.Tensor]
+                   ) -> nn.Module:
     """Compile `spec` and load PEFT's `prompt_embeddings` (read from `source`) into its
-    prompt or prefix."""
+    prompt or prefix, and `copies` (adaptc's names: the modules_to_save copies) beside."""
     from adaptc.compiler import compile
 
     if set(tensors) != {TENSOR}:
@@ -165,8 +168,8 @@ def import_prompts(model: LoadedModel, source: Path, config: dict, spec: str,
         raise WeightsError(f"{source}: '{TENSOR}' has shape {tuple(saved.shape)}; "
                            f"num_virtual_tokens={tokens} gives {rows} rows (PEFT refuses it)")
     if isinstance(adapter, PromptEmbedding):  # PEFT's second n rows (seq2seq) go unread
-        load_adapter_tensors(gm, {f"{path}.embedding": saved[:adapter.config.tokens]},
-                             str(source))
+        load_adapter_tensors(gm, {f"{path}.embedding": saved[:adapter.config.tokens],
+                                  **copies}, str(source))
         return gm
     layers, _, tokens, heads, dim = adapter.shape
     expected = (config.get("num_layers"), config.get("num_attention_heads"))
@@ -178,5 +181,5 @@ def import_prompts(model: LoadedModel, source: Path, config: dict, spec: str,
     prefix = saved[:tokens].reshape(tokens, layers, 2, heads, dim).permute(1, 2, 0, 3, 4)
     if is_encoder_decoder(model):
         prefix = prefix[[2 * layer % layers for layer in range(layers)]]
-    load_adapter_tensors(gm, {f"{path}.prefix": prefix}, str(source))
+    load_adapter_tensors(gm, {f"{path}.prefix": prefix, **copies}, str(source))
     return gm

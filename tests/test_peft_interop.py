@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from peft import IA3Config, LNTuningConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
+from peft import (IA3Config, LNTuningConfig, LoraConfig, PeftModel, PromptTuningConfig,
+                  VeraConfig, get_peft_model)
 
 import adaptc
 from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
@@ -238,36 +239,37 @@ def classifier(tiny):
     return wrap(AutoModelForSequenceClassification.from_config(tiny("bert").module.config).eval())
 
 
-def test_seq_cls_directories_carry_the_head_both_ways(tiny, tmp_path):
-    """PEFT's SEQ_CLS model wraps the head as modules_to_save and reads its weights from the
-    file: the export left them out (PEFT's load raised KeyError), the import refused the
-    option. The head travels frozen; a trained one is refused, a LoRA on it too."""
-    from safetensors.torch import load_file, save_file
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    IA3Config(target_modules=["query", "value"], feedforward_modules=[], task_type="SEQ_CLS"),
+    PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)],
+    ids=["lora", "ia3", "prompt"])
+def test_seq_cls_heads_travel_as_modules_to_save(tiny, tmp_path, config):
+    """PEFT's SEQ_CLS model keeps its head as modules_to_save, a trained copy read from the
+    file: the import refused the option, the export left the head out (PEFT's load raised
+    KeyError). The head is adaptc's `train` of it, both ways."""
     model = classifier(tiny)
-    gm = adaptc.compile(model, "query, value: lora r=4")
-    perturb(adaptc.adapter_state_dict(gm).values())
+    twin = saved_peft(model, config, tmp_path / "peft")
+    gm = import_peft(model, tmp_path / "peft")
+    assert "\nclassifier: train\n" in adaptc.report_of(gm).spec_source
+    assert adaptc.report_of(gm).trainable == twin.get_nb_trainable_parameters()[0]
+    x = inputs()
+    assert close(gm(**x), twin(**x)) <= TOL
     export_peft(gm, tmp_path / "ours", task_type="SEQ_CLS")
     theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / "ours").eval()
-    x = inputs()
-    assert close(gm.eval()(**x), theirs(**x)) <= TOL
-    assert close(import_peft(model, tmp_path / "ours")(**x), theirs(**x)) <= TOL
-    twin = saved_peft(model, LoraConfig(r=4, target_modules=["query", "value"],
-                                        task_type="SEQ_CLS"), tmp_path / "peft")
-    with pytest.raises(adaptc.errors.InteropError, match="modules_to_save 'classifier' was "
-                                                         "trained .'classifier.weight' differs"):
-        import_peft(model, tmp_path / "peft")
-    weights = tmp_path / "peft" / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
-    for name in ("weight", "bias"):  # the head as the model has it
-        tensors[f"base_model.model.classifier.{name}"] = model.module.get_parameter(
-            f"classifier.{name}").detach().clone()
-        twin.get_parameter(f"base_model.model.classifier.modules_to_save.default.{name}"
-                           ).data.copy_(tensors[f"base_model.model.classifier.{name}"])
-    save_file(tensors, str(weights))
-    assert close(import_peft(model, tmp_path / "peft")(**x), twin(**x)) <= TOL
-    with pytest.raises(adaptc.errors.InteropError, match="'classifier.lora' adapts "
-                                                         "'classifier', which PEFT's SEQ_CLS"):
-        export_peft(adaptc.compile(model, "classifier: lora r=2"), tmp_path / "head",
+    assert close(theirs(**x), twin(**x)) <= TOL
+    frozen = adaptc.compile(model, "query, value: lora r=4")  # the model's head, frozen
+    perturb(adaptc.adapter_state_dict(frozen).values())
+    export_peft(frozen, tmp_path / "frozen", task_type="SEQ_CLS")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / "frozen").eval()
+    assert close(frozen.eval()(**x), theirs(**x)) <= TOL
+
+
+def test_an_adapter_on_a_modules_to_save_head_is_refused(tiny, tmp_path):
+    """PEFT's SEQ_CLS model replaces the head by its copy, leaving a LoRA on it unread."""
+    with pytest.raises(adaptc.errors.InteropError, match="'classifier.lora' adapts a head "
+                                                         "which PEFT's SEQ_CLS model replaces"):
+        export_peft(adaptc.compile(classifier(tiny), "classifier: lora r=2"), tmp_path,
                     task_type="SEQ_CLS")
 
 
@@ -319,8 +321,7 @@ def broken(tmp_path, model, **changes):
     ({"target_modules": None}, "target_modules is null"),
     ({"lora_bias": True}, "option lora_bias=True is not supported"),
     ({"exclude_modules": ["q_proj"]}, "layers_to_transform or exclude_modules leaves no module"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save 'lm_head' has no saved "
-                                       "'base_model.model.lm_head.weight'"),
+    ({"modules_to_save": ["lm_head"]}, "missing base_model.model.lm_head.weight"),
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
     ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
