@@ -358,7 +358,8 @@ EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera,
 
 METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
             "auto_mapping", "peft_version"}
-ANY_VALUE = {"qalora_group_size", "megatron_core"}  # only read when another option is on
+ANY_VALUE = {"qalora_group_size", "megatron_core",  # only read when another option is on
+             "eva_config"}  # init_lora_weights='eva' before training
 EVERY_KIND = {"modules_to_save"}  # any kind: imported as `train` of those modules
 HANDLED = {
     "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
@@ -377,7 +378,9 @@ HANDLED = {
     "LN_TUNING": {"target_modules", "exclude_modules"},
     **CONFIG_KEYS,
 }
-LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa"}
+LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa",
+              # inits that leave the base weight as it is: the saved A and B are the adapter
+              "orthogonal": None, "eva": None}
 
 
 def read_config(directory: str | Path) -> dict:
@@ -529,9 +532,9 @@ def pattern_value(patterns: dict, path: str, default):
 
 def lora_options(config: dict, site: Site, where: str) -> str:
     init = config.get("init_lora_weights", True)
-    if not (init is True or init is False or init in ("gaussian", "pissa")):
+    if not (init is True or init is False or isinstance(init, str) and init in LORA_INITS):
         raise InteropError(f"{where}: init_lora_weights={init!r} is not supported (adaptc "
-                           "reads true, false, 'gaussian', 'pissa')")
+                           "reads true, false, 'gaussian', 'pissa', 'orthogonal', 'eva')")
     r = pattern_value(config.get("rank_pattern") or {}, site.path, config.get("r", 8))
     alpha = pattern_value(config.get("alpha_pattern") or {}, site.path,
                           config.get("lora_alpha", 8))

@@ -116,6 +116,9 @@ IMPORTS = [
     ("bert", LNTuningConfig(target_modules=r".*\.1\..*LayerNorm"), ": train"),
     # a module with submodules: PEFT names their copies `ln_tuning_layers.default.<name>`
     ("gpt2", LNTuningConfig(target_modules=["ln_1", "mlp"]), "transformer.h.0.mlp, "),
+    # inits that leave the base weight as it is: the saved A and B are the adapter
+    ("llama", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="orthogonal"),
+     "q_proj: lora r=4 alpha=8\n"),
     # exclude_modules: PEFT's target matching, per module (a container's entry excludes none)
     ("llama", LoraConfig(r=4, target_modules=".*_proj", exclude_modules=["self_attn", "mlp",
                                                                         "layers.0.self_attn.q_proj"]),
