@@ -14,9 +14,9 @@ goes to `target_parameters`, its tensors in the layout of PEFT's ParamWrapper
 
 Import (`spec_from_peft`, `import_peft`) resolves the config against the model with PEFT's
 own matching rules (list entries: exact or `.suffix`; a string: a regex over the whole path;
-`layers_to_transform`; `rank_pattern`; `exclude_modules`), writes an adapt spec that selects exactly those
-modules (short names when they are exact, full paths otherwise; checked by resolving it),
-compiles it and loads the weights. Anything PEFT would treat differently is an
+`layers_to_transform`; `rank_pattern`; `exclude_modules`), writes an adapt spec that selects
+exactly those modules (short names when they are exact, full paths otherwise; checked by
+resolving it), with `train` of its `modules_to_save`, compiles it and loads the weights. Anything PEFT would treat differently is an
 `InteropError` naming the option, never a silently different model: a `target_modules`
 entry that matches no module (PEFT skips it), an option adaptc does not implement, a
 PEFT type other than LORA, IA3, VERA, ADALORA (before its final rank trim), LN_TUNING,
@@ -443,6 +443,9 @@ def check_types(config: dict, path: Path) -> None:
             refuse(key, value, "a mapping of module names to numbers")
         for name in value:
             regex(key, name)
+    saved = config.get("modules_to_save")
+    if not (saved is None or isinstance(saved, list) and all(isinstance(v, str) for v in saved)):
+        refuse("modules_to_save", saved, "a list of module names")
     wanted = config.get("layers_to_transform")
     if not (wanted is None or is_integer(wanted)
             or isinstance(wanted, list) and all(is_integer(v) for v in wanted)):
@@ -497,11 +500,12 @@ def excluded(config: dict, path: str) -> bool:
     """PEFT's exclude_modules test, its target_modules one: a regex over the whole path, or
     list entries exact or `.suffix` (a container's entry leaves its submodules adapted)."""
     modules = config.get("exclude_modules") or []
+    saved = config.get("modules_to_save") or []  # PEFT adapts nothing inside those
+    if any(re.match(rf"(^|.*\.){entry}($|\..*)", path) for entry in saved):
+        return True
     if isinstance(modules, str):
         return re.fullmatch(modules, path) is not None
-    saved = config.get("modules_to_save") or []  # PEFT adapts nothing inside those
-    return (path in modules or any(path.endswith(f".{entry}") for entry in modules)
-            or any(re.match(rf"(^|.*\.){entry}($|\..*)", path) for entry in saved))
+    return path in modules or any(path.endswith(f".{entry}") for entry in modules)
 
 
 def in_layers(config: dict, path: str) -> bool:
@@ -694,10 +698,11 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
 
 
 def check_untied(model: nn.Module, path: str, kind: str, where: str) -> None:
-    """Refuse an LN_TUNING or PiSSA target whose parameter the model also holds under another
-    name (tied embeddings; T5's `shared` is also each stack's `embed_tokens`): PEFT's trained
-    copy replaces it in that one module, adaptc's `train` wherever the weight is read; PEFT's
-    PiSSA residual replaces it everywhere, adaptc's in the target only."""
+    """Refuse an LN_TUNING, modules_to_save or PiSSA target whose parameter the model also
+    holds under another name (tied embeddings; T5's `shared` is also each stack's
+    `embed_tokens`): PEFT's trained copy replaces it in that one module, adaptc's `train`
+    wherever the weight is read; PEFT's PiSSA residual replaces it everywhere, adaptc's in
+    the target only."""
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)

@@ -123,6 +123,9 @@ IMPORTS = [
     ("llama", LoraConfig(r=4, target_modules=".*_proj", exclude_modules=["self_attn", "mlp",
                                                                         "layers.0.self_attn.q_proj"]),
      "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, q_proj[1]: lora r=4 alpha=8"),
+    # modules_to_save: a trained copy (adaptc's train) which no adapter goes inside
+    ("llama", LoraConfig(r=4, target_modules=".*proj", exclude_modules=".*k_proj",
+                         modules_to_save=["mlp"]), "model.layers.0.mlp, model.layers.1.mlp: train"),
     ("gpt2", IA3Config(target_modules=["c_attn", "c_proj"], feedforward_modules=["c_proj"],
                        exclude_modules=r".*attn\.c_proj"), "mlp.c_proj: ia3 feedforward"),
 ]
@@ -336,6 +339,7 @@ def broken(tmp_path, model, **changes):
     ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern=.* is not a mapping of module names to "
                                         "numbers"),
     ({"layers_to_transform": "0"}, "layers_to_transform='0' is not a layer index"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head' is not a list of module names"),
     ({"r": 0}, r"adapter_config.json: the options give an invalid spec: r must be >= 1, got 0"),
     ({"lora_dropout": 2}, r"invalid spec: dropout must be in \[0, 1\), got 2"),
 ])
