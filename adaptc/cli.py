@@ -496,7 +496,7 @@ def run_import_peft(args) -> int:
     from adaptc.artifact import refuse_inputs, write_file
     from adaptc.compiler import report_of
     from adaptc.frontend.models import PRESETS
-    from adaptc.peft_interop import CONFIG, WEIGHTS, import_peft, spec_from_peft
+    from adaptc.peft_interop import CONFIG, PICKLED, WEIGHTS, import_peft, spec_from_peft
 
     outputs = [Path(f) for f in (args.output, args.weights) if f]
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
@@ -504,6 +504,7 @@ def run_import_peft(args) -> int:
                             "would replace the spec)")
     peft = Path(args.directory)
     inputs = [("PEFT adapter file", peft / CONFIG), ("PEFT adapter file", peft / WEIGHTS),
+              ("PEFT adapter file", peft / PICKLED),
               ("PEFT adapter directory", peft),
               ("model checkpoint", None if args.model in PRESETS else args.model)]
     for path in outputs:  # before the work, not only after it

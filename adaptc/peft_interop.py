@@ -1,7 +1,8 @@
 """PEFT interop: compiled adapters ⇄ PEFT adapter directories.
 
-A PEFT adapter directory is `adapter_config.json` + `adapter_model.safetensors`, with tensor
-names like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+A PEFT adapter directory is `adapter_config.json` + `adapter_model.safetensors` (import also
+reads the pickled `adapter_model.bin` PEFT falls back to), with tensor names like
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 
 Export (`export_peft`) writes a compiled module's `lora` (with rsLoRA, PiSSA, DoRA), `ia3`,
 `vera`, `adalora` or `train` (LN_TUNING) adapters as one such directory, or its prompt or
@@ -13,9 +14,9 @@ goes to `target_parameters`, its tensors in the layout of PEFT's ParamWrapper
 
 Import (`spec_from_peft`, `import_peft`) resolves the config against the model with PEFT's
 own matching rules (list entries: exact or `.suffix`; a string: a regex over the whole path;
-`layers_to_transform`; `rank_pattern`), writes an adapt spec that selects exactly those
-modules (short names when they are exact, full paths otherwise; checked by resolving it),
-compiles it and loads the weights. Anything PEFT would treat differently is an
+`layers_to_transform`; `rank_pattern`; `exclude_modules`), writes an adapt spec that selects
+exactly those modules (short names when they are exact, full paths otherwise; checked by
+resolving it), with `train` of its `modules_to_save`, compiles it and loads the weights. Anything PEFT would treat differently is an
 `InteropError` naming the option, never a silently different model: a `target_modules`
 entry that matches no module (PEFT skips it), an option adaptc does not implement, a
 PEFT type other than LORA, IA3, VERA, ADALORA (before its final rank trim), LN_TUNING,
@@ -24,6 +25,7 @@ PROMPT_TUNING, P_TUNING and PREFIX_TUNING.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -50,10 +52,15 @@ from adaptc.peft_prompts import (CONFIG_KEYS, PROMPT_KINDS, export_prompts, impo
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PICKLED = "adapter_model.bin"  # save_pretrained(safe_serialization=False), older PEFT versions
 PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
 # peft.TaskType's values: PeftConfig refuses any other task_type when it reads the directory
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
               "FEATURE_EXTRACTION")
+# the heads these task models wrap as modules_to_save (any module whose path ends so), whose
+# weights they then read from the adapter file
+HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+         "QUESTION_ANS": ("qa_outputs",)}
 
 
 # ---- export -----------------------------------------------------------------------------
@@ -78,10 +85,19 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
     if task_type is not None and task_type not in TASK_TYPES:
         raise InteropError(f"unknown PEFT task type '{task_type}': PEFT reads only "
                            f"{', '.join(TASK_TYPES)}")
+    heads = {path for path, _ in module.named_modules()
+             if path and path.endswith(HEADS.get(task_type, ()))}
+    trained = {path for path, adapter in adapter_modules(module).items()  # travel in the heads
+               if isinstance(adapter, TrainedParameters) and inside(path, heads)}
     if virtual_token_modules(module):
-        config, tensors = export_prompts(module, task_type)
+        config, tensors = export_prompts(module, task_type, trained)
+        head = head_tensors(module, task_type, heads, trained, "base_model.")
     else:
-        config, tensors = export_layers(module, task_type)
+        config, tensors = export_layers(module, task_type, trained)
+        head = head_tensors(module, task_type, heads, trained, PREFIX)
+    if head:  # as PEFT's task model writes it
+        config["modules_to_save"] = list(HEADS[task_type])
+    tensors.update(head)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_directory(out) as staging:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt", "producer": "adaptc"})
@@ -89,9 +105,29 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
     return out
 
 
-def export_layers(module: nn.Module, task_type: str | None) -> tuple[dict, dict]:
-    """PEFT's config and tensors for a module whose adapters are one per-layer method."""
-    entries = exported_entries(module)
+def inside(path: str, modules: set[str]) -> bool:
+    return any(path.startswith(f"{m}.") for m in modules)
+
+
+def head_tensors(module: nn.Module, task_type: str | None, heads: set[str], trained: set[str],
+                 prefix: str) -> dict:
+    """The weights of the heads PEFT's task model wraps as modules_to_save and reads from the
+    adapter file (it failed to load without them): their `train` copies where the module has
+    them, else the model's frozen ones. Another method on a head is refused."""
+    for path in adapter_modules(module):
+        if inside(path, heads) and path not in trained:
+            raise InteropError(f"'{path}' adapts a head which PEFT's {task_type} model replaces "
+                               "by its modules_to_save copy; adaptc exports heads trained by "
+                               "`train` or frozen")
+    return {f"{prefix}{name.replace('.trained.', '.')}": param
+            for name, param in module.named_parameters() if inside(name, heads)}
+
+
+def export_layers(module: nn.Module, task_type: str | None,
+                  trained: set[str]) -> tuple[dict, dict]:
+    """PEFT's config and tensors for a module whose adapters are one per-layer method (besides
+    the `trained` heads)."""
+    entries = exported_entries(module, trained)
     kinds = {peft_kind(e.adapter) for e in entries}
     if len(kinds) != 1:
         raise InteropError("a PEFT adapter directory holds one method; this module has "
@@ -105,12 +141,14 @@ def export_layers(module: nn.Module, task_type: str | None) -> tuple[dict, dict]
     return config, tensors
 
 
-def exported_entries(module: nn.Module) -> list[Entry]:
+def exported_entries(module: nn.Module, skip: set[str] = frozenset()) -> list[Entry]:
     from adaptc.compiler import report_of
 
     types = {row["path"]: row.get("type") for row in report_of(module).sites}
     entries = []
     for path, adapter in adapter_modules(module).items():
+        if path in skip:
+            continue
         if peft_kind(adapter) is None:
             raise InteropError(f"'{path}' is a {type(adapter).__name__}: adaptc exports "
                                "lora (with rslora, pissa, dora), ia3, vera, adalora, prompt "
@@ -166,6 +204,14 @@ def export_lora(module: nn.Module, entries: list[Entry]) -> tuple[dict, dict]:
         raise InteropError(f"'{odd[0].site}': PEFT's target_parameters take the adapter's one "
                            f"r and alpha (r={r}, alpha={number(alpha)}); this stack has "
                            f"r={odd[0].adapter.config.r}, alpha={number(odd[0].adapter.config.alpha)}")
+    if init == "pissa":
+        # the graph module keeps a weight PiSSA replaced only while something else reads it
+        kept = dict(module.named_parameters(remove_duplicate=False))
+        for e in linears:
+            if f"{e.site}.weight" in kept:
+                raise InteropError(f"'{e.site}': its weight is tied to another module's, and "
+                                   "PEFT's init_lora_weights='pissa' replaces it by the residual "
+                                   f"in both; adaptc in '{e.site}' only")
     config = {
         "r": r, "lora_alpha": number(alpha), "init_lora_weights": PEFT_INIT[init], "bias": "none",
         "lora_dropout": number(one_value(entries, "lora_dropout", option("dropout"))),
@@ -277,10 +323,31 @@ def export_ln_tuning(module: nn.Module, entries: list[Entry]) -> tuple[dict, dic
     """`train` statements as PEFT's LN_TUNING: a trained copy of each owning module
     (`<module>.ln_tuning_layers.<name>`). PEFT trains every parameter of those modules; the
     ones adaptc left frozen keep their values there, so the outputs are the same."""
+    for e in entries:
+        reader = foreign_reader(module, e.site)
+        if reader is not None:
+            raise InteropError(f"'{e.site}' holds a weight '{reader}' also reads (tied "
+                               "weights): adaptc trains it for both, PEFT's LN_TUNING copy "
+                               f"replaces it in '{e.site}' only")
     config = {"target_modules": sorted(e.site for e in entries)}
     tensors = {f"{PREFIX}{e.site}.ln_tuning_layers.{name}": tensor
                for e in entries for name, tensor in e.adapter.adapter_parameters().items()}
     return config, tensors
+
+
+def foreign_reader(module: nn.Module, site: str) -> str | None:
+    """A module outside `site` whose ops read `site`'s trained copy (GPT-2's lm_head reads
+    wte's tied weight), by the module stack the trace recorded for each op."""
+    graph = getattr(module, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        if node.op != "get_attr" or not node.target.startswith(f"{site}.trained."):
+            continue
+        for user in node.users:
+            stack = user.meta.get("nn_module_stack") or {}
+            reader = list(stack.values())[-1][0] if stack else site
+            if reader != site and not reader.startswith(f"{site}."):
+                return reader
+    return None
 
 
 EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera,
@@ -291,28 +358,37 @@ EXPORTERS = {"LORA": export_lora, "IA3": export_ia3, "VERA": export_vera,
 
 METADATA = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
             "auto_mapping", "peft_version"}
-ANY_VALUE = {"qalora_group_size", "megatron_core"}  # only read when another option is on
+ANY_VALUE = {"qalora_group_size", "megatron_core",  # only read when another option is on
+             "eva_config"}  # init_lora_weights='eva' before training
+EVERY_KIND = {"modules_to_save"}  # any kind: imported as `train` of those modules
 HANDLED = {
     "LORA": {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
              "target_modules", "target_parameters", "rank_pattern", "alpha_pattern",
-             "layers_to_transform",
+             "layers_to_transform", "exclude_modules",
              "layers_pattern", "fan_in_fan_out", "bias"},
-    "IA3": {"target_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
+    "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
+            "init_ia3_weights"},
     "VERA": {"r", "projection_prng_key", "d_initial", "vera_dropout", "save_projection",
              "target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
              "init_weights", "bias"},
     "ADALORA": {"r", "init_r", "target_r", "lora_alpha", "lora_dropout", "total_step", "tinit",
                 "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "target_modules",
-                "layers_to_transform", "layers_pattern", "fan_in_fan_out", "init_lora_weights",
-                "bias", "rank_pattern"},
-    "LN_TUNING": {"target_modules"},
+                "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+                "init_lora_weights", "bias", "rank_pattern"},
+    "LN_TUNING": {"target_modules", "exclude_modules"},
     **CONFIG_KEYS,
 }
-LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa"}
+LORA_INITS = {True: None, False: None, "gaussian": "gaussian", "pissa": "pissa",
+              # inits that leave the base weight as it is: the saved A and B are the adapter
+              "orthogonal": None, "eva": None}
 
 
 def read_config(directory: str | Path) -> dict:
     path = Path(directory) / CONFIG
+    named = sorted(p.parent.name for p in Path(directory).glob(f"*/{CONFIG}"))
+    if named and not path.exists():  # save_pretrained puts an adapter not named default there
+        raise InteropError(f"{directory}: holds no adapter_config.json but PEFT adapters in "
+                           f"subdirectories {', '.join(named)}: give one of those")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
@@ -325,7 +401,7 @@ def read_config(directory: str | Path) -> dict:
         raise InteropError(f"{path}: peft_type {kind!r} is not supported (adaptc reads "
                            f"{', '.join(HANDLED)})")
     for key, value in config.items():
-        if key in METADATA or key in ANY_VALUE or key in HANDLED[kind]:
+        if key in METADATA or key in ANY_VALUE or key in EVERY_KIND or key in HANDLED[kind]:
             continue
         if value not in (None, False, {}, [], ""):
             raise InteropError(f"{path}: option {key}={value!r} is not supported by adaptc")
@@ -338,7 +414,8 @@ def read_config(directory: str | Path) -> dict:
 
 # the values the import reads, by the JSON types PEFT writes for them; another type raised
 # TypeError or ValueError from inside the import (`float('x')`, iterating over 5)
-NAMES = {"target_modules", "feedforward_modules", "layers_pattern"}  # a regex or a list
+NAMES = {"target_modules", "exclude_modules", "feedforward_modules",  # a regex or a list
+         "layers_pattern"}
 NUMBERS = {"r", "lora_alpha", "lora_dropout", "init_r", "target_r", "total_step", "tinit",
            "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "d_initial",
            "vera_dropout", "projection_prng_key"}
@@ -366,6 +443,9 @@ def check_types(config: dict, path: Path) -> None:
             refuse(key, value, "a mapping of module names to numbers")
         for name in value:
             regex(key, name)
+    saved = config.get("modules_to_save")
+    if not (saved is None or isinstance(saved, list) and all(isinstance(v, str) for v in saved)):
+        refuse("modules_to_save", saved, "a list of module names")
     wanted = config.get("layers_to_transform")
     if not (wanted is None or is_integer(wanted)
             or isinstance(wanted, list) and all(is_integer(v) for v in wanted)):
@@ -404,14 +484,28 @@ def selected_sites(config: dict, sites: list[Site], where: str) -> list[Site]:
             found += [s for s in hits if s not in found]
         # as in PEFT: layers_to_transform filters suffix matches of a list, not full paths
         found = [s for s in found if s.path in targets or in_layers(config, s.path)]
+    found = [s for s in found if not excluded(config, s.path)]
     refused = [s for s in found if s.kind != "linear" and config["peft_type"] != "LN_TUNING"]
     if refused:
         raise InteropError(f"{where}: target {refused[0].describe()} is not a linear layer; "
                            "adaptc's PEFT import adapts linear layers only")
     if not found:
-        raise InteropError(f"{where}: layers_to_transform leaves no module to adapt")
+        raise InteropError(f"{where}: layers_to_transform or exclude_modules leaves no "
+                           "module to adapt")
     order = {s.path: i for i, s in enumerate(sites)}
     return sorted(found, key=lambda s: order[s.path])
+
+
+def excluded(config: dict, path: str) -> bool:
+    """PEFT's exclude_modules test, its target_modules one: a regex over the whole path, or
+    list entries exact or `.suffix` (a container's entry leaves its submodules adapted)."""
+    modules = config.get("exclude_modules") or []
+    saved = config.get("modules_to_save") or []  # PEFT adapts nothing inside those
+    if any(re.match(rf"(^|.*\.){entry}($|\..*)", path) for entry in saved):
+        return True
+    if isinstance(modules, str):
+        return re.fullmatch(modules, path) is not None
+    return path in modules or any(path.endswith(f".{entry}") for entry in modules)
 
 
 def in_layers(config: dict, path: str) -> bool:
@@ -442,9 +536,9 @@ def pattern_value(patterns: dict, path: str, default):
 
 def lora_options(config: dict, site: Site, where: str) -> str:
     init = config.get("init_lora_weights", True)
-    if not (init is True or init is False or init in ("gaussian", "pissa")):
+    if not (init is True or init is False or isinstance(init, str) and init in LORA_INITS):
         raise InteropError(f"{where}: init_lora_weights={init!r} is not supported (adaptc "
-                           "reads true, false, 'gaussian', 'pissa')")
+                           "reads true, false, 'gaussian', 'pissa', 'orthogonal', 'eva')")
     r = pattern_value(config.get("rank_pattern") or {}, site.path, config.get("r", 8))
     alpha = pattern_value(config.get("alpha_pattern") or {}, site.path,
                           config.get("lora_alpha", 8))
@@ -499,8 +593,8 @@ OPTIONS = {"LORA": lora_options, "IA3": ia3_options, "VERA": vera_options,
 
 def tensor_names(kind: str, config: dict, path: str, params: tuple[str, ...] = ()
                  ) -> dict[str, str]:
-    """PEFT tensor name → adaptc adapter state name, for one adapted module (`params`: its
-    own parameters' names, which LN_TUNING copies)."""
+    """PEFT tensor name → adaptc adapter state name, for one adapted module (`params`: the
+    names of the parameters LN_TUNING copies, its submodules' too)."""
     peft = f"{PREFIX}{path}"
     if kind == "LORA":
         owner = "dora" if config.get("use_dora") else "lora"
@@ -514,8 +608,9 @@ def tensor_names(kind: str, config: dict, path: str, params: tuple[str, ...] = (
     if kind == "ADALORA":
         return {f"{peft}.{name}": f"{path}.adalora.{ours}"
                 for name, ours in (("lora_A", "A"), ("lora_B", "B"), ("lora_E", "E"))}
-    if kind == "LN_TUNING":
-        return {f"{peft}.ln_tuning_layers.{name}": f"{path}.trained.{name}" for name in params}
+    if kind == "LN_TUNING":  # PEFT keeps its adapter name in a submodule's parameter's name
+        return {f"{peft}.ln_tuning_layers.{'default.' if '.' in name else ''}{name}":
+                trained_name(path, name) for name in params}
     return {f"{peft}.vera_lambda_d": f"{path}.vera.lambda_d",
             f"{peft}.vera_lambda_b": f"{path}.vera.lambda_b"}
 
@@ -527,6 +622,9 @@ def selected_stacks(config: dict, model: nn.Module, params: list[Site],
     """The expert stacks of `target_parameters` (each entry: a parameter path or its
     `.suffix`), [E, out, in] stacks only, in the model's parameter order."""
     stacks = [p for p in params if p.expert_stack]
+    if config.get("target_parameters") and config.get("exclude_modules"):
+        raise InteropError(f"{where}: exclude_modules with target_parameters is not supported "
+                           "by adaptc")
     found = []
     for entry in config.get("target_parameters") or []:
         hits = [p for p in stacks if p.path == entry or p.path.endswith(f".{entry}")]
@@ -559,23 +657,36 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     where = str(Path(directory) / CONFIG)
     config = read_config(directory)
     kind = config["peft_type"]
+    heads = saved_modules(model.module, config)  # PEFT's trainable copies: adaptc's `train`
+    for path in heads:
+        check_untied(model.module, path, "modules_to_save", where)
+    names = {f"{'base_model.' if kind in PROMPT_KINDS else PREFIX}{path}.{name}":
+             trained_name(path, name) for path in heads
+             for name in own_parameters(model.module, path)}
     if kind in PROMPT_KINDS:
-        return PeftImport(kind, prompt_spec(config, model, where), {}, {}, config)
+        spec = prompt_spec(config, model, where)
+        return PeftImport(kind, spec + (f"{', '.join(heads)}: train\n" if heads else ""),
+                          names, {}, config)
     sites, params = site_table(model.module), parameter_table(model.module)
     stacks = selected_stacks(config, model.module, params, where) if kind == "LORA" else []
     chosen = (selected_sites(config, sites, where)
               if config.get("target_modules") != [] or not stacks else [])
+    if kind == "LN_TUNING" or kind == "LORA" and config.get("init_lora_weights") == "pissa":
+        for site in chosen:
+            check_untied(model.module, site.path, kind, where)
     groups: dict[str, list[str]] = {}
     for site in chosen + stacks:
         groups.setdefault(OPTIONS[kind](config, site, where), []).append(site.path)
+    groups.setdefault("train", []).extend(p for p in heads if p not in groups.get("train", []))
+    groups = {options: paths for options, paths in groups.items() if paths}
     spec = write_spec(kind, groups, sites, model.family, params)
     try:  # options out of range (r=0, dropout=2) made a spec that printed but did not compile
         compile_spec(spec, "<peft>")
     except SpecError as err:
         raise InteropError(f"{where}: the options give an invalid spec: "
                            f"{err.first.message}") from None
-    names = {k: v for site in chosen for k, v in tensor_names(
-        kind, config, site.path, own_parameters(model.module, site.path)).items()}
+    names.update({k: v for site in chosen for k, v in tensor_names(
+        kind, config, site.path, own_parameters(model.module, site.path)).items()})
     shapes = {}
     for stack in stacks:
         owner, _, name = stack.path.rpartition(".")
@@ -586,8 +697,44 @@ def read_peft(directory: str | Path, model: LoadedModel) -> PeftImport:
     return PeftImport(kind, spec, names, shapes, config)
 
 
+def check_untied(model: nn.Module, path: str, kind: str, where: str) -> None:
+    """Refuse an LN_TUNING, modules_to_save or PiSSA target whose parameter the model also
+    holds under another name (tied embeddings; T5's `shared` is also each stack's
+    `embed_tokens`): PEFT's trained copy replaces it in that one module, adaptc's `train`
+    wherever the weight is read; PEFT's PiSSA residual replaces it everywhere, adaptc's in
+    the target only."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for name, param in model.get_submodule(path).named_parameters(prefix=path):
+        other = [n for n in names[id(param)] if not n.startswith(f"{path}.")]
+        if other:
+            if kind in ("LN_TUNING", "modules_to_save"):
+                what = "LN_TUNING target" if kind == "LN_TUNING" else kind
+                raise InteropError(f"{where}: {what} '{path}' holds '{name}', tied to "
+                                   f"'{other[0]}': PEFT's copy replaces it in '{path}' only, "
+                                   "adaptc's `train` wherever it is read")
+            raise InteropError(f"{where}: init_lora_weights='pissa' on '{path}', whose '{name}' "
+                               f"is tied to '{other[0]}': PEFT replaces the weight by its "
+                               f"residual in both, adaptc in '{path}' only")
+
+
+def saved_modules(model: nn.Module, config: dict) -> list[str]:
+    """The modules PEFT keeps a trainable copy of, modules_to_save (its SEQ_CLS, TOKEN_CLS and
+    QUESTION_ANS models add their head): any module whose path ends with an entry."""
+    names = tuple(config.get("modules_to_save") or ())
+    paths = [path for path, _ in model.named_modules() if names and path.endswith(names)]
+    return [p for p in paths if p and not any(p.startswith(f"{q}.") for q in paths)]
+
+
+def trained_name(path: str, name: str) -> str:
+    """adaptc's name for the trained copy of parameter `name` of module `path`."""
+    owner, _, leaf = name.rpartition(".")
+    return ".".join(filter(None, (path, owner, "trained", leaf)))
+
+
 def own_parameters(model: nn.Module, path: str) -> tuple[str, ...]:
-    return tuple(name for name, _ in model.get_submodule(path).named_parameters(recurse=False))
+    return tuple(name for name, _ in model.get_submodule(path).named_parameters())
 
 
 def write_spec(kind: str, groups: dict[str, list[str]], sites: list[Site],
@@ -611,7 +758,7 @@ def short_targets(paths: list[str], sites: list[Site], family: str | None) -> li
     layer_of = {s.path: s.layer for s in sites}
     chosen: dict[str, set[int] | None] = {}
     for path in paths:
-        suffix, layer = shortest_suffix(path, layer_of[path], group, sites, aliases)
+        suffix, layer = shortest_suffix(path, layer_of.get(path), group, sites, aliases)
         if layer is None or chosen.get(suffix, set()) is None:
             chosen[suffix] = None
         else:
@@ -674,41 +821,64 @@ def import_peft(model, directory: str | Path, example_inputs: dict | None = None
 
     loaded = as_model(model, example_inputs)
     found = read_peft(directory, loaded)
-    tensors = read_weights(Path(directory) / WEIGHTS)
+    source = weights_file(directory)
+    tensors = read_weights(source)
     if found.kind in PROMPT_KINDS:
-        return import_prompts(loaded, directory, found.config, found.spec, tensors).eval()
+        missing = sorted(set(found.names) - set(tensors))
+        if missing:
+            raise WeightsError(f"{source}: tensors do not match the adapter config (missing "
+                               f"{missing[0]} of its modules_to_save)")
+        heads = {found.names[k]: tensors.pop(k) for k in found.names}
+        return import_prompts(loaded, source, found.config, found.spec, tensors, heads).eval()
     gm = compile(loaded, found.spec)
     if found.kind == "VERA":
         check_projections(gm, tensors, directory)
-    check_base_layers(loaded.module, tensors, directory)
+    check_base_layers(loaded.module, gm, tensors, directory)
     extra = sorted(set(tensors) - set(found.names))
     missing = sorted(set(found.names) - set(tensors))
     if missing or extra:
         detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise WeightsError(f"{directory}/{WEIGHTS}: tensors do not match the adapter config "
+        raise WeightsError(f"{source}: tensors do not match the adapter config "
                            f"({len(missing)} missing, {len(extra)} unexpected; {detail})")
     ours = {found.names[k]: v for k, v in tensors.items()}
     ours = {k: stack_from_peft(k[-1], v, found.stacks[k]) if k in found.stacks else v
             for k, v in ours.items()}
     if found.kind == "IA3":
-        ours = {k: v.reshape(-1) for k, v in ours.items()}
-    load_adapter_tensors(gm, ours, f"{directory}/{WEIGHTS}")
+        ours = {k: v.reshape(-1) if k.endswith(".ia3.scale") else v for k, v in ours.items()}
+    load_adapter_tensors(gm, ours, str(source))
     return gm.eval()
+
+
+def weights_file(directory: str | Path) -> Path:
+    """The directory's weights file as PEFT picks it: the safetensors file, else the pickled
+    one PEFT falls back to."""
+    pickled = Path(directory) / PICKLED
+    if not (Path(directory) / WEIGHTS).exists() and pickled.is_file():
+        return pickled
+    return Path(directory) / WEIGHTS
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as err:
+        if path.name == PICKLED:  # weights_only: a pickle runs no code while it loads
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            tensors = load_file(str(path))
+    except (OSError, SafetensorError, RuntimeError, pickle.UnpicklingError) as err:
         raise WeightsError(f"{path}: cannot read the PEFT adapter weights: {err}") from None
+    if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor)
+                                              for v in tensors.values())):
+        raise WeightsError(f"{path}: not a PEFT adapter state dict (names to tensors)")
     # older PEFT versions name DoRA's magnitude `...lora_magnitude_vector.weight`
     return {k.removesuffix(".lora_magnitude_vector.weight") + ".lora_magnitude_vector"
             if k.endswith(".lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
 
 
-def check_base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
+def check_base_layers(model: nn.Module, gm: nn.Module, tensors: dict[str, torch.Tensor],
+                      directory) -> None:
     """PEFT saves the base weights of a targeted lm_head or embed_tokens beside its adapter
-    (`save_embedding_layers`, `<module>.base_layer.weight`): they must equal the model's."""
+    (`save_embedding_layers`, `<module>.base_layer.weight`): they must equal the model's, or
+    with PiSSA the residual adaptc computed from them (PEFT saves its own: equal to rounding)."""
     for name in [k for k in tensors if k.startswith(PREFIX) and ".base_layer." in k]:
         path, _, param = name.removeprefix(PREFIX).rpartition(".base_layer.")
         try:
@@ -716,9 +886,27 @@ def check_base_layers(model: nn.Module, tensors: dict[str, torch.Tensor], direct
         except AttributeError:
             continue  # not a module's base layer: the name check reports it
         saved = tensors.pop(name)
-        if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype), mine.detach().cpu()):
+        residual = pissa_residual(gm, path) if param == "weight" else None
+        if residual is not None:
+            mine = residual.detach().cpu()
+            same = saved.shape == mine.shape and torch.allclose(
+                saved.to(mine.dtype), mine, rtol=0, atol=1e-5 * mine.abs().max().item())
+        else:
+            same = saved.shape == mine.shape and torch.equal(saved.to(mine.dtype),
+                                                             mine.detach().cpu())
+        if not same:
             raise WeightsError(f"{directory}: the saved base weight {name} differs from the "
                                "model's (was the PEFT adapter trained on another model?)")
+
+
+def pissa_residual(gm: nn.Module, path: str) -> torch.Tensor | None:
+    """The weight PiSSA left in place of `path`'s, if its LoRA or DoRA has init=pissa."""
+    for owner in ("lora", "dora"):
+        try:
+            return gm.get_parameter(f"{path}.{owner}.residual")
+        except AttributeError:
+            continue
+    return None
 
 
 def check_projections(gm: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from peft import IA3Config, LNTuningConfig, LoraConfig, PeftModel, VeraConfig, get_peft_model
+from peft import (IA3Config, LNTuningConfig, LoraConfig, PeftModel, PromptTuningConfig,
+                  VeraConfig, get_peft_model)
 
 import adaptc
 from adaptc.peft_interop import export_peft, import_peft, spec_from_peft
@@ -113,6 +114,20 @@ IMPORTS = [
     ("llama", LNTuningConfig(target_modules=["input_layernorm", "norm"]),
      "input_layernorm, norm: train"),
     ("bert", LNTuningConfig(target_modules=r".*\.1\..*LayerNorm"), ": train"),
+    # a module with submodules: PEFT names their copies `ln_tuning_layers.default.<name>`
+    ("gpt2", LNTuningConfig(target_modules=["ln_1", "mlp"]), "transformer.h.0.mlp, "),
+    # inits that leave the base weight as it is: the saved A and B are the adapter
+    ("llama", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="orthogonal"),
+     "q_proj: lora r=4 alpha=8\n"),
+    # exclude_modules: PEFT's target matching, per module (a container's entry excludes none)
+    ("llama", LoraConfig(r=4, target_modules=".*_proj", exclude_modules=["self_attn", "mlp",
+                                                                        "layers.0.self_attn.q_proj"]),
+     "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, q_proj[1]: lora r=4 alpha=8"),
+    # modules_to_save: a trained copy (adaptc's train) which no adapter goes inside
+    ("llama", LoraConfig(r=4, target_modules=".*proj", exclude_modules=".*k_proj",
+                         modules_to_save=["mlp"]), "model.layers.0.mlp, model.layers.1.mlp: train"),
+    ("gpt2", IA3Config(target_modules=["c_attn", "c_proj"], feedforward_modules=["c_proj"],
+                       exclude_modules=r".*attn\.c_proj"), "mlp.c_proj: ia3 feedforward"),
 ]
 
 
@@ -128,6 +143,140 @@ def test_import_equals_peft(tiny, tmp_path, family, config, fragment):
     x = inputs()
     assert close(gm(**x), twin(**x)) <= TOL
     assert adaptc.report_of(gm).trainable == twin.get_nb_trainable_parameters()[0]
+
+
+def test_import_reads_the_pickled_weights_peft_falls_back_to(tiny, tmp_path):
+    """save_pretrained(safe_serialization=False) writes adapter_model.bin, which
+    PeftModel.from_pretrained reads; the import said the safetensors file did not exist."""
+    model = tiny("gpt2")
+    config = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True)
+    twin = get_peft_model(copy.deepcopy(model.module), config)
+    perturb([p for p in twin.parameters() if p.requires_grad])
+    twin.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
+                                                           "adapter_model.bin"]
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path).eval()
+    x = inputs()
+    assert close(import_peft(model, tmp_path)(**x), theirs(**x)) <= TOL
+    (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(adaptc.WeightsError, match="adapter_model.bin: cannot read the PEFT "
+                                                  "adapter weights"):
+        import_peft(model, tmp_path)
+
+
+def test_ln_tuning_of_a_tied_weight_is_refused_both_ways(tiny, tmp_path):
+    """PEFT's LN_TUNING copy of GPT-2's wte replaces the weight in wte only (lm_head reads
+    the original; T5's stacks read `shared` as their own embed_tokens, so its copy is never
+    read), adaptc's `train` wherever the weight is read: both ways gave other outputs."""
+    model = tiny("gpt2")
+    twin = saved_peft(model, LNTuningConfig(target_modules=["wte"]), tmp_path / "peft")
+    gm = adaptc.compile(model, "wte: train")
+    with torch.no_grad():  # PEFT's trained values, as adaptc applies them
+        gm.get_parameter("transformer.wte.trained.weight").copy_(
+            twin.get_parameter("base_model.model.transformer.wte.ln_tuning_layers.default.weight"))
+    x = inputs()
+    assert close(gm(**x), twin(**x)) > 1e-1
+    with pytest.raises(adaptc.errors.InteropError, match="'transformer.wte' holds a weight "
+                                                         "'lm_head' also reads .tied weights."):
+        export_peft(gm, tmp_path / "out")
+    with pytest.raises(adaptc.errors.InteropError, match="LN_TUNING target 'transformer.wte' "
+                                                         "holds 'transformer.wte.weight', tied "
+                                                         "to 'lm_head.weight'"):
+        import_peft(model, tmp_path / "peft")
+    saved_peft(tiny("t5"), LNTuningConfig(target_modules=["shared"]), tmp_path / "t5")
+    with pytest.raises(adaptc.errors.InteropError, match="target 'shared' holds 'shared.weight', "
+                                                         "tied to 'encoder.embed_tokens.weight'"):
+        import_peft(tiny("t5"), tmp_path / "t5")
+
+
+def test_pissa_on_lm_head_imports_with_its_saved_residual(tiny, tmp_path):
+    """PEFT saves a targeted lm_head's base weight, which with PiSSA is the residual: the
+    import compared it to the model's weight and refused every such directory."""
+    model = tiny("llama")
+    twin = saved_peft(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                        init_lora_weights="pissa"), tmp_path)
+    x = inputs()
+    assert close(import_peft(model, tmp_path)(**x), twin(**x)) <= TOL
+
+
+def test_pissa_on_a_tied_weight_is_refused_both_ways(tiny, tmp_path):
+    """PEFT's PiSSA writes the residual into the weight tensor, so GPT-2's wte, tied to
+    lm_head, changes too; adaptc's residual replaces it in lm_head only."""
+    model = tiny("gpt2")
+    twin = saved_peft(model, LoraConfig(r=4, target_modules=["lm_head"],
+                                        init_lora_weights="pissa"), tmp_path / "peft")
+    wte = twin.get_parameter("base_model.model.transformer.wte.weight")
+    assert (wte - model.module.transformer.wte.weight).abs().max() > 1e-2
+    with pytest.raises(adaptc.errors.InteropError, match="init_lora_weights='pissa' on "
+                                                         "'lm_head', whose 'lm_head.weight' is "
+                                                         "tied to 'transformer.wte.weight'"):
+        import_peft(model, tmp_path / "peft")
+    gm = adaptc.compile(model, "lm_head: lora r=4 init=pissa")
+    with pytest.raises(adaptc.errors.InteropError, match="'lm_head': its weight is tied to "
+                                                         "another module's, and PEFT's "
+                                                         "init_lora_weights='pissa'"):
+        export_peft(gm, tmp_path / "out")
+
+
+def test_named_adapters_import_from_their_subdirectories(tiny, tmp_path):
+    """save_pretrained writes an adapter not named `default` into `<dir>/<name>/`: each
+    imports from there; the directory itself names them (it said no such file)."""
+    model = tiny("llama")
+    twin = get_peft_model(copy.deepcopy(model.module), LoraConfig(r=4, target_modules=["q_proj"]),
+                          adapter_name="first")
+    twin.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"]))
+    perturb([p for p in twin.parameters() if p.requires_grad])
+    twin.save_pretrained(tmp_path)
+    x = inputs()
+    for name in ("first", "second"):
+        theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / name).eval()
+        assert close(import_peft(model, tmp_path / name)(**x), theirs(**x)) <= TOL
+    with pytest.raises(adaptc.errors.InteropError, match="holds no adapter_config.json but PEFT "
+                                                         "adapters in subdirectories first, "
+                                                         "second: give one of those"):
+        import_peft(model, tmp_path)
+
+
+def classifier(tiny):
+    from transformers import AutoModelForSequenceClassification
+
+    from adaptc.frontend.models import wrap
+    torch.manual_seed(0)
+    return wrap(AutoModelForSequenceClassification.from_config(tiny("bert").module.config).eval())
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    IA3Config(target_modules=["query", "value"], feedforward_modules=[], task_type="SEQ_CLS"),
+    PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)],
+    ids=["lora", "ia3", "prompt"])
+def test_seq_cls_heads_travel_as_modules_to_save(tiny, tmp_path, config):
+    """PEFT's SEQ_CLS model keeps its head as modules_to_save, a trained copy read from the
+    file: the import refused the option, the export left the head out (PEFT's load raised
+    KeyError). The head is adaptc's `train` of it, both ways."""
+    model = classifier(tiny)
+    twin = saved_peft(model, config, tmp_path / "peft")
+    gm = import_peft(model, tmp_path / "peft")
+    assert "\nclassifier: train\n" in adaptc.report_of(gm).spec_source
+    assert adaptc.report_of(gm).trainable == twin.get_nb_trainable_parameters()[0]
+    x = inputs()
+    assert close(gm(**x), twin(**x)) <= TOL
+    export_peft(gm, tmp_path / "ours", task_type="SEQ_CLS")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / "ours").eval()
+    assert close(theirs(**x), twin(**x)) <= TOL
+    frozen = adaptc.compile(model, "query, value: lora r=4")  # the model's head, frozen
+    perturb(adaptc.adapter_state_dict(frozen).values())
+    export_peft(frozen, tmp_path / "frozen", task_type="SEQ_CLS")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / "frozen").eval()
+    assert close(frozen.eval()(**x), theirs(**x)) <= TOL
+
+
+def test_an_adapter_on_a_modules_to_save_head_is_refused(tiny, tmp_path):
+    """PEFT's SEQ_CLS model replaces the head by its copy, leaving a LoRA on it unread."""
+    with pytest.raises(adaptc.errors.InteropError, match="'classifier.lora' adapts a head "
+                                                         "which PEFT's SEQ_CLS model replaces"):
+        export_peft(adaptc.compile(classifier(tiny), "classifier: lora r=2"), tmp_path,
+                    task_type="SEQ_CLS")
 
 
 def test_import_is_in_eval_mode_as_from_pretrained_is(tiny, tmp_path):
@@ -177,7 +326,8 @@ def broken(tmp_path, model, **changes):
     ({"target_modules": ["mlp"]}, "is not a linear layer"),
     ({"target_modules": None}, "target_modules is null"),
     ({"lora_bias": True}, "option lora_bias=True is not supported"),
-    ({"modules_to_save": ["lm_head"]}, "option modules_to_save"),
+    ({"exclude_modules": ["q_proj"]}, "layers_to_transform or exclude_modules leaves no module"),
+    ({"modules_to_save": ["lm_head"]}, "missing base_model.model.lm_head.weight"),
     ({"bias": "all"}, "bias='all' is not supported"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),
     ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
@@ -189,6 +339,7 @@ def broken(tmp_path, model, **changes):
     ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern=.* is not a mapping of module names to "
                                         "numbers"),
     ({"layers_to_transform": "0"}, "layers_to_transform='0' is not a layer index"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head' is not a list of module names"),
     ({"r": 0}, r"adapter_config.json: the options give an invalid spec: r must be >= 1, got 0"),
     ({"lora_dropout": 2}, r"invalid spec: dropout must be in \[0, 1\), got 2"),
 ])

@@ -162,3 +162,38 @@ def test_what_peft_lays_out_otherwise_is_refused(tiny, tmp_path):
     (tmp_path / "wide" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match="laid out for 3 layers of 2 key/value heads"):
         import_peft(tiny("llama"), tmp_path / "wide")
+
+
+@pytest.mark.parametrize("config", [PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                       num_virtual_tokens=3),
+                                    PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                       num_virtual_tokens=3)],
+                         ids=["prompt", "prefix"])
+def test_an_untyped_prompt_directory_is_refused(tiny, tmp_path, config):
+    """With task_type null PeftModel.from_pretrained gives the base model's outputs (only
+    its task models apply virtual tokens); the import added the prompt or prefix."""
+    model = tiny("llama")
+    randomized(get_peft_model(copy.deepcopy(model.module), config)).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "task_type": None}))
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path).eval()
+    x = inputs()
+    assert (main_output(theirs(**x)) - main_output(model.module(**x))).abs().max().item() == 0
+    with pytest.raises(InteropError, match=f"task_type is null, so PEFT's model ignores this "
+                                           f"{config.peft_type.value} adapter"):
+        import_peft(model, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_rows_must_fit_num_virtual_tokens(tiny, tmp_path, kind):
+    """PEFT refuses a prompt_embeddings with more rows than num_virtual_tokens gives; the
+    import read the first rows."""
+    model = tiny("llama")
+    get_peft_model(copy.deepcopy(model.module), CONFIGS[kind]("CAUSAL_LM")).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_virtual_tokens": 3}))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path)
+    with pytest.raises(WeightsError, match=r"'prompt_embeddings' has shape \(4, \d+\); "
+                                           "num_virtual_tokens=3 gives 3 rows"):
+        import_peft(model, tmp_path)
