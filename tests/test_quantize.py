@@ -168,3 +168,31 @@ def test_quantized_weights_are_buffers_and_the_user_model_is_untouched(tiny):
     assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
     assert set(adaptc.adapter_state_dict(gm)) == {
         f"model.layers.{i}.self_attn.q_proj.lora.{t}" for i in (0, 1) for t in "AB"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_weight_that_is_not_finite_is_refused_by_name(tiny, bad):
+    """One NaN made the mean of the block constants NaN: every dequantised value NaN."""
+    model = tiny("llama")
+    with torch.no_grad():
+        model.module.model.layers[1].mlp.down_proj.weight[3, 5] = bad
+    with pytest.raises(adaptc.errors.ModelError,
+                       match=r"'model\.layers\.1\.mlp\.down_proj\.weight' has 1 NaN or infinite"):
+        adaptc.compile(model, "down_proj: quantize")
+
+
+def test_a_tied_lm_head_is_quantised_and_the_embedding_keeps_its_float_weight(tiny):
+    """GPT-2's lm_head shares wte's weight: only the head reads NF4 (the input embedding read
+    it too, so `lm_head: quantize` quantised the embedding), and the float copy counts."""
+    model = tiny("gpt2")
+    gm = adaptc.compile(model, "lm_head: quantize")
+    x = inputs(vocab=model.module.config.vocab_size)
+    weight = model.module.lm_head.weight
+    with torch.no_grad():
+        hidden = model.module.transformer(**x).last_hidden_state
+        expected = hidden.double() @ reference_roundtrip(weight, 64, True, 256).t()
+    assert (gm(**x).logits.double() - expected).abs().max().item() <= 1e-5
+    counts = adaptc.report_of(gm).counts
+    size = weight.numel() * weight.element_size()
+    assert counts["weight_bytes_before"] == size
+    assert counts["weight_bytes_after"] == size + gm.get_submodule("lm_head.nf4").stored_bytes()
