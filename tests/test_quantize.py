@@ -66,7 +66,7 @@ def reference_roundtrip(weight: torch.Tensor, block: int, double: bool, double_b
             absmax[g:g + double_block] = nearest * scale + mean
     for b, s in enumerate(starts):
         chunk = flat[s:s + block]
-        scaled = chunk / chunk.abs().max()
+        scaled = chunk / chunk.abs().max().clamp_min(1e-300)  # a zero block: codes of 0
         index = (scaled[:, None] - code).abs().argmin(dim=1)
         out[s:s + block] = code[index] * absmax[b]
     return out.view(weight.shape)
@@ -244,3 +244,15 @@ def test_quantising_a_large_weight_takes_a_few_times_its_bytes():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert int(done.stdout.split()[-1]) * 1024 < 8 * 4096 * 4096 * 4  # KiB; 8× the weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_zero_block_stays_zero_and_odd_shapes_match_the_reference(dtype):
+    """Blocks of 6 across rows of 13 (the last one padded), second-level groups of 2: a block
+    of zeros dequantises to exact zeros although its double-quantised constant is not 0."""
+    weight = (torch.randn(5, 13, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    weight.view(-1)[6:12] = 0
+    out = Nf4Weight(weight, QuantizeConfig(block=6, double_block=2))()
+    expected = reference_roundtrip(weight, 6, True, 2).to(dtype)
+    assert out.dtype == dtype and torch.equal(out.view(-1)[6:12], weight.new_zeros(6))
+    assert (out.double() - expected.double()).abs().max().item() <= 1e-6
