@@ -4,6 +4,9 @@ float reference, and the storage is ≈ 4.127 bits per weight."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from statistics import NormalDist
 
 import pytest
@@ -32,8 +35,20 @@ def reference_code() -> list[float]:
     return [v / max(abs(v) for v in values) for v in values]
 
 
+def reference_dynamic_map() -> list[float]:
+    """bitsandbytes' create_dynamic_map(signed=True): 7 exponents 10^-6 .. 10^0, the i-th with
+    2^i mantissas (midpoints of 0.1 .. 1), both signs; and 0 and 1."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        bounds = [0.1 + 0.9 * k / 2 ** i for k in range(2 ** i + 1)]
+        for a, b in zip(bounds, bounds[1:]):
+            values += [(a + b) / 2 * 10.0 ** (i - 6), -(a + b) / 2 * 10.0 ** (i - 6)]
+    return sorted(values)
+
+
 def reference_roundtrip(weight: torch.Tensor, block: int, double: bool, double_block: int):
-    """Float64, block by block, as the paper describes (int8 second level as documented)."""
+    """Float64, block by block, as the paper describes (the 8-bit second level as
+    bitsandbytes': the dynamic map, per group of constants minus their mean)."""
     code = torch.tensor(reference_code(), dtype=torch.float64)
     flat = weight.double().reshape(-1)
     out = torch.empty_like(flat)
@@ -43,13 +58,15 @@ def reference_roundtrip(weight: torch.Tensor, block: int, double: bool, double_b
     if double:
         absmax32 = absmax.float().double()
         mean = absmax32.mean()
+        levels = torch.tensor(reference_dynamic_map(), dtype=torch.float64)
         for g in range(0, len(absmax), double_block):
             part = absmax32[g:g + double_block] - mean
             scale = part.abs().max()
-            absmax[g:g + double_block] = torch.round(127 * part / scale) * scale / 127 + mean
+            nearest = levels[((part / scale)[:, None] - levels).abs().argmin(dim=1)]
+            absmax[g:g + double_block] = nearest * scale + mean
     for b, s in enumerate(starts):
         chunk = flat[s:s + block]
-        scaled = chunk / chunk.abs().max()
+        scaled = chunk / chunk.abs().max().clamp_min(1e-300)  # a zero block: codes of 0
         index = (scaled[:, None] - code).abs().argmin(dim=1)
         out[s:s + block] = code[index] * absmax[b]
     return out.view(weight.shape)
@@ -164,7 +181,78 @@ def test_quantized_weights_are_buffers_and_the_user_model_is_untouched(tiny):
     assert not any("q_proj.weight" in n for n, _ in gm.named_parameters())
     assert {n for n, _ in gm.named_buffers() if "q_proj.nf4" in n} == {
         f"model.layers.{i}.self_attn.q_proj.nf4.{b}" for i in (0, 1)
-        for b in ("packed", "absmax_q", "absmax_scale", "absmax_mean", "code")}
+        for b in ("packed", "absmax_q", "absmax_scale", "absmax_mean", "code", "levels")}
     assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
     assert set(adaptc.adapter_state_dict(gm)) == {
         f"model.layers.{i}.self_attn.q_proj.lora.{t}" for i in (0, 1) for t in "AB"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_weight_that_is_not_finite_is_refused_by_name(tiny, bad):
+    """One NaN made the mean of the block constants NaN: every dequantised value NaN."""
+    model = tiny("llama")
+    with torch.no_grad():
+        model.module.model.layers[1].mlp.down_proj.weight[3, 5] = bad
+    with pytest.raises(adaptc.errors.ModelError,
+                       match=r"'model\.layers\.1\.mlp\.down_proj\.weight' has 1 NaN or infinite"):
+        adaptc.compile(model, "down_proj: quantize")
+
+
+def test_a_tied_lm_head_is_quantised_and_the_embedding_keeps_its_float_weight(tiny):
+    """GPT-2's lm_head shares wte's weight: only the head reads NF4 (the input embedding read
+    it too, so `lm_head: quantize` quantised the embedding), and the float copy counts."""
+    model = tiny("gpt2")
+    gm = adaptc.compile(model, "lm_head: quantize")
+    x = inputs(vocab=model.module.config.vocab_size)
+    weight = model.module.lm_head.weight
+    with torch.no_grad():
+        hidden = model.module.transformer(**x).last_hidden_state
+        expected = hidden.double() @ reference_roundtrip(weight, 64, True, 256).t()
+    assert (gm(**x).logits.double() - expected).abs().max().item() <= 1e-5
+    counts = adaptc.report_of(gm).counts
+    size = weight.numel() * weight.element_size()
+    assert counts["weight_bytes_before"] == size
+    assert counts["weight_bytes_after"] == size + gm.get_submodule("lm_head.nf4").stored_bytes()
+
+
+def test_an_outlier_weight_leaves_the_other_blocks_of_its_group_near_their_scale():
+    """One weight of 250σ: the int8 linear second level (step d_g/127) put the block constants
+    of its group up to 49% off and doubled the group's error; the dynamic map's precision is
+    relative, as QLoRA's FP8 constants."""
+    weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    weight[0, 0] = 5.0
+    stored = Nf4Weight(weight, QuantizeConfig())
+    expected = reference_roundtrip(weight, 64, True, 256)
+    assert (stored().double() - expected).abs().max().item() <= 1e-6
+    absmax = weight.reshape(-1, 64).abs().amax(dim=1)
+    assert ((stored.absmax_values() - absmax).abs() / absmax).max().item() < 0.04
+    group = slice(1, 64)  # the other rows of the outlier's 256 blocks
+    single = Nf4Weight(weight, QuantizeConfig(double=False))()
+    error = [(w[group] - weight[group]).norm().item() for w in (stored(), single)]
+    assert error[0] < 1.01 * error[1]
+
+
+def test_quantising_a_large_weight_takes_a_few_times_its_bytes():
+    """Nearest code by midpoints: a distance to each of the 16 codes took 2.1 GB of peak
+    memory for a 64 MB weight (a 70B model's 235M-value layer: 15 GB)."""
+    script = ("import resource, torch\n"
+              "from adaptc.methods.quantize import QuantizeConfig, quantize_nf4\n"
+              "weight = torch.randn(4096, 4096)\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "quantize_nf4(weight, QuantizeConfig())\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert int(done.stdout.split()[-1]) * 1024 < 8 * 4096 * 4096 * 4  # KiB; 8× the weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_zero_block_stays_zero_and_odd_shapes_match_the_reference(dtype):
+    """Blocks of 6 across rows of 13 (the last one padded), second-level groups of 2: a block
+    of zeros dequantises to exact zeros although its double-quantised constant is not 0."""
+    weight = (torch.randn(5, 13, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    weight.view(-1)[6:12] = 0
+    out = Nf4Weight(weight, QuantizeConfig(block=6, double_block=2))()
+    expected = reference_roundtrip(weight, 6, True, 2).to(dtype)
+    assert out.dtype == dtype and torch.equal(out.view(-1)[6:12], weight.new_zeros(6))
+    assert (out.double() - expected.double()).abs().max().item() <= 1e-6

@@ -13,12 +13,14 @@ Quantisation of W (flattened in storage order, blocks of `block` = 64 values):
 
 Double quantisation of the block constants c (blocks of `double_block` = 256):
 
-    μ = mean(c),  d_g = max|c_g − μ|,  c̃ = round(127·(c − μ)/d_g)  (int8)
+    μ = mean(c),  d_g = max|c_g − μ|,  j = argmin_k |(c − μ)/d_g − m_k|   (uint8)
 
-so a weight costs 4 + 8/64 + 32/(64·256) ≈ 4.127 bits instead of 4.5 (float32 constants)
-or 16/32. Dequantisation: W ≈ q[i]·(c̃·d_g/127 + μ). The second level is a symmetric
-linear int8 code per block, where bitsandbytes uses its dynamic 8-bit float map; both cost
-8 bits per constant.
+with m bitsandbytes' signed dynamic 8-bit map (`dynamic_map`: ± 10^(e−6)·mantissa, 2^e
+mantissas per exponent e = 0..6, and 0, 1), so a weight costs 4 + 8/64 + 32/(64·256) ≈
+4.127 bits instead of 4.5 (float32 constants) or 16/32. Dequantisation: W ≈ q[i]·(m_j·d_g + μ).
+The map's precision is relative, as the paper's FP8: a linear int8 code had an absolute step
+of d_g/127, so one outlier weight put every other block of its group up to half its scale
+off (or negative: the block's sign flipped).
 """
 from __future__ import annotations
 
@@ -62,6 +64,17 @@ class QuantizeConfig:
         return []
 
 
+def dynamic_map() -> torch.Tensor:
+    """The 256 values of bitsandbytes' signed dynamic map (`create_dynamic_map()`), ascending:
+    for e = 0..6, 2^e midpoints of linspace(0.1, 1, 2^e + 1) times ±10^(e−6); and 0, 1."""
+    values = [0.0, 1.0]
+    for e in range(7):
+        bounds = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float64)
+        means = (bounds[:-1] + bounds[1:]) / 2 * 10.0 ** (e - 6)
+        values += means.tolist() + (-means).tolist()
+    return torch.tensor(sorted(values)).float()
+
+
 def quantize_nf4(weight: torch.Tensor, config: QuantizeConfig) -> dict[str, torch.Tensor]:
     """NF4 codes and (double-quantised) block constants of `weight`; see the module doc."""
     flat = weight.detach().float().reshape(-1)
@@ -69,8 +82,7 @@ def quantize_nf4(weight: torch.Tensor, config: QuantizeConfig) -> dict[str, torc
     blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, config.block)
     absmax = blocks.abs().amax(dim=1)
     scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    code = nf4_code().to(flat.device)
-    index = (scaled[..., None] - code).abs().argmin(dim=-1).to(torch.uint8).view(-1)
+    index = nearest(scaled, nf4_code().to(flat.device)).to(torch.uint8).view(-1)
     state = {"packed": (index[0::2] << 4) | index[1::2]}
     if not config.double:
         return {**state, "absmax": absmax}
@@ -79,10 +91,18 @@ def quantize_nf4(weight: torch.Tensor, config: QuantizeConfig) -> dict[str, torc
     pad2 = (-absmax.numel()) % width
     groups = torch.cat([absmax - mean, absmax.new_zeros(pad2)]).view(-1, width)
     scale = groups.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    quantized = torch.round(127 * groups / scale[:, None]).to(torch.int8).view(-1)
+    quantized = nearest(groups / scale[:, None], dynamic_map().to(flat.device))
+    quantized = quantized.to(torch.uint8).view(-1)
     # clone: absmax_q owns its bytes, so saved programs do not carry the padded storage
     return {**state, "absmax_q": quantized[:absmax.numel()].clone(), "absmax_scale": scale,
             "absmax_mean": mean.reshape(1)}
+
+
+def nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the ascending `levels` for each value, by the midpoints between
+    them (as bitsandbytes' kernels): a distance to every level cost 33× the weight's bytes (2 GB
+    for a 4096² float32 weight)."""
+    return torch.bucketize(values, (levels[1:] + levels[:-1]) / 2)
 
 
 def group_width(constants: int, config: QuantizeConfig) -> int:
@@ -97,8 +117,9 @@ class Nf4Weight(nn.Module):
     weight in its original shape and dtype, so the graph reads `linear(x, <site>.nf4(), b)`.
 
     Buffers: `packed` uint8 [n/2], and `absmax` float32 [n/block] or, with double
-    quantisation, `absmax_q` int8 [n/block], `absmax_scale` float32 [n/block/double_block],
-    `absmax_mean` float32 [1]; `code` (the 16 NF4 values) is a non-persistent buffer.
+    quantisation, `absmax_q` uint8 [n/block] (indices into `dynamic_map`), `absmax_scale`
+    float32 [n/block/double_block], `absmax_mean` float32 [1]; `code` (the 16 NF4 values) and
+    `levels` (the dynamic map) are non-persistent buffers.
     """
 
     def __init__(self, weight: torch.Tensor, config: QuantizeConfig):
@@ -112,15 +133,16 @@ class Nf4Weight(nn.Module):
         for name, tensor in state.items():
             self.register_buffer(name, tensor)
         self.register_buffer("code", nf4_code().to(weight.device), persistent=False)
+        self.register_buffer("levels", dynamic_map().to(weight.device), persistent=False)
 
     def absmax_values(self) -> torch.Tensor:
         if not self.config.double:
             return self.absmax
-        groups = self.absmax_q.float()
+        groups = self.levels[self.absmax_q.long()]
         width = group_width(groups.numel(), self.config)
         pad = (-groups.numel()) % width
         groups = torch.cat([groups, groups.new_zeros(pad)]).view(-1, width)
-        values = (groups * (self.absmax_scale[:, None] / 127)).reshape(-1)
+        values = (groups * self.absmax_scale[:, None]).reshape(-1)
         return values[:self.absmax_q.numel()] + self.absmax_mean
 
     def forward(self) -> torch.Tensor:
@@ -130,7 +152,8 @@ class Nf4Weight(nn.Module):
         return blocks.reshape(-1)[:numel].view(self.shape).to(self.dtype)
 
     def stored_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "code")
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers()
+                   if n not in ("code", "levels"))
 
 
 def meta_state(numel: int, config: QuantizeConfig) -> dict[str, torch.Tensor]:
@@ -140,6 +163,6 @@ def meta_state(numel: int, config: QuantizeConfig) -> dict[str, torch.Tensor]:
     if not config.double:
         return {**state, "absmax": torch.empty(blocks, device="meta")}
     groups = -(-blocks // config.double_block)
-    return {**state, "absmax_q": torch.empty(blocks, dtype=torch.int8, device="meta"),
+    return {**state, "absmax_q": torch.empty(blocks, dtype=torch.uint8, device="meta"),
             "absmax_scale": torch.empty(groups, device="meta"),
             "absmax_mean": torch.empty(1, device="meta")}
