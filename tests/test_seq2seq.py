@@ -196,6 +196,29 @@ def test_decoder_inputs_of_another_batch_are_refused(name):
     assert close(gm(**x).logits, model.module(**x).logits)
 
 
+def test_layer_selections_count_each_stack():
+    """A BART with 3 encoder and 1 decoder layers (DistilBART's 12 and 6, smaller): `[-1]`
+    counted from the deepest stack, picking encoder layer 2 alone, and a selection of the
+    decoder's last layer picked nothing (E304 "the model has layers 0..2")."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    config = AutoConfig.for_model("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                  encoder_layers=3, decoder_layers=1, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, vocab_size=128,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    gm = adaptc.compile(model, "attn.q[-1]: lora r=2")
+    assert [s["path"] for s in adaptc.report_of(gm).sites] == [
+        "model.encoder.layers.2.self_attn.q_proj", "model.decoder.layers.0.self_attn.q_proj",
+        "model.decoder.layers.0.encoder_attn.q_proj"]
+    gm = adaptc.compile(model, "decoder.layers.*.self_attn.q_proj[-1]: lora r=2")
+    assert [s["path"] for s in adaptc.report_of(gm).sites] == [
+        "model.decoder.layers.0.self_attn.q_proj"]
+    with pytest.raises(SpecError, match=r"E304.*model.encoder.layers 0..2 and "
+                                        r"model.decoder.layers 0..0"):
+        adaptc.compile(model, "attn.q[5]: lora r=2")
+
+
 def peft_prompt(model, tokens: int, method: str = "prompt"):
     """PEFT's PromptTuning (or P-tuning's PromptEncoder, an MLP of width 20) with the prompt
     on the encoder's input only (Lester et al.'s setting; PEFT's default for SEQ_2_SEQ_LM
