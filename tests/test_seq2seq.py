@@ -259,6 +259,33 @@ def test_virtual_tokens_on_the_encoder_input_equal_peft(name, embed, method):
     assert (ours.logits - model.module(**x, labels=labels).logits).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_virtual_tokens_on_a_scaled_embedding_equal_peft(method):
+    """BART with scale_embedding multiplies the looked-up rows by √D inside its embedding
+    module; PEFT's virtual tokens replace that module's output, so they are not scaled. They
+    were written before the scale (8× here: logits off by 1% of the prompt's effect), and
+    `init=[ids]` took the unscaled rows where PEFT's text init takes the module's output."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    config = AutoConfig.for_model("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, vocab_size=128,
+                                  max_position_embeddings=64, scale_embedding=True)
+    torch.manual_seed(0)
+    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    gm = adaptc.compile(model, f"embed: {method} tokens=3 " + "hidden=20" * (method != "prompt"))
+    twin = peft_prompt(model.module, 3, method)
+    copy_prompt(gm.get_submodule("model.shared.prompt"), twin)
+    x = seq2seq_inputs()
+    ours, theirs = gm(**x).logits, twin(**x).logits
+    assert close(ours, theirs)
+    assert (ours - model.module(**x).logits).abs().max().item() > 1e-3
+    shared = model.module.model.shared
+    init = adaptc.compile(model, "embed: prompt tokens=2 init=[5, 9]")
+    assert torch.equal(init.get_submodule("model.shared.prompt").embedding,
+                       shared(torch.tensor([5, 9])))
+    assert shared.embed_scale == 8.0
+
+
 def test_prompt_on_t5_trains_and_serves(tmp_path):
     """Lester et al.'s T5 setting: a prompt initialised from vocabulary embeddings lowers the
     loss of one reply to every source; the infer artifact computes the train graph's logits."""
