@@ -196,6 +196,20 @@ def test_decoder_inputs_of_another_batch_are_refused(name):
     assert close(gm(**x).logits, model.module(**x).logits)
 
 
+def test_labels_without_decoder_inputs_say_how_to_build_them():
+    """transformers' T5 and BART build decoder_input_ids from `labels`; the compiled module
+    takes the decoder inputs, and its error said only to compute the loss from the logits."""
+    model = model_of("t5")
+    gm = adaptc.compile(model, "attn.q: lora r=2")
+    x = seq2seq_inputs()
+    labels = x.pop("decoder_input_ids")
+    with pytest.raises(TypeError, match="missing input 'decoder_input_ids'.*labels shifted right "
+                                        "behind the config's decoder_start_token_id"):
+        gm(**x, labels=labels)
+    ours = gm(**x, decoder_input_ids=shift_right(model.module, labels)).logits
+    assert close(ours, model.module(**x, labels=labels).logits)
+
+
 def test_layer_selections_count_each_stack():
     """A BART with 3 encoder and 1 decoder layers (DistilBART's 12 and 6, smaller): `[-1]`
     counted from the deepest stack, picking encoder layer 2 alone, and a selection of the

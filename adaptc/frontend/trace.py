@@ -192,6 +192,9 @@ class InputCheck:
                      else f"unexpected input '{unexpected[0]}'")
             hint = (" (pass attention_mask=torch.ones_like(input_ids) for unpadded inputs)"
                     if "attention_mask" in missing else
+                    " (pass decoder_input_ids, the labels shifted right behind the config's "
+                    "decoder_start_token_id as transformers builds them, and compute the loss "
+                    "from the output's logits)" if missing == ["decoder_input_ids"] else
                     " (compute the loss from the output's logits)" if "labels" in unexpected
                     else "")
             raise TypeError(f"{wrong}: the compiled module takes {names}{hint}")
