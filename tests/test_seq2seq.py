@@ -233,6 +233,23 @@ def test_layer_selections_count_each_stack():
         adaptc.compile(model, "attn.q[5]: lora r=2")
 
 
+def test_mixture_expert_counts_spread_over_each_stack():
+    """MoLA's experts=[2, 6] on a BART with 2 encoder and 4 decoder layers: the groups were
+    cut from the deepest stack's 4 layers, so the encoder's last layer got 2 experts."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    config = AutoConfig.for_model("bart", d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                  encoder_layers=2, decoder_layers=4, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, vocab_size=128,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    gm = adaptc.compile(model, "self_attn.q_proj: lora r=2; mixture moe k=1 experts=[2, 6]")
+    experts = {path.split(".self_attn")[0].removeprefix("model."):
+               module.A.shape[0] for path, module in adaptc.adapters.adapter_modules(gm).items()}
+    assert experts == {"encoder.layers.0": 2, "encoder.layers.1": 6, "decoder.layers.0": 2,
+                       "decoder.layers.1": 2, "decoder.layers.2": 6, "decoder.layers.3": 6}
+
+
 def peft_prompt(model, tokens: int, method: str = "prompt"):
     """PEFT's PromptTuning (or P-tuning's PromptEncoder, an MLP of width 20) with the prompt
     on the encoder's input only (Lester et al.'s setting; PEFT's default for SEQ_2_SEQ_LM
