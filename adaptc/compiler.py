@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 
 from adaptc.errors import AdaptcError
 from adaptc.frontend.models import LoadedModel, load_model, wrap
-from adaptc.frontend.sites import layer_count, parameter_table, site_table
+from adaptc.frontend.sites import layer_count, parameter_table, site_table, stack_depths
 from adaptc.frontend.targets import resolve
 from adaptc.frontend.trace import InputCheck, sequence_limit, trace
 from adaptc.methods.quantize import Nf4Weight
@@ -87,7 +87,9 @@ def prepare(model, spec, mode: str, example_inputs: dict | None = None,
     if inside:
         assignments = [replace(a, site=replace(a.site, path=inside + a.site.path))
                        for a in assignments]
-    return CompileContext(plan, loaded, assignments, mode, layer_count(sites))
+    depths = {None if stack is None else inside + stack: depth
+              for stack, depth in stack_depths(sites).items()}
+    return CompileContext(plan, loaded, assignments, mode, layer_count(sites), depths)
 
 
 def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = None,

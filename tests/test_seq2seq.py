@@ -183,6 +183,73 @@ def test_causal_decoder_is_refused():
         compile_decoder(model_of("t5"), "q: lora r=2")
 
 
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_decoder_inputs_of_another_batch_are_refused(name):
+    """Decoder inputs for 3 rows behind a source of 2 failed as the graph's "Guard failed:
+    decoder_input_ids.size()[0] == input_ids.size()[0]" AssertionError."""
+    model = model_of(name)
+    gm = adaptc.compile(model, "attn.q: lora r=2")
+    x = seq2seq_inputs(batch=3)
+    with pytest.raises(ValueError, match=r"input 'decoder_input_ids' has batch size 2 and input "
+                                         r"'input_ids' 3: each source row needs its row"):
+        gm(**{**x, "decoder_input_ids": x["decoder_input_ids"][:2]})
+    assert close(gm(**x).logits, model.module(**x).logits)
+
+
+def test_labels_without_decoder_inputs_say_how_to_build_them():
+    """transformers' T5 and BART build decoder_input_ids from `labels`; the compiled module
+    takes the decoder inputs, and its error said only to compute the loss from the logits."""
+    model = model_of("t5")
+    gm = adaptc.compile(model, "attn.q: lora r=2")
+    x = seq2seq_inputs()
+    labels = x.pop("decoder_input_ids")
+    with pytest.raises(TypeError, match="missing input 'decoder_input_ids'.*labels shifted right "
+                                        "behind the config's decoder_start_token_id"):
+        gm(**x, labels=labels)
+    ours = gm(**x, decoder_input_ids=shift_right(model.module, labels)).logits
+    assert close(ours, model.module(**x, labels=labels).logits)
+
+
+def test_layer_selections_count_each_stack():
+    """A BART with 3 encoder and 1 decoder layers (DistilBART's 12 and 6, smaller): `[-1]`
+    counted from the deepest stack, picking encoder layer 2 alone, and a selection of the
+    decoder's last layer picked nothing (E304 "the model has layers 0..2")."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    config = AutoConfig.for_model("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                  encoder_layers=3, decoder_layers=1, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, vocab_size=128,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    gm = adaptc.compile(model, "attn.q[-1]: lora r=2")
+    assert [s["path"] for s in adaptc.report_of(gm).sites] == [
+        "model.encoder.layers.2.self_attn.q_proj", "model.decoder.layers.0.self_attn.q_proj",
+        "model.decoder.layers.0.encoder_attn.q_proj"]
+    gm = adaptc.compile(model, "decoder.layers.*.self_attn.q_proj[-1]: lora r=2")
+    assert [s["path"] for s in adaptc.report_of(gm).sites] == [
+        "model.decoder.layers.0.self_attn.q_proj"]
+    with pytest.raises(SpecError, match=r"E304.*model.encoder.layers 0..2 and "
+                                        r"model.decoder.layers 0..0"):
+        adaptc.compile(model, "attn.q[5]: lora r=2")
+
+
+def test_mixture_expert_counts_spread_over_each_stack():
+    """MoLA's experts=[2, 6] on a BART with 2 encoder and 4 decoder layers: the groups were
+    cut from the deepest stack's 4 layers, so the encoder's last layer got 2 experts."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    config = AutoConfig.for_model("bart", d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                  encoder_layers=2, decoder_layers=4, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, vocab_size=128,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    gm = adaptc.compile(model, "self_attn.q_proj: lora r=2; mixture moe k=1 experts=[2, 6]")
+    experts = {path.split(".self_attn")[0].removeprefix("model."):
+               module.A.shape[0] for path, module in adaptc.adapters.adapter_modules(gm).items()}
+    assert experts == {"encoder.layers.0": 2, "encoder.layers.1": 6, "decoder.layers.0": 2,
+                       "decoder.layers.1": 2, "decoder.layers.2": 6, "decoder.layers.3": 6}
+
+
 def peft_prompt(model, tokens: int, method: str = "prompt"):
     """PEFT's PromptTuning (or P-tuning's PromptEncoder, an MLP of width 20) with the prompt
     on the encoder's input only (Lester et al.'s setting; PEFT's default for SEQ_2_SEQ_LM
@@ -221,6 +288,33 @@ def test_virtual_tokens_on_the_encoder_input_equal_peft(name, embed, method):
     assert close(ours.logits, theirs.logits)
     assert ours.encoder_last_hidden_state.shape[1] == 9  # the real tokens' states
     assert (ours.logits - model.module(**x, labels=labels).logits).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_virtual_tokens_on_a_scaled_embedding_equal_peft(method):
+    """BART with scale_embedding multiplies the looked-up rows by √D inside its embedding
+    module; PEFT's virtual tokens replace that module's output, so they are not scaled. They
+    were written before the scale (8× here: logits off by 1% of the prompt's effect), and
+    `init=[ids]` took the unscaled rows where PEFT's text init takes the module's output."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    config = AutoConfig.for_model("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, vocab_size=128,
+                                  max_position_embeddings=64, scale_embedding=True)
+    torch.manual_seed(0)
+    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    gm = adaptc.compile(model, f"embed: {method} tokens=3 " + "hidden=20" * (method != "prompt"))
+    twin = peft_prompt(model.module, 3, method)
+    copy_prompt(gm.get_submodule("model.shared.prompt"), twin)
+    x = seq2seq_inputs()
+    ours, theirs = gm(**x).logits, twin(**x).logits
+    assert close(ours, theirs)
+    assert (ours - model.module(**x).logits).abs().max().item() > 1e-3
+    shared = model.module.model.shared
+    init = adaptc.compile(model, "embed: prompt tokens=2 init=[5, 9]")
+    assert torch.equal(init.get_submodule("model.shared.prompt").embedding,
+                       shared(torch.tensor([5, 9])))
+    assert shared.embed_scale == 8.0
 
 
 def test_prompt_on_t5_trains_and_serves(tmp_path):

@@ -91,3 +91,20 @@ def parameter_table(model: nn.Module) -> list[Site]:
 def layer_count(sites: list[Site]) -> int:
     layers = [s.layer for s in sites if s.layer is not None]
     return max(layers) + 1 if layers else 0
+
+
+def stack_of(path: str) -> str | None:
+    """The block stack a path's layer index counts in (`model.decoder.layers`), or None."""
+    index = LAYER_INDEX.search(path)
+    return path[:index.start()] if index else None
+
+
+def stack_depths(sites: list[Site]) -> dict[str | None, int]:
+    """Layers per block stack: an encoder-decoder's encoder and decoder may differ in depth
+    (DistilBART: 12 and 6), and `[-1]` is the last layer of each."""
+    depths: dict[str | None, int] = {}
+    for s in sites:
+        if s.layer is not None:
+            stack = stack_of(s.path)
+            depths[stack] = max(depths.get(stack, 0), s.layer + 1)
+    return depths

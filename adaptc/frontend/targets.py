@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from adaptc.errors import Diagnostic, SpecError
-from adaptc.frontend.sites import Site, layer_count
+from adaptc.frontend.sites import Site, stack_depths, stack_of
 from adaptc.spec.ast import Span, Target
 from adaptc.spec.ir import Plan, Rule
 
@@ -163,7 +163,6 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
     Methods that adapt parameters (`train`) are matched against `params`, the parameter
     table, where a pattern names a parameter or any module that owns it."""
     family = naming(family, sites)
-    n_layers = layer_count(sites)
     params = params or []
     stacks = tuple(p for p in params if p.expert_stack)
     chosen: dict[tuple[str, str], Assignment] = {}
@@ -172,7 +171,7 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
         pool = params if "parameter" in rule.config.adapts else sites
         experts = stacks if getattr(type(rule.config), "adapts_experts", False) else ()
         for target in rule.targets:
-            found = match_target(plan, rule, target, pool, family, n_layers, problems, experts)
+            found = match_target(plan, rule, target, pool, family, problems, experts)
             for site in found:
                 chosen[(site.path, rule.config.method)] = Assignment(site, rule.config.method,
                                                                      rule, target)
@@ -186,10 +185,12 @@ def resolve(plan: Plan, sites: list[Site], family: str | None,
 
 
 def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], family: str | None,
-                 n_layers: int, problems: list[Diagnostic],
+                 problems: list[Diagnostic],
                  experts: tuple[Site, ...] = ()) -> list[Site]:
     """The sites of `sites` a target selects; a pattern that names no module but names expert
-    stacks (`experts.gate_up_proj`) selects those when the method adapts them (lora)."""
+    stacks (`experts.gate_up_proj`) selects those when the method adapts them (lora). A layer
+    selection counts layers in each block stack: `[-1]` is the encoder's last layer and the
+    decoder's, whatever their depths."""
     patterns = expand(target.pattern, family, rule.config.adapts)
     test = owner_matches if "parameter" in rule.config.adapts else matches
     found = [s for s in sites if any(test(p, s.path) for p in patterns)]
@@ -199,12 +200,15 @@ def match_target(plan: Plan, rule: Rule, target: Target, sites: list[Site], fami
         problems.append(no_match(plan, target, patterns, sites, family))
         return []
     if target.layers is not None:
-        picked = target.layers.pick(n_layers)
-        found = [s for s in found if s.layer in picked]
+        depths = stack_depths(sites)
+        named = {stack_of(s.path): depths.get(stack_of(s.path), 0) for s in found}
+        found = [s for s in found if s.layer in target.layers.pick(named[stack_of(s.path)])]
         if not found:
+            has = " and ".join(f"{stack} 0..{depth - 1}" if len(named) > 1 else f"0..{depth - 1}"
+                               for stack, depth in named.items() if depth)
+            where = f"the model has layers {has}" if has else "it is in no layer"
             problems.append(diag(plan, target.layers.span, "E304",
-                                 f"layer selection picks no layer of '{target.pattern}' "
-                                 f"(the model has layers 0..{n_layers - 1})"))
+                                 f"layer selection picks no layer of '{target.pattern}' ({where})"))
             return []
     usable = [s for s in found if s.kind in rule.config.adapts or "module" in rule.config.adapts
               or s in experts]

@@ -192,6 +192,9 @@ class InputCheck:
                      else f"unexpected input '{unexpected[0]}'")
             hint = (" (pass attention_mask=torch.ones_like(input_ids) for unpadded inputs)"
                     if "attention_mask" in missing else
+                    " (pass decoder_input_ids, the labels shifted right behind the config's "
+                    "decoder_start_token_id as transformers builds them, and compute the loss "
+                    "from the output's logits)" if missing == ["decoder_input_ids"] else
                     " (compute the loss from the output's logits)" if "labels" in unexpected
                     else "")
             raise TypeError(f"{wrong}: the compiled module takes {names}{hint}")
@@ -248,8 +251,9 @@ class InputCheck:
 
     def check_token_shapes(self, kwargs: dict) -> None:
         """Token inputs of one sequence (input_ids, attention_mask, ...; an encoder-decoder's
-        decoder_* apart) share one non-empty [batch, tokens] shape: a mismatch failed as the
-        graph's "Guard failed" AssertionError, no tokens as a reshape error inside it."""
+        decoder_* apart) share one non-empty [batch, tokens] shape, and the decoder's inputs
+        the encoder's batch: a mismatch failed as the graph's "Guard failed" AssertionError,
+        no tokens as a reshape error inside it."""
         first: dict[bool, tuple[str, tuple[int, ...]]] = {}
         for name, traced in self.expected.items():
             if traced != (2, False):
@@ -261,6 +265,11 @@ class InputCheck:
             if seen[1] != shape:
                 raise ValueError(f"input '{name}' has shape {shape} and input '{seen[0]}' "
                                  f"{seen[1]}: the token inputs of a sequence share one shape")
+        if len({shape[0] for _, shape in first.values()}) > 1:
+            (source, source_shape), (target, target_shape) = first[False], first[True]
+            raise ValueError(f"input '{target}' has batch size {target_shape[0]} and input "
+                             f"'{source}' {source_shape[0]}: each source row needs its row "
+                             "of decoder inputs")
 
 
 def reattach_input_check(gm: GraphModule) -> None:

@@ -56,7 +56,8 @@ class MixtureConfig:
         return gates.shape[-1] * (share * probs.flatten(0, -2).mean(0)).sum()
 
     def experts_at(self, layer: int | None, n_layers: int) -> int:
-        """Experts for a site in `layer`: a list is spread over equal groups of consecutive layers."""
+        """Experts for a site in `layer` of a stack `n_layers` deep: a list is spread over equal
+        groups of consecutive layers (of each stack: an encoder's and a decoder's apart)."""
         if not isinstance(self.experts, list):
             return self.experts
         if layer is None:

@@ -40,6 +40,7 @@ class CompileContext:
     assignments: list[Assignment]
     mode: str = "train"
     n_layers: int = 0  # depth of the whole model (site layers count from 0)
+    depths: dict[str | None, int] = field(default_factory=dict)  # layers per block stack
     sites: list[dict] = field(default_factory=list)  # per inserted adapter, for reports
     adapters: str | Path | None = None  # infer mode: trained adapter weights (.safetensors)
     merge: bool = True  # infer mode: fold weight-space updates into the base weights

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
+from adaptc.frontend.sites import stack_of
 from adaptc.methods.mixture import MixtureOfLora, MixtureOfVectors
 from adaptc.passes.base import (METHODS, SITE, CompileContext, PassResult, build_sized,
                                 misplaced, report)
@@ -33,7 +34,8 @@ class InsertMixture:
                 if assignment is None:
                     continue
                 site, config = node.meta[SITE], assignment.rule.config
-                experts = mixture.experts_at(site.layer, ctx.n_layers)
+                experts = mixture.experts_at(site.layer, ctx.depths.get(stack_of(site.path),
+                                                                        ctx.n_layers))
                 kind = MixtureOfLora if method == "lora" else MixtureOfVectors
                 adapter = build_sized(
                     ctx, ctx.plan.mixture, "experts", f"'{site.path}'",

@@ -68,9 +68,15 @@ class InsertPrompt:
         positions = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
         if positions is None and reads_position_table(gm):
             take_positions(ctx, assignment.rule, tokens)
-        module = build(ctx, assignment, gm.get_parameter(lookup.args[0].target))
+        output, owner = module_output(lookup)
+        weight = gm.get_parameter(lookup.args[0].target)
+        if output is not lookup and not weight.is_meta:  # the rows as the module returns them
+            with torch.no_grad():
+                weight = ctx.model.module.get_submodule(owner)(
+                    torch.arange(weight.shape[0], device=weight.device))
+        module = build(ctx, assignment, weight)
         sliced = 0 if positions else extend_inputs(gm, ids, tokens)
-        splice_prompts(gm, lookup, f"{assignment.site.path}.prompt", module, assignment.method,
+        splice_prompts(gm, output, f"{assignment.site.path}.prompt", module, assignment.method,
                        positions)
         row = report(assignment.site, f"{assignment.method}[{tokens}]", assignment, module)
         ctx.sites.append({**row, "shape": f"{tokens}×{lookup.meta['val'].shape[-1]}"})
@@ -97,6 +103,18 @@ def embedding_lookup(gm: GraphModule, path: str,
     if len(found) > 1:
         found = [pair for pair in found if pair[1].target == "input_ids"]
     return found[0] if len(found) == 1 else None
+
+
+def module_output(lookup: Node) -> tuple[Node, str | None]:
+    """The output of the embedding module `lookup` runs in, and that module's path: BART's
+    (scale_embedding), M2M100's and Gemma 3's embeddings multiply the rows by √D inside the
+    module, and PEFT's virtual tokens replace that output (its `inputs_embeds`), unscaled."""
+    stack = list(lookup.meta.get("nn_module_stack", {}).values())
+    owner = stack[-1][0] if stack else None
+    node = lookup
+    while owner is not None and len(node.users) == 1 and in_module(next(iter(node.users)), owner):
+        node = next(iter(node.users))
+    return node, owner
 
 
 def reads_tensor(gm: GraphModule, node: Node, tensor: torch.Tensor) -> bool:
