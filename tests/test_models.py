@@ -60,6 +60,24 @@ def test_an_artifact_given_as_model_points_at_its_checkpoint(tiny, tmp_path, cap
         f"adaptc artifact keeps its checkpoint in {tmp_path / 'dist' / 'model'}")
 
 
+def test_a_checkpoint_directory_named_like_a_preset(tiny, tmp_path, monkeypatch):
+    """`--model ./llama` is the directory; its source was `llama`, taken for the preset by
+    the writers: the tokenizer was not copied and `-o ./llama --force` deleted the checkpoint."""
+    from helpers import save_word_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    tiny("llama").module.save_pretrained("llama")
+    save_word_tokenizer("llama")
+    (tmp_path / "s.adapt").write_text("q_proj: lora r=2\n")
+    assert main(["compile", "s.adapt", "--model", "./llama", "--mode", "infer", "-o", "out"]) == 0
+    assert (tmp_path / "out" / "hf" / "tokenizer.json").is_file()
+    model = load_model("./llama")
+    with pytest.raises(adaptc.ArtifactError, match="the output is the model checkpoint"):
+        adaptc.write_artifact(adaptc.compile(model, "q_proj: lora r=2"), model, "llama",
+                              force=True)
+    assert (tmp_path / "llama" / "config.json").is_file()
+
+
 def test_bad_checkpoint_directories(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         load_model(str(tmp_path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -208,7 +209,14 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                              f"{first_line(err)}") from None
         check_loading_info(path, info)
     check_values(path, module, stored)
-    return wrap(module.eval(), source=str(path))
+    return wrap(module.eval(), source=checkpoint_source(path))
+
+
+def checkpoint_source(path: Path) -> str:
+    """The directory as the model's source, never a preset's name: `--model ./llama` is
+    `llama` once a Path, which the artifact writers took for the preset (no tokenizer
+    copied, the checkpoint not guarded against being overwritten by the output)."""
+    return os.path.join(".", path) if str(path) in PRESETS else str(path)
 
 
 def check_values(path: Path, module: nn.Module,
