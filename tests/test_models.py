@@ -102,7 +102,8 @@ def test_bad_checkpoint_directories(tmp_path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("truncate", "cannot load the checkpoint weights: Error while deserializing header"),
+    ("truncate", "cannot load the checkpoint weights: .*model.safetensors: Error while "
+                 "deserializing header"),
     ("reshape", r"tensor 'model.layers.0.self_attn.q_proj.weight' has shape \(128, 64\), "
                 r"the model's config gives \(128, 128\)"),
     ("drop", "lacks 1 tensor.*first 'model.layers.1.mlp.up_proj.weight'"),
@@ -134,6 +135,25 @@ def test_damaged_checkpoint_weights_name_the_tensor(tiny, tmp_path, damage, mess
             del tensors["model.layers.1.mlp.up_proj.weight"]
         save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ModelError, match=message):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "index"])
+def test_a_damaged_shard_is_named(tiny, tmp_path, damage):
+    """from_pretrained's error for a sharded checkpoint did not say which of its files was
+    truncated or missing ('invalid header length')."""
+    tiny("llama").module.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    bad = shards[1]
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:100])
+    elif damage == "delete":
+        bad.unlink()
+    else:
+        bad = tmp_path / "model.safetensors.index.json"
+        bad.write_text('{"weight_map": ')
+    with pytest.raises(ModelError, match=f"cannot load the checkpoint weights: {bad}: "):
         load_model(str(tmp_path))
 
 
