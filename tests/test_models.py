@@ -76,6 +76,9 @@ def test_a_checkpoint_directory_named_like_a_preset(tiny, tmp_path, monkeypatch)
         adaptc.write_artifact(adaptc.compile(model, "q_proj: lora r=2"), model, "llama",
                               force=True)
     assert (tmp_path / "llama" / "config.json").is_file()
+    with pytest.raises(ModelError, match="both a preset and a checkpoint directory here: "
+                                         "write ./llama"):
+        load_model("llama")  # was the preset's random weights, silently
 
 
 def test_bad_checkpoint_directories(tmp_path):

@@ -78,6 +78,12 @@ def load_model(name_or_path: str, layers: int | None = None, *, dtype: str | Non
                device: str | None = None) -> LoadedModel:
     """A preset by name or a local Hugging Face checkpoint directory; `layers` truncates depth,
     `dtype` (a DTYPES name) and `device` place the weights (default: as stored, on the CPU)."""
+    if name_or_path in PRESETS and (Path(name_or_path) / "config.json").is_file():
+        # either reading gives a model that runs: the preset's random weights went into the
+        # artifact without a word when the checkpoint directory was meant
+        raise ModelError(f"model '{name_or_path}' is both a preset and a checkpoint directory "
+                         f"here: write ./{name_or_path} for the directory, or run elsewhere "
+                         "for the preset")
     if name_or_path in PRESETS:
         loaded = build_preset(name_or_path, layers)
     elif Path(name_or_path).is_dir():
