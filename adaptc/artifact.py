@@ -39,7 +39,10 @@ from adaptc.frontend.models import PRESETS, LoadedModel, load_checkpoint, place
 FORMAT = 1
 PROGRAM = "program.pt2"  # an infer artifact's exported program (export.py writes it)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json",
+                   # transformers 5 keeps the chat template out of tokenizer_config.json
+                   "chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATES_DIR = "additional_chat_templates"  # named templates besides the default one
 
 
 def versions() -> dict[str, str]:
@@ -116,6 +119,8 @@ def copy_tokenizer(source: str | Path, folder: Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, folder / name)
+    if (Path(source) / CHAT_TEMPLATES_DIR).is_dir():
+        shutil.copytree(Path(source) / CHAT_TEMPLATES_DIR, folder / CHAT_TEMPLATES_DIR)
 
 
 def model_inputs(model: LoadedModel) -> list[tuple[str, str]]:

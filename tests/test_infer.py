@@ -311,12 +311,16 @@ def test_infer_graph_runs_under_torch_compile(tiny):
 def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
     """A checkpoint directory with a tokenizer gives an hf/ export that has it too, and a
     train artifact's model/ (which had none: an infer artifact compiled from it could not
-    encode `--text`)."""
+    encode `--text`), chat templates included (transformers 5 saves them in files of their own)."""
     from transformers import AutoTokenizer
 
     checkpoint = tmp_path / "ckpt"
     tiny("llama").module.save_pretrained(checkpoint)
     save_word_tokenizer(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    tokenizer.chat_template = {"default": "{{ messages[0].content }}!",  # chat_template.jinja
+                               "tool_use": "{{ messages[0].content }}?"}  # its own directory
+    tokenizer.save_pretrained(checkpoint)
     assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--model", str(checkpoint),
                  "--mode", "infer", "-o", str(tmp_path / "dist")]) == 0
     assert main(["compile", str(ROOT / "specs/lora_qv.adapt"), "--model", str(checkpoint),
@@ -324,6 +328,10 @@ def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
     for saved in (tmp_path / "dist" / "hf", tmp_path / "train" / "model"):
         tokenizer = AutoTokenizer.from_pretrained(saved, local_files_only=True)
         assert tokenizer("w3 w7 nope")["input_ids"] == [4, 8, 0]
+        chat = [{"role": "user", "content": "w3"}]
+        assert tokenizer.apply_chat_template(chat, tokenize=False) == "w3!"  # was: no template
+        assert tokenizer.apply_chat_template(chat, chat_template="tool_use",
+                                             tokenize=False) == "w3?"
 
 
 @pytest.mark.parametrize("spec", [

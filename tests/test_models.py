@@ -60,6 +60,27 @@ def test_an_artifact_given_as_model_points_at_its_checkpoint(tiny, tmp_path, cap
         f"adaptc artifact keeps its checkpoint in {tmp_path / 'dist' / 'model'}")
 
 
+def test_a_checkpoint_directory_named_like_a_preset(tiny, tmp_path, monkeypatch):
+    """`--model ./llama` is the directory; its source was `llama`, taken for the preset by
+    the writers: the tokenizer was not copied and `-o ./llama --force` deleted the checkpoint."""
+    from helpers import save_word_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    tiny("llama").module.save_pretrained("llama")
+    save_word_tokenizer("llama")
+    (tmp_path / "s.adapt").write_text("q_proj: lora r=2\n")
+    assert main(["compile", "s.adapt", "--model", "./llama", "--mode", "infer", "-o", "out"]) == 0
+    assert (tmp_path / "out" / "hf" / "tokenizer.json").is_file()
+    model = load_model("./llama")
+    with pytest.raises(adaptc.ArtifactError, match="the output is the model checkpoint"):
+        adaptc.write_artifact(adaptc.compile(model, "q_proj: lora r=2"), model, "llama",
+                              force=True)
+    assert (tmp_path / "llama" / "config.json").is_file()
+    with pytest.raises(ModelError, match="both a preset and a checkpoint directory here: "
+                                         "write ./llama"):
+        load_model("llama")  # was the preset's random weights, silently
+
+
 def test_bad_checkpoint_directories(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         load_model(str(tmp_path))
@@ -84,7 +105,8 @@ def test_bad_checkpoint_directories(tmp_path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("truncate", "cannot load the checkpoint weights: Error while deserializing header"),
+    ("truncate", "cannot load the checkpoint weights: .*model.safetensors: Error while "
+                 "deserializing header"),
     ("reshape", r"tensor 'model.layers.0.self_attn.q_proj.weight' has shape \(128, 64\), "
                 r"the model's config gives \(128, 128\)"),
     ("drop", "lacks 1 tensor.*first 'model.layers.1.mlp.up_proj.weight'"),
@@ -116,6 +138,25 @@ def test_damaged_checkpoint_weights_name_the_tensor(tiny, tmp_path, damage, mess
             del tensors["model.layers.1.mlp.up_proj.weight"]
         save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ModelError, match=message):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "index"])
+def test_a_damaged_shard_is_named(tiny, tmp_path, damage):
+    """from_pretrained's error for a sharded checkpoint did not say which of its files was
+    truncated or missing ('invalid header length')."""
+    tiny("llama").module.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    bad = shards[1]
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:100])
+    elif damage == "delete":
+        bad.unlink()
+    else:
+        bad = tmp_path / "model.safetensors.index.json"
+        bad.write_text('{"weight_map": ')
+    with pytest.raises(ModelError, match=f"cannot load the checkpoint weights: {bad}: "):
         load_model(str(tmp_path))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -77,6 +78,12 @@ def load_model(name_or_path: str, layers: int | None = None, *, dtype: str | Non
                device: str | None = None) -> LoadedModel:
     """A preset by name or a local Hugging Face checkpoint directory; `layers` truncates depth,
     `dtype` (a DTYPES name) and `device` place the weights (default: as stored, on the CPU)."""
+    if name_or_path in PRESETS and (Path(name_or_path) / "config.json").is_file():
+        # either reading gives a model that runs: the preset's random weights went into the
+        # artifact without a word when the checkpoint directory was meant
+        raise ModelError(f"model '{name_or_path}' is both a preset and a checkpoint directory "
+                         f"here: write ./{name_or_path} for the directory, or run elsewhere "
+                         "for the preset")
     if name_or_path in PRESETS:
         loaded = build_preset(name_or_path, layers)
     elif Path(name_or_path).is_dir():
@@ -191,10 +198,11 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                          "config has no vocab_size), which adaptc traces checkpoints with; "
                          "load it in Python and call adaptc.compile(module, spec, "
                          "example_inputs=...)")
+    damaged = None  # the weight file that cannot be read, named in from_pretrained's error
     try:  # the weight files' headers, read once: the load's dtype and check_values use them
         stored = list(stored_dtypes(path))
-    except Exception:  # safetensors and torch.load raise many types for a damaged file;
-        stored = []    # from_pretrained's error below names it
+    except ModelError as err:
+        stored, damaged = [], str(err)
     load_as = torch_dtype(dtype) or most_stored_float(stored)
     # transformers logs a table of the tensors it could not fill; check_loading_info's error
     # names them in one line instead (the table is logged when the load goes on)
@@ -205,10 +213,17 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                 output_loading_info=True, dtype=load_as)
         except Exception as err:
             raise ModelError(f"{path}: cannot load the checkpoint weights: "
-                             f"{first_line(err)}") from None
+                             f"{damaged or first_line(err)}") from None
         check_loading_info(path, info)
     check_values(path, module, stored)
-    return wrap(module.eval(), source=str(path))
+    return wrap(module.eval(), source=checkpoint_source(path))
+
+
+def checkpoint_source(path: Path) -> str:
+    """The directory as the model's source, never a preset's name: `--model ./llama` is
+    `llama` once a Path, which the artifact writers took for the preset (no tokenizer
+    copied, the checkpoint not guarded against being overwritten by the output)."""
+    return os.path.join(".", path) if str(path) in PRESETS else str(path)
 
 
 def check_values(path: Path, module: nn.Module,
@@ -262,7 +277,9 @@ def stored_dtypes(path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     """Each weight file from_pretrained read, with its tensors' stored dtypes (safetensors'
     names, I32, F16; torch's, int32, float16): the first of model.safetensors, its sharded
     index, pytorch_model.bin, its index. Other files in the directory (an adapter file, a
-    stale or half-downloaded copy) were not loaded: opening them raised on a corrupt one."""
+    stale or half-downloaded copy) were not loaded: opening them raised on a corrupt one.
+    A file that cannot be read is a ModelError naming it (from_pretrained's error did not
+    say which of a sharded checkpoint's files was damaged or missing)."""
     from safetensors import safe_open
 
     for single in WEIGHT_FILES:
@@ -270,18 +287,27 @@ def stored_dtypes(path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
         if (path / single).is_file():
             files = [path / single]
         elif index.is_file():  # from_pretrained read it
-            files = [path / name for name in sorted(set(json.loads(
-                index.read_text())["weight_map"].values()))]
+            try:
+                files = [path / name for name in sorted(set(json.loads(
+                    index.read_text())["weight_map"].values()))]
+            except Exception as err:  # JSON, a missing key, a map of non-strings
+                raise ModelError(f"{index}: not a weight index ({first_line(err)})") from None
         else:
             continue
         for file in files:
-            if file.suffix == ".safetensors":
-                with safe_open(str(file), "pt") as handle:
-                    yield file, {k: handle.get_slice(k).get_dtype() for k in handle.keys()}
-            else:  # on meta: the dtypes without reading the tensors
-                tensors = torch.load(file, map_location="meta", weights_only=True)
-                yield file, {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()
-                             if isinstance(v, torch.Tensor)}
+            # safetensors and torch.load raise many types for a damaged file
+            try:
+                if file.suffix == ".safetensors":
+                    with safe_open(str(file), "pt") as handle:
+                        dtypes = {k: handle.get_slice(k).get_dtype() for k in handle.keys()}
+                else:  # on meta: the dtypes without reading the tensors
+                    tensors = torch.load(file, map_location="meta", weights_only=True)
+                    dtypes = {k: str(v.dtype).removeprefix("torch.")
+                              for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+            except Exception as err:
+                reason = "no such file" if not file.is_file() else first_line(err)
+                raise ModelError(f"{file}: {reason}") from None
+            yield file, dtypes
         return
 
 
