@@ -102,14 +102,15 @@ def small_encoder(model_type: str):
     return AutoModel.from_config(config).eval()
 
 
-def small_bart():
-    """A random-init BART (learned positions, fc1/fc2 FFN, cross-attention)."""
+def small_bart(**overrides):
+    """A random-init BART (learned positions, fc1/fc2 FFN, cross-attention); `overrides` change
+    its config (unequal stack depths, fewer positions, scale_embedding)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    config = AutoConfig.for_model("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                                  decoder_attention_heads=4, vocab_size=128,
-                                  max_position_embeddings=64)
+    settings = dict(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2,
+                    decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                    vocab_size=128, max_position_embeddings=64)
+    config = AutoConfig.for_model("bart", **settings | overrides)
     torch.manual_seed(0)
     return AutoModelForSeq2SeqLM.from_config(config).eval()
 

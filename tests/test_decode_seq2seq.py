@@ -128,13 +128,10 @@ def test_cache_longer_than_bart_positions_is_refused():
     """BART's decoder reads learned positions (16 rows past its offset of 2): a 16-slot
     cache decodes to its end; a longer cache, or a prefix's rows on top, failed mid-way
     with an IndexError inside the position embedding (as GPT-2's did, test_decode)."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-    config = AutoConfig.for_model("bart", d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                  encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                                  decoder_attention_heads=2, vocab_size=64,
-                                  max_position_embeddings=16)
-    torch.manual_seed(0)
-    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    model = wrap(small_bart(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                            encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                            decoder_attention_heads=2, vocab_size=64,
+                            max_position_embeddings=16))
     decoder = compile_seq2seq_decoder(model, "q_proj: lora r=2", max_cache_len=16)
     assert len(decoder.generate([5, 7, 9], 16)) == 16
     with pytest.raises(AdaptcError, match="max_cache_len=17 exceeds the model's 16 positions: "

@@ -214,13 +214,7 @@ def test_layer_selections_count_each_stack():
     """A BART with 3 encoder and 1 decoder layers (DistilBART's 12 and 6, smaller): `[-1]`
     counted from the deepest stack, picking encoder layer 2 alone, and a selection of the
     decoder's last layer picked nothing (E304 "the model has layers 0..2")."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-    config = AutoConfig.for_model("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                                  encoder_layers=3, decoder_layers=1, encoder_attention_heads=4,
-                                  decoder_attention_heads=4, vocab_size=128,
-                                  max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    model = wrap(small_bart(encoder_layers=3, decoder_layers=1))
     gm = adaptc.compile(model, "attn.q[-1]: lora r=2")
     assert [s["path"] for s in adaptc.report_of(gm).sites] == [
         "model.encoder.layers.2.self_attn.q_proj", "model.decoder.layers.0.self_attn.q_proj",
@@ -236,13 +230,8 @@ def test_layer_selections_count_each_stack():
 def test_mixture_expert_counts_spread_over_each_stack():
     """MoLA's experts=[2, 6] on a BART with 2 encoder and 4 decoder layers: the groups were
     cut from the deepest stack's 4 layers, so the encoder's last layer got 2 experts."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-    config = AutoConfig.for_model("bart", d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                  encoder_layers=2, decoder_layers=4, encoder_attention_heads=4,
-                                  decoder_attention_heads=4, vocab_size=128,
-                                  max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    model = wrap(small_bart(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                            decoder_layers=4))
     gm = adaptc.compile(model, "self_attn.q_proj: lora r=2; mixture moe k=1 experts=[2, 6]")
     experts = {path.split(".self_attn")[0].removeprefix("model."):
                module.A.shape[0] for path, module in adaptc.adapters.adapter_modules(gm).items()}
@@ -296,13 +285,7 @@ def test_virtual_tokens_on_a_scaled_embedding_equal_peft(method):
     module; PEFT's virtual tokens replace that module's output, so they are not scaled. They
     were written before the scale (8× here: logits off by 1% of the prompt's effect), and
     `init=[ids]` took the unscaled rows where PEFT's text init takes the module's output."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
-    config = AutoConfig.for_model("bart", d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                                  decoder_attention_heads=4, vocab_size=128,
-                                  max_position_embeddings=64, scale_embedding=True)
-    torch.manual_seed(0)
-    model = wrap(AutoModelForSeq2SeqLM.from_config(config).eval())
+    model = wrap(small_bart(scale_embedding=True))
     gm = adaptc.compile(model, f"embed: {method} tokens=3 " + "hidden=20" * (method != "prompt"))
     twin = peft_prompt(model.module, 3, method)
     copy_prompt(gm.get_submodule("model.shared.prompt"), twin)

@@ -13,6 +13,8 @@ from adaptc.frontend.targets import POSITION_TABLES, matches
 from adaptc.passes.base import INSERTED
 
 aten = torch.ops.aten
+# ops that only reshape a tensor (GPT-2 flattens [batch, seq, features] before its Conv1D)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 LINEAR_OPS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2)}  # op: (input, weight) arg
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import operator
 from itertools import groupby
 
-import torch
 from torch.fx import GraphModule, Node
 
 from adaptc.adapters import ENCODERS
@@ -42,6 +41,7 @@ from adaptc.passes.base import (
     take_positions,
 )
 from adaptc.passes.graph import (
+    VIEWS,
     attention_op,
     graph_input,
     in_module,
@@ -187,9 +187,6 @@ def encoder_node(gm: GraphModule, target: str, encoder: PrefixEncoder, method: s
     return node
 
 
-FLATTENS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
-
-
 def attention_input(gm: GraphModule, path: str) -> Node:
     """What the attention module projects into queries, keys and values: the input of its
     first linear op (the gate of a gated prefix reads it), as [batch, seq, features]: GPT-2's
@@ -197,7 +194,7 @@ def attention_input(gm: GraphModule, path: str) -> Node:
     for node in gm.graph.nodes:
         if is_linear(node) and in_module(node, path):
             x = linear_input(node)
-            if (x.meta["val"].dim() == 2 and x.target in FLATTENS
+            if (x.meta["val"].dim() == 2 and x.target in VIEWS
                     and x.args[0].meta["val"].dim() == 3):
                 return x.args[0]
             return x

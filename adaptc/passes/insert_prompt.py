@@ -35,11 +35,10 @@ from adaptc.passes.base import (
     report,
     take_positions,
 )
-from adaptc.passes.graph import graph_input, in_module, reads_position_table
+from adaptc.passes.graph import VIEWS, graph_input, in_module, reads_position_table
 
 aten = torch.ops.aten
 PROMPT_METHODS = ("prompt", "ptuning")
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 MASK_INPUT = "attention_mask"  # padded with ones; other token-shaped inputs with zeros
 
 
