@@ -1,7 +1,8 @@
 """Memory of the frozen base weights with `quantize` (NF4 + double quantisation) against the
 same weights in float32 and bfloat16, for the QLoRA spec on Llama shapes, the tensors of
 its inference module merged (a dense copy) and unmerged (`merge=False`: the NF4 base stays),
-plus the output drift it causes on the tiny seeded preset.
+plus what a training step holds for backward (LoRA against QLoRA, bfloat16, 1×512 tokens)
+and the output drift it causes on the tiny seeded preset.
 
     python benchmarks/qlora_memory.py [--write]
 
@@ -46,6 +47,46 @@ def infer_row(preset: str) -> dict:
     return {"model": preset, "merged": sizes[True], "unmerged": sizes[False]}
 
 
+def train_row(preset: str, tokens: int = 512) -> dict:
+    """Bytes of the train module's tensors and of the new tensors autograd saves for backward
+    in one forward pass over 1×`tokens` (the module's own parameters and buffers, which
+    autograd saves too, are counted once, as stored), LoRA and QLoRA on the bfloat16 model."""
+    import adaptc
+    from adaptc.frontend.models import build_preset
+
+    model = build_preset(preset)
+    model.module.to(torch.bfloat16)
+    ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+    sizes = {}
+    for name, spec in (("lora", SPEC.split("\n")[1]), ("qlora", SPEC)):
+        gm = adaptc.compile(model, spec)
+        own = [*gm.parameters(), *gm.buffers()]
+        known, saved = {id(t) for t in own}, {}
+
+        def pack(tensor):
+            base = tensor if tensor._base is None else tensor._base
+            if id(base) not in known:
+                saved[id(base)] = base.numel() * base.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            gm(input_ids=ids, attention_mask=torch.ones_like(ids))
+        sizes[name] = (sum(t.numel() * t.element_size() for t in own), sum(saved.values()))
+    return {"model": preset, "tokens": tokens, **sizes}
+
+
+def train_table(rows: list[dict]) -> str:
+    gib = 1024 ** 3
+    lines = ["| model | tokens | LoRA: module GiB | saved for backward GiB | QLoRA: module GiB "
+             "| saved for backward GiB | QLoRA / LoRA, module + saved |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        total = {k: sum(r[k]) for k in ("lora", "qlora")}
+        lines.append(f"| {r['model']} | 1×{r['tokens']} | {r['lora'][0] / gib:.2f} | "
+                     f"{r['lora'][1] / gib:.2f} | {r['qlora'][0] / gib:.2f} | "
+                     f"{r['qlora'][1] / gib:.2f} | {total['qlora'] / total['lora']:.2f} |")
+    return "\n".join(lines)
+
+
 def infer_table(rows: list[dict]) -> str:
     gib = 1024 ** 3
     lines = ["| model | infer module, merged GiB | infer module, `merge=False` GiB | ratio |",
@@ -87,6 +128,9 @@ def main() -> None:
     text = (table([row(m) for m in MODELS]) + "\n\nInference module (every parameter and "
             "buffer, bfloat16 model, LoRA weights included):\n\n" +
             infer_table([infer_row(m) for m in MODELS]) +
+            "\n\nTraining step (train module's tensors, and the new tensors autograd saves for "
+            "backward in one forward pass; optimizer state not included):\n\n" +
+            train_table([train_row(m) for m in MODELS]) +
             f"\n\nTiny seeded Llama (4 layers, hidden 128): NF4 storage of every projection "
             f"changes the logits by {drift():.1%} (relative L2) before any training.")
     print(text)

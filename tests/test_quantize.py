@@ -14,7 +14,7 @@ import torch
 
 import adaptc
 from adaptc.methods.lora import pissa_factors
-from adaptc.methods.quantize import Nf4Weight, QuantizeConfig, nf4_code, quantize_nf4
+from adaptc.methods.quantize import Nf4Weight, QuantizeConfig, nf4_code, nf4_linear, quantize_nf4
 from helpers import inputs, main_output
 
 # bitsandbytes' NF4 table (QLoRA, appendix E)
@@ -185,6 +185,74 @@ def test_quantized_weights_are_buffers_and_the_user_model_is_untouched(tiny):
     assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
     assert set(adaptc.adapter_state_dict(gm)) == {
         f"model.layers.{i}.self_attn.q_proj.lora.{t}" for i in (0, 1) for t in "AB"}
+
+
+def test_nf4_linear_gives_dense_linear_gradients():
+    """Float64 weight and input: output, input gradient and bias gradient of nf4_linear equal
+    linear on the dequantised weight (1e-12), the frozen weight gets none; under bfloat16
+    autocast the gradients come back in the inputs' float32 as autocast's linear gives them."""
+    gen = torch.Generator().manual_seed(0)
+    stored = Nf4Weight(torch.randn(13, 10, generator=gen, dtype=torch.float64),
+                       QuantizeConfig(block=8, double_block=4))
+    x = torch.randn(3, 5, 10, generator=gen, dtype=torch.float64)
+    bias = torch.randn(13, generator=gen, dtype=torch.float64)
+    up = torch.randn(3, 5, 13, generator=gen, dtype=torch.float64)
+    grads = []
+    for linear in (nf4_linear, lambda x, w, b: torch.nn.functional.linear(x, w(), b)):
+        xs, bs = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        out = linear(xs, stored, bs)
+        (out * up).sum().backward()
+        grads.append((out.detach(), xs.grad, bs.grad))
+    for ours, reference in zip(*grads):
+        assert (ours - reference).abs().max().item() <= 1e-12
+    stored32 = Nf4Weight(stored().float(), QuantizeConfig())
+    grads = []
+    for linear in (nf4_linear, lambda x, w, b: torch.nn.functional.linear(x, w(), b)):
+        xs, bs = x.float().requires_grad_(), bias.float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(xs, stored32, bs)
+        (out.float() * up.float()).sum().backward()
+        grads.append((xs.grad, bs.grad))
+    for ours, reference in zip(*grads):
+        assert ours.dtype == reference.dtype == torch.float32
+        assert (ours - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
+
+
+@pytest.mark.parametrize("lora", ["lora r=4", "lora r=4 dora"])
+def test_qlora_training_keeps_no_dense_weight_for_backward(tiny, lora):
+    """No tensor autograd saves in the forward pass has a quantised weight's shape (the
+    plain linear saved 11 of the 14: all but layer 0's q, k, v, whose input needs no
+    gradient; DoRA's weight norm is detached, so it saves none either), and the adapter
+    gradients equal those on the dequantised float model (1e-5)."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, f"*_proj: quantize\n*_proj: {lora}")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(gm).values():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    dense = copy.deepcopy(model)
+    stored = {path.removesuffix(".nf4"): m for path, m in gm.named_modules()
+              if isinstance(m, Nf4Weight)}
+    assert len(stored) == 14
+    with torch.no_grad():
+        for path, weight in stored.items():
+            dense.module.get_submodule(path).weight.copy_(weight())
+    reference = adaptc.compile(dense, f"*_proj: {lora}")
+    with torch.no_grad():
+        for name, param in adaptc.adapter_state_dict(reference).items():
+            param.copy_(adaptc.adapter_state_dict(gm)[name])
+
+    shapes = {m.shape for m in stored.values()}
+    saved = []
+    x = inputs()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        main_output(gm(**x)).pow(2).mean().backward()
+    assert saved and not [s for s in saved if tuple(s) in shapes]
+    main_output(reference(**x)).pow(2).mean().backward()
+    ours, theirs = adaptc.adapter_state_dict(gm), adaptc.adapter_state_dict(reference)
+    for name in theirs:
+        assert (ours[name].grad - theirs[name].grad).abs().max().item() <= 1e-5, name
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from adaptc.methods.options import option
 
@@ -154,6 +155,34 @@ class Nf4Weight(nn.Module):
     def stored_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers()
                    if n not in ("code", "levels"))
+
+
+class Nf4Linear(torch.autograd.Function):
+    """`linear(x, weight(), bias)` on an `Nf4Weight` that keeps no dense weight for backward:
+    the input gradient dequantises the weight again (as bitsandbytes' `MatMul4Bit`), so a
+    training step holds one layer's dense weight at a time instead of every layer's. The
+    frozen weight gets no gradient; `x` and `bias` do when they need one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None):
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, weight(), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # under autocast the output (and grad) may be 16-bit while the weight is not
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ ctx.weight().to(grad.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias
+
+
+def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None):
+    """The graph's call for a linear layer on an NF4 weight in train mode; see `Nf4Linear`."""
+    return Nf4Linear.apply(x, weight, bias)
 
 
 def meta_state(numel: int, config: QuantizeConfig) -> dict[str, torch.Tensor]:

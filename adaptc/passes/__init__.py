@@ -28,6 +28,7 @@ from adaptc.passes.manager import PassManager
 from adaptc.passes.merge_scaling import MergeScaling
 from adaptc.passes.merge_weights import MergeWeights
 from adaptc.passes.quantize_weights import QuantizeWeights
+from adaptc.passes.recompute_nf4 import RecomputeNf4
 from adaptc.passes.train_parameters import TrainParameters
 from adaptc.passes.verify import Verify
 
@@ -58,6 +59,7 @@ def default_pipeline(mode: str = "train", merge: bool = True,
     if mode == "train":
         return [*build,
                 AdapterPrecision(),  # a 16-bit model's adapters train in float32 (PEFT's way)
+                RecomputeNf4(),      # NF4 layers dequantise again in backward: no dense copy saved
                 Verify()]            # lint, reachability, recompile
     return [
         *build,
