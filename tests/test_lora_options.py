@@ -158,6 +158,58 @@ def test_loraplus_groups_of_vectors_match_peft(tiny, spec, config):
     assert [lr for lr, _ in ours] == pytest.approx([16e-3])
 
 
+PEFT_NAMES = {".lora_A.default.weight": ".A", ".lora_B.default.weight": ".B",
+              ".lora_magnitude_vector.default.weight": ".magnitude",
+              ".modules_to_save.default.": ".", ".base_layer.": "."}
+
+
+def peft_tensor_name(name: str) -> str:
+    """A PEFT parameter name as the model path plus adaptc's tensor name (`...c_attn.B`)."""
+    name = name.removeprefix("base_model.model.")
+    for theirs, ours in PEFT_NAMES.items():
+        name = name.replace(theirs, ours)
+    return name
+
+
+def named_groups(groups, names) -> list[tuple]:
+    """(lr, weight_decay, {tensor name: shape}) per non-empty group, in order."""
+    return [(pytest.approx(g["lr"]), g["weight_decay"],
+             {names[id(p)]: tuple(p.shape) for p in g["params"]}) for g in groups if g["params"]]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("family,spec,config,kinds", [
+    ("gpt2", "c_attn: lora r=4 dora; *.bias: train; ln_*: train",
+     dict(target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True, bias="all",
+          modules_to_save=["ln_1", "ln_2", "ln_f"]), 3),
+    ("llama", "q_proj,v_proj: lora r=4; *norm*: train; lm_head: train",
+     dict(target_modules=["q_proj", "v_proj"],
+          modules_to_save=["input_layernorm", "post_attention_layernorm", "norm", "lm_head"]), 2)])
+def test_loraplus_groups_and_weight_decay_match_peft(tiny, family, spec, config, kinds,
+                                                     weight_decay):
+    """Group by group, the same tensors with the same lr and weight decay as PEFT's
+    create_loraplus_optimizer: A and trained matrices decayed at lr, B and DoRA's magnitude
+    decayed at ratio·lr, biases and nn.LayerNorm tensors undecayed at ratio·lr (Llama's
+    RMSNorm weights are decayed: PEFT exempts the nn.LayerNorm type only)."""
+    model = tiny(family)
+    gm = adaptc.compile(model, spec)
+    ours = {id(p): f"{path.rpartition('.')[0]}.{name}"
+            for path, a in adaptc.adapters.adapter_modules(gm).items()
+            for name, p in a.adapter_parameters().items()}
+    twin = get_peft_model(copy.deepcopy(model.module), LoraConfig(r=4, **config))
+    theirs = {id(p): peft_tensor_name(n) for n, p in twin.named_parameters() if p.requires_grad}
+    optimizer = create_loraplus_optimizer(twin, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                          loraplus_weight_decay=weight_decay)
+    groups = adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=16, weight_decay=weight_decay)
+    expected = named_groups(optimizer.param_groups, theirs)
+    assert named_groups(groups, ours) == expected
+    assert len(expected) == kinds and sum(len(g[2]) for g in expected) == len(theirs)
+    assert len(ours) == sum(p.requires_grad for p in gm.parameters())
+    # set in every group: AdamW's default 0.01 is not used
+    assert [g["weight_decay"] for g in torch.optim.AdamW(groups).param_groups] == [
+        decay for _, decay, _ in expected]
+
+
 def test_loraplus_gives_mixture_experts_b_the_fast_rate(tiny):
     """A `mixture moe` turns the LoRA sites into experts: their B's are still LoRA's B."""
     gm = adaptc.compile(tiny("llama"), "q_proj,v_proj: lora r=4; mixture moe k=1 experts=2")
@@ -172,6 +224,8 @@ def test_loraplus_rejects_bad_input(tiny):
     gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
     with pytest.raises(adaptc.AdaptcError, match="ratio > 0"):
         adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=0)
+    with pytest.raises(adaptc.AdaptcError, match="weight_decay=-0.1"):
+        adaptc.loraplus_param_groups(gm, lr=1e-3, weight_decay=-0.1)
 
 
 def test_pissa_on_a_float64_model_is_exact_to_float64(tiny):
