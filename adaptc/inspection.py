@@ -57,13 +57,18 @@ def indexed_block(ctx: CompileContext, paths: list[str], block: int) -> str | No
         raise AdaptcError(f"block {block} is out of range: {ctx.model.source} has {depth} layers"
                           f"{where} (0..{depth - 1}, or -1 for the last){hint}")
     name = f"{stack}.{block % depth}"
-    return name if any(path == name or path.startswith(f"{name}.") for path in paths) else None
+    return name if holds(paths, name) else None
+
+
+def holds(paths: list[str], block: str) -> bool:
+    """Whether an adapted site is the block or lies inside it."""
+    return any(path == block or path.startswith(f"{block}.") for path in paths)
 
 
 def named_block(paths: list[str], name: str) -> str:
     """`name` when an adapted site lies inside it; else an error listing the blocks that hold one."""
     name = name.strip(".")
-    if any(path.startswith(f"{name}.") for path in paths):
+    if holds(paths, name):
         return name
     blocks = list(dict.fromkeys(path[:found.end(1)] for path in paths
                                 if (found := LAYER_INDEX.search(path))))
