@@ -4,9 +4,9 @@ LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B's learning rate is a fixed multip
 η_B = ratio·η_A (the paper suggests ratio ≈ 16). Adapter modules name their "fast" tensors
 in a `fast_parameters` attribute (LoRA: B; DoRA: B and the magnitude; VeRA: λ_d, λ_b; a
 `train` statement: its 1-D tensors, as PEFT's `create_loraplus_optimizer` groups 1-D tensors
-with B); all other trainable adapter tensors keep the base learning rate. Those that take
-no weight decay (a `train` statement's biases and nn.LayerNorm tensors) are named in
-`undecayed_parameters`, and go in a group of their own as in PEFT.
+with B, and the biases of prefix and P-tuning encoders); all other trainable adapter tensors
+keep the base learning rate. Those that take no weight decay (biases, and the nn.LayerNorm
+tensors of a `train` statement, as in PEFT's groups) are named in `undecayed_parameters`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def loraplus_param_groups(module: nn.Module, lr: float, ratio: float = 16.0,
     """PEFT's `create_loraplus_optimizer` groups over the module's trainable adapter tensors,
     in its order, empty ones left out: the slow tensors (A, ...) `{"lr": lr, "weight_decay":
     weight_decay}`, the fast ones (B, ...) `{"lr": ratio * lr, "weight_decay": weight_decay}`,
-    and the fast ones that take no decay `{"lr": ratio * lr, "weight_decay": 0.0}`. Every
+    the fast ones that take no decay `{"lr": ratio * lr, "weight_decay": 0.0}`, then the slow
+    ones that take none (biases of bottleneck adapters and gates, which PEFT lacks). Every
     group sets its decay, so the optimizer's own default (AdamW's 0.01) applies to none.
     (PEFT's fourth group, LoRA on embedding layers, has no counterpart: adaptc's LoRA adapts
     linear layers and expert stacks.)
