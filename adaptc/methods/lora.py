@@ -100,7 +100,8 @@ class LoraAdapter(nn.Module):
 
     @property
     def undecayed_parameters(self) -> tuple[str, ...]:
-        """Weight decay spares the gate's bias, as PEFT's and the HF Trainer's groups spare biases."""
+        """Weight decay spares the gate's bias, as PEFT's and the HF Trainer's groups do
+        every bias."""
         return () if self.gate is None else ("gate.bias",)
 
     def frozen_state(self) -> dict[str, torch.Tensor]:

@@ -125,8 +125,9 @@ class PrefixEncoder(nn.Module):
 
     @property
     def fast_parameters(self) -> tuple[str, ...]:
-        """LoRA+: the reparameterisation MLP's biases, its 1-D tensors, get ratio × lr, as PEFT's
-        `create_loraplus_optimizer` gives every 1-D tensor; nor do they take weight decay."""
+        """LoRA+: the biases of the reparameterisation MLP, its 1-D tensors, get ratio × lr, as
+        PEFT's `create_loraplus_optimizer` gives every 1-D tensor; nor do they take weight
+        decay."""
         return tuple(name for name, p in self.named_parameters() if p.ndim == 1)
 
     undecayed_parameters = fast_parameters
@@ -193,7 +194,8 @@ class PrefixAttention(nn.Module):
 
     @property
     def undecayed_parameters(self) -> tuple[str, ...]:
-        """Weight decay spares the gate's bias, as PEFT's and the HF Trainer's groups spare biases."""
+        """Weight decay spares the gate's bias, as PEFT's and the HF Trainer's groups do
+        every bias."""
         return () if self.gate is None else ("gate.bias",)
 
     @staticmethod

@@ -118,8 +118,9 @@ class PromptEncoder(nn.Module):
 
     @property
     def fast_parameters(self) -> tuple[str, ...]:
-        """LoRA+: the encoder (LSTM and MLP head)'s biases, its 1-D tensors, get ratio × lr, as PEFT's
-        `create_loraplus_optimizer` gives every 1-D tensor; nor do they take weight decay."""
+        """LoRA+: the biases of the LSTM and MLP head, their 1-D tensors, get ratio × lr, as
+        PEFT's `create_loraplus_optimizer` gives every 1-D tensor; nor do they take weight
+        decay."""
         return tuple(name for name, p in self.named_parameters() if p.ndim == 1)
 
     undecayed_parameters = fast_parameters

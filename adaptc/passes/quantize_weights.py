@@ -54,7 +54,7 @@ class QuantizeWeights:
             count += 1
         counts = {"quantize_inserted": count}
         if count:
-            counts["weight_bytes_before"] = before  # weight_bytes_after: compiler.stored_weight_bytes
+            counts["weight_bytes_before"] = before  # after: compiler.stored_weight_bytes
         return PassResult(gm, counts)
 
 
