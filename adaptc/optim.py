@@ -24,8 +24,8 @@ def loraplus_param_groups(module: nn.Module, lr: float, ratio: float = 16.0,
     the fast ones that take no decay `{"lr": ratio * lr, "weight_decay": 0.0}`, then the slow
     ones that take none (biases of bottleneck adapters and gates, which PEFT lacks). Every
     group sets its decay, so the optimizer's own default (AdamW's 0.01) applies to none.
-    (PEFT's fourth group, LoRA on embedding layers, has no counterpart: adaptc's LoRA adapts
-    linear layers and expert stacks.)
+    (PEFT's group for LoRA on embedding layers, `loraplus_lr_embedding`, has no counterpart:
+    adaptc's LoRA adapts linear layers and expert stacks.)
 
         opt = torch.optim.AdamW(adaptc.loraplus_param_groups(gm, lr=2e-4, ratio=16))
     """
