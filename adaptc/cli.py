@@ -120,8 +120,9 @@ def parser() -> argparse.ArgumentParser:
     insp.add_argument("spec", type=path, help=SPEC_HELP)
     insp.add_argument("--model", type=path, default=DEFAULT_MODEL, help=models)
     insp.add_argument("--block", type=block_arg, default=0,
-                      help="layer index whose graph to show (negative: from the last), or a "
-                           "block's module path (decoder.block.0 of an encoder-decoder)")
+                      help="layer index whose graph to show, in the first block stack "
+                           "(negative: from its last layer), or a block's module path "
+                           "(decoder.block.0 of an encoder-decoder)")
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate specs without a model")

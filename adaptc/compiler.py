@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 
@@ -18,6 +20,8 @@ from adaptc.frontend.targets import resolve
 from adaptc.frontend.trace import InputCheck, sequence_limit, trace
 from adaptc.methods.quantize import Nf4Weight
 from adaptc.passes import CompileContext, PassManager, default_pipeline
+from adaptc.passes.base import MERGED
+from adaptc.passes.fuse_projections import graph_tensor
 from adaptc.spec import compile_spec, load_spec, lower
 from adaptc.spec.ir import Plan
 
@@ -100,12 +104,44 @@ def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = Non
     if dump_dir is not None:
         manager.dump_dir = str(dump_dir)
     gm, counts = manager.run(gm, ctx)
+    counts.update(stored_weight_bytes(gm, ctx))
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     gm.meta[REPORT] = CompileReport(ctx.plan.spec.path, ctx.plan.spec.source, ctx.model.source, ctx.mode, ctx.sites,
                                     counts, trainable, parameter_count(gm),
                                     [p.name for p in manager.passes],
                                     sequence_limit(ctx.model) - ctx.table_positions)
     return gm
+
+
+def stored_weight_bytes(gm: GraphModule, ctx: CompileContext) -> dict[str, int]:
+    """`weight_bytes_after`: what the finished module stores for the `quantize`d layers'
+    weights, read from it rather than from quantize_weights, since later passes replace them
+    (infer mode merges QLoRA and DoRA into dense copies). Per layer: its NF4 weight if it
+    stayed 4-bit, the tensor standing in for its weight (`MERGED`, rows of a fused
+    projection's), and its float weight where the module still holds it under one of its
+    names (a tied embedding: export's tensors are not the model's objects, names are kept)."""
+    paths = [row["path"] for row in ctx.sites if row["method"] == "quantize/nf4"]
+    if not paths:
+        return {}
+    held = {name for name, _ in chain(gm.named_parameters(remove_duplicate=False),
+                                      gm.named_buffers(remove_duplicate=False))}
+    aliases: dict[int, set[str]] = {}  # the names the model holds each tensor under (tied)
+    for name, tensor in ctx.model.module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(tensor), set()).add(name)
+    nf4 = {name: m for name, m in gm.named_modules() if isinstance(m, Nf4Weight)}
+    stand_ins = gm.meta.get(MERGED, {})
+    total = 0
+    for path in paths:
+        total += sum(m.stored_bytes() for name, m in nf4.items() if name.startswith(f"{path}."))
+        if f"{path}.weight" in stand_ins:
+            total += tensor_bytes(graph_tensor(gm, stand_ins[f"{path}.weight"]))
+        original = ctx.model.module.get_parameter(f"{path}.weight")
+        total += tensor_bytes(original) * bool(aliases[id(original)] & held)
+    return {"weight_bytes_after": total}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def parameter_count(gm: GraphModule) -> int:

@@ -13,25 +13,20 @@ from adaptc.compiler import prepare, report_of, run_pipeline
 from adaptc.errors import AdaptcError
 from adaptc.frontend.sites import LAYER_INDEX
 from adaptc.frontend.trace import trace
+from adaptc.passes import CompileContext
 from adaptc.passes.graph import in_module
 
 COLUMN = 64
 
 
 def inspect(model, spec, block: int | str = 0, example_inputs: dict | None = None) -> str:
-    """`block`: a layer index (the first layer stack's, as the spec's layer ranges count), or
+    """`block`: a layer index in the model's first block stack (an encoder-decoder's encoder;
+    negatives count from its last layer, as a spec's `[-1]` counts each stack on its own), or
     a block's module path, which reaches any stack (`decoder.block.0` of a T5)."""
     ctx = prepare(model, spec, "train", example_inputs)
     paths = [a.site.path for a in ctx.assignments]
-    if isinstance(block, str):
-        prefix = named_block(paths, block)
-    else:
-        if ctx.n_layers and not -ctx.n_layers <= block < ctx.n_layers:
-            raise AdaptcError(f"block {block} is out of range: {ctx.model.source} has "
-                              f"{ctx.n_layers} layers (0..{ctx.n_layers - 1}, or -1 for the last)")
-        if block < 0:
-            block += ctx.n_layers
-        prefix = block_prefix(paths, block)
+    prefix = named_block(paths, block) if isinstance(block, str) else \
+        indexed_block(ctx, paths, block)
     gm = trace(ctx.model)
     before = block_lines(gm, prefix)
     gm = run_pipeline(gm, ctx)
@@ -45,20 +40,35 @@ def inspect(model, spec, block: int | str = 0, example_inputs: dict | None = Non
     return "\n".join(parts)
 
 
-def block_prefix(paths: list[str], block: int) -> str | None:
-    """`model.layers.0` for block 0: an adapted site's path up to its layer index, the first
-    integer in it (`encoder.block.1`, not `encoder.block.0.layer.1`, in T5)."""
-    for path in paths:
-        found = LAYER_INDEX.search(path)
-        if found and int(found.group(1)) == block:
-            return path[:found.end(1)]
-    return None
+def indexed_block(ctx: CompileContext, paths: list[str], block: int) -> str | None:
+    """The path of layer `block` of the first block stack (`model.encoder.layers.1`) when an
+    adapted site lies in it; an index beyond that stack's depth is an error naming its range
+    (and, on an encoder-decoder, how to reach the other stack)."""
+    stacks = list(ctx.depths.items())
+    if not stacks:
+        return None
+    stack, depth = stacks[0]
+    if not -depth <= block < depth:
+        where, hint = "", ""
+        if len(stacks) > 1:
+            other, size = stacks[1]
+            where = f" in {stack}"
+            hint = f"; a block's path reaches the others (--block {other}.{size - 1})"
+        raise AdaptcError(f"block {block} is out of range: {ctx.model.source} has {depth} layers"
+                          f"{where} (0..{depth - 1}, or -1 for the last){hint}")
+    name = f"{stack}.{block % depth}"
+    return name if holds(paths, name) else None
+
+
+def holds(paths: list[str], block: str) -> bool:
+    """Whether an adapted site is the block or lies inside it."""
+    return any(path == block or path.startswith(f"{block}.") for path in paths)
 
 
 def named_block(paths: list[str], name: str) -> str:
     """`name` when an adapted site lies inside it; else an error listing the blocks that hold one."""
     name = name.strip(".")
-    if any(path.startswith(f"{name}.") for path in paths):
+    if holds(paths, name):
         return name
     blocks = list(dict.fromkeys(path[:found.end(1)] for path in paths
                                 if (found := LAYER_INDEX.search(path))))

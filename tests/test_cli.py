@@ -349,6 +349,15 @@ def test_inspect_block_without_adapters_says_so(capsys, tmp_path):
     assert "block model.layers.0: original | rewritten" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("block", [1, "model.layers.1"])
+def test_inspect_shows_a_block_that_is_itself_the_adapted_module(block):
+    """An adapter on the whole layer: its path is the block's own, not one below it (the path
+    form refused it, listing model.layers.1 among the blocks with an adapted module)."""
+    text = adaptc.inspect("llama", "model.layers.*: adapter bottleneck=4", block=block)
+    assert "block model.layers.1: original | rewritten" in text
+    assert "+ model_layers_1_adapter" in text
+
+
 def test_inspect_block_out_of_range_names_the_layers(capsys):
     assert main(["inspect", "specs/lora_qv.adapt", "--block", "99"]) == 1
     assert "block 99 is out of range: llama has 4 layers (0..3" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from peft import LNTuningConfig, LoraConfig, VeraConfig, get_peft_model
+from peft import (LNTuningConfig, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
+                  VeraConfig, get_peft_model)
 from peft.optimizers import create_loraplus_optimizer
 
 import adaptc
@@ -158,6 +159,113 @@ def test_loraplus_groups_of_vectors_match_peft(tiny, spec, config):
     assert [lr for lr, _ in ours] == pytest.approx([16e-3])
 
 
+PEFT_NAMES = {".lora_A.default.weight": ".A", ".lora_B.default.weight": ".B",
+              ".lora_magnitude_vector.default.weight": ".magnitude",
+              ".modules_to_save.default.": ".", ".base_layer.": "."}
+
+
+def peft_tensor_name(name: str) -> str:
+    """A PEFT parameter name as the model path plus adaptc's tensor name (`...c_attn.B`)."""
+    name = name.removeprefix("base_model.model.")
+    for theirs, ours in PEFT_NAMES.items():
+        name = name.replace(theirs, ours)
+    return name
+
+
+def named_groups(groups, names) -> list[tuple]:
+    """(lr, weight_decay, {tensor name: shape}) per non-empty group, in order."""
+    return [(pytest.approx(g["lr"]), g["weight_decay"],
+             {names[id(p)]: tuple(p.shape) for p in g["params"]}) for g in groups if g["params"]]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("family,spec,config,kinds", [
+    ("gpt2", "c_attn: lora r=4 dora; *.bias: train; ln_*: train",
+     dict(target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True, bias="all",
+          modules_to_save=["ln_1", "ln_2", "ln_f"]), 3),
+    ("llama", "q_proj,v_proj: lora r=4; *norm*: train; lm_head: train",
+     dict(target_modules=["q_proj", "v_proj"],
+          modules_to_save=["input_layernorm", "post_attention_layernorm", "norm", "lm_head"]), 2)])
+def test_loraplus_groups_and_weight_decay_match_peft(tiny, family, spec, config, kinds,
+                                                     weight_decay):
+    """Group by group, the same tensors with the same lr and weight decay as PEFT's
+    create_loraplus_optimizer: A and trained matrices decayed at lr, B and DoRA's magnitude
+    decayed at ratio·lr, biases and nn.LayerNorm tensors undecayed at ratio·lr (Llama's
+    RMSNorm weights are decayed: PEFT exempts the nn.LayerNorm type only)."""
+    model = tiny(family)
+    gm = adaptc.compile(model, spec)
+    ours = {id(p): f"{path.rpartition('.')[0]}.{name}"
+            for path, a in adaptc.adapters.adapter_modules(gm).items()
+            for name, p in a.adapter_parameters().items()}
+    twin = get_peft_model(copy.deepcopy(model.module), LoraConfig(r=4, **config))
+    theirs = {id(p): peft_tensor_name(n) for n, p in twin.named_parameters() if p.requires_grad}
+    optimizer = create_loraplus_optimizer(twin, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                          loraplus_weight_decay=weight_decay)
+    groups = adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=16, weight_decay=weight_decay)
+    expected = named_groups(optimizer.param_groups, theirs)
+    assert named_groups(groups, ours) == expected
+    assert len(expected) == kinds and sum(len(g[2]) for g in expected) == len(theirs)
+    assert len(ours) == sum(p.requires_grad for p in gm.parameters())
+    # set in every group: AdamW's default 0.01 is not used
+    assert [g["weight_decay"] for g in torch.optim.AdamW(groups).param_groups] == [
+        decay for _, decay, _ in expected]
+
+
+ENCODER_NAMES = {"transform.0.weight": "hidden_weight", "transform.0.bias": "hidden_bias",
+                 "transform.2.weight": "out_weight", "transform.2.bias": "out_bias",
+                 "embedding.weight": "embedding", "mlp_head.": "head.", "lstm_head.": "lstm."}
+
+
+@pytest.mark.parametrize("spec,config", [
+    ("attn: prefix tokens=4 projection=16",
+     PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
+                        encoder_hidden_size=16)),
+    ("embed: ptuning tokens=4 hidden=16",
+     PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16)),
+    ("embed: ptuning tokens=4 encoder=lstm hidden=16",
+     PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16,
+                         encoder_reparameterization_type="LSTM"))])
+def test_loraplus_groups_of_prompt_encoders_match_peft(tiny, spec, config):
+    """PEFT's LoRA+ gives a prefix MLP's or P-tuning encoder's biases (1-D) ratio·lr and no
+    weight decay, like any bias; they kept lr, decayed."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, spec)
+    (encoder,) = [a for a in adaptc.adapters.adapter_modules(gm).values()
+                  if a.adapter_parameters()]
+    ours = {id(p): name for name, p in encoder.adapter_parameters().items()}
+    twin = get_peft_model(copy.deepcopy(model.module), config)
+    theirs = {}
+    for name, p in twin.named_parameters():
+        if p.requires_grad:
+            name = name.removeprefix("prompt_encoder.default.")
+            for peft_name, our_name in ENCODER_NAMES.items():
+                name = name.replace(peft_name, our_name)
+            theirs[id(p)] = name
+    optimizer = create_loraplus_optimizer(twin, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                          loraplus_weight_decay=0.1)
+    expected = named_groups(optimizer.param_groups, theirs)
+    groups = adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=16, weight_decay=0.1)
+    assert named_groups(groups, ours) == expected
+    assert [(g[0], g[1]) for g in expected] == [(1e-3, 0.1), (16e-3, 0.0)]
+
+
+@pytest.mark.parametrize("spec,undecayed", [
+    ("ffn: adapter bottleneck=8", {"down_bias", "up_bias"}),
+    ("ffn: adapter bottleneck=8 gate", {"down_bias", "up_bias", "gate.bias"}),
+    ("q_proj: lora r=2 gate", {"gate.bias"})])
+def test_loraplus_leaves_adapter_biases_undecayed_at_the_base_rate(tiny, spec, undecayed):
+    """Biases of adapters PEFT lacks (bottleneck adapters, UniPELT gates) take no weight decay,
+    as every bias in PEFT's and the HF Trainer's groups; they keep the base rate."""
+    gm = adaptc.compile(tiny("llama"), spec)
+    adapter = next(iter(adaptc.adapters.adapter_modules(gm).values()))
+    names = {id(p): name for name, p in adapter.adapter_parameters().items()}
+    groups = adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=16, weight_decay=0.1)
+    rows = {(g["lr"], g["weight_decay"]): {names[id(p)] for p in g["params"] if id(p) in names}
+            for g in groups}
+    assert rows[1e-3, 0.0] == undecayed
+    assert undecayed.isdisjoint(rows[1e-3, 0.1])
+
+
 def test_loraplus_gives_mixture_experts_b_the_fast_rate(tiny):
     """A `mixture moe` turns the LoRA sites into experts: their B's are still LoRA's B."""
     gm = adaptc.compile(tiny("llama"), "q_proj,v_proj: lora r=4; mixture moe k=1 experts=2")
@@ -172,6 +280,8 @@ def test_loraplus_rejects_bad_input(tiny):
     gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
     with pytest.raises(adaptc.AdaptcError, match="ratio > 0"):
         adaptc.loraplus_param_groups(gm, lr=1e-3, ratio=0)
+    with pytest.raises(adaptc.AdaptcError, match="weight_decay=-0.1"):
+        adaptc.loraplus_param_groups(gm, lr=1e-3, weight_decay=-0.1)
 
 
 def test_pissa_on_a_float64_model_is_exact_to_float64(tiny):

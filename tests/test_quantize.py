@@ -283,6 +283,42 @@ def test_a_tied_lm_head_is_quantised_and_the_embedding_keeps_its_float_weight(ti
     assert counts["weight_bytes_after"] == size + gm.get_submodule("lm_head.nf4").stored_bytes()
 
 
+def stored_layer_bytes(gm) -> int:
+    """Bytes of the state the module stores as its `*_proj` weights: NF4 buffers (not the
+    format's constant tables), merged copies, and fuse_projections' concatenations of them."""
+    return sum(t.numel() * t.element_size() for name, t in gm.state_dict().items()
+               if ".nf4." in name or name.endswith((".merged_weight", "_proj_weight")))
+
+
+@pytest.mark.parametrize("options,lora,dense", [
+    ({}, "lora r=4", True), ({"fuse_projections": True}, "lora r=4", True),
+    ({}, "lora r=4 dora", True), ({"merge": False}, "lora r=4", False)])
+def test_weight_bytes_after_are_what_the_infer_module_stores(tiny, options, lora, dense):
+    """Merged QLoRA (and DoRA) folds each NF4 weight into a dense copy: the report said 4-bit
+    bytes for a module holding float32 weights. Unmerged, the weights stay NF4."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, f"*_proj: quantize\n*_proj: {lora}", mode="infer", **options)
+    counts = adaptc.report_of(gm).counts
+    nf4 = [m for m in gm.modules() if isinstance(m, Nf4Weight)]
+    assert len(nf4) == (0 if dense else 14)
+    assert counts["weight_bytes_after"] == stored_layer_bytes(gm)
+    if dense:  # float32 copies, as many bytes as before
+        assert counts["weight_bytes_after"] == counts["weight_bytes_before"]
+    else:
+        assert counts["weight_bytes_after"] == sum(m.stored_bytes() for m in nf4)
+        assert counts["weight_bytes_after"] < counts["weight_bytes_before"] / 7
+
+
+def test_weight_bytes_after_count_a_tied_float_weight_beside_a_merged_head(tiny):
+    """GPT-2's quantised lm_head merged with its LoRA: a dense copy, and wte's float weight
+    that the input embedding still reads."""
+    model = tiny("gpt2")
+    gm = adaptc.compile(model, "lm_head: quantize\nlm_head: lora r=4", mode="infer")
+    counts = adaptc.report_of(gm).counts
+    weight = model.module.lm_head.weight
+    assert counts["weight_bytes_after"] == 2 * weight.numel() * weight.element_size()
+
+
 def test_an_outlier_weight_leaves_the_other_blocks_of_its_group_near_their_scale():
     """One weight of 250σ: the int8 linear second level (step d_g/127) put the block constants
     of its group up to 49% off and doubled the group's error; the dynamic map's precision is

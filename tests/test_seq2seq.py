@@ -512,6 +512,30 @@ def test_inspect_shows_a_decoder_block_named_by_its_path(tmp_path, capsys):
     assert "block decoder.block.0: original | rewritten" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("depths,block,shown", [
+    ((2, 3), -1, "model.encoder.layers.1"), ((2, 3), -2, "model.encoder.layers.0"),
+    ((3, 2), -1, "model.encoder.layers.2"), ((3, 2), 2, "model.encoder.layers.2")])
+def test_inspect_counts_an_integer_block_in_the_first_stack(depths, block, shown):
+    """An integer block counts the encoder's layers, as a spec's `[-1]` counts each stack on
+    its own: with a deeper decoder, -1 showed the decoder's last layer (the whole model's
+    depth), and 2 showed a decoder layer instead of being out of range."""
+    model = wrap(small_bart(encoder_layers=depths[0], decoder_layers=depths[1]),
+                 source="tiny-bart")
+    text = adaptc.inspect(model, "q_proj: lora r=2", block=block)
+    assert f"block {shown}: original | rewritten" in text
+    assert "encoder_attn" not in text.split("original | rewritten")[1]
+
+
+@pytest.mark.parametrize("block", [2, -3])
+def test_inspect_block_out_of_the_first_stack_names_its_range(block):
+    model = wrap(small_bart(encoder_layers=2, decoder_layers=3), source="tiny-bart")
+    with pytest.raises(AdaptcError, match=rf"block {block} is out of range: tiny-bart has 2 "
+                                          r"layers in model\.encoder\.layers \(0\.\.1, or -1 "
+                                          r"for the last\); a block's path reaches the others "
+                                          r"\(--block model\.decoder\.layers\.2\)"):
+        adaptc.inspect(model, "q_proj: lora r=2", block=block)
+
+
 def test_flan_t5_base_count_line_matches_peft():
     """The full-size shape on the meta device: PEFT's default q, v targets at r=8."""
     from peft import LoraConfig

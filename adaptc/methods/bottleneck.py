@@ -71,3 +71,9 @@ class BottleneckAdapter(nn.Module):
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
+
+    @property
+    def undecayed_parameters(self) -> tuple[str, ...]:
+        """Weight decay spares the biases (the gate's too), as PEFT's and the HF Trainer's
+        groups spare biases; their learning rate stays the base one (no LoRA+ counterpart)."""
+        return ("down_bias", "up_bias", *(() if self.gate is None else ("gate.bias",)))

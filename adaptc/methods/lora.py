@@ -98,6 +98,12 @@ class LoraAdapter(nn.Module):
         low_rank = {"B": self.B} if self.config.freeze_a else {"A": self.A, "B": self.B}
         return {**low_rank, **gate}
 
+    @property
+    def undecayed_parameters(self) -> tuple[str, ...]:
+        """Weight decay spares the gate's bias, as PEFT's and the HF Trainer's groups do
+        every bias."""
+        return () if self.gate is None else ("gate.bias",)
+
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """Tensors that do not train but are needed to restore the adapter (LoRA-FA's A)."""
         return {"A": self.A} if self.config.freeze_a else {}

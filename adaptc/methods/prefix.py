@@ -123,6 +123,15 @@ class PrefixEncoder(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
 
+    @property
+    def fast_parameters(self) -> tuple[str, ...]:
+        """LoRA+: the biases of the reparameterisation MLP, its 1-D tensors, get ratio × lr, as
+        PEFT's `create_loraplus_optimizer` gives every 1-D tensor; nor do they take weight
+        decay."""
+        return tuple(name for name, p in self.named_parameters() if p.ndim == 1)
+
+    undecayed_parameters = fast_parameters
+
     def fold(self) -> PrefixEncoder:
         """The same prefixes as a free tensor: no MLP (for inference and export)."""
         plain = PrefixEncoder(replace(self.config, projection=0) if self.config.projection
@@ -182,6 +191,12 @@ class PrefixAttention(nn.Module):
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
+
+    @property
+    def undecayed_parameters(self) -> tuple[str, ...]:
+        """Weight decay spares the gate's bias, as PEFT's and the HF Trainer's groups do
+        every bias."""
+        return () if self.gate is None else ("gate.bias",)
 
     @staticmethod
     def expand(part: torch.Tensor, batch: int, heads: int) -> torch.Tensor:

@@ -116,6 +116,15 @@ class PromptEncoder(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
 
+    @property
+    def fast_parameters(self) -> tuple[str, ...]:
+        """LoRA+: the biases of the LSTM and MLP head, their 1-D tensors, get ratio × lr, as
+        PEFT's `create_loraplus_optimizer` gives every 1-D tensor; nor do they take weight
+        decay."""
+        return tuple(name for name, p in self.named_parameters() if p.ndim == 1)
+
+    undecayed_parameters = fast_parameters
+
     def fold(self) -> PromptEmbedding:
         """The same virtual tokens as a free tensor: no encoder (for inference and export)."""
         folded = PromptEmbedding(PromptConfig(tokens=self.config.tokens), self.embedding)

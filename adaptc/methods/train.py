@@ -31,12 +31,15 @@ class TrainConfig:
 
 class TrainedParameters(nn.Module):
     """Trainable copies of some of one module's parameters, under their own names
-    (`weight`, `bias`); shapes are those of the originals."""
+    (`weight`, `bias`); shapes are those of the originals. `undecayed` names the copies that
+    take no weight decay (biases, nn.LayerNorm's tensors), as PEFT's and the HF Trainer's
+    optimizer groups leave them undecayed."""
 
-    def __init__(self, originals: dict[str, torch.Tensor]):
+    def __init__(self, originals: dict[str, torch.Tensor], undecayed: tuple[str, ...] = ()):
         super().__init__()
         for name, tensor in originals.items():
             self.register_parameter(name, nn.Parameter(tensor.detach().clone()))
+        self.undecayed_parameters = undecayed
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters(recurse=False))

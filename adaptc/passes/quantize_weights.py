@@ -6,12 +6,10 @@ in the graph.
 Runs after the adapter insertions, so it quantises what the layer finally reads (with
 init=pissa: the residual, as QLoRA + PiSSA do) and adapters that read the weight see the
 dequantised one. The float weight leaves the graph module unless a module of the model
-itself reads it too (a tied input embedding keeps its exact float weight, and the byte counts
-say the float stays); the user's tensor is unchanged.
+itself reads it too (a tied input embedding keeps its exact float weight, which the report's
+`weight_bytes_after` counts); the user's tensor is unchanged.
 """
 from __future__ import annotations
-
-from itertools import chain
 
 import torch
 from torch.fx import GraphModule
@@ -26,7 +24,7 @@ class QuantizeWeights:
     name = "quantize_weights"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        count = before = after = 0
+        count = before = 0
         for node in list(gm.graph.nodes):
             assignment = node.meta.get(METHODS, {}).get("quantize")
             if assignment is None:
@@ -49,17 +47,14 @@ class QuantizeWeights:
                 reader.replace_input_with(old, new)
             if not old.users:
                 drop_attr(gm, old)
-            size = weight.numel() * weight.element_size()
-            kept = any(p is weight for p in chain(gm.parameters(), gm.buffers()))
-            before += size
-            after += stored.stored_bytes() + size * kept
+            before += weight.numel() * weight.element_size()
             ctx.sites.append({"path": site.path, "method": "quantize/nf4", "type": site.type_name,
                               "line": assignment.rule.statement.span.line, "in": site.in_features,
                               "out": site.out_features, "params": 0})
             count += 1
         counts = {"quantize_inserted": count}
         if count:
-            counts.update({"weight_bytes_before": before, "weight_bytes_after": after})
+            counts["weight_bytes_before"] = before  # after: compiler.stored_weight_bytes
         return PassResult(gm, counts)
 
 

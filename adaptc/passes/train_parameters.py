@@ -11,6 +11,7 @@ PiSSA replaced by its residual) is an error naming it.
 """
 from __future__ import annotations
 
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from adaptc.methods.train import TrainedParameters
@@ -42,7 +43,8 @@ class TrainParameters:
     def copy_owner(self, gm: GraphModule, ctx: CompileContext, owner: str, found: list,
                    readers: dict[int, list[Node]]) -> None:
         named = {a.site.path.rpartition(".")[2]: (a, tensor) for a, tensor in found}
-        module = TrainedParameters({name: tensor for name, (_, tensor) in named.items()})
+        module = TrainedParameters({name: tensor for name, (_, tensor) in named.items()},
+                                   undecayed_names(ctx.model.module.get_submodule(owner), named))
         target = f"{owner}.trained" if owner else "trained"
         gm.add_submodule(target, module)
         for name, (assignment, tensor) in named.items():
@@ -58,6 +60,12 @@ class TrainParameters:
             ctx.sites.append({"path": assignment.site.path, "method": "train",
                               "line": assignment.rule.statement.span.line, "in": None,
                               "out": None, "params": tensor.numel()})
+
+
+def undecayed_names(owner: nn.Module, names) -> tuple[str, ...]:
+    """The selected tensors that take no weight decay: biases and nn.LayerNorm's tensors (PEFT's
+    LoRA+ groups exempt the `nn.LayerNorm` type only, so RMSNorm weights are decayed there)."""
+    return tuple(name for name in names if name == "bias" or isinstance(owner, nn.LayerNorm))
 
 
 def tensor_readers(gm: GraphModule) -> dict[int, list[Node]]:
