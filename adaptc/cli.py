@@ -444,7 +444,7 @@ def generate_uncached(model, plan, prompt: list[int], args, eos: int | None) -> 
     import torch
 
     from adaptc.compiler import compile
-    from adaptc.decode import check_causal_lm, check_eos, check_token_ids
+    from adaptc.decode import check_causal_lm, check_token_ids, stop_ids
     from adaptc.frontend.trace import is_encoder_decoder
     from adaptc.generation import greedy_generate
 
@@ -456,7 +456,7 @@ def generate_uncached(model, plan, prompt: list[int], args, eos: int | None) -> 
         check_causal_lm(model)
     config = model.module.config
     check_token_ids(prompt, config.vocab_size)
-    check_eos(eos, config.vocab_size)
+    stop_ids(eos, config.vocab_size)
     gm = compile(model, plan, "infer", adapters=args.adapters, merge=args.merge,
                  fuse_projections=args.fuse_projections)
     run = torch.compile(gm) if args.torch_compile else gm

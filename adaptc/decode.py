@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -85,16 +85,16 @@ class Decoder:
         return f" (with {self.virtual} virtual tokens)" if self.virtual else ""
 
     def generate(self, prompt: list[int], max_new_tokens: int,
-                 eos_token_id: int | None = None) -> list[int]:
+                 eos_token_id: int | Sequence[int] | None = None) -> list[int]:
         """Prompt followed by up to `max_new_tokens` greedily chosen token ids; generation
-        stops after `eos_token_id` when one is given."""
+        stops after `eos_token_id` (an id or a list of them) when one is given."""
         if isinstance(prompt, str) or not all(isinstance(t, int) for t in prompt):
             raise TypeError(f"prompt must be a list of token ids (ints), got {prompt!r:.60}")
         if not prompt:
             raise AdaptcError(EMPTY_PROMPT)
         if max_new_tokens < 0:
             raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        check_eos(eos_token_id, self.vocab_size)
+        stops = stop_ids(eos_token_id, self.vocab_size)
         if self.virtual + len(prompt) + max_new_tokens > self.max_cache_len:
             raise AdaptcError(f"a {len(prompt)}-token prompt and {max_new_tokens} new tokens"
                               f"{self.virtual_note()} exceed the cache ({self.max_cache_len}); "
@@ -103,7 +103,7 @@ class Decoder:
         scores = self.logits(tokens, 0)
         for _ in range(max_new_tokens):
             tokens.append(int(scores[-1].argmax()))
-            if len(tokens) == len(prompt) + max_new_tokens or tokens[-1] == eos_token_id:
+            if len(tokens) == len(prompt) + max_new_tokens or tokens[-1] in stops:
                 break
             scores = self.logits(tokens[-1:], len(tokens) - 1)
         return tokens
@@ -112,12 +112,27 @@ class Decoder:
 EMPTY_PROMPT = "generation needs a prompt of at least one token"
 
 
-def check_eos(eos_token_id: int | None, vocab_size: int) -> None:
-    """An end id no argmax can produce (-1, or past the vocabulary) would never stop
-    generation: refuse it rather than silently run every step."""
-    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
-        raise AdaptcError(f"eos_token_id {eos_token_id} is outside the model's vocabulary "
-                          f"(0..{vocab_size - 1}), so generation would never stop at it")
+def stop_ids(eos_token_id: int | Sequence[int] | None, vocab_size: int) -> frozenset[int]:
+    """The ids generation stops after: none, one, or several, as a chat checkpoint's
+    generation_config lists them (Llama 3 Instruct: end of text and end of turn, [128001,
+    128009]). An id no argmax can produce (-1, or past the vocabulary) would never stop
+    generation: it is refused rather than silently run every step."""
+    ids = end_ids(eos_token_id)
+    for token in ids:
+        if not 0 <= token < vocab_size:
+            raise AdaptcError(f"eos_token_id {token} is outside the model's vocabulary "
+                              f"(0..{vocab_size - 1}), so generation would never stop at it")
+    return frozenset(ids)
+
+
+def end_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """`eos_token_id` as a list of ints (a generation_config gives one id or a list)."""
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise TypeError(f"eos_token_id takes a token id or a list of them, got {eos_token_id!r}")
+    return ids
 
 
 class StepGraph:

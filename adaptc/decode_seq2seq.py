@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from torch.export import Dim
 from adaptc.adapters import ENCODERS
 from adaptc.compiler import as_model, prepare, run_pipeline
 from adaptc.decode import (MAX_CACHE_LEN, PREFIX, allocate_cache, check_cache_positions,
-                           check_eos, check_token_ids)
+                           check_token_ids, stop_ids)
 from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
@@ -122,14 +123,14 @@ class Seq2SeqDecoder:
 
     @torch.no_grad()
     def generate(self, source: list[int], max_new_tokens: int,
-                 eos_token_id: int | None = None) -> list[int]:
+                 eos_token_id: int | Sequence[int] | None = None) -> list[int]:
         """The reply to `source`: up to `max_new_tokens` greedily chosen ids after the decoder
-        start token, ending after `eos_token_id` when one is given."""
+        start token, ending after `eos_token_id` (an id or a list of them) when one is given."""
         if isinstance(source, str) or not all(isinstance(t, int) for t in source):
             raise TypeError(f"source must be a list of token ids (ints), got {source!r:.60}")
         if max_new_tokens < 0:
             raise AdaptcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        check_eos(eos_token_id, self.vocab_size)
+        stops = stop_ids(eos_token_id, self.vocab_size)
         if max_new_tokens > self.max_cache_len:
             raise AdaptcError(f"{max_new_tokens} new tokens exceed the decoder's cache "
                               f"({self.max_cache_len}); compile it with a larger max_cache_len")
@@ -138,7 +139,7 @@ class Seq2SeqDecoder:
         for position in range(max_new_tokens):
             last = int(self.logits(memory, [last], position)[-1].argmax())
             reply.append(last)
-            if last == eos_token_id:
+            if last in stops:
                 break
         return reply
 

@@ -27,21 +27,26 @@ position table (GPT-2's `wpe`), so there each padded row is decoded alone (`by_r
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from adaptc.compiler import REPORT
+from adaptc.decode import end_ids
 from adaptc.frontend.trace import INPUT_CHECK
 from adaptc.passes.graph import reads_position_table
 
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    max_new_tokens: int, eos_token_id: int | None = None,
+                    max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
                     decoder_start_token_id: int | None = None) -> torch.Tensor:
     """Append up to `max_new_tokens` argmax tokens to `input_ids` [B, S] (no KV cache: the
-    full sequence runs every step). Rows that produced `eos_token_id` continue with it.
+    full sequence runs every step). `eos_token_id` is an id or a list of them (as a
+    generation_config gives it); rows that produced one continue with the first, as
+    transformers' `generate` pads them when the pad id is unset.
 
     For an encoder-decoder (T5, BART), pass `decoder_start_token_id` (its config's): the
     source stays as given, and the decoder's tokens are returned, [B, 1 + new], starting
@@ -52,6 +57,8 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     seq2seq = decoder_start_token_id is not None
     check_kind(model, seq2seq)
     check_length(model, (1 if seq2seq else input_ids.shape[1]) + max_new_tokens)
+    ids = end_ids(eos_token_id)
+    ends = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
     if not seq2seq and shifts_positions(model, attention_mask):
         return by_row(model, input_ids, attention_mask, max_new_tokens, eos_token_id)
     tokens = (torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype,
@@ -63,17 +70,18 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                            decoder_input_ids=tokens).logits
         else:
             logits = model(input_ids=tokens, attention_mask=attention_mask).logits
-        if eos_token_id is not None and not 0 <= eos_token_id < logits.shape[-1]:
-            raise ValueError(f"eos_token_id {eos_token_id} is outside the model's vocabulary "
+        outside = [t for t in ids if not 0 <= t < logits.shape[-1]]
+        if outside:
+            raise ValueError(f"eos_token_id {outside[0]} is outside the model's vocabulary "
                              f"(0..{logits.shape[-1] - 1}), so generation would never stop at it")
         token = logits[:, -1].argmax(-1, keepdim=True)
-        if eos_token_id is not None:
-            token = torch.where(done, torch.full_like(token, eos_token_id), token)
-            done |= token == eos_token_id
+        if ids:
+            token = torch.where(done, ends[0], token)
+            done |= torch.isin(token, ends)
         tokens = torch.cat([tokens, token], dim=1)
         if not seq2seq:
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        if eos_token_id is not None and done.all():
+        if ids and done.all():
             break
     return tokens
 
@@ -88,10 +96,10 @@ def shifts_positions(model: nn.Module, attention_mask: torch.Tensor) -> bool:
 
 
 def by_row(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           max_new_tokens: int, eos_token_id: int | None) -> torch.Tensor:
+           max_new_tokens: int, eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
     """greedy_generate of each row without its padding, put back behind it: the tokens
     `generate` gives a left-padded row (the batch's padded positions would read other rows
-    of the position table). Rows that stop early continue with `eos_token_id`."""
+    of the position table). Rows that stop early continue with the first end id."""
     rows = []
     for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
         if not mask.any():
@@ -100,7 +108,7 @@ def by_row(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         out = greedy_generate(model, real, torch.ones_like(real), max_new_tokens, eos_token_id)
         rows.append(torch.cat([ids[~mask.bool()], out[0]]))
     width = max(len(row) for row in rows)
-    fill = eos_token_id if eos_token_id is not None else 0  # only rows ended by the end id
+    fill = (end_ids(eos_token_id) or [0])[0]  # only rows ended by an end id are short
     return torch.stack([torch.cat([row, row.new_full((width - len(row),), fill)])
                         for row in rows])
 

@@ -79,6 +79,12 @@ def test_decoder_limits(tiny):
     full = decoder.generate(PROMPT, 3)
     eos = full[len(PROMPT) + 1]
     assert decoder.generate(PROMPT, 3, eos) == full[:full.index(eos, len(PROMPT)) + 1]
+    assert decoder.generate(PROMPT, 3, [100, eos]) == full[:full.index(eos, len(PROMPT)) + 1]
+    with pytest.raises(AdaptcError, match=r"eos_token_id -3 is outside .*would never stop"):
+        decoder.generate(PROMPT, 2, [eos, -3])
+    with pytest.raises(TypeError, match=r"eos_token_id takes a token id or a list of them, "
+                                        r"got \[\]"):
+        decoder.generate(PROMPT, 2, [])
     with pytest.raises(TypeError, match="prompt must be a list of token ids"):
         decoder.generate("5 17", 2)
     with pytest.raises(TypeError, match="max_cache_len must be an int, got 8.5"):

@@ -127,3 +127,15 @@ def test_left_padded_rows_over_a_position_table_give_generate_tokens(tiny):
     theirs = twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
                            do_sample=False, eos_token_id=eos, pad_token_id=eos)
     assert torch.equal(adaptc.greedy_generate(gm, ids, mask, 6, eos), theirs)
+    # several end ids (a chat checkpoint's generation_config): each row stops at the first of
+    # them it produces and continues with the first listed, as generate pads it
+    ends = [int(ours[0, 6]), int(ours[2, 7])]
+    theirs = twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                           do_sample=False, eos_token_id=ends, pad_token_id=ends[0])
+    assert torch.equal(adaptc.greedy_generate(gm, ids, mask, 6, ends), theirs)
+    unpadded = torch.tensor([rows[0], [3, 4, 5, 6, 7]])  # the batched path, not row by row
+    theirs = twin.generate(input_ids=unpadded, attention_mask=torch.ones_like(unpadded),
+                           max_new_tokens=6, do_sample=False, eos_token_id=ends,
+                           pad_token_id=ends[0])
+    assert torch.equal(adaptc.greedy_generate(gm, unpadded, torch.ones_like(unpadded), 6, ends),
+                       theirs)
