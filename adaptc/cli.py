@@ -159,13 +159,14 @@ def parser() -> argparse.ArgumentParser:
     given = gen.add_mutually_exclusive_group(required=True)
     given.add_argument("--prompt", help="token ids, e.g. '5 17 42'")
     given.add_argument("--text", help="text, encoded with the checkpoint directory's tokenizer "
-                       "(the output is decoded, and generation stops at its end-of-sequence "
-                       "token unless --eos-token-id says otherwise)")
+                       "(the output is decoded, and generation stops at the end ids of its "
+                       "generation_config.json and its tokenizer unless --eos-token-id says "
+                       "otherwise)")
     gen.add_argument("--max-new-tokens", type=count, default=16)
     gen.add_argument("--max-cache-len", type=int, help="the KV cache's length in tokens "
                      "(default 128)")
-    gen.add_argument("--eos-token-id", type=int, metavar="ID",
-                     help="stop after generating this token id")
+    gen.add_argument("--eos-token-id", type=int, nargs="+", metavar="ID",
+                     help="stop after generating any of these token ids")
     gen.add_argument("--torch-compile", action="store_true",
                      help="run the decoder graph through torch.compile (slow first tokens, "
                      "faster after)")
@@ -396,10 +397,10 @@ def run_generate(args) -> int:
     args.model = args.model or DEFAULT_MODEL
     tokenizer, eos = None, args.eos_token_id
     if args.text is not None:
-        tokenizer = checkpoint_tokenizer(str(Path(args.spec) / DECODING_DIR) if saved
-                                         else args.model)
+        folder = str(Path(args.spec) / DECODING_DIR) if saved else args.model
+        tokenizer = checkpoint_tokenizer(folder)
         prompt = tokenizer(args.text)["input_ids"]
-        eos = tokenizer.eos_token_id if eos is None else eos
+        eos = checkpoint_end_ids(folder, tokenizer) if eos is None else eos
     else:
         try:
             prompt = [int(token) for token in args.prompt.replace(",", " ").split()]
@@ -491,6 +492,26 @@ def checkpoint_tokenizer(model: str):
     except (OSError, ValueError) as err:
         raise AdaptcError(f"{model}: no tokenizer to encode --text with ({first_line(err)}); "
                           "pass token ids with --prompt") from None
+
+
+def checkpoint_end_ids(folder: str, tokenizer) -> list[int] | None:
+    """The ids `--text` generation stops after: the `eos_token_id` of the checkpoint's
+    generation_config.json, which transformers' `generate` stops at (an id or a list: a chat
+    model's end of turn beside its end of text, Llama 3's [128001, 128009]), and the
+    tokenizer's end-of-sequence token; None when there are neither."""
+    from adaptc.decode import end_ids
+    from adaptc.decoding_program import GENERATION_CONFIG
+
+    ids, path = [], Path(folder) / GENERATION_CONFIG
+    if path.is_file():
+        try:
+            ids = end_ids(json.loads(path.read_text()).get("eos_token_id"))
+        except (ValueError, TypeError, AttributeError) as err:
+            raise AdaptcError(f"{path}: eos_token_id is not a token id or a list of them "
+                              f"({first_line(err)})") from None
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids or None
 
 
 def run_import_peft(args) -> int:

@@ -10,7 +10,8 @@ DIR/decoding/.
     decoding.json   kind, limits, vocabulary size, virtual tokens, the decoder start token,
                     and the check: greedy tokens and logits of the saved programs against
                     the compiled decoder's on a random prompt
-    tokenizer files copied from the model's checkpoint directory, when it has them
+    tokenizer files and generation_config.json (the end ids `adaptc generate --text` stops
+                    at) copied from the model's checkpoint directory, when it has them
 
 `load_decoding(DIR)` gives back the Decoder or Seq2SeqDecoder that compile_decoder or
 compile_seq2seq_decoder returned, over the loaded programs (`adaptc generate DIR`). The
@@ -19,6 +20,7 @@ programs run on the device they were compiled for.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from adaptc.frontend.trace import export_dynamic
 from adaptc.passes.bind_ops import bind_ops
 
 DECODING_DIR, DESCRIPTION = "decoding", "decoding.json"
+GENERATION_CONFIG = "generation_config.json"
 FORMAT = 1
 CHECK_PROMPT, CHECK_NEW_TOKENS = 5, 8
 
@@ -53,6 +56,8 @@ def save_decoding(decoder: Decoder | Seq2SeqDecoder, folder: Path,
     (folder / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
     if tokenizer_source:
         copy_tokenizer(tokenizer_source, folder)
+        if (Path(tokenizer_source) / GENERATION_CONFIG).is_file():
+            shutil.copy2(Path(tokenizer_source) / GENERATION_CONFIG, folder / GENERATION_CONFIG)
     return description
 
 

@@ -109,6 +109,22 @@ def test_cli_compile_decoder_then_generate_from_the_artifact(tiny, tmp_path, cap
     assert capsys.readouterr().out.split() == want
     assert main(["generate", str(out), "--text", "w3 w7 w1", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.split() == [f"w{int(i) - 1}" for i in want]
+
+    # --text stops at generation_config.json's end ids (copied into decoding/), which a chat
+    # checkpoint lists several of; --prompt ids stop only at --eos-token-id
+    generated = [int(t) for t in want[3:]]
+    ends = [generated[4], generated[2]]
+    stop = want[:3 + min(i for i, t in enumerate(generated) if t in ends) + 1]
+    for folder in (checkpoint, out / "decoding"):
+        config = json.loads((folder / "generation_config.json").read_text())
+        (folder / "generation_config.json").write_text(json.dumps({**config,
+                                                                   "eos_token_id": ends}))
+    for source in ([str(out)], [str(tmp_path / "s.adapt"), *built]):
+        assert main(["generate", *source, "--text", "w3 w7 w1", "--max-new-tokens", "6"]) == 0
+        assert capsys.readouterr().out.split() == [f"w{int(i) - 1}" for i in stop]
+    assert main(["generate", str(out), "--prompt", "4 8 2", "--max-new-tokens", "6",
+                 "--eos-token-id", *map(str, ends)]) == 0
+    assert capsys.readouterr().out.split() == stop
     assert main(["generate", str(out), "--prompt", "4 8 2", "--max-new-tokens", "30"]) == 1
     assert "exceed the cache (20)" in capsys.readouterr().err
 
