@@ -11,7 +11,7 @@ import torch
 from peft import PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
 import adaptc
-from adaptc.errors import ModelError, SpecError
+from adaptc.errors import SpecError
 from helpers import bert_classifier, inputs, main_output
 
 TOL = 1e-5

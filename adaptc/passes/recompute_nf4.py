@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule
 
 from adaptc.methods.quantize import Nf4Weight, nf4_linear
-from adaptc.passes.base import INSERTED, CompileContext, PassResult
+from adaptc.passes.base import CompileContext, PassResult
 from adaptc.passes.graph import linear_bias, linear_input, mark
 
 aten = torch.ops.aten
