@@ -218,14 +218,16 @@ def test_nf4_linear_gives_dense_linear_gradients():
         assert (ours - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
 
 
-@pytest.mark.parametrize("lora", ["lora r=4", "lora r=4 dora"])
-def test_qlora_training_keeps_no_dense_weight_for_backward(tiny, lora):
-    """No tensor autograd saves in the forward pass has a quantised weight's shape (the
+@pytest.mark.parametrize("family, targets, lora", [("llama", "*_proj", "lora r=4"),
+                                                   ("llama", "*_proj", "lora r=4 dora"),
+                                                   ("gpt2", "attn.*,ffn.*", "lora r=4")])
+def test_qlora_training_keeps_no_dense_weight_for_backward(tiny, family, targets, lora):
+    """No tensor autograd saves in the forward pass has a quantised weight's shape (Llama's
     plain linear saved 11 of the 14: all but layer 0's q, k, v, whose input needs no
-    gradient; DoRA's weight norm is detached, so it saves none either), and the adapter
-    gradients equal those on the dequantised float model (1e-5)."""
-    model = tiny("llama")
-    gm = adaptc.compile(model, f"*_proj: quantize\n*_proj: {lora}")
+    gradient; DoRA's weight norm is detached, so it saves none either; GPT-2's Conv1D addmm
+    all 8), and the adapter gradients equal those on the dequantised float model (1e-5)."""
+    model = tiny(family)
+    gm = adaptc.compile(model, f"{targets}: quantize\n{targets}: {lora}")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in adaptc.adapter_state_dict(gm).values():
@@ -233,20 +235,26 @@ def test_qlora_training_keeps_no_dense_weight_for_backward(tiny, lora):
     dense = copy.deepcopy(model)
     stored = {path.removesuffix(".nf4"): m for path, m in gm.named_modules()
               if isinstance(m, Nf4Weight)}
-    assert len(stored) == 14
+    assert len(stored) == {"llama": 14, "gpt2": 8}[family]
     with torch.no_grad():
         for path, weight in stored.items():
             dense.module.get_submodule(path).weight.copy_(weight())
-    reference = adaptc.compile(dense, f"*_proj: {lora}")
+    reference = adaptc.compile(dense, f"{targets}: {lora}")
     with torch.no_grad():
         for name, param in adaptc.adapter_state_dict(reference).items():
             param.copy_(adaptc.adapter_state_dict(gm)[name])
 
-    shapes = {m.shape for m in stored.values()}
+    shapes = {m.shape for m in stored.values()} | {m.shape[::-1] for m in stored.values()}
+    own = {t.data_ptr() for t in [*gm.parameters(), *gm.buffers()]}  # GPT-2's tied head
     saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in own:
+            saved.append(tensor.shape)
+        return tensor
+
     x = inputs()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         main_output(gm(**x)).pow(2).mean().backward()
     assert saved and not [s for s in saved if tuple(s) in shapes]
     main_output(reference(**x)).pow(2).mean().backward()

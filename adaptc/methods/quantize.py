@@ -161,28 +161,36 @@ class Nf4Linear(torch.autograd.Function):
     """`linear(x, weight(), bias)` on an `Nf4Weight` that keeps no dense weight for backward:
     the input gradient dequantises the weight again (as bitsandbytes' `MatMul4Bit`), so a
     training step holds one layer's dense weight at a time instead of every layer's. The
-    frozen weight gets no gradient; `x` and `bias` do when they need one."""
+    frozen weight gets no gradient; `x` and `bias` do when they need one. `transposed`: the
+    weight is stored [in, out] (GPT-2's Conv1D, `addmm(b, x, W)`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None):
-        ctx.weight, ctx.x_dtype = weight, x.dtype
+    def forward(ctx, x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None,
+                transposed: bool):
+        ctx.weight, ctx.transposed, ctx.x_dtype = weight, transposed, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, weight(), bias)
+        return F.linear(x, dense(weight, transposed), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # under autocast the output (and grad) may be 16-bit while the weight is not
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ ctx.weight().to(grad.dtype)).to(ctx.x_dtype)
+            grad_x = (grad @ dense(ctx.weight, ctx.transposed).to(grad.dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias
+        return grad_x, None, grad_bias, None
 
 
-def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None):
+def dense(weight: Nf4Weight, transposed: bool) -> torch.Tensor:
+    """The dequantised weight in nn.Linear's [out, in] layout."""
+    return weight().t() if transposed else weight()
+
+
+def nf4_linear(x: torch.Tensor, weight: Nf4Weight, bias: torch.Tensor | None = None,
+               transposed: bool = False) -> torch.Tensor:
     """The graph's call for a linear layer on an NF4 weight in train mode; see `Nf4Linear`."""
-    return Nf4Linear.apply(x, weight, bias)
+    return Nf4Linear.apply(x, weight, bias, transposed)
 
 
 def meta_state(numel: int, config: QuantizeConfig) -> dict[str, torch.Tensor]:
