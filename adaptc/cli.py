@@ -2,7 +2,8 @@
 passes.
 
 User errors (spec, model, weights, output) print their message and exit 1 with no
-traceback; argument errors exit 2.
+traceback; argument errors exit 2; a reader that closes the pipe early (`| head`) ends the
+command quietly with 141, as a shell tool killed by SIGPIPE.
 """
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return closed_stdout()
+
+
+def closed_stdout() -> int:
+    """The reader of stdout went away (`adaptc inspect ... | head`): point stdout at /dev/null
+    so the interpreter's flush at exit does not fail again, and exit 128 + SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 @contextmanager

@@ -450,3 +450,18 @@ def test_a_train_artifact_given_as_adapter_file_names_its_weights(tmp_path, caps
     assert f"{art}: is a directory, not an adapter weights file" in err
     assert f"it holds a train artifact's weights: pass {art / 'adapters.safetensors'}" in err
     assert not out.exists()
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    """`adaptc passes | head -1`: the write to the closed pipe was a BrokenPipeError
+    traceback (and exit 1); now nothing on stderr and 141, as a tool killed by SIGPIPE."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes
+    try:
+        result = subprocess.run([sys.executable, "-m", "adaptc", "passes"], stdout=write,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
