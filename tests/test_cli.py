@@ -465,3 +465,37 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
     finally:
         os.close(write)
     assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_inspect_block_may_name_the_adapted_module_itself(capsys, tmp_path):
+    """A prompt adapts the word embedding, which no layer holds: `--block 0` says so, and
+    `--block model.embed_tokens` was refused as having 'no adapted module inside it' (as was
+    `--block model.layers.0.self_attn.q_proj` for LoRA on it, and `--block classifier` for
+    `classifier: train`), so the prompt's graph could not be shown at all."""
+    assert main(["inspect", "specs/prompt.adapt", "--block", "model.embed_tokens"]) == 0
+    text = capsys.readouterr().out
+    assert "block model.embed_tokens: original | rewritten" in text
+    assert "+ model_embed_tokens_prompt = model.embed_tokens.prompt(embedding)" in text
+    assert main(["inspect", "specs/lora_qv.adapt", "--block",
+                 "model.layers.0.self_attn.q_proj"]) == 0
+    text = capsys.readouterr().out.split("original | rewritten")[1]
+    assert "+ model_layers_0_self_attn_q_proj_lora" in text and "v_proj" not in text
+    spec = tmp_path / "s.adapt"
+    spec.write_text("attn.q: lora r=4\nlm_head: train\n")
+    assert main(["inspect", str(spec), "--block", "lm_head"]) == 0
+    assert "block lm_head: original | rewritten" in capsys.readouterr().out
+    assert main(["inspect", "specs/prompt.adapt", "--block", "model.layers.0"]) == 1
+    assert capsys.readouterr().err == ("block 'model.layers.0': no adapted module inside it "
+                                       "(blocks with one: model.embed_tokens)\n")
+
+
+def test_inspect_block_naming_a_container_is_an_error(capsys):
+    """`--block model.layers` (a ModuleList: no op of the graph runs in it) printed the table
+    and an empty listing under 'block model.layers: original | rewritten', exit 0."""
+    assert main(["inspect", "specs/lora_qv.adapt", "--block", "model.layers"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == ("block 'model.layers': no operation of the traced graph runs inside "
+                           "it (a container such as a ModuleList runs none itself); blocks with "
+                           "one: model.layers.0, model.layers.1, model.layers.2, "
+                           "model.layers.3\n")
