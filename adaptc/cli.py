@@ -298,9 +298,9 @@ def cached_decoder(model, plan, adapters: str | None, args):
                            **options)
 
 
-def refuse_cuda_graph(args) -> None:
+def refuse_cuda_graph(args, why: str = "this model is an encoder-decoder") -> None:
     if getattr(args, "cuda_graph", False):
-        raise AdaptcError("--cuda-graph is for causal LMs; this model is an encoder-decoder")
+        raise AdaptcError(f"--cuda-graph is for causal LMs' cached decoding; {why}")
 
 
 def train_reference(ctx, adapters: str | None, scratch: Path):
@@ -422,9 +422,12 @@ def run_generate(args) -> int:
             prompt, args.max_new_tokens, eos)
     else:
         plan = spec_plan(args.spec)  # a spec error before the model loads
+        gated = any(getattr(r.config, "gate", False) for r in plan.rules)
+        if gated:  # was refused as if the model were an encoder-decoder
+            refuse_cuda_graph(args, "a gated spec decodes without a KV cache (the whole "
+                              "sequence at each step), so there is no one-token step to replay")
         model = placed_model(args)
-        if any(getattr(r.config, "gate", False) for r in plan.rules):
-            refuse_cuda_graph(args)
+        if gated:
             tokens = generate_uncached(model, plan, prompt, args, eos)
         else:
             decoder = cached_decoder(model, plan, args.adapters, args)

@@ -499,3 +499,16 @@ def test_inspect_block_naming_a_container_is_an_error(capsys):
                            "it (a container such as a ModuleList runs none itself); blocks with "
                            "one: model.layers.0, model.layers.1, model.layers.2, "
                            "model.layers.3\n")
+
+
+def test_cuda_graph_under_a_gated_spec_says_why(capsys):
+    """UniPELT on the llama preset (a causal LM) with --cuda-graph was refused with '--cuda-graph
+    is for causal LMs; this model is an encoder-decoder', after loading the model."""
+    assert main(["generate", "specs/unipelt.adapt", "--prompt", "5 17", "--cuda-graph"]) == 1
+    assert capsys.readouterr().err == (
+        "--cuda-graph is for causal LMs' cached decoding; a gated spec decodes without a KV "
+        "cache (the whole sequence at each step), so there is no one-token step to replay\n")
+    assert main(["generate", "specs/lora_qv.adapt", "--model", "t5", "--prompt", "5",
+                 "--cuda-graph"]) == 1
+    assert capsys.readouterr().err == ("--cuda-graph is for causal LMs' cached decoding; this "
+                                       "model is an encoder-decoder\n")
