@@ -137,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate specs without a model")
-    check.add_argument("specs", type=path, nargs="+", metavar="spec", help=SPEC_HELP)
+    check.add_argument("specs", type=path, nargs="+", metavar="spec", help=SPEC_HELP,
+                       action=StdinOnce)
     check.set_defaults(run=run_check)
 
     imp = sub.add_parser("import-peft", help="print the spec equivalent to a PEFT adapter "
@@ -200,6 +201,17 @@ def parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # `inspect --mode infer` was read as `--model infer`
         command.allow_abbrev = False
     return top
+
+
+class StdinOnce(argparse.Action):
+    """`check - -`: standard input can be read once; the second `-` read nothing and was
+    reported as a spec with no statements."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values.count("-") > 1:
+            parser.error(f"argument spec: '-' (standard input) is given {values.count('-')} "
+                         "times; it can be read once")
+        setattr(namespace, self.dest, values)
 
 
 def add_placement(command: argparse.ArgumentParser) -> None:

@@ -512,3 +512,15 @@ def test_cuda_graph_under_a_gated_spec_says_why(capsys):
                  "--cuda-graph"]) == 1
     assert capsys.readouterr().err == ("--cuda-graph is for causal LMs' cached decoding; this "
                                        "model is an encoder-decoder\n")
+
+
+def test_check_refuses_standard_input_twice():
+    """`check - -` read the spec for the first '-' and nothing for the second, which failed as
+    'the spec has no statements' (exit 1) though the spec was fine."""
+    result = subprocess.run([sys.executable, "-m", "adaptc", "check", "-", "specs/card.adapt",
+                             "-"], input="q: lora\n", capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == ("adaptc check: error: argument spec: '-' "
+                                              "(standard input) is given 2 times; it can be "
+                                              "read once")
