@@ -524,3 +524,15 @@ def test_check_refuses_standard_input_twice():
     assert result.stderr.splitlines()[-1] == ("adaptc check: error: argument spec: '-' "
                                               "(standard input) is given 2 times; it can be "
                                               "read once")
+
+
+def test_inspect_names_a_loramoe_mixture(capsys):
+    """LoRAMoE's sites were listed as `moe[6]`, the other mixture kind's name."""
+    assert main(["inspect", "specs/loramoe.adapt"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("model.layers.")]
+    assert rows and {row[1] for row in rows} == {"loramoe[6]"}
+    assert main(["inspect", "specs/card.adapt"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("model.layers.") and "self_attn" in line]
+    assert rows and {row[1] for row in rows} == {"moe[4]"}
