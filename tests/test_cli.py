@@ -536,3 +536,19 @@ def test_inspect_names_a_loramoe_mixture(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith("model.layers.") and "self_attn" in line]
     assert rows and {row[1] for row in rows} == {"moe[4]"}
+
+
+def test_no_hf_checkpoint_reason_does_not_say_only_lora_merges(tmp_path, capsys):
+    """The reason printed and stored in report.json said '(only merged LoRA fits a
+    checkpoint)', beside a merged IA3 that would have fit; README: merged updates and trained
+    parameters fit."""
+    import json
+
+    spec = tmp_path / "s.adapt"
+    spec.write_text("attn.q: ia3\nffn: adapter bottleneck=4\n")
+    out = tmp_path / "serve"
+    assert main(["compile", str(spec), "--mode", "infer", "-o", str(out)]) == 0
+    why = ("4 adapters run as fused ops (a checkpoint holds only merged updates and trained "
+           "parameters)")
+    assert f"no hf/ checkpoint: {why}\n" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["hf_skipped"] == why
