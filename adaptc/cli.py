@@ -582,9 +582,10 @@ def write_imported(imported, spec: str, args) -> None:
 
 def run_export_peft(args) -> int:
     from adaptc.artifact import load, refuse_existing, refuse_inputs
-    from adaptc.peft_interop import export_peft
+    from adaptc.peft_interop import check_task_type, export_peft
 
     refuse_existing(Path(args.output), args.force)  # before the work, not only after it
+    check_task_type(args.task_type)  # was checked after the artifact had been recompiled
     refuse_inputs(Path(args.output), [("artifact", args.artifact)])
     out = export_peft(load(args.artifact), args.output, task_type=args.task_type,
                       force=args.force)

@@ -552,3 +552,20 @@ def test_no_hf_checkpoint_reason_does_not_say_only_lora_merges(tmp_path, capsys)
            "parameters)")
     assert f"no hf/ checkpoint: {why}\n" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["hf_skipped"] == why
+
+
+def test_export_peft_refuses_an_unknown_task_type_before_loading(tmp_path, capsys, monkeypatch):
+    """An unknown --task-type was refused only after the artifact had been loaded (its spec
+    recompiled onto its model: minutes for a large one)."""
+    import adaptc.artifact
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the artifact was loaded")
+
+    monkeypatch.setattr(adaptc.artifact, "load", no_load)
+    assert main(["export-peft", str(tmp_path / "dist"), str(tmp_path / "peft"),
+                 "--task-type", "causal_lm"]) == 1
+    assert capsys.readouterr().err == (
+        "unknown PEFT task type 'causal_lm': PEFT reads only SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, "
+        "TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION\n")
+    assert not (tmp_path / "peft").exists()
