@@ -95,6 +95,17 @@ def count(text: str) -> int:
     return value
 
 
+def cache_length(text: str) -> int:
+    """--max-cache-len: below 2 (a prompt token and a new one) was refused by the decoder
+    compiler after the model had loaded (and, with `compile -o`, after the infer graph and its
+    check had been built), in the library's words (`max_cache_len`)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (a prompt token and a new one), "
+                                         f"got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="adaptc", description="Compile .adapt specs into "
                                   "adapter graphs for parameter-efficient fine-tuning.")
@@ -120,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--decoder", action="store_true",
                       help="infer mode with -o: also write cached-decoding programs "
                       "(decoding/) that `adaptc generate DIR` runs")
-    comp.add_argument("--max-cache-len", type=int,
+    comp.add_argument("--max-cache-len", type=cache_length,
                       help="with --decoder: the KV cache's length in tokens (default 128)")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
     comp.add_argument("--dump-passes", type=path, metavar="DIR",
@@ -174,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
                        "(the output is decoded, and generation stops at its end-of-sequence "
                        "token unless --eos-token-id says otherwise)")
     gen.add_argument("--max-new-tokens", type=count, default=16)
-    gen.add_argument("--max-cache-len", type=int, help="the KV cache's length in tokens "
+    gen.add_argument("--max-cache-len", type=cache_length, help="the KV cache's length in tokens "
                      "(default 128)")
     gen.add_argument("--eos-token-id", type=int, metavar="ID",
                      help="stop after generating this token id")
