@@ -239,6 +239,7 @@ def placed_model(args):
 
 
 def run_compile(args) -> int:
+    from adaptc.adapters import check_adapter_file
     from adaptc.artifact import refuse_existing, refuse_inputs
     from adaptc.frontend.models import PRESETS
     from adaptc.compiler import compile, prepare, report_of
@@ -260,6 +261,8 @@ def run_compile(args) -> int:
                                           ("adapter file", args.adapters),
                                           ("spec file", args.spec)])
         refuse_dump_inside(Path(args.output), args.dump_passes or os.environ.get("ADAPTC_DUMP"))
+    if args.adapters:  # was found missing after the model and the train graph
+        check_adapter_file(args.adapters)
     start = time.perf_counter()
     plan = spec_plan(args.spec)  # a spec error before the model loads
     ctx = prepare(placed_model(args), plan, args.mode)
@@ -422,6 +425,7 @@ def run_check(args) -> int:
 
 
 def run_generate(args) -> int:
+    from adaptc.adapters import check_adapter_file
     from adaptc.decoding_program import DECODING_DIR, load_decoding
 
     saved = Path(args.spec).is_dir()
@@ -445,6 +449,8 @@ def run_generate(args) -> int:
             prompt, args.max_new_tokens, eos)
     else:
         plan = spec_plan(args.spec)  # a spec error before the model loads
+        if args.adapters:
+            check_adapter_file(args.adapters)
         gated = any(getattr(r.config, "gate", False) for r in plan.rules)
         if gated:  # was refused as if the model were an encoder-decoder
             refuse_cuda_graph(args, "a gated spec decodes without a KV cache (the whole "

@@ -584,3 +584,24 @@ def test_a_cache_too_short_is_an_argument_error(tmp_path, command):
                                               "--max-cache-len: must be >= 2 (a prompt token "
                                               "and a new one), got 1")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["compile", "specs/lora_qv.adapt", "--mode", "infer"],
+                                     ["generate", "specs/lora_qv.adapt", "--prompt", "5"]])
+def test_adapters_that_cannot_be_read_are_refused_before_the_model_loads(tmp_path, capsys,
+                                                                         monkeypatch, command):
+    """A missing --adapters file was found after the model had loaded and (compile -o) the
+    train-mode graph had been built: minutes for a large checkpoint."""
+    import adaptc.cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(adaptc.cli, "placed_model", no_model)
+    missing = tmp_path / "a.safetensors"
+    assert main([*command, "--adapters", str(missing)]) == 1
+    assert capsys.readouterr().err == (f"{missing}: cannot read adapter weights: No such file "
+                                       f"or directory: {missing}\n")
+    (tmp_path / "junk.safetensors").write_text("not safetensors")
+    assert main([*command, "--adapters", str(tmp_path / "junk.safetensors")]) == 1
+    assert "junk.safetensors: cannot read adapter weights: " in capsys.readouterr().err
