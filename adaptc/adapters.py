@@ -95,6 +95,24 @@ def site_options(sites: list[dict], prefix: str = "") -> dict[str, dict]:
                                   for row in sites if "options" in row}))
 
 
+def check_adapter_file(path: str | Path) -> None:
+    """What `load_adapters` refuses before it reads a tensor: a directory, a missing file, one
+    that is not safetensors. The CLI checks `--adapters` with it before the model loads."""
+    if Path(path).is_dir():
+        peft = (Path(path) / "adapter_config.json").is_file()
+        artifact = Path(path) / ARTIFACT_ADAPTERS
+        raise WeightsError(f"{path}: is a directory, not an adapter weights file (the "
+                           "safetensors file adaptc.save_adapters writes)"
+                           + (f"\n  it holds a PEFT adapter: {PEFT_CONVERT}" if peft else "")
+                           + (f"\n  it holds a train artifact's weights: pass {artifact}"
+                              if artifact.is_file() else ""))
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
+
+
 def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
                   partial: bool = False, sites: list[dict] | None = None) -> None:
     """Copy tensors from a safetensors file into the module's adapters; all or nothing.
@@ -107,14 +125,7 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
     agree with the file's on every option that changes outputs at the sites both have:
     tensors trained with alpha=16 compute something else under alpha=32.
     """
-    if Path(path).is_dir():
-        peft = (Path(path) / "adapter_config.json").is_file()
-        artifact = Path(path) / ARTIFACT_ADAPTERS
-        raise WeightsError(f"{path}: is a directory, not an adapter weights file (the "
-                           "safetensors file adaptc.save_adapters writes)"
-                           + (f"\n  it holds a PEFT adapter: {PEFT_CONVERT}" if peft else "")
-                           + (f"\n  it holds a train artifact's weights: pass {artifact}"
-                              if artifact.is_file() else ""))
+    check_adapter_file(path)
     try:
         with safe_open(str(path), "pt") as handle:
             saved = handle.metadata() or {}

@@ -2,7 +2,8 @@
 passes.
 
 User errors (spec, model, weights, output) print their message and exit 1 with no
-traceback; argument errors exit 2.
+traceback; argument errors exit 2; a reader that closes the pipe early (`| head`) ends the
+command quietly with 141, as a shell tool killed by SIGPIPE.
 """
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return closed_stdout()
+
+
+def closed_stdout() -> int:
+    """The reader of stdout went away (`adaptc inspect ... | head`): point stdout at /dev/null
+    so the interpreter's flush at exit does not fail again, and exit 128 + SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 @contextmanager
@@ -83,6 +95,17 @@ def count(text: str) -> int:
     return value
 
 
+def cache_length(text: str) -> int:
+    """--max-cache-len: below 2 (a prompt token and a new one) was refused by the decoder
+    compiler after the model had loaded (and, with `compile -o`, after the infer graph and its
+    check had been built), in the library's words (`max_cache_len`)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (a prompt token and a new one), "
+                                         f"got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="adaptc", description="Compile .adapt specs into "
                                   "adapter graphs for parameter-efficient fine-tuning.")
@@ -108,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--decoder", action="store_true",
                       help="infer mode with -o: also write cached-decoding programs "
                       "(decoding/) that `adaptc generate DIR` runs")
-    comp.add_argument("--max-cache-len", type=int,
+    comp.add_argument("--max-cache-len", type=cache_length,
                       help="with --decoder: the KV cache's length in tokens (default 128)")
     comp.add_argument("--force", action="store_true", help="replace an existing output")
     comp.add_argument("--dump-passes", type=path, metavar="DIR",
@@ -126,7 +149,8 @@ def parser() -> argparse.ArgumentParser:
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate specs without a model")
-    check.add_argument("specs", type=path, nargs="+", metavar="spec", help=SPEC_HELP)
+    check.add_argument("specs", type=path, nargs="+", metavar="spec", help=SPEC_HELP,
+                       action=StdinOnce)
     check.set_defaults(run=run_check)
 
     imp = sub.add_parser("import-peft", help="print the spec equivalent to a PEFT adapter "
@@ -163,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
                        "generation_config.json and its tokenizer unless --eos-token-id says "
                        "otherwise)")
     gen.add_argument("--max-new-tokens", type=count, default=16)
-    gen.add_argument("--max-cache-len", type=int, help="the KV cache's length in tokens "
+    gen.add_argument("--max-cache-len", type=cache_length, help="the KV cache's length in tokens "
                      "(default 128)")
     gen.add_argument("--eos-token-id", type=int, nargs="+", metavar="ID",
                      help="stop after generating any of these token ids")
@@ -192,6 +216,17 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class StdinOnce(argparse.Action):
+    """`check - -`: standard input can be read once; the second `-` read nothing and was
+    reported as a spec with no statements."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values.count("-") > 1:
+            parser.error(f"argument spec: '-' (standard input) is given {values.count('-')} "
+                         "times; it can be read once")
+        setattr(namespace, self.dest, values)
+
+
 def add_placement(command: argparse.ArgumentParser) -> None:
     command.add_argument("--dtype", choices=tuple(DTYPES),
                          help="cast the model's weights (default: as stored; presets float32)")
@@ -206,6 +241,7 @@ def placed_model(args):
 
 
 def run_compile(args) -> int:
+    from adaptc.adapters import check_adapter_file
     from adaptc.artifact import refuse_existing, refuse_inputs
     from adaptc.frontend.models import PRESETS
     from adaptc.compiler import compile, prepare, report_of
@@ -227,6 +263,8 @@ def run_compile(args) -> int:
                                           ("adapter file", args.adapters),
                                           ("spec file", args.spec)])
         refuse_dump_inside(Path(args.output), args.dump_passes or os.environ.get("ADAPTC_DUMP"))
+    if args.adapters:  # was found missing after the model and the train graph
+        check_adapter_file(args.adapters)
     start = time.perf_counter()
     plan = spec_plan(args.spec)  # a spec error before the model loads
     ctx = prepare(placed_model(args), plan, args.mode)
@@ -288,9 +326,9 @@ def cached_decoder(model, plan, adapters: str | None, args):
                            **options)
 
 
-def refuse_cuda_graph(args) -> None:
+def refuse_cuda_graph(args, why: str = "this model is an encoder-decoder") -> None:
     if getattr(args, "cuda_graph", False):
-        raise AdaptcError("--cuda-graph is for causal LMs; this model is an encoder-decoder")
+        raise AdaptcError(f"--cuda-graph is for causal LMs' cached decoding; {why}")
 
 
 def train_reference(ctx, adapters: str | None, scratch: Path):
@@ -389,6 +427,7 @@ def run_check(args) -> int:
 
 
 def run_generate(args) -> int:
+    from adaptc.adapters import check_adapter_file
     from adaptc.decoding_program import DECODING_DIR, load_decoding
 
     saved = Path(args.spec).is_dir()
@@ -412,9 +451,14 @@ def run_generate(args) -> int:
             prompt, args.max_new_tokens, eos)
     else:
         plan = spec_plan(args.spec)  # a spec error before the model loads
+        if args.adapters:
+            check_adapter_file(args.adapters)
+        gated = any(getattr(r.config, "gate", False) for r in plan.rules)
+        if gated:  # was refused as if the model were an encoder-decoder
+            refuse_cuda_graph(args, "a gated spec decodes without a KV cache (the whole "
+                              "sequence at each step), so there is no one-token step to replay")
         model = placed_model(args)
-        if any(getattr(r.config, "gate", False) for r in plan.rules):
-            refuse_cuda_graph(args)
+        if gated:
             tokens = generate_uncached(model, plan, prompt, args, eos)
         else:
             decoder = cached_decoder(model, plan, args.adapters, args)
@@ -530,6 +574,8 @@ def run_import_peft(args) -> int:
               ("PEFT adapter directory", peft),
               ("model checkpoint", None if args.model in PRESETS else args.model)]
     for path in outputs:  # before the work, not only after it
+        if path.is_dir():  # with --force: refused after the import, the spec already printed
+            raise ArtifactError(f"{path}: is a directory; -o and --weights write files")
         if path.exists() and not args.force:
             raise ArtifactError(f"{path}: file exists (use --force)")
         refuse_inputs(path, inputs)
@@ -577,9 +623,10 @@ def write_imported(imported, spec: str, args) -> None:
 
 def run_export_peft(args) -> int:
     from adaptc.artifact import load, refuse_existing, refuse_inputs
-    from adaptc.peft_interop import export_peft
+    from adaptc.peft_interop import check_task_type, export_peft
 
     refuse_existing(Path(args.output), args.force)  # before the work, not only after it
+    check_task_type(args.task_type)  # was checked after the artifact had been recompiled
     refuse_inputs(Path(args.output), [("artifact", args.artifact)])
     out = export_peft(load(args.artifact), args.output, task_type=args.task_type,
                       force=args.force)

@@ -192,7 +192,8 @@ def hf_blocker(gm: GraphModule, model: LoadedModel) -> str | None:
     fused = [n.name for n in gm.graph.nodes if n.op == "call_function"
              and getattr(n.target, "namespace", None) == "adaptc"]
     if fused:
-        return f"{len(fused)} adapters run as fused ops (only merged LoRA fits a checkpoint)"
+        return (f"{len(fused)} adapters run as fused ops (a checkpoint holds only merged "
+                "updates and trained parameters)")
     kept = sorted({n.meta[INSERTED] for n in gm.graph.nodes if n.meta.get(INSERTED)
                    and not (n.op == "get_attr" and n.meta[INSERTED] == "train")})
     if kept:

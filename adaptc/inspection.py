@@ -24,11 +24,15 @@ def inspect(model, spec, block: int | str = 0, example_inputs: dict | None = Non
     negatives count from its last layer, as a spec's `[-1]` counts each stack on its own), or
     a block's module path, which reaches any stack (`decoder.block.0` of a T5)."""
     ctx = prepare(model, spec, "train", example_inputs)
-    paths = [a.site.path for a in ctx.assignments]
+    paths = [owner(a.site) for a in ctx.assignments]
     prefix = named_block(paths, block) if isinstance(block, str) else \
         indexed_block(ctx, paths, block)
     gm = trace(ctx.model)
     before = block_lines(gm, prefix)
+    if isinstance(block, str) and not before:
+        raise AdaptcError(f"block '{prefix}': no operation of the traced graph runs inside it "
+                          "(a container such as a ModuleList runs none itself); "
+                          f"{with_sites(paths)}")
     gm = run_pipeline(gm, ctx)
     report = report_of(gm)
     parts = [site_table(report.sites), report.peft_line()]
@@ -65,16 +69,30 @@ def holds(paths: list[str], block: str) -> bool:
     return any(path == block or path.startswith(f"{block}.") for path in paths)
 
 
+def owner(site) -> str:
+    """The module a site is: a trained parameter's (`classifier` for `classifier.weight`)."""
+    return (site.path.rpartition(".")[0] or site.path) if site.kind == "parameter" else site.path
+
+
 def named_block(paths: list[str], name: str) -> str:
-    """`name` when an adapted site lies inside it; else an error listing the blocks that hold one."""
+    """`name` when it is an adapted site (`model.embed_tokens` under a prompt) or one lies
+    inside it; else an error listing the blocks that hold one."""
     name = name.strip(".")
     if holds(paths, name):
         return name
-    blocks = list(dict.fromkeys(path[:found.end(1)] for path in paths
-                                if (found := LAYER_INDEX.search(path))))
+    raise AdaptcError(f"block '{name}': no adapted module inside it{with_sites(paths, ' (')}")
+
+
+def with_sites(paths: list[str], opening: str = "") -> str:
+    """`blocks with one: model.layers.0, ...` (the first six), or the adapted modules when none
+    lies in a numbered block (a prompt's word embedding); `opening` and a closing parenthesis
+    around it when given."""
+    blocks = list(dict.fromkeys(path[:found.end(1)] if (found := LAYER_INDEX.search(path))
+                                else path for path in paths))
+    if not blocks:
+        return ""
     listed = ", ".join(blocks[:6]) + (", ..." if len(blocks) > 6 else "")
-    raise AdaptcError(f"block '{name}': no adapted module inside it"
-                      + (f" (blocks with one: {listed})" if blocks else ""))
+    return f"{opening}blocks with one: {listed}" + (")" if opening else "")
 
 
 def site_table(rows: list[dict]) -> str:

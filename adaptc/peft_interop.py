@@ -74,6 +74,13 @@ class Entry:
     conv1d: bool  # GPT-2 Conv1D: PEFT's fan_in_fan_out
 
 
+def check_task_type(task_type: str | None) -> None:
+    """A task type PEFT reads, or None."""
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise InteropError(f"unknown PEFT task type '{task_type}': PEFT reads only "
+                           f"{', '.join(TASK_TYPES)}")
+
+
 def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None,
                 force: bool = False) -> Path:
     """Write the module's adapters as a PEFT adapter directory `out`, atomically; an existing
@@ -82,9 +89,7 @@ def export_peft(module: nn.Module, out: str | Path, task_type: str | None = None
 
     out = Path(out)
     refuse_existing(out, force)
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise InteropError(f"unknown PEFT task type '{task_type}': PEFT reads only "
-                           f"{', '.join(TASK_TYPES)}")
+    check_task_type(task_type)
     heads = {path for path, _ in module.named_modules()
              if path and path.endswith(HEADS.get(task_type, ()))}
     trained = {path for path, adapter in adapter_modules(module).items()  # travel in the heads

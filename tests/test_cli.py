@@ -459,3 +459,178 @@ def test_a_train_artifact_given_as_adapter_file_names_its_weights(tmp_path, caps
     assert f"{art}: is a directory, not an adapter weights file" in err
     assert f"it holds a train artifact's weights: pass {art / 'adapters.safetensors'}" in err
     assert not out.exists()
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    """`adaptc passes | head -1`: the write to the closed pipe was a BrokenPipeError
+    traceback (and exit 1); now nothing on stderr and 141, as a tool killed by SIGPIPE."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes
+    try:
+        result = subprocess.run([sys.executable, "-m", "adaptc", "passes"], stdout=write,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_inspect_block_may_name_the_adapted_module_itself(capsys, tmp_path):
+    """A prompt adapts the word embedding, which no layer holds: `--block 0` says so, and
+    `--block model.embed_tokens` was refused as having 'no adapted module inside it' (as was
+    `--block model.layers.0.self_attn.q_proj` for LoRA on it, and `--block classifier` for
+    `classifier: train`), so the prompt's graph could not be shown at all."""
+    assert main(["inspect", "specs/prompt.adapt", "--block", "model.embed_tokens"]) == 0
+    text = capsys.readouterr().out
+    assert "block model.embed_tokens: original | rewritten" in text
+    assert "+ model_embed_tokens_prompt = model.embed_tokens.prompt(embedding)" in text
+    assert main(["inspect", "specs/lora_qv.adapt", "--block",
+                 "model.layers.0.self_attn.q_proj"]) == 0
+    text = capsys.readouterr().out.split("original | rewritten")[1]
+    assert "+ model_layers_0_self_attn_q_proj_lora" in text and "v_proj" not in text
+    spec = tmp_path / "s.adapt"
+    spec.write_text("attn.q: lora r=4\nlm_head: train\n")
+    assert main(["inspect", str(spec), "--block", "lm_head"]) == 0
+    assert "block lm_head: original | rewritten" in capsys.readouterr().out
+    assert main(["inspect", "specs/prompt.adapt", "--block", "model.layers.0"]) == 1
+    assert capsys.readouterr().err == ("block 'model.layers.0': no adapted module inside it "
+                                       "(blocks with one: model.embed_tokens)\n")
+
+
+def test_inspect_block_naming_a_container_is_an_error(capsys):
+    """`--block model.layers` (a ModuleList: no op of the graph runs in it) printed the table
+    and an empty listing under 'block model.layers: original | rewritten', exit 0."""
+    assert main(["inspect", "specs/lora_qv.adapt", "--block", "model.layers"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == ("block 'model.layers': no operation of the traced graph runs inside "
+                           "it (a container such as a ModuleList runs none itself); blocks with "
+                           "one: model.layers.0, model.layers.1, model.layers.2, "
+                           "model.layers.3\n")
+
+
+def test_cuda_graph_under_a_gated_spec_says_why(capsys):
+    """UniPELT on the llama preset (a causal LM) with --cuda-graph was refused with '--cuda-graph
+    is for causal LMs; this model is an encoder-decoder', after loading the model."""
+    assert main(["generate", "specs/unipelt.adapt", "--prompt", "5 17", "--cuda-graph"]) == 1
+    assert capsys.readouterr().err == (
+        "--cuda-graph is for causal LMs' cached decoding; a gated spec decodes without a KV "
+        "cache (the whole sequence at each step), so there is no one-token step to replay\n")
+    assert main(["generate", "specs/lora_qv.adapt", "--model", "t5", "--prompt", "5",
+                 "--cuda-graph"]) == 1
+    assert capsys.readouterr().err == ("--cuda-graph is for causal LMs' cached decoding; this "
+                                       "model is an encoder-decoder\n")
+
+
+def test_check_refuses_standard_input_twice():
+    """`check - -` read the spec for the first '-' and nothing for the second, which failed as
+    'the spec has no statements' (exit 1) though the spec was fine."""
+    result = subprocess.run([sys.executable, "-m", "adaptc", "check", "-", "specs/card.adapt",
+                             "-"], input="q: lora\n", capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == ("adaptc check: error: argument spec: '-' "
+                                              "(standard input) is given 2 times; it can be "
+                                              "read once")
+
+
+def test_inspect_names_a_loramoe_mixture(capsys):
+    """LoRAMoE's sites were listed as `moe[6]`, the other mixture kind's name."""
+    assert main(["inspect", "specs/loramoe.adapt"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("model.layers.")]
+    assert rows and {row[1] for row in rows} == {"loramoe[6]"}
+    assert main(["inspect", "specs/card.adapt"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("model.layers.") and "self_attn" in line]
+    assert rows and {row[1] for row in rows} == {"moe[4]"}
+
+
+def test_no_hf_checkpoint_reason_does_not_say_only_lora_merges(tmp_path, capsys):
+    """The reason printed and stored in report.json said '(only merged LoRA fits a
+    checkpoint)', beside a merged IA3 that would have fit; README: merged updates and trained
+    parameters fit."""
+    import json
+
+    spec = tmp_path / "s.adapt"
+    spec.write_text("attn.q: ia3\nffn: adapter bottleneck=4\n")
+    out = tmp_path / "serve"
+    assert main(["compile", str(spec), "--mode", "infer", "-o", str(out)]) == 0
+    why = ("4 adapters run as fused ops (a checkpoint holds only merged updates and trained "
+           "parameters)")
+    assert f"no hf/ checkpoint: {why}\n" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["hf_skipped"] == why
+
+
+def test_export_peft_refuses_an_unknown_task_type_before_loading(tmp_path, capsys, monkeypatch):
+    """An unknown --task-type was refused only after the artifact had been loaded (its spec
+    recompiled onto its model: minutes for a large one)."""
+    import adaptc.artifact
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the artifact was loaded")
+
+    monkeypatch.setattr(adaptc.artifact, "load", no_load)
+    assert main(["export-peft", str(tmp_path / "dist"), str(tmp_path / "peft"),
+                 "--task-type", "causal_lm"]) == 1
+    assert capsys.readouterr().err == (
+        "unknown PEFT task type 'causal_lm': PEFT reads only SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, "
+        "TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION\n")
+    assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("command", [["compile", "specs/lora_qv.adapt", "--mode", "infer", "-o",
+                                      "OUT", "--decoder"],
+                                     ["generate", "specs/lora_qv.adapt", "--prompt", "5"]])
+def test_a_cache_too_short_is_an_argument_error(tmp_path, command):
+    """--max-cache-len 0 was refused as 'max_cache_len must be at least 2' (exit 1) once the
+    model had loaded; `compile -o --decoder` first built and checked the whole infer graph."""
+    argv = [str(tmp_path / "out") if arg == "OUT" else arg for arg in command]
+    result = run_cli(*argv, "--max-cache-len", "1")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == (f"adaptc {command[0]}: error: argument "
+                                              "--max-cache-len: must be >= 2 (a prompt token "
+                                              "and a new one), got 1")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["compile", "specs/lora_qv.adapt", "--mode", "infer"],
+                                     ["generate", "specs/lora_qv.adapt", "--prompt", "5"]])
+def test_adapters_that_cannot_be_read_are_refused_before_the_model_loads(tmp_path, capsys,
+                                                                         monkeypatch, command):
+    """A missing --adapters file was found after the model had loaded and (compile -o) the
+    train-mode graph had been built: minutes for a large checkpoint."""
+    import adaptc.cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(adaptc.cli, "placed_model", no_model)
+    missing = tmp_path / "a.safetensors"
+    assert main([*command, "--adapters", str(missing)]) == 1
+    assert capsys.readouterr().err == (f"{missing}: cannot read adapter weights: No such file "
+                                       f"or directory: {missing}\n")
+    (tmp_path / "junk.safetensors").write_text("not safetensors")
+    assert main([*command, "--adapters", str(tmp_path / "junk.safetensors")]) == 1
+    assert "junk.safetensors: cannot read adapter weights: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["-o", "--weights"])
+def test_import_peft_refuses_a_directory_as_output_before_the_work(tmp_path, capsys,
+                                                                    monkeypatch, flag):
+    """`import-peft DIR -o existing-dir --force` imported the adapter, printed the spec and
+    then failed with 'cannot write: Is a directory' (exit 1 after a success's output)."""
+    import adaptc.peft_interop
+
+    def no_import(*args, **kwargs):
+        raise AssertionError("the adapter was imported")
+
+    monkeypatch.setattr(adaptc.peft_interop, "import_peft", no_import)
+    monkeypatch.setattr(adaptc.peft_interop, "spec_from_peft", no_import)
+    (tmp_path / "out").mkdir()
+    assert main(["import-peft", str(tmp_path / "peft"), flag, str(tmp_path / "out"),
+                 "--force"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == f"{tmp_path / 'out'}: is a directory; -o and --weights write files\n"

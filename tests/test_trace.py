@@ -268,3 +268,25 @@ def test_linear_layer_computed_otherwise_is_named():
     with pytest.raises(ModelError, match=r"module 'proj' computes no aten.linear or aten.addmm in "
                                          r"the traced graph \(its ops: einsum.default\)"):
         adaptc.compile(model, "proj: lora r=2", example_inputs={"input": torch.randn(2, 4)})
+
+
+def test_a_read_only_layer_types_does_not_break_block_reuse():
+    """MambaConfig's `layer_types` is a property of the depth, with no setter: cutting the
+    config to one layer raised AttributeError, a traceback from `adaptc inspect`/`compile`
+    on a Mamba checkpoint. The one-layer copy is made, and torch.export's refusal is the
+    ModelError it is for every model."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from adaptc.frontend.blocks import restore_configs, shallow_model
+
+    torch.manual_seed(0)
+    module = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                          state_size=4)).eval()
+    model = wrap(module)
+    path, _ = find_stack(module)
+    small = shallow_model(model, path)
+    assert small.module.config.layer_types == ["linear_attention"]
+    restore_configs(small)
+    assert module.config.num_hidden_layers == 2 and module.backbone.config is module.config
+    with pytest.raises(ModelError, match="cannot trace MambaForCausalLM with torch.export"):
+        trace(model)

@@ -45,8 +45,11 @@ def shallow_model(model: LoadedModel, path: str) -> LoadedModel | None:
         return None
     small = copy.copy(config)
     small.num_hidden_layers = 1
-    if getattr(config, "layer_types", None):
-        small.layer_types = config.layer_types[:1]
+    if getattr(config, "layer_types", None) and len(small.layer_types) != 1:
+        try:
+            small.layer_types = config.layer_types[:1]
+        except AttributeError:  # a read-only property not derived from the depth
+            return None
     root = copy.copy(model.module)
     root._modules = dict(root._modules)
     parent = root

@@ -55,7 +55,7 @@ class InsertMixture:
                     wrap_input(gm, node, x, f"{site.path}.mov", adapter, "mov")
                 else:
                     wrap_output(gm, node, f"{site.path}.mov", adapter, "mov", (x,))
-                label = "moe" if method == "lora" else "mov"
+                label = mixture.method if method == "lora" else "mov"  # moe, loramoe
                 ctx.sites.append(report(site, f"{label}[{experts}]", assignment, adapter,
                                         mixture))
                 count += 1
