@@ -552,6 +552,8 @@ def run_import_peft(args) -> int:
               ("PEFT adapter directory", peft),
               ("model checkpoint", None if args.model in PRESETS else args.model)]
     for path in outputs:  # before the work, not only after it
+        if path.is_dir():  # with --force: refused after the import, the spec already printed
+            raise ArtifactError(f"{path}: is a directory; -o and --weights write files")
         if path.exists() and not args.force:
             raise ArtifactError(f"{path}: file exists (use --force)")
         refuse_inputs(path, inputs)

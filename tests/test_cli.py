@@ -605,3 +605,23 @@ def test_adapters_that_cannot_be_read_are_refused_before_the_model_loads(tmp_pat
     (tmp_path / "junk.safetensors").write_text("not safetensors")
     assert main([*command, "--adapters", str(tmp_path / "junk.safetensors")]) == 1
     assert "junk.safetensors: cannot read adapter weights: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["-o", "--weights"])
+def test_import_peft_refuses_a_directory_as_output_before_the_work(tmp_path, capsys,
+                                                                    monkeypatch, flag):
+    """`import-peft DIR -o existing-dir --force` imported the adapter, printed the spec and
+    then failed with 'cannot write: Is a directory' (exit 1 after a success's output)."""
+    import adaptc.peft_interop
+
+    def no_import(*args, **kwargs):
+        raise AssertionError("the adapter was imported")
+
+    monkeypatch.setattr(adaptc.peft_interop, "import_peft", no_import)
+    monkeypatch.setattr(adaptc.peft_interop, "spec_from_peft", no_import)
+    (tmp_path / "out").mkdir()
+    assert main(["import-peft", str(tmp_path / "peft"), flag, str(tmp_path / "out"),
+                 "--force"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == f"{tmp_path / 'out'}: is a directory; -o and --weights write files\n"
