@@ -432,6 +432,9 @@ def run_generate(args) -> int:
     if saved:
         refuse_compile_options(args)
     args.model = args.model or DEFAULT_MODEL
+    # a spec error before the model loads, and before --text looks for the model's tokenizer
+    # (a mistyped spec path was reported as the default model's missing tokenizer)
+    plan = None if saved else spec_plan(args.spec)
     tokenizer, eos = None, args.eos_token_id
     if args.text is not None:
         tokenizer = checkpoint_tokenizer(str(Path(args.spec) / DECODING_DIR) if saved
@@ -448,7 +451,6 @@ def run_generate(args) -> int:
         tokens = load_decoding(args.spec, args.torch_compile, args.cuda_graph).generate(
             prompt, args.max_new_tokens, eos)
     else:
-        plan = spec_plan(args.spec)  # a spec error before the model loads
         if args.adapters:
             check_adapter_file(args.adapters)
         gated = any(getattr(r.config, "gate", False) for r in plan.rules)

@@ -625,3 +625,12 @@ def test_import_peft_refuses_a_directory_as_output_before_the_work(tmp_path, cap
     printed = capsys.readouterr()
     assert printed.out == ""
     assert printed.err == f"{tmp_path / 'out'}: is a directory; -o and --weights write files\n"
+
+
+def test_generate_reports_a_missing_spec_before_the_tokenizer(tmp_path, capsys):
+    """`generate typo.adapt --text ...` (default model llama) said '--text needs a checkpoint
+    directory with a tokenizer; 'llama' is a preset without one', not that the spec is missing."""
+    missing = tmp_path / "typo.adapt"
+    assert main(["generate", str(missing), "--text", "hello"]) == 1
+    assert capsys.readouterr().err == (f"{missing}: error[E100]: cannot read spec file "
+                                       f"'{missing}': No such file or directory\n")
