@@ -144,7 +144,8 @@ def parser() -> argparse.ArgumentParser:
     insp.add_argument("--model", type=path, default=DEFAULT_MODEL, help=models)
     insp.add_argument("--block", type=block_arg, default=0,
                       help="layer index whose graph to show (negative: from the last), or a "
-                           "block's module path (decoder.block.0 of an encoder-decoder)")
+                           "module path: a block's (decoder.block.0 of an encoder-decoder) or "
+                           "an adapted module's (model.embed_tokens under a prompt)")
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate specs without a model")
