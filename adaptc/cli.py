@@ -270,6 +270,8 @@ def run_compile(args) -> int:
     if args.output and ctx.model.on_meta:  # before the work, not only after it
         raise ArtifactError(f"{args.output}: model '{args.model}' is on the meta device (shapes "
                           "only); an artifact needs real weights")
+    if args.decoder:  # refused after the infer graph and its check had been built
+        refuse_undecodable(ctx.model)
     with tempfile.TemporaryDirectory() as scratch:
         reference, adapters = None, args.adapters
         if args.mode == "infer" and args.output:
@@ -323,6 +325,15 @@ def cached_decoder(model, plan, adapters: str | None, args):
         return compile_seq2seq_decoder(model, plan, **options)
     return compile_decoder(model, plan, cuda_graph=getattr(args, "cuda_graph", False),
                            **options)
+
+
+def refuse_undecodable(model) -> None:
+    """--decoder on a model with no next token to pick (BERT's encoder, a classifier)."""
+    from adaptc.decode import check_causal_lm
+    from adaptc.frontend.trace import is_encoder_decoder
+
+    if not is_encoder_decoder(model):
+        check_causal_lm(model)
 
 
 def refuse_cuda_graph(args, why: str = "this model is an encoder-decoder") -> None:

@@ -634,3 +634,20 @@ def test_generate_reports_a_missing_spec_before_the_tokenizer(tmp_path, capsys):
     assert main(["generate", str(missing), "--text", "hello"]) == 1
     assert capsys.readouterr().err == (f"{missing}: error[E100]: cannot read spec file "
                                        f"'{missing}': No such file or directory\n")
+
+
+def test_decoder_for_a_model_without_a_language_model_head_is_refused_before_the_work(
+        tmp_path, capsys, monkeypatch):
+    """`compile --model bert --mode infer -o DIR --decoder` built the train-mode reference and
+    the infer graph before the decoder compiler said BERT has no next token to pick."""
+    import adaptc.cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the graphs were built")
+
+    monkeypatch.setattr(adaptc.cli, "train_reference", no_work)
+    assert main(["compile", "specs/lora_qv.adapt", "--model", "bert", "--mode", "infer", "-o",
+                 str(tmp_path / "out"), "--decoder"]) == 1
+    assert capsys.readouterr().err == ("BertModel is not a causal language model; decoding "
+                                       "needs one\n")
+    assert not (tmp_path / "out").exists()
