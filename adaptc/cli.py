@@ -271,7 +271,7 @@ def run_compile(args) -> int:
         raise ArtifactError(f"{args.output}: model '{args.model}' is on the meta device (shapes "
                           "only); an artifact needs real weights")
     if args.decoder:  # refused after the infer graph and its check had been built
-        refuse_undecodable(ctx.model)
+        refuse_undecodable(ctx)
     with tempfile.TemporaryDirectory() as scratch:
         reference, adapters = None, args.adapters
         if args.mode == "infer" and args.output:
@@ -327,13 +327,15 @@ def cached_decoder(model, plan, adapters: str | None, args):
                            **options)
 
 
-def refuse_undecodable(model) -> None:
-    """--decoder on a model with no next token to pick (BERT's encoder, a classifier)."""
-    from adaptc.decode import check_causal_lm
+def refuse_undecodable(ctx) -> None:
+    """--decoder on a model with no next token to pick (BERT's encoder, a classifier), or on
+    a causal LM under a gated spec (an encoder-decoder's decoder sites are known once traced)."""
+    from adaptc.decode import check_causal_lm, refuse_gated
     from adaptc.frontend.trace import is_encoder_decoder
 
-    if not is_encoder_decoder(model):
-        check_causal_lm(model)
+    if not is_encoder_decoder(ctx.model):
+        check_causal_lm(ctx.model)
+        refuse_gated(ctx.assignments)
 
 
 def refuse_cuda_graph(args, why: str = "this model is an encoder-decoder") -> None:

@@ -651,3 +651,19 @@ def test_decoder_for_a_model_without_a_language_model_head_is_refused_before_the
     assert capsys.readouterr().err == ("BertModel is not a causal language model; decoding "
                                        "needs one\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_decoder_under_a_gated_spec_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """UniPELT with --decoder: the train reference and the infer graph were built before the
+    decoder compiler refused the gate."""
+    import adaptc.cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the graphs were built")
+
+    monkeypatch.setattr(adaptc.cli, "train_reference", no_work)
+    assert main(["compile", "specs/unipelt.adapt", "--mode", "infer", "-o",
+                 str(tmp_path / "out"), "--decoder"]) == 1
+    assert capsys.readouterr().err.startswith("cached decoding cannot run gated adapter, lora, "
+                                              "prefix (UniPELT): a gate averages")
+    assert not (tmp_path / "out").exists()
