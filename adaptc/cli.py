@@ -144,8 +144,9 @@ def parser() -> argparse.ArgumentParser:
     insp.add_argument("--model", type=path, default=DEFAULT_MODEL, help=models)
     insp.add_argument("--block", type=block_arg, default=0,
                       help="layer index whose graph to show, in the first block stack "
-                           "(negative: from its last layer), or a block's module path "
-                           "(decoder.block.0 of an encoder-decoder)")
+                           "(negative: from its last layer), or a module path: a block's "
+                           "(decoder.block.0 of an encoder-decoder) or an adapted module's "
+                           "(model.embed_tokens under a prompt)")
     insp.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="parse and validate specs without a model")
@@ -271,6 +272,8 @@ def run_compile(args) -> int:
     if args.output and ctx.model.on_meta:  # before the work, not only after it
         raise ArtifactError(f"{args.output}: model '{args.model}' is on the meta device (shapes "
                           "only); an artifact needs real weights")
+    if args.decoder:  # refused after the infer graph and its check had been built
+        refuse_undecodable(ctx)
     with tempfile.TemporaryDirectory() as scratch:
         reference, adapters = None, args.adapters
         if args.mode == "infer" and args.output:
@@ -324,6 +327,17 @@ def cached_decoder(model, plan, adapters: str | None, args):
         return compile_seq2seq_decoder(model, plan, **options)
     return compile_decoder(model, plan, cuda_graph=getattr(args, "cuda_graph", False),
                            **options)
+
+
+def refuse_undecodable(ctx) -> None:
+    """--decoder on a model with no next token to pick (BERT's encoder, a classifier), or on
+    a causal LM under a gated spec (an encoder-decoder's decoder sites are known once traced)."""
+    from adaptc.decode import check_causal_lm, refuse_gated
+    from adaptc.frontend.trace import is_encoder_decoder
+
+    if not is_encoder_decoder(ctx.model):
+        check_causal_lm(ctx.model)
+        refuse_gated(ctx.assignments)
 
 
 def refuse_cuda_graph(args, why: str = "this model is an encoder-decoder") -> None:
@@ -434,6 +448,9 @@ def run_generate(args) -> int:
     if saved:
         refuse_compile_options(args)
     args.model = args.model or DEFAULT_MODEL
+    # a spec error before the model loads, and before --text looks for the model's tokenizer
+    # (a mistyped spec path was reported as the default model's missing tokenizer)
+    plan = None if saved else spec_plan(args.spec)
     tokenizer, eos = None, args.eos_token_id
     if args.text is not None:
         folder = str(Path(args.spec) / DECODING_DIR) if saved else args.model
@@ -450,7 +467,6 @@ def run_generate(args) -> int:
         tokens = load_decoding(args.spec, args.torch_compile, args.cuda_graph).generate(
             prompt, args.max_new_tokens, eos)
     else:
-        plan = spec_plan(args.spec)  # a spec error before the model loads
         if args.adapters:
             check_adapter_file(args.adapters)
         gated = any(getattr(r.config, "gate", False) for r in plan.rules)

@@ -204,12 +204,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     wrapped = LoadedModel(static_cache_module(loaded, max_cache_len), example_step(device),
                           loaded.source, loaded.family)
     ctx = prepare(wrapped, spec, "infer", inside=PREFIX)
-    gated = sorted({a.method for a in ctx.assignments if getattr(a.rule.config, "gate", False)})
-    if gated:
-        raise AdaptcError(f"cached decoding cannot run gated {', '.join(gated)} (UniPELT): a "
-                          "gate averages over the whole sequence, so every token's output "
-                          "depends on the tokens after it; use adaptc.greedy_generate, which "
-                          "reruns the whole sequence each step")
+    refuse_gated(ctx.assignments)
     ctx.adapters, ctx.adapter_prefix, ctx.merge = adapters, PREFIX, merge
     ctx.fuse_projections, ctx.positions_input = fuse_projections, POSITIONS
     virtual = sum(a.rule.config.tokens for a in ctx.assignments
@@ -287,6 +282,16 @@ def step_shapes(max_cache_len: int) -> dict:
     """The decoder graph's dynamic dims: a prompt's prefill and one-token steps."""
     steps = Dim("steps", min=1, max=max_cache_len)
     return {"input_ids": {1: steps}, POSITIONS: {0: steps}}
+
+
+def refuse_gated(assignments) -> None:
+    """A causal LM's cached decoder cannot run a gated (UniPELT) site."""
+    gated = sorted({a.method for a in assignments if getattr(a.rule.config, "gate", False)})
+    if gated:
+        raise AdaptcError(f"cached decoding cannot run gated {', '.join(gated)} (UniPELT): a "
+                          "gate averages over the whole sequence, so every token's output "
+                          "depends on the tokens after it; use adaptc.greedy_generate, which "
+                          "reruns the whole sequence each step")
 
 
 def check_causal_lm(model: LoadedModel) -> None:

@@ -634,3 +634,45 @@ def test_import_peft_refuses_a_directory_as_output_before_the_work(tmp_path, cap
     printed = capsys.readouterr()
     assert printed.out == ""
     assert printed.err == f"{tmp_path / 'out'}: is a directory; -o and --weights write files\n"
+
+
+def test_generate_reports_a_missing_spec_before_the_tokenizer(tmp_path, capsys):
+    """`generate typo.adapt --text ...` (default model llama) said '--text needs a checkpoint
+    directory with a tokenizer; 'llama' is a preset without one', not that the spec is missing."""
+    missing = tmp_path / "typo.adapt"
+    assert main(["generate", str(missing), "--text", "hello"]) == 1
+    assert capsys.readouterr().err == (f"{missing}: error[E100]: cannot read spec file "
+                                       f"'{missing}': No such file or directory\n")
+
+
+def test_decoder_for_a_model_without_a_language_model_head_is_refused_before_the_work(
+        tmp_path, capsys, monkeypatch):
+    """`compile --model bert --mode infer -o DIR --decoder` built the train-mode reference and
+    the infer graph before the decoder compiler said BERT has no next token to pick."""
+    import adaptc.cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the graphs were built")
+
+    monkeypatch.setattr(adaptc.cli, "train_reference", no_work)
+    assert main(["compile", "specs/lora_qv.adapt", "--model", "bert", "--mode", "infer", "-o",
+                 str(tmp_path / "out"), "--decoder"]) == 1
+    assert capsys.readouterr().err == ("BertModel is not a causal language model; decoding "
+                                       "needs one\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoder_under_a_gated_spec_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """UniPELT with --decoder: the train reference and the infer graph were built before the
+    decoder compiler refused the gate."""
+    import adaptc.cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the graphs were built")
+
+    monkeypatch.setattr(adaptc.cli, "train_reference", no_work)
+    assert main(["compile", "specs/unipelt.adapt", "--mode", "infer", "-o",
+                 str(tmp_path / "out"), "--decoder"]) == 1
+    assert capsys.readouterr().err.startswith("cached decoding cannot run gated adapter, lora, "
+                                              "prefix (UniPELT): a gate averages")
+    assert not (tmp_path / "out").exists()

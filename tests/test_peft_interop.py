@@ -420,6 +420,7 @@ def test_cli_import_peft_writes_the_spec_and_the_weights_or_neither(tiny, tmp_pa
     model = tiny("llama")
     model.module.save_pretrained(tmp_path / "base")
     saved_peft(model, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "peft")
+    capsys.readouterr()  # save_pretrained's progress bars, when no command has disabled them
     out = tmp_path / "out"
     out.mkdir()
     argv = ["import-peft", str(tmp_path / "peft"), "--model", str(tmp_path / "base"), "-o",
@@ -432,9 +433,19 @@ def test_cli_import_peft_writes_the_spec_and_the_weights_or_neither(tiny, tmp_pa
         assert main(argv) == 1
     assert capsys.readouterr().err == (f"{out / 'w.safetensors'}: cannot write adapter weights: "
                                        f"{full}\n")
-    (out / "s.adapt").mkdir()
-    assert main([*argv, "--force"]) == 1
+    import adaptc.artifact
+
+    def spec_fails(path, *args, **kwargs):
+        raise adaptc.ArtifactError(f"{path}: cannot write: No space left on device")
+    with monkeypatch.context() as patch:  # the weights were staged, the spec cannot be written
+        patch.setattr(adaptc.artifact, "write_file", spec_fails)
+        assert main([*argv, "--force"]) == 1
     assert "s.adapt: cannot write" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+    (out / "s.adapt").mkdir()  # refused before the import
+    assert main([*argv, "--force"]) == 1
+    assert capsys.readouterr().err.endswith("s.adapt: is a directory; -o and --weights write "
+                                            "files\n")
     assert [p.name for p in out.iterdir()] == ["s.adapt"] and not any((out / "s.adapt").iterdir())
 
 
