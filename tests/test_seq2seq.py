@@ -225,6 +225,14 @@ def test_cli_generate_replies(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [f"w{t - 1}" for t in want]
 
 
+def test_prompt_on_the_decoders_embedding_is_refused():
+    """T5's `decoder.embed_tokens` is `shared`, which the encoder reads too: naming the
+    decoder's put the virtual tokens before the encoder's input without a word."""
+    with pytest.raises(SpecError, match="'decoder.embed_tokens' reads 'decoder_input_ids'") as err:
+        adaptc.compile(model_of("t5"), "decoder.embed_tokens: prompt tokens=3")
+    assert err.value.first.code == "E302"
+
+
 def test_causal_decoder_is_refused():
     with pytest.raises(ModelError, match="is an encoder-decoder; compile_decoder is for causal.*"
                                          "compile_seq2seq_decoder"):
