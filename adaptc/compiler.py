@@ -104,6 +104,9 @@ def run_pipeline(gm: GraphModule, ctx: CompileContext, verify: bool | None = Non
     if dump_dir is not None:
         manager.dump_dir = str(dump_dir)
     gm, counts = manager.run(gm, ctx)
+    if ctx.mode == "infer":  # the inserted adapters' dropout is for training
+        for module in gm.modules():  # (export's modules may refuse eval())
+            module.training = False
     counts.update(stored_weight_bytes(gm, ctx))
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     gm.meta[REPORT] = CompileReport(ctx.plan.spec.path, ctx.plan.spec.source, ctx.model.source, ctx.mode, ctx.sites,

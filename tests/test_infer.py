@@ -352,6 +352,21 @@ def test_mam_unipelt_prompt_in_infer_mode_equal_train(tiny, tmp_path, spec):
     assert not any(p.requires_grad for p in infer.parameters())
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_infer_mode_applies_no_dropout(tiny, tmp_path, merge):
+    """Adapter dropout is for training: an infer graph is in eval mode, where unmerged VeRA
+    and DoRA run as eager modules, and P-tuning v2's prefixes are read as they are."""
+    spec = ("q_proj: vera r=16 dropout=0.5; v_proj: lora r=2 dora dropout=0.5; "
+            "attn: ptuning2 tokens=3 dropout=0.5")
+    model = tiny("llama")
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors",
+                           merge=merge)
+    x = inputs()
+    assert max_diff(infer(**x), train(**x)) <= TOL
+    assert not infer.training
+
+
 def test_prompt_infer_graph_exports_with_automatic_dims(tmp_path, capsys):
     """Prompt tuning's graph has a shape guard torch cannot prove over the named ranges; the
     export falls back to Dim.AUTO and the program still takes other batch and sequence sizes."""

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from peft import IA3Config, TaskType, get_peft_model
+from peft import AdaLoraConfig, IA3Config, LoraConfig, TaskType, VeraConfig, get_peft_model
 
 import adaptc
 from adaptc.decode import compile_decoder
@@ -67,6 +67,54 @@ def test_lora_equals_peft(name):
     assert ours.shape == (3, 5, model.module.config.vocab_size)
     assert close(ours, twin(**x).logits)
     assert (ours - model.module(**x).logits).abs().max().item() > 1e-2  # the adapters act
+
+
+# per method: the spec on every attention's q, v (cross-attention included), PEFT's config,
+# and PEFT's tensor for each of ours on a layer
+WEIGHT_SPACE = {
+    "dora": ("lora r=4 alpha=8 dora", lambda t: LoraConfig(r=4, lora_alpha=8, target_modules=t,
+                                                            use_dora=True),
+             {"A": "lora_A.default.weight", "B": "lora_B.default.weight",
+              "magnitude": "lora_magnitude_vector.default.weight"}),
+    "vera": ("vera r=16 seed=7", lambda t: VeraConfig(r=16, target_modules=t,
+                                                      projection_prng_key=7),
+             {"lambda_d": "vera_lambda_d.default", "lambda_b": "vera_lambda_b.default"}),
+    "adalora": ("adalora init_r=4 target_r=2 alpha=8 total_step=10",
+                lambda t: AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=t,
+                                        total_step=10, lora_dropout=0.0),
+                {"A": "lora_A.default", "E": "lora_E.default", "B": "lora_B.default"})}
+
+
+@pytest.mark.parametrize("method", list(WEIGHT_SPACE))
+def test_weight_space_methods_and_gradients_equal_peft(method):
+    """DoRA, VeRA and AdaLoRA on BART's two stacks and its cross-attention: with the same
+    random adapter weights, logits and one backward's adapter gradients equal PEFT's (T5 too,
+    and every method on Llama, Mistral, Qwen2, GPT-2 and BERT, in a sweep not kept here)."""
+    name = "bart"
+    spec, config, names = WEIGHT_SPACE[method]
+    model = model_of(name)
+    gm = adaptc.compile(model, f"attn.q,attn.v: {spec}")
+    twin = get_peft_model(copy.deepcopy(model.module), config(LORA_TARGETS[name])).eval()
+    report = adaptc.report_of(gm)
+    assert (report.trainable, report.total) == twin.get_nb_trainable_parameters()
+    gen, pairs = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for path, ours in adaptc.adapters.adapter_modules(gm).items():
+            layer = twin.base_model.model.get_submodule(path.rsplit(".", 1)[0])
+            for mine, theirs in names.items():
+                mine, theirs = getattr(ours, mine), layer.get_parameter(theirs)
+                mine.copy_(mine + 0.1 * torch.randn(mine.shape, generator=gen))
+                theirs.copy_(mine)
+                pairs.append((mine, theirs))
+    x = seq2seq_inputs()
+    ours, theirs = gm(**x).logits, twin(**x).logits
+    assert close(ours, theirs)
+    assert (ours - model.module(**x).logits).abs().max().item() > 1e-3  # tiny BART: logits ~1
+    weights = torch.randn(ours.shape, generator=gen)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    for mine, peft_tensor in pairs:
+        assert close(mine.grad, peft_tensor.grad, 1e-5)
 
 
 def test_ia3_equals_peft_on_t5():
@@ -175,6 +223,14 @@ def test_cli_generate_replies(tmp_path, capsys):
     text = [*args[:-2], "--text", "w4 w16 w41", "--max-new-tokens", "6"]
     assert main(text) == 0
     assert capsys.readouterr().out.split() == [f"w{t - 1}" for t in want]
+
+
+def test_prompt_on_the_decoders_embedding_is_refused():
+    """T5's `decoder.embed_tokens` is `shared`, which the encoder reads too: naming the
+    decoder's put the virtual tokens before the encoder's input without a word."""
+    with pytest.raises(SpecError, match="'decoder.embed_tokens' reads 'decoder_input_ids'") as err:
+        adaptc.compile(model_of("t5"), "decoder.embed_tokens: prompt tokens=3")
+    assert err.value.first.code == "E302"
 
 
 def test_causal_decoder_is_refused():

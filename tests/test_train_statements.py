@@ -95,3 +95,13 @@ def test_parameter_replaced_by_pissa_is_refused_at_the_train_target(tiny):
         adaptc.compile(tiny("llama"), "q_proj: lora r=2 init=pissa\nq_proj.weight: train")
     first = err.value.first
     assert (first.code, first.line, first.column, first.end_column) == ("E302", 2, 1, 14)
+
+
+@pytest.mark.parametrize("family,owner", [("gpt2", "transformer.wte"), ("t5", "shared")])
+def test_train_on_a_tied_head_names_the_weight_it_is_tied_to(tiny, family, owner):
+    """PEFT users write `lm_head` (modules_to_save); where the head's weight is the embedding's
+    (tied, listed once), E301 says which name selects it."""
+    with pytest.raises(adaptc.SpecError, match="'lm_head' matches no parameter") as err:
+        adaptc.compile(tiny(family), "lm_head: train")
+    assert (f"lm_head.weight is {owner}.weight (tied): select it as '{owner}'"
+            in str(err.value))

@@ -19,7 +19,8 @@ class Site:
     features), "embedding" (nn.Embedding; in/out are vocabulary size and width), "attention"
     (a module whose class name ends in `Attention`: where prefix methods rewrite the attention
     op), else "module"; or, in the parameter table, a parameter (`kind` "parameter",
-    `out_features` its size, `shape` its shape)."""
+    `out_features` its size, `shape` its shape, `aliases` the other paths of a tied tensor,
+    which `named_parameters` lists once: GPT-2's `lm_head.weight` for `transformer.wte.weight`)."""
 
     path: str
     type_name: str
@@ -28,6 +29,7 @@ class Site:
     out_features: int | None
     layer: int | None
     shape: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = ()
 
     def describe(self) -> str:
         shape = f" {self.in_features}→{self.out_features}" if self.kind == "linear" else ""
@@ -79,12 +81,17 @@ def site_table(model: nn.Module) -> list[Site]:
 
 
 def parameter_table(model: nn.Module) -> list[Site]:
-    """Every parameter (tied ones once) as a site of kind "parameter", for `train` statements."""
+    """Every parameter (tied ones once, their other paths as `aliases`) as a site of kind
+    "parameter", for `train` statements."""
+    paths: dict[int, list[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        paths.setdefault(id(param), []).append(path)
     sites = []
     for path, param in model.named_parameters():
         index = LAYER_INDEX.search(path)
+        aliases = tuple(p for p in paths[id(param)] if p != path)
         sites.append(Site(path, "Parameter", "parameter", None, param.numel(),
-                          int(index.group(1)) if index else None, tuple(param.shape)))
+                          int(index.group(1)) if index else None, tuple(param.shape), aliases))
     return sites
 
 

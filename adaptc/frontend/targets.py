@@ -235,6 +235,7 @@ def no_match(plan: Plan, target: Target, patterns: list[str], sites: list[Site],
     nearest = difflib.get_close_matches(target.pattern, suffixes, n=5, cutoff=0.0)
     what = "parameter" if sites and sites[0].kind == "parameter" else "module"
     notes = [f"nearest {what} names: {', '.join(nearest)}"] if nearest else []
+    notes[:0] = tied_notes(patterns, sites)
     if patterns != [target.pattern]:
         notes.insert(0, f"'{target.pattern}' stands for {', '.join(patterns)} in this model")
     elif family not in ALIASES and any(target.pattern in table for table in ALIASES.values()):
@@ -243,6 +244,14 @@ def no_match(plan: Plan, target: Target, patterns: list[str], sites: list[Site],
                         "GPT-2's or BERT's): write the module names")
     return diag(plan, target.span, "E301", f"'{target.pattern}' matches no {what}{hint}",
                 tuple(notes))
+
+
+def tied_notes(patterns: list[str], sites: list[Site]) -> list[str]:
+    """For a parameter pattern that names only the second path of a tied tensor (GPT-2's and
+    T5's `lm_head`, PEFT's usual modules_to_save): the path that selects it."""
+    return [f"{alias} is {s.path} (tied): select it as '{s.path.rsplit('.', 1)[0]}'; "
+            "training it trains every use of the tensor"
+            for s in sites for alias in s.aliases if any(owner_matches(p, alias) for p in patterns)]
 
 
 def shape_problems(plan: Plan, assignments: list[Assignment]) -> list[Diagnostic]:

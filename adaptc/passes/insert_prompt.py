@@ -57,6 +57,11 @@ class InsertPrompt:
         assignment = todo[0]
         weight = ctx.model.module.get_submodule(assignment.site.path).weight
         found = embedding_lookup(gm, assignment.site.path, weight)
+        if isinstance(found, str):
+            raise misplaced(ctx, assignment.target.span,
+                            f"module '{assignment.site.path}' reads '{found}'; an "
+                            "encoder-decoder's virtual tokens go before the encoder's input "
+                            "(target the 'embed' role)")
         if found is None:
             raise misplaced(ctx, assignment.target.span,
                             "virtual tokens need the word embedding that reads the token ids; "
@@ -83,13 +88,14 @@ class InsertPrompt:
 
 
 def embedding_lookup(gm: GraphModule, path: str,
-                     weight: torch.Tensor) -> tuple[Node, Node] | None:
+                     weight: torch.Tensor) -> tuple[Node, Node] | str | None:
     """The aten.embedding node of module `path` (or of a module tied to it: an
     encoder-decoder's `shared` is traced as `encoder.embed_tokens` and `decoder.embed_tokens`)
     and the token-id input it reads, directly or through views (GPT-2 reads
     `input_ids.view(-1, seq)`). Of several, the one that reads `input_ids`: virtual tokens go
     before the encoder's input, as Lester et al. put them before T5's. None when there is not
-    exactly one."""
+    exactly one; the input's name when `path` names only lookups of another input (T5's
+    `decoder.embed_tokens` reads `decoder_input_ids`)."""
     found = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == aten.embedding.default and (
@@ -100,7 +106,10 @@ def embedding_lookup(gm: GraphModule, path: str,
             if ids.op == "placeholder":
                 found.append((node, ids))
     if len(found) > 1:
+        named = [pair for pair in found if in_module(pair[0], path)]
         found = [pair for pair in found if pair[1].target == "input_ids"]
+        if named and not any(pair in found for pair in named):
+            return named[0][1].target
     return found[0] if len(found) == 1 else None
 
 
