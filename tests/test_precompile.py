@@ -46,26 +46,32 @@ def reports(tmp_path_factory) -> dict[tuple[str, int], list[dict]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=[f"{d}-sm_{a}" for d, a in CASES])
-def test_every_config_compiles_and_fits(reports, case):
-    results = reports[case]
+def test_every_config_compiles_and_fits(reports):
+    """One test for the three (dtype, arch) cases, not one each: pytest-xdist hands parametrised
+    tests to both workers, and each worker ran the module-scoped `reports` (three compiling
+    subprocesses) again."""
+    for case in CASES:
+        check_reports(case, reports[case])
+
+
+def check_reports(case: tuple[str, int], results: list[dict]) -> None:
     launches = {r["launch"] for r in results}
     assert launches == {"bottleneck_fused", "bottleneck_down", "bottleneck_up",
                         "mixture_router", "mixture_shrink", "mixture_expand",
                         "mixture_expand_top1", "mixture_stacked_shrink",
-                        "mixture_stacked_expand", "mixture_per_token", "mixture_vectors"}
-    assert len(results) >= 5 * len(launches)  # the autotune spaces, not a single config each
+                        "mixture_stacked_expand", "mixture_per_token", "mixture_vectors"}, case
+    assert len(results) >= 5 * len(launches), case  # the autotune spaces, not one config each
     for r in results:
-        assert r["error"] is None, f"{r['launch']} [{r['config']}]: {r['error']}"
-        assert r["registers"] > 0 and r["shared"] > 0, r  # ptxas's report was read
-        assert r["shared"] <= SHARED_LIMIT[case[1]], r
+        assert r["error"] is None, f"{case} {r['launch']} [{r['config']}]: {r['error']}"
+        assert r["registers"] > 0 and r["shared"] > 0, (case, r)  # ptxas's report was read
+        assert r["shared"] <= SHARED_LIMIT[case[1]], (case, r)
     units = {r["dot_unit"] for r in results if r["launch"] != "mixture_per_token"}
-    assert {r["dot_unit"] for r in results if r["launch"] == "mixture_per_token"} == {"none"}
+    assert {r["dot_unit"] for r in results if r["launch"] == "mixture_per_token"} == {"none"}, case
     if case[0] == "float32":  # torch's default "highest" precision: an IEEE dot, no TF32
-        assert units == {"fma"}
+        assert units == {"fma"}, case
     else:
-        assert [r for r in results if r["problems"]] == []
-        assert units == ({"mma", "wgmma"} if case[1] == 90 else {"mma"})  # tensor cores only
+        assert [r for r in results if r["problems"]] == [], case
+        assert units == ({"mma", "wgmma"} if case[1] == 90 else {"mma"}), case  # tensor cores only
 
 
 OVERSIZED = """

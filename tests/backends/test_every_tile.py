@@ -31,14 +31,24 @@ GPU_TILES = {  # each autotuned kernel's GPU configs
 
 
 def gpu_tiles() -> dict[str, list[triton.Config]]:
-    """The configs each kernel would hold on a GPU (the config functions read the knob).
+    """The configs each kernel would hold on a GPU (the config functions read the knob), one per
+    distinct set of block sizes: configs that differ only in warps or pipeline stages run the
+    same computation under the interpreter, so a second one would repeat the first.
 
     The knob's own `scope` restores it: setting it also writes TRITON_INTERPRET, and
     monkeypatch's undo would leave a Python-level override that outlives a later `delenv`.
     """
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = False
-        return {name: configs() for name, configs in GPU_TILES.items()}
+        return {name: distinct_tiles(configs()) for name, configs in GPU_TILES.items()}
+
+
+def distinct_tiles(configs: list[triton.Config]) -> list[triton.Config]:
+    """The first config of each distinct `kwargs` (block sizes and other constexprs), in order."""
+    tiles: dict[tuple, triton.Config] = {}
+    for config in configs:
+        tiles.setdefault(tuple(sorted(config.kwargs.items())), config)
+    return list(tiles.values())
 
 
 def calls(case: str, dtype: torch.dtype) -> tuple[Callable, Callable]:
