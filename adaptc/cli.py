@@ -282,7 +282,7 @@ def run_compile(args) -> int:
                      fuse_projections=args.fuse_projections, dump_dir=args.dump_passes)
         decoder = cached_decoder(ctx.model, ctx.plan, adapters, args) if args.decoder else None
     report = report_of(gm)
-    print(f"compiled {args.spec} onto {args.model} ({type(ctx.model.module).__name__}) "
+    print(f"compiled {plan.spec.path} onto {args.model} ({type(ctx.model.module).__name__}) "
           f"in {args.mode} mode in {time.perf_counter() - start:.1f} s")
     print("passes: " + " → ".join(report.pipeline))
     print("  " + ", ".join(f"{k}={v}" for k, v in report.counts.items() if v))

@@ -296,6 +296,7 @@ def test_spec_from_standard_input(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == "<stdin>: ok (1 attach statement)\n"
     monkeypatch.setattr("sys.stdin", stdin_bytes(b"q_proj: lora r=2\n"))
     assert main(["compile", "-", "-o", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith("compiled <stdin> onto llama (LlamaForCausalLM)")
     assert (tmp_path / "out" / "spec.adapt").read_text() == "q_proj: lora r=2\n"
     result = subprocess.run([sys.executable, "-m", "adaptc.cli", "check", "-"], input="q: lora r=x",
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
