@@ -135,7 +135,8 @@ def stored_weight_bytes(gm: GraphModule, ctx: CompileContext) -> dict[str, int]:
     stand_ins = gm.meta.get(MERGED, {})
     total = 0
     for path in paths:
-        total += sum(m.stored_bytes() for name, m in nf4.items() if name.startswith(f"{path}."))
+        if f"{path}.nf4" in nf4:
+            total += nf4[f"{path}.nf4"].stored_bytes()
         if f"{path}.weight" in stand_ins:
             total += tensor_bytes(graph_tensor(gm, stand_ins[f"{path}.weight"]))
         original = ctx.model.module.get_parameter(f"{path}.weight")

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from adaptc.methods.gate import Gate
+from adaptc.methods.gate import Gate, gate_bias
 from adaptc.methods.options import option
 
 ACTIVATIONS = {"relu": nn.functional.relu, "gelu": nn.functional.gelu, "silu": nn.functional.silu,
@@ -76,4 +76,4 @@ class BottleneckAdapter(nn.Module):
     def undecayed_parameters(self) -> tuple[str, ...]:
         """Weight decay spares the biases (the gate's too), as PEFT's and the HF Trainer's
         groups spare biases; their learning rate stays the base one (no LoRA+ counterpart)."""
-        return ("down_bias", "up_bias", *(() if self.gate is None else ("gate.bias",)))
+        return ("down_bias", "up_bias", *gate_bias(self.gate))

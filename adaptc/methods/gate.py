@@ -30,3 +30,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(nn.functional.linear(x, self.weight, self.bias)).mean(1, keepdim=True)
+
+
+def gate_bias(gate: Gate | None) -> tuple[str, ...]:
+    """The gate's bias as its adapter names it, for weight decay to spare, as PEFT's and the
+    HF Trainer's groups spare every bias; none without a gate."""
+    return () if gate is None else ("gate.bias",)

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from adaptc.methods.gate import Gate
+from adaptc.methods.gate import Gate, gate_bias
 from adaptc.methods.options import option
 from adaptc.methods.precision import wide
 
@@ -100,9 +100,7 @@ class LoraAdapter(nn.Module):
 
     @property
     def undecayed_parameters(self) -> tuple[str, ...]:
-        """Weight decay spares the gate's bias, as PEFT's and the HF Trainer's groups do
-        every bias."""
-        return () if self.gate is None else ("gate.bias",)
+        return gate_bias(self.gate)
 
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """Tensors that do not train but are needed to restore the adapter (LoRA-FA's A)."""

@@ -30,8 +30,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from adaptc.methods.gate import Gate
+from adaptc.methods.gate import Gate, gate_bias
 from adaptc.methods.options import option
+from adaptc.methods.prompt import vectors
 
 
 @dataclass(frozen=True)
@@ -123,14 +124,7 @@ class PrefixEncoder(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
 
-    @property
-    def fast_parameters(self) -> tuple[str, ...]:
-        """LoRA+: the biases of the reparameterisation MLP, its 1-D tensors, get ratio × lr, as
-        PEFT's `create_loraplus_optimizer` gives every 1-D tensor; nor do they take weight
-        decay."""
-        return tuple(name for name, p in self.named_parameters() if p.ndim == 1)
-
-    undecayed_parameters = fast_parameters
+    fast_parameters = undecayed_parameters = property(vectors)  # the MLP's biases
 
     def fold(self) -> PrefixEncoder:
         """The same prefixes as a free tensor: no MLP (for inference and export)."""
@@ -194,9 +188,7 @@ class PrefixAttention(nn.Module):
 
     @property
     def undecayed_parameters(self) -> tuple[str, ...]:
-        """Weight decay spares the gate's bias, as PEFT's and the HF Trainer's groups do
-        every bias."""
-        return () if self.gate is None else ("gate.bias",)
+        return gate_bias(self.gate)
 
     @staticmethod
     def expand(part: torch.Tensor, batch: int, heads: int) -> torch.Tensor:

@@ -82,6 +82,12 @@ class PromptEmbedding(nn.Module):
         return {"embedding": self.embedding}
 
 
+def vectors(encoder: nn.Module) -> tuple[str, ...]:
+    """The 1-D tensors of a prompt or prefix encoder (its biases): LoRA+ gives them ratio × lr,
+    as PEFT's `create_loraplus_optimizer` gives every 1-D tensor, and no weight decay."""
+    return tuple(name for name, p in encoder.named_parameters() if p.ndim == 1)
+
+
 class PromptEncoder(nn.Module):
     """P-tuning's prompt encoder: T = head(encoder(E_v)), E_v [n, D]; forward as
     `PromptEmbedding`. Parameters follow PEFT's PromptEncoder (`embedding` [n, D], then
@@ -116,14 +122,7 @@ class PromptEncoder(nn.Module):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters())
 
-    @property
-    def fast_parameters(self) -> tuple[str, ...]:
-        """LoRA+: the biases of the LSTM and MLP head, their 1-D tensors, get ratio × lr, as
-        PEFT's `create_loraplus_optimizer` gives every 1-D tensor; nor do they take weight
-        decay."""
-        return tuple(name for name, p in self.named_parameters() if p.ndim == 1)
-
-    undecayed_parameters = fast_parameters
+    fast_parameters = undecayed_parameters = property(vectors)  # the LSTM's and head's biases
 
     def fold(self) -> PromptEmbedding:
         """The same virtual tokens as a free tensor: no encoder (for inference and export)."""
