@@ -57,10 +57,10 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     seq2seq = decoder_start_token_id is not None
     check_kind(model, seq2seq)
     check_length(model, (1 if seq2seq else input_ids.shape[1]) + max_new_tokens)
-    ids = end_ids(eos_token_id)
-    ends = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
     if not seq2seq and shifts_positions(model, attention_mask):
         return by_row(model, input_ids, attention_mask, max_new_tokens, eos_token_id)
+    ids = end_ids(eos_token_id)
+    ends = torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device)
     tokens = (torch.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype,
                          device=input_ids.device) if seq2seq else input_ids)
     done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
