@@ -6,6 +6,7 @@ Face checkpoint directory (config.json + safetensors), or any `nn.Module` from P
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import os
@@ -89,10 +90,25 @@ def load_model(name_or_path: str, layers: int | None = None, *, dtype: str | Non
     elif Path(name_or_path).is_dir():
         loaded = load_checkpoint(Path(name_or_path), dtype)
     else:
-        known = ", ".join(PRESETS)
-        raise ModelError(f"unknown model '{name_or_path}': not a preset ({known}) "
-                         "and not a checkpoint directory")
+        raise unknown_model(name_or_path)
     return place(loaded, dtype, device)
+
+
+CHECKPOINT_HINT = ("the path of a local Hugging Face checkpoint directory (config.json and "
+                   "safetensors weights)")
+
+
+def unknown_model(name: str) -> ModelError:
+    """Neither a preset nor a directory: a path (it has a separator) that is not there, or a
+    name, with the nearest presets (`lama` → `llama`; the list alone did not say which)."""
+    takes = f"a model is a preset name or {CHECKPOINT_HINT}"
+    if os.sep in name or "/" in name or name.startswith((".", "~")):
+        found = "it is a file" if Path(name).exists() else "it does not exist"
+        return ModelError(f"model '{name}': no such checkpoint directory ({found}); {takes}")
+    close = difflib.get_close_matches(name.lower(), list(PRESETS), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ModelError(f"unknown model '{name}': not a preset and not a checkpoint directory"
+                      f"{hint or '.'} Presets: {', '.join(PRESETS)}; or {CHECKPOINT_HINT}")
 
 
 def place(loaded: LoadedModel, dtype: str | None, device: str | None) -> LoadedModel:
