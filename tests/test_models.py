@@ -348,3 +348,17 @@ def test_cli_suggests_the_preset_meant(tmp_path, monkeypatch, capsys):
     assert main(["inspect", "x.adapt", "--model", "lama"]) == 1
     err = capsys.readouterr().err
     assert "did you mean 'llama'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_passed_as_an_object_is_named_by_its_class(tiny):
+    """Messages and reports called a Python model "python" ("python has 2 layers")."""
+    from adaptc.frontend.models import wrap
+
+    module = tiny("llama").module
+    with pytest.raises(adaptc.errors.AdaptcError,
+                       match=r"block 9 is out of range: LlamaForCausalLM \(Python object\) "
+                             r"has 2 layers"):
+        adaptc.inspect(module, "attn.q: lora r=2", block=9)
+    gm = adaptc.compile(module, "attn.q: lora r=2")
+    assert adaptc.report_of(gm).model == "LlamaForCausalLM (Python object)"
+    assert wrap(module, source="mine").source == "mine"

@@ -66,7 +66,7 @@ class LoadedModel:
 
     module: nn.Module
     example_inputs: dict[str, torch.Tensor]
-    source: str  # preset name, checkpoint directory, or "python"
+    source: str  # preset name, checkpoint directory, or python_source(module)
     family: str | None = None  # config.model_type, used for role aliases
     details: dict = field(default_factory=dict)
 
@@ -342,11 +342,13 @@ def check_loading_info(path: Path, info: dict) -> None:
                          f"needs, first '{missing[0]}'")
 
 
-def wrap(module: nn.Module, source: str = "python",
+def wrap(module: nn.Module, source: str | None = None,
          example_inputs: dict[str, torch.Tensor] | None = None) -> LoadedModel:
     """Attach example inputs (token ids and mask, batch 2 × 8; segment ids too for encoders
     with more than one token type; decoder token ids, 2 × 6, for encoder-decoders) to a
-    Hugging Face-style model."""
+    Hugging Face-style model. `source` names it in messages and reports; a module passed in
+    from Python is named by its class (python_source)."""
+    source = python_source(module) if source is None else source
     config = getattr(module, "config", None)
     if example_inputs is None:
         if config is None or not hasattr(config, "vocab_size"):
@@ -361,6 +363,13 @@ def wrap(module: nn.Module, source: str = "python",
             example_inputs["decoder_input_ids"] = ids[:, :6].clone()
     family = getattr(config, "model_type", None)
     return LoadedModel(module, example_inputs, source, family)
+
+
+def python_source(module: nn.Module) -> str:
+    """How messages and reports name a model given as an object: "LlamaForCausalLM (Python
+    object)" (it was "python": "python has 2 layers"; and a ./python directory in the working
+    directory was taken for its checkpoint by copy_tokenizer and refuse_inputs)."""
+    return f"{type(module).__name__} (Python object)"
 
 
 def takes_segments(module: nn.Module) -> bool:
