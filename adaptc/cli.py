@@ -15,13 +15,14 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from adaptc.errors import AdaptcError, ArtifactError, WeightsError, first_line
+from adaptc.errors import AdaptcError, AdaptcWarning, ArtifactError, WeightsError, first_line
 from adaptc.frontend.models import DEFAULT_MODEL, DTYPES, PRESETS
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     hf_logging.disable_progress_bar()  # transformers' shard bars would interleave our report
     try:
-        with exit_on_sigterm():
+        with exit_on_sigterm(), warnings_on_one_line():
             return args.run(args)
     except AdaptcError as err:
         print(str(err), file=sys.stderr)
@@ -64,6 +65,23 @@ def exit_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def warnings_on_one_line() -> Iterator[None]:
+    """adaptc's warnings (AdaptcWarning) print as one `warning: ...` line on stderr, instead
+    of Python's `file:line: AdaptcWarning: ...` and the source line that raised it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", AdaptcWarning)
+        python_way = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, AdaptcWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                python_way(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
 
 
 SPEC_HELP = "a .adapt file, or - to read the spec from standard input"
