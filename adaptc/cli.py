@@ -28,6 +28,7 @@ from adaptc.frontend.models import DEFAULT_MODEL, DTYPES, PRESETS
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # report.json's command line
     hf_logging.disable_progress_bar()  # transformers' shard bars would interleave our report
     try:
         with exit_on_sigterm(), warnings_on_one_line():
@@ -407,9 +408,12 @@ def write_infer(args, ctx, gm, reference, decoder) -> None:
     """program.pt2, hf/, decoding/ and report.json, verified against the train-mode graph
     (decoding/: against the compiled decoder)."""
     from adaptc.export import HF_DIR, REPORT_FILE, write_infer_artifact
+    from adaptc.passes.load_adapters import ADAPTERS_FILE
 
+    if not args.adapters:  # the initial weights went through a scratch file, no input of
+        gm.meta.pop(ADAPTERS_FILE, None)  # the user's: report.json records none
     out = write_infer_artifact(gm, ctx.model, args.output, reference=reference, force=args.force,
-                               decoder=decoder)
+                               decoder=decoder, command=["adaptc", *args.argv])
     report = json.loads((out / REPORT_FILE).read_text())
     check = report["verification"]
     hf = f"{HF_DIR}/, " if report["hf"] else ""
