@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -46,11 +47,18 @@ CHAT_TEMPLATES_DIR = "additional_chat_templates"  # named templates besides the 
 
 
 def versions() -> dict[str, str]:
+    """adaptc, torch, transformers and Python, and triton where installed (the fused ops'
+    kernels on a GPU), read without importing it."""
     import transformers
 
     from adaptc import __version__
-    return {"adaptc": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    found = {"adaptc": __version__, "torch": torch.__version__,
+             "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        found["triton"] = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        pass
+    return found
 
 
 def write_artifact(gm: GraphModule, model: LoadedModel, out: str | Path, force: bool = False) -> Path:

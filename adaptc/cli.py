@@ -15,21 +15,23 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from adaptc.errors import AdaptcError, ArtifactError, WeightsError, first_line
+from adaptc.errors import AdaptcError, AdaptcWarning, ArtifactError, WeightsError, first_line
 from adaptc.frontend.models import DEFAULT_MODEL, DTYPES, PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # report.json's command line
     hf_logging.disable_progress_bar()  # transformers' shard bars would interleave our report
     try:
-        with exit_on_sigterm():
+        with exit_on_sigterm(), warnings_on_one_line():
             return args.run(args)
     except AdaptcError as err:
         print(str(err), file=sys.stderr)
@@ -64,6 +66,23 @@ def exit_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def warnings_on_one_line() -> Iterator[None]:
+    """adaptc's warnings (AdaptcWarning) print as one `warning: ...` line on stderr, instead
+    of Python's `file:line: AdaptcWarning: ...` and the source line that raised it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", AdaptcWarning)
+        python_way = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, AdaptcWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                python_way(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
 
 
 SPEC_HELP = "a .adapt file, or - to read the spec from standard input"
@@ -389,9 +408,12 @@ def write_infer(args, ctx, gm, reference, decoder) -> None:
     """program.pt2, hf/, decoding/ and report.json, verified against the train-mode graph
     (decoding/: against the compiled decoder)."""
     from adaptc.export import HF_DIR, REPORT_FILE, write_infer_artifact
+    from adaptc.passes.load_adapters import ADAPTERS_FILE
 
+    if not args.adapters:  # the initial weights went through a scratch file, no input of
+        gm.meta.pop(ADAPTERS_FILE, None)  # the user's: report.json records none
     out = write_infer_artifact(gm, ctx.model, args.output, reference=reference, force=args.force,
-                               decoder=decoder)
+                               decoder=decoder, command=["adaptc", *args.argv])
     report = json.loads((out / REPORT_FILE).read_text())
     check = report["verification"]
     hf = f"{HF_DIR}/, " if report["hf"] else ""

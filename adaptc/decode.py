@@ -22,7 +22,7 @@ from torch import nn
 from torch.export import Dim
 
 from adaptc.compiler import as_model, prepare, run_pipeline
-from adaptc.errors import AdaptcError, ModelError, first_line
+from adaptc.errors import AdaptcError, AdaptcWarning, ModelError, first_line
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
 from adaptc.passes.base import out_of_memory
@@ -200,6 +200,7 @@ def compile_decoder(model, spec, *, adapters: str | Path | None = None,
     if max_cache_len < 2:
         raise AdaptcError(f"max_cache_len must be at least 2, got {max_cache_len}")
     loaded = as_model(model, None)
+    warn_past_trained_positions(max_cache_len, loaded)
     device = next(loaded.module.parameters()).device
     wrapped = LoadedModel(static_cache_module(loaded, max_cache_len), example_step(device),
                           loaded.source, loaded.family)
@@ -257,6 +258,21 @@ def check_cache_positions(max_cache_len: int, limit: int, prefix: int) -> None:
         raise AdaptcError(f"max_cache_len={max_cache_len} exceeds the model's {limit} "
                           f"positions{taken}: its learned position table has no row past "
                           f"them; use max_cache_len <= {limit - prefix}")
+
+
+def warn_past_trained_positions(max_cache_len: int, model: LoadedModel) -> None:
+    """A rotary model computes every position's rotation, so a cache past its
+    `max_position_embeddings` decodes (a learned table cannot: check_cache_positions), but the
+    model was not trained there: an AdaptcWarning naming both numbers, not an error."""
+    config = getattr(model.module, "config", None)
+    trained = getattr(config, "max_position_embeddings", None)
+    rotary = any(getattr(config, key, None) for key in ("rope_parameters", "rope_theta",
+                                                          "rope_scaling"))
+    if rotary and isinstance(trained, int) and max_cache_len > trained:
+        warnings.warn(f"max_cache_len={max_cache_len} exceeds the model's "
+                      f"max_position_embeddings={trained}: rotary positions extend past it, "
+                      "but the model was not trained on them and may decode worse there",
+                      AdaptcWarning, stacklevel=3)
 
 
 def allocate_cache(build: Callable[[], Built], max_cache_len: int) -> Built:

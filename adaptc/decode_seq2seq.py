@@ -34,7 +34,7 @@ from torch.export import Dim
 from adaptc.adapters import ENCODERS
 from adaptc.compiler import as_model, prepare, run_pipeline
 from adaptc.decode import (MAX_CACHE_LEN, PREFIX, allocate_cache, check_cache_positions,
-                           check_token_ids, stop_ids)
+                           check_token_ids, stop_ids, warn_past_trained_positions)
 from adaptc.errors import AdaptcError, ModelError, WeightsError
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import export, is_encoder_decoder, sequence_limit
@@ -174,6 +174,7 @@ def compile_seq2seq_decoder(model, spec, *, adapters: str | Path | None = None,
     if not is_encoder_decoder(loaded):
         raise ModelError(f"{type(loaded.module).__name__} is not an encoder-decoder; decode a "
                          "causal language model with adaptc.compile_decoder")
+    warn_past_trained_positions(max_cache_len, loaded)  # a rotary decoder's (T5: relative)
     device = next(loaded.module.parameters()).device
     limit = sequence_limit(loaded)
     ids = torch.tensor([[1, 2, 3]], device=device)

@@ -134,6 +134,11 @@ class PassError(AdaptcError):
         super().__init__(f"pass '{pass_name}' failed (after: {before}): {cause}")
 
 
+class AdaptcWarning(UserWarning):
+    """Something adaptc does as asked but the user should know of (a KV cache longer than a
+    rotary model's trained positions); the CLI prints it as one `warning: ...` line."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (torch's run to pages), or its type's name."""
     text = str(err).strip()

@@ -8,9 +8,11 @@
                       tokenizer files) that transformers loads without adaptc
     DIR/decoding/     with a cached decoder (`--decoder`): its programs, for `adaptc generate
                       DIR` (decoding_program.py)
-    DIR/report.json   spec, model, pass counts, versions, and the verification: max absolute
-                      and relative error of the saved program against the train-mode graph
-                      on random inputs (relative: max |program − train| / max |train|); with
+    DIR/report.json   spec, model, pass counts, versions, how it was compiled (`compile`:
+                      the command line, merge, fuse_projections, dtype, device, the adapter
+                      file and its sha256), and the verification: max absolute and relative
+                      error of the saved program against the train-mode graph on random
+                      inputs (relative: max |program − train| / max |train|); with
                       decoding/, its description and check
 
 The directory is staged beside its destination and renamed into place (artifact.py's
@@ -46,19 +48,24 @@ from adaptc.errors import ArtifactError, first_line, held_log_records
 from adaptc.frontend.models import LoadedModel
 from adaptc.frontend.trace import dynamic_shapes, export_dynamic
 from adaptc.passes.base import INSERTED, MERGED
-from adaptc.passes.fuse_projections import graph_tensor
+from adaptc.passes.fuse_projections import FuseProjections, graph_tensor
+from adaptc.passes.load_adapters import ADAPTERS_FILE
+from adaptc.passes.merge_weights import MergeWeights
 
 FORMAT = 1
 HF_DIR, REPORT_FILE = "hf", "report.json"
 
 
 def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: GraphModule,
-                         force: bool = False, decoder=None) -> Path:
+                         force: bool = False, decoder=None,
+                         command: list[str] | None = None) -> Path:
     """Export the infer-mode `gm` compiled from `model` into `out`, atomically.
 
     `reference` is the train-mode graph of the same spec and adapter weights; the report
     compares the saved program with it. `decoder`, a cached decoder compiled from the same
     spec and weights (compile_decoder, compile_seq2seq_decoder), goes into decoding/.
+    `command`, the command line that compiled it (the CLI's), goes into the report beside
+    the options read from `gm` and `model` (compile_options).
     """
     out = Path(out)
     refuse_existing(out, force)
@@ -77,6 +84,8 @@ def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: 
             write_hf(gm, model, staging / HF_DIR)
         check = verify(load_program(staging / PROGRAM).module(), reference, model)
         report = describe(gm, model, why_no_hf, check)
+        report["compile"] = {**({"command": command} if command else {}),
+                             **compile_options(gm, model)}
         if decoder is not None:
             from adaptc.decoding_program import DECODING_DIR, save_decoding  # imports this
             report["decoding"] = save_decoding(decoder, staging / DECODING_DIR, model.source)
@@ -277,3 +286,23 @@ def describe(gm: GraphModule, model: LoadedModel, why_no_hf: str | None, check: 
             "counts": report.counts, "program": PROGRAM, "hf": HF_DIR if why_no_hf is None else None,
             **({"hf_skipped": why_no_hf} if why_no_hf else {}),
             "verification": check, "versions": versions()}
+
+
+def compile_options(gm: GraphModule, model: LoadedModel) -> dict:
+    """What besides the spec and the model decides the artifact, read from what ran: merge
+    and fuse_projections from the pipeline, dtype and device from the model's weights (the
+    dtype most of their elements have), the adapter weights file that was loaded with its
+    sha256 (None: the initial weights)."""
+    report = gm.meta[REPORT]
+    sizes: dict[torch.dtype, int] = {}
+    devices = set()
+    for param in model.module.parameters():
+        if param.is_floating_point():
+            sizes[param.dtype] = sizes.get(param.dtype, 0) + param.numel()
+            devices.add(str(param.device))
+    dtype = max(sizes, key=sizes.get) if sizes else None
+    return {"mode": report.mode, "merge": MergeWeights.name in report.pipeline,
+            "fuse_projections": FuseProjections.name in report.pipeline,
+            "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+            "device": ", ".join(sorted(devices)) or None,
+            "adapters": gm.meta.get(ADAPTERS_FILE)}

@@ -56,6 +56,12 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     check_batch(input_ids)
     seq2seq = decoder_start_token_id is not None
     check_kind(model, seq2seq)
+    vocab = vocab_size(model)
+    if vocab is not None:
+        check_vocabulary(input_ids, vocab)
+        if seq2seq and not 0 <= decoder_start_token_id < vocab:
+            raise ValueError(f"decoder_start_token_id {decoder_start_token_id} is outside the "
+                             f"model's vocabulary (0..{vocab - 1})")
     check_length(model, (1 if seq2seq else input_ids.shape[1]) + max_new_tokens)
     if not seq2seq and shifts_positions(model, attention_mask):
         return by_row(model, input_ids, attention_mask, max_new_tokens, eos_token_id)
@@ -121,6 +127,30 @@ def check_batch(input_ids: torch.Tensor) -> None:
                  else f"a {type(input_ids).__name__}")
         raise ValueError(f"input_ids must be a 2-D tensor [batch, sequence], got {shape} "
                          "(a single prompt is input_ids[None])")
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """The vocabulary a compiled module (or its torch.compile wrapper) checks its token ids
+    against, else the model's config's; None when neither says."""
+    graph = getattr(model, "_orig_mod", model)
+    check = graph.meta.get(INPUT_CHECK) if isinstance(graph, GraphModule) else None
+    size = (check.vocab_size if check is not None
+            else getattr(getattr(model, "config", None), "vocab_size", None))
+    return size if isinstance(size, int) else None
+
+
+def check_vocabulary(ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Token ids outside the vocabulary are the compiled module's ValueError, on any device.
+    Its forward checks CPU tensors only: on a GPU a check there would synchronise every call
+    (and could not run inside a CUDA graph's capture), and the embedding's device-side
+    assert reported the id, leaving the process's CUDA context unusable. A generation call
+    checks its prompt once, before the first step: one min/max reduction and one sync."""
+    if ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input '{name}' holds token id {low if low < 0 else high}, outside "
+                         f"the model's vocabulary (0..{vocab_size - 1})")
 
 
 def check_kind(model: nn.Module, seq2seq: bool) -> None:

@@ -275,3 +275,28 @@ def test_a_model_that_cannot_export_over_the_cache_names_the_uncached_alternativ
     ours = adaptc.greedy_generate(adaptc.compile(model, "q_proj: lora r=2", mode="infer"), ids,
                                   torch.ones_like(ids), 4)
     assert torch.equal(ours, model.module.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_cache_past_a_rotary_models_trained_positions_warns(tiny, capsys):
+    """Llama's 512 positions: a 513-slot cache was sized as asked without a word. Rotary
+    positions extend past the trained ones, so it is a warning naming both numbers, not an
+    error; the CLI prints it as one line. (A learned table refuses it: the test above, and
+    GPT-2 through the CLI here.)"""
+    import warnings
+
+    from adaptc.cli import main
+    from adaptc.errors import AdaptcWarning
+    with pytest.warns(AdaptcWarning, match=r"max_cache_len=513 exceeds the model's "
+                                           r"max_position_embeddings=512"):
+        decoder = compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=513)
+    assert decoder.max_cache_len == 513
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdaptcWarning)
+        compile_decoder(tiny("llama"), "q_proj: lora r=2", max_cache_len=512)
+    args = ["generate", "specs/lora_qv.adapt", "--prompt", "1 2", "--max-new-tokens", "1"]
+    assert main([*args, "--max-cache-len", "600"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: max_cache_len=600 exceeds the model's "
+                                               "max_position_embeddings=512")
+    assert main([*args, "--model", "gpt2", "--max-cache-len", "600"]) == 1
+    assert "max_cache_len=600 exceeds the model's 512 positions" in capsys.readouterr().err

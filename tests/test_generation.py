@@ -139,3 +139,39 @@ def test_left_padded_rows_over_a_position_table_give_generate_tokens(tiny):
                            pad_token_id=ends[0])
     assert torch.equal(adaptc.greedy_generate(gm, unpadded, torch.ones_like(unpadded), 6, ends),
                        theirs)
+
+
+def test_greedy_checks_the_prompt_ids_on_any_device(tiny, monkeypatch):
+    """The compiled module's forward checks token ids on CPU tensors only (on a GPU that
+    check would synchronise every call; the embedding's device assert reported them and
+    poisoned the process). greedy_generate checks the prompt itself, once per call with one
+    min/max reduction whatever the device: here with the forward's check switched off, as
+    it is for a GPU tensor, the error is the forward's own, before any step runs."""
+    from adaptc.frontend.trace import INPUT_CHECK
+    from adaptc.generation import check_vocabulary
+
+    gm = adaptc.compile(tiny("llama"), "q_proj: lora r=2")
+    monkeypatch.setattr(gm.meta[INPUT_CHECK], "check_vocabulary", lambda kwargs: None)
+    ids, mask = prompt_ids()
+    for bad in (512, -1):
+        ids[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"input 'input_ids' holds token id {bad}, "
+                                             r"outside the model's vocabulary \(0\.\.511\)"):
+            adaptc.greedy_generate(gm, ids, mask, 2)
+    mask[0, :2] = 0  # a left-padded row: GPT-2-like models decode row by row; checked too
+    with pytest.raises(ValueError, match="token id -1, outside"):
+        adaptc.greedy_generate(gm, ids, mask, 2)
+    check_vocabulary(torch.tensor([[0, 511]]), 512)  # no device condition in the check
+    with pytest.raises(ValueError, match="decoder_input_ids' holds token id 600"):
+        check_vocabulary(torch.tensor([[600, 3]]), 512, "decoder_input_ids")
+
+
+def test_greedy_checks_an_encoder_decoders_source_and_start_token(tiny):
+    gm = adaptc.compile(tiny("t5"), "attn.q: lora r=2")
+    ids, mask = prompt_ids()
+    ids[0, 0] = 9999
+    with pytest.raises(ValueError, match="input 'input_ids' holds token id 9999"):
+        adaptc.greedy_generate(gm, ids, mask, 2, decoder_start_token_id=0)
+    with pytest.raises(ValueError, match=r"decoder_start_token_id 512 is outside the model's "
+                                         r"vocabulary \(0\.\.511\)"):
+        adaptc.greedy_generate(gm, prompt_ids()[0], mask, 2, decoder_start_token_id=512)

@@ -422,3 +422,49 @@ def test_infer_graph_stays_on_the_model_device(tiny, spec, merge, fuse):
     logits = infer(input_ids=ids, attention_mask=torch.ones_like(ids))
     logits = logits[0] if isinstance(logits, (tuple, list)) else getattr(logits, "logits", logits)
     assert logits.device.type == "meta" and tuple(logits.shape) == (2, 5, 512)
+
+
+def sha256(path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_report_records_how_the_artifact_was_compiled(tmp_path, monkeypatch):
+    """report.json named the spec and the model but not --dtype, --device, the adapter file
+    or --no-merge / --fuse-projections: the artifact could not be compiled again from it."""
+    monkeypatch.chdir(tmp_path)
+    spec = "attn.q,attn.v: lora r=4 alpha=8"
+    Path("s.adapt").write_text(spec + "\n")
+    trained(adaptc.load_model("llama"), spec, tmp_path / "a.safetensors")  # the CLI's preset
+    argv = ["compile", "s.adapt", "--mode", "infer", "--adapters", "a.safetensors",
+            "--dtype", "bfloat16", "--device", "cpu", "--no-merge", "--fuse-projections",
+            "-o", "dist"]
+    assert main(argv) == 0
+    report = json.loads(Path("dist/report.json").read_text())
+    assert report["compile"] == {
+        "command": ["adaptc", *argv], "mode": "infer", "merge": False,
+        "fuse_projections": True, "dtype": "bfloat16", "device": "cpu",
+        "adapters": {"path": "a.safetensors", "sha256": sha256("a.safetensors")}}
+    assert report["model"] == "llama" and report["spec_source"] == spec + "\n"
+    assert {"adaptc", "torch", "transformers", "python"} <= set(report["versions"])
+    assert main(["compile", "s.adapt", "--mode", "infer", "-o", "plain"]) == 0
+    recorded = json.loads(Path("plain/report.json").read_text())["compile"]
+    assert recorded["adapters"] is None  # the initial weights: no file of the user's
+    assert (recorded["merge"], recorded["fuse_projections"]) == (True, False)
+    assert (recorded["dtype"], recorded["device"]) == ("float32", "cpu")
+
+
+def test_report_records_the_options_of_a_python_compile(tiny, tmp_path):
+    """write_infer_artifact reads them from the compiled module: no command line."""
+    model = tiny("gpt2")
+    spec = "attn.qkv: lora r=2"
+    train = trained(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model.module, spec, "infer", adapters=tmp_path / "a.safetensors",
+                           merge=False)
+    adaptc.write_infer_artifact(infer, model.module, tmp_path / "dist", reference=train)
+    report = json.loads((tmp_path / "dist" / "report.json").read_text())
+    assert report["model"] == "GPT2LMHeadModel (Python object)"
+    assert report["compile"] == {
+        "mode": "infer", "merge": False, "fuse_projections": False, "dtype": "float32",
+        "device": "cpu", "adapters": {"path": str(tmp_path / "a.safetensors"),
+                                      "sha256": sha256(tmp_path / "a.safetensors")}}

@@ -309,3 +309,56 @@ def test_a_pytorch_model_bin_is_checked_as_safetensors_are(tiny, tmp_path):
     with pytest.raises(ModelError, match=rf"pytorch_model.bin: tensor '{name}' is stored as int32; "
                                          r"the model needs floating-point values"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name,suggested", [("lama", "llama"), ("Llama", "llama"),
+                                            ("llama7b", "llama-7b"), ("gtp2", "gpt2"),
+                                            ("flan-t5", "flan-t5-xl")])
+def test_an_unknown_model_name_suggests_the_nearest_presets(name, suggested, tmp_path,
+                                                            monkeypatch):
+    """`--model lama` named every preset but not the one meant; the message also says that
+    a checkpoint directory's path is taken."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError) as err:
+        load_model(name)
+    message = str(err.value)
+    assert message.startswith(f"unknown model '{name}': not a preset")
+    assert "did you mean" in message and f"'{suggested}'" in message.split("?")[0]
+    assert "checkpoint directory" in message and "config.json" in message
+
+
+def test_an_unknown_model_name_far_from_every_preset_suggests_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError) as err:
+        load_model("no-such-model")
+    assert "did you mean" not in str(err.value)
+    assert "llama, mistral" in str(err.value)  # the presets are still listed
+
+
+def test_a_missing_checkpoint_path_is_named_as_a_path(tmp_path):
+    """A name with a slash is a path, not a misspelled preset."""
+    with pytest.raises(ModelError, match=r"no such checkpoint directory") as err:
+        load_model(str(tmp_path / "llama"))
+    assert "did you mean" not in str(err.value)
+
+
+def test_cli_suggests_the_preset_meant(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.adapt").write_text("attn.q: lora r=2\n")
+    assert main(["inspect", "x.adapt", "--model", "lama"]) == 1
+    err = capsys.readouterr().err
+    assert "did you mean 'llama'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_passed_as_an_object_is_named_by_its_class(tiny):
+    """Messages and reports called a Python model "python" ("python has 2 layers")."""
+    from adaptc.frontend.models import wrap
+
+    module = tiny("llama").module
+    with pytest.raises(adaptc.errors.AdaptcError,
+                       match=r"block 9 is out of range: LlamaForCausalLM \(Python object\) "
+                             r"has 2 layers"):
+        adaptc.inspect(module, "attn.q: lora r=2", block=9)
+    gm = adaptc.compile(module, "attn.q: lora r=2")
+    assert adaptc.report_of(gm).model == "LlamaForCausalLM (Python object)"
+    assert wrap(module, source="mine").source == "mine"

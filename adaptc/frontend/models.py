@@ -6,6 +6,7 @@ Face checkpoint directory (config.json + safetensors), or any `nn.Module` from P
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import os
@@ -65,7 +66,7 @@ class LoadedModel:
 
     module: nn.Module
     example_inputs: dict[str, torch.Tensor]
-    source: str  # preset name, checkpoint directory, or "python"
+    source: str  # preset name, checkpoint directory, or python_source(module)
     family: str | None = None  # config.model_type, used for role aliases
     details: dict = field(default_factory=dict)
 
@@ -89,10 +90,25 @@ def load_model(name_or_path: str, layers: int | None = None, *, dtype: str | Non
     elif Path(name_or_path).is_dir():
         loaded = load_checkpoint(Path(name_or_path), dtype)
     else:
-        known = ", ".join(PRESETS)
-        raise ModelError(f"unknown model '{name_or_path}': not a preset ({known}) "
-                         "and not a checkpoint directory")
+        raise unknown_model(name_or_path)
     return place(loaded, dtype, device)
+
+
+CHECKPOINT_HINT = ("the path of a local Hugging Face checkpoint directory (config.json and "
+                   "safetensors weights)")
+
+
+def unknown_model(name: str) -> ModelError:
+    """Neither a preset nor a directory: a path (it has a separator) that is not there, or a
+    name, with the nearest presets (`lama` → `llama`; the list alone did not say which)."""
+    takes = f"a model is a preset name or {CHECKPOINT_HINT}"
+    if os.sep in name or "/" in name or name.startswith((".", "~")):
+        found = "it is a file" if Path(name).exists() else "it does not exist"
+        return ModelError(f"model '{name}': no such checkpoint directory ({found}); {takes}")
+    close = difflib.get_close_matches(name.lower(), list(PRESETS), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ModelError(f"unknown model '{name}': not a preset and not a checkpoint directory"
+                      f"{hint or '.'} Presets: {', '.join(PRESETS)}; or {CHECKPOINT_HINT}")
 
 
 def place(loaded: LoadedModel, dtype: str | None, device: str | None) -> LoadedModel:
@@ -326,11 +342,13 @@ def check_loading_info(path: Path, info: dict) -> None:
                          f"needs, first '{missing[0]}'")
 
 
-def wrap(module: nn.Module, source: str = "python",
+def wrap(module: nn.Module, source: str | None = None,
          example_inputs: dict[str, torch.Tensor] | None = None) -> LoadedModel:
     """Attach example inputs (token ids and mask, batch 2 × 8; segment ids too for encoders
     with more than one token type; decoder token ids, 2 × 6, for encoder-decoders) to a
-    Hugging Face-style model."""
+    Hugging Face-style model. `source` names it in messages and reports; a module passed in
+    from Python is named by its class (python_source)."""
+    source = python_source(module) if source is None else source
     config = getattr(module, "config", None)
     if example_inputs is None:
         if config is None or not hasattr(config, "vocab_size"):
@@ -345,6 +363,13 @@ def wrap(module: nn.Module, source: str = "python",
             example_inputs["decoder_input_ids"] = ids[:, :6].clone()
     family = getattr(config, "model_type", None)
     return LoadedModel(module, example_inputs, source, family)
+
+
+def python_source(module: nn.Module) -> str:
+    """How messages and reports name a model given as an object: "LlamaForCausalLM (Python
+    object)" (it was "python": "python has 2 layers"; and a ./python directory in the working
+    directory was taken for its checkpoint by copy_tokenizer and refuse_inputs)."""
+    return f"{type(module).__name__} (Python object)"
 
 
 def takes_segments(module: nn.Module) -> bool:
