@@ -300,3 +300,115 @@ def test_qlora_on_gpt2_against_float64_dequantised_reference(tiny, tmp_path):
         for merge in (True, False):
             infer = adaptc.compile(model, spec, "infer", adapters=path, merge=merge)
             assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
+
+
+# ---------------------------------------------------------------- MoV and LoRAMoE
+MOV_TARGETS = {"llama": ("k_proj, v_proj", "down_proj"), "gpt2": ("attn.c_attn", "mlp.c_proj"),
+               "bert": ("key, value", "output.dense")}
+
+
+def mov_reference(model, params, top_k, feedforward_sites, seen):
+    """l(x) = Σ_e g_e(x)·l_e; y ⊙ l(x), or W₀(l(x) ⊙ x) + b with `feedforward`."""
+    ref = copy.deepcopy(model.module).double()
+    for site, t in by_site(params, "mov").items():
+        layer = ref.get_submodule(site)
+        if site in feedforward_sites:
+            def pre(mod, args, t=t, site=site):
+                gates, probs = route(args[0], t["router"], top_k)
+                seen[site] = (gates, probs)
+                return (args[0] * (gates @ t["vectors"]),)
+            layer.register_forward_pre_hook(pre)
+        else:
+            def post(mod, args, out, t=t, site=site):
+                gates, probs = route(args[0], t["router"], top_k)
+                seen[site] = (gates, probs)
+                return out * (gates @ t["vectors"])
+            layer.register_forward_hook(post)
+    return ref
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("router,k", [("topk", 2), ("soft", 2)])
+def test_mov_against_float64_reference(tiny, tmp_path, family, router, k):
+    model = tiny(family)
+    out_sites, ff_sites = MOV_TARGETS[family]
+    spec = (f"{out_sites}: ia3\n{ff_sites}: ia3 feedforward\n"
+            f"mixture moe k={k} experts=3 router={router} balance=0.2")
+    gm = adaptc.compile(model, spec)
+    x = x_for(family)
+    # vectors start at 1: the base model, up to the rounding of Σ_e g_e = 1
+    assert (main_output(gm(**x)) - main_output(model.module(**x))).abs().max().item() <= 1e-6
+    feedforward = set()
+    count = 0
+    for row in adaptc.report_of(gm).sites:
+        w = model.module.get_submodule(row["path"]).weight
+        d_out, d_in = (w.shape[1], w.shape[0]) if family == "gpt2" else tuple(w.shape)
+        ff = "ffn" in row.get("options", {}).get("feedforward", "") or row["path"].endswith(
+            ("down_proj", "mlp.c_proj", "output.dense"))
+        if ff:
+            feedforward.add(row["path"])
+        count += 3 * (d_in if ff else d_out) + 3 * d_in
+    assert adaptc.report_of(gm).trainable == count
+    randomize(gm, std=0.5)
+    params = leaves(gm)
+    seen = {}
+    ref = mov_reference(model, params, k if router == "topk" else 3, feedforward, seen)
+    want = main_output(ref(**x))
+    got = main_output(gm(**x))
+    assert rel_diff(got, want) <= OUT_TOL
+    ours_loss, ref_loss = adaptc.balance_loss(gm), switch_loss(seen, 0.2)
+    assert ours_loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    (probe(got) + ours_loss).backward()
+    (probe(want) + ref_loss).backward()
+    grads = adaptc.adapter_state_dict(gm)
+    worst = max(p.grad.abs().max().item() for p in params.values())
+    for name, p in params.items():
+        err = (grads[name].grad.double() - p.grad).abs().max().item()
+        assert err <= GRAD_TOL * worst, (name, err, worst)
+    path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    again = adaptc.compile(model, spec)
+    adaptc.load_adapters(again, path)
+    with torch.no_grad():
+        assert torch.equal(main_output(again(**x)), main_output(gm(**x)))
+        infer = adaptc.compile(model, spec, "infer", adapters=path)
+        assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
+
+
+def loramoe_loss(seen, types, knowledge, experts, delta, balance):
+    total = 0.0
+    for gates, _ in seen.values():
+        q = gates.sum(1)  # [B, E]
+        own = torch.tensor([[(e < knowledge) == (t == 1) for e in range(experts)] for t in types])
+        z = (q * torch.where(own, 1 + delta, 1 - delta)).flatten()
+        total = total + z.var() / z.mean() ** 2
+    return balance * total
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_loramoe_gradients_round_trip_and_infer(tiny, tmp_path, family):
+    model = tiny(family)
+    spec = (f"{MIX_TARGETS[family]}: lora r=2 alpha=4 rslora\n"
+            "mixture loramoe experts=4 delta=0.2 balance=0.3")
+    gm = adaptc.compile(model, spec)
+    randomize(gm)
+    params = leaves(gm)
+    seen = {}
+    ref = mixture_reference(model, params, 4, 4 / 2 ** 0.5, seen)  # rslora: alpha/sqrt(r)
+    x = x_for(family)
+    want, got = main_output(ref(**x)), main_output(gm(**x))
+    assert rel_diff(got, want) <= OUT_TOL
+    types = torch.tensor([0, 1, 1])
+    ours_loss = adaptc.balance_loss(gm, sample_types=types)
+    ref_loss = loramoe_loss(seen, types, 2, 4, 0.2, 0.3)  # knowledge=0: half of 4
+    assert ours_loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    (probe(got) + ours_loss).backward()
+    (probe(want) + ref_loss).backward()
+    grads = adaptc.adapter_state_dict(gm)
+    worst = max(p.grad.abs().max().item() for p in params.values())
+    for name, p in params.items():
+        err = (grads[name].grad.double() - p.grad).abs().max().item()
+        assert err <= GRAD_TOL * worst, (name, err, worst)
+    path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        infer = adaptc.compile(model, spec, "infer", adapters=path)
+        assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
