@@ -412,3 +412,27 @@ def test_loramoe_gradients_round_trip_and_infer(tiny, tmp_path, family):
     with torch.no_grad():
         infer = adaptc.compile(model, spec, "infer", adapters=path)
         assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
+
+
+@pytest.mark.parametrize("spec", ["q_proj, down_proj: lora r=3 alpha=6\nmixture moe k=2 experts=3",
+                                  "k_proj: ia3\ndown_proj: ia3 feedforward\nmixture moe k=2 experts=3"])
+def test_a_float64_model_routes_in_float64(tiny, tmp_path, spec):
+    """README: updates are computed in float32, float64 for a float64 model. The router
+    must not round a float64 model's logits (or the infer op its residual) to float32."""
+    from adaptc.frontend.models import wrap
+    model = tiny("llama")
+    model = wrap(model.module.double(), source="llama")
+    gm = adaptc.compile(model, spec)
+    randomize(gm, std=0.5)
+    params = leaves(gm)
+    if "ia3" in spec:
+        ref = mov_reference(model, params, 2, {f"model.layers.{i}.mlp.down_proj" for i in range(2)}, {})
+    else:
+        ref = mixture_reference(model, params, 2, 2.0, {})
+    x = inputs()
+    with torch.no_grad():
+        want = main_output(ref(**x))
+        assert rel_diff(main_output(gm(**x)), want) <= 1e-12
+        path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+        infer = adaptc.compile(model, spec, "infer", adapters=path)
+        assert rel_diff(main_output(infer(**x)), want) <= 1e-12
