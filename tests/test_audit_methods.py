@@ -436,3 +436,16 @@ def test_a_float64_model_routes_in_float64(tiny, tmp_path, spec):
         path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
         infer = adaptc.compile(model, spec, "infer", adapters=path)
         assert rel_diff(main_output(infer(**x)), want) <= 1e-12
+
+
+def test_bitfit_on_a_model_without_biases_says_so(tiny):
+    """Llama has no bias parameters: the error says that, not only the nearest names."""
+    with pytest.raises(adaptc.SpecError) as err:
+        adaptc.compile(tiny("llama"), "q_proj: lora r=2\n*.bias: train")
+    first = err.value.first
+    assert (first.code, first.line, first.column) == ("E301", 2, 1)
+    assert "'*.bias' matches no parameter" in str(err.value)
+    assert "this model has no bias parameters" in str(err.value)
+    with pytest.raises(adaptc.SpecError) as err:  # GPT-2 has biases: no such note
+        adaptc.compile(tiny("gpt2"), "*.bais: train")
+    assert "no bias parameters" not in str(err.value)
