@@ -78,13 +78,22 @@ HOULSBY = {"llama": ("model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp"
            "bert": ("encoder.layer.{i}.attention.output.dense", "encoder.layer.{i}.output.dense")}
 
 
-def bottleneck_reference(model, params, activation, placement, scale):
-    """h + s·G(x)·(U·act(D·x + b_D) + b_U), x = h (sequential) or the module input
-    (parallel), G(x) = mean_t σ(w·x_t + b) when the adapter has a gate."""
+FFN_FIRST = {"bert": ("output.dense", "intermediate.dense")}  # `ffn` is the output linear
+
+
+def bottleneck_reference(model, params, activation, placement, scale, family=None):
+    """h + s·G(x)·(U·act(D·x + b_D) + b_U), x = h (sequential) or the input of the FFN or
+    module (parallel), G(x) = mean_t σ(w·x_t + b) when the adapter has a gate."""
     ref = copy.deepcopy(model.module).double()
+    stash = {}
     for site, t in by_site(params, "adapter").items():
-        def hook(mod, args, out, t=t):
-            x = out if placement == "sequential" else args[0]
+        last, first = FFN_FIRST.get(family, (None, None))
+        if placement == "parallel" and last and site.endswith(last) and "attention" not in site:
+            ref.get_submodule(site[:-len(last)] + first).register_forward_pre_hook(
+                lambda mod, args, site=site: stash.__setitem__(site, args[0]))
+
+        def hook(mod, args, out, t=t, site=site):
+            x = out if placement == "sequential" else stash.get(site, args[0])
             y = scale * (ACT[activation](x @ t["down"].T + t["down_bias"]) @ t["up"].T + t["up_bias"])
             if "gate.weight" in t:
                 y = y * torch.sigmoid(x @ t["gate.weight"].T + t["gate.bias"]).mean(1, keepdim=True)
@@ -98,9 +107,9 @@ def hand_count(model, sites, bottleneck, gate, placement):
     for site in sites:
         layer = model.module.get_submodule(site)
         d_out = model.module.config.hidden_size
-        d_in = d_out
-        if placement == "parallel" and hasattr(layer, "in_features"):
-            d_in = layer.in_features
+        d_in = d_out  # sequential: the output; parallel: the FFN's or attention's input
+        if placement == "parallel" and site.endswith(("o_proj", "c_proj")):
+            d_in = layer.weight.shape[1 if site.endswith("o_proj") else 0]
         total += bottleneck * d_in + bottleneck + d_out * bottleneck + d_out
         total += (d_in + 1) if gate else 0
     return total
@@ -128,11 +137,10 @@ def test_bottleneck_against_float64_reference(tiny, tmp_path, family, which, act
     sites = [p.format(i=i) for i in range(2) for p in patterns]
     report = adaptc.report_of(gm)
     assert sorted(r["path"] for r in report.sites) == sorted(sites)
-    if not (family == "bert" and placement == "parallel"):
-        assert report.trainable == hand_count(model, sites, 6, gate, placement)
+    assert report.trainable == hand_count(model, sites, 6, gate, placement)
     randomize(gm)
     params = leaves(gm)
-    ref = bottleneck_reference(model, params, activation, placement, scale)
+    ref = bottleneck_reference(model, params, activation, placement, scale, family)
     want = main_output(ref(**x))
     assert rel_diff(main_output(gm(**x)), want) <= OUT_TOL
     assert (want - base.double()).abs().max().item() > 1e-3
@@ -449,3 +457,37 @@ def test_bitfit_on_a_model_without_biases_says_so(tiny):
     with pytest.raises(adaptc.SpecError) as err:  # GPT-2 has biases: no such note
         adaptc.compile(tiny("gpt2"), "*.bais: train")
     assert "no bias parameters" not in str(err.value)
+
+
+@pytest.mark.parametrize("family,up", [("bert", "encoder.layer.{i}.intermediate.dense"),
+                                       ("opt", "model.decoder.layers.{i}.fc1")])
+def test_a_parallel_ffn_adapter_reads_the_ffn_input(tiny, family, up):
+    """He et al.'s parallel adapter (MAM) reads the FFN's input x and adds to its output.
+    Where `ffn` is the FFN's output linear (BERT's output.dense, OPT's fc2), the adapter
+    must read the input of the FFN's first linear (width hidden), not the intermediate
+    activations (width d_ff) that the output linear reads."""
+    if family == "opt":
+        from helpers import small_decoder
+        from adaptc.frontend.models import wrap
+        model = wrap(small_decoder("opt"), source="opt")
+    else:
+        model = tiny(family)
+    gm = adaptc.compile(model, "ffn: adapter bottleneck=5 placement=parallel activation=relu")
+    hidden = model.module.config.hidden_size
+    assert {row["in"] for row in adaptc.report_of(gm).sites} == {hidden}
+    randomize(gm)
+    params = leaves(gm)
+    ref = copy.deepcopy(model.module).double()
+    stash = {}
+    for site, t in by_site(params, "adapter").items():
+        i = next(int(s) for s in site.split(".") if s.isdigit())
+        ref.get_submodule(up.format(i=i)).register_forward_pre_hook(
+            lambda mod, args, i=i: stash.__setitem__(i, args[0]))
+
+        def hook(mod, args, out, t=t, i=i):
+            return out + F.relu(stash[i] @ t["down"].T + t["down_bias"]) @ t["up"].T + t["up_bias"]
+        ref.get_submodule(site).register_forward_hook(hook)
+    x = x_for(family) if family == "bert" else inputs(vocab=128)
+    want = main_output(ref(**x))
+    assert rel_diff(main_output(gm(**x)), want) <= OUT_TOL
+    compare_grads(gm, x, ref, params)

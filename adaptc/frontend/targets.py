@@ -246,6 +246,22 @@ def no_match(plan: Plan, target: Target, patterns: list[str], sites: list[Site],
                 tuple(notes))
 
 
+def ffn_input_module(site_path: str, family: str | None) -> str | None:
+    """Where the `ffn` alias names the FFN's output linear (BERT's and DeBERTa's output.dense,
+    OPT's and BART's fc2), the path of the FFN's first linear in the same layer: its input
+    is the FFN's input, which a parallel adapter at `ffn` reads (He et al. 2022). None
+    where `ffn` is the FFN module itself (its input is the FFN's already)."""
+    table = ALIASES.get(family or "", {})
+    ffn, up = table.get("ffn", []), table.get("ffn.up", [])
+    if len(up) != 1 or not any(matches(p, site_path) for p in ffn) or "." not in site_path:
+        return None
+    segments = site_path.split(".")
+    layer = max((i for i, s in enumerate(segments) if s.isdigit()), default=None)
+    if layer is None:
+        return None
+    return ".".join(segments[:layer + 1] + [up[0].rsplit("*.", 1)[-1]])
+
+
 def bias_notes(patterns: list[str], sites: list[Site], what: str) -> list[str]:
     """For a parameter pattern naming biases (BitFit's `*.bias`) on a model that has none
     (Llama, Mistral): say so, rather than leave the nearest names to tell it."""

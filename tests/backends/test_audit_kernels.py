@@ -31,7 +31,8 @@ def test_kernels_equal_the_float64_reference(tiny, tmp_path, family, spec):
     params = leaves(train)
     if "adapter" in spec:
         ref = bottleneck_reference(model, params, "gelu" if "gelu" in spec else "tanh",
-                                   "parallel" if "parallel" in spec else "sequential", 1.0)
+                                   "parallel" if "parallel" in spec else "sequential", 1.0,
+                                   family)
     elif "ia3" in spec:
         feedforward = {p.rsplit(".mov.", 1)[0] for p in params
                        if p.endswith("vectors") and ("c_proj" in p or "output.dense" in p)}
