@@ -491,3 +491,11 @@ def test_a_parallel_ffn_adapter_reads_the_ffn_input(tiny, family, up):
     want = main_output(ref(**x))
     assert rel_diff(main_output(gm(**x)), want) <= OUT_TOL
     compare_grads(gm, x, ref, params)
+
+
+def test_a_parallel_ffn_adapter_decodes_bart_through_the_cache(tmp_path, monkeypatch):
+    """The decoder graphs of cached decoding find the FFN's input too (BART's fc1)."""
+    import test_decode_seq2seq as seq2seq
+    spec = "ffn: adapter bottleneck=8 placement=parallel"
+    monkeypatch.setitem(seq2seq.SPECS, "parallel ffn", (spec, spec))
+    seq2seq.test_cached_decoding_equals_the_train_graph(tmp_path, "bart", "parallel ffn")
