@@ -499,3 +499,10 @@ def test_a_parallel_ffn_adapter_decodes_bart_through_the_cache(tmp_path, monkeyp
     spec = "ffn: adapter bottleneck=8 placement=parallel"
     monkeypatch.setitem(seq2seq.SPECS, "parallel ffn", (spec, spec))
     seq2seq.test_cached_decoding_equals_the_train_graph(tmp_path, "bart", "parallel ffn")
+
+
+def test_an_empty_experts_list_is_a_check_problem_not_a_crash():
+    """The spec's E203 stops `experts=[]` first; built from the API, check() said min()
+    of an empty sequence."""
+    from adaptc.methods.mixture import MixtureConfig
+    assert MixtureConfig(experts=[]).check() == [("experts", "experts list must not be empty")]

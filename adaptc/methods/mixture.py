@@ -41,9 +41,9 @@ class MixtureConfig:
                            training=True)
 
     def check(self) -> list[tuple[str, str]]:
-        fewest = min(self.experts) if isinstance(self.experts, list) else self.experts
         if isinstance(self.experts, list) and not self.experts:
             return [("experts", "experts list must not be empty")]
+        fewest = min(self.experts) if isinstance(self.experts, list) else self.experts
         if self.router == "topk" and self.k > fewest:
             return [("k", f"k={self.k} exceeds the number of experts ({fewest}); need 1 <= k <= experts")]
         return []
