@@ -506,3 +506,25 @@ def test_an_empty_experts_list_is_a_check_problem_not_a_crash():
     of an empty sequence."""
     from adaptc.methods.mixture import MixtureConfig
     assert MixtureConfig(experts=[]).check() == [("experts", "experts list must not be empty")]
+
+
+@pytest.mark.parametrize("saved,loaded,change", [
+    ("ffn: adapter bottleneck=4", "ffn: adapter bottleneck=4 placement=parallel",
+     "model.layers.0.mlp: adapter/sequential in the file, adapter/parallel here"),
+    ("q_proj: lora r=2\nmixture moe k=1 experts=3", "q_proj: lora r=2\nmixture loramoe experts=3",
+     "model.layers.0.self_attn.q_proj: moe[3] in the file, loramoe[3] here"),
+])
+def test_adapters_saved_with_another_placement_or_mixture_kind_are_refused(
+        tiny, tmp_path, saved, loaded, change):
+    """Same tensor names and shapes, other outputs: a sequential adapter's tensors loaded
+    as a parallel one's (Llama's mlp reads and writes the same width), top-1 experts as
+    LoRAMoE's dense mixture. The file's options were keyed by the report's method label,
+    so a different label skipped the check."""
+    model = tiny("llama")
+    path = adaptc.save_adapters(adaptc.compile(model, saved), tmp_path / "a.safetensors")
+    other = adaptc.compile(model, loaded)
+    before = {k: v.clone() for k, v in adaptc.adapter_state_dict(other).items()}
+    with pytest.raises(adaptc.WeightsError, match="trained with other options") as err:
+        adaptc.load_adapters(other, path)
+    assert change in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in adaptc.adapter_state_dict(other).items())
