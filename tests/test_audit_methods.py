@@ -528,3 +528,20 @@ def test_adapters_saved_with_another_placement_or_mixture_kind_are_refused(
         adaptc.load_adapters(other, path)
     assert change in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in adaptc.adapter_state_dict(other).items())
+
+
+def test_loramoe_over_ia3_vectors_against_float64_reference(tiny):
+    """LoRAMoE's dense routing and localized balancing over (IA)³ experts (MoV sites)."""
+    model = tiny("llama")
+    gm = adaptc.compile(model, "k_proj: ia3\ndown_proj: ia3 feedforward\n"
+                               "mixture loramoe experts=4 knowledge=1 delta=0.3 balance=0.2")
+    randomize(gm, std=0.5)
+    params = leaves(gm)
+    seen = {}
+    ref = mov_reference(model, params, 4, {f"model.layers.{i}.mlp.down_proj" for i in range(2)},
+                        seen)
+    x = inputs()
+    assert rel_diff(main_output(gm(**x)), main_output(ref(**x))) <= OUT_TOL
+    types = torch.tensor([1, 0, 1])
+    assert adaptc.balance_loss(gm, sample_types=types).item() == pytest.approx(
+        loramoe_loss(seen, types, 1, 4, 0.3, 0.2).item(), rel=1e-5)
