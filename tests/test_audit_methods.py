@@ -94,7 +94,8 @@ def bottleneck_reference(model, params, activation, placement, scale, family=Non
 
         def hook(mod, args, out, t=t, site=site):
             x = out if placement == "sequential" else stash.get(site, args[0])
-            y = scale * (ACT[activation](x @ t["down"].T + t["down_bias"]) @ t["up"].T + t["up_bias"])
+            hidden = ACT[activation](x @ t["down"].T + t["down_bias"])
+            y = scale * (hidden @ t["up"].T + t["up_bias"])
             if "gate.weight" in t:
                 y = y * torch.sigmoid(x @ t["gate.weight"].T + t["gate.bias"]).mean(1, keepdim=True)
             return out + y
@@ -422,8 +423,9 @@ def test_loramoe_gradients_round_trip_and_infer(tiny, tmp_path, family):
         assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
 
 
-@pytest.mark.parametrize("spec", ["q_proj, down_proj: lora r=3 alpha=6\nmixture moe k=2 experts=3",
-                                  "k_proj: ia3\ndown_proj: ia3 feedforward\nmixture moe k=2 experts=3"])
+@pytest.mark.parametrize("spec", [
+    "q_proj, down_proj: lora r=3 alpha=6\nmixture moe k=2 experts=3",
+    "k_proj: ia3\ndown_proj: ia3 feedforward\nmixture moe k=2 experts=3"])
 def test_a_float64_model_routes_in_float64(tiny, tmp_path, spec):
     """README: updates are computed in float32, float64 for a float64 model. The router
     must not round a float64 model's logits (or the infer op its residual) to float32."""
@@ -434,7 +436,8 @@ def test_a_float64_model_routes_in_float64(tiny, tmp_path, spec):
     randomize(gm, std=0.5)
     params = leaves(gm)
     if "ia3" in spec:
-        ref = mov_reference(model, params, 2, {f"model.layers.{i}.mlp.down_proj" for i in range(2)}, {})
+        down = {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+        ref = mov_reference(model, params, 2, down, {})
     else:
         ref = mixture_reference(model, params, 2, 2.0, {})
     x = inputs()
