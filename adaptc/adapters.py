@@ -169,7 +169,10 @@ def check_options(path: str, saved: dict[str, dict], prefix: str, sites: list[di
     lines = []
     for key, options in site_options(sites).items():
         filed = saved.get(key)
-        if filed is None or filed == options:
+        if filed is None:
+            lines += relabelled(key, saved, prefix)
+            continue
+        if filed == options:
             continue
         site = key.split(" ", 1)[0].removeprefix(prefix)  # as the file names it
         for name, config in options.items():
@@ -184,6 +187,23 @@ def check_options(path: str, saved: dict[str, dict], prefix: str, sites: list[di
         raise WeightsError(f"{path}: the adapters were trained with other options than the "
                            f"compiled module's, so they would compute other outputs "
                            f"({len(lines)} sites):{shown}{more}{saved_from(saved_spec)}")
+
+
+def method_kind(label: str) -> str:
+    """A report row's method without what it varies by: `adapter/parallel` → adapter,
+    `moe[4]` → moe (a mixture's kinds, moe and loramoe, count as one: mixture)."""
+    kind = label.split("/", 1)[0].split("[", 1)[0]
+    return "mixture" if kind in ("moe", "loramoe") else kind
+
+
+def relabelled(key: str, saved: dict[str, dict], prefix: str) -> list[str]:
+    """The file's entry for the same site and kind of method under another label (a
+    sequential adapter's for a parallel one, a `moe` mixture's for a `loramoe` one): the
+    names and shapes match, the outputs do not."""
+    path, label = key.split(" ", 1)
+    return [f"{path.removeprefix(prefix)}: {other} in the file, {label} here"
+            for other in (k.split(" ", 1)[1] for k in saved if k.split(" ", 1)[0] == path)
+            if other != label and method_kind(other) == method_kind(label)]
 
 
 def saved_from(saved_spec: str | None, own_spec: str | None = None) -> str:

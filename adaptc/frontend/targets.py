@@ -235,7 +235,7 @@ def no_match(plan: Plan, target: Target, patterns: list[str], sites: list[Site],
     nearest = difflib.get_close_matches(target.pattern, suffixes, n=5, cutoff=0.0)
     what = "parameter" if sites and sites[0].kind == "parameter" else "module"
     notes = [f"nearest {what} names: {', '.join(nearest)}"] if nearest else []
-    notes[:0] = tied_notes(patterns, sites)
+    notes[:0] = tied_notes(patterns, sites) + bias_notes(patterns, sites, what)
     if patterns != [target.pattern]:
         notes.insert(0, f"'{target.pattern}' stands for {', '.join(patterns)} in this model")
     elif family not in ALIASES and any(target.pattern in table for table in ALIASES.values()):
@@ -244,6 +244,32 @@ def no_match(plan: Plan, target: Target, patterns: list[str], sites: list[Site],
                         "GPT-2's or BERT's): write the module names")
     return diag(plan, target.span, "E301", f"'{target.pattern}' matches no {what}{hint}",
                 tuple(notes))
+
+
+def ffn_input_module(site_path: str, family: str | None) -> str | None:
+    """Where the `ffn` alias names the FFN's output linear (BERT's and DeBERTa's output.dense,
+    OPT's and BART's fc2), the path of the FFN's first linear in the same layer: its input
+    is the FFN's input, which a parallel adapter at `ffn` reads (He et al. 2022). None
+    where `ffn` is the FFN module itself (its input is the FFN's already)."""
+    table = ALIASES.get(family or "", {})
+    ffn, up = table.get("ffn", []), table.get("ffn.up", [])
+    if len(up) != 1 or not any(matches(p, site_path) for p in ffn) or "." not in site_path:
+        return None
+    segments = site_path.split(".")
+    layer = max((i for i, s in enumerate(segments) if s.isdigit()), default=None)
+    if layer is None:
+        return None
+    return ".".join(segments[:layer + 1] + [up[0].rsplit("*.", 1)[-1]])
+
+
+def bias_notes(patterns: list[str], sites: list[Site], what: str) -> list[str]:
+    """For a parameter pattern naming biases (BitFit's `*.bias`) on a model that has none
+    (Llama, Mistral): say so, rather than leave the nearest names to tell it."""
+    names_bias = any("bias" in p.rsplit(".", 1)[-1] for p in patterns)
+    if what != "parameter" or not names_bias or any(s.path.endswith("bias") for s in sites):
+        return []
+    return ["this model has no bias parameters (its linear layers and norms are bias-free): "
+            "BitFit has nothing to train here; train the norms or use another method"]
 
 
 def tied_notes(patterns: list[str], sites: list[Site]) -> list[str]:

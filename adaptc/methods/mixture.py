@@ -41,9 +41,9 @@ class MixtureConfig:
                            training=True)
 
     def check(self) -> list[tuple[str, str]]:
-        fewest = min(self.experts) if isinstance(self.experts, list) else self.experts
         if isinstance(self.experts, list) and not self.experts:
             return [("experts", "experts list must not be empty")]
+        fewest = min(self.experts) if isinstance(self.experts, list) else self.experts
         if self.router == "topk" and self.k > fewest:
             return [("k", f"k={self.k} exceeds the number of experts ({fewest}); need 1 <= k <= experts")]
         return []
@@ -138,8 +138,10 @@ class Routed(nn.Module):
             nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token expert weights g [..., E] (zero off the top-k) and router probabilities p."""
-        logits = nn.functional.linear(x, self.router).float()
+        """Per-token expert weights g [..., E] (zero off the top-k) and router probabilities p,
+        in float32 or wider (a float64 model routes in float64)."""
+        logits = nn.functional.linear(x, self.router)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
         probs = logits.softmax(-1)
         if self.top_k == self.experts:
             return probs, probs

@@ -1,7 +1,8 @@
 """Pass: add a bottleneck adapter on the output of every module assigned `adapter`.
 
     sequential:  h = f(x);  h + <site>.adapter(h)
-    parallel:    f(x) + <site>.adapter(x)
+    parallel:    f(x) + <site>.adapter(x)   (at `ffn` where it names the FFN's output
+                 linear, as BERT's output.dense: x is the FFN's input, He et al.)
 
 A module's boundary is read from the nodes traced inside it (`nn_module_stack`): its output
 is the one node used outside, its input the one floating-point tensor fed from outside.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from adaptc.errors import SpecError
-from adaptc.frontend.targets import Assignment, diag
+from adaptc.frontend.targets import Assignment, diag, ffn_input_module
 from adaptc.methods.bottleneck import BottleneckAdapter
 from adaptc.passes.base import CompileContext, PassResult, build_sized, report
 from adaptc.passes.graph import in_module, splice
@@ -36,8 +37,7 @@ class InsertBottleneck:
                         [n for n in inside if any(u not in members for u in n.users)])
         source = output
         if config.placement == "parallel":
-            source = single(ctx, assignment, "tensor input",
-                            external_inputs(inside, members, output))
+            source = parallel_input(gm, ctx, assignment, inside, members, output)
         d_in, d_out = width(ctx, assignment, source), width(ctx, assignment, output)
         if config.gate and source.meta["val"].dim() != 3:
             raise refused(ctx, assignment, "gate", "its input is not [batch, seq, features] "
@@ -49,6 +49,21 @@ class InsertBottleneck:
         splice(gm, output, source, f"{site.path}.adapter", adapter, "adapter", keep_users=members)
         row = report(site, f"adapter/{config.placement}", assignment, adapter)
         ctx.sites.append({**row, "in": d_in, "out": d_out})
+
+
+def parallel_input(gm: GraphModule, ctx: CompileContext, assignment: Assignment,
+                   inside: list[Node], members: set[Node], output: Node) -> Node:
+    """What a parallel adapter reads: the module's input, or, where the `ffn` alias names
+    the FFN's output linear (BERT's output.dense), the FFN's input (the first linear's)."""
+    first = None
+    if assignment.target.pattern == "ffn" and assignment.site.kind == "linear":
+        first = ffn_input_module(assignment.site.path, ctx.model.family)
+    if first is not None:
+        inside = [n for n in gm.graph.nodes if in_module(n, first)]
+        members = set(inside)
+        output = single(ctx, assignment, "output",
+                        [n for n in inside if any(u not in members for u in n.users)])
+    return single(ctx, assignment, "tensor input", external_inputs(inside, members, output))
 
 
 def external_inputs(inside: list[Node], members: set[Node], output: Node) -> list[Node]:

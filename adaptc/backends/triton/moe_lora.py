@@ -426,8 +426,10 @@ def _per_token_kernel(
 # --------------------------------------------------------------------------- reference
 
 def route_reference(x: torch.Tensor, router: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Gates [..., E] in float32: softmax over the top_k logits, zero elsewhere."""
-    logits = F.linear(x.float(), router.float())
+    """Gates [..., E] in float32 (float64 for float64 inputs): softmax over the top_k logits,
+    zero elsewhere."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    logits = F.linear(x.to(wide), router.to(wide))
     top, idx = logits.topk(top_k, dim=-1)
     return torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
 
@@ -435,11 +437,13 @@ def route_reference(x: torch.Tensor, router: torch.Tensor, top_k: int) -> torch.
 def mixture_lora_reference(x: torch.Tensor, residual: torch.Tensor, router: torch.Tensor,
                            A: torch.Tensor, B: torch.Tensor, scale: float,
                            top_k: int) -> torch.Tensor:
-    """The op in plain PyTorch, float32 throughout, cast to x's dtype at the end."""
+    """The op in plain PyTorch, float32 throughout (float64 for float64 inputs), cast to x's
+    dtype at the end."""
     gates = route_reference(x, router, top_k)
-    low = torch.einsum("...i,eri->...er", x.float(), A.float()) * gates.unsqueeze(-1)
-    update = torch.einsum("...er,eor->...o", low, B.float())
-    return (residual.float() + scale * update).to(x.dtype)
+    wide = gates.dtype
+    low = torch.einsum("...i,eri->...er", x.to(wide), A.to(wide)) * gates.unsqueeze(-1)
+    update = torch.einsum("...er,eor->...o", low, B.to(wide))
+    return (residual.to(wide) + scale * update).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- launchers

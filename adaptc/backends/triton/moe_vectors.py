@@ -84,9 +84,11 @@ def _mixture_vectors_kernel(
 
 def mixture_vectors_reference(values: torch.Tensor, x: torch.Tensor, router: torch.Tensor,
                               vectors: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The op in plain PyTorch, float32 throughout, cast to values' dtype at the end."""
-    mix = route_reference(x, router, top_k) @ vectors.float()
-    return (values.float() * mix).to(values.dtype)
+    """The op in plain PyTorch, float32 throughout (float64 for float64 inputs), cast to
+    values' dtype at the end."""
+    gates = route_reference(x, router, top_k)
+    mix = gates @ vectors.to(gates.dtype)
+    return (values.to(gates.dtype) * mix).to(values.dtype)
 
 
 def check_vectors_inputs(values: torch.Tensor, x: torch.Tensor, router: torch.Tensor,
