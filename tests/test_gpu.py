@@ -106,6 +106,26 @@ def test_bottleneck_kernels_on_cuda(dtype, tokens, bottleneck):
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("bottleneck", [64, 136])
+def test_bottleneck_scale_and_gate_on_cuda(dtype, bottleneck):
+    """MAM's scale and UniPELT's per-example gate [B, 1, 1] in both paths' epilogues."""
+    from adaptc.backends.triton.bottleneck import (
+        bottleneck_adapter_reference,
+        bottleneck_adapter_triton,
+    )
+    torch.manual_seed(0)
+    d, batch, seq = 2048, 4, 128
+    args = (randn(batch, seq, d, dtype=dtype), randn(batch, seq, d, dtype=dtype),
+            randn(bottleneck, d, dtype=dtype, scale=d**-0.5), randn(bottleneck, dtype=dtype),
+            randn(d, bottleneck, dtype=dtype, scale=bottleneck**-0.5), randn(d, dtype=dtype),
+            "relu", randn(batch, seq, d, dtype=dtype), 4.0,
+            torch.rand(batch, 1, 1, device="cuda").to(dtype))
+    tol = 4 * TOLERANCES[dtype]  # the update is four times as large
+    torch.testing.assert_close(bottleneck_adapter_triton(*args),
+                               bottleneck_adapter_reference(*args), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("tokens,path", [(1, "per-token"), (1, "stacked"), (1, "grouped"),
                                          (16, "per-token"), (37, "stacked"), (37, "grouped"),
                                          (4099, "stacked"), (4099, "grouped")])

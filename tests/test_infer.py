@@ -341,7 +341,7 @@ def test_tokenizer_files_travel_to_the_hf_export(tiny, tmp_path):
     "embed: ptuning tokens=3 encoder=lstm",
 ])
 def test_mam_unipelt_prompt_in_infer_mode_equal_train(tiny, tmp_path, spec):
-    """Scaled and gated adapters stay eager (the kernel has neither), gated LoRA stays
+    """Scaled and gated adapters run as the fused op (its scale and gate), gated LoRA stays
     unmerged, prefix MLPs and prompt encoders fold into constants: infer equals train."""
     model = tiny("llama")
     train = trained(model, spec, tmp_path / "a.safetensors")

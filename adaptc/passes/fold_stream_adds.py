@@ -42,7 +42,7 @@ class FoldStreamAdds:
             path, stream = found
             add = path[-1]
             with gm.graph.inserting_before(add):
-                fused = gm.graph.call_function(op, (*adapter.args, stream))
+                fused = gm.graph.call_function(op, (*adapter.args, stream), adapter.kwargs)
             fused.meta = {**add.meta, **{k: v for k, v in adapter.meta.items() if k != "val"}}
             add.replace_all_uses_with(fused)
             for node in reversed(path):
@@ -55,7 +55,7 @@ class FoldStreamAdds:
 def path_to_add(adapter: Node) -> tuple[list[Node], Node] | None:
     """([adapter, the no-ops after it (eval-mode dropout: GPT-2, BERT), the add], the add's
     other operand) when the adapter's value reaches only an add it can fold into; else None."""
-    if len(adapter.args) != OP_ARGS or adapter.kwargs:
+    if len(adapter.args) != OP_ARGS or "skip" in adapter.kwargs:
         return None
     path = [adapter]
     while len(path[-1].users) == 1:

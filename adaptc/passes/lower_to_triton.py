@@ -1,13 +1,15 @@
 """Pass (infer mode): adapters that cannot merge become one fused custom op each.
 
     h + <site>.adapter(x)  →  torch.ops.adaptc.bottleneck_adapter(x, h, D, b_D, U, b_U, act)
+                              (scale=s when s ≠ 1, gate=<site>.adapter.gate(x) with a gate)
     y + <site>.moe(x)      →  torch.ops.adaptc.mixture_lora(x, y, W_g, A, B, s, top_k)
     <site>.mov(y, x)       →  torch.ops.adaptc.mixture_vectors(y, x, W_g, l, top_k)
     <site>.mov(x)          →  torch.ops.adaptc.mixture_vectors(x, x, W_g, l, top_k)  (feedforward)
 
-Adapters the kernels do not cover (an output scale, a UniPELT gate, a mixture of more
-experts or a higher rank than the kernels take) stay eager modules in the graph
-(`kept_eager`), so the infer graph still computes what train mode computes.
+Mixtures the kernels do not cover (more experts or a higher rank than they take) stay eager
+modules in the graph (`kept_eager`), so the infer graph still computes what train mode
+computes. A bottleneck adapter's UniPELT gate stays a small eager module whose [B, 1, 1]
+output the kernel reads.
 
 The ops (adaptc/backends/triton) run their Triton kernels on CUDA and their PyTorch
 reference elsewhere; they are inference only (no dropout, no balance loss). The weights
@@ -43,6 +45,7 @@ class Fusion:
     constants: Callable[[nn.Module], tuple]      # non-tensor arguments, last
     fusable: Callable[[nn.Module], bool] = lambda adapter: True  # what the kernel computes
     scales: bool = False  # the op replaces `adapter(values[, x])` itself, not `residual + ·`
+    options: Callable[[nn.Module], dict] = lambda adapter: {}  # keywords not at their default
 
 
 def within_kernel_limits(mixture: MixtureOfLora | MixtureOfVectors) -> bool:
@@ -58,8 +61,8 @@ FUSIONS = {
     BottleneckAdapter: Fusion("adapter_fused", "bottleneck_adapter",
                               ("down", "down_bias", "up", "up_bias"),
                               lambda a: (a.config.activation,),
-                              # the kernel has no output scale (MAM) and no gate (UniPELT)
-                              lambda a: a.gate is None and a.config.scale == 1.0),
+                              options=lambda a: {"scale": a.config.scale}
+                              if a.config.scale != 1.0 else {}),
     MixtureOfLora: Fusion("mixture_fused", "mixture_lora", ("router", "A", "B"),
                           lambda a: (a.scale, a.top_k), within_kernel_limits),
     MixtureOfVectors: Fusion("mixture_fused", "mixture_vectors", ("router", "vectors"),
@@ -84,14 +87,19 @@ class LowerToTriton:
                 counts["kept_eager"] += 1
                 continue
             op = getattr(torch.ops.adaptc, fusion.op).default
-            fused = fuse_scaling if fusion.scales else fuse
-            fused(gm, call, op, fusion.weights, fusion.constants(adapter))
+            if fusion.scales:
+                fuse_scaling(gm, call, op, fusion.weights, fusion.constants(adapter))
+            else:
+                fuse(gm, call, op, fusion.weights, fusion.constants(adapter),
+                     fusion.options(adapter), getattr(adapter, "gate", None) is not None)
             counts[fusion.count] += 1
         return PassResult(gm, counts)
 
 
-def fuse(gm: GraphModule, call: Node, op, weights: tuple[str, ...], constants: tuple) -> Node:
-    """Replace `residual + call(x)` by `op(x, residual, *weights, *constants)`."""
+def fuse(gm: GraphModule, call: Node, op, weights: tuple[str, ...], constants: tuple,
+         options: dict, gated: bool) -> Node:
+    """Replace `residual + call(x)` by `op(x, residual, *weights, *constants, **options)`,
+    plus `gate=call.gate(x)` when `gated`."""
     (add,) = call.users
     if add.target != aten.add.Tensor or add.args[1] is not call:
         raise RuntimeError(f"{call.target}: expected residual + adapter(x), found {add.format_node()}")
@@ -99,7 +107,11 @@ def fuse(gm: GraphModule, call: Node, op, weights: tuple[str, ...], constants: t
     graph = gm.graph
     with graph.inserting_before(add):
         reads = [graph.get_attr(f"{call.target}.{name}") for name in weights]
-        fused = graph.call_function(op, (source, residual, *reads, *constants))
+        if gated:
+            gate = graph.call_module(f"{call.target}.gate", (source,))
+            gate.meta = dict(call.meta)
+            options = {**options, "gate": gate}
+        fused = graph.call_function(op, (source, residual, *reads, *constants), options)
     fused.meta = {**add.meta, INSERTED: call.meta.get(INSERTED)}
     add.replace_all_uses_with(fused)
     graph.erase_node(add)

@@ -15,7 +15,8 @@ SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
 @pytest.mark.parametrize("family,spec", [("llama", "card.adapt"), ("bert", "mola.adapt"),
-                                         ("llama", "mov.adapt"), ("gpt2", "houlsby.adapt")])
+                                         ("llama", "mov.adapt"), ("gpt2", "houlsby.adapt"),
+                                         ("llama", "mam.adapt"), ("llama", "unipelt.adapt")])
 def test_infer_graph_on_kernels_equals_train(tiny, tmp_path, family, spec):
     model = tiny(family)
     train = adaptc.compile(model, SPECS / spec).eval()
@@ -28,5 +29,8 @@ def test_infer_graph_on_kernels_equals_train(tiny, tmp_path, family, spec):
         ours, expected = main_output(infer(**x)), main_output(train(**x))
     assert (ours - expected).abs().max().item() <= 1e-5
     assert (expected - main_output(model.module(**x))).abs().max().item() > 1e-3
-    folded = adaptc.report_of(infer).counts["stream_adds_folded"]
-    assert folded == {"card.adapt": 2, "houlsby.adapt": 4}.get(spec, 0)  # 2 layers' down, o
+    counts = adaptc.report_of(infer).counts
+    assert counts.get("kept_eager", 0) == 0  # MAM's scaled, UniPELT's gated adapters too
+    folded = counts["stream_adds_folded"]
+    # 2 layers' down, o (card); MAM's parallel adapter reads a stream the FFN's down already added
+    assert folded == {"card.adapt": 2, "houlsby.adapt": 4, "unipelt.adapt": 2}.get(spec, 0)

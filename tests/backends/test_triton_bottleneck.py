@@ -83,6 +83,36 @@ def test_skip_is_added_in_the_epilogue(bottleneck: int, dtype: torch.dtype) -> N
     assert (out.float() - bottleneck_adapter_triton(**inputs).float()).abs().max() > 1
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("bottleneck", [BOTTLENECK, WIDE_BOTTLENECK])
+def test_scale_and_gate_multiply_the_update_on_both_paths(bottleneck: int,
+                                                          dtype: torch.dtype) -> None:
+    """MAM's output scale and UniPELT's per-example gate [B, 1, 1] multiply the adapter's
+    update before the residual (and skip) join it: the eager `residual + adapter(x)·s·g`."""
+    adapter, inputs = make_case("relu", bottleneck, dtype, lead=(3, 7))
+    gate = torch.rand(3, 1, 1).to(dtype)
+    skip = torch.randn(3, 7, D_OUT).to(dtype)
+    out = bottleneck_adapter_triton(**inputs, skip=skip, scale=4.0, gate=gate)
+    torch.testing.assert_close(out, bottleneck_adapter_reference(**inputs, skip=skip, scale=4.0,
+                                                                 gate=gate),
+                               **TOLERANCES[dtype])
+    expected = skip.float() + inputs["residual"].float() \
+        + adapter(inputs["x"].float()) * 4.0 * gate.float()
+    tolerance = {k: 4 * v for k, v in TOLERANCES[dtype].items()}  # the update is 4x as large
+    torch.testing.assert_close(out.float(), expected, **tolerance)
+    unscaled = bottleneck_adapter_triton(**inputs, skip=skip)
+    assert (out.float() - unscaled.float()).abs().max() > 1
+
+
+def test_a_gate_of_one_token_per_row_and_a_single_example() -> None:
+    """A gate already one factor per token, and one of a single example (whose flattened
+    view would have stride 0), read as the reference does."""
+    adapter, inputs = make_case("gelu", lead=(1, 9))
+    for gate in (torch.rand(1, 9, 1), torch.rand(1, 1, 1)):
+        torch.testing.assert_close(bottleneck_adapter_triton(**inputs, gate=gate),
+                                   bottleneck_adapter_reference(**inputs, gate=gate), **FP32)
+
+
 @pytest.mark.parametrize("splits", [2, 3])
 def test_programs_sharing_a_token_block_give_the_same_output(splits: int) -> None:
     """Decoding's grid: several programs per token block, each redoing the down-projection
@@ -160,6 +190,8 @@ def test_reference_path_matches_module(monkeypatch: pytest.MonkeyPatch, dtype: t
     ({"down_bias": torch.zeros(BOTTLENECK, dtype=torch.float16)}, TypeError, "`down_bias`"),
     ({"x": torch.zeros(TOKENS, D_IN, dtype=torch.int64)}, TypeError, "`x`"),
     ({"activation": "swish"}, ValueError, "swish"),
+    ({"gate": torch.zeros(TOKENS, 2)}, ValueError, "`gate`"),
+    ({"gate": torch.zeros(TOKENS, 1, dtype=torch.float16)}, TypeError, "`gate`"),
 ])
 @pytest.mark.parametrize("interpret", [True, False])
 def test_rejects_bad_inputs_naming_them(monkeypatch: pytest.MonkeyPatch, change: dict, error: type,

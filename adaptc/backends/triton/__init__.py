@@ -2,7 +2,7 @@
 
 Importing this package registers:
 
-    torch.ops.adaptc.bottleneck_adapter   residual + U·act(D·x + b_D) + b_U          (bottleneck.py)
+    torch.ops.adaptc.bottleneck_adapter   residual + s·g·(U·act(D·x + b_D) + b_U)    (bottleneck.py)
     torch.ops.adaptc.mixture_lora         residual + s·Σ_e g_e(x)·B_e·A_e·x          (moe_lora.py)
     torch.ops.adaptc.mixture_vectors      values ⊙ Σ_e g_e(x)·l_e                    (moe_vectors.py)
 

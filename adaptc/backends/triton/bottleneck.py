@@ -1,11 +1,13 @@
 """Fused bottleneck adapter (Houlsby / parallel adapters) for inference.
 
-    y = residual + U·act(D·x + b_D) + b_U (+ skip)
+    y = residual + s·g·(U·act(D·x + b_D) + b_U) (+ skip)
 
     x [..., d_in], residual [..., d_out], D `down` [bottleneck, d_in], b_D `down_bias`
     [bottleneck], U `up` [d_out, bottleneck], b_U `up_bias` [d_out];
     act ∈ relu | gelu (exact, erf) | silu | tanh. Accumulation in float32; y has x's dtype and
-    residual's shape. `skip` (optional, residual's shape) is the transformer block's residual
+    residual's shape. `scale` s is the adapter's output multiplier (MAM adapter: 4); `gate` g
+    (optional, broadcasting to [..., 1]: UniPELT's per-example gate [B, 1, 1]) scales each
+    token's update. `skip` (optional, residual's shape) is the transformer block's residual
     stream when the adapter's output only feeds `stream + ·` (`fold_stream_adds`): adding it in
     the epilogue saves that add's pass over the output (two reads and a write) and rounds the
     sum once.
@@ -90,10 +92,11 @@ def _activate(h, ACTIVATION: tl.constexpr):
 @triton.autotune(configs=_fused_configs(), key=["D_IN", "D_OUT", "BOTTLENECK"])
 @triton.jit
 def _bottleneck_fused_kernel(
-    x_ptr, res_ptr, skip_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr, out_ptr,
-    T, D_IN, D_OUT, BOTTLENECK,
+    x_ptr, res_ptr, skip_ptr, gate_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr, out_ptr,
+    T, D_IN, D_OUT, BOTTLENECK, scale,
     stride_xt, stride_xk, stride_rt, stride_rn, stride_st, stride_sn,
-    ACTIVATION: tl.constexpr, HAS_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_GATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,
@@ -120,8 +123,10 @@ def _bottleneck_fused_kernel(
     # ---- bias + activation (padded columns stay act(0) = 0), rounded like the eager hidden state
     acc += tl.load(down_bias_ptr + hid, mask=hid_mask, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc, ACTIVATION).to(up_ptr.dtype.element_ty)
+    if HAS_GATE:  # one float32 factor per token: scale times its gate
+        factor = tl.load(gate_ptr + rows, mask=row_mask, other=0.0) * scale
 
-    # ---- up-projection + bias + residual (+ skip), this program's d_out tiles one at a time
+    # ---- up-projection + bias, scaled, + residual (+ skip), this program's d_out tiles in turn
     for n0 in range(tl.program_id(1) * BLOCK_N, D_OUT, tl.num_programs(1) * BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         out_mask = outs < D_OUT
@@ -130,6 +135,10 @@ def _bottleneck_fused_kernel(
                        mask=out_mask[None, :] & hid_mask[:, None], other=0.0)
         y = dot(h, up_t, None, DOT_PRECISION, UPCAST_DOT)
         y += tl.load(up_bias_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_GATE:
+            y = y * factor[:, None]
+        else:
+            y = y * scale
         y += tl.load(res_ptr + rows[:, None] * stride_rt + outs[None, :] * stride_rn,
                      mask=tile_mask, other=0.0).to(tl.float32)
         if HAS_SKIP:
@@ -142,15 +151,15 @@ def _bottleneck_fused_kernel(
 @triton.autotune(configs=_linear_configs(), key=["N", "K"])
 @triton.jit
 def _linear_kernel(
-    a_ptr, w_ptr, bias_ptr, res_ptr, skip_ptr, out_ptr,
-    M, N, K,
+    a_ptr, w_ptr, bias_ptr, gate_ptr, res_ptr, skip_ptr, out_ptr,
+    M, N, K, scale,
     stride_am, stride_ak, stride_rm, stride_rn, stride_sm, stride_sn,
-    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SKIP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[M, N] = act(a · wᵀ + bias) (+ residual when HAS_RESIDUAL, + skip when HAS_SKIP);
-    w [N, K] row-major."""
+    """out[M, N] = scale·act(a · wᵀ + bias) (times gate[m] when HAS_GATE, + residual when
+    HAS_RESIDUAL, + skip when HAS_SKIP); w [N, K] row-major."""
     # ---- this program's output tile
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,9 +178,11 @@ def _linear_kernel(
                       mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         acc = dot(a, w_t, acc, DOT_PRECISION, UPCAST_DOT)
 
-    # ---- epilogue: bias, activation, optional residual and skip
+    # ---- epilogue: bias, activation, scale (and gate), optional residual and skip
     acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    acc = _activate(acc, ACTIVATION)
+    acc = _activate(acc, ACTIVATION) * scale
+    if HAS_GATE:
+        acc = acc * tl.load(gate_ptr + rows, mask=row_mask, other=0.0)[:, None]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
                        mask=tile_mask, other=0.0).to(tl.float32)
@@ -186,18 +197,21 @@ def _linear_kernel(
 
 def bottleneck_adapter_reference(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                                  down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                                 activation: str, skip: torch.Tensor | None = None
+                                 activation: str, skip: torch.Tensor | None = None,
+                                 scale: float = 1.0, gate: torch.Tensor | None = None
                                  ) -> torch.Tensor:
     """The op in plain PyTorch, float32 throughout, cast to x's dtype at the end."""
     act = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}[activation]
     hidden = act(F.linear(x.float(), down.float(), down_bias.float()))
-    out = residual.float() + F.linear(hidden, up.float(), up_bias.float())
+    update = F.linear(hidden, up.float(), up_bias.float()) * scale
+    out = residual.float() + (update if gate is None else update * gate.float())
     return (out if skip is None else out + skip.float()).to(x.dtype)
 
 
 def check_bottleneck_inputs(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                             down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                            activation: str, skip: torch.Tensor | None = None) -> None:
+                            activation: str, skip: torch.Tensor | None = None,
+                            gate: torch.Tensor | None = None) -> None:
     """Raise ValueError/TypeError naming the first tensor whose shape, dtype or device is off."""
     check_input(_OP, x)
     if activation not in ACTIVATIONS:
@@ -214,26 +228,38 @@ def check_bottleneck_inputs(x: torch.Tensor, residual: torch.Tensor, down: torch
     check_tensor(_OP, "residual", residual, x, (*x.shape[:-1], d_out))
     if skip is not None:
         check_tensor(_OP, "skip", skip, x, (*x.shape[:-1], d_out))
+    if gate is not None:
+        per_token = (*x.shape[:-1], 1)
+        check_tensor(_OP, "gate", gate, x, tuple(gate.shape))
+        if gate.dim() != len(per_token) or any(g not in (1, t)
+                                                for g, t in zip(gate.shape, per_token)):
+            raise ValueError(f"{_OP}: `gate` has shape {tuple(gate.shape)}, expected one that "
+                             f"broadcasts to {per_token} (one factor per token)")
 
 
 def bottleneck_adapter_triton(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                               down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
                               activation: str, skip: torch.Tensor | None = None,
+                              scale: float = 1.0, gate: torch.Tensor | None = None,
                               splits: int | None = None) -> torch.Tensor:
     """Check the inputs, allocate y and run the kernels (fused when the bottleneck ≤ 128;
     `splits` fixes its programs per token block, None: `column_splits`)."""
-    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation, skip)
+    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation, skip, gate)
     d_out, bottleneck = up.shape
     x2, res2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, d_out)
     skip2 = None if skip is None else skip.reshape(-1, d_out)
     out = torch.empty(residual.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0] == 0:
         return out
+    # the kernels read one float32 factor per token row
+    gate1 = None if gate is None else gate.float().expand(*x.shape[:-1], 1).reshape(-1).contiguous()
     weights = (down.contiguous(), down_bias.contiguous(), up.contiguous(), up_bias.contiguous())
     if bottleneck <= MAX_FUSED_BOTTLENECK:
-        _launch_fused(x2, res2, skip2, *weights, out.view(-1, d_out), activation, splits)
+        _launch_fused(x2, res2, skip2, gate1, *weights, out.view(-1, d_out), activation,
+                      float(scale), splits)
     else:
-        _launch_unfused(x2, res2, skip2, *weights, out.view(-1, d_out), activation)
+        _launch_unfused(x2, res2, skip2, gate1, *weights, out.view(-1, d_out), activation,
+                        float(scale))
     return out
 
 
@@ -243,9 +269,9 @@ def strides(t: torch.Tensor | None) -> tuple[int, int]:
 
 
 def _launch_fused(x: torch.Tensor, res: torch.Tensor, skip: torch.Tensor | None,
-                  down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
-                  up_bias: torch.Tensor, out: torch.Tensor, activation: str,
-                  splits: int | None) -> None:
+                  gate: torch.Tensor | None, down: torch.Tensor, down_bias: torch.Tensor,
+                  up: torch.Tensor, up_bias: torch.Tensor, out: torch.Tensor, activation: str,
+                  scale: float, splits: int | None) -> None:
     (tokens, d_in), (d_out, bottleneck) = x.shape, up.shape
 
     def grid(meta):
@@ -254,29 +280,33 @@ def _launch_fused(x: torch.Tensor, res: torch.Tensor, skip: torch.Tensor | None,
                                                meta["PROGRAMS_PER_SM"])
 
     launch(_bottleneck_fused_kernel, (d_in, d_out, bottleneck, x.dtype), tokens, grid,
-           x, res, skip, down, down_bias, up, up_bias, out, tokens, d_in, d_out, bottleneck,
-           *strides(x), *strides(res), *strides(skip), ACTIVATION=activation,
-           HAS_SKIP=skip is not None, DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
+           x, res, skip, gate, down, down_bias, up, up_bias, out, tokens, d_in, d_out,
+           bottleneck, scale, *strides(x), *strides(res), *strides(skip),
+           ACTIVATION=activation, HAS_SKIP=skip is not None, HAS_GATE=gate is not None,
+           DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(x),
            BLOCK_B=dot_block(bottleneck))
 
 
 def _launch_unfused(x: torch.Tensor, res: torch.Tensor, skip: torch.Tensor | None,
-                    down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor,
-                    up_bias: torch.Tensor, out: torch.Tensor, activation: str) -> None:
+                    gate: torch.Tensor | None, down: torch.Tensor, down_bias: torch.Tensor,
+                    up: torch.Tensor, up_bias: torch.Tensor, out: torch.Tensor,
+                    activation: str, scale: float) -> None:
     hidden = torch.empty((x.shape[0], down.shape[0]), dtype=x.dtype, device=x.device)
-    _launch_linear(x, down, down_bias, None, None, hidden, activation)
-    _launch_linear(hidden, up, up_bias, res, skip, out, "identity")
+    _launch_linear(x, down, down_bias, None, None, None, hidden, activation, 1.0)
+    _launch_linear(hidden, up, up_bias, gate, res, skip, out, "identity", scale)
 
 
 def _launch_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
-                   res: torch.Tensor | None, skip: torch.Tensor | None, out: torch.Tensor,
-                   activation: str) -> None:
-    """out = act(a·wᵀ + bias) (+ res) (+ skip); None drops that epilogue term."""
+                   gate: torch.Tensor | None, res: torch.Tensor | None,
+                   skip: torch.Tensor | None, out: torch.Tensor, activation: str,
+                   scale: float) -> None:
+    """out = scale·act(a·wᵀ + bias) (·gate) (+ res) (+ skip); None drops that epilogue term."""
     (m, k), n = a.shape, w.shape[0]
     launch(_linear_kernel, (n, k, res is None, a.dtype), m,
            lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])),
-           a, w, bias, res, skip, out, m, n, k, *strides(a), *strides(res), *strides(skip),
-           ACTIVATION=activation, HAS_RESIDUAL=res is not None, HAS_SKIP=skip is not None,
+           a, w, bias, gate, res, skip, out, m, n, k, scale, *strides(a), *strides(res),
+           *strides(skip), ACTIVATION=activation, HAS_GATE=gate is not None,
+           HAS_RESIDUAL=res is not None, HAS_SKIP=skip is not None,
            DOT_PRECISION=dot_precision(), UPCAST_DOT=upcast_dot(a))
 
 
@@ -284,20 +314,23 @@ def _launch_linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
 
 def bottleneck_adapter(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                        down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                       activation: str, skip: torch.Tensor | None = None) -> torch.Tensor:
-    """residual + up·act(down·x + down_bias) + up_bias (+ skip), by kernels or reference
-    (`use_triton`)."""
+                       activation: str, skip: torch.Tensor | None = None, scale: float = 1.0,
+                       gate: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + scale·gate·(up·act(down·x + down_bias) + up_bias) (+ skip), by kernels or
+    reference (`use_triton`)."""
     if use_triton(x):
         return bottleneck_adapter_triton(x, residual, down, down_bias, up, up_bias, activation,
-                                         skip)
-    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation, skip)
+                                         skip, scale, gate)
+    check_bottleneck_inputs(x, residual, down, down_bias, up, up_bias, activation, skip, gate)
     return bottleneck_adapter_reference(x, residual, down, down_bias, up, up_bias, activation,
-                                        skip)
+                                        skip, scale, gate)
 
 
 def _bottleneck_adapter_fake(x: torch.Tensor, residual: torch.Tensor, down: torch.Tensor,
                              down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
-                             activation: str, skip: torch.Tensor | None = None) -> torch.Tensor:
+                             activation: str, skip: torch.Tensor | None = None,
+                             scale: float = 1.0, gate: torch.Tensor | None = None
+                             ) -> torch.Tensor:
     return residual.new_empty(residual.shape, dtype=x.dtype)
 
 

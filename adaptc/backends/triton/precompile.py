@@ -101,20 +101,22 @@ def llama_launches(dtype: torch.dtype, tokens: int = 4096, hidden: int = 2048,
         Launch("bottleneck_fused", bottleneck._bottleneck_fused_kernel,
                {**dict.fromkeys(("x_ptr", "res_ptr", "skip_ptr", "down_ptr", "down_bias_ptr",
                                  "up_ptr", "up_bias_ptr", "out_ptr"), ptr),
-                "T": tokens, "D_IN": hidden, "D_OUT": hidden, "BOTTLENECK": bottleneck_width,
-                **rows, "stride_rt": hidden, "stride_rn": 1, "stride_st": hidden, "stride_sn": 1},
-               {"ACTIVATION": "relu", "HAS_SKIP": True, **opts,  # the residual stream folded in
-                "BLOCK_B": dot_block(bottleneck_width)}),
+                "gate_ptr": "*fp32", "T": tokens, "D_IN": hidden, "D_OUT": hidden,
+                "BOTTLENECK": bottleneck_width, "scale": 4.0, **rows,
+                "stride_rt": hidden, "stride_rn": 1, "stride_st": hidden, "stride_sn": 1},
+               {"ACTIVATION": "relu", "HAS_SKIP": True, "HAS_GATE": True, **opts,
+                "BLOCK_B": dot_block(bottleneck_width)}),  # every epilogue term: the largest
     ]
     for name, (n, k), res, act in (("bottleneck_down", (wide, hidden), None, "relu"),
                                   ("bottleneck_up", (hidden, wide), ptr, "identity")):
         launches.append(Launch(name, bottleneck._linear_kernel, {
-            "a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "res_ptr": res, "skip_ptr": res,
-            "out_ptr": ptr, "M": tokens, "N": n, "K": k, "stride_am": k, "stride_ak": 1,
+            "a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "gate_ptr": "*fp32" if res else None,
+            "res_ptr": res, "skip_ptr": res, "out_ptr": ptr, "M": tokens, "N": n, "K": k,
+            "scale": 4.0 if res else 1.0, "stride_am": k, "stride_ak": 1,
             **dict.fromkeys(("stride_rm", "stride_sm"), hidden if res else 0),
             **dict.fromkeys(("stride_rn", "stride_sn"), 1 if res else 0),
-        }, {"ACTIVATION": act, "HAS_RESIDUAL": res is not None, "HAS_SKIP": res is not None,
-            **opts}))
+        }, {"ACTIVATION": act, "HAS_GATE": res is not None, "HAS_RESIDUAL": res is not None,
+            "HAS_SKIP": res is not None, **opts}))
     launches.append(Launch("mixture_router", moe_lora._router_kernel, {
         "x_ptr": ptr, "router_ptr": ptr, "gates_ptr": "*fp32", "experts_ptr": "*i32",
         "counts_ptr": "*i32", "T": tokens, "D_IN": hidden, "E": experts, "top_k": top_k, **rows,
