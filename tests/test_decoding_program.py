@@ -33,7 +33,7 @@ def stepwise(decoder, tokens: list[int], prompt: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("family", "spec"), [
-    ("llama", "q_proj: lora r=2; ffn: adapter bottleneck=8; mixture moe k=2 experts=3"),
+    ("llama", "q_proj: lora r=2; ffn: adapter bottleneck=8 scale=2; mixture moe k=2 experts=3"),
     ("gpt2", "attn: ptuning2 tokens=2; embed: prompt tokens=2"),
 ])
 def test_saved_causal_decoder_equals_the_compiled_one(tiny, tmp_path, family, spec):
