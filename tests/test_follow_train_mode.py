@@ -160,3 +160,24 @@ def test_other_training_randomness_falls_back_to_eval_tracing():
         gm = adaptc.compile(module, "proj: lora r=2", example_inputs={"x": x})
     assert gm.training
     assert torch.equal(gm(x=x), module(x))  # no jitter and no dropout: the eval graph
+
+
+class Filtered(nn.Module):
+    """Its train-mode forward branches on data, which torch.export cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.drop = nn.Linear(8, 8), nn.Dropout(0.5)
+
+    def forward(self, x):
+        if self.training and x.sum() > 0:
+            x = -x
+        return self.drop(self.proj(x))
+
+
+def test_a_train_mode_forward_that_does_not_export_falls_back_to_eval_tracing():
+    module = Filtered().eval()
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="traced in eval mode.*does not export"):
+        gm = adaptc.compile(module, "proj: lora r=2", example_inputs={"x": x})
+    assert torch.equal(gm(x=x), module(x))

@@ -57,10 +57,11 @@ def trace(model: LoadedModel, reuse_blocks: bool = True, training: bool = False)
         if not others:
             return gm
         why = f"its train-mode forward draws random numbers besides dropout ({', '.join(others)})"
+    gm = trace_in_mode(model, reuse_blocks, False)
     warnings.warn(f"{type(model.module).__name__}: traced in eval mode, so the model's own "
                   f"dropout is off in train() as well (adapter dropout is not): {why}",
                   stacklevel=2)
-    return trace_in_mode(model, reuse_blocks, False)
+    return gm
 
 
 def trace_in_mode(model: LoadedModel, reuse_blocks: bool, training: bool) -> GraphModule:

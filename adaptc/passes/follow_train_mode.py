@@ -46,7 +46,7 @@ class FollowTrainMode:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         dropouts = [n for n in gm.graph.nodes if n.op == "call_function"
-                    and n.target in DROPOUT_OPS and n.args[2] is True]
+                    and n.target in DROPOUT_OPS and n.args[2:3] == (True,)]
         attentions = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA
                       and sdpa_arg(n, "dropout_p", 0.0)]
         if not dropouts and not attentions:
