@@ -180,7 +180,7 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
                           "mode keeps the layers as traced)")
     ctx = prepare(model, spec, mode, example_inputs)
     ctx.adapters, ctx.merge, ctx.fuse_projections = adapters, merge, fuse_projections
-    gm = run_pipeline(trace(ctx.model), ctx, verify, dump_dir)
+    gm = run_pipeline(trace(ctx.model, training=mode == "train"), ctx, verify, dump_dir)
     taken = ctx.table_positions
     why = (f"the model's {sequence_limit(ctx.model)} positions"
            + (f", {taken} of them for the virtual tokens" if taken else ""))

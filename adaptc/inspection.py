@@ -27,7 +27,7 @@ def inspect(model, spec, block: int | str = 0, example_inputs: dict | None = Non
     paths = [owner(a.site) for a in ctx.assignments]
     prefix = named_block(paths, block) if isinstance(block, str) else \
         indexed_block(ctx, paths, block)
-    gm = trace(ctx.model)
+    gm = trace(ctx.model, training=True)
     before = block_lines(gm, prefix)
     if isinstance(block, str) and not before:
         raise AdaptcError(f"block '{prefix}': no operation of the traced graph runs inside it "

@@ -19,7 +19,7 @@ SPEC = "adalora init_r=6 target_r=2 alpha=12 total_step=10 tinit=2 tfinal=3"
 
 def twins(tiny, family):
     model = tiny(family)
-    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: {SPEC}")
+    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: {SPEC}").eval()
     config = AdaLoraConfig(init_r=6, target_r=2, lora_alpha=12, target_modules=TARGETS[family],
                            total_step=10, tinit=2, tfinal=3, lora_dropout=0.0)
     twin = get_peft_model(copy.deepcopy(model.module), config)

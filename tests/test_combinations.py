@@ -151,7 +151,7 @@ def test_unipelt_equals_float64_reference(tiny, family):
     model = tiny(family)
     gm = adaptc.compile(model, "attn.q,attn.v: lora r=4 alpha=8 gate\n"
                                "attn: prefix tokens=3 gate\n"
-                               "ffn: adapter bottleneck=8 gate")
+                               "ffn: adapter bottleneck=8 gate").eval()
     counts = adaptc.report_of(gm).counts
     assert (counts["lora_inserted"], counts["prefix_inserted"], counts["adapter_inserted"]) == \
         (4, 2, 2)

@@ -43,7 +43,7 @@ def randomize_and_copy(gm, twin, seed=0):
 def test_dora_equals_peft(tiny, family, init):
     model = tiny(family)
     targets = TARGETS[family]
-    gm = adaptc.compile(model, f"{','.join(targets)}: lora r=4 alpha=8 dora init={init}")
+    gm = adaptc.compile(model, f"{','.join(targets)}: lora r=4 alpha=8 dora init={init}").eval()
     peft_init = "pissa" if init == "pissa" else True
     twin = peft_dora(model.module, targets, init_lora_weights=peft_init)
     x = inputs()

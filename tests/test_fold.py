@@ -19,7 +19,7 @@ from helpers import inputs, main_output
     ("llama", "attn: ptuning2 tokens=4; embed: prompt tokens=3", 0),  # already constants
 ])
 def test_fold_keeps_outputs(tiny, family, spec, folded, tmp_path):
-    gm = adaptc.compile(tiny(family), spec)
+    gm = adaptc.compile(tiny(family), spec).eval()
     x = inputs()
     before = main_output(gm(**x))
     assert adaptc.fold_prompts(gm) == folded

@@ -109,7 +109,7 @@ def test_left_padded_rows_over_a_position_table_give_generate_tokens(tiny):
     from helpers import peft_twin, randomize_and_copy
 
     model = tiny("gpt2")
-    gm = adaptc.compile(model, "c_attn: lora r=4 alpha=8")
+    gm = adaptc.compile(model, "c_attn: lora r=4 alpha=8").eval()
     twin = peft_twin(model.module, ["c_attn"], 4, 8)
     randomize_and_copy(gm, twin)
     rows = [[5, 17, 42, 7, 99], [9, 8], [3, 4, 5]]

@@ -25,7 +25,7 @@ CASES = {
 def test_ia3_equals_peft(tiny, family):
     model = tiny(family)
     spec, targets, feedforward = CASES[family]
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     config = IA3Config(target_modules=targets, feedforward_modules=feedforward,
                        fan_in_fan_out=family == "gpt2")
     twin = get_peft_model(copy.deepcopy(model.module), config).eval()

@@ -32,7 +32,7 @@ def layer_of(twin, adapter_path: str):
 def test_pissa_matches_peft(tiny, family):
     model = tiny(family)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: lora r=4 alpha=8 init=pissa")
+    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: lora r=4 alpha=8 init=pissa").eval()
     twin = peft_twin(model.module, TARGETS[family], r=4, lora_alpha=8, init_lora_weights="pissa")
     x = inputs()
     base = main_output(model.module(**x))

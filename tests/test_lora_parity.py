@@ -19,7 +19,7 @@ def test_lora_equals_peft(tiny, family, rslora):
     model = tiny(family)
     targets = TARGETS[family]
     spec = f"{','.join(targets)}: lora r=4 alpha=12{' rslora' if rslora else ''}"
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     twin = peft_twin(model.module, targets, 4, 12, rslora)
     randomize_and_copy(gm, twin)
     x = inputs(segments=family == "bert")
@@ -36,7 +36,7 @@ def test_lora_equals_peft(tiny, family, rslora):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zero_b_equals_base(tiny, family):
     model = tiny(family)
-    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: lora r=8 alpha=16")
+    gm = adaptc.compile(model, f"{','.join(TARGETS[family])}: lora r=8 alpha=16").eval()
     x = inputs()
     assert torch.equal(main_output(gm(**x)), main_output(model.module(**x)))
 

@@ -47,7 +47,7 @@ EXPORTS = [
 @pytest.mark.parametrize("family,spec", EXPORTS, ids=[s.split(":")[0] + f"-{f}" for f, s in EXPORTS])
 def test_export_loads_in_peft(tiny, tmp_path, family, spec):
     model = tiny(family)
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     perturb(adaptc.adapter_state_dict(gm).values())
     export_peft(gm, tmp_path)
     theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path).eval()
@@ -485,7 +485,7 @@ ADALORA = "q_proj,v_proj: adalora init_r=4 target_r=2 total_step=20 alpha=8"
                                             ("bert", "query,value")])
 def test_adalora_export_loads_in_peft(tiny, tmp_path, family, targets):
     model = tiny(family)
-    gm = adaptc.compile(model, ADALORA.replace("q_proj,v_proj", targets))
+    gm = adaptc.compile(model, ADALORA.replace("q_proj,v_proj", targets)).eval()
     perturb(adaptc.adapter_state_dict(gm).values())
     with torch.no_grad():  # a pruned triplet: Λ_i = 0 travels as is, no rank_pattern needed
         next(iter(adaptc.adapters.adapter_modules(gm).values())).E[1] = 0

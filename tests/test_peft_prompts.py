@@ -124,7 +124,7 @@ def test_seq2seq_prompt_exports_to_peft(tmp_path):
     """T5's encoder prompt goes out with num_transformer_submodules=1, which PEFT reads as
     a prompt before the encoder's input only."""
     model = model_of("t5")
-    gm = adaptc.compile(model, "embed: prompt tokens=3")
+    gm = adaptc.compile(model, "embed: prompt tokens=3").eval()
     randomize_adapters(gm, 0.5)
     export_peft(gm, tmp_path, task_type="SEQ_2_SEQ_LM")
     theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path).eval()

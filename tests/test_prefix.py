@@ -49,7 +49,7 @@ def real_token_diff(gm, twin, x) -> float:
                                                ("bert", 24), ("gpt2", 0), ("mistral", 0)])
 def test_prefix_equals_peft(tiny, family, projection):
     model = tiny(family)
-    gm = adaptc.compile(model, f"attn: prefix tokens=3 projection={projection}")
+    gm = adaptc.compile(model, f"attn: prefix tokens=3 projection={projection}").eval()
     twin = peft_prefix(model.module, 3, projection)
     copy_from_peft(gm.get_submodule("adaptc.prefix_0"), twin)
     report = adaptc.report_of(gm)
@@ -70,7 +70,7 @@ def test_prefix_on_roberta_equals_peft():
                                   max_position_embeddings=64)
     torch.manual_seed(0)
     model = AutoModel.from_config(config).eval()
-    gm = adaptc.compile(model, "attn: prefix tokens=3")
+    gm = adaptc.compile(model, "attn: prefix tokens=3").eval()
     twin = peft_prefix(model, 3)
     copy_from_peft(gm.get_submodule("adaptc.prefix_0"), twin)
     ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -87,7 +87,7 @@ def test_prefix_on_sentence_pairs_equals_peft_prompt(tiny):
     SEQ_CLS prefix forward needs a past_key_values argument BertForSequenceClassification
     lacks)."""
     model = tiny("bert")
-    gm = adaptc.compile(model, "attn: prefix tokens=3")
+    gm = adaptc.compile(model, "attn: prefix tokens=3").eval()
     twin = peft_prefix(model.module, 3)
     copy_from_peft(gm.get_submodule("adaptc.prefix_0"), twin)
     x = inputs(segments=True)
@@ -107,7 +107,7 @@ def test_prefix_beyond_the_presets_equals_peft(model_type):
     """Rotary families (GPT-NeoX, Phi-3, Phi, GPT-J, Falcon) and OPT (learned positions,
     `decoder.embed_positions`), left-padded."""
     model = small_decoder(model_type)
-    gm = adaptc.compile(model, "attn: prefix tokens=3")
+    gm = adaptc.compile(model, "attn: prefix tokens=3").eval()
     twin = peft_prefix(model, 3)
     copy_from_peft(gm.get_submodule("adaptc.prefix_0"), twin)
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -59,7 +59,7 @@ def test_prompt_methods_equal_peft(tiny, family, method, encoder):
     model = tiny(family)
     spec = "embed: prompt tokens=3" if method == "prompt" else \
         f"embed: ptuning tokens=3 encoder={encoder} hidden=20"
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     twin = peft_twin(model.module, method, 3, encoder or "mlp")
     copy_from_peft(gm.get_submodule(f"{EMBED[family]}.prompt"), twin)
     report = adaptc.report_of(gm)
@@ -75,7 +75,7 @@ def test_prompts_on_sentence_pairs_equal_peft(method):
     feature-extraction model drops them)."""
     model = bert_classifier()
     rule = "prompt tokens=3" if method == "prompt" else "ptuning tokens=3 hidden=20"
-    gm = adaptc.compile(model, f"embed: {rule}; classifier: train")
+    gm = adaptc.compile(model, f"embed: {rule}; classifier: train").eval()
     twin = peft_twin(model, method, 3, task=TaskType.SEQ_CLS)
     copy_from_peft(gm.get_submodule("bert.embeddings.word_embeddings.prompt"), twin)
     x = inputs(vocab=128, segments=True)

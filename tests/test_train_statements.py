@@ -29,7 +29,7 @@ def test_ln_tuning_equals_peft(tiny, family):
     model = tiny(family)
     spec, targets = LN[family]
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     twin = get_peft_model(copy.deepcopy(model.module), LNTuningConfig(target_modules=targets))
     twin.eval()
     perturb(gm)
@@ -52,7 +52,7 @@ def test_ln_tuning_equals_peft(tiny, family):
 
 def test_bitfit_equals_float64_reference(tiny):
     model = tiny("bert")
-    gm = adaptc.compile(model, "*.bias: train")
+    gm = adaptc.compile(model, "*.bias: train").eval()
     biases = {n for n, _ in model.module.named_parameters() if n.endswith(".bias")}
     report = adaptc.report_of(gm)
     assert {row["path"] for row in report.sites} == biases

@@ -151,8 +151,8 @@ def test_gated_prefix_on_gpt2_reads_the_attention_input_per_example(tiny):
     from adaptc.frontend.models import build_preset
 
     model = build_preset("gpt2", layers=1)
-    gated = adaptc.compile(model, "attn: prefix tokens=2 gate")
-    plain = adaptc.compile(model, "attn: prefix tokens=2")
+    gated = adaptc.compile(model, "attn: prefix tokens=2 gate").eval()
+    plain = adaptc.compile(model, "attn: prefix tokens=2").eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         prefix = torch.randn(gated.adaptc.prefix_0.prefix.shape, generator=gen)

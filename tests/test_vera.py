@@ -22,7 +22,7 @@ TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"],
 def test_vera_equals_peft(tiny, family):
     model = tiny(family)
     targets = TARGETS[family]
-    gm = adaptc.compile(model, f"{','.join(targets)}: vera r=16 seed=7 d_init=0.2")
+    gm = adaptc.compile(model, f"{','.join(targets)}: vera r=16 seed=7 d_init=0.2").eval()
     twin = get_peft_model(copy.deepcopy(model.module),
                           VeraConfig(r=16, target_modules=targets, projection_prng_key=7,
                                      d_initial=0.2, fan_in_fan_out=family == "gpt2")).eval()

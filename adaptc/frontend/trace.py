@@ -3,7 +3,10 @@
 transformers 5 has no fx tracer and `symbolic_trace` fails on its attention code, while
 `torch.export` handles Llama, Mistral, Qwen2, GPT-2 and BERT, records each node's module
 path in `meta["nn_module_stack"]`, and gives dynamic batch and sequence dimensions.
-The base model is traced in eval mode: its own dropout is off in compiled graphs.
+Infer mode traces the model in eval mode (no dropout). Train mode traces it in train mode, as
+Hugging Face fine-tunes it, so its dropout is in the graph (`aten.dropout(x, p, True)`, the
+attention ops' `dropout_p`); the `follow_train_mode` pass then makes those ops follow the
+compiled module's train()/eval().
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import io
 import logging
 import sys
 import traceback
+import warnings
 from contextlib import contextmanager, redirect_stderr
 
 import torch
@@ -24,32 +28,70 @@ from adaptc.frontend.blocks import find_stack, replicate, restore_configs, shall
 from adaptc.frontend.models import LoadedModel
 
 
-def trace(model: LoadedModel, reuse_blocks: bool = True) -> GraphModule:
+aten = torch.ops.aten
+# random ops a train-mode graph may hold, each taking (input, p, train): nn.Dropout and its
+# kin, F.dropout in eager attention; besides them only scaled_dot_product_attention's dropout_p
+DROPOUT_OPS = frozenset({aten.dropout.default, aten.feature_dropout.default,
+                         aten.alpha_dropout.default, aten.feature_alpha_dropout.default})
+SDPA = aten.scaled_dot_product_attention.default
+
+
+def trace(model: LoadedModel, reuse_blocks: bool = True, training: bool = False) -> GraphModule:
     """Export with dynamic batch and sequence dims; return a trainable GraphModule.
 
     With `reuse_blocks`, a stack of identical blocks is traced once and replicated
     (see frontend/blocks.py); otherwise, or when that does not apply (encoder-decoders have
-    two stacks), the whole model.
+    two stacks), the whole model. With `training` the model is traced in train mode, its
+    dropout in the graph; a model whose train-mode forward does not export, or draws random
+    numbers besides dropout (LayerDrop, router jitter: ops the graph would run in eval() too),
+    is traced in eval mode instead, with a warning: its own dropout is then off.
     """
+    if not training:
+        return trace_in_mode(model, reuse_blocks, False)
+    try:
+        gm = trace_in_mode(model, reuse_blocks, True)
+    except ModelError as err:
+        why = f"its train-mode forward does not export ({err})"
+    else:
+        others = sorted({str(n.target) for n in gm.graph.nodes if random_besides_dropout(n)})
+        if not others:
+            return gm
+        why = f"its train-mode forward draws random numbers besides dropout ({', '.join(others)})"
+    gm = trace_in_mode(model, reuse_blocks, False)
+    warnings.warn(f"{type(model.module).__name__}: traced in eval mode, so the model's own "
+                  f"dropout is off in train() as well (adapter dropout is not): {why}",
+                  stacklevel=2)
+    return gm
+
+
+def trace_in_mode(model: LoadedModel, reuse_blocks: bool, training: bool) -> GraphModule:
     if reuse_blocks and not is_encoder_decoder(model):
         stack = find_stack(model.module)
         small = shallow_model(model, stack[0]) if stack else None
         if small is not None:
             try:
-                gm = export(small)
+                gm = export(small, training=training)
             finally:
                 restore_configs(small)
             if replicate(gm, model.module, stack[0], len(stack[1])):
                 gm.recompile()
                 return gm
-    return export(model)
+    return export(model, training=training)
 
 
-def export(model: LoadedModel, shapes: dict | None = None) -> GraphModule:
-    """Export the whole model; `shapes` overrides the default dynamic dims."""
+def random_besides_dropout(node) -> bool:
+    """A random op of the graph that is not a dropout (`DROPOUT_OPS`, attention's dropout_p)."""
+    tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
+    return (torch.Tag.nondeterministic_seeded in tags
+            and node.target not in DROPOUT_OPS and node.target is not SDPA)
+
+
+def export(model: LoadedModel, shapes: dict | None = None, training: bool = False) -> GraphModule:
+    """Export the whole model, in eval mode or with `training` in train mode; `shapes`
+    overrides the default dynamic dims."""
     module = model.module
     try:
-        with tracing_state(module):
+        with tracing_state(module, training):
             program = export_dynamic(module, model.example_inputs,
                                      shapes or dynamic_shapes(model))
     except Exception as err:  # torch.export raises many types; all mean "cannot trace"
@@ -114,17 +156,17 @@ def quiet_export(module: nn.Module, inputs: dict, shapes: dict,
 
 
 @contextmanager
-def tracing_state(module: nn.Module):
-    """Eval mode and no KV cache while exporting; the user's model is left as it was. Every
-    config in the tree is switched off, since encoder-decoders (T5) give their decoder stack
-    a config of its own."""
+def tracing_state(module: nn.Module, training: bool = False):
+    """Eval mode (train mode with `training`) and no KV cache while exporting; the user's
+    model is left as it was. Every config in the tree is switched off, since encoder-decoders
+    (T5) give their decoder stack a config of its own."""
     configs = {id(c): c for m in module.modules()
                if getattr(c := getattr(m, "config", None), "use_cache", None) is not None}
     use_cache = {key: config.use_cache for key, config in configs.items()}
     modes = {m: m.training for m in module.modules()}
     for config in configs.values():
         config.use_cache = False
-    module.eval()
+    module.train(training)
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ from adaptc.passes.bind_ops import BindOps
 from adaptc.passes.canonicalize_linears import CanonicalizeLinears
 from adaptc.passes.fold_prompts import FoldPrompts
 from adaptc.passes.fold_stream_adds import FoldStreamAdds
+from adaptc.passes.follow_train_mode import FollowTrainMode
 from adaptc.passes.freeze_base import FreezeBase
 from adaptc.passes.fuse_projections import FuseProjections
 from adaptc.passes.fuse_siblings import FuseSiblings
@@ -60,6 +61,7 @@ def default_pipeline(mode: str = "train", merge: bool = True,
         return [*build,
                 AdapterPrecision(),  # a 16-bit model's adapters train in float32 (PEFT's way)
                 RecomputeNf4(),      # NF4 layers dequantise again in backward: no dense copy saved
+                FollowTrainMode(),   # the model's dropout (traced in train mode) on in train() only
                 Verify()]            # lint, reachability, recompile
     return [
         *build,
