@@ -5,7 +5,8 @@ Each reference is the Hugging Face model in float64 with forward hooks that add 
 method's math, reading the adapter tensors by name from `adapter_state_dict` (never calling
 adaptc's modules). Checked: the train graph's output, the infer graph's (from a saved
 adapter file), trainable counts against a hand count, one backward's gradients, and the
-save/load round trip."""
+save/load round trip. The train graphs run in eval(), as the references do: in train() the
+base model's dropout (GPT-2, BERT) is on."""
 from __future__ import annotations
 
 import copy
@@ -129,7 +130,7 @@ def test_bottleneck_against_float64_reference(tiny, tmp_path, family, which, act
     targets = "attn.o, ffn" if which == "houlsby" else "ffn"
     spec = (f"{targets}: adapter bottleneck=6 activation={activation} placement={placement} "
             f"scale={scale}" + (" gate" if gate else ""))
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     x = x_for(family)
     # initial model equals the base (U and b_U start at zero)
     base = main_output(model.module(**x))
@@ -148,7 +149,7 @@ def test_bottleneck_against_float64_reference(tiny, tmp_path, family, which, act
     compare_grads(gm, x, ref, params)
     # save / load round trip, then the infer graph from the file
     path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
-    again = adaptc.compile(model, spec)
+    again = adaptc.compile(model, spec).eval()
     adaptc.load_adapters(again, path)
     with torch.no_grad():
         assert torch.equal(main_output(again(**x)), main_output(gm(**x)))
@@ -159,7 +160,7 @@ def test_bottleneck_against_float64_reference(tiny, tmp_path, family, which, act
 # ---------------------------------------------------------------- BitFit
 def test_bitfit_on_gpt2_against_float64_reference(tiny, tmp_path):
     model = tiny("gpt2")
-    gm = adaptc.compile(model, "*.bias: train")
+    gm = adaptc.compile(model, "*.bias: train").eval()
     names = [n for n, _ in model.module.named_parameters() if n.endswith(".bias")]
     assert adaptc.report_of(gm).trainable == sum(
         model.module.get_parameter(n).numel() for n in names)
@@ -231,7 +232,7 @@ def test_molora_against_float64_reference(tiny, tmp_path, family, router, k, exp
     model = tiny(family)
     spec = (f"{MIX_TARGETS[family]}: lora r=3 alpha=6\n"
             f"mixture moe k={k} experts={experts} router={router} balance=0.3")
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     x = x_for(family)
     base = main_output(model.module(**x))
     assert (main_output(gm(**x)) - base).abs().max().item() == 0  # B starts at zero
@@ -261,7 +262,7 @@ def test_molora_against_float64_reference(tiny, tmp_path, family, router, k, exp
         err = (grads[name].grad.double() - p.grad).abs().max().item()
         assert err <= GRAD_TOL * worst, (name, err, worst)
     path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
-    again = adaptc.compile(model, spec)
+    again = adaptc.compile(model, spec).eval()
     adaptc.load_adapters(again, path)
     with torch.no_grad():
         assert torch.equal(main_output(again(**x)), main_output(gm(**x)))
@@ -273,7 +274,7 @@ def test_mola_expert_counts_on_an_eight_layer_model(tmp_path):
     """experts=[2, 4, 6, 8] on 8 layers: two layers per entry, lowest layers fewest."""
     from adaptc.frontend.models import build_preset
     model = build_preset("llama", layers=8)
-    gm = adaptc.compile(model, "q_proj: lora r=2\nmixture moe k=2 experts=[2, 4, 6, 8]")
+    gm = adaptc.compile(model, "q_proj: lora r=2\nmixture moe k=2 experts=[2, 4, 6, 8]").eval()
     shapes = {k: v.shape for k, v in adaptc.adapter_state_dict(gm).items()}
     for i in range(8):
         want = [2, 4, 6, 8][i // 2]
@@ -286,7 +287,7 @@ def test_qlora_on_gpt2_against_float64_dequantised_reference(tiny, tmp_path):
     from test_quantize import reference_roundtrip
     model = tiny("gpt2")
     spec = "attn.c_attn, mlp.c_fc: quantize block=32\nattn.c_attn, mlp.c_fc: lora r=4 alpha=8"
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     randomize(gm, std=0.05)
     params = leaves(gm)
     ref = copy.deepcopy(model.module).double()
@@ -343,7 +344,7 @@ def test_mov_against_float64_reference(tiny, tmp_path, family, router, k):
     out_sites, ff_sites = MOV_TARGETS[family]
     spec = (f"{out_sites}: ia3\n{ff_sites}: ia3 feedforward\n"
             f"mixture moe k={k} experts=3 router={router} balance=0.2")
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     x = x_for(family)
     # vectors start at 1: the base model, up to the rounding of Σ_e g_e = 1
     assert (main_output(gm(**x)) - main_output(model.module(**x))).abs().max().item() <= 1e-6
@@ -375,7 +376,7 @@ def test_mov_against_float64_reference(tiny, tmp_path, family, router, k):
         err = (grads[name].grad.double() - p.grad).abs().max().item()
         assert err <= GRAD_TOL * worst, (name, err, worst)
     path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
-    again = adaptc.compile(model, spec)
+    again = adaptc.compile(model, spec).eval()
     adaptc.load_adapters(again, path)
     with torch.no_grad():
         assert torch.equal(main_output(again(**x)), main_output(gm(**x)))
@@ -398,7 +399,7 @@ def test_loramoe_gradients_round_trip_and_infer(tiny, tmp_path, family):
     model = tiny(family)
     spec = (f"{MIX_TARGETS[family]}: lora r=2 alpha=4 rslora\n"
             "mixture loramoe experts=4 delta=0.2 balance=0.3")
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     randomize(gm)
     params = leaves(gm)
     seen = {}
@@ -432,7 +433,7 @@ def test_a_float64_model_routes_in_float64(tiny, tmp_path, spec):
     from adaptc.frontend.models import wrap
     model = tiny("llama")
     model = wrap(model.module.double(), source="llama")
-    gm = adaptc.compile(model, spec)
+    gm = adaptc.compile(model, spec).eval()
     randomize(gm, std=0.5)
     params = leaves(gm)
     if "ia3" in spec:
@@ -475,7 +476,7 @@ def test_a_parallel_ffn_adapter_reads_the_ffn_input(tiny, family, up):
         model = wrap(small_decoder("opt"), source="opt")
     else:
         model = tiny(family)
-    gm = adaptc.compile(model, "ffn: adapter bottleneck=5 placement=parallel activation=relu")
+    gm = adaptc.compile(model, "ffn: adapter bottleneck=5 placement=parallel activation=relu").eval()
     hidden = model.module.config.hidden_size
     assert {row["in"] for row in adaptc.report_of(gm).sites} == {hidden}
     randomize(gm)
