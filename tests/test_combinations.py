@@ -168,8 +168,32 @@ def test_unipelt_gates_are_trainable_and_bounded(tiny):
     assert value.shape == (3, 1, 1) and ((value > 0) & (value < 1)).all()
 
 
-def test_gated_lora_on_gpt2_conv1d_is_refused_at_the_gate_option(tiny):
+def test_gated_lora_on_gpt2_conv1d_equals_float64_reference(tiny):
+    """GPT-2's Conv1D reads its input flattened to [B·S, F]; the gate averages the [B, S, F]
+    tensor it was flattened from, as on a linear that reads it whole."""
+    model = tiny("gpt2")
+    gm = adaptc.compile(model, "c_attn,c_fc: lora r=2 gate\nffn: adapter bottleneck=4 gate")
+    gm.eval()
+    assert adaptc.report_of(gm).counts["lora_inserted"] == 4
+    randomize(gm)
+    ref = copy.deepcopy(model.module).double()
+    for path, module in adaptc.adapters.adapter_modules(gm).items():
+        site, kind = path.rsplit(".", 1)
+        hook = lora_hook(module) if kind == "lora" else adapter_hook(module)
+        ref.get_submodule(site).register_forward_hook(hook)
+    for x in (inputs(), inputs(batch=1, seq=5, seed=3)):
+        want = main_output(ref(**x))
+        got = main_output(gm(**x)).double()
+        real = x["attention_mask"].bool()
+        diff = (got - want)[real].abs().max().item()
+        assert diff <= TOL * want.abs().max().item() + TOL, diff
+    ungated = main_output(adaptc.compile(model, "c_attn,c_fc: lora r=2").eval()(**inputs()))
+    assert (main_output(gm(**inputs())) - ungated).abs().max() > 1e-2
+
+
+def test_gated_lora_on_a_pooled_input_is_refused_at_the_gate_option(tiny):
+    """BERT's pooler reads the first token, [batch, features]: no sequence to average."""
     with pytest.raises(adaptc.SpecError, match="gated LoRA") as err:
-        adaptc.compile(tiny("gpt2"), "# qkv\nattn.qkv: lora r=2 gate")
+        adaptc.compile(tiny("bert"), "# pooler\npooler.dense: lora r=2 gate")
     first = err.value.first
-    assert (first.code, first.line, first.column, first.end_column) == ("E302", 2, 20, 24)
+    assert (first.code, first.line, first.column, first.end_column) == ("E302", 2, 24, 28)

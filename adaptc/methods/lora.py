@@ -71,7 +71,8 @@ class LoraAdapter(nn.Module):
     Shapes: x [..., in] → [..., out]. `A` [r, in], `B` [out, r]. With `freeze_a` A is a
     frozen parameter: `adapter_parameters()` returns only B, and `frozen_state()` returns A
     so saved adapters still restore the module. With `gate`, x is [B, S, in] and `gate`
-    holds w [1, in], b [1].
+    holds w [1, in], b [1]; where the layer reads its input flattened to [B·S, in] (GPT-2's
+    Conv1D), the graph passes the [B, S, in] tensor as `sequence` for the gate to average.
     """
 
     fast_parameters: ClassVar[tuple[str, ...]] = ("B",)  # LoRA+: these get ratio × lr
@@ -88,9 +89,13 @@ class LoraAdapter(nn.Module):
         if self.A.device.type != "meta":
             init_a(self.A, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sequence: torch.Tensor | None = None) -> torch.Tensor:
         update = nn.functional.linear(nn.functional.linear(self.dropout(x), self.A), self.B) * self.scale
-        return update if self.gate is None else update * self.gate(x)
+        if self.gate is None:
+            return update
+        if sequence is None:
+            return update * self.gate(x)
+        return update * self.gate(sequence).expand(*sequence.shape[:-1], 1).reshape(-1, 1)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         gate = {} if self.gate is None else {"gate.weight": self.gate.weight,

@@ -1,7 +1,8 @@
 """Pass: add a LoRA update beside every linear node assigned `lora` (DoRA sites are left to
 `insert_dora`, mixtures to `insert_mixture`).
 
-    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.lora(x)      (gated: the update × G_L(x))
+    linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.lora(x)      (gated: the update × G_L(x);
+                         GPT-2's Conv1D: <site>.lora(x, x₃) with x₃ the [B, S, F] input)
     init=pissa:          linear(x, <site>.lora.residual, b) + <site>.lora(x)
 
 With PiSSA the layer reads a new frozen parameter W_res = W₀ − s·B·A registered on the
@@ -13,8 +14,8 @@ from torch.fx import GraphModule
 
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, misplaced, report
-from adaptc.passes.graph import (dense_weight, factory, linear_input, linear_weight, splice,
-                                 swap_weight)
+from adaptc.passes.graph import (VIEWS, dense_weight, factory, linear_input, linear_weight,
+                                 splice, swap_weight)
 
 
 class InsertLora:
@@ -29,12 +30,12 @@ class InsertLora:
             site, config = node.meta[SITE], assignment.rule.config
             if config.dora:
                 continue  # insert_dora's
-            if config.gate:
-                check_gate_input(ctx, node, assignment)
+            sequence = gate_input(ctx, node, assignment) if config.gate else None
             adapter = LoraAdapter(config, site.in_features, site.out_features,
                                   **factory(gm, linear_weight(node).target))
             target = f"{site.path}.lora"
-            splice(gm, node, linear_input(node), target, adapter, "lora")
+            splice(gm, node, linear_input(node), target, adapter, "lora",
+                   extra_args=() if sequence is None else (sequence,))
             if config.init == "pissa":
                 residual = adapter.init_pissa(dense_weight(gm, node))
                 swap_weight(gm, node, f"{target}.residual", residual)
@@ -45,11 +46,17 @@ class InsertLora:
         return PassResult(gm, counts)
 
 
-def check_gate_input(ctx: CompileContext, node, assignment) -> None:
-    """A gate averages over the sequence: it needs the linear's input as [batch, seq, features]."""
-    val = linear_input(node).meta.get("val")
+def gate_input(ctx: CompileContext, node, assignment):
+    """A gate averages over the sequence: None where the linear reads [batch, seq, features]
+    itself; where it reads them flattened (GPT-2's Conv1D: view(x, [-1, F]) then addmm), the
+    [batch, seq, features] node it flattened; else a spec error."""
+    source = linear_input(node)
+    while source.meta.get("val") is not None and source.meta["val"].dim() != 3 \
+            and source.op == "call_function" and source.target in VIEWS:
+        source = source.args[0]
+    val = source.meta.get("val")
     if val is None or val.dim() != 3:
         raise misplaced(ctx, assignment.rule.span_of("gate"),
                         f"gated LoRA on {assignment.site.describe()}: the traced input is not "
-                        "[batch, seq, features] (GPT-2's Conv1D flattens it); drop 'gate' "
-                        "for this target")
+                        "[batch, seq, features]; drop 'gate' for this target")
+    return None if source is linear_input(node) else source

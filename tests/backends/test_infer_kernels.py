@@ -16,7 +16,8 @@ SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 @pytest.mark.parametrize("family,spec", [("llama", "card.adapt"), ("bert", "mola.adapt"),
                                          ("llama", "mov.adapt"), ("gpt2", "houlsby.adapt"),
-                                         ("llama", "mam.adapt"), ("llama", "unipelt.adapt")])
+                                         ("llama", "mam.adapt"), ("llama", "unipelt.adapt"),
+                                         ("gpt2", "unipelt.adapt")])
 def test_infer_graph_on_kernels_equals_train(tiny, tmp_path, family, spec):
     model = tiny(family)
     train = adaptc.compile(model, SPECS / spec).eval()
