@@ -63,6 +63,12 @@ def probe(out: torch.Tensor) -> torch.Tensor:
 def compare_grads(gm, x, ref, params):
     probe(main_output(gm(**x))).backward()
     probe(main_output(ref(**x))).backward()
+    assert_grads_close(gm, params)
+
+
+def assert_grads_close(gm, params):
+    """After one backward through both: each adapter tensor's gradient against the reference's,
+    relative to the largest reference gradient."""
     grads = dict(adaptc.adapter_state_dict(gm))
     worst = max(p.grad.abs().max().item() for p in params.values())
     assert worst > 0
@@ -71,6 +77,23 @@ def compare_grads(gm, x, ref, params):
         assert ours is not None, name
         err = (ours.double() - p.grad).abs().max().item()
         assert err <= GRAD_TOL * worst, (name, err, worst)
+
+
+def saved_and_reloaded(model, spec, gm, x, tmp_path):
+    """Save gm's adapters, load them into a fresh compile: identical outputs. The file."""
+    path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+    again = adaptc.compile(model, spec).eval()
+    adaptc.load_adapters(again, path)
+    with torch.no_grad():
+        assert torch.equal(main_output(again(**x)), main_output(gm(**x)))
+    return path
+
+
+def assert_infer_matches(model, spec, path, x, want):
+    """The infer graph compiled from the saved file against the float64 reference output."""
+    with torch.no_grad():
+        infer = adaptc.compile(model, spec, "infer", adapters=path)
+        assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
 
 
 # ---------------------------------------------------------------- bottleneck adapters
@@ -148,13 +171,8 @@ def test_bottleneck_against_float64_reference(tiny, tmp_path, family, which, act
     assert (want - base.double()).abs().max().item() > 1e-3
     compare_grads(gm, x, ref, params)
     # save / load round trip, then the infer graph from the file
-    path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
-    again = adaptc.compile(model, spec).eval()
-    adaptc.load_adapters(again, path)
-    with torch.no_grad():
-        assert torch.equal(main_output(again(**x)), main_output(gm(**x)))
-        infer = adaptc.compile(model, spec, "infer", adapters=path)
-        assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
+    path = saved_and_reloaded(model, spec, gm, x, tmp_path)
+    assert_infer_matches(model, spec, path, x, want)
 
 
 # ---------------------------------------------------------------- BitFit
@@ -256,18 +274,9 @@ def test_molora_against_float64_reference(tiny, tmp_path, family, router, k, exp
     # gradients of output and balance loss together
     (probe(got) + ours_loss).backward()
     (probe(want) + ref_loss).backward()
-    grads = adaptc.adapter_state_dict(gm)
-    worst = max(p.grad.abs().max().item() for p in params.values())
-    for name, p in params.items():
-        err = (grads[name].grad.double() - p.grad).abs().max().item()
-        assert err <= GRAD_TOL * worst, (name, err, worst)
-    path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
-    again = adaptc.compile(model, spec).eval()
-    adaptc.load_adapters(again, path)
-    with torch.no_grad():
-        assert torch.equal(main_output(again(**x)), main_output(gm(**x)))
-        infer = adaptc.compile(model, spec, "infer", adapters=path)
-        assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
+    assert_grads_close(gm, params)
+    path = saved_and_reloaded(model, spec, gm, x, tmp_path)
+    assert_infer_matches(model, spec, path, x, want)
 
 
 def test_mola_expert_counts_on_an_eight_layer_model(tmp_path):
@@ -370,18 +379,9 @@ def test_mov_against_float64_reference(tiny, tmp_path, family, router, k):
     assert ours_loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     (probe(got) + ours_loss).backward()
     (probe(want) + ref_loss).backward()
-    grads = adaptc.adapter_state_dict(gm)
-    worst = max(p.grad.abs().max().item() for p in params.values())
-    for name, p in params.items():
-        err = (grads[name].grad.double() - p.grad).abs().max().item()
-        assert err <= GRAD_TOL * worst, (name, err, worst)
-    path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
-    again = adaptc.compile(model, spec).eval()
-    adaptc.load_adapters(again, path)
-    with torch.no_grad():
-        assert torch.equal(main_output(again(**x)), main_output(gm(**x)))
-        infer = adaptc.compile(model, spec, "infer", adapters=path)
-        assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
+    assert_grads_close(gm, params)
+    path = saved_and_reloaded(model, spec, gm, x, tmp_path)
+    assert_infer_matches(model, spec, path, x, want)
 
 
 def loramoe_loss(seen, types, knowledge, experts, delta, balance):
@@ -413,15 +413,9 @@ def test_loramoe_gradients_round_trip_and_infer(tiny, tmp_path, family):
     assert ours_loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     (probe(got) + ours_loss).backward()
     (probe(want) + ref_loss).backward()
-    grads = adaptc.adapter_state_dict(gm)
-    worst = max(p.grad.abs().max().item() for p in params.values())
-    for name, p in params.items():
-        err = (grads[name].grad.double() - p.grad).abs().max().item()
-        assert err <= GRAD_TOL * worst, (name, err, worst)
-    path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
-    with torch.no_grad():
-        infer = adaptc.compile(model, spec, "infer", adapters=path)
-        assert rel_diff(main_output(infer(**x)), want.detach()) <= OUT_TOL
+    assert_grads_close(gm, params)
+    assert_infer_matches(model, spec, adaptc.save_adapters(gm, tmp_path / "a.safetensors"),
+                         x, want)
 
 
 @pytest.mark.parametrize("spec", [
