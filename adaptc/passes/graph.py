@@ -10,6 +10,7 @@ from torch.fx import GraphModule, Node
 
 from adaptc.errors import ModelError
 from adaptc.frontend.targets import POSITION_TABLES, matches
+from adaptc.frontend.trace import SDPA
 from adaptc.passes.base import INSERTED
 
 aten = torch.ops.aten
@@ -196,7 +197,6 @@ def factory(gm: GraphModule, weight_target: str) -> dict:
 
 # ---- attention ops and positions (prefix and prompt methods) ------------------------------
 
-SDPA = aten.scaled_dot_product_attention.default
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
