@@ -204,6 +204,37 @@ def pooled(out) -> torch.Tensor:
     return out["pooler_output"]
 
 
+def test_gated_lora_on_bert_pooler_against_float64_reference(tiny, tmp_path):
+    """BERT's pooler reads [B, H] (the first token): the gate is each row's own
+    σ(w·x + b), y = W₀x + b + σ(w·x + b)·s·B·A·x; no mean over a sequence."""
+    model = tiny("bert")
+    spec = "pooler.dense: lora r=2 alpha=4 gate"
+    gm = adaptc.compile(model, spec).eval()
+    assert adaptc.report_of(gm).counts["lora_inserted"] == 1
+    randomize(gm)
+    params = leaves(gm)
+    t = by_site(params, "lora")["pooler.dense"]
+    ref = copy.deepcopy(model.module).double()
+    gates = {}
+
+    def hook(mod, args, out):
+        x = args[0]
+        assert x.dim() == 2  # [B, H]
+        gate = gates["pooler"] = torch.sigmoid(x @ t["gate.weight"].T + t["gate.bias"])  # [B, 1]
+        return out + gate * 2.0 * (x @ t["A"].T @ t["B"].T)
+    ref.get_submodule("pooler.dense").register_forward_hook(hook)
+    x = inputs(batch=3, seq=5, segments=True)
+    want, got = pooled(ref(**x)), pooled(gm(**x))
+    assert rel_diff(got, want) <= OUT_TOL
+    assert gates["pooler"].shape == (3, 1)
+    assert len(set(gates["pooler"].flatten().tolist())) == 3  # one gate per example
+    probe(got).backward()
+    probe(want).backward()
+    assert_grads_close(gm, params)
+    infer = assert_infer_matches(model, spec, gm, tmp_path, x, want, pooled)
+    assert adaptc.report_of(infer).counts["lora_merged"] == 0  # the gate reads the input
+
+
 def test_loramoe_on_bert_pooler_against_float64_reference(tiny, tmp_path):
     """On [B, H] each example has one position: Q[b, e] is its row's router weights."""
     model = tiny("bert")
