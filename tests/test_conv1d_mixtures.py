@@ -256,3 +256,35 @@ def test_loramoe_on_bert_pooler_against_float64_reference(tiny, tmp_path):
     (probe(want) + theirs).backward()
     assert_grads_close(gm, params)
     assert_infer_matches(model, spec, gm, tmp_path, x, want, pooled)
+
+
+class SequenceFirst(torch.nn.Module):
+    """A linear reading its tokens flattened from [seq, batch, features]: view's rows are
+    not grouped by example, so neither a gate nor LoRAMoE's per-example sums can read them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        batch, seq, features = x.shape
+        flat = x.transpose(0, 1).reshape(-1, features)
+        return self.proj(flat).reshape(seq, batch, features)
+
+
+@pytest.mark.parametrize("spec,column,end,message", [
+    ("# rows\nproj: lora r=2 gate", 16, 20,
+     "gated LoRA on proj (Linear 4→4): the traced input is 2-D, neither [batch, seq, "
+     "features], [batch, features] nor flattened from [batch, seq, features], so it has no "
+     "example rows for the gate"),
+    ("proj: lora r=2\nmixture loramoe experts=2", 9, 16,
+     "loramoe balances the router weights each example's tokens sum to, and 'proj' reads a "
+     "2-D input that is neither [batch, seq, features], [batch, features] nor flattened from "
+     "[batch, seq, features]: no example rows to sum"),
+])
+def test_tokens_flattened_from_seq_first_are_refused_with_the_reason(spec, column, end, message):
+    with pytest.raises(adaptc.SpecError) as err:
+        adaptc.compile(SequenceFirst(), spec, example_inputs={"x": torch.randn(3, 5, 4)})
+    first = err.value.first
+    assert (first.code, first.line, first.column, first.end_column) == ("E302", 2, column, end)
+    assert message in str(err.value)

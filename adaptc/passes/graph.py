@@ -35,27 +35,32 @@ def linear_input(node: Node) -> Node:
     return node.args[LINEAR_OPS[node.target][0]]
 
 
-def unflattened(x: Node) -> Node:
+def unflattened(gm: GraphModule, x: Node) -> Node:
     """The [batch, seq, features] node a linear's 2-D input `x` was flattened from by views
-    only (GPT-2's Conv1D: view(x, [-1, F]) then addmm); `x` itself when there is none."""
+    only (GPT-2's Conv1D: view(x, [-1, F]) then addmm), its first size the batch size of the
+    graph's inputs; `x` itself when there is none (a [seq, batch, features] source is not)."""
     source = x
     while source.meta.get("val") is not None and source.meta["val"].dim() != 3 \
             and source.op == "call_function" and source.target in VIEWS:
         source = source.args[0]
     val = source.meta.get("val")
-    return source if val is not None and val.dim() == 3 else x
+    if val is None or val.dim() != 3 or size_key(val.shape[0]) not in batch_sizes(gm):
+        return x
+    return source
 
 
 def one_row_per_example(gm: GraphModule, x: Node) -> bool:
     """`x` is [batch, features] with the batch size of the graph's inputs as its first size
     (BERT's pooler reads each example's first token), not [batch·seq, features]."""
     val = x.meta.get("val")
-    if val is None or val.dim() != 2:
-        return False
-    batches = {size_key(node.meta["val"].shape[0]) for node in gm.graph.nodes
-               if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor)
-               and node.meta["val"].dim() >= 2}
-    return size_key(val.shape[0]) in batches
+    return val is not None and val.dim() == 2 and size_key(val.shape[0]) in batch_sizes(gm)
+
+
+def batch_sizes(gm: GraphModule) -> set:
+    """The first sizes of the graph's tensor inputs of two or more dimensions (`size_key`)."""
+    return {size_key(node.meta["val"].shape[0]) for node in gm.graph.nodes
+            if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor)
+            and node.meta["val"].dim() >= 2}
 
 
 def size_key(size):

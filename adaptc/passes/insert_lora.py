@@ -57,7 +57,7 @@ def gate_input(ctx: CompileContext, gm: GraphModule, node, assignment):
     val = x.meta.get("val")
     if val is not None and val.dim() == 3 or one_row_per_example(gm, x):
         return None
-    source = unflattened(x)
+    source = unflattened(gm, x)
     if source is x:
         shape = "untraced" if val is None else f"{val.dim()}-D"
         raise misplaced(ctx, assignment.rule.span_of("gate"),

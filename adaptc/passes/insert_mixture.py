@@ -74,7 +74,7 @@ def example_rows(gm: GraphModule, ctx: CompileContext, site, x: Node) -> tuple:
     val = x.meta["val"]
     if val.dim() == 3:
         return ()
-    source = unflattened(x)
+    source = unflattened(gm, x)
     if source is x and not one_row_per_example(gm, x):
         raise misplaced(ctx, ctx.plan.mixture.statement.kind_span,
                         f"loramoe balances the router weights each example's tokens sum to, "
