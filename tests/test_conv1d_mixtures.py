@@ -137,7 +137,8 @@ GPT2_LORA = {  # spec targets → the Conv1D sites, two layers
 @pytest.mark.parametrize("targets", list(GPT2_LORA))
 def test_loramoe_on_gpt2_conv1d_against_float64_reference(tiny, tmp_path, targets):
     model = tiny("gpt2")
-    spec = f"{targets}: lora r=2 alpha=6\nmixture loramoe experts=4 knowledge=1 delta=0.2 balance=0.3"
+    spec = (f"{targets}: lora r=2 alpha=6\n"
+            "mixture loramoe experts=4 knowledge=1 delta=0.2 balance=0.3")
     gm = adaptc.compile(model, spec).eval()
     sites = {row["path"]: row["method"] for row in adaptc.report_of(gm).sites}
     assert sites == {p.format(i=i): "loramoe[4]" for p in GPT2_LORA[targets] for i in range(2)}
@@ -161,7 +162,7 @@ def test_loramoe_on_gpt2_conv1d_against_float64_reference(tiny, tmp_path, target
 
 def test_loramoe_on_gpt2_conv1d_sums_each_examples_positions(tiny):
     """The recorded routing is [B, S, E] (the batch rows the balancing sums over), not the
-    layer's flattened [B·S, E]; another batch shape retraces nothing and still splits right."""
+    layer's flattened [B·S, E], for every batch shape the one dynamic graph runs."""
     model = tiny("gpt2")
     gm = adaptc.compile(model, "c_fc: lora r=2\nmixture loramoe experts=3").eval()
     for batch, seq in ((3, 5), (2, 7), (1, 4)):
