@@ -160,6 +160,33 @@ def test_loramoe_on_gpt2_conv1d_against_float64_reference(tiny, tmp_path, target
     assert_infer_matches(model, spec, gm, tmp_path, x, want)
 
 
+def test_loramoe_on_gpt2_conv1d_in_train_mode_against_float64_reference(tiny):
+    """The same in train(), the graph's dropout following the mode: GPT-2 with its dropout
+    probabilities at 0 (so train() is deterministic) against the reference."""
+    model = tiny("gpt2")
+    model.module.config.attn_pdrop = model.module.config.resid_pdrop = 0.0
+    model.module.config.embd_pdrop = 0.0
+    for module in model.module.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    spec = "attn.c_attn, mlp.c_fc: lora r=2 alpha=6\nmixture loramoe experts=4 balance=0.3"
+    gm = adaptc.compile(model, spec).train()
+    randomize(gm)
+    params = leaves(gm)
+    seen = {}
+    ref = loramoe_reference(model, params, 3.0, seen)
+    x = inputs(batch=3, seq=5)
+    want, got = main_output(ref(**x)), main_output(gm(**x))
+    assert rel_diff(got, want) <= OUT_TOL
+    types = torch.tensor([0, 1, 0])
+    ours = adaptc.balance_loss(gm, sample_types=types)
+    theirs = localized_balance(seen, types, 2, 4, 0.1, 0.3)  # knowledge=0: half of 4
+    assert ours.item() == pytest.approx(theirs.item(), rel=LOSS_TOL) and theirs.item() > 0
+    (probe(got) + ours).backward()
+    (probe(want) + theirs).backward()
+    assert_grads_close(gm, params)
+
+
 def test_loramoe_on_gpt2_conv1d_sums_each_examples_positions(tiny):
     """The recorded routing is [B, S, E] (the batch rows the balancing sums over), not the
     layer's flattened [B·S, E], for every batch shape the one dynamic graph runs."""
