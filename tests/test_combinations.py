@@ -189,11 +189,3 @@ def test_gated_lora_on_gpt2_conv1d_equals_float64_reference(tiny):
         assert diff <= TOL * want.abs().max().item() + TOL, diff
     ungated = main_output(adaptc.compile(model, "c_attn,c_fc: lora r=2").eval()(**inputs()))
     assert (main_output(gm(**inputs())) - ungated).abs().max() > 1e-2
-
-
-def test_gated_lora_on_a_pooled_input_is_refused_at_the_gate_option(tiny):
-    """BERT's pooler reads the first token, [batch, features]: no sequence to average."""
-    with pytest.raises(adaptc.SpecError, match="gated LoRA") as err:
-        adaptc.compile(tiny("bert"), "# pooler\npooler.dense: lora r=2 gate")
-    first = err.value.first
-    assert (first.code, first.line, first.column, first.end_column) == ("E302", 2, 24, 28)

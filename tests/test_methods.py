@@ -160,14 +160,6 @@ def test_loramoe_equals_float64_reference(tiny):
         adaptc.balance_loss(gm, sample_types=torch.tensor([1, 0.5, 0]))  # counted as task before
 
 
-def test_loramoe_refuses_flattened_tokens_at_the_mixture_statement():
-    with pytest.raises(adaptc.SpecError, match="'transformer.h.0.mlp.c_fc' reads its tokens "
-                                               "flattened") as err:
-        adaptc.compile("gpt2", "c_fc: lora r=2\nmixture loramoe")
-    first = err.value.first
-    assert (first.code, first.line, first.column, first.end_column) == ("E302", 2, 9, 16)
-
-
 def test_mola_experts_grow_with_depth(tiny):
     model = tiny("llama")
     gm = adaptc.compile(model, "q_proj: lora r=2; mixture moe k=1 experts=[2, 6]")

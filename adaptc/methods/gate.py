@@ -17,7 +17,8 @@ from torch import nn
 
 
 class Gate(nn.Module):
-    """G(x) = mean over the sequence of σ(w·x + b): [B, S, F] → [B, 1, 1]."""
+    """G(x) = mean over the sequence of σ(w·x + b): [B, S, F] → [B, 1, 1]; a [B, F] input
+    (one row per example, BERT's pooler) → [B, 1], each row's own σ(w·x + b)."""
 
     def __init__(self, features: int, device: torch.device | None = None,
                  dtype: torch.dtype | None = None):

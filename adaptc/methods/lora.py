@@ -70,8 +70,9 @@ class LoraAdapter(nn.Module):
 
     Shapes: x [..., in] → [..., out]. `A` [r, in], `B` [out, r]. With `freeze_a` A is a
     frozen parameter: `adapter_parameters()` returns only B, and `frozen_state()` returns A
-    so saved adapters still restore the module. With `gate`, x is [B, S, in] and `gate`
-    holds w [1, in], b [1]; where the layer reads its input flattened to [B·S, in] (GPT-2's
+    so saved adapters still restore the module. With `gate`, x is [B, S, in] (or [B, in],
+    one row per example as BERT's pooler reads: each row's own gate) and `gate` holds
+    w [1, in], b [1]; where the layer reads its input flattened to [B·S, in] (GPT-2's
     Conv1D), the graph passes the [B, S, in] tensor as `sequence` for the gate to average.
     """
 

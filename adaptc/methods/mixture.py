@@ -149,10 +149,16 @@ class Routed(nn.Module):
         gates = torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
         return gates, probs
 
-    def routed(self, x: torch.Tensor) -> torch.Tensor:
-        """The gates for `x`, recorded (with the probabilities) for the balancing loss."""
+    def routed(self, x: torch.Tensor, sequence: torch.Tensor | None = None) -> torch.Tensor:
+        """The gates for `x`, recorded (with the probabilities) for the balancing loss; where
+        x is `sequence` [B, S, in] flattened to [B·S, in] (GPT-2's Conv1D), recorded as
+        [B, S, E], so that LoRAMoE's balancing finds each example's positions."""
         gates, probs = self.gates(x)
-        self.routing = gates, probs
+        if sequence is None:
+            self.routing = gates, probs
+        else:
+            rows = (*sequence.shape[:-1], gates.shape[-1])
+            self.routing = gates.reshape(rows), probs.reshape(rows)
         return gates
 
     def balance_loss(self, sample_types: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -166,6 +172,7 @@ class MixtureOfLora(Routed):
     """Routed sum of LoRA experts at one linear site; records its routing on each forward.
 
     Shapes: x [..., in] → [..., out]. `A` [E, r, in], `B` [E, out, r], `router` [E, in].
+    `sequence`: the [B, S, in] tensor x was flattened from, if it was (`Routed.routed`).
     """
 
     fast_parameters: ClassVar[tuple[str, ...]] = ("B",)  # LoRA+: each expert's B, as LoRA's
@@ -184,8 +191,8 @@ class MixtureOfLora(Routed):
             for e in range(experts):
                 nn.init.kaiming_uniform_(self.A[e], a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates = self.routed(x)
+    def forward(self, x: torch.Tensor, sequence: torch.Tensor | None = None) -> torch.Tensor:
+        gates = self.routed(x, sequence)
         low = torch.einsum("...i,eri->...er", self.dropout(x), self.A)
         low = low * gates.to(low.dtype).unsqueeze(-1)
         return torch.einsum("...er,eor->...o", low, self.B) * self.scale
@@ -200,8 +207,9 @@ class MixtureOfVectors(Routed):
     or with `feedforward` the input, W₀(l(x) ⊙ x) + b (`vectors` [E, in]). The router reads
     the layer's input x. Vectors start at 1, so the adapted model starts equal to the base.
 
-    forward(values, x=None): `values` the tensor scaled (the output, or the input x itself),
-    `x` the router's input when it differs."""
+    forward(values, x=None, sequence=None): `values` the tensor scaled (the output, or the
+    input x itself), `x` the router's input when it differs, `sequence` the [B, S, in] tensor
+    x was flattened from, if it was (`Routed.routed`)."""
 
     def __init__(self, ia3: Ia3Config, mixture: MixtureConfig | LoraMoeConfig, experts: int,
                  in_features: int, out_features: int, device: torch.device | None = None,
@@ -211,8 +219,9 @@ class MixtureOfVectors(Routed):
         size = in_features if ia3.feedforward else out_features
         self.vectors = nn.Parameter(torch.ones(experts, size, device=device, dtype=dtype))
 
-    def forward(self, values: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        gates = self.routed(values if x is None else x)
+    def forward(self, values: torch.Tensor, x: torch.Tensor | None = None,
+                sequence: torch.Tensor | None = None) -> torch.Tensor:
+        gates = self.routed(values if x is None else x, sequence)
         return values * (gates.to(values.dtype) @ self.vectors)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:

@@ -35,6 +35,39 @@ def linear_input(node: Node) -> Node:
     return node.args[LINEAR_OPS[node.target][0]]
 
 
+def unflattened(gm: GraphModule, x: Node) -> Node:
+    """The [batch, seq, features] node a linear's 2-D input `x` was flattened from by views
+    only (GPT-2's Conv1D: view(x, [-1, F]) then addmm), its first size the batch size of the
+    graph's inputs; `x` itself when there is none (a [seq, batch, features] source is not)."""
+    source = x
+    while source.meta.get("val") is not None and source.meta["val"].dim() != 3 \
+            and source.op == "call_function" and source.target in VIEWS:
+        source = source.args[0]
+    val = source.meta.get("val")
+    if val is None or val.dim() != 3 or size_key(val.shape[0]) not in batch_sizes(gm):
+        return x
+    return source
+
+
+def one_row_per_example(gm: GraphModule, x: Node) -> bool:
+    """`x` is [batch, features] with the batch size of the graph's inputs as its first size
+    (BERT's pooler reads each example's first token), not [batch·seq, features]."""
+    val = x.meta.get("val")
+    return val is not None and val.dim() == 2 and size_key(val.shape[0]) in batch_sizes(gm)
+
+
+def batch_sizes(gm: GraphModule) -> set:
+    """The first sizes of the graph's tensor inputs of two or more dimensions (`size_key`)."""
+    return {size_key(node.meta["val"].shape[0]) for node in gm.graph.nodes
+            if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor)
+            and node.meta["val"].dim() >= 2}
+
+
+def size_key(size):
+    """A traced size as something to compare: its symbolic expression (s0, s0*s1), or the int."""
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
 def attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
     """The tensor a get_attr node's `target` names (a parameter, buffer or plain attribute)."""
     owner, _, name = target.rpartition(".")
@@ -116,11 +149,12 @@ def wrap_output(gm: GraphModule, output: Node, target: str, adapter: nn.Module,
 
 
 def wrap_input(gm: GraphModule, node: Node, source: Node, target: str, adapter: nn.Module,
-               method: str) -> Node:
-    """Register `adapter` at `target`; `node` (only) reads `adapter(source)` for `source`."""
+               method: str, extra_args: tuple = ()) -> Node:
+    """Register `adapter` at `target`; `node` (only) reads `adapter(source, *extra_args)` for
+    `source`."""
     gm.add_submodule(target, adapter)
     with gm.graph.inserting_before(node):
-        wrapped = gm.graph.call_module(target, (source,))
+        wrapped = gm.graph.call_module(target, (source, *extra_args))
     mark(wrapped, source, method)
     node.replace_input_with(source, wrapped)
     return wrapped

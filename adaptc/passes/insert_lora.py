@@ -2,7 +2,8 @@
 `insert_dora`, mixtures to `insert_mixture`).
 
     linear(x, W₀, b)  →  linear(x, W₀, b) + <site>.lora(x)      (gated: the update × G_L(x);
-                         GPT-2's Conv1D: <site>.lora(x, x₃) with x₃ the [B, S, F] input)
+                         GPT-2's Conv1D: <site>.lora(x, x₃) with x₃ the [B, S, F] input;
+                         a [B, F] input, BERT's pooler: each row's own gate)
     init=pissa:          linear(x, <site>.lora.residual, b) + <site>.lora(x)
 
 With PiSSA the layer reads a new frozen parameter W_res = W₀ − s·B·A registered on the
@@ -14,8 +15,8 @@ from torch.fx import GraphModule
 
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, misplaced, report
-from adaptc.passes.graph import (VIEWS, dense_weight, factory, linear_input, linear_weight,
-                                 splice, swap_weight)
+from adaptc.passes.graph import (dense_weight, factory, linear_input, linear_weight,
+                                 one_row_per_example, splice, swap_weight, unflattened)
 
 
 class InsertLora:
@@ -30,7 +31,7 @@ class InsertLora:
             site, config = node.meta[SITE], assignment.rule.config
             if config.dora:
                 continue  # insert_dora's
-            sequence = gate_input(ctx, node, assignment) if config.gate else None
+            sequence = gate_input(ctx, gm, node, assignment) if config.gate else None
             adapter = LoraAdapter(config, site.in_features, site.out_features,
                                   **factory(gm, linear_weight(node).target))
             target = f"{site.path}.lora"
@@ -46,17 +47,22 @@ class InsertLora:
         return PassResult(gm, counts)
 
 
-def gate_input(ctx: CompileContext, node, assignment):
-    """A gate averages over the sequence: None where the linear reads [batch, seq, features]
-    itself; where it reads them flattened (GPT-2's Conv1D: view(x, [-1, F]) then addmm), the
-    [batch, seq, features] node it flattened; else a spec error."""
-    source = linear_input(node)
-    while source.meta.get("val") is not None and source.meta["val"].dim() != 3 \
-            and source.op == "call_function" and source.target in VIEWS:
-        source = source.args[0]
-    val = source.meta.get("val")
-    if val is None or val.dim() != 3:
+def gate_input(ctx: CompileContext, gm: GraphModule, node, assignment):
+    """A gate averages σ(w·x + b) over each example's positions. None where the linear reads
+    [batch, seq, features] itself, or [batch, features], one row per example (BERT's pooler:
+    the gate of that row, a mean over one position); where it reads its tokens flattened
+    (GPT-2's Conv1D: view(x, [-1, F]) then addmm), the [batch, seq, features] node they were
+    flattened from; else a spec error."""
+    x = linear_input(node)
+    val = x.meta.get("val")
+    if val is not None and val.dim() == 3 or one_row_per_example(gm, x):
+        return None
+    source = unflattened(gm, x)
+    if source is x:
+        shape = "untraced" if val is None else f"{val.dim()}-D"
         raise misplaced(ctx, assignment.rule.span_of("gate"),
-                        f"gated LoRA on {assignment.site.describe()}: the traced input is not "
-                        "[batch, seq, features]; drop 'gate' for this target")
-    return None if source is linear_input(node) else source
+                        f"gated LoRA on {assignment.site.describe()}: the traced input is "
+                        f"{shape}, neither [batch, seq, features], [batch, features] nor "
+                        "flattened from [batch, seq, features], so it has no example rows "
+                        "for the gate; drop 'gate' for this target")
+    return source
