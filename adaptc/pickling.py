@@ -26,6 +26,8 @@ Export's shape guards (`_guards_fn`) are kept, rebuilt from their conditions
 """
 from __future__ import annotations
 
+import ast
+import dis
 import math
 import pickle
 from collections import OrderedDict
@@ -144,20 +146,25 @@ class ExportGuards(nn.Module):
     @classmethod
     def of(cls, guards: GuardsFn, names: list[str]) -> ExportGuards:
         function = generated_function(guards.forward)
-        if function is None:
+        code = list(dis.get_instructions(function)) if function else []
+        messages = [i.argval for i in code if i.opname == "LOAD_CONST"
+                    and isinstance(i.argval, str) and i.argval.startswith(GUARD_PREFIX)]
+        conditions = [m.removeprefix(GUARD_PREFIX) for m in dict.fromkeys(messages)]
+        if (function is None or len(messages) != sum(i.argval == "_assert" for i in code)
+                or not reads_only(conditions, names)):
             raise AdaptcError("cannot pickle this compiled module: torch.export's input guards "
                               f"(`_guards_fn`, torch {torch.__version__}) are not in the form "
-                              "adaptc reads; save the adapters (adaptc.save_adapters) or "
-                              "write an artifact (adaptc.write_artifact) instead")
-        conditions = [c.removeprefix(GUARD_PREFIX) for c in function.__code__.co_consts
-                      if isinstance(c, str) and c.startswith(GUARD_PREFIX)]
+                              "adaptc reads (one `torch._assert(condition, 'Guard failed: "
+                              "condition')` per guard); save the adapters "
+                              "(adaptc.save_adapters) or write an artifact "
+                              "(adaptc.write_artifact) instead")
         return cls(names, conditions)
 
     def build(self):
-        from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+        """The check, generated as torch generates it (so dynamo traces through it too)."""
         source = f"def check({', '.join(self.names)}):\n  pass\n" + "".join(
             f"  torch._assert({c}, {GUARD_PREFIX + c!r})\n" for c in self.conditions)
-        scope = {**SYMPY_INTERP, "math": math, "inf": math.inf, "torch": torch}
+        scope = guard_scope()
         exec(compile(source, "<adaptc export guards>", "exec"), scope)  # noqa: S102
         return scope["check"]
 
@@ -170,6 +177,22 @@ class ExportGuards(nn.Module):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.check = self.build()
+
+
+def guard_scope() -> dict:
+    """The names torch.export's guard code may use (as `_convert_guards_code_to_fn` gives it)."""
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+    return {**SYMPY_INTERP, "math": math, "inf": math.inf, "torch": torch}
+
+
+def reads_only(conditions: list[str], names: list[str]) -> bool:
+    """Whether every condition is an expression over `names` and the guard scope."""
+    known = {*names, *guard_scope()}
+    try:
+        trees = [ast.parse(c, mode="eval") for c in conditions]
+    except SyntaxError:
+        return False
+    return all(n.id in known for tree in trees for n in ast.walk(tree) if isinstance(n, ast.Name))
 
 
 def generated_function(forward):

@@ -135,3 +135,25 @@ def test_infer_module_loads_in_a_fresh_process(tiny, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
+
+
+def other_message(*args):
+    torch._assert(args[0].size()[0] == 2, "some other message")
+
+
+def nested_input(*args):
+    torch._assert(args[0].size()[0] == 2, "Guard failed: z['k'].size()[0] == 2")
+
+
+@pytest.mark.parametrize("function", [other_message, nested_input])
+def test_guards_in_another_form_are_an_error(function):
+    """The conditions are read from the function torch.export generates (named `_`); one in
+    another form, or over inputs that are not the graph's, is refused rather than carried
+    over without its checks."""
+    from torch.export._unlift import GuardsFn
+
+    function.__name__ = "_"
+    guards = GuardsFn()
+    guards.forward = function
+    with pytest.raises(adaptc.AdaptcError, match="input guards .* not in the form"):
+        ExportGuards.of(guards, ["input_ids"])
