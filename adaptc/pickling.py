@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.export._unlift import GuardsFn, _StatefulGraphModule
+from torch.export import _unlift
+from torch.export._unlift import _StatefulGraphModule
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
@@ -49,6 +50,9 @@ KEPT_META = ("nn_module_stack", "stack_trace", "torch_fn")
 HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
          "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 GUARD_PREFIX = "Guard failed: "
+# the module ExportedProgram.module() calls its guards through (torch releases before
+# guard modules have none: isinstance(x, ()) is False)
+GUARDS_MODULE = getattr(_unlift, "GuardsFn", ())
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class ExportGuards(nn.Module):
         self.check = self.build()
 
     @classmethod
-    def of(cls, guards: GuardsFn, names: list[str]) -> ExportGuards:
+    def of(cls, guards: nn.Module, names: list[str]) -> ExportGuards:
         function = generated_function(guards.forward)
         code = list(dis.get_instructions(function)) if function else []
         messages = [i.argval for i in code if i.opname == "LOAD_CONST"
@@ -206,8 +210,17 @@ def generated_function(forward):
         seen.add(id(function))
         if getattr(function, "__name__", None) == "_" and hasattr(function, "__code__"):
             return function
-        todo.extend(cell.cell_contents for cell in getattr(function, "__closure__", None) or ())
+        todo.extend(cell.cell_contents for cell in getattr(function, "__closure__", None) or ()
+                    if cell_is_filled(cell))
     return None
+
+
+def cell_is_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell: a closure variable not yet assigned
+        return False
+    return True
 
 
 class CompiledModule(_StatefulGraphModule):
@@ -217,15 +230,15 @@ class CompiledModule(_StatefulGraphModule):
         """(restore, (saved graph, state)): see the module docstring."""
         modules = type(self._modules)((name, picklable_submodule(self, name, module))
                                       for name, module in self._modules.items())
-        state = {k: modules.get(k, v) for k, v in self.__dict__.items()  # bind_ops' entries
-                 if k not in ("_graph", *HOOKS)}
+        state = {k: modules[k] if k in modules and self._modules[k] is v else v  # bind_ops'
+                 for k, v in self.__dict__.items() if k not in ("_graph", *HOOKS)}
         state["_modules"] = modules
         state.update(kept_hooks(self))
         return restore, (save_graph(self.graph), state)
 
 
 def picklable_submodule(gm: GraphModule, name: str, module: nn.Module | None):
-    if not isinstance(module, GuardsFn):
+    if not isinstance(module, GUARDS_MODULE):
         return module
     calls = gm.graph.find_nodes(op="call_module", target=name)
     names = [arg.name for arg in calls[0].args] if calls else []

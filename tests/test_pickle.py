@@ -150,10 +150,8 @@ def test_guards_in_another_form_are_an_error(function):
     """The conditions are read from the function torch.export generates (named `_`); one in
     another form, or over inputs that are not the graph's, is refused rather than carried
     over without its checks."""
-    from torch.export._unlift import GuardsFn
-
     function.__name__ = "_"
-    guards = GuardsFn()
+    guards = torch.nn.Module()
     guards.forward = function
     with pytest.raises(adaptc.AdaptcError, match="input guards .* not in the form"):
         ExportGuards.of(guards, ["input_ids"])
