@@ -22,6 +22,7 @@ from adaptc.methods.quantize import Nf4Weight
 from adaptc.passes import CompileContext, PassManager, default_pipeline
 from adaptc.passes.base import MERGED
 from adaptc.passes.fuse_projections import graph_tensor
+from adaptc.pickling import compiled_module
 from adaptc.spec import compile_spec, load_spec, lower
 from adaptc.spec.ir import Plan
 
@@ -181,6 +182,7 @@ def compile(model, spec, mode: str = "train", *, adapters: str | Path | None = N
     ctx = prepare(model, spec, mode, example_inputs)
     ctx.adapters, ctx.merge, ctx.fuse_projections = adapters, merge, fuse_projections
     gm = run_pipeline(trace(ctx.model, training=mode == "train"), ctx, verify, dump_dir)
+    gm = compiled_module(gm)  # the same module, which pickles
     taken = ctx.table_positions
     why = (f"the model's {sequence_limit(ctx.model)} positions"
            + (f", {taken} of them for the virtual tokens" if taken else ""))
