@@ -141,12 +141,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", type=path, help="write an artifact directory (infer "
                       "mode: program.pt2, hf/ when everything merged, decoding/ with --decoder, "
                       "report.json)")
-    comp.add_argument("--no-merge", dest="merge", action="store_false",
-                      help="infer mode: keep weight-space updates beside the base weights "
-                      "(LoRA as linear ops, sibling A matrices in one GEMM)")
-    comp.add_argument("--fuse-projections", action="store_true",
-                      help="infer mode: one GEMM for linear layers that read the same input "
-                      "(q, k, v; gate, up)")
+    add_infer_options(comp, "infer mode: ")
     comp.add_argument("--decoder", action="store_true",
                       help="infer mode with -o: also write cached-decoding programs "
                       "(decoding/) that `adaptc generate DIR` runs")
@@ -217,10 +212,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--cuda-graph", action="store_true",
                      help="on a GPU, replay each one-token step from a CUDA graph captured "
                      "once (causal LMs)")
-    gen.add_argument("--no-merge", dest="merge", action="store_false",
-                     help="keep weight-space updates beside the base weights")
-    gen.add_argument("--fuse-projections", action="store_true",
-                     help="one GEMM for linear layers that read the same input")
+    add_infer_options(gen)
     add_placement(gen)
     gen.set_defaults(run=run_generate)
 
@@ -245,6 +237,16 @@ class StdinOnce(argparse.Action):
             parser.error(f"argument spec: '-' (standard input) is given {values.count('-')} "
                          "times; it can be read once")
         setattr(namespace, self.dest, values)
+
+
+def add_infer_options(command: argparse.ArgumentParser, when: str = "") -> None:
+    """--no-merge and --fuse-projections, for the commands that build an infer graph."""
+    command.add_argument("--no-merge", dest="merge", action="store_false",
+                         help=f"{when}keep weight-space updates beside the base weights "
+                         "(LoRA as linear ops, sibling A matrices in one GEMM)")
+    command.add_argument("--fuse-projections", action="store_true",
+                         help=f"{when}one GEMM for linear layers that read the same input "
+                         "(q, k, v; gate, up)")
 
 
 def add_placement(command: argparse.ArgumentParser) -> None:

@@ -139,7 +139,7 @@ def vocab_size(model: nn.Module) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def check_vocabulary(ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+def check_vocabulary(ids: torch.Tensor, vocab_size: int) -> None:
     """Token ids outside the vocabulary are the compiled module's ValueError, on any device.
     Its forward checks CPU tensors only: on a GPU a check there would synchronise every call
     (and could not run inside a CUDA graph's capture), and the embedding's device-side
@@ -149,7 +149,7 @@ def check_vocabulary(ids: torch.Tensor, vocab_size: int, name: str = "input_ids"
         return
     low, high = torch.stack(torch.aminmax(ids)).tolist()
     if low < 0 or high >= vocab_size:
-        raise ValueError(f"input '{name}' holds token id {low if low < 0 else high}, outside "
+        raise ValueError(f"input 'input_ids' holds token id {low if low < 0 else high}, outside "
                          f"the model's vocabulary (0..{vocab_size - 1})")
 
 

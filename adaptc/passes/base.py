@@ -6,7 +6,7 @@ prints. Analyses are stored on nodes under `adaptc.*` meta keys.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from adaptc.errors import SpecError, first_line
 from adaptc.frontend.models import LoadedModel
@@ -68,6 +68,15 @@ class Pass(Protocol):
     name: str
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult: ...
+
+
+def assigned(gm: GraphModule, method: str) -> Iterator[tuple[Node, Assignment]]:
+    """(node, assignment) for every node of `gm` assigned `method`, over a snapshot of the
+    node list so that the pass may insert nodes as it goes."""
+    for node in list(gm.graph.nodes):
+        assignment = node.meta.get(METHODS, {}).get(method)
+        if assignment is not None:
+            yield node, assignment
 
 
 def record_merge(gm: GraphModule, layer: str, operand: str, target: str) -> None:

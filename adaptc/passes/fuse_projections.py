@@ -39,7 +39,7 @@ from torch.fx import GraphModule, Node
 
 from adaptc.graph_attrs import bind
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
-from adaptc.passes.graph import aten, attr_tensor, drop_attr
+from adaptc.passes.graph import aten, attr_tensor, drop_attr, mark_inserted
 
 CONCATENATED = "adaptc.concatenated"  # gm.meta key: {old name: (fused name, start, end)}
 
@@ -142,8 +142,7 @@ def stack_updates(gm: GraphModule, fused: Node, pieces: list[Node], sizes: list[
         split = graph.call_function(aten.split_with_sizes.default, (total, sizes[:a], -1))
         outs = [graph.call_function(operator.getitem, (split, j)) for j in range(a)]
     for node in (own, update, total, split, *outs):
-        node.meta["nn_module_stack"] = dict(h.meta.get("nn_module_stack", {}))
-        node.meta[INSERTED] = "lora"
+        mark_inserted(node, h, "lora")
     added = {j: add for _, add, j in updates}
     for j, out in enumerate(outs):
         (added.get(j) or pieces[j]).replace_all_uses_with(out)

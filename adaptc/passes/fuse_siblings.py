@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 from adaptc.graph_attrs import bind
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.base import INSERTED, CompileContext, PassResult
-from adaptc.passes.graph import aten, infer_value
+from adaptc.passes.graph import aten, infer_value, mark_inserted
 
 
 class FuseSiblings:
@@ -108,8 +108,7 @@ def lower_site(gm: GraphModule, call: Node, adapter: LoraAdapter, part: Node,
 def tag(gm: GraphModule, node: Node, like: Node) -> None:
     """Module path, inserting method and value of a node this pass added (accumulate_updates
     reads the B GEMM's shape and dtype to add the base GEMM into its output)."""
-    node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
-    node.meta[INSERTED] = "lora"
+    mark_inserted(node, like, "lora")
     infer_value(gm, node)
 
 

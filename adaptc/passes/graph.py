@@ -126,11 +126,8 @@ def splice(gm: GraphModule, output: Node, adapter_input: Node | None, target: st
         delta = graph.call_module(target, (*inputs, *extra_args))
     with graph.inserting_after(delta):
         total = graph.call_function(aten.add.Tensor, (output, delta))
-    for new in (delta, total):
-        new.meta["nn_module_stack"] = dict(output.meta.get("nn_module_stack", {}))
-        new.meta[INSERTED] = method
-    if "val" in output.meta:
-        total.meta["val"] = output.meta["val"]
+    mark_inserted(delta, output, method)
+    mark(total, output, method)
     skip = {delta, total, *keep_users}
     output.replace_all_uses_with(total, delete_user_cb=lambda user: user not in skip)
     return total
@@ -160,10 +157,15 @@ def wrap_input(gm: GraphModule, node: Node, source: Node, target: str, adapter: 
     return wrapped
 
 
-def mark(new: Node, like: Node, method: str) -> None:
-    """Module path, inserting method and (same-shaped) value metadata for an inserted node."""
+def mark_inserted(new: Node, like: Node, method: str) -> None:
+    """Module path (`like`'s) and inserting method metadata for a node a pass added."""
     new.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
     new.meta[INSERTED] = method
+
+
+def mark(new: Node, like: Node, method: str) -> None:
+    """`mark_inserted`, and `like`'s value for an inserted node of the same shape."""
+    mark_inserted(new, like, method)
     if "val" in like.meta:
         new.meta["val"] = like.meta["val"]
 
@@ -305,7 +307,6 @@ def shift_positions(gm: GraphModule, offset: int, method: str,
     for consumer, positions in found:
         with gm.graph.inserting_before(consumer):
             shifted = gm.graph.call_function(aten.add.Tensor, (positions, offset))
-        shifted.meta["nn_module_stack"] = dict(consumer.meta.get("nn_module_stack", {}))
-        shifted.meta[INSERTED] = method
+        mark_inserted(shifted, consumer, method)
         consumer.replace_input_with(positions, shifted)
     return len(found)

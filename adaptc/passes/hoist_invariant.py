@@ -26,7 +26,7 @@ def hoist_invariant(gm: GraphModule, source: str,
     inputs = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
     hoisted = invariant_nodes(gm, inputs[source], {inputs[name] for name in varying})
     frontier = [n for n in hoisted if any(user not in hoisted for user in n.users)]
-    return (source_graph(gm, inputs[source], frontier),
+    return (source_graph(gm, frontier),
             step_graph(gm, list(inputs.values()), frontier), len(hoisted))
 
 
@@ -63,7 +63,7 @@ def mutates(node: Node) -> bool:
         schema is not None and schema.is_mutable)
 
 
-def source_graph(gm: GraphModule, source: Node, frontier: list[Node]) -> GraphModule:
+def source_graph(gm: GraphModule, frontier: list[Node]) -> GraphModule:
     """A graph computing `frontier` from `source` alone: the frontier's ancestors, copied."""
     needed = set(frontier)
     for node in reversed(gm.graph.nodes):

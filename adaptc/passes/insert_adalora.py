@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.adalora import AdaLoraAdapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, build_sized, report
+from adaptc.passes.base import SITE, CompileContext, PassResult, assigned, build_sized, report
 from adaptc.passes.graph import factory, linear_input, linear_weight, splice
 
 
@@ -19,10 +19,7 @@ class InsertAdaLora:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         count = 0
-        for node in list(gm.graph.nodes):
-            assignment = node.meta.get(METHODS, {}).get("adalora")
-            if assignment is None:
-                continue
+        for node, assignment in assigned(gm, "adalora"):
             site = node.meta[SITE]
             adapter = build_sized(
                 ctx, assignment.rule, "init_r", f"'{site.path}'",

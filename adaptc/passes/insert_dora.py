@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.dora import DoraAdapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
+from adaptc.passes.base import SITE, CompileContext, PassResult, assigned, report
 from adaptc.passes.graph import (dense_weight, factory, linear_bias, linear_input, linear_weight,
                                  splice, swap_weight, weight_transposed)
 
@@ -22,10 +22,9 @@ class InsertDora:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         count = 0
-        for node in list(gm.graph.nodes):
-            assignment = node.meta.get(METHODS, {}).get("lora")
-            if assignment is None or ctx.plan.mixture is not None:
-                continue
+        if ctx.plan.mixture is not None:  # insert_mixture's
+            return PassResult(gm, {"dora_inserted": 0})
+        for node, assignment in assigned(gm, "lora"):
             site, config = node.meta[SITE], assignment.rule.config
             if not config.dora:
                 continue

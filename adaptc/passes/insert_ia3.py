@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.ia3 import Ia3Adapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, report
+from adaptc.passes.base import SITE, CompileContext, PassResult, assigned, report
 from adaptc.passes.graph import factory, linear_input, linear_weight, wrap_input, wrap_output
 
 
@@ -18,10 +18,9 @@ class InsertIa3:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         count = 0
-        for node in list(gm.graph.nodes):
-            assignment = node.meta.get(METHODS, {}).get("ia3")
-            if assignment is None or ctx.plan.mixture is not None:
-                continue
+        if ctx.plan.mixture is not None:  # insert_mixture's
+            return PassResult(gm, {"ia3_inserted": 0})
+        for node, assignment in assigned(gm, "ia3"):
             site, config = node.meta[SITE], assignment.rule.config
             adapter = Ia3Adapter(config, site.in_features, site.out_features,
                                  **factory(gm, linear_weight(node).target))

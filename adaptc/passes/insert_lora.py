@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from adaptc.methods.lora import LoraAdapter
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, misplaced, report
+from adaptc.passes.base import SITE, CompileContext, PassResult, assigned, misplaced, report
 from adaptc.passes.graph import (dense_weight, factory, linear_input, linear_weight,
                                  one_row_per_example, splice, swap_weight, unflattened)
 
@@ -24,10 +24,9 @@ class InsertLora:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         count = pissa = 0
-        for node in list(gm.graph.nodes):
-            assignment = node.meta.get(METHODS, {}).get("lora")
-            if assignment is None or ctx.plan.mixture is not None:
-                continue
+        if ctx.plan.mixture is not None:  # insert_mixture's
+            return PassResult(gm, {"lora_inserted": 0})
+        for node, assignment in assigned(gm, "lora"):
             site, config = node.meta[SITE], assignment.rule.config
             if config.dora:
                 continue  # insert_dora's

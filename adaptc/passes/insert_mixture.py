@@ -18,11 +18,11 @@ from torch.fx import GraphModule, Node
 
 from adaptc.frontend.sites import stack_of
 from adaptc.methods.mixture import MixtureOfLora, MixtureOfVectors
-from adaptc.passes.base import (INSERTED, METHODS, SITE, CompileContext, PassResult,
-                                build_sized, misplaced, report)
+from adaptc.passes.base import (METHODS, SITE, CompileContext, PassResult, build_sized,
+                                misplaced, report)
 from adaptc.passes.graph import (aten, factory, infer_value, linear_input, linear_weight,
-                                 one_row_per_example, splice, unflattened, wrap_input,
-                                 wrap_output)
+                                 mark_inserted, one_row_per_example, splice, unflattened,
+                                 wrap_input, wrap_output)
 
 
 class InsertMixture:
@@ -86,7 +86,6 @@ def example_rows(gm: GraphModule, ctx: CompileContext, site, x: Node) -> tuple:
     if source is x:
         with gm.graph.inserting_after(x):
             source = gm.graph.call_function(aten.unsqueeze.default, (x, 1))
-        source.meta["nn_module_stack"] = dict(x.meta.get("nn_module_stack", {}))
-        source.meta[INSERTED] = "moe"
+        mark_inserted(source, x, "moe")
         infer_value(gm, source)
     return (source,)

@@ -47,6 +47,7 @@ from adaptc.passes.graph import (
     in_module,
     is_linear,
     linear_input,
+    mark_inserted,
     reads_position_table,
     sdpa_arg,
     set_sdpa_arg,
@@ -216,8 +217,7 @@ def rewrite(gm: GraphModule, op: Node, target: str, attention: PrefixAttention, 
         call = graph.call_module(target, (*args, prefix, causal, hidden, table, queries))
         parts = [graph.call_function(operator.getitem, (call, i)) for i in range(3)]
     for new in (prefix, call, *parts):
-        new.meta["nn_module_stack"] = dict(op.meta.get("nn_module_stack", {}))
-        new.meta[INSERTED] = method
+        mark_inserted(new, op, method)
     set_sdpa_arg(op, "key", parts[0])
     set_sdpa_arg(op, "value", parts[1])
     set_sdpa_arg(op, "attn_mask", parts[2])

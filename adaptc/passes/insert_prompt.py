@@ -35,7 +35,8 @@ from adaptc.passes.base import (
     report,
     take_positions,
 )
-from adaptc.passes.graph import VIEWS, graph_input, in_module, reads_position_table
+from adaptc.passes.graph import (VIEWS, graph_input, in_module, mark_inserted,
+                                 reads_position_table)
 
 aten = torch.ops.aten
 PROMPT_METHODS = ("prompt", "ptuning")
@@ -178,8 +179,7 @@ def splice_prompts(gm: GraphModule, lookup: Node, target: str, module, method: s
     gm.add_submodule(target, module)
     with gm.graph.inserting_after(lookup):
         call = gm.graph.call_module(target, (lookup,) if positions is None else (lookup, positions))
-    call.meta["nn_module_stack"] = dict(lookup.meta.get("nn_module_stack", {}))
-    call.meta[INSERTED] = method
+    mark_inserted(call, lookup, method)
     call.meta["val"] = lookup.meta.get("val")
     lookup.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
 

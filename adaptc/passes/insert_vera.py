@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
+from adaptc.frontend.targets import Assignment
 from adaptc.methods.vera import VeraAdapter, VeraProjections
-from adaptc.passes.base import METHODS, SITE, CompileContext, PassResult, build_sized, report
+from adaptc.passes.base import SITE, CompileContext, PassResult, assigned, build_sized, report
 from adaptc.passes.graph import factory, linear_input, linear_weight, splice
 
 
@@ -19,10 +20,9 @@ class InsertVera:
     name = "insert_vera"
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
-        todo = [n for n in gm.graph.nodes if "vera" in n.meta.get(METHODS, {})]
+        todo = list(assigned(gm, "vera"))
         shared = self.register_projections(gm, ctx, todo)
-        for node in todo:
-            assignment = node.meta[METHODS]["vera"]
+        for node, assignment in todo:
             site, config = node.meta[SITE], assignment.rule.config
             name = shared_name(config)
             with gm.graph.inserting_before(node):
@@ -39,15 +39,15 @@ class InsertVera:
         return PassResult(gm, {"vera_inserted": len(todo), "vera_shared": shared})
 
     def register_projections(self, gm: GraphModule, ctx: CompileContext,
-                             nodes: list[Node]) -> int:
+                             todo: list[tuple[Node, Assignment]]) -> int:
         """One VeraProjections per (r, seed), sized to the largest site that uses it."""
         sizes: dict[str, tuple] = {}
-        for node in nodes:
-            rule, site = node.meta[METHODS]["vera"].rule, node.meta[SITE]
+        for node, assignment in todo:
+            rule, site = assignment.rule, node.meta[SITE]
             name = shared_name(rule.config)
             _, in_max, out_max = sizes.get(name, (rule, 0, 0))
             sizes[name] = (rule, max(in_max, site.in_features), max(out_max, site.out_features))
-        like = factory(gm, linear_weight(nodes[0]).target) if nodes else {}
+        like = factory(gm, linear_weight(todo[0][0]).target) if todo else {}
         for name, (rule, in_max, out_max) in sizes.items():
             config = rule.config
             gm.add_submodule(name, build_sized(

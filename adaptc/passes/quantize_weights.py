@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from adaptc.errors import ModelError
 from adaptc.methods.quantize import Nf4Weight
-from adaptc.passes.base import INSERTED, METHODS, SITE, CompileContext, PassResult, build_sized
+from adaptc.passes.base import INSERTED, SITE, CompileContext, PassResult, assigned, build_sized
 from adaptc.passes.graph import drop_attr, linear_weight
 
 
@@ -25,10 +25,7 @@ class QuantizeWeights:
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         count = before = 0
-        for node in list(gm.graph.nodes):
-            assignment = node.meta.get(METHODS, {}).get("quantize")
-            if assignment is None:
-                continue
+        for node, assignment in assigned(gm, "quantize"):
             site, old = node.meta[SITE], linear_weight(node)
             owner, _, name = old.target.rpartition(".")
             weight = getattr(gm.get_submodule(owner) if owner else gm, name)

@@ -21,10 +21,7 @@ class Rule:
 
     def span_of(self, key: str) -> Span:
         """Where `key` was written, or the method name when the key took its default."""
-        for opt in self.statement.options:
-            if opt.key == key:
-                return opt.value.span
-        return self.statement.method_span
+        return option_span(self.statement, key, self.statement.method_span)
 
 
 @dataclass(frozen=True)
@@ -35,10 +32,13 @@ class MixtureRule:
     statement: Mixture
 
     def span_of(self, key: str) -> Span:
-        for opt in self.statement.options:
-            if opt.key == key:
-                return opt.value.span
-        return self.statement.kind_span
+        """Where `key` was written, or the mixture kind when the key took its default."""
+        return option_span(self.statement, key, self.statement.kind_span)
+
+
+def option_span(statement: Attach | Mixture, key: str, default: Span) -> Span:
+    """The span of the value written for `key` in `statement`, else `default`."""
+    return next((opt.value.span for opt in statement.options if opt.key == key), default)
 
 
 @dataclass(frozen=True)
