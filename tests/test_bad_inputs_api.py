@@ -1,0 +1,46 @@
+"""Bad input through the Python API: each is refused with an AdaptcError naming the file and
+the entry, tensor or module at fault, never a Python error from inside a library."""
+from __future__ import annotations
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import adaptc
+from adaptc.adapters import OPTIONS_KEY, check_adapter_file
+from adaptc.errors import WeightsError
+
+SPEC = "q_proj,v_proj: lora r=4"
+SITE = "model.layers.0.self_attn.q_proj lora"
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    """(train-mode module, its adapter file)."""
+    gm = adaptc.compile(tiny("llama"), SPEC)
+    return gm, adaptc.save_adapters(gm, tmp_path / "a.safetensors")
+
+
+def with_options(saved, tmp_path, text: str) -> str:
+    """The saved file with its `adaptc.options` metadata replaced by `text`."""
+    with safe_open(str(saved[1]), "pt") as handle:
+        metadata = handle.metadata()
+    path = tmp_path / "bad.safetensors"
+    save_file(load_file(saved[1]), path, metadata={**metadata, OPTIONS_KEY: text})
+    return str(path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{not json", r"'adaptc.options' is not JSON \(Expecting property name"),
+    ("[1, 2]", r"'adaptc.options' holds a JSON list; adaptc.save_adapters writes an object"),
+    (f'{{"{SITE}": 5}}', rf"'adaptc.options' has '{SITE}': 5, not an object of options"),
+    (f'{{"{SITE}": {{"lora": [4]}}}}', rf"has '{SITE}': {{\"lora\": \[4\]}}, not an object"),
+])
+def test_damaged_option_metadata_names_the_file_and_entry(saved, tmp_path, text, message):
+    """Was a PassError from load_adapters in json's or Python's words ('list' object has no
+    attribute 'items'), naming no file; now a WeightsError before any tensor is read."""
+    path = with_options(saved, tmp_path, text)
+    for check in (lambda: check_adapter_file(path), lambda: adaptc.load_adapters(saved[0], path)):
+        with pytest.raises(WeightsError, match=message) as caught:
+            check()
+        assert str(caught.value).startswith(f"{path}: the metadata entry")
