@@ -2,13 +2,16 @@
 the entry, tensor or module at fault, never a Python error from inside a library."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import adaptc
 from adaptc.adapters import OPTIONS_KEY, check_adapter_file
-from adaptc.errors import WeightsError
+from adaptc.errors import ModelError, WeightsError
+from adaptc.frontend.models import load_model
 
 SPEC = "q_proj,v_proj: lora r=4"
 SITE = "model.layers.0.self_attn.q_proj lora"
@@ -44,3 +47,21 @@ def test_damaged_option_metadata_names_the_file_and_entry(saved, tmp_path, text,
         with pytest.raises(WeightsError, match=message) as caught:
             check()
         assert str(caught.value).startswith(f"{path}: the metadata entry")
+
+
+@pytest.mark.parametrize("layers", [1, 0])
+def test_a_config_with_fewer_layers_than_the_weights_names_the_first_extra_tensor(
+        tiny, tmp_path, layers):
+    """config.json saying fewer layers than the weight file holds loaded the first layers,
+    dropped the rest with transformers' table of UNEXPECTED keys, and compiled (0 layers: an
+    E301 for every pattern); now a ModelError naming the checkpoint and the first tensor of
+    the first layer the config has no place for."""
+    tiny("llama").module.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    with pytest.raises(ModelError) as caught:
+        load_model(str(tmp_path))
+    assert str(caught.value) == (
+        f"{tmp_path}: the checkpoint holds tensors of {2 - layers} layer(s) the model's config "
+        f"has no place for, first 'model.layers.{layers}.input_layernorm.weight'; does "
+        f"config.json's layer count (num_hidden_layers={layers}) match the weights?")

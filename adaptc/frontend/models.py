@@ -10,6 +10,7 @@ import difflib
 import inspect
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -230,7 +231,7 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
         except Exception as err:
             raise ModelError(f"{path}: cannot load the checkpoint weights: "
                              f"{damaged or first_line(err)}") from None
-        check_loading_info(path, info)
+        check_loading_info(path, info, module)
     check_values(path, module, stored)
     return wrap(module.eval(), source=checkpoint_source(path))
 
@@ -327,10 +328,17 @@ def stored_dtypes(path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
         return
 
 
-def check_loading_info(path: Path, info: dict) -> None:
+def check_loading_info(path: Path, info: dict, module: nn.Module) -> None:
     """Refuse a checkpoint whose tensors do not fill the model: transformers would otherwise
     initialise the missing or misshapen ones at random and carry on. Extra tensors (a task
-    head the bare model does not have) are fine."""
+    head the bare model does not have) are fine, except those of layers the config has no
+    place for (a config.json whose layer count is below the weights')."""
+    beyond = layers_beyond_config(info["unexpected_keys"], module)
+    if beyond:
+        raise ModelError(f"{path}: the checkpoint holds tensors of {len(beyond)} layer(s) the "
+                         f"model's config has no place for, first '{beyond[0]}'; does "
+                         f"config.json's layer count ({layer_count(module.config)}) match the "
+                         "weights?")
     if info["mismatched_keys"]:
         name, found, expected = sorted(info["mismatched_keys"])[0]
         raise ModelError(f"{path}: tensor '{name}' has shape {tuple(found)}, the model's "
@@ -340,6 +348,31 @@ def check_loading_info(path: Path, info: dict) -> None:
         missing = sorted(info["missing_keys"])
         raise ModelError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model "
                          f"needs, first '{missing[0]}'")
+
+
+def layers_beyond_config(unexpected: list[str], module: nn.Module) -> list[str]:
+    """The first checkpoint tensor of each entry of one of the model's module lists (its
+    layers, an MoE layer's experts) that the list is too short to hold. Without this, a
+    config.json saying 2 layers over 4 layers' weights compiled half the model silently."""
+    lists = {path: len(child) for path, child in module.named_modules()
+             if isinstance(child, nn.ModuleList)}
+    first_of_entry: dict[tuple[str, int], str] = {}
+    for name in unexpected:
+        for match in re.finditer(r"\.(\d+)\.", name):
+            owner, index = name[:match.start()], int(match.group(1))
+            if owner in lists and index >= lists[owner]:
+                entry = (owner, index)
+                first_of_entry[entry] = min(first_of_entry.get(entry, name), name)
+                break
+    return [first_of_entry[entry] for entry in sorted(first_of_entry)]
+
+
+def layer_count(config) -> str:
+    """The config's layer count as it names it (num_hidden_layers, n_layer, num_layers)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return f"{key}={getattr(config, key)}"
+    return "its layer count"
 
 
 def wrap(module: nn.Module, source: str | None = None,
