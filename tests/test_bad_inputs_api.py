@@ -65,3 +65,12 @@ def test_a_config_with_fewer_layers_than_the_weights_names_the_first_extra_tenso
         f"{tmp_path}: the checkpoint holds tensors of {2 - layers} layer(s) the model's config "
         f"has no place for, first 'model.layers.{layers}.input_layernorm.weight'; does "
         f"config.json's layer count (num_hidden_layers={layers}) match the weights?")
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "privateuseone"])
+def test_a_device_this_torch_cannot_place_on_is_named_before_the_model_moves(device):
+    """torch.device takes any backend's name; moving the model to one this build lacks was a
+    RuntimeError (ModuleNotFoundError for privateuseone) from inside nn.Module.to."""
+    with pytest.raises(ModelError, match=rf"^device '{device}': this machine's torch cannot "
+                                         rf"place tensors on '{device}'"):
+        load_model("llama", device=device)

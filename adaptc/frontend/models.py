@@ -143,6 +143,14 @@ def parse_device(device: str) -> torch.device:
     if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
         raise ModelError(f"device '{device}': this machine has {torch.cuda.device_count()} "
                          "CUDA device(s)")
+    # another backend (mps, xpu, hip): torch.device takes its name whether or not this build
+    # of torch has it, and moving the model raised from inside torch
+    try:  # torch raises RuntimeError, AssertionError or ModuleNotFoundError, by backend
+        torch.empty(0, device=target)
+    except Exception:
+        raise ModelError(f"device '{device}': this machine's torch cannot place tensors on "
+                         f"'{target.type}' (no such device, or no {target.type} support in "
+                         "this build)") from None
     return target
 
 
