@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import adaptc
 from adaptc.adapters import OPTIONS_KEY, check_adapter_file
-from adaptc.errors import ModelError, WeightsError
+from adaptc.errors import InteropError, ModelError, WeightsError
 from adaptc.frontend.models import load_model
+from adaptc.peft_interop import spec_from_peft
 
 SPEC = "q_proj,v_proj: lora r=4"
 SITE = "model.layers.0.self_attn.q_proj lora"
@@ -74,3 +75,15 @@ def test_a_device_this_torch_cannot_place_on_is_named_before_the_model_moves(dev
     with pytest.raises(ModelError, match=rf"^device '{device}': this machine's torch cannot "
                                          rf"place tensors on '{device}'"):
         load_model("llama", device=device)
+
+
+@pytest.mark.parametrize("targets", [[], ""])
+def test_a_peft_config_with_empty_target_modules_says_so(tmp_path, targets):
+    """Was "layers_to_transform or exclude_modules leaves no module to adapt", naming two
+    options the config did not set."""
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(InteropError) as caught:
+        spec_from_peft(str(tmp_path), "llama")
+    assert str(caught.value) == (f"{tmp_path / 'adapter_config.json'}: target_modules is "
+                                 "empty: no module to adapt")
