@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 
 import adaptc
 from adaptc.adapters import OPTIONS_KEY, check_adapter_file
-from adaptc.errors import InteropError, ModelError, WeightsError
+from adaptc.errors import InteropError, ModelError, SpecError, WeightsError
 from adaptc.frontend.models import load_model
 from adaptc.peft_interop import spec_from_peft
+from adaptc.spec import compile_spec
 
 SPEC = "q_proj,v_proj: lora r=4"
 SITE = "model.layers.0.self_attn.q_proj lora"
@@ -87,3 +88,24 @@ def test_a_peft_config_with_empty_target_modules_says_so(tmp_path, targets):
         spec_from_peft(str(tmp_path), "llama")
     assert str(caught.value) == (f"{tmp_path / 'adapter_config.json'}: target_modules is "
                                  "empty: no module to adapt")
+
+
+@pytest.mark.parametrize(("line", "column", "key"), [
+    ("q_proj: lora alpha=1e308", 20, "alpha"),
+    ("q_proj: lora r=4 alpha=" + "1" + "0" * 40, 24, "alpha"),
+    ("q_proj: vera d_init=-1e300", 21, "d_init"),
+    ("ffn: adapter scale=1e39", 20, "scale"),
+])
+def test_a_float_option_beyond_float32_is_e204_at_its_value(line, column, key):
+    """alpha=1e308 passed the finite check, made the LoRA scale inf in float32, and every
+    output of the compiled model NaN (inf · B = inf · 0); an infer artifact was written with
+    'max abs error nan'."""
+    with pytest.raises(SpecError) as caught:
+        compile_spec(f"{line}\n", "big.adapt")
+    first = caught.value.first
+    assert (first.path, first.line, first.column, first.code) == ("big.adapt", 1, column, "E204")
+    assert first.message.startswith(f"{key} must be within float32's range")
+
+
+def test_the_largest_float32_is_still_accepted():
+    assert compile_spec("q_proj: lora alpha=3.4e38").rules[0].config.alpha == 3.4e38
