@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -109,3 +110,18 @@ def test_a_float_option_beyond_float32_is_e204_at_its_value(line, column, key):
 
 def test_the_largest_float32_is_still_accepted():
     assert compile_spec("q_proj: lora alpha=3.4e38").rules[0].config.alpha == 3.4e38
+
+
+def test_a_merge_that_overflows_the_weights_dtype_names_the_site(tmp_path):
+    """Finite adapter weights whose W₀ + s·B·A is beyond float16's 65504: the merge wrote inf
+    weights and an infer artifact was exported with NaN outputs ('max abs error nan')."""
+    model = load_model("llama", dtype="float16")
+    gm = adaptc.compile(model, SPEC)
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if param.requires_grad:
+                param.fill_(1e4 if name.endswith(".B") else 1.0)
+    weights = adaptc.save_adapters(gm, tmp_path / "big.safetensors")
+    with pytest.raises(WeightsError, match=r"^model.layers.0.self_attn.q_proj: merging its lora "
+                                           r"update gives NaN or infinite weights in float16"):
+        adaptc.compile(model, SPEC, mode="infer", adapters=str(weights))
