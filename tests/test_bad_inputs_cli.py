@@ -21,8 +21,9 @@ def spec(tmp_path):
 
 
 @pytest.fixture
-def weights(tiny, tmp_path):
-    return adaptc.save_adapters(adaptc.compile(tiny("llama"), SPEC), tmp_path / "a.safetensors")
+def weights(tmp_path):
+    """Adapter weights for SPEC on the CLI's default model (the 4-layer llama preset)."""
+    return adaptc.save_adapters(adaptc.compile("llama", SPEC), tmp_path / "a.safetensors")
 
 
 def test_adapters_with_damaged_option_metadata_are_refused_before_the_model(
@@ -40,3 +41,21 @@ def test_adapters_with_damaged_option_metadata_are_refused_before_the_model(
     err = capsys.readouterr().err
     assert err.startswith(f"{bad}: the metadata entry 'adaptc.options' holds a JSON list")
     assert "pass 'load_adapters'" not in err and not out.exists()
+
+
+def test_an_infer_artifact_with_nan_outputs_is_not_written(spec, weights, tmp_path, capsys):
+    """Adapter weights near float32's limit overflow the activations (not the merged weights):
+    the artifact was written, its report.json verification 'max abs error nan'."""
+    tensors = {k: v.fill_(3e38) if k.endswith(".B") else v for k, v in load_file(weights).items()}
+    with safe_open(str(weights), "pt") as handle:
+        metadata = handle.metadata()
+    big = tmp_path / "big.safetensors"
+    save_file(tensors, big, metadata=metadata)
+    out = tmp_path / "out"
+    assert main(["compile", str(spec), "--mode", "infer", "--adapters", str(big),
+                 "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{out}: not written: on random inputs the exported program and the "
+                          "train-mode graph give NaN or infinite outputs")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.adapt", "a.safetensors", "big.safetensors"]
