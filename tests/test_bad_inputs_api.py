@@ -125,3 +125,24 @@ def test_a_merge_that_overflows_the_weights_dtype_names_the_site(tmp_path):
     with pytest.raises(WeightsError, match=r"^model.layers.0.self_attn.q_proj: merging its lora "
                                            r"update gives NaN or infinite weights in float16"):
         adaptc.compile(model, SPEC, mode="infer", adapters=str(weights))
+
+
+@pytest.mark.parametrize(("damage", "error", "message"), [
+    (lambda a: (a / "spec.adapt").write_text("q_proj lora\n"), SpecError,
+     r"spec.adapt:1:8: error\[E102\]: expected ':' after the targets"),
+    (lambda a: (a / "spec.adapt").unlink(), SpecError, r"spec.adapt: error\[E100\]"),
+    (lambda a: (a / "adapters.safetensors").write_bytes(b"\0" * 4), WeightsError,
+     r"adapters.safetensors: cannot read adapter weights"),
+])
+def test_a_damaged_train_artifact_is_refused_before_its_checkpoint_loads(
+        tiny, tmp_path, monkeypatch, damage, error, message):
+    """adaptc.load read the checkpoint (and printed its loading bar) before it found the
+    artifact's spec or adapter file damaged."""
+    artifact = tmp_path / "art"
+    adaptc.write_artifact(adaptc.compile(tiny("llama"), SPEC), tiny("llama"), artifact)
+    damage(artifact)
+    monkeypatch.setattr("adaptc.artifact.load_checkpoint",
+                        lambda *a: pytest.fail("the checkpoint was loaded"))
+    with pytest.raises(error, match=message) as caught:
+        adaptc.load(artifact)
+    assert str(caught.value).startswith(str(artifact))
