@@ -59,3 +59,15 @@ def test_an_infer_artifact_with_nan_outputs_is_not_written(spec, weights, tmp_pa
                           "train-mode graph give NaN or infinite outputs")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
         "a.adapt", "a.safetensors", "big.safetensors"]
+
+
+def test_a_peft_adapter_directory_given_as_model_says_what_it_is(spec, tmp_path, capsys):
+    """Was only 'not a Hugging Face checkpoint directory (no config.json)'."""
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert main(["inspect", str(spec), "--model", str(peft)]) == 1
+    assert capsys.readouterr().err == (
+        f"{peft}: not a Hugging Face checkpoint directory (no config.json); it holds a PEFT "
+        "adapter (adapter_config.json), not a model: give its base model here, and convert the "
+        "adapter with `adaptc import-peft DIR --model MODEL`\n")

@@ -200,6 +200,10 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
         hint = (f"; an adaptc artifact keeps its checkpoint in {inside[0]}"
                 if inside and any((path / f).is_file() for f in ("manifest.json", "report.json"))
                 else "")
+        if (path / "adapter_config.json").is_file():  # the adapter where the base model goes
+            hint = ("; it holds a PEFT adapter (adapter_config.json), not a model: give its base "
+                    "model here, and convert the adapter with `adaptc import-peft DIR --model "
+                    "MODEL`")
         raise ModelError(f"{path}: not a Hugging Face checkpoint directory (no config.json)"
                          f"{hint}")
     # transformers and huggingface_hub raise many types for a bad file (ValueError, KeyError,
