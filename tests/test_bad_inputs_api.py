@@ -146,3 +146,17 @@ def test_a_damaged_train_artifact_is_refused_before_its_checkpoint_loads(
     with pytest.raises(error, match=message) as caught:
         adaptc.load(artifact)
     assert str(caught.value).startswith(str(artifact))
+
+
+@pytest.mark.parametrize(("text", "column"), [
+    ("q_proj: lora r=" + "9" * 5000, 16),
+    ("q_proj[" + "9" * 5000 + "]: lora", 8),
+    ("q_proj[:-" + "9" * 5000 + "]: lora", 9),
+])
+def test_an_integer_too_long_for_python_is_e101_at_it(text, column):
+    """int() refuses more than 4300 digits: a ValueError traceback from the Lark transformer."""
+    with pytest.raises(SpecError) as caught:
+        compile_spec(text + "\n", "long.adapt")
+    first = caught.value.first
+    assert (first.line, first.column, first.code) == (1, column, "E101")
+    assert first.message == "an integer of 5000 digits is too long to read (at most 4300)"

@@ -8,6 +8,7 @@ E103 unexpected end of input); nothing Lark-specific escapes.
 from __future__ import annotations
 
 import re
+import sys
 
 from lark import (Token, Transformer, Tree, UnexpectedCharacters, UnexpectedInput, UnexpectedToken,
                   v_args)
@@ -92,12 +93,12 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def layer_slice(self, meta: Meta, children: list) -> LayerSelect:
-        start, stop = (None if bound is None else int(bound) for bound in children)
+        start, stop = (None if bound is None else self._integer(bound) for bound in children)
         return LayerSelect(start, stop, None, _span(meta))
 
     @v_args(meta=True)
     def layer_list(self, meta: Meta, children: list) -> LayerSelect:
-        return LayerSelect(None, None, tuple(int(i) for i in children), _span(meta))
+        return LayerSelect(None, None, tuple(self._integer(i) for i in children), _span(meta))
 
     def keyed(self, key: Token, value: Value) -> Option:
         return Option(str(key), value, _span(key))
@@ -108,7 +109,7 @@ class _Builder(Transformer):
 
     def int(self, token: Token) -> Value:
         self._ends_cleanly(token, "a number", "numbers are decimal; separate options with spaces")
-        return Value(int(token), _span(token), "int")
+        return Value(self._integer(token), _span(token), "int")
 
     def float(self, token: Token) -> Value:
         self._ends_cleanly(token, "a number", "numbers are decimal; separate options with spaces")
@@ -127,6 +128,18 @@ class _Builder(Transformer):
     def list(self, meta: Meta, children: list) -> Value:
         items = [item for item in children if item is not None]  # `[]` gives one placeholder
         return Value(items, _span(meta), "list")
+
+    def _integer(self, token: Token) -> int:
+        """int(token), except that Python refuses a literal of more than
+        sys.get_int_max_str_digits() digits (4300): that was a ValueError traceback."""
+        try:
+            return int(token)
+        except ValueError:
+            digits = len(token.lstrip("+-"))
+            raise SpecError([Diagnostic(
+                self.path, self.source, token.line, token.column, token.end_column, "E101",
+                f"an integer of {digits} digits is too long to read "
+                f"(at most {sys.get_int_max_str_digits()})")]) from None
 
     def _ends_cleanly(self, token: Token, what: str, hint: str) -> None:
         """A literal the lexer ended mid-word (`r=8alpha=16`, `r=0x10`) would otherwise
