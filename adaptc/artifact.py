@@ -251,7 +251,12 @@ def load(folder: str | Path, *, dtype: str | None = None, device: str | None = N
         manifest = json.loads(manifest_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{manifest_file}: not valid JSON ({err})") from None
-    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):  # was "unsupported artifact format None"
+        raise ArtifactError(f"{manifest_file}: not an artifact manifest (a JSON "
+                            f"{type(manifest).__name__}, not an object)")
+    if "format" not in manifest:
+        raise ArtifactError(f"{manifest_file}: no 'format' entry")
+    found = manifest["format"]
     if found != FORMAT:
         raise ArtifactError(f"{manifest_file}: unsupported artifact format {found}")
     if "mode" not in manifest:
