@@ -2,6 +2,7 @@
 the entry, tensor or module at fault, never a Python error from inside a library."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -160,3 +161,23 @@ def test_an_integer_too_long_for_python_is_e101_at_it(text, column):
     first = caught.value.first
     assert (first.line, first.column, first.code) == (1, column, "E101")
     assert first.message == "an integer of 5000 digits is too long to read (at most 4300)"
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (lambda path: path.write_bytes(b"garbage\n"),
+     "not a PyTorch checkpoint (torch.save's zip archive)"),
+    (lambda path: torch.save({"x": torch.zeros(1), "args": argparse.Namespace(a=1)}, path),
+     "holds objects besides tensors, which adaptc does not unpickle (it could run code): save "
+     "the checkpoint as safetensors"),
+])
+def test_an_unreadable_pytorch_model_bin_says_why(tiny, tmp_path, content, reason):
+    """Both were torch.load's 'Weights only load failed ... Re-running `torch.load` with
+    `weights_only` set to `False` will likely succeed', advice to run arbitrary code, given
+    for a damaged file too."""
+    tiny("llama").module.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    content(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelError) as caught:
+        load_model(str(tmp_path))
+    assert str(caught.value) == (f"{tmp_path}: cannot load the checkpoint weights: "
+                                 f"{tmp_path / 'pytorch_model.bin'}: {reason}")

@@ -10,7 +10,9 @@ import difflib
 import inspect
 import json
 import os
+import pickle
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -334,10 +336,24 @@ def stored_dtypes(path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
                     dtypes = {k: str(v.dtype).removeprefix("torch.")
                               for k, v in tensors.items() if isinstance(v, torch.Tensor)}
             except Exception as err:
-                reason = "no such file" if not file.is_file() else first_line(err)
-                raise ModelError(f"{file}: {reason}") from None
+                raise ModelError(f"{file}: {unreadable_weights(file, err)}") from None
             yield file, dtypes
         return
+
+
+def unreadable_weights(file: Path, err: Exception) -> str:
+    """Why a weight file cannot be read. torch.load's weights-only refusal advises re-running
+    with weights_only=False (arbitrary code) for any file, a damaged one included."""
+    if not file.is_file():
+        return "no such file"
+    if file.suffix == ".safetensors":
+        return first_line(err)
+    if not zipfile.is_zipfile(file):
+        return "not a PyTorch checkpoint (torch.save's zip archive)"
+    if isinstance(err, pickle.UnpicklingError):
+        return ("holds objects besides tensors, which adaptc does not unpickle (it could run "
+                "code): save the checkpoint as safetensors")
+    return first_line(err)
 
 
 def check_loading_info(path: Path, info: dict, module: nn.Module) -> None:
