@@ -22,6 +22,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from adaptc import __version__
 from adaptc.errors import AdaptcError, AdaptcWarning, ArtifactError, WeightsError, first_line
 from adaptc.frontend.models import DEFAULT_MODEL, DTYPES, PRESETS
 
@@ -128,6 +129,7 @@ def cache_length(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="adaptc", description="Compile .adapt specs into "
                                   "adapter graphs for parameter-efficient fine-tuning.")
+    top.add_argument("--version", action="version", version=f"adaptc {__version__}")
     sub = top.add_subparsers(required=True, metavar="COMMAND")
     models = f"preset ({', '.join(PRESETS)}) or a checkpoint directory; default {DEFAULT_MODEL}"
 

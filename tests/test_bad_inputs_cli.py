@@ -71,3 +71,12 @@ def test_a_peft_adapter_directory_given_as_model_says_what_it_is(spec, tmp_path,
         f"{peft}: not a Hugging Face checkpoint directory (no config.json); it holds a PEFT "
         "adapter (adapter_config.json), not a model: give its base model here, and convert the "
         "adapter with `adaptc import-peft DIR --model MODEL`\n")
+
+
+def test_version_prints_the_version(capsys):
+    """`adaptc --version` was an argument error (exit 2: 'the following arguments are
+    required: COMMAND')."""
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"adaptc {adaptc.__version__}\n"
