@@ -181,3 +181,16 @@ def test_an_unreadable_pytorch_model_bin_says_why(tiny, tmp_path, content, reaso
         load_model(str(tmp_path))
     assert str(caught.value) == (f"{tmp_path}: cannot load the checkpoint weights: "
                                  f"{tmp_path / 'pytorch_model.bin'}: {reason}")
+
+
+def test_a_config_value_transformers_cannot_build_names_the_config(tiny, tmp_path):
+    """rope_scaling of an unknown type: from_pretrained's KeyError was reported as
+    "<dir>: cannot load the checkpoint weights: 'foo'", the bare key, blaming the weights."""
+    tiny("llama").module.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_scaling"] = {"type": "foo", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as caught:
+        load_model(str(tmp_path))
+    assert str(caught.value) == (f"{tmp_path / 'config.json'}: cannot build the model from it: "
+                                 "KeyError 'foo' (a value there that transformers does not know?)")

@@ -243,11 +243,22 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                 path, local_files_only=True, ignore_mismatched_sizes=True,
                 output_loading_info=True, dtype=load_as)
         except Exception as err:
-            raise ModelError(f"{path}: cannot load the checkpoint weights: "
-                             f"{damaged or first_line(err)}") from None
+            raise load_error(path, config_file, damaged, err) from None
         check_loading_info(path, info, module)
     check_values(path, module, stored)
     return wrap(module.eval(), source=checkpoint_source(path))
+
+
+def load_error(path: Path, config_file: Path, damaged: str | None,
+               err: Exception) -> ModelError:
+    """from_pretrained's failure: a weight file stored_dtypes could not read, or a KeyError,
+    which comes from building the model out of the config (rope_scaling type 'foo' was
+    "cannot load the checkpoint weights: 'foo'"), or its first line."""
+    if damaged is None and isinstance(err, KeyError):
+        return ModelError(f"{config_file}: cannot build the model from it: KeyError "
+                          f"{first_line(err)} (a value there that transformers does not know?)")
+    return ModelError(f"{path}: cannot load the checkpoint weights: "
+                      f"{damaged or first_line(err)}")
 
 
 def checkpoint_source(path: Path) -> str:
