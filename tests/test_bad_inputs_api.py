@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import adaptc
 from adaptc.adapters import OPTIONS_KEY, check_adapter_file
-from adaptc.errors import InteropError, ModelError, SpecError, WeightsError
+from adaptc.decoding_program import load_decoding
+from adaptc.errors import ArtifactError, InteropError, ModelError, SpecError, WeightsError
 from adaptc.frontend.models import load_model
 from adaptc.peft_interop import spec_from_peft
 from adaptc.spec import compile_spec
@@ -194,3 +195,22 @@ def test_a_config_value_transformers_cannot_build_names_the_config(tiny, tmp_pat
         load_model(str(tmp_path))
     assert str(caught.value) == (f"{tmp_path / 'config.json'}: cannot build the model from it: "
                                  "KeyError 'foo' (a value there that transformers does not know?)")
+
+
+@pytest.mark.parametrize(("about", "reason"), [
+    ({"max_cache_len": "x"}, 'max_cache_len is "x", not an integer >= 0'),
+    ({"virtual_tokens": -5}, "virtual_tokens is -5, not an integer >= 0"),
+    ({"vocab_size": True}, "vocab_size is true, not an integer >= 0"),
+])
+def test_a_hand_edited_decoding_description_names_the_entry(tmp_path, about, reason):
+    """Were a TypeError or IndexError traceback from inside the decoder, once its programs had
+    loaded."""
+    folder = tmp_path / "decoding"
+    folder.mkdir()
+    description = {"format": 1, "kind": "causal", "max_cache_len": 128, "vocab_size": 512,
+                   "virtual_tokens": 0, **about}
+    (folder / "decoding.json").write_text(json.dumps(description))
+    with pytest.raises(ArtifactError) as caught:
+        load_decoding(tmp_path)
+    assert str(caught.value) == (f"{folder / 'decoding.json'}: not a decoding description "
+                                 f"({reason})")
