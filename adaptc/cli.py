@@ -573,9 +573,11 @@ def checkpoint_tokenizer(model: str):
     try:
         return AutoTokenizer.from_pretrained(model, local_files_only=True,
                                              trust_remote_code=False)  # no y/N prompt
-    except (OSError, ValueError) as err:
-        raise AdaptcError(f"{model}: no tokenizer to encode --text with ({first_line(err)}); "
-                          "pass token ids with --prompt") from None
+    except Exception as err:  # transformers and tokenizers raise many types for a damaged
+        # file (OSError, ValueError, KeyError 'added_tokens' for a tokenizer.json of {})
+        raise AdaptcError(f"{model}: no tokenizer to encode --text with "
+                          f"({type(err).__name__}: {first_line(err)}); pass token ids with "
+                          "--prompt") from None
 
 
 def checkpoint_end_ids(folder: str, tokenizer) -> list[int] | None:

@@ -80,3 +80,13 @@ def test_version_prints_the_version(capsys):
         main(["--version"])
     assert caught.value.code == 0
     assert capsys.readouterr().out == f"adaptc {adaptc.__version__}\n"
+
+
+def test_a_damaged_tokenizer_json_is_an_error_naming_the_checkpoint(spec, tmp_path, capsys):
+    """tokenizer.json holding {} was a KeyError ('added_tokens') traceback from transformers."""
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "tokenizer.json").write_text("{}")
+    assert main(["generate", str(spec), "--model", str(checkpoint), "--text", "hi"]) == 1
+    assert capsys.readouterr().err == (f"{checkpoint}: no tokenizer to encode --text with "
+                                       "(KeyError: 'added_tokens'); pass token ids with --prompt\n")
