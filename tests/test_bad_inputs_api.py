@@ -214,3 +214,10 @@ def test_a_hand_edited_decoding_description_names_the_entry(tmp_path, about, rea
         load_decoding(tmp_path)
     assert str(caught.value) == (f"{folder / 'decoding.json'}: not a decoding description "
                                  f"({reason})")
+
+
+def test_merging_on_the_meta_device_skips_the_overflow_check():
+    """Shapes only (full-size presets, --device meta): there are no values to check."""
+    model = load_model("llama", device="meta")
+    gm = adaptc.compile(model, "q_proj: lora r=4; v_proj: ia3", mode="infer")
+    assert adaptc.report_of(gm).counts["lora_merged"] == 4

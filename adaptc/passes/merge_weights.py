@@ -151,7 +151,7 @@ def refuse_overflow(folded: torch.Tensor, site: str, method: str) -> None:
     """A merged weight with NaN or infinite values (adapter weights finite but so large that
     W₀ + ΔW overflows the weight's dtype, float16's 65504 first): the merge wrote it and
     an infer artifact was exported with NaN outputs ('max abs error nan')."""
-    if not torch.isfinite(folded).all():
+    if not folded.is_meta and not torch.isfinite(folded).all():  # meta: shapes, no values
         raise WeightsError(f"{site}: merging its {method} update gives NaN or infinite "
                            f"weights in {str(folded.dtype).removeprefix('torch.')} (adapter "
                            "weights this large overflow the model's dtype)")
