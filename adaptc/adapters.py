@@ -97,7 +97,8 @@ def site_options(sites: list[dict], prefix: str = "") -> dict[str, dict]:
 
 def check_adapter_file(path: str | Path) -> None:
     """What `load_adapters` refuses before it reads a tensor: a directory, a missing file, one
-    that is not safetensors, damaged option metadata. The CLI checks `--adapters` with it before the model loads."""
+    that is not safetensors, damaged option metadata. The CLI checks `--adapters` with it
+    before the model loads."""
     if Path(path).is_dir():
         peft = (Path(path) / "adapter_config.json").is_file()
         artifact = Path(path) / ARTIFACT_ADAPTERS
