@@ -221,3 +221,17 @@ def test_merging_on_the_meta_device_skips_the_overflow_check():
     model = load_model("llama", device="meta")
     gm = adaptc.compile(model, "q_proj: lora r=4; v_proj: ia3", mode="infer")
     assert adaptc.report_of(gm).counts["lora_merged"] == 4
+
+
+@pytest.mark.parametrize(("line", "column", "note"), [
+    ("q_proj: lora init=\u201cgaussian\u201d", 19, "'\u201c' is U+201C, which looks like '\"'; write '\"'"),
+    ("q_proj: lora r=\u22121", 16, "'\u2212' is U+2212, which looks like '-'; write '-'"),
+    ("q_proj:\u00a0lora", 8, "'\\xa0' is U+00A0, which looks like a space; write a space"),
+])
+def test_a_lookalike_character_gets_a_note_naming_it(line, column, note):
+    """Copied from a word processor: the caret pointed at what looks like a quote, a minus or
+    a space, with no word on what was wrong."""
+    with pytest.raises(SpecError) as caught:
+        compile_spec(line + "\n", "pasted.adapt")
+    first = caught.value.first
+    assert (first.line, first.column, first.code, first.notes) == (1, column, "E101", (note,))

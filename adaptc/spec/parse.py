@@ -173,7 +173,8 @@ def _syntax_diagnostic(error: UnexpectedCharacters | UnexpectedToken, text: str,
         line, column, end = error.line, error.column, error.column + 1
         expected = _words(error.interactive_parser.accepts())
         message = label or f"unexpected character {error.char!r}; expected {expected}"
-        return Diagnostic(path, text, line, column, end, "E101", message)
+        return Diagnostic(path, text, line, column, end, "E101", message,
+                          _lookalike(error.char))
     # Otherwise the LALR parser raised UnexpectedToken (type `$END` at the end of input).
     token = error.token
     message = label or f"expected {_words(error.accepts)}"
@@ -182,6 +183,23 @@ def _syntax_diagnostic(error: UnexpectedCharacters | UnexpectedToken, text: str,
         return Diagnostic(path, text, line, column, column + 1, "E103", _found(message, token))
     line, column, end = _token_place(token, text)
     return Diagnostic(path, text, line, column, end, "E102", _found(message, token))
+
+
+# characters a word processor or a copied web page puts where the spec wants ASCII
+LOOKALIKES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'",
+              "\u2212": "-", "\u2013": "-", "\u2014": "-", "\uff1a": ":", "\uff1b": ";",
+              "\uff0c": ",", "\uff1d": "=", "\u00a0": "a space", "\u2009": "a space",
+              "\u200a": "a space", "\u3000": "a space"}
+
+
+def _lookalike(char: str) -> tuple[str, ...]:
+    """A note for a character that looks like one the grammar takes (a typographic quote, a
+    minus sign, a no-break space): the caret alone shows nothing wrong."""
+    if char not in LOOKALIKES:
+        return ()
+    ascii_char = LOOKALIKES[char]
+    shown = ascii_char if ascii_char == "a space" else f"'{ascii_char}'"
+    return (f"{char!r} is U+{ord(char):04X}, which looks like {shown}; write {shown}",)
 
 
 def _token_place(token: Token, text: str) -> tuple[int, int, int]:
