@@ -97,7 +97,8 @@ def site_options(sites: list[dict], prefix: str = "") -> dict[str, dict]:
 
 def check_adapter_file(path: str | Path) -> None:
     """What `load_adapters` refuses before it reads a tensor: a directory, a missing file, one
-    that is not safetensors. The CLI checks `--adapters` with it before the model loads."""
+    that is not safetensors, damaged option metadata. The CLI checks `--adapters` with it
+    before the model loads."""
     if Path(path).is_dir():
         peft = (Path(path) / "adapter_config.json").is_file()
         artifact = Path(path) / ARTIFACT_ADAPTERS
@@ -107,10 +108,12 @@ def check_adapter_file(path: str | Path) -> None:
                            + (f"\n  it holds a train artifact's weights: pass {artifact}"
                               if artifact.is_file() else ""))
     try:
-        with safe_open(str(path), "pt"):
-            pass
+        with safe_open(str(path), "pt") as handle:
+            saved = handle.metadata() or {}
     except (OSError, SafetensorError) as err:
         raise WeightsError(f"{path}: cannot read adapter weights: {err}") from None
+    if OPTIONS_KEY in saved:
+        filed_options(str(path), saved[OPTIONS_KEY])
 
 
 def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
@@ -141,7 +144,8 @@ def load_adapters(module: nn.Module, path: str | Path, prefix: str = "",
         if sites is None:
             report = compile_report(module)
             sites = [] if report is None else report.sites
-        check_options(str(path), json.loads(saved[OPTIONS_KEY]), prefix, sites, saved_spec)
+        check_options(str(path), filed_options(str(path), saved[OPTIONS_KEY]), prefix, sites,
+                      saved_spec)
     load_adapter_tensors(module, tensors, str(path), saved_spec, prefix)
 
 
@@ -159,6 +163,28 @@ def compile_report(module: nn.Module):
     from adaptc.compiler import REPORT  # the compiler imports this module
     module = getattr(module, "_orig_mod", module)
     return getattr(module, "meta", {}).get(REPORT)
+
+
+def filed_options(path: str, text: str) -> dict[str, dict]:
+    """The file's `adaptc.options` metadata: "site method" → {method: {option: value}}. A
+    damaged entry (edited by hand, written by another tool) was a PassError from
+    load_adapters with json's or Python's words ('list' object has no attribute 'items')
+    and no file name."""
+    try:
+        saved = json.loads(text)
+    except ValueError as err:
+        raise WeightsError(f"{path}: the metadata entry '{OPTIONS_KEY}' is not JSON "
+                           f"({err})") from None
+    if not isinstance(saved, dict):
+        raise WeightsError(f"{path}: the metadata entry '{OPTIONS_KEY}' holds a JSON "
+                           f"{type(saved).__name__}; adaptc.save_adapters writes an object")
+    for key, options in saved.items():
+        if not (isinstance(options, dict)
+                and all(isinstance(config, dict) for config in options.values())):
+            raise WeightsError(f"{path}: the metadata entry '{OPTIONS_KEY}' has {key!r}: "
+                               f"{json.dumps(options)}, not an object of options per method "
+                               "as adaptc.save_adapters writes")
+    return saved
 
 
 def check_options(path: str, saved: dict[str, dict], prefix: str, sites: list[dict],

@@ -30,12 +30,14 @@ from torch.fx import GraphModule
 from adaptc.adapters import (
     ARTIFACT_ADAPTERS,
     adapter_state_dict,
+    check_adapter_file,
     load_adapters,
     save_adapters,
 )
 from adaptc.compiler import REPORT, compile
 from adaptc.errors import ArtifactError
 from adaptc.frontend.models import PRESETS, LoadedModel, load_checkpoint, place
+from adaptc.spec import load_spec, lower
 
 FORMAT = 1
 PROGRAM = "program.pt2"  # an infer artifact's exported program (export.py writes it)
@@ -249,14 +251,21 @@ def load(folder: str | Path, *, dtype: str | None = None, device: str | None = N
         manifest = json.loads(manifest_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{manifest_file}: not valid JSON ({err})") from None
-    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):  # was "unsupported artifact format None"
+        raise ArtifactError(f"{manifest_file}: not an artifact manifest (a JSON "
+                            f"{type(manifest).__name__}, not an object)")
+    if "format" not in manifest:
+        raise ArtifactError(f"{manifest_file}: no 'format' entry")
+    found = manifest["format"]
     if found != FORMAT:
         raise ArtifactError(f"{manifest_file}: unsupported artifact format {found}")
     if "mode" not in manifest:
         raise ArtifactError(f"{manifest_file}: no 'mode' entry")
     if manifest["mode"] not in ("train", "infer"):
         raise ArtifactError(f"{manifest_file}: unknown mode {manifest['mode']!r} (train or infer)")
+    plan = lower(load_spec(folder / "spec.adapt"))  # a damaged spec or adapter file was
+    check_adapter_file(folder / ARTIFACT_ADAPTERS)   # found after the checkpoint had loaded
     model = place(load_checkpoint(folder / "model", dtype), dtype, device)
-    gm = compile(model, folder / "spec.adapt", manifest["mode"])
+    gm = compile(model, plan, manifest["mode"])
     load_adapters(gm, folder / ARTIFACT_ADAPTERS)
     return gm

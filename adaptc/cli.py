@@ -22,6 +22,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from adaptc import __version__
 from adaptc.errors import AdaptcError, AdaptcWarning, ArtifactError, WeightsError, first_line
 from adaptc.frontend.models import DEFAULT_MODEL, DTYPES, PRESETS
 
@@ -128,6 +129,7 @@ def cache_length(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="adaptc", description="Compile .adapt specs into "
                                   "adapter graphs for parameter-efficient fine-tuning.")
+    top.add_argument("--version", action="version", version=f"adaptc {__version__}")
     sub = top.add_subparsers(required=True, metavar="COMMAND")
     models = f"preset ({', '.join(PRESETS)}) or a checkpoint directory; default {DEFAULT_MODEL}"
 
@@ -573,9 +575,11 @@ def checkpoint_tokenizer(model: str):
     try:
         return AutoTokenizer.from_pretrained(model, local_files_only=True,
                                              trust_remote_code=False)  # no y/N prompt
-    except (OSError, ValueError) as err:
-        raise AdaptcError(f"{model}: no tokenizer to encode --text with ({first_line(err)}); "
-                          "pass token ids with --prompt") from None
+    except Exception as err:  # transformers and tokenizers raise many types for a damaged
+        # file (OSError, ValueError, KeyError 'added_tokens' for a tokenizer.json of {})
+        raise AdaptcError(f"{model}: no tokenizer to encode --text with "
+                          f"({type(err).__name__}: {first_line(err)}); pass token ids with "
+                          "--prompt") from None
 
 
 def checkpoint_end_ids(folder: str, tokenizer) -> list[int] | None:

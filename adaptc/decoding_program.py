@@ -141,11 +141,14 @@ def load_decoding(path: str | Path, torch_compile: bool = False,
                             "write them with `adaptc compile --mode infer -o DIR --decoder`")
     try:
         about = json.loads((folder / DESCRIPTION).read_text())
+        if not isinstance(about, dict):
+            raise ValueError(f"a JSON {type(about).__name__}, not an object")
         kind = about["kind"]
         if about.get("format") != FORMAT:
             raise ValueError(f"format {about.get('format')!r}, this adaptc reads {FORMAT}")
         if kind not in ("causal", "encoder-decoder"):
             raise ValueError(f"unknown kind {kind!r}")
+        check_sizes(about, kind)
         names = ("decoder",) if kind == "causal" else ("encoder", "cross", "decoder")
         graphs = [bound(load_program(folder / f"{name}.pt2").module()) for name in names]
         if torch_compile:
@@ -165,6 +168,19 @@ def load_decoding(path: str | Path, torch_compile: bool = False,
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{folder / DESCRIPTION}: not a decoding description "
                             f"({first_line(err)})") from None
+
+
+def check_sizes(about: dict, kind: str) -> None:
+    """The description's sizes and ids are non-negative integers; a hand-edited one
+    ("max_cache_len": "x", "virtual_tokens": -5) was a TypeError or IndexError traceback from
+    inside the decoder."""
+    keys = ["max_cache_len", "vocab_size", "virtual_tokens"]
+    if kind != "causal":
+        keys.append("max_source_len")
+    for key in keys:
+        value = about[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key} is {json.dumps(value)}, not an integer >= 0")
 
 
 def check(saved: Decoder | Seq2SeqDecoder, compiled: Decoder | Seq2SeqDecoder) -> dict:

@@ -82,7 +82,7 @@ def write_infer_artifact(gm: GraphModule, model, out: str | Path, *, reference: 
         save_program(program, staging / PROGRAM)
         if why_no_hf is None:
             write_hf(gm, model, staging / HF_DIR)
-        check = verify(load_program(staging / PROGRAM).module(), reference, model)
+        check = verify(load_program(staging / PROGRAM).module(), reference, model, out)
         report = describe(gm, model, why_no_hf, check)
         report["compile"] = {**({"command": command} if command else {}),
                              **compile_options(gm, model)}
@@ -234,8 +234,10 @@ def write_hf(gm: GraphModule, model: LoadedModel, folder: Path) -> None:
 
 # --------------------------------------------------------------------------- report.json
 
-def verify(exported: torch.nn.Module, reference: GraphModule, model: LoadedModel) -> dict:
-    """Max absolute and relative error of `exported` against `reference` (eval) on random inputs."""
+def verify(exported: torch.nn.Module, reference: GraphModule, model: LoadedModel,
+           out: Path) -> dict:
+    """Max absolute and relative error of `exported` against `reference` (eval) on random
+    inputs; outputs that are not finite are an error naming `out`, the artifact."""
     inputs = random_inputs(model)
     was_training = reference.training
     reference.eval()
@@ -246,6 +248,12 @@ def verify(exported: torch.nn.Module, reference: GraphModule, model: LoadedModel
              if isinstance(a, torch.Tensor) and a.is_floating_point()]
     if not pairs:
         raise ArtifactError("the exported program returns no floating-point tensors to verify")
+    broken = [name for name, side in (("the exported program", 0), ("the train-mode graph", 1))
+              if not all(pair[side].isfinite().all() for pair in pairs)]
+    if broken:  # the artifact was written, verified as 'max abs error nan'
+        raise ArtifactError(f"{out}: not written: on random inputs {' and '.join(broken)} "
+                            f"give{'s' * (len(broken) == 1)} NaN or infinite outputs (adapter "
+                            "weights so large that the model's activations overflow?)")
     abs_error = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
     scale = max(b.float().abs().max().item() for _, b in pairs)
     return {"reference": "train-mode graph (eval), same spec and adapter weights",

@@ -475,6 +475,8 @@ def selected_sites(config: dict, sites: list[Site], where: str) -> list[Site]:
     if targets is None:
         raise InteropError(f"{where}: target_modules is null (PEFT would pick per-model "
                            "defaults); list the modules explicitly")
+    if not targets:  # was reported as if layers_to_transform or exclude_modules emptied it
+        raise InteropError(f"{where}: target_modules is empty: no module to adapt")
     if isinstance(targets, str):
         found = [s for s in sites if re.fullmatch(targets, s.path)]
         if not found:

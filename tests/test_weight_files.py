@@ -147,7 +147,8 @@ def artifact(tmp_path_factory):
 
 @pytest.mark.parametrize(("manifest", "message"), [
     ("{oops", r"manifest.json: not valid JSON \(Expecting property name"),
-    ("[1, 2]", "manifest.json: unsupported artifact format None"),
+    ("[1, 2]", r"manifest.json: not an artifact manifest \(a JSON list, not an object\)"),
+    ("{}", "manifest.json: no 'format' entry"),
     (json.dumps({"format": "something-else"}), "unsupported artifact format something-else"),
 ])
 def test_damaged_manifests_name_the_file(artifact, tmp_path, manifest, message):

@@ -10,6 +10,9 @@ import difflib
 import inspect
 import json
 import os
+import pickle
+import re
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -142,6 +145,14 @@ def parse_device(device: str) -> torch.device:
     if target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count():
         raise ModelError(f"device '{device}': this machine has {torch.cuda.device_count()} "
                          "CUDA device(s)")
+    # another backend (mps, xpu, hip): torch.device takes its name whether or not this build
+    # of torch has it, and moving the model raised from inside torch
+    try:  # torch raises RuntimeError, AssertionError or ModuleNotFoundError, by backend
+        torch.empty(0, device=target)
+    except Exception:
+        raise ModelError(f"device '{device}': this machine's torch cannot place tensors on "
+                         f"'{target.type}' (no such device, or no {target.type} support in "
+                         "this build)") from None
     return target
 
 
@@ -191,6 +202,10 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
         hint = (f"; an adaptc artifact keeps its checkpoint in {inside[0]}"
                 if inside and any((path / f).is_file() for f in ("manifest.json", "report.json"))
                 else "")
+        if (path / "adapter_config.json").is_file():  # the adapter where the base model goes
+            hint = ("; it holds a PEFT adapter (adapter_config.json), not a model: give its base "
+                    "model here, and convert the adapter with `adaptc import-peft DIR --model "
+                    "MODEL`")
         raise ModelError(f"{path}: not a Hugging Face checkpoint directory (no config.json)"
                          f"{hint}")
     # transformers and huggingface_hub raise many types for a bad file (ValueError, KeyError,
@@ -228,11 +243,22 @@ def load_checkpoint(path: Path, dtype: str | None = None) -> LoadedModel:
                 path, local_files_only=True, ignore_mismatched_sizes=True,
                 output_loading_info=True, dtype=load_as)
         except Exception as err:
-            raise ModelError(f"{path}: cannot load the checkpoint weights: "
-                             f"{damaged or first_line(err)}") from None
-        check_loading_info(path, info)
+            raise load_error(path, config_file, damaged, err) from None
+        check_loading_info(path, info, module)
     check_values(path, module, stored)
     return wrap(module.eval(), source=checkpoint_source(path))
+
+
+def load_error(path: Path, config_file: Path, damaged: str | None,
+               err: Exception) -> ModelError:
+    """from_pretrained's failure: a weight file stored_dtypes could not read, or a KeyError,
+    which comes from building the model out of the config (rope_scaling type 'foo' was
+    "cannot load the checkpoint weights: 'foo'"), or its first line."""
+    if damaged is None and isinstance(err, KeyError):
+        return ModelError(f"{config_file}: cannot build the model from it: KeyError "
+                          f"{first_line(err)} (a value there that transformers does not know?)")
+    return ModelError(f"{path}: cannot load the checkpoint weights: "
+                      f"{damaged or first_line(err)}")
 
 
 def checkpoint_source(path: Path) -> str:
@@ -321,16 +347,37 @@ def stored_dtypes(path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
                     dtypes = {k: str(v.dtype).removeprefix("torch.")
                               for k, v in tensors.items() if isinstance(v, torch.Tensor)}
             except Exception as err:
-                reason = "no such file" if not file.is_file() else first_line(err)
-                raise ModelError(f"{file}: {reason}") from None
+                raise ModelError(f"{file}: {unreadable_weights(file, err)}") from None
             yield file, dtypes
         return
 
 
-def check_loading_info(path: Path, info: dict) -> None:
+def unreadable_weights(file: Path, err: Exception) -> str:
+    """Why a weight file cannot be read. torch.load's weights-only refusal advises re-running
+    with weights_only=False (arbitrary code) for any file, a damaged one included."""
+    if not file.is_file():
+        return "no such file"
+    if file.suffix == ".safetensors":
+        return first_line(err)
+    if not zipfile.is_zipfile(file):
+        return "not a PyTorch checkpoint (torch.save's zip archive)"
+    if isinstance(err, pickle.UnpicklingError):
+        return ("holds objects besides tensors, which adaptc does not unpickle (it could run "
+                "code): save the checkpoint as safetensors")
+    return first_line(err)
+
+
+def check_loading_info(path: Path, info: dict, module: nn.Module) -> None:
     """Refuse a checkpoint whose tensors do not fill the model: transformers would otherwise
     initialise the missing or misshapen ones at random and carry on. Extra tensors (a task
-    head the bare model does not have) are fine."""
+    head the bare model does not have) are fine, except those of layers the config has no
+    place for (a config.json whose layer count is below the weights')."""
+    beyond = layers_beyond_config(info["unexpected_keys"], module)
+    if beyond:
+        raise ModelError(f"{path}: the checkpoint holds tensors of {len(beyond)} layer(s) the "
+                         f"model's config has no place for, first '{beyond[0]}'; does "
+                         f"config.json's layer count ({layer_count(module.config)}) match the "
+                         "weights?")
     if info["mismatched_keys"]:
         name, found, expected = sorted(info["mismatched_keys"])[0]
         raise ModelError(f"{path}: tensor '{name}' has shape {tuple(found)}, the model's "
@@ -340,6 +387,31 @@ def check_loading_info(path: Path, info: dict) -> None:
         missing = sorted(info["missing_keys"])
         raise ModelError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model "
                          f"needs, first '{missing[0]}'")
+
+
+def layers_beyond_config(unexpected: list[str], module: nn.Module) -> list[str]:
+    """The first checkpoint tensor of each entry of one of the model's module lists (its
+    layers, an MoE layer's experts) that the list is too short to hold. Without this, a
+    config.json saying 2 layers over 4 layers' weights compiled half the model silently."""
+    lists = {path: len(child) for path, child in module.named_modules()
+             if isinstance(child, nn.ModuleList)}
+    first_of_entry: dict[tuple[str, int], str] = {}
+    for name in unexpected:
+        for match in re.finditer(r"\.(\d+)\.", name):
+            owner, index = name[:match.start()], int(match.group(1))
+            if owner in lists and index >= lists[owner]:
+                entry = (owner, index)
+                first_of_entry[entry] = min(first_of_entry.get(entry, name), name)
+                break
+    return [first_of_entry[entry] for entry in sorted(first_of_entry)]
+
+
+def layer_count(config) -> str:
+    """The config's layer count as it names it (num_hidden_layers, n_layer, num_layers)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return f"{key}={getattr(config, key)}"
+    return "its layer count"
 
 
 def wrap(module: nn.Module, source: str | None = None,

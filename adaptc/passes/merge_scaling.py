@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 from adaptc.graph_attrs import bind
 from adaptc.passes.base import INSERTED, CompileContext, PassResult, record_merge
 from adaptc.passes.graph import linear_bias, linear_weight, weight_transposed
-from adaptc.passes.merge_weights import base_weight
+from adaptc.passes.merge_weights import base_weight, refuse_overflow
 
 SCALING = ("dora", "ia3")
 
@@ -52,12 +52,12 @@ def fold(gm: GraphModule, call: Node, protected: frozenset[int]) -> None:
         linear = call.args[0]
         call.replace_all_uses_with(linear)
     gm.graph.erase_node(call)
-    rebind(gm, linear, adapter, call.target.rpartition(".")[0], protected)
+    rebind(gm, linear, adapter, call.target.rpartition(".")[0], protected, call.meta[INSERTED])
     gm.delete_submodule(call.target)
 
 
 def rebind(gm: GraphModule, linear: Node, adapter: nn.Module, site: str,
-           protected: frozenset[int]) -> None:
+           protected: frozenset[int], method: str) -> None:
     """Point `linear` at `adapter.merged(W, b)` registered beside the site."""
     transposed = weight_transposed(linear)
     weight = base_weight(gm, linear_weight(linear), linear)
@@ -65,6 +65,9 @@ def rebind(gm: GraphModule, linear: Node, adapter: nn.Module, site: str,
     bias = gm.get_parameter(bias_node.target) if bias_node is not None else None
     with torch.no_grad():
         new_weight, new_bias = adapter.merged(weight.t() if transposed else weight, bias)
+    for folded in (new_weight, new_bias):
+        if folded is not None:
+            refuse_overflow(folded, site, method)
     stored = new_weight.t().contiguous() if transposed else new_weight
     replace_operand(gm, linear, linear_weight(linear), f"{site}.merged_weight", stored, protected)
     record_merge(gm, site, "weight", f"{site}.merged_weight")

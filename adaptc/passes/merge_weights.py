@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from adaptc.errors import WeightsError
 from adaptc.graph_attrs import bind
 from adaptc.methods.precision import wide
 from adaptc.methods.quantize import Nf4Weight
@@ -64,8 +65,9 @@ def merge_expert_stack(gm: GraphModule, target: str, users: frozenset[int],
     merged = original if alone else f"{owner}.merged_{name.removeprefix('lora_')}"
     delta = gm.get_submodule(target).delta_weight().to(base.device)
     with torch.no_grad():
-        bind(gm, merged, nn.Parameter((wide(base) + delta).to(base.dtype),
-                                      requires_grad=False), users)
+        folded = nn.Parameter((wide(base) + delta).to(base.dtype), requires_grad=False)
+    refuse_overflow(folded, original, "lora")
+    bind(gm, merged, folded, users)
     for add, call in zip(adds, calls):
         with gm.graph.inserting_before(add):
             fresh = gm.graph.get_attr(merged)
@@ -103,8 +105,9 @@ def merge_site(gm: GraphModule, call: Node, users: frozenset[int], tied: set[int
     weight = linear.args[position]
     adapter = gm.get_submodule(call.target)
     target = merged_name(gm, weight, call.target, tied)
-    bind(gm, target, merged_weight(base_weight(gm, weight, call), adapter, linear.target),
-         users)
+    folded = merged_weight(base_weight(gm, weight, call), adapter, linear.target)
+    refuse_overflow(folded, call.target.rpartition(".")[0], call.meta[INSERTED])
+    bind(gm, target, folded, users)
     if target != weight.target:
         with gm.graph.inserting_before(linear):
             fresh = gm.graph.get_attr(target)
@@ -142,6 +145,16 @@ def merged_weight(base: torch.Tensor, adapter: nn.Module, op) -> nn.Parameter:
         delta = delta.t()
     with torch.no_grad():
         return nn.Parameter((wide(base) + delta).to(base.dtype), requires_grad=False)
+
+
+def refuse_overflow(folded: torch.Tensor, site: str, method: str) -> None:
+    """A merged weight with NaN or infinite values (adapter weights finite but so large that
+    W₀ + ΔW overflows the weight's dtype, float16's 65504 first): the merge wrote it and
+    an infer artifact was exported with NaN outputs ('max abs error nan')."""
+    if not folded.is_meta and not torch.isfinite(folded).all():  # meta: shapes, no values
+        raise WeightsError(f"{site}: merging its {method} update gives NaN or infinite "
+                           f"weights in {str(folded.dtype).removeprefix('torch.')} (adapter "
+                           "weights this large overflow the model's dtype)")
 
 
 def merged_name(gm: GraphModule, weight: Node, adapter_target: str, tied: set[int]) -> str:

@@ -80,6 +80,7 @@ def _mixture_rule(spec: Spec, problems: _Problems) -> MixtureRule | None:
 
 
 # LoRA options a mixture of experts does not implement: its experts are plain LoRA.
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without torch
 _NOT_IN_MIXTURES = {"init": "kaiming", "freeze_a": False, "dora": False}
 
 
@@ -186,10 +187,17 @@ def _as_float(key: str, node: Value) -> float:
     if node.kind not in ("int", "float"):
         raise _wrong_type(key, "a number", node)
     try:
-        return float(node.value)
+        value = float(node.value)
     except OverflowError:  # an int literal beyond float range
         raise _Invalid("E204", f"{key} must be a finite number, got {node.value}",
                        node.span) from None
+    if math.isfinite(value) and abs(value) > _FLOAT32_MAX:  # inf: _check_range says so
+        # adapters compute in float32 (or the model's float16/bfloat16): alpha=1e308 made
+        # the LoRA scale inf, and the compiled model's outputs NaN from the start (inf · B=0)
+        raise _Invalid("E204", f"{key} must be within float32's range (magnitude at most "
+                       f"{_FLOAT32_MAX:.4g}: adapters compute in float32), got {_shown(node)}",
+                       node.span)
+    return value
 
 
 def _as_bool(key: str, node: Value) -> bool:

@@ -8,6 +8,7 @@ E103 unexpected end of input); nothing Lark-specific escapes.
 from __future__ import annotations
 
 import re
+import sys
 
 from lark import (Token, Transformer, Tree, UnexpectedCharacters, UnexpectedInput, UnexpectedToken,
                   v_args)
@@ -92,12 +93,12 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def layer_slice(self, meta: Meta, children: list) -> LayerSelect:
-        start, stop = (None if bound is None else int(bound) for bound in children)
+        start, stop = (None if bound is None else self._integer(bound) for bound in children)
         return LayerSelect(start, stop, None, _span(meta))
 
     @v_args(meta=True)
     def layer_list(self, meta: Meta, children: list) -> LayerSelect:
-        return LayerSelect(None, None, tuple(int(i) for i in children), _span(meta))
+        return LayerSelect(None, None, tuple(self._integer(i) for i in children), _span(meta))
 
     def keyed(self, key: Token, value: Value) -> Option:
         return Option(str(key), value, _span(key))
@@ -108,7 +109,7 @@ class _Builder(Transformer):
 
     def int(self, token: Token) -> Value:
         self._ends_cleanly(token, "a number", "numbers are decimal; separate options with spaces")
-        return Value(int(token), _span(token), "int")
+        return Value(self._integer(token), _span(token), "int")
 
     def float(self, token: Token) -> Value:
         self._ends_cleanly(token, "a number", "numbers are decimal; separate options with spaces")
@@ -127,6 +128,18 @@ class _Builder(Transformer):
     def list(self, meta: Meta, children: list) -> Value:
         items = [item for item in children if item is not None]  # `[]` gives one placeholder
         return Value(items, _span(meta), "list")
+
+    def _integer(self, token: Token) -> int:
+        """int(token), except that Python refuses a literal of more than
+        sys.get_int_max_str_digits() digits (4300): that was a ValueError traceback."""
+        try:
+            return int(token)
+        except ValueError:
+            digits = len(token.lstrip("+-"))
+            raise SpecError([Diagnostic(
+                self.path, self.source, token.line, token.column, token.end_column, "E101",
+                f"an integer of {digits} digits is too long to read "
+                f"(at most {sys.get_int_max_str_digits()})")]) from None
 
     def _ends_cleanly(self, token: Token, what: str, hint: str) -> None:
         """A literal the lexer ended mid-word (`r=8alpha=16`, `r=0x10`) would otherwise
@@ -160,7 +173,8 @@ def _syntax_diagnostic(error: UnexpectedCharacters | UnexpectedToken, text: str,
         line, column, end = error.line, error.column, error.column + 1
         expected = _words(error.interactive_parser.accepts())
         message = label or f"unexpected character {error.char!r}; expected {expected}"
-        return Diagnostic(path, text, line, column, end, "E101", message)
+        return Diagnostic(path, text, line, column, end, "E101", message,
+                          _lookalike(error.char))
     # Otherwise the LALR parser raised UnexpectedToken (type `$END` at the end of input).
     token = error.token
     message = label or f"expected {_words(error.accepts)}"
@@ -169,6 +183,23 @@ def _syntax_diagnostic(error: UnexpectedCharacters | UnexpectedToken, text: str,
         return Diagnostic(path, text, line, column, column + 1, "E103", _found(message, token))
     line, column, end = _token_place(token, text)
     return Diagnostic(path, text, line, column, end, "E102", _found(message, token))
+
+
+# characters a word processor or a copied web page puts where the spec wants ASCII
+LOOKALIKES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'",
+              "\u2212": "-", "\u2013": "-", "\u2014": "-", "\uff1a": ":", "\uff1b": ";",
+              "\uff0c": ",", "\uff1d": "=", "\u00a0": "a space", "\u2009": "a space",
+              "\u200a": "a space", "\u3000": "a space"}
+
+
+def _lookalike(char: str) -> tuple[str, ...]:
+    """A note for a character that looks like one the grammar takes (a typographic quote, a
+    minus sign, a no-break space): the caret alone shows nothing wrong."""
+    if char not in LOOKALIKES:
+        return ()
+    ascii_char = LOOKALIKES[char]
+    shown = ascii_char if ascii_char == "a space" else f"'{ascii_char}'"
+    return (f"{char!r} is U+{ord(char):04X}, which looks like {shown}; write {shown}",)
 
 
 def _token_place(token: Token, text: str) -> tuple[int, int, int]:
