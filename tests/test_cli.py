@@ -241,14 +241,17 @@ def test_python_dash_m_adaptc_is_the_command(tmp_path):
     assert result.returncode == 1 and f"{spec}:1:14: error[E202]" in result.stderr
 
 
-def test_model_time_error_and_unknown_model(tmp_path):
+def test_model_time_error_and_unknown_model(tmp_path, capsys):
+    """In-process, as test_meta_models_refuse_artifacts_before_work: a spec error's exit
+    status and message through `python -m adaptc.cli` are test_spec_error_exits_1's."""
     spec = tmp_path / "x.adapt"
     spec.write_text("qproj: lora\n")
-    result = run_cli("compile", str(spec))
-    assert result.returncode == 1 and f"{spec}:1:1: error[E301]" in result.stderr
-    result = run_cli("compile", "specs/lora_qv.adapt", "--model", "no-such-model")
-    assert result.returncode == 1 and "unknown model 'no-such-model'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert main(["compile", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert f"{spec}:1:1: error[E301]" in err and "Traceback" not in err
+    assert main(["compile", "specs/lora_qv.adapt", "--model", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "Traceback" not in err
 
 
 def test_inspect_prints_sites_total_and_block(capsys):
@@ -333,12 +336,15 @@ def test_spec_file_with_any_extension(tmp_path, capsys):
     assert "lora_inserted=4" in capsys.readouterr().out
 
 
-def test_meta_models_refuse_artifacts_before_work(tmp_path):
+def test_meta_models_refuse_artifacts_before_work(tmp_path, capsys):
+    """In-process (main raises what is not an AdaptcError, which fails the test), not two
+    `python -m adaptc.cli` runs: the subprocess path is covered by the tests above."""
     for mode in ("train", "infer"):
-        result = run_cli("compile", "specs/lora_qv.adapt", "--model", "llama-7b", "--mode", mode,
-                         "-o", str(tmp_path / mode))
-        assert result.returncode == 1 and "on the meta device" in result.stderr
-        assert "Traceback" not in result.stderr and not (tmp_path / mode).exists()
+        assert main(["compile", "specs/lora_qv.adapt", "--model", "llama-7b", "--mode", mode,
+                     "-o", str(tmp_path / mode)]) == 1
+        err = capsys.readouterr().err
+        assert "on the meta device" in err
+        assert "Traceback" not in err and not (tmp_path / mode).exists()
 
 
 def test_inspect_block_without_adapters_says_so(capsys, tmp_path):
