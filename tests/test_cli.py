@@ -48,12 +48,12 @@ def test_compile_artifact_load_train_save(tmp_path, capsys):
     assert torch.equal(gm(**x).logits, again(**x).logits)
 
 
-def test_existing_output_is_not_overwritten(tmp_path):
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "dist"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = run_cli("compile", "specs/lora_qv.adapt", "-o", str(out))
-    assert result.returncode == 1 and "--force" in result.stderr
+    assert main(["compile", "specs/lora_qv.adapt", "-o", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -322,10 +322,9 @@ def test_standard_input_is_read_as_spec_files_are(tmp_path):
                                              "'<stdin>': it is not UTF-8 text (byte 0xe9)")
 
 
-def test_unreadable_spec_file_points_at_nothing(tmp_path):
-    result = run_cli("check", str(tmp_path / "nope.adapt"))
-    assert result.returncode == 1
-    assert result.stderr == (f"{tmp_path / 'nope.adapt'}: error[E100]: cannot read spec file "
+def test_unreadable_spec_file_points_at_nothing(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "nope.adapt")]) == 1
+    assert capsys.readouterr().err == (f"{tmp_path / 'nope.adapt'}: error[E100]: cannot read spec file "
                              f"'{tmp_path / 'nope.adapt'}': No such file or directory\n")
 
 
