@@ -589,13 +589,16 @@ def test_export_peft_refuses_an_unknown_task_type_before_loading(tmp_path, capsy
 @pytest.mark.parametrize("command", [["compile", "specs/lora_qv.adapt", "--mode", "infer", "-o",
                                       "OUT", "--decoder"],
                                      ["generate", "specs/lora_qv.adapt", "--prompt", "5"]])
-def test_a_cache_too_short_is_an_argument_error(tmp_path, command):
+def test_a_cache_too_short_is_an_argument_error(tmp_path, capsys, command):
     """--max-cache-len 0 was refused as 'max_cache_len must be at least 2' (exit 1) once the
-    model had loaded; `compile -o --decoder` first built and checked the whole infer graph."""
+    model had loaded; `compile -o --decoder` first built and checked the whole infer graph.
+    In-process: argparse's exit is a SystemExit with its status."""
     argv = [str(tmp_path / "out") if arg == "OUT" else arg for arg in command]
-    result = run_cli(*argv, "--max-cache-len", "1")
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.splitlines()[-1] == (f"adaptc {command[0]}: error: argument "
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--max-cache-len", "1"])
+    result = capsys.readouterr()
+    assert (exited.value.code, result.out) == (2, "")
+    assert result.err.splitlines()[-1] == (f"adaptc {command[0]}: error: argument "
                                               "--max-cache-len: must be >= 2 (a prompt token "
                                               "and a new one), got 1")
     assert not (tmp_path / "out").exists()
