@@ -324,8 +324,9 @@ def test_standard_input_is_read_as_spec_files_are(tmp_path):
 
 def test_unreadable_spec_file_points_at_nothing(tmp_path, capsys):
     assert main(["check", str(tmp_path / "nope.adapt")]) == 1
-    assert capsys.readouterr().err == (f"{tmp_path / 'nope.adapt'}: error[E100]: cannot read spec file "
-                             f"'{tmp_path / 'nope.adapt'}': No such file or directory\n")
+    assert capsys.readouterr().err == (f"{tmp_path / 'nope.adapt'}: error[E100]: cannot read "
+                                       f"spec file '{tmp_path / 'nope.adapt'}': No such file or "
+                                       "directory\n")
 
 
 def test_spec_file_with_any_extension(tmp_path, capsys):
