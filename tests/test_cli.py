@@ -48,12 +48,12 @@ def test_compile_artifact_load_train_save(tmp_path, capsys):
     assert torch.equal(gm(**x).logits, again(**x).logits)
 
 
-def test_existing_output_is_not_overwritten(tmp_path):
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "dist"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = run_cli("compile", "specs/lora_qv.adapt", "-o", str(out))
-    assert result.returncode == 1 and "--force" in result.stderr
+    assert main(["compile", "specs/lora_qv.adapt", "-o", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -241,14 +241,17 @@ def test_python_dash_m_adaptc_is_the_command(tmp_path):
     assert result.returncode == 1 and f"{spec}:1:14: error[E202]" in result.stderr
 
 
-def test_model_time_error_and_unknown_model(tmp_path):
+def test_model_time_error_and_unknown_model(tmp_path, capsys):
+    """In-process, as test_meta_models_refuse_artifacts_before_work: a spec error's exit
+    status and message through `python -m adaptc.cli` are test_spec_error_exits_1's."""
     spec = tmp_path / "x.adapt"
     spec.write_text("qproj: lora\n")
-    result = run_cli("compile", str(spec))
-    assert result.returncode == 1 and f"{spec}:1:1: error[E301]" in result.stderr
-    result = run_cli("compile", "specs/lora_qv.adapt", "--model", "no-such-model")
-    assert result.returncode == 1 and "unknown model 'no-such-model'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert main(["compile", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert f"{spec}:1:1: error[E301]" in err and "Traceback" not in err
+    assert main(["compile", "specs/lora_qv.adapt", "--model", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "Traceback" not in err
 
 
 def test_inspect_prints_sites_total_and_block(capsys):
@@ -319,11 +322,11 @@ def test_standard_input_is_read_as_spec_files_are(tmp_path):
                                              "'<stdin>': it is not UTF-8 text (byte 0xe9)")
 
 
-def test_unreadable_spec_file_points_at_nothing(tmp_path):
-    result = run_cli("check", str(tmp_path / "nope.adapt"))
-    assert result.returncode == 1
-    assert result.stderr == (f"{tmp_path / 'nope.adapt'}: error[E100]: cannot read spec file "
-                             f"'{tmp_path / 'nope.adapt'}': No such file or directory\n")
+def test_unreadable_spec_file_points_at_nothing(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "nope.adapt")]) == 1
+    assert capsys.readouterr().err == (f"{tmp_path / 'nope.adapt'}: error[E100]: cannot read "
+                                       f"spec file '{tmp_path / 'nope.adapt'}': No such file or "
+                                       "directory\n")
 
 
 def test_spec_file_with_any_extension(tmp_path, capsys):
@@ -333,12 +336,15 @@ def test_spec_file_with_any_extension(tmp_path, capsys):
     assert "lora_inserted=4" in capsys.readouterr().out
 
 
-def test_meta_models_refuse_artifacts_before_work(tmp_path):
+def test_meta_models_refuse_artifacts_before_work(tmp_path, capsys):
+    """In-process (main raises what is not an AdaptcError, which fails the test), not two
+    `python -m adaptc.cli` runs: the subprocess path is covered by the tests above."""
     for mode in ("train", "infer"):
-        result = run_cli("compile", "specs/lora_qv.adapt", "--model", "llama-7b", "--mode", mode,
-                         "-o", str(tmp_path / mode))
-        assert result.returncode == 1 and "on the meta device" in result.stderr
-        assert "Traceback" not in result.stderr and not (tmp_path / mode).exists()
+        assert main(["compile", "specs/lora_qv.adapt", "--model", "llama-7b", "--mode", mode,
+                     "-o", str(tmp_path / mode)]) == 1
+        err = capsys.readouterr().err
+        assert "on the meta device" in err
+        assert "Traceback" not in err and not (tmp_path / mode).exists()
 
 
 def test_inspect_block_without_adapters_says_so(capsys, tmp_path):
@@ -584,13 +590,16 @@ def test_export_peft_refuses_an_unknown_task_type_before_loading(tmp_path, capsy
 @pytest.mark.parametrize("command", [["compile", "specs/lora_qv.adapt", "--mode", "infer", "-o",
                                       "OUT", "--decoder"],
                                      ["generate", "specs/lora_qv.adapt", "--prompt", "5"]])
-def test_a_cache_too_short_is_an_argument_error(tmp_path, command):
+def test_a_cache_too_short_is_an_argument_error(tmp_path, capsys, command):
     """--max-cache-len 0 was refused as 'max_cache_len must be at least 2' (exit 1) once the
-    model had loaded; `compile -o --decoder` first built and checked the whole infer graph."""
+    model had loaded; `compile -o --decoder` first built and checked the whole infer graph.
+    In-process: argparse's exit is a SystemExit with its status."""
     argv = [str(tmp_path / "out") if arg == "OUT" else arg for arg in command]
-    result = run_cli(*argv, "--max-cache-len", "1")
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.splitlines()[-1] == (f"adaptc {command[0]}: error: argument "
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--max-cache-len", "1"])
+    result = capsys.readouterr()
+    assert (exited.value.code, result.out) == (2, "")
+    assert result.err.splitlines()[-1] == (f"adaptc {command[0]}: error: argument "
                                               "--max-cache-len: must be >= 2 (a prompt token "
                                               "and a new one), got 1")
     assert not (tmp_path / "out").exists()

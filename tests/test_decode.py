@@ -111,14 +111,23 @@ def test_spec_errors_name_the_modules_as_compile_does(tiny):
     assert [d.code for d in decoding.value.diagnostics] == ["E301", "E302"]
 
 
+@pytest.fixture(scope="module")
+def qv_weights(tmp_path_factory):
+    """An adapter file of `q_proj,v_proj: lora r=4` on the llama preset (2 layers), written
+    once for the module: the tests below only read it."""
+    from adaptc.frontend.models import build_preset
+    return adaptc.save_adapters(adaptc.compile(build_preset("llama", layers=2),
+                                               "q_proj,v_proj: lora r=4"),
+                                tmp_path_factory.mktemp("qv") / "a.safetensors")
+
+
 @pytest.mark.parametrize("spec", ["q_proj: lora r=4", "q_proj,v_proj: lora r=2",
                                   "q_proj,v_proj: lora r=4; k_proj: ia3"])
-def test_adapter_file_errors_name_the_tensors_as_compile_does(tiny, tmp_path, spec):
+def test_adapter_file_errors_name_the_tensors_as_compile_does(tiny, qv_weights, spec):
     """The decoder loads the file inside transformers' wrapper (at `model`): a mismatch
     named 'model.model.layers.0…', a tensor the file does not hold."""
     from adaptc.errors import WeightsError
-    weights = adaptc.save_adapters(adaptc.compile(tiny("llama"), "q_proj,v_proj: lora r=4"),
-                                   tmp_path / "a.safetensors")
+    weights = qv_weights
     with pytest.raises(WeightsError) as decoding:
         compile_decoder(tiny("llama"), spec, adapters=weights, max_cache_len=8)
     with pytest.raises(WeightsError) as compiling:
