@@ -157,6 +157,14 @@ def randomize_adapters(gm, std: float, seed: int = 0) -> None:
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+def perturb_adapters(gm, std: float, seed: int = 0) -> None:
+    """Add random noise to every adapter tensor, keeping what its init put there."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(gm).values():
+            param.add_(torch.randn(param.shape, generator=gen) * std)
+
+
 def adapter_leaves(gm) -> dict[str, torch.Tensor]:
     """The adapter tensors as float64 leaves that record gradients (for float64 references)."""
     return {k: v.detach().double().requires_grad_()
