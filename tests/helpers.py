@@ -180,6 +180,19 @@ def by_site(tensors: dict, marker: str) -> dict[str, dict[str, torch.Tensor]]:
     return sites
 
 
+def assert_grads_close(gm, params: dict[str, torch.Tensor], tol: float) -> None:
+    """After one backward through both: each adapter tensor's gradient against the gradient
+    of its float64 leaf in `params`, within `tol` of the largest reference gradient."""
+    grads = dict(adaptc.adapter_state_dict(gm))
+    worst = max(p.grad.abs().max().item() for p in params.values())
+    assert worst > 0
+    for name, p in params.items():
+        ours = grads[name].grad
+        assert ours is not None, name
+        err = (ours.double() - p.grad).abs().max().item()
+        assert err <= tol * worst, (name, err, worst)
+
+
 def rel_diff(got, want) -> float:
     """Largest |got - want| over the float64 `want`'s largest magnitude (at least 1)."""
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1)).item()
