@@ -265,14 +265,16 @@ ID_RANGES = {"input_ids": "vocab_size", "decoder_input_ids": "vocab_size",  # co
              "token_type_ids": "type_vocab_size"}
 
 
-def random_inputs(model: LoadedModel, batch: int = 3, seq: int = 5, seed: int = 0) -> dict:
-    """Inputs like the example ones, with other batch and sequence sizes (dims are dynamic;
-    an encoder-decoder's `decoder_*` inputs are two tokens shorter than the encoder's)."""
-    gen = torch.Generator().manual_seed(seed)
+def random_inputs(model: LoadedModel) -> dict:
+    """Inputs like the example ones, with other batch and sequence sizes, 3 and 5 (dims are
+    dynamic; an encoder-decoder's `decoder_*` inputs are two tokens shorter than the encoder's)."""
+    batch, seq = 3, 5
+    gen = torch.Generator().manual_seed(0)
     config = getattr(model.module, "config", None)
     inputs = {}
     for name, value in model.example_inputs.items():
-        token_like = isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+        token_like = (isinstance(value, torch.Tensor) and value.dim() == 2
+                      and not value.is_floating_point())
         length = max(1, seq - 2) if name.startswith("decoder_") else seq
         if not token_like:
             inputs[name] = value

@@ -146,7 +146,7 @@ def export_layers(module: nn.Module, task_type: str | None,
     return config, tensors
 
 
-def exported_entries(module: nn.Module, skip: set[str] = frozenset()) -> list[Entry]:
+def exported_entries(module: nn.Module, skip: set[str]) -> list[Entry]:
     from adaptc.compiler import report_of
 
     types = {row["path"]: row.get("type") for row in report_of(module).sites}
@@ -598,8 +598,7 @@ OPTIONS = {"LORA": lora_options, "IA3": ia3_options, "VERA": vera_options,
            "ADALORA": adalora_options, "LN_TUNING": lambda config, site, where: "train"}
 
 
-def tensor_names(kind: str, config: dict, path: str, params: tuple[str, ...] = ()
-                 ) -> dict[str, str]:
+def tensor_names(kind: str, config: dict, path: str, params: tuple[str, ...]) -> dict[str, str]:
     """PEFT tensor name → adaptc adapter state name, for one adapted module (`params`: the
     names of the parameters LN_TUNING copies, its submodules' too)."""
     peft = f"{PREFIX}{path}"

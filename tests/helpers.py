@@ -157,6 +157,54 @@ def randomize_adapters(gm, std: float, seed: int = 0) -> None:
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+def perturb_adapters(gm, std: float, seed: int = 0) -> None:
+    """Add random noise to every adapter tensor, keeping what its init put there."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adaptc.adapter_state_dict(gm).values():
+            param.add_(torch.randn(param.shape, generator=gen) * std)
+
+
+def adapter_leaves(gm) -> dict[str, torch.Tensor]:
+    """The adapter tensors as float64 leaves that record gradients (for float64 references)."""
+    return {k: v.detach().double().requires_grad_()
+            for k, v in adaptc.adapter_state_dict(gm).items()}
+
+
+def by_site(tensors: dict, marker: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{site path: {tensor name under marker: tensor}} for names `<site>.<marker>.<name>`."""
+    sites: dict[str, dict] = {}
+    for name, t in tensors.items():
+        site, _, rest = name.partition(f".{marker}.")
+        sites.setdefault(site, {})[rest] = t
+    return sites
+
+
+def assert_grads_close(gm, params: dict[str, torch.Tensor], tol: float) -> None:
+    """After one backward through both: each adapter tensor's gradient against the gradient
+    of its float64 leaf in `params`, within `tol` of the largest reference gradient."""
+    grads = dict(adaptc.adapter_state_dict(gm))
+    worst = max(p.grad.abs().max().item() for p in params.values())
+    assert worst > 0
+    for name, p in params.items():
+        ours = grads[name].grad
+        assert ours is not None, name
+        err = (ours.double() - p.grad).abs().max().item()
+        assert err <= tol * worst, (name, err, worst)
+
+
+def rel_diff(got, want) -> float:
+    """Largest |got - want| over the float64 `want`'s largest magnitude (at least 1)."""
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1)).item()
+
+
+def probe(out: torch.Tensor) -> torch.Tensor:
+    """A fixed random linear functional of the output, for one backward."""
+    gen = torch.Generator().manual_seed(7)
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    return (out * weights.to(out.dtype)).sum()
+
+
 def serve_checkpoint(folder, spec: str, std: float):
     """The train graph of `spec` on the checkpoint in `folder`/ckpt with random adapters
     (`randomize_adapters(…, std)`), and its infer artifact from the CLI in `folder`/out

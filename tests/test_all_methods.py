@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import adaptc
-from helpers import inputs, main_output
+from helpers import inputs, main_output, perturb_adapters
 
 SPEC = """q_proj: lora r=4 alpha=8 dora
 k_proj: ia3
@@ -18,17 +18,10 @@ up_proj[1]: lora r=2 init=gaussian
 """
 
 
-def perturb(gm, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in adaptc.adapter_state_dict(gm).values():
-            tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.05)
-
-
 def test_artifact_round_trip(tiny, tmp_path):
     model = tiny("llama")
     gm = adaptc.compile(model, SPEC)
-    perturb(gm)
+    perturb_adapters(gm, 0.05)
     adaptc.write_artifact(gm, model, tmp_path / "dist")
     again = adaptc.load(tmp_path / "dist")
     x = inputs()
@@ -47,7 +40,7 @@ def test_inspect_lists_every_method(tiny):
 
 def test_gradients_reach_exactly_the_trainable_tensors(tiny):
     gm = adaptc.compile(tiny("llama"), SPEC)
-    perturb(gm)
+    perturb_adapters(gm, 0.05)
     main_output(gm(**inputs())).square().mean().backward()
     trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
     saved = set(adaptc.adapter_state_dict(gm))

@@ -16,67 +16,22 @@ import torch
 from torch.nn import functional as F
 
 import adaptc
-from helpers import inputs, main_output
+from helpers import (adapter_leaves, assert_grads_close, by_site, inputs, main_output, probe,
+                     randomize_adapters, rel_diff)
 
 OUT_TOL = 2e-5   # float32 graph vs float64 reference, relative to the output's size
 GRAD_TOL = 1e-4  # float32 gradients vs float64, relative to the largest gradient
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
-def randomize(gm, std=0.2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adaptc.adapter_state_dict(gm).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def leaves(gm) -> dict[str, torch.Tensor]:
-    """The adapter tensors as float64 leaves that record gradients."""
-    return {k: v.detach().double().requires_grad_() for k, v in
-            adaptc.adapter_state_dict(gm).items()}
-
-
-def by_site(tensors: dict, marker: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{site path: {tensor name under marker: tensor}} for names `<site>.<marker>.<name>`."""
-    sites: dict[str, dict] = {}
-    for name, t in tensors.items():
-        site, _, rest = name.partition(f".{marker}.")
-        sites.setdefault(site, {})[rest] = t
-    return sites
-
-
 def x_for(family):
     return inputs(segments=family == "bert")
-
-
-def rel_diff(got, want) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1)).item()
-
-
-def probe(out: torch.Tensor) -> torch.Tensor:
-    """A fixed random linear functional of the output, for one backward."""
-    gen = torch.Generator().manual_seed(7)
-    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    return (out * weights.to(out.dtype)).sum()
 
 
 def compare_grads(gm, x, ref, params):
     probe(main_output(gm(**x))).backward()
     probe(main_output(ref(**x))).backward()
-    assert_grads_close(gm, params)
-
-
-def assert_grads_close(gm, params):
-    """After one backward through both: each adapter tensor's gradient against the reference's,
-    relative to the largest reference gradient."""
-    grads = dict(adaptc.adapter_state_dict(gm))
-    worst = max(p.grad.abs().max().item() for p in params.values())
-    assert worst > 0
-    for name, p in params.items():
-        ours = grads[name].grad
-        assert ours is not None, name
-        err = (ours.double() - p.grad).abs().max().item()
-        assert err <= GRAD_TOL * worst, (name, err, worst)
+    assert_grads_close(gm, params, GRAD_TOL)
 
 
 def saved_and_reloaded(model, spec, gm, x, tmp_path):
@@ -163,8 +118,8 @@ def test_bottleneck_against_float64_reference(tiny, tmp_path, family, which, act
     report = adaptc.report_of(gm)
     assert sorted(r["path"] for r in report.sites) == sorted(sites)
     assert report.trainable == hand_count(model, sites, 6, gate, placement)
-    randomize(gm)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.2)
+    params = adapter_leaves(gm)
     ref = bottleneck_reference(model, params, activation, placement, scale, family)
     want = main_output(ref(**x))
     assert rel_diff(main_output(gm(**x)), want) <= OUT_TOL
@@ -182,8 +137,8 @@ def test_bitfit_on_gpt2_against_float64_reference(tiny, tmp_path):
     names = [n for n, _ in model.module.named_parameters() if n.endswith(".bias")]
     assert adaptc.report_of(gm).trainable == sum(
         model.module.get_parameter(n).numel() for n in names)
-    randomize(gm, std=0.3)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.3)
+    params = adapter_leaves(gm)
     ref = copy.deepcopy(model.module).double()
     for name, t in params.items():  # <owner>.trained.bias -> the owner's bias
         owner = name.rsplit(".trained.", 1)[0]
@@ -261,8 +216,8 @@ def test_molora_against_float64_reference(tiny, tmp_path, family, router, k, exp
         d_out, d_in = (w.shape[1], w.shape[0]) if family == "gpt2" else tuple(w.shape)
         count += experts * (3 * d_in + d_out * 3) + experts * d_in
     assert adaptc.report_of(gm).trainable == count
-    randomize(gm)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.2)
+    params = adapter_leaves(gm)
     seen = {}
     ref = mixture_reference(model, params, k if router == "topk" else experts, 2.0, seen)
     want = main_output(ref(**x))
@@ -274,7 +229,7 @@ def test_molora_against_float64_reference(tiny, tmp_path, family, router, k, exp
     # gradients of output and balance loss together
     (probe(got) + ours_loss).backward()
     (probe(want) + ref_loss).backward()
-    assert_grads_close(gm, params)
+    assert_grads_close(gm, params, GRAD_TOL)
     path = saved_and_reloaded(model, spec, gm, x, tmp_path)
     assert_infer_matches(model, spec, path, x, want)
 
@@ -297,8 +252,8 @@ def test_qlora_on_gpt2_against_float64_dequantised_reference(tiny, tmp_path):
     model = tiny("gpt2")
     spec = "attn.c_attn, mlp.c_fc: quantize block=32\nattn.c_attn, mlp.c_fc: lora r=4 alpha=8"
     gm = adaptc.compile(model, spec).eval()
-    randomize(gm, std=0.05)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.05)
+    params = adapter_leaves(gm)
     ref = copy.deepcopy(model.module).double()
     for site, t in by_site(params, "lora").items():
         layer = ref.get_submodule(site)
@@ -368,8 +323,8 @@ def test_mov_against_float64_reference(tiny, tmp_path, family, router, k):
             feedforward.add(row["path"])
         count += 3 * (d_in if ff else d_out) + 3 * d_in
     assert adaptc.report_of(gm).trainable == count
-    randomize(gm, std=0.5)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.5)
+    params = adapter_leaves(gm)
     seen = {}
     ref = mov_reference(model, params, k if router == "topk" else 3, feedforward, seen)
     want = main_output(ref(**x))
@@ -379,7 +334,7 @@ def test_mov_against_float64_reference(tiny, tmp_path, family, router, k):
     assert ours_loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     (probe(got) + ours_loss).backward()
     (probe(want) + ref_loss).backward()
-    assert_grads_close(gm, params)
+    assert_grads_close(gm, params, GRAD_TOL)
     path = saved_and_reloaded(model, spec, gm, x, tmp_path)
     assert_infer_matches(model, spec, path, x, want)
 
@@ -400,8 +355,8 @@ def test_loramoe_gradients_round_trip_and_infer(tiny, tmp_path, family):
     spec = (f"{MIX_TARGETS[family]}: lora r=2 alpha=4 rslora\n"
             "mixture loramoe experts=4 delta=0.2 balance=0.3")
     gm = adaptc.compile(model, spec).eval()
-    randomize(gm)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.2)
+    params = adapter_leaves(gm)
     seen = {}
     ref = mixture_reference(model, params, 4, 4 / 2 ** 0.5, seen)  # rslora: alpha/sqrt(r)
     x = x_for(family)
@@ -413,7 +368,7 @@ def test_loramoe_gradients_round_trip_and_infer(tiny, tmp_path, family):
     assert ours_loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     (probe(got) + ours_loss).backward()
     (probe(want) + ref_loss).backward()
-    assert_grads_close(gm, params)
+    assert_grads_close(gm, params, GRAD_TOL)
     assert_infer_matches(model, spec, adaptc.save_adapters(gm, tmp_path / "a.safetensors"),
                          x, want)
 
@@ -428,8 +383,8 @@ def test_a_float64_model_routes_in_float64(tiny, tmp_path, spec):
     model = tiny("llama")
     model = wrap(model.module.double(), source="llama")
     gm = adaptc.compile(model, spec).eval()
-    randomize(gm, std=0.5)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.5)
+    params = adapter_leaves(gm)
     if "ia3" in spec:
         down = {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
         ref = mov_reference(model, params, 2, down, {})
@@ -473,8 +428,8 @@ def test_a_parallel_ffn_adapter_reads_the_ffn_input(tiny, family, up):
     gm = adaptc.compile(model, "ffn: adapter bottleneck=5 placement=parallel activation=relu").eval()
     hidden = model.module.config.hidden_size
     assert {row["in"] for row in adaptc.report_of(gm).sites} == {hidden}
-    randomize(gm)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.2)
+    params = adapter_leaves(gm)
     ref = copy.deepcopy(model.module).double()
     stash = {}
     for site, t in by_site(params, "adapter").items():
@@ -533,8 +488,8 @@ def test_loramoe_over_ia3_vectors_against_float64_reference(tiny):
     model = tiny("llama")
     gm = adaptc.compile(model, "k_proj: ia3\ndown_proj: ia3 feedforward\n"
                                "mixture loramoe experts=4 knowledge=1 delta=0.3 balance=0.2")
-    randomize(gm, std=0.5)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.5)
+    params = adapter_leaves(gm)
     seen = {}
     ref = mov_reference(model, params, 4, {f"model.layers.{i}.mlp.down_proj" for i in range(2)},
                         seen)

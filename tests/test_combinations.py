@@ -14,7 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import adaptc
 from adaptc.methods.bottleneck import ACTIVATIONS
 from adaptc.methods.prefix import PrefixEncoder
-from helpers import inputs, main_output
+from helpers import inputs, main_output, randomize_adapters
 
 REF = "adaptc_float64_reference"
 AttentionMaskInterface.register(REF, sdpa_mask)
@@ -108,15 +108,8 @@ def reference(model, gm, attn_paths: list[str], encoder):
     return ref
 
 
-def randomize(gm, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adaptc.adapter_state_dict(gm).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-
-
 def check(model, gm, attn_paths, tokens):
-    randomize(gm)
+    randomize_adapters(gm, 0.2)
     (encoder,) = [m for m in gm.modules() if isinstance(m, PrefixEncoder)]
     ref = reference(model, gm, attn_paths, encoder)
     for x in (inputs(), inputs(batch=1, seq=5, seed=3)):
@@ -175,7 +168,7 @@ def test_gated_lora_on_gpt2_conv1d_equals_float64_reference(tiny):
     gm = adaptc.compile(model, "c_attn,c_fc: lora r=2 gate\nffn: adapter bottleneck=4 gate")
     gm.eval()
     assert adaptc.report_of(gm).counts["lora_inserted"] == 4
-    randomize(gm)
+    randomize_adapters(gm, 0.2)
     ref = copy.deepcopy(model.module).double()
     for path, module in adaptc.adapters.adapter_modules(gm).items():
         site, kind = path.rsplit(".", 1)

@@ -18,42 +18,12 @@ import pytest
 import torch
 
 import adaptc
-from helpers import inputs, main_output
+from helpers import (adapter_leaves, assert_grads_close, by_site, inputs, main_output, probe,
+                     randomize_adapters, rel_diff)
 
 OUT_TOL = 2e-5   # float32 graph vs float64 reference, relative to the output's size
 LOSS_TOL = 1e-5  # relative, balancing loss
 GRAD_TOL = 1e-4  # float32 gradients vs float64, relative to the largest reference gradient
-
-
-def randomize(gm, std=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adaptc.adapter_state_dict(gm).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def leaves(gm) -> dict[str, torch.Tensor]:
-    """The adapter tensors as float64 leaves that record gradients."""
-    return {k: v.detach().double().requires_grad_()
-            for k, v in adaptc.adapter_state_dict(gm).items()}
-
-
-def by_site(tensors: dict, marker: str) -> dict[str, dict[str, torch.Tensor]]:
-    sites: dict[str, dict] = {}
-    for name, t in tensors.items():
-        site, _, rest = name.partition(f".{marker}.")
-        sites.setdefault(site, {})[rest] = t
-    return sites
-
-
-def rel_diff(got, want) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1)).item()
-
-
-def probe(out: torch.Tensor) -> torch.Tensor:
-    """A fixed random linear functional of the output, for one backward."""
-    gen = torch.Generator().manual_seed(7)
-    return (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)).sum()
 
 
 def dense_routing(x, router):
@@ -108,17 +78,6 @@ def localized_balance(seen, types, knowledge, experts, delta, balance):
     return balance * total
 
 
-def assert_grads_close(gm, params):
-    grads = dict(adaptc.adapter_state_dict(gm))
-    worst = max(p.grad.abs().max().item() for p in params.values())
-    assert worst > 0
-    for name, p in params.items():
-        ours = grads[name].grad
-        assert ours is not None, name
-        err = (ours.double() - p.grad).abs().max().item()
-        assert err <= GRAD_TOL * worst, (name, err, worst)
-
-
 def assert_infer_matches(model, spec, gm, tmp_path, x, want, output=main_output):
     """The infer graph compiled from gm's saved adapters against the float64 reference."""
     path = adaptc.save_adapters(gm, tmp_path / "a.safetensors")
@@ -142,8 +101,8 @@ def test_loramoe_on_gpt2_conv1d_against_float64_reference(tiny, tmp_path, target
     gm = adaptc.compile(model, spec).eval()
     sites = {row["path"]: row["method"] for row in adaptc.report_of(gm).sites}
     assert sites == {p.format(i=i): "loramoe[4]" for p in GPT2_LORA[targets] for i in range(2)}
-    randomize(gm)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.3)
+    params = adapter_leaves(gm)
     seen = {}
     ref = loramoe_reference(model, params, 3.0, seen)  # alpha / r
     x = inputs(batch=3, seq=5)
@@ -156,7 +115,7 @@ def test_loramoe_on_gpt2_conv1d_against_float64_reference(tiny, tmp_path, target
     assert ours.item() == pytest.approx(theirs.item(), rel=LOSS_TOL) and theirs.item() > 0
     (probe(got) + ours).backward()
     (probe(want) + theirs).backward()
-    assert_grads_close(gm, params)
+    assert_grads_close(gm, params, GRAD_TOL)
     assert_infer_matches(model, spec, gm, tmp_path, x, want)
 
 
@@ -171,8 +130,8 @@ def test_loramoe_on_gpt2_conv1d_in_train_mode_against_float64_reference(tiny):
             module.p = 0.0
     spec = "attn.c_attn, mlp.c_fc: lora r=2 alpha=6\nmixture loramoe experts=4 balance=0.3"
     gm = adaptc.compile(model, spec).train()
-    randomize(gm)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.3)
+    params = adapter_leaves(gm)
     seen = {}
     ref = loramoe_reference(model, params, 3.0, seen)
     x = inputs(batch=3, seq=5)
@@ -184,7 +143,7 @@ def test_loramoe_on_gpt2_conv1d_in_train_mode_against_float64_reference(tiny):
     assert ours.item() == pytest.approx(theirs.item(), rel=LOSS_TOL) and theirs.item() > 0
     (probe(got) + ours).backward()
     (probe(want) + theirs).backward()
-    assert_grads_close(gm, params)
+    assert_grads_close(gm, params, GRAD_TOL)
 
 
 def test_loramoe_on_gpt2_conv1d_sums_each_examples_positions(tiny):
@@ -210,8 +169,8 @@ def test_loramoe_over_ia3_on_gpt2_conv1d_against_float64_reference(tiny, tmp_pat
             "mixture loramoe experts=3 delta=0.3 balance=0.2")
     gm = adaptc.compile(model, spec).eval()
     assert adaptc.report_of(gm).counts["mixture_inserted"] == 4
-    randomize(gm, std=0.5)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.5)
+    params = adapter_leaves(gm)
     seen = {}
     feedforward = {f"transformer.h.{i}.mlp.c_proj" for i in range(2)}
     ref = vectors_reference(model, params, feedforward, seen)
@@ -224,7 +183,7 @@ def test_loramoe_over_ia3_on_gpt2_conv1d_against_float64_reference(tiny, tmp_pat
     assert ours.item() == pytest.approx(theirs.item(), rel=LOSS_TOL) and theirs.item() > 0
     (probe(got) + ours).backward()
     (probe(want) + theirs).backward()
-    assert_grads_close(gm, params)
+    assert_grads_close(gm, params, GRAD_TOL)
     assert_infer_matches(model, spec, gm, tmp_path, x, want)
 
 
@@ -239,8 +198,8 @@ def test_gated_lora_on_bert_pooler_against_float64_reference(tiny, tmp_path):
     spec = "pooler.dense: lora r=2 alpha=4 gate"
     gm = adaptc.compile(model, spec).eval()
     assert adaptc.report_of(gm).counts["lora_inserted"] == 1
-    randomize(gm)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.3)
+    params = adapter_leaves(gm)
     t = by_site(params, "lora")["pooler.dense"]
     ref = copy.deepcopy(model.module).double()
     gates = {}
@@ -258,7 +217,7 @@ def test_gated_lora_on_bert_pooler_against_float64_reference(tiny, tmp_path):
     assert len(set(gates["pooler"].flatten().tolist())) == 3  # one gate per example
     probe(got).backward()
     probe(want).backward()
-    assert_grads_close(gm, params)
+    assert_grads_close(gm, params, GRAD_TOL)
     infer = assert_infer_matches(model, spec, gm, tmp_path, x, want, pooled)
     assert adaptc.report_of(infer).counts["lora_merged"] == 0  # the gate reads the input
 
@@ -268,8 +227,8 @@ def test_loramoe_on_bert_pooler_against_float64_reference(tiny, tmp_path):
     model = tiny("bert")
     spec = "pooler.dense: lora r=2\nmixture loramoe experts=4 delta=0.1 balance=0.5"
     gm = adaptc.compile(model, spec).eval()
-    randomize(gm)
-    params = leaves(gm)
+    randomize_adapters(gm, 0.3)
+    params = adapter_leaves(gm)
     seen = {}
     ref = loramoe_reference(model, params, 4.0, seen)  # alpha 8 / r 2
     x = inputs(batch=4, seq=5, segments=True)
@@ -282,7 +241,7 @@ def test_loramoe_on_bert_pooler_against_float64_reference(tiny, tmp_path):
     assert ours.item() == pytest.approx(theirs.item(), rel=LOSS_TOL) and theirs.item() > 0
     (probe(got) + ours).backward()
     (probe(want) + theirs).backward()
-    assert_grads_close(gm, params)
+    assert_grads_close(gm, params, GRAD_TOL)
     assert_infer_matches(model, spec, gm, tmp_path, x, want, pooled)
 
 

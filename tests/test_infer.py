@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, inputs, main_output, save_word_tokenizer
+from helpers import FAMILIES, inputs, main_output, randomize_adapters, save_word_tokenizer
 from peft import LoraConfig, get_peft_model
 from test_lora_parity import TARGETS, randomize_and_copy
 
@@ -28,10 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def trained(model, spec: str, path, seed: int = 0):
     """A train-mode graph whose adapters all have random non-zero weights, saved to `path`."""
     gm = adaptc.compile(model, spec)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(gm).values():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    randomize_adapters(gm, 0.1, seed)
     adaptc.save_adapters(gm, path)
     return gm.eval()
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import adaptc
-from helpers import inputs, main_output
+from helpers import inputs, main_output, perturb_adapters
 
 TOL = 1e-5
 CASES = [
@@ -30,13 +30,6 @@ CASES = [
     ("gpt2", "c_attn,c_fc: vera r=16"),
     ("llama", "q_proj,down_proj: adalora init_r=6 target_r=2 total_step=10"),
 ]
-
-
-def perturb(gm, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(gm).values():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
 def fold_by_hand(model, gm):
@@ -59,7 +52,7 @@ def fold_by_hand(model, gm):
 def test_merged_equals_unmerged(tiny, family, spec):
     model = tiny(family)
     gm = adaptc.compile(model, spec).eval()
-    perturb(gm)
+    perturb_adapters(gm, 0.1)
     x = inputs(segments=family == "bert")
     unmerged = main_output(gm(**x))
     folded = main_output(fold_by_hand(model.module, gm)(**x))
@@ -90,7 +83,7 @@ def test_infer_mode_equals_train_mode(tiny, tmp_path, spec):
     dequantised copy, VeRA, AdaLoRA, DoRA and IA3 into their layers' weights."""
     model = tiny("llama")
     gm = adaptc.compile(model, spec)
-    perturb(gm)
+    perturb_adapters(gm, 0.1)
     adaptc.save_adapters(gm, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, mode="infer", adapters=tmp_path / "a.safetensors")
     x = inputs()
@@ -111,7 +104,7 @@ def test_scaling_merges_with_conv1d_and_biases(tiny, tmp_path, family, spec):
     """DoRA and IA3 fold into transposed (Conv1D) weights and into biases (IA3 output)."""
     model = tiny(family)
     gm = adaptc.compile(model, spec)
-    perturb(gm)
+    perturb_adapters(gm, 0.1)
     adaptc.save_adapters(gm, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, mode="infer", adapters=tmp_path / "a.safetensors")
     x = inputs()
@@ -131,7 +124,7 @@ def test_float64_merges_in_float64(tiny, tmp_path, spec):
     model = tiny("llama")
     model.module.double()
     gm = adaptc.compile(model, spec).eval()
-    perturb(gm)
+    perturb_adapters(gm, 0.1)
     adaptc.save_adapters(gm, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, mode="infer", adapters=tmp_path / "a.safetensors")
     x = inputs()

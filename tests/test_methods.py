@@ -9,16 +9,9 @@ import torch
 
 import adaptc
 from adaptc.methods.bottleneck import ACTIVATIONS
-from helpers import inputs
+from helpers import inputs, randomize_adapters
 
 TOL = 2e-5  # float32 graph vs float64 reference, outputs of order 1
-
-
-def randomize(gm, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adaptc.adapter_state_dict(gm).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def bottleneck_ref(h, x, adapter, activation):
@@ -57,7 +50,7 @@ def test_bottleneck_equals_float64_reference(tiny, placement, activation):
     gm = adaptc.compile(model, f"ffn,attn.o: adapter bottleneck=16 activation={activation} "
                                f"placement={placement}")
     assert adaptc.report_of(gm).counts["adapter_inserted"] == 4
-    randomize(gm)
+    randomize_adapters(gm, 0.2)
 
     def hook(adapter):
         def run(mod, args, out):
@@ -77,7 +70,7 @@ def test_mixture_equals_float64_reference(tiny, router, k):
     gm = adaptc.compile(model, f"q_proj,v_proj: lora r=4 alpha=8\n"
                                f"mixture moe k={k} experts=3 router={router}")
     assert adaptc.report_of(gm).counts["mixture_inserted"] == 4
-    randomize(gm)
+    randomize_adapters(gm, 0.2)
     ref = reference_model(model, gm, lambda moe: (lambda mod, args, out: out + mixture_ref(args[0], moe)))
     x = inputs()
     diff = (gm(**x).logits.double() - ref(**x).logits).abs().max().item()
@@ -108,7 +101,7 @@ def test_mov_equals_float64_reference(tiny, router, k):
     kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
     per_layer = 2 * 3 * (kv + config.hidden_size) + 3 * 2 * config.intermediate_size
     assert report.trainable == config.num_hidden_layers * per_layer
-    randomize(gm)
+    randomize_adapters(gm, 0.2)
     ref = copy.deepcopy(model.module).double()
     for path, mov in adaptc.adapters.adapter_modules(gm).items():
         layer = ref.get_submodule(path.rsplit(".", 1)[0])
@@ -133,7 +126,7 @@ def test_loramoe_equals_float64_reference(tiny):
     gm = adaptc.compile(model, "gate_proj,down_proj: lora r=4 alpha=8\n"
                                "mixture loramoe experts=5 knowledge=2 delta=0.3 balance=0.5")
     assert adaptc.report_of(gm).counts["mixture_inserted"] == 4
-    randomize(gm)
+    randomize_adapters(gm, 0.2)
     seen = {}
     for path, moe in adaptc.adapters.adapter_modules(gm).items():
         assert moe.top_k == 5  # dense
@@ -183,7 +176,7 @@ def test_mola_groups_follow_the_documented_mapping():
                                   "v_proj: ia3; down_proj: ia3 feedforward; mixture moe"])
 def test_gradients_reach_only_adapters(tiny, spec):
     gm = adaptc.compile(tiny("llama"), spec)
-    randomize(gm)
+    randomize_adapters(gm, 0.2)
     out = gm(**inputs()).logits
     (out.square().mean() + adaptc.balance_loss(gm)).backward()
     adapters = set(adaptc.adapter_state_dict(gm))

@@ -15,7 +15,7 @@ import torch
 import adaptc
 from adaptc.methods.lora import pissa_factors
 from adaptc.methods.quantize import Nf4Weight, QuantizeConfig, nf4_code, nf4_linear, quantize_nf4
-from helpers import inputs, main_output
+from helpers import inputs, main_output, perturb_adapters
 
 # bitsandbytes' NF4 table (QLoRA, appendix E)
 BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -114,10 +114,7 @@ def folded_reference(model, gm):
 def test_qlora_equals_folded_reference(tiny, lora):
     model = tiny("llama")
     gm = adaptc.compile(model, f"q_proj,down_proj: quantize\nq_proj,down_proj: {lora}")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(gm).values():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    perturb_adapters(gm, 0.05)
     x = inputs()
     expected = main_output(folded_reference(model.module, gm)(**x))
     assert (main_output(gm(**x)) - expected).abs().max().item() <= 1e-5
@@ -228,10 +225,7 @@ def test_qlora_training_keeps_no_dense_weight_for_backward(tiny, family, targets
     all 8), and the adapter gradients equal those on the dequantised float model (1e-5)."""
     model = tiny(family)
     gm = adaptc.compile(model, f"{targets}: quantize\n{targets}: {lora}")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(gm).values():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    perturb_adapters(gm, 0.05)
     dense = copy.deepcopy(model)
     stored = {path.removesuffix(".nf4"): m for path, m in gm.named_modules()
               if isinstance(m, Nf4Weight)}

@@ -9,19 +9,12 @@ import torch
 from peft import LNTuningConfig, get_peft_model
 
 import adaptc
-from helpers import inputs, main_output
+from helpers import inputs, main_output, perturb_adapters
 
 TOL = 1e-5
 LN = {"llama": ("input_layernorm, post_attention_layernorm, norm: train",
                 ["input_layernorm", "post_attention_layernorm", "norm"]),
       "bert": ("LayerNorm: train", ["LayerNorm"])}
-
-
-def perturb(gm, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in adaptc.adapter_state_dict(gm).values():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
 
 
 @pytest.mark.parametrize("family", list(LN))
@@ -32,7 +25,7 @@ def test_ln_tuning_equals_peft(tiny, family):
     gm = adaptc.compile(model, spec).eval()
     twin = get_peft_model(copy.deepcopy(model.module), LNTuningConfig(target_modules=targets))
     twin.eval()
-    perturb(gm)
+    perturb_adapters(gm, 0.3)
     inner = twin.base_model.model
     with torch.no_grad():
         for path, ours in adaptc.adapters.adapter_modules(gm).items():
@@ -57,7 +50,7 @@ def test_bitfit_equals_float64_reference(tiny):
     report = adaptc.report_of(gm)
     assert {row["path"] for row in report.sites} == biases
     assert report.trainable == sum(model.module.get_parameter(n).numel() for n in biases)
-    perturb(gm)
+    perturb_adapters(gm, 0.3)
     reference = copy.deepcopy(model.module).double()
     with torch.no_grad():
         for path, ours in adaptc.adapters.adapter_modules(gm).items():

@@ -164,5 +164,10 @@ def report(site, method: str, assignment, adapter, *configs) -> dict:
     config = assignment.rule.config
     return {"path": site.path, "method": method, "line": assignment.rule.statement.span.line,
             "type": site.type_name, "in": site.in_features, "out": site.out_features,
-            "params": sum(p.numel() for p in adapter.adapter_parameters().values()),
+            "params": adapter_size(adapter),
             "options": {c.method: output_options(c) for c in (config, *configs)}}
+
+
+def adapter_size(adapter) -> int:
+    """Elements of the adapter's own parameters: the `params` of its compile report row."""
+    return sum(p.numel() for p in adapter.adapter_parameters().values())

@@ -35,6 +35,7 @@ from adaptc.passes.base import (
     INSERTED,
     CompileContext,
     PassResult,
+    adapter_size,
     build_sized,
     misplaced,
     report,
@@ -112,8 +113,8 @@ class InsertPrefix:
         source = encoder_node(gm, target, encoder, rule.config.method)
         ctx.sites.append({"path": target, "method": f"{rule.config.method}[{rule.config.tokens}]",
                           "line": rule.statement.span.line, "in": None, "out": None,
-                          "shape": "×".join(map(str, encoder.shape)), "params": count(encoder),
-                          "shared": True})
+                          "shape": "×".join(map(str, encoder.shape)),
+                          "params": adapter_size(encoder), "shared": True})
         queries = graph_input(gm, ctx.positions_input) if ctx.positions_input else None
         for layer, assignment in enumerate(group):
             if assignment.site.path not in ops:  # in the other graph (ctx.partial)
@@ -223,7 +224,3 @@ def rewrite(gm: GraphModule, op: Node, target: str, attention: PrefixAttention, 
     set_sdpa_arg(op, "attn_mask", parts[2])
     if causal:
         set_sdpa_arg(op, "is_causal", False)
-
-
-def count(module) -> int:
-    return sum(p.numel() for p in module.adapter_parameters().values())

@@ -177,17 +177,21 @@ def _wrong_type(key: str, wanted: str, node: Value) -> _Invalid:
     return _Invalid("E203", f"{key} expects {wanted}, got {node.kind} {_shown(node)}", node.span)
 
 
-def _as_int(key: str, node: Value) -> int:
-    if node.kind != "int":
-        raise _wrong_type(key, "an integer", node)
+def _of_kind(key: str, node: Value, kinds: tuple[str, ...], wanted: str) -> Any:
+    """The node's value when its kind is one of `kinds`; E203 saying `wanted` otherwise."""
+    if node.kind not in kinds:
+        raise _wrong_type(key, wanted, node)
     return node.value
 
 
+def _as_int(key: str, node: Value) -> int:
+    return _of_kind(key, node, ("int",), "an integer")
+
+
 def _as_float(key: str, node: Value) -> float:
-    if node.kind not in ("int", "float"):
-        raise _wrong_type(key, "a number", node)
+    number = _of_kind(key, node, ("int", "float"), "a number")
     try:
-        value = float(node.value)
+        value = float(number)
     except OverflowError:  # an int literal beyond float range
         raise _Invalid("E204", f"{key} must be a finite number, got {node.value}",
                        node.span) from None
@@ -201,33 +205,28 @@ def _as_float(key: str, node: Value) -> float:
 
 
 def _as_bool(key: str, node: Value) -> bool:
-    if node.kind != "bool":
-        raise _wrong_type(key, "true or false", node)
-    return node.value
+    return _of_kind(key, node, ("bool",), "true or false")
 
 
 def _as_str(key: str, node: Value) -> str:
-    if node.kind not in ("name", "string"):
-        raise _wrong_type(key, "a name or a string", node)
-    return node.value
+    return _of_kind(key, node, ("name", "string"), "a name or a string")
 
 
 def _as_int_or_ints(key: str, node: Value) -> int | list[int]:
-    wanted = "an integer or a non-empty list of integers"
     if node.kind == "int":
         return node.value
-    if node.kind != "list" or not node.value:
-        raise _wrong_type(key, wanted, node)
-    for item in node.value:
-        if item.kind != "int":
-            raise _wrong_type(key, wanted, item)
-    return node.plain()
+    return _as_ints(key, node, "an integer or a non-empty list of integers")
 
 
 def _as_name_or_ints(key: str, node: Value) -> str | list[int]:
-    wanted = "a name or a non-empty list of integers"
     if node.kind in ("name", "string"):
         return node.value
+    return _as_ints(key, node, "a name or a non-empty list of integers")
+
+
+def _as_ints(key: str, node: Value, wanted: str) -> list[int]:
+    """A non-empty list of integers; E203 saying `wanted` (the option's whole type) otherwise,
+    at the list or at its first item that is not an integer."""
     if node.kind != "list" or not node.value:
         raise _wrong_type(key, wanted, node)
     for item in node.value:

@@ -58,3 +58,14 @@ def triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
                     "TRITON_INTERPRET=1, so the kernels cannot run on CPU; "
                     "run pytest with TRITON_INTERPRET=1 set")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(params=[True, False])
+def interpret(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+              triton_interpreter: None) -> bool:
+    """Runs a test twice: with TRITON_INTERPRET=1 (True: CPU tensors take the kernels' path)
+    and without it (False: they take the reference), so checks that both paths share, such
+    as the ops' input checks, are tested on each."""
+    if not request.param:
+        monkeypatch.delenv("TRITON_INTERPRET")
+    return request.param

@@ -193,11 +193,8 @@ def test_reference_path_matches_module(monkeypatch: pytest.MonkeyPatch, dtype: t
     ({"gate": torch.zeros(TOKENS, 2)}, ValueError, "`gate`"),
     ({"gate": torch.zeros(TOKENS, 1, dtype=torch.float16)}, TypeError, "`gate`"),
 ])
-@pytest.mark.parametrize("interpret", [True, False])
-def test_rejects_bad_inputs_naming_them(monkeypatch: pytest.MonkeyPatch, change: dict, error: type,
-                                        names: str, interpret: bool) -> None:
-    if not interpret:
-        monkeypatch.delenv("TRITON_INTERPRET")
+@pytest.mark.usefixtures("interpret")  # both paths: kernels and reference
+def test_rejects_bad_inputs_naming_them(change: dict, error: type, names: str) -> None:
     _, inputs = make_case()
     with pytest.raises(error, match=names):
         torch.ops.adaptc.bottleneck_adapter(**{**inputs, **change})

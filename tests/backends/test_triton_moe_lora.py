@@ -177,11 +177,8 @@ def test_reference_path_matches_module(monkeypatch: pytest.MonkeyPatch, dtype: t
     ({"router": torch.zeros(EXPERTS, D_IN, dtype=torch.float16)}, TypeError, "`router`"),
     ({"residual": torch.zeros(TOKENS + 1, D_OUT)}, ValueError, "`residual`"),
 ])
-@pytest.mark.parametrize("interpret", [True, False])
-def test_rejects_bad_inputs_naming_them(monkeypatch: pytest.MonkeyPatch, change: dict, error: type,
-                                        names: str, interpret: bool) -> None:
-    if not interpret:
-        monkeypatch.delenv("TRITON_INTERPRET")
+@pytest.mark.usefixtures("interpret")  # both paths: kernels and reference
+def test_rejects_bad_inputs_naming_them(change: dict, error: type, names: str) -> None:
     _, inputs = make_case(2)
     with pytest.raises(error, match=names):
         torch.ops.adaptc.mixture_lora(**{**inputs, **change})

@@ -182,6 +182,17 @@ def chosen_softmax(logits, chosen):
     return p / tl.sum(p, axis=1)[:, None]
 
 
+@triton.jit
+def top_k_gates(logits, ex, ex_mask, top_k):
+    """[BLOCK_T, BLOCK_E] gates: `chosen_softmax` over each row's top_k logits, found by
+    taking the argmax top_k times and knocking each winner out with -inf."""
+    remaining = logits
+    for _ in range(top_k):
+        best = tl.argmax(remaining, axis=1, tie_break_left=True)
+        remaining = tl.where(ex[None, :] == best[:, None], float("-inf"), remaining)
+    return chosen_softmax(logits, (remaining == float("-inf")) & ex_mask[None, :])
+
+
 @triton.autotune(configs=_stacked_shrink_configs(), key=["D_IN", "E", "R"])
 @triton.jit
 def _stacked_shrink_kernel(
@@ -217,11 +228,7 @@ def _stacked_shrink_kernel(
     logits = tl.where(ex_mask[None, :], logits, float("-inf"))
 
     # ---- top-k gates, as in the router kernel, spread over each expert's r columns
-    remaining = logits
-    for _ in range(top_k):
-        best = tl.argmax(remaining, axis=1, tie_break_left=True)
-        remaining = tl.where(ex[None, :] == best[:, None], float("-inf"), remaining)
-    gates = chosen_softmax(logits, (remaining == float("-inf")) & ex_mask[None, :])
+    gates = top_k_gates(logits, ex, ex_mask, top_k)
     spread = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for e in range(E):
         gate = tl.sum(tl.where(ex[None, :] == e, gates, 0.0), axis=1)
@@ -513,12 +520,10 @@ def mixture_lora_triton(x: torch.Tensor, residual: torch.Tensor, router: torch.T
     if path == "stacked" and experts * rank > STACKED_MAX_COLUMNS:
         raise ValueError(f"{_OP}: the stacked kernels take E·r ≤ {STACKED_MAX_COLUMNS}, "
                          f"got {experts}·{rank}")
-    if path == "per-token":
-        return _per_token(x2, residual.reshape(-1, d_out), router.contiguous(), A.contiguous(),
-                          B.contiguous(), scale, top_k).reshape(residual.shape)
-    if path == "stacked":
-        return _stacked(x2, residual.reshape(-1, d_out), router.contiguous(), A.contiguous(),
-                        B.contiguous(), scale, top_k).reshape(residual.shape)
+    if path in ("per-token", "stacked"):
+        run = _per_token if path == "per-token" else _stacked
+        return run(x2, residual.reshape(-1, d_out), router.contiguous(), A.contiguous(),
+                   B.contiguous(), scale, top_k).reshape(residual.shape)
     if path != "grouped":
         raise ValueError(f"{_OP}: path must be one of {', '.join(PATHS)}, got {path!r}")
     res = residual.reshape(-1, d_out)

@@ -26,8 +26,8 @@ import triton.language as tl
 from adaptc.backends.triton import (cdiv, check_input, check_tensor, column_splits, define_op,
                                     dot_block, dot_precision, interpreting, launch, upcast_dot,
                                     use_triton)
-from adaptc.backends.triton.moe_lora import (MAX_EXPERTS, chosen_softmax, route_reference,
-                                             router_logits)
+from adaptc.backends.triton.moe_lora import (MAX_EXPERTS, route_reference, router_logits,
+                                             top_k_gates)
 
 _OP = "mixture_vectors"
 
@@ -62,11 +62,7 @@ def _mixture_vectors_kernel(
                            stride_xk, DOT_PRECISION, UPCAST_DOT, BLOCK_T, BLOCK_E, BLOCK_K)
 
     # ---- top-k by repeated argmax, then the softmax over the chosen, shifted by the best
-    remaining = logits
-    for _ in range(top_k):
-        best = tl.argmax(remaining, axis=1, tie_break_left=True)
-        remaining = tl.where(ex[None, :] == best[:, None], float("-inf"), remaining)
-    gates = chosen_softmax(logits, (remaining == float("-inf")) & ex_mask[None, :])
+    gates = top_k_gates(logits, ex, ex_mask, top_k)
 
     # ---- this program's column blocks: mix = g · l in float32, out = values ⊙ mix
     for n0 in range(tl.program_id(1) * BLOCK_N, N, tl.num_programs(1) * BLOCK_N):
