@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("ADAPTC_VERIFY", "1")  # lint the graph after every pass in tests
 
+import interpreted_triton  # noqa: E402, F401  (before anything imports triton)
 import torch  # noqa: E402
 
 from adaptc.frontend.models import build_preset  # noqa: E402

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import inputs, main_output
-from test_audit_methods import (OUT_TOL, bottleneck_reference, leaves, mixture_reference,
-                                mov_reference, randomize, rel_diff)
+from helpers import adapter_leaves, inputs, main_output, randomize_adapters, rel_diff
+from test_audit_methods import OUT_TOL, bottleneck_reference, mixture_reference, mov_reference
 
 import adaptc
 from adaptc.backends.triton import use_triton
@@ -27,8 +26,8 @@ CASES = [
 def test_kernels_equal_the_float64_reference(tiny, tmp_path, family, spec):
     model = tiny(family)
     train = adaptc.compile(model, spec)
-    randomize(train, std=0.3)
-    params = leaves(train)
+    randomize_adapters(train, 0.3)
+    params = adapter_leaves(train)
     if "adapter" in spec:
         ref = bottleneck_reference(model, params, "gelu" if "gelu" in spec else "tanh",
                                    "parallel" if "parallel" in spec else "sequential", 1.0,

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import inputs, main_output
-from test_conv1d_mixtures import (OUT_TOL, leaves, loramoe_reference, pooled, randomize,
-                                  rel_diff, vectors_reference)
+from helpers import adapter_leaves, inputs, main_output, randomize_adapters, rel_diff
+from test_conv1d_mixtures import OUT_TOL, loramoe_reference, pooled, vectors_reference
 
 import adaptc
 from adaptc.backends.triton import use_triton
@@ -24,8 +23,8 @@ CASES = [
 def test_loramoe_kernels_equal_the_float64_reference(tiny, tmp_path, family, spec, output):
     model = tiny(family)
     train = adaptc.compile(model, spec)
-    randomize(train)
-    params = leaves(train)
+    randomize_adapters(train, 0.3)
+    params = adapter_leaves(train)
     if "ia3" in spec:
         feedforward = {f"transformer.h.{i}.mlp.c_proj" for i in range(2)}
         ref = vectors_reference(model, params, feedforward, {})
