@@ -17,11 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CARD = str(ROOT / "specs" / "card.adapt")
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adaptc.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
-
-
 def test_compile_artifact_load_train_save(tmp_path, capsys):
     out = tmp_path / "dist"
     assert main(["compile", CARD, "--model", "llama", "--mode", "train", "-o", str(out)]) == 0
@@ -222,28 +217,31 @@ def test_a_full_disk_is_an_error_naming_the_output(tmp_path, capsys, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_spec_error_exits_1_without_traceback(tmp_path):
+def test_spec_error_exits_1_without_traceback(tmp_path, capsys):
+    """In-process (main raises what is not an AdaptcError, which fails the test); the real
+    process's exit status and stderr: test_python_dash_m_adaptc_is_the_command."""
     spec = tmp_path / "bad.adapt"
     spec.write_text("q_proj: lora r=8\nv_proj: lora rank=8\n")
-    result = run_cli("compile", str(spec))
-    assert result.returncode == 1
-    assert f"{spec}:2:14: error[E202]" in result.stderr
-    assert "Traceback" not in result.stderr and "^^^^" in result.stderr
+    assert main(["compile", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert f"{spec}:2:14: error[E202]" in err
+    assert "Traceback" not in err and "^^^^" in err
 
 
 def test_python_dash_m_adaptc_is_the_command(tmp_path):
     """`python -m adaptc` runs the CLI (a venv that is not activated has no `adaptc` on PATH):
-    the same exit status and diagnostic as the console script."""
+    the same exit status and diagnostic as the console script, with no traceback."""
     spec = tmp_path / "bad.adapt"
     spec.write_text("q_proj: lora rank=8\n")
     result = subprocess.run([sys.executable, "-m", "adaptc", "check", str(spec)],
                             capture_output=True, text=True)
     assert result.returncode == 1 and f"{spec}:1:14: error[E202]" in result.stderr
+    assert "Traceback" not in result.stderr and "^^^^" in result.stderr
 
 
 def test_model_time_error_and_unknown_model(tmp_path, capsys):
     """In-process, as test_meta_models_refuse_artifacts_before_work: a spec error's exit
-    status and message through `python -m adaptc.cli` are test_spec_error_exits_1's."""
+    status and message through `python -m adaptc` are test_python_dash_m_adaptc's."""
     spec = tmp_path / "x.adapt"
     spec.write_text("qproj: lora\n")
     assert main(["compile", str(spec)]) == 1
@@ -301,25 +299,26 @@ def test_spec_from_standard_input(tmp_path, monkeypatch, capsys):
     assert main(["compile", "-", "-o", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.startswith("compiled <stdin> onto llama (LlamaForCausalLM)")
     assert (tmp_path / "out" / "spec.adapt").read_text() == "q_proj: lora r=2\n"
-    result = subprocess.run([sys.executable, "-m", "adaptc.cli", "check", "-"], input="q: lora r=x",
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 1 and result.stderr.startswith("<stdin>:1:11: error[E203]")
+    monkeypatch.setattr("sys.stdin", stdin_bytes(b"q: lora r=x"))
+    assert main(["check", "-"]) == 1
+    assert capsys.readouterr().err.startswith("<stdin>:1:11: error[E203]")
 
 
-def test_standard_input_is_read_as_spec_files_are(tmp_path):
+def test_standard_input_is_read_as_spec_files_are(tmp_path, monkeypatch, capsys):
     """A BOM and CRLF are dropped, a byte that is not UTF-8 is E100 at its line and column
     (text-mode stdin refused the BOM and let the byte through, to a UnicodeEncodeError
-    traceback when the artifact's spec.adapt was written)."""
-    def check(data: bytes, *argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "adaptc.cli", *argv], input=data,
-                              capture_output=True, cwd=ROOT, timeout=300)
-    result = check(b"\xef\xbb\xbfq_proj: lora r=2\r\n", "check", "-")
+    traceback when the artifact's spec.adapt was written). The BOM comes through a real pipe
+    (the one subprocess here that reads stdin), the byte in-process."""
+    result = subprocess.run([sys.executable, "-m", "adaptc", "check", "-"],
+                            input=b"\xef\xbb\xbfq_proj: lora r=2\r\n", capture_output=True,
+                            cwd=ROOT, timeout=300)
     assert result.returncode == 0 and result.stdout == b"<stdin>: ok (1 attach statement)\n"
     out = tmp_path / "out"
-    result = check(b"q_proj: lora r=2\n# caf\xe9\n", "compile", "-", "-o", str(out))
-    assert result.returncode == 1 and not out.exists()
-    assert result.stderr.decode().startswith("<stdin>:2:6: error[E100]: cannot read spec file "
-                                             "'<stdin>': it is not UTF-8 text (byte 0xe9)")
+    monkeypatch.setattr("sys.stdin", stdin_bytes(b"q_proj: lora r=2\n# caf\xe9\n"))
+    assert main(["compile", "-", "-o", str(out)]) == 1
+    assert not out.exists()
+    assert capsys.readouterr().err.startswith("<stdin>:2:6: error[E100]: cannot read spec file "
+                                              "'<stdin>': it is not UTF-8 text (byte 0xe9)")
 
 
 def test_unreadable_spec_file_points_at_nothing(tmp_path, capsys):
@@ -399,9 +398,16 @@ def test_dtype_and_device_place_the_model(tiny, tmp_path, capsys):
     assert "error[E204]" in capsys.readouterr().err  # the spec, not the missing model
 
 
-def test_load_places_the_artifact_model(tmp_path):
-    out = tmp_path / "dist"
-    assert main(["compile", "specs/lora_qv.adapt", "-o", str(out)]) == 0
+@pytest.fixture(scope="module")
+def lora_qv_artifact(tmp_path_factory) -> Path:
+    """`compile specs/lora_qv.adapt --mode train -o DIR` once, for the tests that only read it."""
+    out = tmp_path_factory.mktemp("lora_qv") / "run"
+    assert main(["compile", "specs/lora_qv.adapt", "--mode", "train", "-o", str(out)]) == 0
+    return out
+
+
+def test_load_places_the_artifact_model(lora_qv_artifact):
+    out = lora_qv_artifact
     gm = adaptc.load(out, dtype="bfloat16", device="cpu")
     assert {p.dtype for p in gm.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in gm.parameters() if p.requires_grad} == {torch.float32}  # as PEFT's
@@ -453,12 +459,11 @@ def test_negative_max_new_tokens_names_the_flag(capsys):
         "adaptc generate: error: argument --max-new-tokens: must be >= 0, got -1")
 
 
-def test_a_train_artifact_given_as_adapter_file_names_its_weights(tmp_path, capsys):
+def test_a_train_artifact_given_as_adapter_file_names_its_weights(lora_qv_artifact, tmp_path,
+                                                                  capsys):
     """`--adapters DIR` with a train artifact's directory: the error names the file in it
     to pass, and nothing is written."""
-    art = tmp_path / "run"
-    assert main(["compile", "specs/lora_qv.adapt", "--mode", "train", "-o", str(art)]) == 0
-    capsys.readouterr()
+    art = lora_qv_artifact
     out = tmp_path / "serve"
     assert main(["compile", "specs/lora_qv.adapt", "--mode", "infer", "--adapters", str(art),
                  "-o", str(out)]) == 1
@@ -530,16 +535,17 @@ def test_cuda_graph_under_a_gated_spec_says_why(capsys):
                                        "model is an encoder-decoder\n")
 
 
-def test_check_refuses_standard_input_twice():
+def test_check_refuses_standard_input_twice(monkeypatch, capsys):
     """`check - -` read the spec for the first '-' and nothing for the second, which failed as
     'the spec has no statements' (exit 1) though the spec was fine."""
-    result = subprocess.run([sys.executable, "-m", "adaptc", "check", "-", "specs/card.adapt",
-                             "-"], input="q: lora\n", capture_output=True, text=True, cwd=ROOT,
-                            timeout=300)
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.splitlines()[-1] == ("adaptc check: error: argument spec: '-' "
-                                              "(standard input) is given 2 times; it can be "
-                                              "read once")
+    monkeypatch.setattr("sys.stdin", stdin_bytes(b"q: lora\n"))
+    with pytest.raises(SystemExit) as exited:
+        main(["check", "-", "specs/card.adapt", "-"])
+    result = capsys.readouterr()
+    assert (exited.value.code, result.out) == (2, "")
+    assert result.err.splitlines()[-1] == ("adaptc check: error: argument spec: '-' "
+                                           "(standard input) is given 2 times; it can be "
+                                           "read once")
 
 
 def test_inspect_names_a_loramoe_mixture(capsys):
