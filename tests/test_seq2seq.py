@@ -37,6 +37,20 @@ def model_of(name: str):
     return adaptc.load_model("t5") if name == "t5" else wrap(small_bart())
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    """compiled(name, spec) → (model_of(name), its eval graph of `spec`), compiled once for the
+    module: for tests that set every adapter tensor they read, or read the initial ones."""
+    cache = {}
+
+    def make(name: str, spec: str):
+        if (name, spec) not in cache:
+            model = model_of(name)
+            cache[name, spec] = model, adaptc.compile(model, spec).eval()
+        return cache[name, spec]
+    return make
+
+
 def seq2seq_inputs(batch: int = 3, source: int = 9, target: int = 5, seed: int = 0) -> dict:
     """A left-padded source row, and decoder inputs of another length than the source."""
     gen = torch.Generator().manual_seed(seed)
@@ -54,9 +68,8 @@ def close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-6) -> bool:
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
-def test_lora_equals_peft(name):
-    model = model_of(name)
-    gm = adaptc.compile(model, "attn.q,attn.v: lora r=4 alpha=8").eval()
+def test_lora_equals_peft(name, compiled):
+    model, gm = compiled(name, "attn.q,attn.v: lora r=4 alpha=8")
     twin = peft_twin(model.module, LORA_TARGETS[name], 4, 8)
     report = adaptc.report_of(gm)
     assert len(report.sites) == 6 * 2  # encoder self, decoder self and cross q, v; 2 layers
@@ -165,6 +178,19 @@ def teacher_forced_losses(gm, lr: float, target_of, start: int, steps: int = 12)
     return losses
 
 
+def assert_serves(folder, spec: str, train) -> None:
+    """The infer artifact of `spec` on folder/ckpt with `train`'s adapters (`adaptc compile
+    --mode infer --adapters`, into folder/out) computes the logits of `train` (eval)."""
+    from adaptc.cli import main
+    (folder / "s.adapt").write_text(spec + "\n")
+    weights = adaptc.save_adapters(train, folder / "a.safetensors")
+    assert main(["compile", str(folder / "s.adapt"), "--model", str(folder / "ckpt"),
+                 "--mode", "infer", "--adapters", str(weights), "-o", str(folder / "out")]) == 0
+    x = seq2seq_inputs(batch=2, source=7, target=4, seed=1)
+    want = train.eval()(**x).logits
+    assert close(adaptc.load_program(folder / "out").module()(**x).logits, want, 1e-5)
+
+
 def test_lora_trains_a_copy_task():
     """The decoder learns to repeat the source (teacher forcing, cross-entropy)."""
     model = model_of("t5")
@@ -240,11 +266,10 @@ def test_causal_decoder_is_refused():
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
-def test_decoder_inputs_of_another_batch_are_refused(name):
+def test_decoder_inputs_of_another_batch_are_refused(name, compiled):
     """Decoder inputs for 3 rows behind a source of 2 failed as the graph's "Guard failed:
     decoder_input_ids.size()[0] == input_ids.size()[0]" AssertionError."""
-    model = model_of(name)
-    gm = adaptc.compile(model, "attn.q: lora r=2").eval()
+    model, gm = compiled(name, "attn.q: lora r=2")
     x = seq2seq_inputs(batch=3)
     with pytest.raises(ValueError, match=r"input 'decoder_input_ids' has batch size 2 and input "
                                          r"'input_ids' 3: each source row needs its row"):
@@ -252,11 +277,10 @@ def test_decoder_inputs_of_another_batch_are_refused(name):
     assert close(gm(**x).logits, model.module(**x).logits)
 
 
-def test_labels_without_decoder_inputs_say_how_to_build_them():
+def test_labels_without_decoder_inputs_say_how_to_build_them(compiled):
     """transformers' T5 and BART build decoder_input_ids from `labels`; the compiled module
     takes the decoder inputs, and its error said only to compute the loss from the logits."""
-    model = model_of("t5")
-    gm = adaptc.compile(model, "attn.q: lora r=2").eval()
+    model, gm = compiled("t5", "attn.q: lora r=2")
     x = seq2seq_inputs()
     labels = x.pop("decoder_input_ids")
     with pytest.raises(TypeError, match="missing input 'decoder_input_ids'.*labels shifted right "
@@ -360,20 +384,18 @@ def test_virtual_tokens_on_a_scaled_embedding_equal_peft(method):
 
 def test_prompt_on_t5_trains_and_serves(tmp_path):
     """Lester et al.'s T5 setting: a prompt initialised from vocabulary embeddings lowers the
-    loss of one reply to every source; the infer artifact computes the train graph's logits."""
+    loss of one reply to every source; the infer artifact with the trained prompt computes the
+    train graph's logits (one compile serves both)."""
     spec = "embed: prompt tokens=4 init=vocab"
     model_of("t5").module.save_pretrained(tmp_path / "ckpt")
-    train, _ = serve_checkpoint(tmp_path, spec, 0.5)
-    x = seq2seq_inputs(batch=2, source=7, target=4, seed=1)
-    want = train.eval()(**x).logits
-    assert close(adaptc.load_program(tmp_path / "out").module()(**x).logits, want, 1e-5)
     # eval(): without the model's 0.1 dropout, whose noise on the random T5's logits (~60)
     # holds 12 steps at 145/187 of the first losses (test_follow_train_mode trains with it)
-    gm = adaptc.compile(model_of("t5"), spec).eval()
+    gm = adaptc.compile(str(tmp_path / "ckpt"), spec).eval()
     reply = torch.randint(4, 40, (1, 6), generator=torch.Generator().manual_seed(1))
     losses = teacher_forced_losses(gm, 0.3, lambda source: reply.expand(len(source), -1),
                                    start=0)
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3  # 64.6 → 41.0
+    assert_serves(tmp_path, spec, gm)
 
 
 def test_prompt_greedy_generate_equals_peft_generate():
@@ -514,30 +536,27 @@ EVERY_ATTENTION = {"bart": ("self_attn, encoder_attn", 2, 0.93),
 @pytest.mark.parametrize("name", ["bart", "t5"])
 def test_prefix_on_every_attention_trains_and_serves(tmp_path, name):
     """Prefixes on all three attentions: a short run teaches the model one reply to every
-    source; the infer artifact (MLP folded into constants) computes the train graph's logits."""
+    source; the infer artifact (MLP folded into constants) with the trained prefixes computes
+    the train graph's logits (one compile serves both)."""
     targets, start, share = EVERY_ATTENTION[name]
     spec = f"{targets}: prefix tokens=4 projection=16"
     model_of(name).module.save_pretrained(tmp_path / "ckpt")
-    train, _ = serve_checkpoint(tmp_path, spec, 0.05)
-    x = seq2seq_inputs(batch=2, source=7, target=4, seed=1)
-    want = train.eval()(**x).logits
-    assert close(adaptc.load_program(tmp_path / "out").module()(**x).logits, want, 1e-5)
-    assert not (tmp_path / "out" / "hf").exists()  # a prefix does not merge
-    gm = adaptc.compile(model_of(name), spec)
+    gm = adaptc.compile(str(tmp_path / "ckpt"), spec)
     assert adaptc.report_of(gm).counts["prefix_inserted"] == 6
     reply = torch.randint(4, 40, (1, 6), generator=torch.Generator().manual_seed(1))
     losses = teacher_forced_losses(gm, 5e-2, lambda source: reply.expand(len(source), -1),
                                    start=start)
     assert sum(losses[-3:]) / 3 < share * sum(losses[:3]) / 3
+    assert_serves(tmp_path, spec, gm)
+    assert not (tmp_path / "out" / "hf").exists()  # a prefix does not merge
 
 
-def test_peft_adapter_round_trip(tmp_path):
+def test_peft_adapter_round_trip(tmp_path, compiled):
     """export_peft writes a SEQ_2_SEQ_LM adapter PEFT loads; import_peft reads it back."""
     from peft import PeftModel
 
     from adaptc.peft_interop import export_peft, import_peft
-    model = model_of("t5")
-    gm = adaptc.compile(model, "attn.q,attn.v: lora r=4 alpha=8")
+    model, gm = compiled("t5", "attn.q,attn.v: lora r=4 alpha=8")
     randomize_adapters(gm, 0.05)
     export_peft(gm, tmp_path / "peft", task_type="SEQ_2_SEQ_LM")
     theirs = PeftModel.from_pretrained(copy.deepcopy(model.module), tmp_path / "peft").eval()
