@@ -47,11 +47,27 @@ def adds_of_lora_updates(gm) -> int:
                for n in gm.graph.nodes)
 
 
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    return {}
+
+
+@pytest.fixture
+def all_linear(tiny, tmp_path_factory, compiled):
+    """family → (model, train graph, unmerged infer graph, adapter file) of ALL_LINEAR,
+    compiled once per module for the tests that read them (none modifies them)."""
+    def get(family: str):
+        if family not in compiled:
+            model, path = tiny(family), tmp_path_factory.mktemp(family) / "a.safetensors"
+            train, infer = trained(model, ALL_LINEAR, path), unmerged(model, ALL_LINEAR, path)
+            compiled[family] = model, train, infer, path
+        return compiled[family]
+    return get
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_unmerged_updates_are_added_by_their_gemm(tiny, tmp_path, family):
-    model = tiny(family)
-    train = trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
-    infer = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
+def test_unmerged_updates_are_added_by_their_gemm(family, all_linear):
+    model, train, infer, _ = all_linear(family)
     x = inputs()
     assert max_diff(infer(**x), train(**x)) <= 1e-5
     counts = adaptc.report_of(infer).counts
@@ -62,15 +78,14 @@ def test_unmerged_updates_are_added_by_their_gemm(tiny, tmp_path, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_on_a_gpu_the_base_gemm_adds_into_the_update(tiny, tmp_path, family, monkeypatch):
+def test_on_a_gpu_the_base_gemm_adds_into_the_update(family, monkeypatch, all_linear):
     """Where the GEMM with the longer reduction adds into the other's output (a GPU's choice,
     here forced on the CPU): at q, k, v, gate and up (2 layers) the bias-free base GEMM adds
     into the B GEMM's output; o and down add both into the stream; biased base GEMMs (GPT-2,
     BERT) keep y as the target."""
+    model, train, _, weights = all_linear(family)
     monkeypatch.setattr(accumulate_updates, "INTO_SHORTER_ON", {"cpu"})
-    model = tiny(family)
-    train = trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
-    infer = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    infer = unmerged(model, ALL_LINEAR, weights)
     x = inputs(segments=family == "bert")
     assert max_diff(infer(**x), train(**x)) <= 1e-5
     assert base_gemms_into_updates(infer) == (10 if family in ("llama", "mistral") else 0)
@@ -79,15 +94,14 @@ def test_on_a_gpu_the_base_gemm_adds_into_the_update(tiny, tmp_path, family, mon
     assert adds_of_lora_updates(infer) == 0
 
 
-def test_bf16_unmerged_stays_close_to_float32(tiny, tmp_path):
+def test_bf16_unmerged_stays_close_to_float32(tiny, all_linear):
     """In bf16 the in-place GEMM rounds y + h·Bᵀ once, in its float32 accumulator."""
-    model = tiny("llama")
-    trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
-    reference = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    _, _, reference, weights = all_linear("llama")
     x = inputs()
     expected = reference(**x)
+    model = tiny("llama")  # a copy of the shared model, to convert
     model.module.to(torch.bfloat16)
-    infer = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    infer = unmerged(model, ALL_LINEAR, weights)
     assert accumulated(infer) == adaptc.report_of(infer).counts["lora_inserted"]
     assert max_diff(infer(**x), expected) <= 0.1  # logits O(1); bf16 through two layers
 
@@ -124,10 +138,8 @@ def test_rewrites_only_a_fresh_output_nothing_else_reads():
         assert AccumulateUpdates().run(kept, None).counts["lora_updates_accumulated"] == 0
 
 
-def test_exported_program_of_an_accumulating_graph_matches(tiny, tmp_path):
-    model = tiny("llama")
-    trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
-    infer = unmerged(model, ALL_LINEAR, tmp_path / "a.safetensors")
+def test_exported_program_of_an_accumulating_graph_matches(all_linear):
+    infer = all_linear("llama")[2]
     x = inputs()
     exported = torch.export.export(infer, (), x)
     assert torch.ops.aten.addmm_.default in {n.target for n in exported.graph.nodes}
@@ -135,17 +147,14 @@ def test_exported_program_of_an_accumulating_graph_matches(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_residual_adds_take_the_sublayers_last_gemm(tiny, tmp_path, family):
+def test_residual_adds_take_the_sublayers_last_gemm(family, all_linear):
     """stream + o_proj(·) and stream + down_proj(·) become stream.addmm_ (two per layer, two
     layers), merged or not (then the LoRA update joins the same stream); GPT-2's and BERT's
     projections have biases and keep their adds."""
-    model = tiny(family)
-    train = trained(model, ALL_LINEAR, tmp_path / "a.safetensors")
+    model, train, kept, weights = all_linear(family)
     x = inputs(segments=family == "bert")
     expected = 4 if family in ("llama", "mistral") else 0
-    for merge in (True, False):
-        infer = adaptc.compile(model, ALL_LINEAR, "infer", adapters=tmp_path / "a.safetensors",
-                               merge=merge)
+    for infer in (adaptc.compile(model, ALL_LINEAR, "infer", adapters=weights), kept):
         assert max_diff(infer(**x), train(**x)) <= 1e-5
         assert adaptc.report_of(infer).counts["stream_adds_accumulated"] == expected
         assert accumulated(infer, None) == expected

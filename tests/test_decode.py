@@ -25,14 +25,15 @@ PROMPT = [5, 17, 42, 7, 99]
     ("mistral", "embed: prompt tokens=2; attn: prefix tokens=2; q_proj: lora r=2"),
 ])
 def test_cached_decoding_equals_full_forward(tiny, tmp_path, family, spec):
+    """The full forward is the train graph's (test_infer: the infer graph equals it)."""
     model = tiny(family)
-    trained = adaptc.compile(model, spec)
-    randomize_adapters(trained, 0.3)
-    weights = adaptc.save_adapters(trained, tmp_path / "a.safetensors")
+    full = adaptc.compile(model, spec)
+    randomize_adapters(full, 0.3)
+    weights = adaptc.save_adapters(full, tmp_path / "a.safetensors")
     decoder = compile_decoder(model, spec, adapters=weights, max_cache_len=32)
     tokens = decoder.generate(PROMPT, 8)
 
-    full = adaptc.compile(model, spec, mode="infer", adapters=weights)
+    full.eval()
     ids = torch.tensor([tokens])
     with torch.no_grad():
         reference = full(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]

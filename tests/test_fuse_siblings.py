@@ -42,12 +42,30 @@ def tensor_bytes(gm) -> int:
     return sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
 
 
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    return {}
+
+
+@pytest.fixture
+def attention_and_ffn(tiny, tmp_path_factory, compiled):
+    """family → (model, train graph, unmerged infer graph, adapter file) of ATTENTION_AND_FFN's
+    LoRA, compiled once per module for the tests that read them (none modifies them)."""
+    def get(family: str):
+        if family not in compiled:
+            model = tiny(family)
+            spec = f"{ATTENTION_AND_FFN[family]}: lora r=4 alpha=12"
+            path = tmp_path_factory.mktemp(family) / "a.safetensors"
+            train, infer = trained(model, spec, path), unmerged(model, spec, path)
+            compiled[family] = model, train, infer, path
+        return compiled[family]
+    return get
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_unmerged_equals_train_with_one_a_gemm_per_sibling_group(tiny, tmp_path, family):
-    model = tiny(family)
-    spec = f"{ATTENTION_AND_FFN[family]}: lora r=4 alpha=12"
-    train = trained(model, spec, tmp_path / "a.safetensors")
-    infer = unmerged(model, spec, tmp_path / "a.safetensors")
+def test_unmerged_equals_train_with_one_a_gemm_per_sibling_group(tiny, family,
+                                                                 attention_and_ffn):
+    model, train, infer, _ = attention_and_ffn(family)
     x = inputs()
     assert max_diff(infer(**x), train(**x)) <= TOL
     assert max_diff(infer(**x), model.module(**x)) > 1e-3
@@ -62,11 +80,11 @@ def test_unmerged_equals_train_with_one_a_gemm_per_sibling_group(tiny, tmp_path,
     assert not any("lora_merged" in k for k in counts)
 
 
-def test_base_weights_stay_the_users_tensors(tiny, tmp_path):
+def test_base_weights_stay_the_users_tensors(tiny):
+    """(The adapters' initial weights: what they hold does not change where the base is.)"""
     model = tiny("llama")
     spec = "q_proj,k_proj,v_proj: lora r=4\nv_proj: lora r=2"  # v's rank differs
-    trained(model, spec, tmp_path / "a.safetensors")
-    infer = unmerged(model, spec, tmp_path / "a.safetensors")
+    infer = adaptc.compile(model, spec, "infer", merge=False)
     for name, param in model.module.named_parameters():
         assert infer.get_parameter(name).data_ptr() == param.data_ptr(), name
     stacked = infer.get_parameter("model.layers.0.self_attn.lora_A")
@@ -107,11 +125,8 @@ def test_unmerged_variants_equal_train(tiny, tmp_path, spec):
     assert counts["lora_lowered"] + gated == counts.get("lora_inserted", 0)
 
 
-def test_unmerged_program_round_trip_and_no_hf(tiny, tmp_path):
-    model = tiny("llama")
-    spec = "q_proj,k_proj,v_proj,gate_proj,up_proj: lora r=4"
-    train = trained(model, spec, tmp_path / "a.safetensors")
-    infer = unmerged(model, spec, tmp_path / "a.safetensors")
+def test_unmerged_program_round_trip_and_no_hf(tmp_path, attention_and_ffn):
+    model, train, infer, _ = attention_and_ffn("llama")
     adaptc.write_infer_artifact(infer, model, tmp_path / "dist", reference=train)
     report = json.loads((tmp_path / "dist" / "report.json").read_text())
     assert report["verification"]["max_abs_error"] <= TOL
@@ -121,15 +136,13 @@ def test_unmerged_program_round_trip_and_no_hf(tiny, tmp_path):
     assert torch.equal(main_output(program(**x)), main_output(infer(**x)))
 
 
-def test_unmerged_decoder_gives_the_merged_tokens(tiny, tmp_path):
-    model = tiny("llama")
-    spec = "q_proj,k_proj,v_proj: lora r=4"
-    weights = tmp_path / "a.safetensors"
-    trained(model, spec, weights)
+def test_unmerged_decoder_gives_the_merged_tokens(attention_and_ffn):
+    model, _, _, weights = attention_and_ffn("llama")
+    spec = f"{ATTENTION_AND_FFN['llama']}: lora r=4 alpha=12"
     prompt = [5, 17, 42]
     merged = compile_decoder(model, spec, adapters=weights, max_cache_len=16)
     kept = compile_decoder(model, spec, adapters=weights, max_cache_len=16, merge=False)
-    assert adaptc.report_of(kept.graph).counts["lora_sibling_groups"] == 2
+    assert adaptc.report_of(kept.graph).counts["lora_sibling_groups"] == 4  # q, k, v; gate, up
     assert kept.generate(prompt, 6) == merged.generate(prompt, 6)
     assert (kept.logits(prompt, 0) - merged.logits(prompt, 0)).abs().max().item() <= 1e-4
 

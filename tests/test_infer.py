@@ -227,14 +227,19 @@ HF_CASES = ["q_proj,v_proj: lora r=4 init=pissa", "q_proj,v_proj: lora r=4 dora"
 @pytest.mark.parametrize("spec", HF_CASES)
 def test_hf_export_holds_every_merged_or_trained_tensor(tiny, tmp_path, spec):
     """hf/ is the adapted model, not the base: PiSSA residuals, DoRA and IA3 folds, trained
-    norms and QLoRA's dequantised merge all reach the checkpoint."""
+    norms and QLoRA's dequantised merge all reach the checkpoint. Written as
+    write_infer_artifact writes hf/ (without exporting the program, which
+    test_export_round_trip checks along with the hf/ of a whole artifact)."""
     from transformers import AutoModelForCausalLM
 
+    from adaptc.export import hf_blocker, write_hf
+
     model = tiny("llama")
-    train = trained(model, spec, tmp_path / "a.safetensors")
+    trained(model, spec, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
-    adaptc.write_infer_artifact(infer, model, tmp_path / "dist", reference=train)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "dist" / "hf", local_files_only=True)
+    assert hf_blocker(infer, model) is None
+    write_hf(infer, model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     x = inputs()
     expected = main_output(infer(**x))
     assert (main_output(hf.eval()(**x)) - expected).abs().max().item() <= 1e-6
@@ -268,17 +273,21 @@ def test_hf_export_of_a_trained_tied_embedding(tiny, tmp_path):
         assert (main_output(model.module(**x)) - expected).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("spec,method", [("attn: prefix tokens=3", "prefix"),
-                                         ("embed: prompt tokens=3", "prompt"),
-                                         ("attn.q: lora r=4 gate", "lora")])
-def test_no_hf_export_while_adapters_compute_outside_the_weights(tiny, tmp_path, spec, method):
+def assert_no_hf_export(out: Path, method: str) -> None:
+    """`out` holds no hf/ checkpoint: `method`'s adapters compute outside the weights."""
+    report = json.loads((out / "report.json").read_text())
+    assert not (out / "hf").exists() and report["hf"] is None
+    assert report["hf_skipped"].startswith(f"{method} not folded into the base weights")
+
+
+def test_no_hf_export_while_gated_lora_computes_outside_the_weights(tiny, tmp_path):
+    """Prefix and prompt tuning are checked on the artifacts of the two tests below."""
     model = tiny("llama")
+    spec = "attn.q: lora r=4 gate"
     train = trained(model, spec, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
     adaptc.write_infer_artifact(infer, model, tmp_path / "dist", reference=train)
-    report = json.loads((tmp_path / "dist" / "report.json").read_text())
-    assert not (tmp_path / "dist" / "hf").exists() and report["hf"] is None
-    assert report["hf_skipped"].startswith(f"{method} not folded into the base weights")
+    assert_no_hf_export(tmp_path / "dist", "lora")
 
 
 def test_existing_output_refused_without_force(tmp_path, capsys):
@@ -364,15 +373,23 @@ def test_infer_mode_applies_no_dropout(tiny, tmp_path, merge):
     assert not infer.training
 
 
-def test_prompt_infer_graph_exports_with_automatic_dims(tmp_path, capsys):
+def test_prompt_infer_graph_exports_with_automatic_dims(tiny, tmp_path):
     """Prompt tuning's graph has a shape guard torch cannot prove over the named ranges; the
-    export falls back to Dim.AUTO and the program still takes other batch and sequence sizes."""
+    export falls back to Dim.AUTO and the program still takes other batch and sequence sizes.
+    No hf/ (the prompt is not in the weights); the report records the CLI's defaults."""
     spec = tmp_path / "p.adapt"
     spec.write_text("embed: prompt tokens=3\n")
+    tiny("llama").module.save_pretrained(tmp_path / "ckpt")  # half the preset's layers
     out = tmp_path / "dist"
-    assert main(["compile", str(spec), "--mode", "infer", "-o", str(out)]) == 0
+    assert main(["compile", str(spec), "--model", str(tmp_path / "ckpt"), "--mode", "infer",
+                 "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["verification"]["max_abs_error"] <= TOL
+    assert_no_hf_export(out, "prompt")
+    recorded = report["compile"]
+    assert recorded["adapters"] is None  # the initial weights: no file of the user's
+    assert (recorded["merge"], recorded["fuse_projections"]) == (True, False)
+    assert (recorded["dtype"], recorded["device"]) == ("float32", "cpu")
     program = adaptc.load_program(out / "program.pt2").module()
     x = inputs(batch=4, seq=13)
     assert main_output(program(**x)).shape == (4, 13, 512)
@@ -380,12 +397,13 @@ def test_prompt_infer_graph_exports_with_automatic_dims(tmp_path, capsys):
 
 def test_exported_prefix_program_holds_constants_not_the_mlp(tiny, tmp_path):
     """Infer export of prefix tuning with its reparameterisation MLP: the program carries the
-    folded prefixes (no MLP weights) and equals the train-mode graph it came from."""
+    folded prefixes (no MLP weights) and equals the train-mode graph it came from; no hf/."""
     model = tiny("llama")
     spec = "attn: prefix tokens=4 projection=16"
     train = trained(model, spec, tmp_path / "a.safetensors")
     infer = adaptc.compile(model, spec, "infer", adapters=tmp_path / "a.safetensors")
     adaptc.write_infer_artifact(infer, model, tmp_path / "dist", reference=train)
+    assert_no_hf_export(tmp_path / "dist", "prefix")
     program = adaptc.load_program(tmp_path / "dist" / "program.pt2")
     mlp = [n for n in train.state_dict() if n.startswith("adaptc.prefix_0.") and "weight" in n]
     assert mlp and not any(name in program.state_dict for name in mlp)
@@ -428,7 +446,8 @@ def sha256(path) -> str:
 
 def test_report_records_how_the_artifact_was_compiled(tmp_path, monkeypatch):
     """report.json named the spec and the model but not --dtype, --device, the adapter file
-    or --no-merge / --fuse-projections: the artifact could not be compiled again from it."""
+    or --no-merge / --fuse-projections: the artifact could not be compiled again from it.
+    (The defaults recorded without these options: test_prompt_infer_graph_exports_….)"""
     monkeypatch.chdir(tmp_path)
     spec = "attn.q,attn.v: lora r=4 alpha=8"
     Path("s.adapt").write_text(spec + "\n")
@@ -444,11 +463,6 @@ def test_report_records_how_the_artifact_was_compiled(tmp_path, monkeypatch):
         "adapters": {"path": "a.safetensors", "sha256": sha256("a.safetensors")}}
     assert report["model"] == "llama" and report["spec_source"] == spec + "\n"
     assert {"adaptc", "torch", "transformers", "python"} <= set(report["versions"])
-    assert main(["compile", "s.adapt", "--mode", "infer", "-o", "plain"]) == 0
-    recorded = json.loads(Path("plain/report.json").read_text())["compile"]
-    assert recorded["adapters"] is None  # the initial weights: no file of the user's
-    assert (recorded["merge"], recorded["fuse_projections"]) == (True, False)
-    assert (recorded["dtype"], recorded["device"]) == ("float32", "cpu")
 
 
 def test_report_records_the_options_of_a_python_compile(tiny, tmp_path):
