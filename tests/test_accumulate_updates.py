@@ -11,6 +11,7 @@ from test_infer import ROOT, max_diff, trained
 from torch.fx import Graph, GraphModule, Node
 
 import adaptc
+from adaptc.frontend.models import build_preset
 from adaptc.passes import accumulate_updates
 from adaptc.passes.accumulate_updates import AccumulateUpdates, add_product_
 from adaptc.passes.base import INSERTED
@@ -48,17 +49,15 @@ def adds_of_lora_updates(gm) -> int:
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict:
-    return {}
-
-
-@pytest.fixture
-def all_linear(tiny, tmp_path_factory, compiled):
+def all_linear(tmp_path_factory):
     """family → (model, train graph, unmerged infer graph, adapter file) of ALL_LINEAR,
     compiled once per module for the tests that read them (none modifies them)."""
+    compiled = {}
+
     def get(family: str):
         if family not in compiled:
-            model, path = tiny(family), tmp_path_factory.mktemp(family) / "a.safetensors"
+            model = build_preset(family, layers=2)
+            path = tmp_path_factory.mktemp(family) / "a.safetensors"
             train, infer = trained(model, ALL_LINEAR, path), unmerged(model, ALL_LINEAR, path)
             compiled[family] = model, train, infer, path
         return compiled[family]

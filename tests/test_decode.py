@@ -128,11 +128,10 @@ def test_adapter_file_errors_name_the_tensors_as_compile_does(tiny, qv_weights, 
     """The decoder loads the file inside transformers' wrapper (at `model`): a mismatch
     named 'model.model.layers.0…', a tensor the file does not hold."""
     from adaptc.errors import WeightsError
-    weights = qv_weights
     with pytest.raises(WeightsError) as decoding:
-        compile_decoder(tiny("llama"), spec, adapters=weights, max_cache_len=8)
+        compile_decoder(tiny("llama"), spec, adapters=qv_weights, max_cache_len=8)
     with pytest.raises(WeightsError) as compiling:
-        adaptc.compile(tiny("llama"), spec, mode="infer", adapters=weights)
+        adaptc.compile(tiny("llama"), spec, mode="infer", adapters=qv_weights)
     assert str(decoding.value) == str(compiling.value)
     assert "model.model." not in str(decoding.value)
 

@@ -15,6 +15,7 @@ import adaptc
 from adaptc.cli import main
 from adaptc.decode import compile_decoder
 from adaptc.errors import AdaptcError
+from adaptc.frontend.models import build_preset
 from adaptc.frontend.trace import trace
 from adaptc.methods.lora import LoraAdapter
 from adaptc.passes.accumulate_updates import add_product_
@@ -42,22 +43,22 @@ def tensor_bytes(gm) -> int:
     return sum(t.numel() * t.element_size() for t in [*gm.parameters(), *gm.buffers()])
 
 
+def lora_spec(family: str) -> str:
+    return f"{ATTENTION_AND_FFN[family]}: lora r=4 alpha=12"
+
+
 @pytest.fixture(scope="module")
-def compiled() -> dict:
-    return {}
+def attention_and_ffn(tmp_path_factory):
+    """family → (model, train graph, unmerged infer graph, adapter file) of `lora_spec`,
+    compiled once per module for the tests that read them (none modifies them)."""
+    compiled = {}
 
-
-@pytest.fixture
-def attention_and_ffn(tiny, tmp_path_factory, compiled):
-    """family → (model, train graph, unmerged infer graph, adapter file) of ATTENTION_AND_FFN's
-    LoRA, compiled once per module for the tests that read them (none modifies them)."""
     def get(family: str):
         if family not in compiled:
-            model = tiny(family)
-            spec = f"{ATTENTION_AND_FFN[family]}: lora r=4 alpha=12"
+            model = build_preset(family, layers=2)
             path = tmp_path_factory.mktemp(family) / "a.safetensors"
-            train, infer = trained(model, spec, path), unmerged(model, spec, path)
-            compiled[family] = model, train, infer, path
+            spec = lora_spec(family)
+            compiled[family] = model, trained(model, spec, path), unmerged(model, spec, path), path
         return compiled[family]
     return get
 
@@ -138,7 +139,7 @@ def test_unmerged_program_round_trip_and_no_hf(tmp_path, attention_and_ffn):
 
 def test_unmerged_decoder_gives_the_merged_tokens(attention_and_ffn):
     model, _, _, weights = attention_and_ffn("llama")
-    spec = f"{ATTENTION_AND_FFN['llama']}: lora r=4 alpha=12"
+    spec = lora_spec("llama")
     prompt = [5, 17, 42]
     merged = compile_decoder(model, spec, adapters=weights, max_cache_len=16)
     kept = compile_decoder(model, spec, adapters=weights, max_cache_len=16, merge=False)
